@@ -1,0 +1,181 @@
+//! Wiring: builds the store and every stage's threads from a `Config`, recovers unfinished
+//! tasks, and stops it all gracefully.
+
+use crate::config::Config;
+use crate::dispatch::Pool;
+use crate::exec::{http::HttpExec, Executors};
+use crate::outcome::{OutcomeStage, RetryPolicy};
+use crate::results::Results;
+use crate::schedule::timer::Timer;
+use crate::status::Status;
+use crate::store::{self, Store, StoreError};
+use crate::task::Limits;
+use crossbeam_channel::unbounded;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Everything the adapters need, shared by all threads.
+pub struct App {
+    pub config: Config,
+    pub limits: Limits,
+    pub store: Arc<dyn Store>,
+    pub pool: Arc<Pool>,
+    pub timer: Timer,
+    pub results: Arc<Results>,
+    pub status: Arc<Status>,
+    /// False once shutdown has begun: submits answer 503.
+    pub accepting: AtomicBool,
+}
+
+/// Threads to wait for at shutdown.
+pub struct Running {
+    workers: Vec<JoinHandle<()>>,
+    outcome: JoinHandle<()>,
+    timer: JoinHandle<()>,
+}
+
+/// Why the server could not start (exit code 2).
+#[derive(Debug)]
+pub enum StartError {
+    Store(StoreError),
+    Thread(std::io::Error),
+    Dir(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Store(e) => write!(f, "{e}"),
+            StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            StartError::Dir(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<std::io::Error> for StartError {
+    fn from(e: std::io::Error) -> StartError {
+        StartError::Thread(e)
+    }
+}
+
+/// Opens the store, starts timer, workers and outcome stage, and re-arms unfinished tasks.
+pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
+    std::fs::create_dir_all(&config.dead).map_err(|e| {
+        StartError::Dir(format!(
+            "--dead: cannot create {}: {e}",
+            config.dead.display()
+        ))
+    })?;
+    let store: Arc<dyn Store> =
+        Arc::new(store::embedded::open(&config.data).map_err(StartError::Store)?);
+    let pool = Arc::new(Pool::new(config.workers));
+    let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
+    let results = Results::start()?;
+    let status = Arc::new(Status::default());
+    let executors = Arc::new(Executors {
+        http: HttpExec::new(config.workers),
+        exec: config.exec.clone(),
+        default_timeout: Duration::from_secs(config.task_timeout),
+    });
+    let (otx, orx) = unbounded();
+    let mut workers = Vec::with_capacity(config.workers);
+    for w in 0..config.workers {
+        workers.push(crate::worker::start(
+            w,
+            pool.clone(),
+            store.clone(),
+            executors.clone(),
+            otx.clone(),
+        )?);
+    }
+    drop(otx);
+    let outcome = OutcomeStage {
+        store: store.clone(),
+        timer: timer.clone(),
+        results: results.clone(),
+        status: status.clone(),
+        policy: RetryPolicy {
+            interval_s: config.retry_interval,
+            max_retry: config.max_retry,
+            backoff: config.backoff,
+            result_ttl_s: config.result_ttl,
+            dead_dir: config.dead.clone(),
+        },
+    }
+    .start(orx)?;
+
+    let t0 = Instant::now();
+    let recovered = store.recover().map_err(StartError::Store)?;
+    let was_running = recovered.iter().filter(|r| r.was_running).count();
+    for r in &recovered {
+        timer.schedule(r.id.clone(), r.due_us);
+    }
+    if !recovered.is_empty() {
+        log::info!(
+            "recovered {} unfinished tasks ({was_running} were running and run again) in {} ms",
+            recovered.len(),
+            t0.elapsed().as_millis()
+        );
+    }
+    store::start_gc(store.clone(), Duration::from_secs(60))?;
+
+    let limits = Limits {
+        workers: config.workers,
+        exec: config.exec.clone(),
+        mail_enabled: false,
+    };
+    let app = Arc::new(App {
+        config,
+        limits,
+        store,
+        pool,
+        timer,
+        results,
+        status,
+        accepting: AtomicBool::new(true),
+    });
+    Ok((
+        app,
+        Running {
+            workers,
+            outcome,
+            timer: timer_h,
+        },
+    ))
+}
+
+/// Graceful stop: refuse new tasks, let running attempts finish (up to `grace`), record their
+/// outcomes, answer parked clients. Pending tasks stay in the store for the next start.
+pub fn shutdown(app: &App, running: Running, grace: Duration) {
+    app.accepting.store(false, Ordering::Release);
+    let busy = app.pool.running();
+    log::info!("shutting down: {busy} running attempts may finish (up to {grace:?})");
+    app.pool.stop();
+    app.timer.stop();
+    let deadline = Instant::now() + grace;
+    for w in running.workers {
+        while !w.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if w.is_finished() {
+            let _ = w.join();
+        }
+    }
+    // The outcome thread ends once every worker has gone (their senders drop).
+    while !running.outcome.is_finished() && Instant::now() < deadline + Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if app.pool.running() > 0 {
+        log::warn!(
+            "{} attempts still running at the deadline; they run again at the next start",
+            app.pool.running()
+        );
+    }
+    let _ = running.timer.join();
+    app.results.stop();
+}

@@ -1,0 +1,54 @@
+//! Dead-letter records: one JSON file per dead task, written atomically
+//! (temporary file, fsync, rename, fsync of the folder).
+
+use crate::clock::date_utc;
+use crate::results::TaskResult;
+use crate::task::Task;
+use serde::Serialize;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize)]
+struct Record<'a> {
+    task: &'a Task,
+    result: &'a TaskResult,
+}
+
+/// Writes `<dir>/<YYYY-MM-DD>/task-<id>.json` (UTC date of `finished_ms`) and returns its path.
+pub fn write(dir: &Path, task: &Task, result: &TaskResult, finished_ms: i64) -> io::Result<PathBuf> {
+    let day = dir.join(date_utc(finished_ms));
+    fs::create_dir_all(&day)?;
+    let path = day.join(format!("task-{}.json", task.id));
+    let tmp = day.join(format!(".task-{}.json.tmp", task.id));
+    let body = serde_json::to_vec_pretty(&Record { task, result })
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    File::open(&day)?.sync_all()?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::{result, task};
+    use crate::task::State;
+
+    #[test]
+    fn writes_a_complete_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = task("job-1", State::Running, 0);
+        let p = write(dir.path(), &t, &result("job-1"), 0).expect("write");
+        assert_eq!(p, dir.path().join("1970-01-01/task-job-1.json"));
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).expect("read")).expect("json");
+        assert_eq!(v["task"]["id"], "job-1");
+        assert_eq!(v["result"]["status"], "succeeded");
+        let leftovers = fs::read_dir(p.parent().expect("parent")).expect("dir").count();
+        assert_eq!(leftovers, 1, "no temporary file left");
+    }
+}

@@ -1,0 +1,205 @@
+//! The cc-aware dispatcher: one queue per worker, each task sent to the allowed worker with the
+//! least work (queued + running), and an idle worker takes a waiting task it is allowed to run
+//! from another worker's queue, so no task waits behind a long one while an allowed worker idles.
+
+use crate::task::Task;
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// One worker's share of the pool state.
+#[derive(Default)]
+struct Slot {
+    queue: VecDeque<Arc<Task>>,
+    running: Option<Arc<str>>,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    stopping: bool,
+}
+
+/// Per-worker load, for `/sys_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    pub id: usize,
+    pub queued: usize,
+    pub running: Option<String>,
+}
+
+/// The worker queues and their wake-ups.
+pub struct Pool {
+    state: Mutex<State>,
+    wake: Vec<Condvar>,
+}
+
+fn allowed(task: &Task, worker: usize) -> bool {
+    task.cc.is_empty() || task.cc.contains(&worker)
+}
+
+impl Pool {
+    pub fn new(workers: usize) -> Pool {
+        Pool {
+            state: Mutex::new(State {
+                slots: (0..workers).map(|_| Slot::default()).collect(),
+                stopping: false,
+            }),
+            wake: (0..workers).map(|_| Condvar::new()).collect(),
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.wake.len()
+    }
+
+    /// Queues a ready task on the allowed worker with the least work; returns that worker.
+    pub fn dispatch(&self, task: Arc<Task>) -> usize {
+        let mut st = self.state.lock();
+        let n = st.slots.len();
+        let load = |s: &Slot| s.queue.len() + usize::from(s.running.is_some());
+        let best = if task.cc.is_empty() {
+            (0..n).min_by_key(|&w| load(&st.slots[w]))
+        } else {
+            task.cc
+                .iter()
+                .copied()
+                .filter(|&w| w < n)
+                .min_by_key(|&w| load(&st.slots[w]))
+        };
+        // Validation refuses cc outside 0..n; a task from an older config still runs somewhere.
+        let w = best.unwrap_or(0);
+        st.slots[w].queue.push_back(task);
+        drop(st);
+        self.wake[w].notify_one();
+        w
+    }
+
+    /// Blocks until worker `w` has a task to run (its own, or one it may take from another
+    /// queue), and marks it running. `None` once the pool is stopping.
+    pub fn next(&self, w: usize) -> Option<Arc<Task>> {
+        let mut st = self.state.lock();
+        loop {
+            if st.stopping {
+                return None;
+            }
+            if let Some(t) = st.slots[w].queue.pop_front() {
+                st.slots[w].running = Some(Arc::from(t.id.as_str()));
+                return Some(t);
+            }
+            if let Some(t) = Self::steal(&mut st, w) {
+                st.slots[w].running = Some(Arc::from(t.id.as_str()));
+                return Some(t);
+            }
+            self.wake[w].wait(&mut st);
+        }
+    }
+
+    /// Takes the oldest task worker `w` may run from the busiest other queue.
+    fn steal(st: &mut State, w: usize) -> Option<Arc<Task>> {
+        let mut order: Vec<usize> = (0..st.slots.len()).filter(|&o| o != w).collect();
+        order.sort_by_key(|&o| std::cmp::Reverse(st.slots[o].queue.len()));
+        for o in order {
+            let q = &mut st.slots[o].queue;
+            if let Some(pos) = q.iter().position(|t| allowed(t, w)) {
+                return q.remove(pos);
+            }
+        }
+        None
+    }
+
+    /// Worker `w` finished its attempt.
+    pub fn done(&self, w: usize) {
+        self.state.lock().slots[w].running = None;
+    }
+
+    /// Drops a queued task (cancelled); true when it was queued.
+    pub fn remove(&self, id: &str) -> bool {
+        let mut st = self.state.lock();
+        for s in st.slots.iter_mut() {
+            if let Some(pos) = s.queue.iter().position(|t| t.id == id) {
+                s.queue.remove(pos);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Queue length and running id per worker.
+    pub fn loads(&self) -> Vec<Load> {
+        let st = self.state.lock();
+        st.slots
+            .iter()
+            .enumerate()
+            .map(|(id, s)| Load {
+                id,
+                queued: s.queue.len(),
+                running: s.running.as_deref().map(str::to_string),
+            })
+            .collect()
+    }
+
+    /// Stops handing out tasks; queued ones stay in the store for the next start.
+    pub fn stop(&self) {
+        self.state.lock().stopping = true;
+        for c in &self.wake {
+            c.notify_all();
+        }
+    }
+
+    /// Number of workers running an attempt.
+    pub fn running(&self) -> usize {
+        self.state
+            .lock()
+            .slots
+            .iter()
+            .filter(|s| s.running.is_some())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::task;
+    use crate::task::State;
+
+    fn t(id: &str, cc: &[usize]) -> Arc<Task> {
+        let mut t = task(id, State::Ready, 0);
+        t.cc = cc.to_vec();
+        Arc::new(t)
+    }
+
+    #[test]
+    fn least_work_among_allowed_workers() {
+        let p = Pool::new(4);
+        assert_eq!(p.dispatch(t("a", &[])), 0);
+        assert_eq!(p.dispatch(t("b", &[])), 1);
+        assert_eq!(p.dispatch(t("c", &[1, 3])), 3);
+        assert_eq!(p.dispatch(t("d", &[1, 3])), 1);
+        assert_eq!(p.dispatch(t("e", &[2])), 2);
+        assert_eq!(p.dispatch(t("f", &[2])), 2);
+        let loads: Vec<usize> = p.loads().iter().map(|l| l.queued).collect();
+        assert_eq!(loads, vec![1, 2, 2, 1]);
+    }
+
+    #[test]
+    fn idle_worker_takes_only_allowed_tasks_from_others() {
+        let p = Pool::new(3);
+        p.dispatch(t("long", &[0, 1]));
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("long".into()));
+        // Worker 0 is busy, worker 1 idle but its queue empty: queue two on worker 0.
+        let p2 = Pool::new(3);
+        {
+            let mut st = p2.state.lock();
+            st.slots[0].running = Some(Arc::from("long"));
+            st.slots[0].queue.push_back(t("only0", &[0]));
+            st.slots[0].queue.push_back(t("for1", &[0, 1]));
+        }
+        assert_eq!(p2.next(1).map(|t| t.id.clone()), Some("for1".into()));
+        assert_eq!(p2.loads()[0].queued, 1, "worker 1 may not take only0");
+        assert!(p2.remove("only0"));
+        assert!(!p2.remove("only0"));
+        p2.stop();
+        assert!(p2.next(2).is_none());
+    }
+}

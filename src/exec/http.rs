@@ -1,0 +1,123 @@
+//! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
+
+use super::{cap_text, RunResult, MAX_OUTPUT};
+use crate::task::{Method, Task};
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
+use ureq::Agent;
+
+/// Where Debian, Alpine and most distributions keep the system CA bundle.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The HTTP executor.
+pub struct HttpExec {
+    agent: Agent,
+}
+
+/// The system CA bundle (or `SSL_CERT_FILE`), or the bundled Mozilla roots when there is none.
+fn root_certs() -> RootCerts {
+    let env = std::env::var("SSL_CERT_FILE").ok();
+    let candidates = env.iter().map(String::as_str).chain(SYSTEM_BUNDLES.iter().copied());
+    for path in candidates {
+        let Ok(pem) = std::fs::read(Path::new(path)) else {
+            continue;
+        };
+        let certs: Vec<_> = parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if !certs.is_empty() {
+            log::debug!("http: {} CA certificates from {path}", certs.len());
+            return RootCerts::Specific(Arc::new(certs));
+        }
+    }
+    RootCerts::WebPki
+}
+
+impl HttpExec {
+    /// Builds the agent; `workers` bounds the idle connections kept per host.
+    pub fn new(workers: usize) -> HttpExec {
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .max_idle_connections((workers * 4).max(16))
+            .max_idle_connections_per_host(workers.max(4))
+            .user_agent(concat!("poulpe/", env!("CARGO_PKG_VERSION")))
+            .tls_config(TlsConfig::builder().root_certs(root_certs()).build())
+            .build();
+        HttpExec {
+            agent: config.into(),
+        }
+    }
+
+    /// One GET or POST attempt; 2xx is success and the body is the output.
+    pub fn run(&self, task: &Task, timeout: Duration) -> RunResult {
+        let sent = match task.method {
+            Method::Post => self
+                .agent
+                .post(&task.name)
+                .config()
+                .timeout_global(Some(timeout))
+                .build()
+                .content_type("application/json")
+                .send(task.params.as_bytes()),
+            _ => {
+                let url = if task.params.is_empty() {
+                    task.name.clone()
+                } else if task.name.contains('?') {
+                    format!("{}&{}", task.name, task.params)
+                } else {
+                    format!("{}?{}", task.name, task.params)
+                };
+                self.agent
+                    .get(&url)
+                    .config()
+                    .timeout_global(Some(timeout))
+                    .build()
+                    .call()
+            }
+        };
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(ureq::Error::Timeout(_)) => {
+                return RunResult::failed(format!("timed out after {} s", timeout.as_secs()))
+            }
+            Err(e) => return RunResult::failed(format!("request failed: {e}")),
+        };
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        let mut cut = false;
+        let read = resp
+            .body_mut()
+            .as_reader()
+            .take(MAX_OUTPUT as u64 + 1)
+            .read_to_end(&mut body);
+        if body.len() > MAX_OUTPUT {
+            body.truncate(MAX_OUTPUT);
+            cut = true;
+        }
+        let output = cap_text(&body, MAX_OUTPUT, cut);
+        let ok = (200..300).contains(&status);
+        let error = match (&read, ok) {
+            (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
+            (Ok(_), true) => String::new(),
+            (Ok(_), false) => format!("HTTP {status}"),
+        };
+        RunResult {
+            ok: ok && read.is_ok(),
+            code: Some(status as i64),
+            output,
+            error,
+            permanent: false,
+        }
+    }
+}

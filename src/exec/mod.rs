@@ -1,0 +1,90 @@
+//! Executors: run one attempt of a task and say how it went. They never panic and never retry;
+//! the outcome stage decides what happens next.
+
+pub mod http;
+pub mod program;
+
+use crate::task::{ExecPolicy, Method, Task};
+use std::time::Duration;
+
+/// Most output kept from one attempt.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+/// Most output kept per attempt in the attempt history (dead-letter records).
+pub const EXCERPT_LEN: usize = 1024;
+
+/// What one attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunResult {
+    pub ok: bool,
+    /// HTTP status or exit code.
+    pub code: Option<i64>,
+    pub output: String,
+    /// Why it failed; empty on success.
+    pub error: String,
+    /// A failure that no retry can fix (e.g. a mail server's 5xx): dead at once.
+    pub permanent: bool,
+}
+
+impl RunResult {
+    /// A failed attempt with no output.
+    pub fn failed(error: impl Into<String>) -> RunResult {
+        RunResult {
+            ok: false,
+            code: None,
+            output: String::new(),
+            error: error.into(),
+            permanent: false,
+        }
+    }
+}
+
+/// What executors share: the HTTP agent and the EXEC rules.
+pub struct Executors {
+    pub http: http::HttpExec,
+    pub exec: ExecPolicy,
+    pub default_timeout: Duration,
+}
+
+impl Executors {
+    /// Runs one attempt.
+    pub fn run(&self, task: &Task) -> RunResult {
+        let timeout = task
+            .timeout
+            .map(Duration::from_secs)
+            .unwrap_or(self.default_timeout);
+        match task.method {
+            Method::Get | Method::Post => self.http.run(task, timeout),
+            Method::Exec => program::run(task, &self.exec, timeout),
+            Method::MailTo => RunResult {
+                permanent: true,
+                ..RunResult::failed("MAIL_TO is not available in this build")
+            },
+        }
+    }
+}
+
+/// Keeps at most `max` bytes (on a character boundary), marking the cut.
+pub fn cap_text(bytes: &[u8], max: usize, cut: bool) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= max && !cut {
+        return text.into_owned();
+    }
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n[output cut at {max} bytes]", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_marks_the_cut_on_a_char_boundary() {
+        assert_eq!(cap_text(b"abc", 10, false), "abc");
+        let s = cap_text("ééé".as_bytes(), 3, false);
+        assert!(s.starts_with('é') && s.contains("[output cut at 3 bytes]"), "{s}");
+        assert!(cap_text(b"abc", 10, true).contains("cut"));
+    }
+}

@@ -1,0 +1,190 @@
+//! EXEC attempts: the program runs directly (never through a shell) in its own process group;
+//! on timeout the whole group is killed.
+
+use super::{cap_text, RunResult, MAX_OUTPUT};
+use crate::task::{ExecPolicy, Task};
+use crossbeam_channel::{bounded, Receiver};
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Which file runs for this task under the EXEC rules.
+fn program(task: &Task, policy: &ExecPolicy) -> Result<PathBuf, String> {
+    if task.trusted {
+        return Ok(PathBuf::from(&task.name));
+    }
+    match policy {
+        ExecPolicy::Any => Ok(PathBuf::from(&task.name)),
+        ExecPolicy::Dir(dir) => {
+            if task.name.contains('/') || task.name.contains("..") {
+                Err(format!("{:?} is not allowed under --exec_dir", task.name))
+            } else {
+                Ok(dir.join(&task.name))
+            }
+        }
+        ExecPolicy::Disabled => Err("EXEC from the network is disabled".to_string()),
+    }
+}
+
+/// Reads a pipe to its end, keeping at most `MAX_OUTPUT` bytes; says whether it cut.
+fn drain(mut r: impl Read + Send + 'static) -> Receiver<(Vec<u8>, bool)> {
+    let (tx, rx) = bounded(1);
+    let spawned = thread::Builder::new().name("exec-pipe".into()).spawn(move || {
+        let mut kept = Vec::new();
+        let mut cut = false;
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = MAX_OUTPUT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                    cut |= n > room;
+                }
+            }
+        }
+        let _ = tx.send((kept, cut));
+    });
+    if let Err(e) = spawned {
+        log::error!("exec: cannot start a pipe reader: {e}");
+    }
+    rx
+}
+
+fn kill_group(pgid: u32) {
+    // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is
+    // touched.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
+    }
+}
+
+/// One EXEC attempt: exit code 0 is success; stdout then stderr is the output.
+pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
+    let path = match program(task, policy) {
+        Ok(p) => p,
+        Err(e) => return RunResult { permanent: true, ..RunResult::failed(e) },
+    };
+    let mut child = match Command::new(&path)
+        .args(&task.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return RunResult::failed(format!("cannot start {}: {e}", path.display())),
+    };
+    let pgid = child.id();
+    let deadline = Instant::now() + timeout;
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
+    let collect = |rx: Option<Receiver<(Vec<u8>, bool)>>| -> Option<(Vec<u8>, bool)> {
+        match rx {
+            None => Some((Vec::new(), false)),
+            Some(rx) => rx.recv_deadline(deadline).ok(),
+        }
+    };
+    // The pipes close when the program (and anything it started) exits, or at the deadline.
+    let stdout = collect(out);
+    let stderr = collect(err);
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                timed_out = true;
+                kill_group(pgid);
+                break child.wait().ok();
+            }
+            Err(e) => {
+                kill_group(pgid);
+                let _ = child.wait();
+                return RunResult::failed(format!("waiting for {} failed: {e}", path.display()));
+            }
+        }
+    };
+    if stdout.is_none() || stderr.is_none() {
+        // Something in the group still holds the pipes past the deadline: end it.
+        kill_group(pgid);
+        timed_out = timed_out || status.is_none();
+    }
+    let (mut bytes, mut cut) = stdout.unwrap_or_default();
+    if let Some((e, c)) = stderr {
+        if !e.is_empty() {
+            if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+                bytes.push(b'\n');
+            }
+            bytes.extend_from_slice(&e);
+        }
+        cut |= c;
+    }
+    if bytes.len() > MAX_OUTPUT {
+        bytes.truncate(MAX_OUTPUT);
+        cut = true;
+    }
+    let output = cap_text(&bytes, MAX_OUTPUT, cut);
+    let code = status.and_then(|s| s.code()).map(i64::from);
+    let (ok, error) = if timed_out {
+        (false, format!("timed out after {} s; process group killed", timeout.as_secs()))
+    } else {
+        match (code, status.and_then(|s| s.signal())) {
+            (Some(0), _) => (true, String::new()),
+            (Some(c), _) => (false, format!("exit code {c}")),
+            (None, Some(sig)) => (false, format!("killed by signal {sig}")),
+            (None, None) => (false, "no exit status".to_string()),
+        }
+    };
+    RunResult { ok, code, output, error, permanent: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::task;
+    use crate::task::{Method, State};
+
+    fn exec(name: &str, args: &[&str]) -> Task {
+        let mut t = task("x", State::Ready, 0);
+        t.method = Method::Exec;
+        t.name = name.to_string();
+        t.args = args.iter().map(|s| s.to_string()).collect();
+        t
+    }
+
+    #[test]
+    fn success_failure_and_output() {
+        let r = run(&exec("echo", &["hello", "world"]), &ExecPolicy::Any, Duration::from_secs(5));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.output, "hello world\n");
+        assert_eq!(r.code, Some(0));
+        let r = run(&exec("sh", &["-c", "echo out; echo err >&2; exit 3"]), &ExecPolicy::Any, Duration::from_secs(5));
+        assert!(!r.ok);
+        assert_eq!(r.code, Some(3));
+        assert_eq!(r.error, "exit code 3");
+        assert_eq!(r.output, "out\nerr\n");
+        let r = run(&exec("no-such-program-xyz", &[]), &ExecPolicy::Any, Duration::from_secs(5));
+        assert!(!r.ok && r.error.contains("cannot start"), "{r:?}");
+    }
+
+    #[test]
+    fn timeout_kills_the_group() {
+        let start = Instant::now();
+        let r = run(&exec("sh", &["-c", "sleep 30 & sleep 30; echo never"]), &ExecPolicy::Any, Duration::from_secs(1));
+        assert!(!r.ok);
+        assert!(r.error.contains("timed out"), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let r = run(&exec("head", &["-c", "100000", "/dev/zero"]), &ExecPolicy::Any, Duration::from_secs(5));
+        assert!(r.ok);
+        assert!(r.output.contains("[output cut at 65536 bytes]"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The one way in: every adapter (HTTP, WebSocket, Kafka, cron) parses its input and calls
+//! [`submit`], which validates, makes the tasks durable and schedules them.
+
+pub mod http;
+
+use crate::app::App;
+use crate::clock::now_us;
+use crate::store::StoreError;
+use crate::task::{parse_task, State, Task, TaskError};
+use serde_json::Value;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Why nothing was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// A task failed validation; `index` is its place in an array submission.
+    Invalid { index: Option<usize>, error: TaskError },
+    /// An empty array.
+    Empty,
+    /// An unfinished task has this id.
+    Duplicate(String),
+    /// The store cannot take writes now.
+    Unavailable(String),
+    /// The server is stopping.
+    ShuttingDown,
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::Invalid { index: Some(i), error } => write!(f, "task {i}: {error}"),
+            SubmitError::Invalid { index: None, error } => write!(f, "{error}"),
+            SubmitError::Empty => write!(f, "no task: the array is empty"),
+            SubmitError::Duplicate(id) => {
+                write!(f, "id: a task with id {id:?} is already queued and not finished")
+            }
+            SubmitError::Unavailable(why) => write!(f, "store unavailable, nothing accepted: {why}"),
+            SubmitError::ShuttingDown => write!(f, "the server is shutting down, nothing accepted"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// What was accepted: the ids in submission order and the longest `wait` asked for.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub ids: Vec<String>,
+    pub wait: u64,
+}
+
+/// Validates all tasks (all or nothing), stores them durably, calls `on_durable` with the
+/// accepted ids (so a caller can register for results before any can finish), then hands
+/// them to the dispatcher or the timer. `trusted` is for operator-written tasks (cron).
+pub fn submit(
+    app: &App,
+    values: &[Value],
+    trusted: bool,
+    on_durable: impl FnOnce(&Accepted),
+) -> Result<Accepted, SubmitError> {
+    if !app.accepting.load(Ordering::Acquire) {
+        return Err(SubmitError::ShuttingDown);
+    }
+    if values.is_empty() {
+        return Err(SubmitError::Empty);
+    }
+    let now = now_us();
+    let array = values.len() > 1;
+    let mut tasks: Vec<Task> = Vec::with_capacity(values.len());
+    let mut wait = 0;
+    for (i, v) in values.iter().enumerate() {
+        let s = parse_task(v, &app.limits, trusted, now).map_err(|error| SubmitError::Invalid {
+            index: array.then_some(i),
+            error,
+        })?;
+        wait = wait.max(s.wait);
+        tasks.push(s.task);
+    }
+    app.store.insert(&tasks).map_err(|e| match e {
+        StoreError::Duplicate(id) => SubmitError::Duplicate(id),
+        other => SubmitError::Unavailable(other.to_string()),
+    })?;
+    let accepted = Accepted {
+        ids: tasks.iter().map(|t| t.id.clone()).collect(),
+        wait,
+    };
+    app.status.accepted(tasks.len());
+    on_durable(&accepted);
+    for t in tasks {
+        if t.state == State::Ready {
+            app.pool.dispatch(Arc::new(t));
+        } else {
+            app.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
+        }
+    }
+    Ok(accepted)
+}

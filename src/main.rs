@@ -1,0 +1,73 @@
+//! The `poulpe` binary: parse flags, start the stages, serve HTTP, stop on SIGTERM/SIGINT.
+
+use poulpe::app;
+use poulpe::config::{Config, ConfigError};
+use poulpe::intake::http;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long running attempts may take to finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let config = match Config::from_env_and_args(std::env::args_os().skip(1).collect()) {
+        Ok(c) => c,
+        Err(e @ (ConfigError::Help | ConfigError::Version)) => {
+            println!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("poulpe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(config.log)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("poulpe: cannot install signal handlers: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (app, running) = match app::start(config) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("poulpe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = match http::bind(&app) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("poulpe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = http::serve(app.clone(), server.clone()) {
+        eprintln!("poulpe: cannot start HTTP threads: {e}");
+        return ExitCode::from(2);
+    }
+    log::info!(
+        "poulpe {} listening on {}:{} with {} workers, store {} at {}",
+        env!("CARGO_PKG_VERSION"),
+        app.config.bind,
+        app.config.port,
+        app.config.workers,
+        app.store.name(),
+        app.config.data.display()
+    );
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig} received");
+    }
+    app::shutdown(&app, running, GRACE);
+    server.unblock();
+    log::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,248 @@
+//! The one place that decides what happens after an attempt: succeeded, retry later, or dead
+//! letter. Outcomes are written to the store in batches; only once they are durable are retries
+//! armed, results published to waiting clients and counters moved.
+
+use crate::clock::{now_ms, now_us, rfc3339_ms};
+use crate::config::Backoff;
+use crate::deadletter;
+use crate::exec::{cap_text, RunResult, EXCERPT_LEN};
+use crate::results::{Results, TaskResult};
+use crate::schedule::timer::Timer;
+use crate::status::Status;
+use crate::store::{Change, Store};
+use crate::task::{Attempt, State, Task};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// What a worker reports after one attempt.
+pub struct Outcome {
+    pub task: Arc<Task>,
+    pub worker: usize,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub run: RunResult,
+}
+
+/// Server-wide retry rules (tasks may override interval and count).
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub interval_s: u64,
+    pub max_retry: u32,
+    pub backoff: Backoff,
+    pub result_ttl_s: u64,
+    pub dead_dir: PathBuf,
+}
+
+/// Most outcomes folded into one store write.
+const MAX_BATCH: usize = 1024;
+
+/// Seconds to wait before retry number `n` (1-based); `jitter` in [0, 1).
+pub fn retry_delay(interval_s: u64, n: u32, backoff: Backoff, jitter: f64) -> Duration {
+    match backoff {
+        Backoff::Fixed => Duration::from_secs(interval_s),
+        Backoff::Exponential => {
+            let base = (interval_s as f64) * 2f64.powi(n.saturating_sub(1).min(30) as i32);
+            let capped = base.min(3600.0);
+            let factor = 0.9 + 0.2 * jitter.clamp(0.0, 1.0);
+            Duration::from_secs_f64(capped * factor)
+        }
+    }
+}
+
+/// A cheap jitter source; retries need spread, not cryptography.
+fn jitter() -> f64 {
+    let x = now_us().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((x >> 11) as f64) / ((1u64 << 53) as f64)
+}
+
+/// What to do once a change is durable.
+enum After {
+    Retry { id: Arc<str>, due_us: u64 },
+    Final(TaskResult, bool),
+}
+
+/// The outcome thread and what it needs.
+pub struct OutcomeStage {
+    pub store: Arc<dyn Store>,
+    pub timer: Timer,
+    pub results: Arc<Results>,
+    pub status: Arc<Status>,
+    pub policy: RetryPolicy,
+}
+
+impl OutcomeStage {
+    /// Starts the thread; it ends when every worker has dropped its sender.
+    pub fn start(self, rx: Receiver<Outcome>) -> std::io::Result<JoinHandle<()>> {
+        thread::Builder::new()
+            .name("outcome".into())
+            .spawn(move || self.run(&rx))
+    }
+
+    fn run(&self, rx: &Receiver<Outcome>) {
+        // Dead tasks whose record could not be written: tried again every few seconds.
+        let mut stuck: Vec<Outcome> = Vec::new();
+        let mut next_stuck = Instant::now();
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(o) => Some(o),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if !stuck.is_empty() {
+                        log::error!(
+                            "outcome: {} dead tasks could not be recorded; they stay in the store and run again at the next start",
+                            stuck.len()
+                        );
+                    }
+                    return;
+                }
+            };
+            let mut batch: Vec<Outcome> = first.into_iter().collect();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(o) => batch.push(o),
+                    Err(_) => break,
+                }
+            }
+            if !stuck.is_empty() && Instant::now() >= next_stuck {
+                batch.append(&mut stuck);
+                next_stuck = Instant::now() + Duration::from_secs(5);
+            }
+            if !batch.is_empty() {
+                stuck.extend(self.handle(batch));
+            }
+        }
+    }
+
+    /// Decides, writes and then acts on a batch; returns the outcomes that must be tried again.
+    fn handle(&self, batch: Vec<Outcome>) -> Vec<Outcome> {
+        let mut changes = Vec::with_capacity(batch.len());
+        let mut after = Vec::with_capacity(batch.len());
+        let mut stuck = Vec::new();
+        for o in batch {
+            match self.decide(&o) {
+                Some((c, a)) => {
+                    changes.push(c);
+                    after.push(a);
+                }
+                None => stuck.push(o),
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.store.record(&changes) {
+            // Never dropped: the outcomes stay here until the store takes them.
+            log::error!(
+                "outcome: cannot record {} outcomes: {e}; retrying in {delay:?}",
+                changes.len()
+            );
+            thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        for a in after {
+            match a {
+                After::Retry { id, due_us } => self.timer.schedule(id, due_us),
+                After::Final(r, ok) => {
+                    self.status.finished(ok);
+                    self.results.publish(&r);
+                }
+            }
+        }
+        stuck
+    }
+
+    /// Turns an outcome into a store change; `None` when its dead-letter file cannot be written.
+    fn decide(&self, o: &Outcome) -> Option<(Change, After)> {
+        let mut task = (*o.task).clone();
+        task.attempts.push(Attempt {
+            started_ms: o.started_ms,
+            finished_ms: o.finished_ms,
+            worker: o.worker,
+            ok: o.run.ok,
+            code: o.run.code,
+            error: o.run.error.clone(),
+            output_excerpt: cap_text(o.run.output.as_bytes(), EXCERPT_LEN, false),
+        });
+        let n = task.attempts.len() as u32;
+        if !o.run.ok {
+            self.status.attempt_failed(&task.id);
+        }
+        let max = task.max_retry.unwrap_or(self.policy.max_retry);
+        if !o.run.ok && !o.run.permanent && n <= max {
+            let interval = task.retry_interval.unwrap_or(self.policy.interval_s);
+            let wait = retry_delay(interval, n, self.policy.backoff, jitter());
+            task.state = State::RetryWait;
+            task.due_us = now_us() + wait.as_micros() as u64;
+            log::info!(
+                "task {} attempt {n} failed: {}; retry in {:.1} s",
+                task.id,
+                o.run.error,
+                wait.as_secs_f64()
+            );
+            let after = After::Retry {
+                id: Arc::from(task.id.as_str()),
+                due_us: task.due_us,
+            };
+            return Some((Change::Retry(task), after));
+        }
+        let result = TaskResult {
+            id: task.id.clone(),
+            result: if o.run.ok { "OK" } else { "Fail" }.to_string(),
+            reason: o.run.error.clone(),
+            status: if o.run.ok { "succeeded" } else { "dead" }.to_string(),
+            attempts: task.attempts.len(),
+            output: o.run.output.clone(),
+            code: o.run.code,
+            submitted_at: rfc3339_ms(task.submitted_ms),
+            finished_at: rfc3339_ms(o.finished_ms),
+        };
+        if !o.run.ok {
+            match deadletter::write(&self.policy.dead_dir, &task, &result, o.finished_ms) {
+                Ok(path) => log::warn!(
+                    "task {} is dead after {n} attempts: {}; record {}",
+                    task.id,
+                    o.run.error,
+                    path.display()
+                ),
+                Err(e) => {
+                    log::error!(
+                        "task {} is dead but its record cannot be written in {}: {e}; it stays in the store",
+                        task.id,
+                        self.policy.dead_dir.display()
+                    );
+                    return None;
+                }
+            }
+        }
+        let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
+        let ok = o.run.ok;
+        Some((
+            Change::Finish {
+                result: result.clone(),
+                expires_ms,
+            },
+            After::Final(result, ok),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_and_exponential_backoff() {
+        assert_eq!(retry_delay(10, 3, Backoff::Fixed, 0.5), Duration::from_secs(10));
+        assert_eq!(retry_delay(10, 1, Backoff::Exponential, 0.5), Duration::from_secs(10));
+        assert_eq!(retry_delay(10, 3, Backoff::Exponential, 0.5), Duration::from_secs(40));
+        assert_eq!(retry_delay(10, 20, Backoff::Exponential, 0.5), Duration::from_secs(3600));
+        let lo = retry_delay(10, 2, Backoff::Exponential, 0.0).as_secs_f64();
+        let hi = retry_delay(10, 2, Backoff::Exponential, 0.999).as_secs_f64();
+        assert!((17.99..18.01).contains(&lo), "{lo}");
+        assert!((21.9..22.0).contains(&hi), "{hi}");
+        assert_eq!(retry_delay(0, 5, Backoff::Exponential, 0.3), Duration::ZERO);
+        let j = jitter();
+        assert!((0.0..1.0).contains(&j));
+    }
+}

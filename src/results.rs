@@ -1,0 +1,243 @@
+//! Final results and the clients waiting for them: `wait` submits, long polls and (later)
+//! WebSocket pushes park here and are answered by the thread that finishes the task, or by the
+//! expiry thread when their time runs out. A parked client holds no thread.
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The final result of a task, exactly as `/task_resp` returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub id: String,
+    /// `OK` or `Fail`.
+    pub result: String,
+    pub reason: String,
+    /// `succeeded` or `dead`.
+    pub status: String,
+    pub attempts: usize,
+    pub output: String,
+    pub code: Option<i64>,
+    pub submitted_at: String,
+    pub finished_at: String,
+}
+
+/// Called once with the results of the awaited ids (in their order); `None` where the wait ran
+/// out before that task finished.
+pub type Responder = Box<dyn FnOnce(Vec<Option<TaskResult>>) + Send>;
+
+/// A group of ids one client waits for.
+struct Waiter {
+    ids: Vec<String>,
+    state: Mutex<WaiterState>,
+}
+
+struct WaiterState {
+    got: Vec<Option<TaskResult>>,
+    missing: usize,
+    respond: Option<Responder>,
+}
+
+impl Waiter {
+    /// Records a result; answers when it was the last one missing.
+    fn deliver(&self, r: &TaskResult) {
+        let mut st = self.state.lock();
+        for (i, id) in self.ids.iter().enumerate() {
+            if *id == r.id && st.got[i].is_none() {
+                st.got[i] = Some(r.clone());
+                st.missing -= 1;
+            }
+        }
+        if st.missing == 0 {
+            if let Some(f) = st.respond.take() {
+                let got = std::mem::take(&mut st.got);
+                drop(st);
+                f(got);
+            }
+        }
+    }
+
+    /// Answers with what has arrived (timeout or shutdown).
+    fn expire(&self) {
+        let mut st = self.state.lock();
+        if let Some(f) = st.respond.take() {
+            let got = std::mem::take(&mut st.got);
+            drop(st);
+            f(got);
+        }
+    }
+}
+
+struct Deadline(Instant, Arc<Waiter>);
+impl PartialEq for Deadline {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+impl Eq for Deadline {}
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Deadline {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.cmp(&self.0) // min-heap on time
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<String, Vec<Arc<Waiter>>>,
+    deadlines: BinaryHeap<Deadline>,
+    stopped: bool,
+}
+
+/// The registry of parked clients.
+pub struct Results {
+    inner: Mutex<Inner>,
+    wake: Condvar,
+}
+
+impl Results {
+    /// Makes the registry and starts its expiry thread.
+    pub fn start() -> std::io::Result<Arc<Results>> {
+        let r = Arc::new(Results {
+            inner: Mutex::new(Inner::default()),
+            wake: Condvar::new(),
+        });
+        let r2 = r.clone();
+        thread::Builder::new()
+            .name("results-expiry".into())
+            .spawn(move || r2.expiry_loop())?;
+        Ok(r)
+    }
+
+    /// Parks a client until every id has a result or `timeout` passes. Call before the tasks
+    /// can finish (or check the store afterwards), so no result slips by.
+    pub fn wait_for(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
+        let n = ids.len();
+        let w = Arc::new(Waiter {
+            ids,
+            state: Mutex::new(WaiterState {
+                got: vec![None; n],
+                missing: n,
+                respond: Some(respond),
+            }),
+        });
+        let mut inner = self.inner.lock();
+        if inner.stopped {
+            drop(inner);
+            w.expire();
+            return;
+        }
+        for id in &w.ids {
+            inner.by_id.entry(id.clone()).or_default().push(w.clone());
+        }
+        inner.deadlines.push(Deadline(Instant::now() + timeout, w));
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    /// Hands a final result to every client waiting for it.
+    pub fn publish(&self, r: &TaskResult) {
+        let waiters = self.inner.lock().by_id.remove(&r.id);
+        for w in waiters.into_iter().flatten() {
+            w.deliver(r);
+        }
+    }
+
+    /// Number of ids with parked clients (for tests and `/sys_info`).
+    pub fn waiting(&self) -> usize {
+        self.inner.lock().by_id.len()
+    }
+
+    /// Answers every parked client now (shutdown).
+    pub fn stop(&self) {
+        let mut inner = self.inner.lock();
+        inner.stopped = true;
+        let all: Vec<Arc<Waiter>> = inner.deadlines.drain().map(|d| d.1).collect();
+        inner.by_id.clear();
+        drop(inner);
+        self.wake.notify_one();
+        for w in all {
+            w.expire();
+        }
+    }
+
+    fn expiry_loop(&self) {
+        let mut inner = self.inner.lock();
+        loop {
+            if inner.stopped {
+                return;
+            }
+            let now = Instant::now();
+            match inner.deadlines.peek() {
+                Some(d) if d.0 <= now => {
+                    let Some(Deadline(_, w)) = inner.deadlines.pop() else {
+                        continue;
+                    };
+                    for id in &w.ids {
+                        if let Some(list) = inner.by_id.get_mut(id) {
+                            list.retain(|o| !Arc::ptr_eq(o, &w));
+                            if list.is_empty() {
+                                inner.by_id.remove(id);
+                            }
+                        }
+                    }
+                    drop(inner);
+                    w.expire();
+                    inner = self.inner.lock();
+                }
+                Some(d) => {
+                    let at = d.0;
+                    self.wake.wait_until(&mut inner, at);
+                }
+                None => {
+                    self.wake.wait_for(&mut inner, Duration::from_secs(3600));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    fn res(id: &str) -> TaskResult {
+        crate::store::contract::result(id)
+    }
+
+    #[test]
+    fn answers_when_all_arrive_or_on_timeout() {
+        let r = Results::start().expect("start");
+        let (tx, rx) = bounded(4);
+        let t2 = tx.clone();
+        r.wait_for(
+            vec!["a".into(), "b".into()],
+            Duration::from_secs(10),
+            Box::new(move |got| t2.send(got).expect("send")),
+        );
+        r.publish(&res("a"));
+        assert!(rx.try_recv().is_err(), "b still missing");
+        r.publish(&res("b"));
+        let got = rx.recv_timeout(Duration::from_secs(1)).expect("answered");
+        assert_eq!(got, vec![Some(res("a")), Some(res("b"))]);
+
+        r.wait_for(
+            vec!["c".into()],
+            Duration::from_millis(50),
+            Box::new(move |got| tx.send(got).expect("send")),
+        );
+        let got = rx.recv_timeout(Duration::from_secs(2)).expect("timed out");
+        assert_eq!(got, vec![None]);
+        assert_eq!(r.waiting(), 0, "expired waiters are forgotten");
+        r.publish(&res("c"));
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "answered once");
+    }
+}

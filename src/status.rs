@@ -1,0 +1,99 @@
+//! Counters and the `/sys_info` document.
+
+use crate::dispatch::Pool;
+use crate::store::Store;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Most ids listed per key in `/sys_info`.
+pub const LIST_CAP: usize = 1000;
+
+/// Server-wide counters since start.
+pub struct Status {
+    started: Instant,
+    accepted: AtomicU64,
+    succeeded: AtomicU64,
+    failed_attempts: AtomicU64,
+    dead: AtomicU64,
+    /// Ids that failed an attempt recently (newest last), at most `LIST_CAP`.
+    wronging: Mutex<VecDeque<String>>,
+}
+
+impl Default for Status {
+    fn default() -> Status {
+        Status {
+            started: Instant::now(),
+            accepted: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            wronging: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+impl Status {
+    pub fn accepted(&self, n: usize) {
+        self.accepted.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn attempt_failed(&self, id: &str) {
+        self.failed_attempts.fetch_add(1, Relaxed);
+        let mut w = self.wronging.lock();
+        if let Some(pos) = w.iter().position(|x| x == id) {
+            w.remove(pos);
+        }
+        if w.len() >= LIST_CAP {
+            w.pop_front();
+        }
+        w.push_back(id.to_string());
+    }
+
+    pub fn finished(&self, ok: bool) {
+        if ok {
+            self.succeeded.fetch_add(1, Relaxed);
+        } else {
+            self.dead.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The `/sys_info` document.
+    pub fn sys_info(&self, pool: &Pool, store: &dyn Store) -> Value {
+        let loads = pool.loads();
+        let (summary, store_ok) = match store.summary(LIST_CAP) {
+            Ok(s) => (s, store.healthy()),
+            Err(e) => {
+                log::warn!("sys_info: store summary failed: {e}");
+                (Default::default(), false)
+            }
+        };
+        let wronging: Vec<String> = self.wronging.lock().iter().rev().cloned().collect();
+        json!({
+            "working_keys": summary.running,
+            "working_total": summary.running_total,
+            "delaying_keys": summary.waiting,
+            "delaying_total": summary.waiting_total,
+            "wronging_keys": wronging,
+            "queued_total": summary.ready_total,
+            "channel_sizes": loads.iter().map(|l| l.queued).collect::<Vec<_>>(),
+            "workers": loads.iter().map(|l| json!({
+                "id": l.id,
+                "queued": l.queued,
+                "running": usize::from(l.running.is_some()),
+                "task": l.running,
+            })).collect::<Vec<_>>(),
+            "counts": {
+                "accepted": self.accepted.load(Relaxed),
+                "succeeded": self.succeeded.load(Relaxed),
+                "failed_attempts": self.failed_attempts.load(Relaxed),
+                "dead": self.dead.load(Relaxed),
+            },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "store": {"kind": store.name(), "up": store_ok},
+        })
+    }
+}

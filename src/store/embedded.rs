@@ -1,0 +1,268 @@
+//! The embedded store: one redb file under `--data`, written by one group-commit thread that
+//! folds every waiting write into one fsynced transaction.
+
+use super::local::{Backend, LocalStore, Op};
+use super::StoreError;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+/// id -> 8 bytes of big-endian expiry (unix ms) followed by the result JSON.
+const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
+/// 8 bytes of big-endian expiry followed by the id -> nothing; ordered by expiry.
+const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+
+/// Most writes folded into one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// The redb file plus its writer thread.
+pub struct EmbeddedBackend {
+    db: Arc<Database>,
+    tx: Sender<Batch>,
+}
+
+/// What one caller hands the writer; `done` is told when it is durable.
+struct Batch {
+    ops: Vec<Op>,
+    done: Option<Sender<Result<(), StoreError>>>,
+}
+
+/// The embedded store.
+pub type EmbeddedStore = LocalStore<EmbeddedBackend>;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Opens (or creates) `<dir>/poulpe.redb` and starts the writer thread.
+pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("poulpe.redb");
+    let db = Database::create(&path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    {
+        txn.open_table(TASKS).map_err(unavailable)?;
+        txn.open_table(RESULTS).map_err(unavailable)?;
+        txn.open_table(EXPIRY).map_err(unavailable)?;
+    }
+    txn.commit().map_err(unavailable)?;
+    let db = Arc::new(db);
+    let (tx, rx) = unbounded();
+    let writer_db = db.clone();
+    thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || writer(&writer_db, &rx))
+        .map_err(unavailable)?;
+    Ok(LocalStore::new(EmbeddedBackend { db, tx }))
+}
+
+fn expiry_key(expires_ms: i64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + id.len());
+    k.extend_from_slice(&(expires_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
+    let (head, rest) = v.split_at_checked(8)?;
+    let e = u64::from_be_bytes(head.try_into().ok()?);
+    Some((e as i64, rest))
+}
+
+/// Group commit: takes everything waiting, writes it in one transaction, tells every caller.
+fn writer(db: &Database, rx: &Receiver<Batch>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        let mut n = batches[0].ops.len();
+        while n < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(b) => {
+                    n += b.ops.len();
+                    batches.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let res = apply(db, &batches);
+        if let Err(e) = &res {
+            log::error!("store: commit of {n} writes failed: {e}");
+        }
+        for b in batches {
+            if let Some(done) = b.done {
+                let _ = done.send(res.clone());
+            }
+        }
+    }
+}
+
+fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    {
+        let mut tasks = txn.open_table(TASKS).map_err(unavailable)?;
+        let mut results = txn.open_table(RESULTS).map_err(unavailable)?;
+        let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+        for op in batches.iter().flat_map(|b| b.ops.iter()) {
+            match op {
+                Op::PutTask(id, bytes) => {
+                    tasks.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+                }
+                Op::DelTask(id) => {
+                    tasks.remove(id.as_str()).map_err(unavailable)?;
+                }
+                Op::PutResult {
+                    id,
+                    expires_ms,
+                    bytes,
+                } => {
+                    let mut v = Vec::with_capacity(8 + bytes.len());
+                    v.extend_from_slice(&(*expires_ms.max(&0) as u64).to_be_bytes());
+                    v.extend_from_slice(bytes);
+                    results.insert(id.as_str(), v.as_slice()).map_err(unavailable)?;
+                    expiry
+                        .insert(expiry_key(*expires_ms, id).as_slice(), ())
+                        .map_err(unavailable)?;
+                }
+                Op::DelResult(id) => {
+                    results.remove(id.as_str()).map_err(unavailable)?;
+                }
+                Op::Expire { id, expires_ms } => {
+                    expiry
+                        .remove(expiry_key(*expires_ms, id).as_slice())
+                        .map_err(unavailable)?;
+                    let same = results
+                        .get(id.as_str())
+                        .map_err(unavailable)?
+                        .and_then(|g| split_result(g.value()).map(|(e, _)| e == *expires_ms))
+                        .unwrap_or(false);
+                    if same {
+                        results.remove(id.as_str()).map_err(unavailable)?;
+                    }
+                }
+            }
+        }
+    }
+    txn.commit().map_err(unavailable)
+}
+
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let (done, wait) = bounded(1);
+        self.tx
+            .send(Batch {
+                ops,
+                done: Some(done),
+            })
+            .map_err(|_| unavailable("the writer thread has stopped"))?;
+        wait.recv()
+            .map_err(|_| unavailable("the writer thread has stopped"))?
+    }
+
+    fn write_later(&self, ops: Vec<Op>) {
+        if self.tx.send(Batch { ops, done: None }).is_err() {
+            log::warn!("store: the writer thread has stopped; a state mark was not written");
+        }
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(TASKS).map_err(unavailable)?;
+        Ok(t.get(id).map_err(unavailable)?.map(|g| g.value().to_vec()))
+    }
+
+    fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(RESULTS).map_err(unavailable)?;
+        let Some(g) = t.get(id).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        match split_result(g.value()) {
+            Some((e, rest)) => Ok(Some((e, rest.to_vec()))),
+            None => Err(StoreError::Corrupt(format!("result {id:?} is truncated"))),
+        }
+    }
+
+    fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(TASKS).map_err(unavailable)?;
+        for item in t.iter().map_err(unavailable)? {
+            let (_, v) = item.map_err(unavailable)?;
+            f(v.value());
+        }
+        Ok(())
+    }
+
+    fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(EXPIRY).map_err(unavailable)?;
+        let upper = (now_ms.max(0) as u64).to_be_bytes();
+        let mut out = Vec::new();
+        for item in t.range::<&[u8]>(..upper.as_slice()).map_err(unavailable)? {
+            let (k, _) = item.map_err(unavailable)?;
+            let k = k.value();
+            if let Some((e, id)) = split_result(k) {
+                out.push((String::from_utf8_lossy(id).into_owned(), e));
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::{task, run};
+    use crate::store::Store;
+    use crate::task::State;
+
+    #[test]
+    fn embedded_store_meets_the_contract() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        run(&open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn unfinished_tasks_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = open(dir.path()).expect("open");
+            s.insert(&[task("r", State::Ready, 1), task("d", State::Delayed, 99)])
+                .expect("insert");
+            assert!(s.claim(&task("r", State::Ready, 1)).expect("claim"));
+            // Make sure the running mark is committed before the store goes away.
+            s.insert(&[task("x", State::Ready, 2)]).expect("insert");
+        }
+        // redb allows one open handle per file; wait for the old writer to let go.
+        let s = loop {
+            match open(dir.path()) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let mut rec = s.recover().expect("recover");
+        rec.sort_by(|a, b| a.id.cmp(&b.id));
+        let got: Vec<(&str, u64, bool)> = rec
+            .iter()
+            .map(|r| (&*r.id, r.due_us, r.was_running))
+            .collect();
+        assert_eq!(got, vec![("d", 99, false), ("r", 1, true), ("x", 2, false)]);
+        // Recovered tasks are waiting for the timer, which hands them out once.
+        assert!(s.take_due("r").expect("take").is_some());
+        assert!(s.take_due("r").expect("take").is_none());
+        assert_eq!(
+            s.insert(&[task("d", State::Ready, 0)]),
+            Err(StoreError::Duplicate("d".into()))
+        );
+    }
+}

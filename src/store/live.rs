@@ -1,0 +1,148 @@
+//! In-memory index of unfinished task states, shared by the single-node stores: it answers
+//! duplicate checks, claims and cancels atomically without touching the disk.
+
+use super::{Cancel, Summary};
+use crate::task::State;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// State of an entry; `Reserved` while its insert is being made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    Reserved(State),
+    Live(State),
+}
+
+/// Unfinished ids and their states.
+#[derive(Default)]
+pub struct LiveIndex {
+    map: Mutex<HashMap<Arc<str>, Entry>>,
+}
+
+impl LiveIndex {
+    /// Reserves new ids (all or none); `Err(id)` names the first one already taken or repeated.
+    pub fn reserve(&self, items: &[(&str, State)]) -> Result<(), String> {
+        let mut map = self.map.lock();
+        for (i, (id, _)) in items.iter().enumerate() {
+            if map.contains_key(*id) || items[..i].iter().any(|(other, _)| other == id) {
+                return Err(id.to_string());
+            }
+        }
+        for (id, state) in items {
+            map.insert(Arc::from(*id), Entry::Reserved(*state));
+        }
+        Ok(())
+    }
+
+    /// Makes reserved ids live once they are durable.
+    pub fn commit(&self, ids: &[&str]) {
+        let mut map = self.map.lock();
+        for id in ids {
+            if let Some(e) = map.get_mut(*id) {
+                if let Entry::Reserved(s) = *e {
+                    *e = Entry::Live(s);
+                }
+            }
+        }
+    }
+
+    /// Drops reservations whose insert failed.
+    pub fn release(&self, ids: &[&str]) {
+        let mut map = self.map.lock();
+        for id in ids {
+            if matches!(map.get(*id), Some(Entry::Reserved(_))) {
+                map.remove(*id);
+            }
+        }
+    }
+
+    /// Inserts a recovered id directly as live.
+    pub fn restore(&self, id: Arc<str>, state: State) {
+        self.map.lock().insert(id, Entry::Live(state));
+    }
+
+    /// Moves `id` from one of `from` to `to`; false when it is not in one of them.
+    pub fn transition(&self, id: &str, from: &[State], to: State) -> bool {
+        let mut map = self.map.lock();
+        match map.get_mut(id) {
+            Some(e @ Entry::Live(_)) => {
+                let Entry::Live(s) = *e else { return false };
+                if from.contains(&s) {
+                    *e = Entry::Live(to);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets the state of a live id (no-op when it is gone).
+    pub fn set(&self, id: &str, state: State) {
+        if let Some(e) = self.map.lock().get_mut(id) {
+            *e = Entry::Live(state);
+        }
+    }
+
+    /// Forgets a finished id.
+    pub fn remove(&self, id: &str) {
+        self.map.lock().remove(id);
+    }
+
+    /// Removes a task that has not started; returns its state to put back if the delete fails.
+    pub fn cancel(&self, id: &str) -> Result<State, Cancel> {
+        let mut map = self.map.lock();
+        match map.get(id) {
+            Some(Entry::Live(State::Running)) => Err(Cancel::Running),
+            Some(Entry::Live(s)) => {
+                let s = *s;
+                map.remove(id);
+                Ok(s)
+            }
+            Some(Entry::Reserved(_)) => Err(Cancel::Running),
+            None => Err(Cancel::Unknown),
+        }
+    }
+
+    /// Puts back an entry whose cancel could not be made durable.
+    pub fn uncancel(&self, id: &str, state: State) {
+        self.map.lock().insert(Arc::from(id), Entry::Live(state));
+    }
+
+    /// The state of a live id.
+    pub fn status(&self, id: &str) -> Option<State> {
+        match self.map.lock().get(id) {
+            Some(Entry::Live(s)) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// Ids per state, lists capped at `cap`.
+    pub fn summary(&self, cap: usize) -> Summary {
+        let map = self.map.lock();
+        let mut s = Summary::default();
+        for (id, e) in map.iter() {
+            let Entry::Live(state) = e else { continue };
+            match state {
+                State::Running => {
+                    s.running_total += 1;
+                    if s.running.len() < cap {
+                        s.running.push(id.to_string());
+                    }
+                }
+                State::Delayed | State::RetryWait => {
+                    s.waiting_total += 1;
+                    if s.waiting.len() < cap {
+                        s.waiting.push(id.to_string());
+                    }
+                }
+                State::Ready => s.ready_total += 1,
+            }
+        }
+        s.running.sort();
+        s.waiting.sort();
+        s
+    }
+}

@@ -1,0 +1,241 @@
+//! The single-node store: an in-memory state index in front of a byte-level backend
+//! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
+
+use super::live::LiveIndex;
+use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
+use crate::results::TaskResult;
+use crate::task::{State, Task};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// One write, applied with others in one transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutTask(String, Vec<u8>),
+    DelTask(String),
+    PutResult {
+        id: String,
+        expires_ms: i64,
+        bytes: Vec<u8>,
+    },
+    DelResult(String),
+    /// Deletes the expiry entry and, when it still has this expiry, the result.
+    Expire { id: String, expires_ms: i64 },
+}
+
+/// Byte-level tables: tasks, results (with expiry) and an expiry index.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Applies `ops` in one transaction and returns once it is durable.
+    fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Queues `ops` for the next transaction without waiting for it.
+    fn write_later(&self, ops: Vec<Op>);
+    fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
+    fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
+    /// Expiry entries due before `now_ms`, at most `limit`.
+    fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
+}
+
+/// A `Store` over any `Backend`.
+pub struct LocalStore<B: Backend> {
+    live: LiveIndex,
+    backend: B,
+}
+
+/// The few fields recovery needs, read without decoding the whole task.
+#[derive(Deserialize)]
+struct Head {
+    id: String,
+    state: State,
+    due_us: u64,
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn now_ms() -> i64 {
+    crate::clock::now_ms()
+}
+
+impl<B: Backend> LocalStore<B> {
+    pub fn new(backend: B) -> LocalStore<B> {
+        LocalStore {
+            live: LiveIndex::default(),
+            backend,
+        }
+    }
+}
+
+impl<B: Backend> Store for LocalStore<B> {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
+        let items: Vec<(&str, State)> = tasks.iter().map(|t| (t.id.as_str(), t.state)).collect();
+        self.live.reserve(&items).map_err(StoreError::Duplicate)?;
+        let ids: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
+        let mut ops = Vec::with_capacity(tasks.len() * 2);
+        for t in tasks {
+            match encode(t) {
+                Ok(bytes) => {
+                    ops.push(Op::DelResult(t.id.clone()));
+                    ops.push(Op::PutTask(t.id.clone(), bytes));
+                }
+                Err(e) => {
+                    self.live.release(&ids);
+                    return Err(e);
+                }
+            }
+        }
+        match self.backend.write(ops) {
+            Ok(()) => {
+                self.live.commit(&ids);
+                Ok(())
+            }
+            Err(e) => {
+                self.live.release(&ids);
+                Err(e)
+            }
+        }
+    }
+
+    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        if !self
+            .live
+            .transition(id, &[State::Delayed, State::RetryWait], State::Ready)
+        {
+            return Ok(None);
+        }
+        match self.backend.task(id)? {
+            Some(bytes) => {
+                let mut t: Task = decode(&bytes)?;
+                t.state = State::Ready;
+                Ok(Some(t))
+            }
+            None => {
+                self.live.remove(id);
+                Err(StoreError::Corrupt(format!("task {id:?} is indexed but not stored")))
+            }
+        }
+    }
+
+    fn claim(&self, task: &Task) -> Result<bool, StoreError> {
+        if !self.live.transition(&task.id, &[State::Ready], State::Running) {
+            return Ok(false);
+        }
+        let mut running = task.clone();
+        running.state = State::Running;
+        // The running mark rides with the next commit: a crash before it only means the task
+        // is found ready instead of running, and both run again after a restart.
+        self.backend
+            .write_later(vec![Op::PutTask(task.id.clone(), encode(&running)?)]);
+        Ok(true)
+    }
+
+    fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut ops = Vec::with_capacity(changes.len() * 2);
+        for c in changes {
+            match c {
+                Change::Retry(t) => ops.push(Op::PutTask(t.id.clone(), encode(t)?)),
+                Change::Finish { result, expires_ms } => {
+                    ops.push(Op::DelTask(result.id.clone()));
+                    ops.push(Op::PutResult {
+                        id: result.id.clone(),
+                        expires_ms: *expires_ms,
+                        bytes: encode(result)?,
+                    });
+                }
+            }
+        }
+        self.backend.write(ops)?;
+        for c in changes {
+            match c {
+                Change::Retry(t) => self.live.set(&t.id, t.state),
+                Change::Finish { result, .. } => self.live.remove(&result.id),
+            }
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
+        match self.live.cancel(id) {
+            Ok(prev) => match self.backend.write(vec![Op::DelTask(id.to_string())]) {
+                Ok(()) => Ok(Cancel::Cancelled),
+                Err(e) => {
+                    self.live.uncancel(id, prev);
+                    Err(e)
+                }
+            },
+            Err(Cancel::Unknown) => Ok(if self.result(id)?.is_some() {
+                Cancel::Finished
+            } else {
+                Cancel::Unknown
+            }),
+            Err(other) => Ok(other),
+        }
+    }
+
+    fn status(&self, id: &str) -> Result<Option<State>, StoreError> {
+        Ok(self.live.status(id))
+    }
+
+    fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
+        match self.backend.result(id)? {
+            Some((expires_ms, bytes)) if expires_ms > now_ms() => Ok(Some(decode(&bytes)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
+        let mut out = Vec::new();
+        let mut bad = 0usize;
+        self.backend.each_task(&mut |bytes| match decode::<Head>(bytes) {
+            Ok(h) => {
+                let id: Arc<str> = Arc::from(h.id.as_str());
+                let state = if h.state == State::RetryWait {
+                    State::RetryWait
+                } else {
+                    State::Delayed
+                };
+                self.live.restore(id.clone(), state);
+                out.push(Recovered {
+                    id,
+                    due_us: h.due_us,
+                    was_running: h.state == State::Running,
+                });
+            }
+            Err(_) => bad += 1,
+        })?;
+        if bad > 0 {
+            log::error!("store: {bad} stored tasks could not be decoded and were skipped");
+        }
+        Ok(out)
+    }
+
+    fn summary(&self, cap: usize) -> Result<Summary, StoreError> {
+        Ok(self.live.summary(cap))
+    }
+
+    fn gc(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let due = self.backend.expired(now_ms, 10_000)?;
+            if due.is_empty() {
+                return Ok(total);
+            }
+            total += due.len();
+            self.backend.write(
+                due.into_iter()
+                    .map(|(id, expires_ms)| Op::Expire { id, expires_ms })
+                    .collect(),
+            )?;
+        }
+    }
+}

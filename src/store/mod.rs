@@ -1,0 +1,246 @@
+//! The storage trait every backend implements, and the types that cross it.
+//!
+//! A store keeps unfinished tasks and final results. It answers the questions two threads (or,
+//! later, two nodes) could race on — is this id taken, who claims this task — with a yes or no.
+
+pub mod embedded;
+pub mod live;
+pub mod local;
+pub mod memory;
+
+use crate::results::TaskResult;
+use crate::task::{State, Task};
+use std::fmt;
+use std::sync::Arc;
+
+/// Why a store call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// An unfinished task already has this id.
+    Duplicate(String),
+    /// The store cannot be reached or written now; nothing was changed.
+    Unavailable(String),
+    /// A stored record could not be read back.
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Duplicate(id) => write!(f, "id: a task with id {id:?} is not finished yet"),
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Corrupt(why) => write!(f, "store record unreadable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// What `cancel` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// Removed before it started.
+    Cancelled,
+    /// An attempt is running.
+    Running,
+    /// Finished (a result exists).
+    Finished,
+    /// Never seen, or expired.
+    Unknown,
+}
+
+/// One change decided after an attempt, written with others in one batch.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The task waits for a retry (its `attempts` and `due_us` are updated).
+    Retry(Task),
+    /// The task is finished; its result stays until `expires_ms`.
+    Finish { result: TaskResult, expires_ms: i64 },
+}
+
+/// Ids per state for `/sys_info`, each list capped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub running: Vec<String>,
+    pub running_total: usize,
+    pub waiting: Vec<String>,
+    pub waiting_total: usize,
+    pub ready_total: usize,
+}
+
+/// A task found unfinished at start-up: it is handed to the timer, due at `due_us`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub id: Arc<str>,
+    pub due_us: u64,
+    /// It was running when the process stopped (it runs again: at least once).
+    pub was_running: bool,
+}
+
+/// Durable home of tasks and results. Every method is safe to call from any thread.
+pub trait Store: Send + Sync {
+    /// Short name for `/sys_info` and logs.
+    fn name(&self) -> &'static str;
+
+    /// Adds new tasks, all or none, and returns once they are durable.
+    /// Fails with `Duplicate` when one id belongs to an unfinished task (or repeats in `tasks`).
+    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError>;
+
+    /// Moves a waiting task (delayed or retry-waiting) to ready and returns it, or `None` when
+    /// it is no longer waiting (cancelled, or claimed elsewhere).
+    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// Claims a ready task for one attempt; `false` means the caller lost (cancelled or taken).
+    fn claim(&self, task: &Task) -> Result<bool, StoreError>;
+
+    /// Writes the outcomes of attempts, all or none, and returns once they are durable.
+    fn record(&self, changes: &[Change]) -> Result<(), StoreError>;
+
+    /// Cancels a task that has not started.
+    fn cancel(&self, id: &str) -> Result<Cancel, StoreError>;
+
+    /// The state of an unfinished task.
+    fn status(&self, id: &str) -> Result<Option<State>, StoreError>;
+
+    /// The final result of a finished task, while it has not expired.
+    fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError>;
+
+    /// Every unfinished task, for the timer at start-up. Call once, before serving.
+    fn recover(&self) -> Result<Vec<Recovered>, StoreError>;
+
+    /// Ids per state, at most `cap` per list.
+    fn summary(&self, cap: usize) -> Result<Summary, StoreError>;
+
+    /// Deletes results that expired before `now_ms`; returns how many.
+    fn gc(&self, now_ms: i64) -> Result<usize, StoreError>;
+
+    /// Whether the store is reachable now (shown in `/sys_info`).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// The shared contract tests, run against every implementation.
+#[cfg(test)]
+pub mod contract {
+    use super::*;
+    use crate::task::{Method, State, Task};
+
+    pub fn task(id: &str, state: State, due_us: u64) -> Task {
+        Task {
+            id: id.to_string(),
+            method: Method::Get,
+            name: "http://127.0.0.1:1/x".to_string(),
+            params: String::new(),
+            args: Vec::new(),
+            cc: Vec::new(),
+            delay: 0,
+            timeout: None,
+            max_retry: None,
+            retry_interval: None,
+            trusted: false,
+            submitted_ms: 1,
+            due_us,
+            state,
+            attempts: Vec::new(),
+        }
+    }
+
+    pub fn result(id: &str) -> TaskResult {
+        TaskResult {
+            id: id.to_string(),
+            result: "OK".to_string(),
+            reason: String::new(),
+            status: "succeeded".to_string(),
+            attempts: 1,
+            output: "out".to_string(),
+            code: Some(200),
+            submitted_at: "a".to_string(),
+            finished_at: "b".to_string(),
+        }
+    }
+
+    /// Insert, duplicates, claim races, outcomes, cancel, recovery and expiry.
+    pub fn run(store: &dyn Store) {
+        let now = crate::clock::now_ms();
+        store
+            .insert(&[task("a", State::Ready, 0), task("b", State::Delayed, 5)])
+            .expect("insert");
+        assert_eq!(
+            store.insert(&[task("c", State::Ready, 0), task("a", State::Ready, 0)]),
+            Err(StoreError::Duplicate("a".into()))
+        );
+        assert_eq!(store.status("c").expect("status"), None, "all or nothing");
+        assert_eq!(
+            store.insert(&[task("d", State::Ready, 0), task("d", State::Ready, 0)]),
+            Err(StoreError::Duplicate("d".into()))
+        );
+        assert_eq!(store.status("a").expect("status"), Some(State::Ready));
+        assert_eq!(store.status("b").expect("status"), Some(State::Delayed));
+
+        let a = task("a", State::Ready, 0);
+        assert!(store.claim(&a).expect("claim"), "first claim wins");
+        assert!(!store.claim(&a).expect("claim"), "second claim loses");
+        assert_eq!(store.status("a").expect("status"), Some(State::Running));
+        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Running);
+
+        let sum = store.summary(10).expect("summary");
+        assert_eq!(sum.running, vec!["a".to_string()]);
+        assert_eq!(sum.waiting, vec!["b".to_string()]);
+
+        let mut retry = a.clone();
+        retry.state = State::RetryWait;
+        retry.due_us = 9;
+        store.record(&[Change::Retry(retry)]).expect("record retry");
+        assert_eq!(store.status("a").expect("status"), Some(State::RetryWait));
+        let due = store.take_due("a").expect("take_due").expect("waiting");
+        assert_eq!(due.due_us, 9);
+        assert_eq!(store.take_due("a").expect("take_due"), None, "only once");
+        assert!(store.claim(&due).expect("claim"));
+
+        store
+            .record(&[Change::Finish {
+                result: result("a"),
+                expires_ms: now + 1_000_000_000,
+            }])
+            .expect("record finish");
+        assert_eq!(store.status("a").expect("status"), None);
+        assert_eq!(store.result("a").expect("result"), Some(result("a")));
+        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Finished);
+
+        // A finished id may be used again; the old result goes away.
+        store.insert(&[task("a", State::Delayed, 7)]).expect("reuse id");
+        assert_eq!(store.result("a").expect("result"), None);
+        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Cancelled);
+        assert_eq!(store.take_due("a").expect("take_due"), None, "cancelled");
+        assert_eq!(store.cancel("zzz").expect("cancel"), Cancel::Unknown);
+
+        store.insert(&[task("e", State::Ready, 3)]).expect("insert");
+        store
+            .record(&[Change::Finish {
+                result: result("b"),
+                expires_ms: now + 2000,
+            }])
+            .expect("finish b");
+        assert_eq!(store.gc(now + 1500).expect("gc"), 0);
+        assert_eq!(store.gc(now + 2500).expect("gc"), 1);
+        assert_eq!(store.result("b").expect("result"), None);
+    }
+}
+
+/// Starts the thread that deletes expired results every `every`.
+pub fn start_gc(
+    store: Arc<dyn Store>,
+    every: std::time::Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("store-gc".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match store.gc(crate::clock::now_ms()) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("store: {n} expired results deleted"),
+                Err(e) => log::warn!("store: expiring results failed: {e}"),
+            }
+        })
+}

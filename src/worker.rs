@@ -1,0 +1,69 @@
+//! Worker threads: each takes tasks from the dispatcher, claims them in the store, runs one
+//! attempt and hands the outcome on. A panic in an executor is a failed attempt, not a dead thread.
+
+use crate::clock::now_ms;
+use crate::dispatch::Pool;
+use crate::exec::{Executors, RunResult};
+use crate::outcome::Outcome;
+use crate::store::Store;
+use crossbeam_channel::Sender;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+/// Starts worker `w`.
+pub fn start(
+    w: usize,
+    pool: Arc<Pool>,
+    store: Arc<dyn Store>,
+    exec: Arc<Executors>,
+    outcomes: Sender<Outcome>,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("worker-{w}"))
+        .spawn(move || run(w, &pool, &*store, &exec, &outcomes))
+}
+
+fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Sender<Outcome>) {
+    while let Some(task) = pool.next(w) {
+        match store.claim(&task) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Cancelled, or another claimer won: nothing to run.
+                pool.done(w);
+                continue;
+            }
+            Err(e) => {
+                log::error!("worker {w}: cannot claim task {}: {e}; trying again in 1 s", task.id);
+                pool.done(w);
+                thread::sleep(Duration::from_secs(1));
+                pool.dispatch(task);
+                continue;
+            }
+        }
+        let started_ms = now_ms();
+        let run = catch_unwind(AssertUnwindSafe(|| exec.run(&task))).unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            log::error!("worker {w}: task {} panicked: {what}", task.id);
+            RunResult::failed(format!("internal error: {what}"))
+        });
+        let outcome = Outcome {
+            task,
+            worker: w,
+            started_ms,
+            finished_ms: now_ms(),
+            run,
+        };
+        if outcomes.send(outcome).is_err() {
+            log::error!("worker {w}: the outcome stage has stopped");
+            pool.done(w);
+            return;
+        }
+        pool.done(w);
+    }
+}
