@@ -1,0 +1,331 @@
+//! Test harness: the real `poulpe` binary on a free port with its own data directory, a real
+//! local HTTP sink that records every hit, and a small JSON client.
+#![allow(dead_code)]
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Unix time in microseconds.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as u64
+}
+
+/// A running poulpe process; killed when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub base: String,
+}
+
+impl Server {
+    /// Starts poulpe with `args` on a fresh port, data in `data`, and waits for `/health`.
+    pub fn start_in(data: &Path, args: &[&str]) -> Server {
+        for _ in 0..5 {
+            let port = free_port();
+            let log = data.join(format!("poulpe-{port}.log"));
+            std::fs::create_dir_all(data).expect("data dir");
+            let logf = std::fs::File::create(&log).expect("log file");
+            let child = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--bind")
+                .arg("127.0.0.1")
+                .arg("--data")
+                .arg(data)
+                .args(args)
+                .env("POULPE_LOG", "debug")
+                .stdout(Stdio::null())
+                .stderr(logf)
+                .spawn()
+                .expect("spawn poulpe");
+            let mut s = Server {
+                child: Some(child),
+                port,
+                data: data.to_path_buf(),
+                log,
+                base: format!("http://127.0.0.1:{port}"),
+            };
+            if s.wait_healthy(Duration::from_secs(15)) {
+                return s;
+            }
+            eprintln!("poulpe did not come up on port {port}:\n{}", s.log_text());
+            s.kill9();
+        }
+        panic!("poulpe did not start");
+    }
+
+    /// Starts poulpe in a new temporary data directory (kept in `dir`).
+    pub fn start(dir: &tempfile::TempDir, args: &[&str]) -> Server {
+        Server::start_in(&dir.path().join("data"), args)
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return false;
+                }
+            }
+            if let Ok((200, _)) = try_get(&format!("{}/health", self.base)) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().expect("wait")
+    }
+
+    /// Submits a task (or array) and returns (status, body).
+    pub fn submit(&self, task: &Value) -> (u16, Value) {
+        post_json(&self.url("/task_in_queue"), task)
+    }
+
+    /// GET of a path on this server.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        get(&self.url(path))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(320)))
+        .build()
+        .into()
+}
+
+fn to_json(mut r: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, v)
+}
+
+pub fn try_get(url: &str) -> Result<(u16, Value), ureq::Error> {
+    agent().get(url).call().map(to_json)
+}
+
+pub fn get(url: &str) -> (u16, Value) {
+    try_get(url).expect("GET")
+}
+
+pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    post_raw(url, body.to_string().as_bytes(), &[])
+}
+
+/// POST of raw bytes with extra headers.
+pub fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = agent().post(url).content_type("application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send(body).map(to_json).expect("POST")
+}
+
+/// Any request with headers.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut b = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(()).expect("request");
+    agent().run(req).map(to_json).expect("request")
+}
+
+/// One request seen by the sink.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: String,
+    pub content_type: String,
+    /// Unix µs when the request arrived.
+    pub at_us: u64,
+}
+
+/// A local HTTP server that records hits. Paths:
+/// - `/slow?ms=N...` answers after N ms (and counts how many run at once),
+/// - `/status/N...` answers with status N,
+/// - anything else answers 200 `ok`.
+pub struct Sink {
+    pub port: u16,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+    server: Arc<tiny_http::Server>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("sink bind"));
+        let port = server.server_addr().to_ip().expect("ip").port();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_in_flight = Arc::new(AtomicUsize::new(0));
+        for _ in 0..16 {
+            let (server, hits, inf, maxf) = (
+                server.clone(),
+                hits.clone(),
+                in_flight.clone(),
+                max_in_flight.clone(),
+            );
+            thread::spawn(move || {
+                while let Ok(mut req) = server.recv() {
+                    let at_us = now_us();
+                    let url = req.url().to_string();
+                    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+                    let (path, query) = (path.to_string(), query.to_string());
+                    let mut body = String::new();
+                    let _ = req.as_reader().read_to_string(&mut body);
+                    let content_type = req
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv("Content-Type"))
+                        .map(|h| h.value.to_string())
+                        .unwrap_or_default();
+                    hits.lock().push(Hit {
+                        method: req.method().to_string(),
+                        path: path.clone(),
+                        query: query.clone(),
+                        body,
+                        content_type,
+                        at_us,
+                    });
+                    let mut status = 200;
+                    if path.starts_with("/slow") {
+                        let ms: u64 = query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix("ms="))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(500);
+                        let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                        maxf.fetch_max(now, Ordering::SeqCst);
+                        thread::sleep(Duration::from_millis(ms));
+                        inf.fetch_sub(1, Ordering::SeqCst);
+                    } else if let Some(code) = path.strip_prefix("/status/") {
+                        status = code
+                            .split('/')
+                            .next()
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(500);
+                    }
+                    let _ = req.respond(
+                        tiny_http::Response::from_string("ok").with_status_code(status),
+                    );
+                }
+            });
+        }
+        Sink {
+            port,
+            hits,
+            in_flight,
+            max_in_flight,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().clone()
+    }
+
+    /// Hits whose path is `path`.
+    pub fn hits_on(&self, path: &str) -> Vec<Hit> {
+        self.hits().into_iter().filter(|h| h.path == path).collect()
+    }
+
+    /// Waits until `pred` holds for the hits, or panics after `limit`.
+    pub fn wait_until(&self, limit: Duration, what: &str, pred: impl Fn(&[Hit]) -> bool) {
+        let end = Instant::now() + limit;
+        loop {
+            if pred(&self.hits.lock()) {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("sink: timed out waiting for {what}; {} hits", self.hits.lock().len());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Most requests to `/slow` that were in progress at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.server.unblock();
+    }
+}
+
+/// Polls until `f` returns Some, or panics after `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
