@@ -124,12 +124,31 @@ const FLAGS: &[Flag] = &[
     flag("workers", "4", "number of worker threads, numbered 0..N-1"),
     flag("retry_interval", "10", "seconds before a retry"),
     flag("max_retry", "3", "retries after the first attempt"),
-    flag("backoff", "fixed", "fixed, or exponential (interval x 2^(n-1), capped at 1 h, +-10% jitter)"),
+    flag(
+        "backoff",
+        "fixed",
+        "fixed, or exponential (interval x 2^(n-1), capped at 1 h, +-10% jitter)",
+    ),
     flag("task_timeout", "60", "default seconds one attempt may run"),
-    flag("result_ttl", "86400", "seconds results and dead records stay queryable"),
-    flag("exec_dir", "", "EXEC tasks from the network run only programs inside this directory"),
-    switch("exec_any", "allow EXEC of any program on PATH from the network (UNSAFE)"),
-    flag("token", "", "require 'Authorization: Bearer <token>' (prefer POULPE_TOKEN)"),
+    flag(
+        "result_ttl",
+        "86400",
+        "seconds results and dead records stay queryable",
+    ),
+    flag(
+        "exec_dir",
+        "",
+        "EXEC tasks from the network run only programs inside this directory",
+    ),
+    switch(
+        "exec_any",
+        "allow EXEC of any program on PATH from the network (UNSAFE)",
+    ),
+    flag(
+        "token",
+        "",
+        "require 'Authorization: Bearer <token>' (prefer POULPE_TOKEN)",
+    ),
     flag("max_body", "1048576", "request body limit in bytes"),
     flag("smtp_server", "", "SMTP relay host"),
     flag("smtp_port", "", "SMTP relay port"),
@@ -142,8 +161,16 @@ const FLAGS: &[Flag] = &[
     flag("kafka_topic", "", "Kafka task topic"),
     flag("kafka_resp_topic", "", "Kafka result topic"),
     flag("kafka_group", "poulpe", "Kafka consumer group"),
-    flag("tz", "TZ env, else UTC", "IANA zone name for the cron schedule"),
-    flag("log", "info", "log level: error, warn, info, debug, trace, off"),
+    flag(
+        "tz",
+        "TZ env, else UTC",
+        "IANA zone name for the cron schedule",
+    ),
+    flag(
+        "log",
+        "info",
+        "log level: error, warn, info, debug, trace, off",
+    ),
 ];
 
 /// The `--help` text: every flag with its default.
@@ -220,10 +247,7 @@ fn parse_switch(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn collect(
-    args: Vec<OsString>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Raw, ConfigError> {
+fn collect(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<Raw, ConfigError> {
     let mut pargs = pico_args::Arguments::from_vec(args.into_iter().map(normalize).collect());
     if pargs.contains(["-h", "--help"]) {
         return Err(ConfigError::Help);
@@ -249,20 +273,16 @@ fn collect(
         values.push((f.name, value));
     }
     if let Some(extra) = pargs.finish().into_iter().next() {
-        return Err(ConfigError::UnknownFlag(extra.to_string_lossy().into_owned()));
+        return Err(ConfigError::UnknownFlag(
+            extra.to_string_lossy().into_owned(),
+        ));
     }
     Ok(Raw { values })
 }
 
-fn number<T: std::str::FromStr>(
-    raw: &Raw,
-    flag: &'static str,
-    default: T,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError>
+fn number<T>(raw: &Raw, flag: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
 where
-    T: PartialOrd + fmt::Display + Copy,
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
 {
     let Some(v) = raw.get(flag) else {
         return Ok(default);
@@ -292,9 +312,13 @@ impl Config {
         let port = number(&raw, "port", 8000u16, 0, u16::MAX)?;
         let bind = match raw.get("bind") {
             None => IpAddr::from([0, 0, 0, 0]),
-            Some(v) => v
-                .parse()
-                .map_err(|_| bad("bind", v, "expected an IP address like 0.0.0.0 or 127.0.0.1"))?,
+            Some(v) => v.parse().map_err(|_| {
+                bad(
+                    "bind",
+                    v,
+                    "expected an IP address like 0.0.0.0 or 127.0.0.1",
+                )
+            })?,
         };
         let data = PathBuf::from(raw.get("data").unwrap_or("./poulpe-data"));
         let dead = raw
@@ -427,8 +451,13 @@ mod tests {
         let e = parse(&["--port", "x"], &[]).unwrap_err().to_string();
         assert!(e.starts_with("--port: bad value \"x\""), "{e}");
         let e = parse(&["--workers", "0"], &[]).unwrap_err().to_string();
-        assert!(e.contains("--workers") && e.contains("between 1 and 1024"), "{e}");
-        let e = parse(&["--backoff", "linear"], &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("--workers") && e.contains("between 1 and 1024"),
+            "{e}"
+        );
+        let e = parse(&["--backoff", "linear"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--backoff"), "{e}");
         let e = parse(&["--nope"], &[]).unwrap_err().to_string();
         assert!(e.contains("unknown argument \"--nope\""), "{e}");
@@ -437,7 +466,9 @@ mod tests {
         let e = parse(&["--port"], &[]).unwrap_err().to_string();
         assert!(e.contains("--port"), "{e}");
         assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
-        let e = parse(&["--exec_dir", "/nonexistent-dir-x"], &[]).unwrap_err().to_string();
+        let e = parse(&["--exec_dir", "/nonexistent-dir-x"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--exec_dir"), "{e}");
     }
 

@@ -16,7 +16,12 @@ struct Record<'a> {
 }
 
 /// Writes `<dir>/<YYYY-MM-DD>/task-<id>.json` (UTC date of `finished_ms`) and returns its path.
-pub fn write(dir: &Path, task: &Task, result: &TaskResult, finished_ms: i64) -> io::Result<PathBuf> {
+pub fn write(
+    dir: &Path,
+    task: &Task,
+    result: &TaskResult,
+    finished_ms: i64,
+) -> io::Result<PathBuf> {
     let day = dir.join(date_utc(finished_ms));
     fs::create_dir_all(&day)?;
     let path = day.join(format!("task-{}.json", task.id));
@@ -45,10 +50,13 @@ mod tests {
         let t = task("job-1", State::Running, 0);
         let p = write(dir.path(), &t, &result("job-1"), 0).expect("write");
         assert_eq!(p, dir.path().join("1970-01-01/task-job-1.json"));
-        let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).expect("read")).expect("json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(&p).expect("read")).expect("json");
         assert_eq!(v["task"]["id"], "job-1");
         assert_eq!(v["result"]["status"], "succeeded");
-        let leftovers = fs::read_dir(p.parent().expect("parent")).expect("dir").count();
+        let leftovers = fs::read_dir(p.parent().expect("parent"))
+            .expect("dir")
+            .count();
         assert_eq!(leftovers, 1, "no temporary file left");
     }
 }

@@ -233,10 +233,22 @@ mod tests {
 
     #[test]
     fn fixed_and_exponential_backoff() {
-        assert_eq!(retry_delay(10, 3, Backoff::Fixed, 0.5), Duration::from_secs(10));
-        assert_eq!(retry_delay(10, 1, Backoff::Exponential, 0.5), Duration::from_secs(10));
-        assert_eq!(retry_delay(10, 3, Backoff::Exponential, 0.5), Duration::from_secs(40));
-        assert_eq!(retry_delay(10, 20, Backoff::Exponential, 0.5), Duration::from_secs(3600));
+        assert_eq!(
+            retry_delay(10, 3, Backoff::Fixed, 0.5),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            retry_delay(10, 1, Backoff::Exponential, 0.5),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            retry_delay(10, 3, Backoff::Exponential, 0.5),
+            Duration::from_secs(40)
+        );
+        assert_eq!(
+            retry_delay(10, 20, Backoff::Exponential, 0.5),
+            Duration::from_secs(3600)
+        );
         let lo = retry_delay(10, 2, Backoff::Exponential, 0.0).as_secs_f64();
         let hi = retry_delay(10, 2, Backoff::Exponential, 0.999).as_secs_f64();
         assert!((17.99..18.01).contains(&lo), "{lo}");

@@ -238,6 +238,9 @@ mod tests {
         assert_eq!(got, vec![None]);
         assert_eq!(r.waiting(), 0, "expired waiters are forgotten");
         r.publish(&res("c"));
-        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "answered once");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "answered once"
+        );
     }
 }

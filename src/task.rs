@@ -169,7 +169,10 @@ pub enum TaskError {
     /// The task is not a JSON object.
     NotAnObject,
     /// A field is missing or wrong.
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 impl TaskError {
@@ -309,7 +312,10 @@ pub fn parse_task(
                     .map(|i| i.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| {
-                        TaskError::field("params", "for EXEC must be a string or an array of strings")
+                        TaskError::field(
+                            "params",
+                            "for EXEC must be a string or an array of strings",
+                        )
                     })?,
                 Some(_) => {
                     return Err(TaskError::field(
@@ -371,7 +377,11 @@ pub fn parse_task(
 }
 
 /// Reads an optional whole number of at most `max`; numbers or digit strings.
-fn whole(obj: &Map<String, Value>, field: &'static str, max: u64) -> Result<Option<u64>, TaskError> {
+fn whole(
+    obj: &Map<String, Value>,
+    field: &'static str,
+    max: u64,
+) -> Result<Option<u64>, TaskError> {
     let n = match obj.get(field) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => {
@@ -439,10 +449,9 @@ pub fn parse_cc(v: Option<&Value>, workers: usize) -> Result<Vec<usize>, TaskErr
         )?,
         Some(Value::Array(items)) => {
             for i in items {
-                push(
-                    i.as_u64()
-                        .ok_or_else(|| TaskError::field("cc", "worker numbers are whole numbers ≥ 0"))?,
-                )?;
+                push(i.as_u64().ok_or_else(|| {
+                    TaskError::field("cc", "worker numbers are whole numbers ≥ 0")
+                })?)?;
             }
         }
         Some(_) => {
@@ -526,7 +535,9 @@ mod tests {
 
     #[test]
     fn good_tasks() {
-        let s = ok(json!({"id":"a-1","method":"GET","name":"http://x/y","params":"a=1","cc":"1 3","delay":2,"wait":5}));
+        let s = ok(
+            json!({"id":"a-1","method":"GET","name":"http://x/y","params":"a=1","cc":"1 3","delay":2,"wait":5}),
+        );
         assert_eq!(s.task.id, "a-1");
         assert_eq!(s.task.params, "a=1");
         assert_eq!(s.task.cc, vec![1, 3]);
@@ -546,9 +557,14 @@ mod tests {
 
         let s = ok(json!({"method":"EXEC","name":"echo","params":"a  b c"}));
         assert_eq!(s.task.args, vec!["a", "b", "c"]);
-        let s = ok(json!({"method":"EXEC","name":"echo","params":["a b","c"],"timeout":3,"max_retry":0,"retry_interval":1}));
+        let s = ok(
+            json!({"method":"EXEC","name":"echo","params":["a b","c"],"timeout":3,"max_retry":0,"retry_interval":1}),
+        );
         assert_eq!(s.task.args, vec!["a b", "c"]);
-        assert_eq!((s.task.timeout, s.task.max_retry, s.task.retry_interval), (Some(3), Some(0), Some(1)));
+        assert_eq!(
+            (s.task.timeout, s.task.max_retry, s.task.retry_interval),
+            (Some(3), Some(0), Some(1))
+        );
         ok(json!({"method":"GET","name":"http://x","unknown_field":true}));
         ok(json!({"method":"GET","name":"http://x","cc":[0,3]}));
     }
@@ -559,30 +575,99 @@ mod tests {
             (json!([1]), "JSON object"),
             (json!({"method":"GET"}), "name: is required"),
             (json!({"name":"http://x"}), "method: is required"),
-            (json!({"method":"PUT","name":"http://x"}), "method: unknown method"),
-            (json!({"method":"GET","name":"ftp://x"}), "name: must be an http"),
+            (
+                json!({"method":"PUT","name":"http://x"}),
+                "method: unknown method",
+            ),
+            (
+                json!({"method":"GET","name":"ftp://x"}),
+                "name: must be an http",
+            ),
             (json!({"method":"GET","name":"http://"}), "name:"),
-            (json!({"method":"GET","name":"http://x","id":""}), "id: must be 1 to 200"),
-            (json!({"method":"GET","name":"http://x","id":"a b"}), "id: must not contain"),
-            (json!({"method":"GET","name":"http://x","id":"../etc"}), "id: must not contain"),
-            (json!({"method":"GET","name":"http://x","id":"a\u{1}"}), "id: must not contain"),
-            (json!({"method":"GET","name":"http://x","id":"x".repeat(201)}), "id: must be 1 to 200"),
-            (json!({"method":"GET","name":"http://x","id":5}), "id: must be a string"),
-            (json!({"method":"GET","name":"http://x","delay":-1}), "delay: must not be negative"),
-            (json!({"method":"GET","name":"http://x","delay":1.5}), "delay: must be a whole"),
-            (json!({"method":"GET","name":"http://x","delay":"soon"}), "delay: must be a whole"),
-            (json!({"method":"GET","name":"http://x","delay":1e300}), "delay: must be a whole"),
-            (json!({"method":"GET","name":"http://x","delay":99999999999u64}), "delay: must be at most"),
-            (json!({"method":"GET","name":"http://x","wait":301}), "wait: must be at most 300"),
-            (json!({"method":"GET","name":"http://x","cc":"4"}), "cc: worker 4 does not exist"),
-            (json!({"method":"GET","name":"http://x","cc":"1;2"}), "cc: \"1;2\" is not"),
-            (json!({"method":"GET","name":"http://x","cc":-1}), "cc: worker numbers"),
-            (json!({"method":"GET","name":"http://x","params":{"a":1}}), "params: for GET"),
-            (json!({"method":"POST","name":"http://x","params":"{not json"}), "params: for POST must be JSON"),
-            (json!({"method":"EXEC","name":"x","params":[1]}), "params: for EXEC"),
-            (json!({"method":"MAIL_TO","name":"a@b.c"}), "method: MAIL_TO is not available"),
-            (json!({"method":"GET","name":"http://x","timeout":0}), "timeout: must be at least 1"),
-            (json!({"method":"GET","name":"http://x","max_retry":101}), "max_retry: must be at most 100"),
+            (
+                json!({"method":"GET","name":"http://x","id":""}),
+                "id: must be 1 to 200",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","id":"a b"}),
+                "id: must not contain",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","id":"../etc"}),
+                "id: must not contain",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","id":"a\u{1}"}),
+                "id: must not contain",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","id":"x".repeat(201)}),
+                "id: must be 1 to 200",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","id":5}),
+                "id: must be a string",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","delay":-1}),
+                "delay: must not be negative",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","delay":1.5}),
+                "delay: must be a whole",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","delay":"soon"}),
+                "delay: must be a whole",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","delay":1e300}),
+                "delay: must be a whole",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","delay":99999999999u64}),
+                "delay: must be at most",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","wait":301}),
+                "wait: must be at most 300",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","cc":"4"}),
+                "cc: worker 4 does not exist",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","cc":"1;2"}),
+                "cc: \"1;2\" is not",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","cc":-1}),
+                "cc: worker numbers",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","params":{"a":1}}),
+                "params: for GET",
+            ),
+            (
+                json!({"method":"POST","name":"http://x","params":"{not json"}),
+                "params: for POST must be JSON",
+            ),
+            (
+                json!({"method":"EXEC","name":"x","params":[1]}),
+                "params: for EXEC",
+            ),
+            (
+                json!({"method":"MAIL_TO","name":"a@b.c"}),
+                "method: MAIL_TO is not available",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","timeout":0}),
+                "timeout: must be at least 1",
+            ),
+            (
+                json!({"method":"GET","name":"http://x","max_retry":101}),
+                "max_retry: must be at most 100",
+            ),
         ];
         for (v, want) in table {
             let got = err(v.clone());
@@ -598,10 +683,19 @@ mod tests {
         l.exec = ExecPolicy::Dir(dir.path().to_path_buf());
         let t = |name: &str| parse_task(&json!({"method":"EXEC","name":name}), &l, false, 0);
         assert!(t("job.sh").is_ok());
-        assert!(t("../job.sh").unwrap_err().to_string().contains("must not contain '/'"));
-        assert!(t("/bin/sh").unwrap_err().to_string().contains("must not contain '/'"));
+        assert!(t("../job.sh")
+            .unwrap_err()
+            .to_string()
+            .contains("must not contain '/'"));
+        assert!(t("/bin/sh")
+            .unwrap_err()
+            .to_string()
+            .contains("must not contain '/'"));
         assert!(t("..").unwrap_err().to_string().contains("'..'"));
-        assert!(t("missing").unwrap_err().to_string().contains("not in the exec directory"));
+        assert!(t("missing")
+            .unwrap_err()
+            .to_string()
+            .contains("not in the exec directory"));
         l.exec = ExecPolicy::Disabled;
         let e = parse_task(&json!({"method":"EXEC","name":"ls"}), &l, false, 0).unwrap_err();
         assert!(e.to_string().contains("--exec_dir"), "{e}");

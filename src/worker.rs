@@ -35,7 +35,10 @@ fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Se
                 continue;
             }
             Err(e) => {
-                log::error!("worker {w}: cannot claim task {}: {e}; trying again in 1 s", task.id);
+                log::error!(
+                    "worker {w}: cannot claim task {}: {e}; trying again in 1 s",
+                    task.id
+                );
                 pool.done(w);
                 thread::sleep(Duration::from_secs(1));
                 pool.dispatch(task);

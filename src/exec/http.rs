@@ -24,7 +24,10 @@ pub struct HttpExec {
 /// The system CA bundle (or `SSL_CERT_FILE`), or the bundled Mozilla roots when there is none.
 fn root_certs() -> RootCerts {
     let env = std::env::var("SSL_CERT_FILE").ok();
-    let candidates = env.iter().map(String::as_str).chain(SYSTEM_BUNDLES.iter().copied());
+    let candidates = env
+        .iter()
+        .map(String::as_str)
+        .chain(SYSTEM_BUNDLES.iter().copied());
     for path in candidates {
         let Ok(pem) = std::fs::read(Path::new(path)) else {
             continue;

@@ -84,7 +84,10 @@ mod tests {
     fn cap_marks_the_cut_on_a_char_boundary() {
         assert_eq!(cap_text(b"abc", 10, false), "abc");
         let s = cap_text("ééé".as_bytes(), 3, false);
-        assert!(s.starts_with('é') && s.contains("[output cut at 3 bytes]"), "{s}");
+        assert!(
+            s.starts_with('é') && s.contains("[output cut at 3 bytes]"),
+            "{s}"
+        );
         assert!(cap_text(b"abc", 10, true).contains("cut"));
     }
 }

@@ -32,22 +32,24 @@ fn program(task: &Task, policy: &ExecPolicy) -> Result<PathBuf, String> {
 /// Reads a pipe to its end, keeping at most `MAX_OUTPUT` bytes; says whether it cut.
 fn drain(mut r: impl Read + Send + 'static) -> Receiver<(Vec<u8>, bool)> {
     let (tx, rx) = bounded(1);
-    let spawned = thread::Builder::new().name("exec-pipe".into()).spawn(move || {
-        let mut kept = Vec::new();
-        let mut cut = false;
-        let mut buf = [0u8; 8192];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = MAX_OUTPUT.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                    cut |= n > room;
+    let spawned = thread::Builder::new()
+        .name("exec-pipe".into())
+        .spawn(move || {
+            let mut kept = Vec::new();
+            let mut cut = false;
+            let mut buf = [0u8; 8192];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let room = MAX_OUTPUT.saturating_sub(kept.len());
+                        kept.extend_from_slice(&buf[..n.min(room)]);
+                        cut |= n > room;
+                    }
                 }
             }
-        }
-        let _ = tx.send((kept, cut));
-    });
+            let _ = tx.send((kept, cut));
+        });
     if let Err(e) = spawned {
         log::error!("exec: cannot start a pipe reader: {e}");
     }
@@ -66,7 +68,12 @@ fn kill_group(pgid: u32) {
 pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
     let path = match program(task, policy) {
         Ok(p) => p,
-        Err(e) => return RunResult { permanent: true, ..RunResult::failed(e) },
+        Err(e) => {
+            return RunResult {
+                permanent: true,
+                ..RunResult::failed(e)
+            }
+        }
     };
     let mut child = match Command::new(&path)
         .args(&task.args)
@@ -131,7 +138,13 @@ pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
     let output = cap_text(&bytes, MAX_OUTPUT, cut);
     let code = status.and_then(|s| s.code()).map(i64::from);
     let (ok, error) = if timed_out {
-        (false, format!("timed out after {} s; process group killed", timeout.as_secs()))
+        (
+            false,
+            format!(
+                "timed out after {} s; process group killed",
+                timeout.as_secs()
+            ),
+        )
     } else {
         match (code, status.and_then(|s| s.signal())) {
             (Some(0), _) => (true, String::new()),
@@ -140,7 +153,13 @@ pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
             (None, None) => (false, "no exit status".to_string()),
         }
     };
-    RunResult { ok, code, output, error, permanent: false }
+    RunResult {
+        ok,
+        code,
+        output,
+        error,
+        permanent: false,
+    }
 }
 
 #[cfg(test)]
@@ -159,23 +178,39 @@ mod tests {
 
     #[test]
     fn success_failure_and_output() {
-        let r = run(&exec("echo", &["hello", "world"]), &ExecPolicy::Any, Duration::from_secs(5));
+        let r = run(
+            &exec("echo", &["hello", "world"]),
+            &ExecPolicy::Any,
+            Duration::from_secs(5),
+        );
         assert!(r.ok, "{r:?}");
         assert_eq!(r.output, "hello world\n");
         assert_eq!(r.code, Some(0));
-        let r = run(&exec("sh", &["-c", "echo out; echo err >&2; exit 3"]), &ExecPolicy::Any, Duration::from_secs(5));
+        let r = run(
+            &exec("sh", &["-c", "echo out; echo err >&2; exit 3"]),
+            &ExecPolicy::Any,
+            Duration::from_secs(5),
+        );
         assert!(!r.ok);
         assert_eq!(r.code, Some(3));
         assert_eq!(r.error, "exit code 3");
         assert_eq!(r.output, "out\nerr\n");
-        let r = run(&exec("no-such-program-xyz", &[]), &ExecPolicy::Any, Duration::from_secs(5));
+        let r = run(
+            &exec("no-such-program-xyz", &[]),
+            &ExecPolicy::Any,
+            Duration::from_secs(5),
+        );
         assert!(!r.ok && r.error.contains("cannot start"), "{r:?}");
     }
 
     #[test]
     fn timeout_kills_the_group() {
         let start = Instant::now();
-        let r = run(&exec("sh", &["-c", "sleep 30 & sleep 30; echo never"]), &ExecPolicy::Any, Duration::from_secs(1));
+        let r = run(
+            &exec("sh", &["-c", "sleep 30 & sleep 30; echo never"]),
+            &ExecPolicy::Any,
+            Duration::from_secs(1),
+        );
         assert!(!r.ok);
         assert!(r.error.contains("timed out"), "{r:?}");
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -183,7 +218,11 @@ mod tests {
 
     #[test]
     fn output_is_capped() {
-        let r = run(&exec("head", &["-c", "100000", "/dev/zero"]), &ExecPolicy::Any, Duration::from_secs(5));
+        let r = run(
+            &exec("head", &["-c", "100000", "/dev/zero"]),
+            &ExecPolicy::Any,
+            Duration::from_secs(5),
+        );
         assert!(r.ok);
         assert!(r.output.contains("[output cut at 65536 bytes]"));
     }

@@ -63,7 +63,11 @@ fn reply(req: Request, code: u16, body: &Value) {
 }
 
 fn fail(req: Request, code: u16, reason: impl std::fmt::Display) {
-    reply(req, code, &json!({"result": "Fail", "reason": reason.to_string()}));
+    reply(
+        req,
+        code,
+        &json!({"result": "Fail", "reason": reason.to_string()}),
+    );
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
@@ -139,29 +143,32 @@ fn handle(app: &Arc<App>, req: Request) {
             reply(req, 200, &info)
         }
         (Method::Get, p) if p.starts_with("/task_resp/") => {
-            let timeout = match query_param(query, "timeout") {
-                None => POLL_DEFAULT_S,
-                Some(v) => match v.parse::<u64>() {
-                    Ok(n) if n <= POLL_MAX_S => n,
-                    _ => {
-                        return fail(
+            let timeout =
+                match query_param(query, "timeout") {
+                    None => POLL_DEFAULT_S,
+                    Some(v) => match v.parse::<u64>() {
+                        Ok(n) if n <= POLL_MAX_S => n,
+                        _ => return fail(
                             req,
                             400,
-                            format!("timeout: must be a whole number of seconds from 0 to {POLL_MAX_S}"),
-                        )
-                    }
-                },
-            };
+                            format!(
+                                "timeout: must be a whole number of seconds from 0 to {POLL_MAX_S}"
+                            ),
+                        ),
+                    },
+                };
             let raw = &p["/task_resp/".len()..];
             match percent_decode(raw) {
                 Some(id) if !id.is_empty() => long_poll(app, req, &id, timeout),
                 _ => fail(req, 400, "id: missing or badly encoded"),
             }
         }
-        (Method::Delete, p) if p.starts_with("/task/") => match percent_decode(&p["/task/".len()..]) {
-            Some(id) if !id.is_empty() => cancel(app, req, &id),
-            _ => fail(req, 400, "id: missing or badly encoded"),
-        },
+        (Method::Delete, p) if p.starts_with("/task/") => {
+            match percent_decode(&p["/task/".len()..]) {
+                Some(id) if !id.is_empty() => cancel(app, req, &id),
+                _ => fail(req, 400, "id: missing or badly encoded"),
+            }
+        }
         (_, "/task_in_queue" | "/sys_info" | "/health") => fail(req, 405, "method not allowed"),
         (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
             fail(req, 405, "method not allowed")
@@ -173,7 +180,12 @@ fn handle(app: &Arc<App>, req: Request) {
 /// Reads the body, refusing more than `--max_body` bytes.
 fn read_body(app: &App, req: &mut Request) -> Result<Vec<u8>, (u16, String)> {
     let max = app.config.max_body;
-    let too_big = || (413, format!("request body larger than {max} bytes (--max_body)"));
+    let too_big = || {
+        (
+            413,
+            format!("request body larger than {max} bytes (--max_body)"),
+        )
+    };
     if req.body_length().is_some_and(|n| n > max) {
         return Err(too_big());
     }
@@ -316,9 +328,17 @@ fn cancel(app: &App, req: Request, id: &str) {
         Ok(Cancel::Cancelled) => {
             app.pool.remove(id);
             log::info!("task {id} cancelled");
-            reply(req, 200, &json!({"result": "OK", "reason": "cancelled", "id": id}))
+            reply(
+                req,
+                200,
+                &json!({"result": "OK", "reason": "cancelled", "id": id}),
+            )
         }
-        Ok(Cancel::Running) => fail(req, 409, format!("task {id:?} is running and cannot be cancelled")),
+        Ok(Cancel::Running) => fail(
+            req,
+            409,
+            format!("task {id:?} is running and cannot be cancelled"),
+        ),
         Ok(Cancel::Finished) => fail(req, 409, format!("task {id:?} has already finished")),
         Ok(Cancel::Unknown) => fail(req, 404, format!("unknown id {id:?}")),
         Err(e) => fail(req, 503, e),

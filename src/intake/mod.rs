@@ -16,7 +16,10 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
     /// A task failed validation; `index` is its place in an array submission.
-    Invalid { index: Option<usize>, error: TaskError },
+    Invalid {
+        index: Option<usize>,
+        error: TaskError,
+    },
     /// An empty array.
     Empty,
     /// An unfinished task has this id.
@@ -30,13 +33,21 @@ pub enum SubmitError {
 impl fmt::Display for SubmitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SubmitError::Invalid { index: Some(i), error } => write!(f, "task {i}: {error}"),
+            SubmitError::Invalid {
+                index: Some(i),
+                error,
+            } => write!(f, "task {i}: {error}"),
             SubmitError::Invalid { index: None, error } => write!(f, "{error}"),
             SubmitError::Empty => write!(f, "no task: the array is empty"),
             SubmitError::Duplicate(id) => {
-                write!(f, "id: a task with id {id:?} is already queued and not finished")
+                write!(
+                    f,
+                    "id: a task with id {id:?} is already queued and not finished"
+                )
             }
-            SubmitError::Unavailable(why) => write!(f, "store unavailable, nothing accepted: {why}"),
+            SubmitError::Unavailable(why) => {
+                write!(f, "store unavailable, nothing accepted: {why}")
+            }
             SubmitError::ShuttingDown => write!(f, "the server is shutting down, nothing accepted"),
         }
     }

@@ -24,7 +24,10 @@ pub struct Timer {
 
 impl Timer {
     /// Starts the timer thread.
-    pub fn start(store: Arc<dyn Store>, pool: Arc<Pool>) -> std::io::Result<(Timer, JoinHandle<()>)> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        pool: Arc<Pool>,
+    ) -> std::io::Result<(Timer, JoinHandle<()>)> {
         let (tx, rx) = unbounded();
         let h = thread::Builder::new()
             .name("timer".into())
@@ -114,7 +117,12 @@ mod tests {
         let pool = Arc::new(Pool::new(1));
         let (timer, h) = Timer::start(store.clone(), pool.clone()).expect("start");
         let due = now_us() + 100_000;
-        store.insert(&[task("late", State::Delayed, due), task("soon", State::Delayed, due - 50_000)]).expect("insert");
+        store
+            .insert(&[
+                task("late", State::Delayed, due),
+                task("soon", State::Delayed, due - 50_000),
+            ])
+            .expect("insert");
         timer.schedule(Arc::from("late"), due);
         timer.schedule(Arc::from("soon"), due - 50_000);
         let first = pool.next(0).expect("task");

@@ -109,7 +109,9 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
         for op in batches.iter().flat_map(|b| b.ops.iter()) {
             match op {
                 Op::PutTask(id, bytes) => {
-                    tasks.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+                    tasks
+                        .insert(id.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
                 }
                 Op::DelTask(id) => {
                     tasks.remove(id.as_str()).map_err(unavailable)?;
@@ -122,7 +124,9 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
                     let mut v = Vec::with_capacity(8 + bytes.len());
                     v.extend_from_slice(&(*expires_ms.max(&0) as u64).to_be_bytes());
                     v.extend_from_slice(bytes);
-                    results.insert(id.as_str(), v.as_slice()).map_err(unavailable)?;
+                    results
+                        .insert(id.as_str(), v.as_slice())
+                        .map_err(unavailable)?;
                     expiry
                         .insert(expiry_key(*expires_ms, id).as_slice(), ())
                         .map_err(unavailable)?;
@@ -222,7 +226,7 @@ impl Backend for EmbeddedBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::contract::{task, run};
+    use crate::store::contract::{run, task};
     use crate::store::Store;
     use crate::task::State;
 

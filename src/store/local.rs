@@ -20,7 +20,10 @@ pub enum Op {
     },
     DelResult(String),
     /// Deletes the expiry entry and, when it still has this expiry, the result.
-    Expire { id: String, expires_ms: i64 },
+    Expire {
+        id: String,
+        expires_ms: i64,
+    },
 }
 
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
@@ -121,13 +124,18 @@ impl<B: Backend> Store for LocalStore<B> {
             }
             None => {
                 self.live.remove(id);
-                Err(StoreError::Corrupt(format!("task {id:?} is indexed but not stored")))
+                Err(StoreError::Corrupt(format!(
+                    "task {id:?} is indexed but not stored"
+                )))
             }
         }
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {
-        if !self.live.transition(&task.id, &[State::Ready], State::Running) {
+        if !self
+            .live
+            .transition(&task.id, &[State::Ready], State::Running)
+        {
             return Ok(false);
         }
         let mut running = task.clone();
@@ -196,23 +204,24 @@ impl<B: Backend> Store for LocalStore<B> {
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
         let mut out = Vec::new();
         let mut bad = 0usize;
-        self.backend.each_task(&mut |bytes| match decode::<Head>(bytes) {
-            Ok(h) => {
-                let id: Arc<str> = Arc::from(h.id.as_str());
-                let state = if h.state == State::RetryWait {
-                    State::RetryWait
-                } else {
-                    State::Delayed
-                };
-                self.live.restore(id.clone(), state);
-                out.push(Recovered {
-                    id,
-                    due_us: h.due_us,
-                    was_running: h.state == State::Running,
-                });
-            }
-            Err(_) => bad += 1,
-        })?;
+        self.backend
+            .each_task(&mut |bytes| match decode::<Head>(bytes) {
+                Ok(h) => {
+                    let id: Arc<str> = Arc::from(h.id.as_str());
+                    let state = if h.state == State::RetryWait {
+                        State::RetryWait
+                    } else {
+                        State::Delayed
+                    };
+                    self.live.restore(id.clone(), state);
+                    out.push(Recovered {
+                        id,
+                        due_us: h.due_us,
+                        was_running: h.state == State::Running,
+                    });
+                }
+                Err(_) => bad += 1,
+            })?;
         if bad > 0 {
             log::error!("store: {bad} stored tasks could not be decoded and were skipped");
         }

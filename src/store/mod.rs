@@ -120,6 +120,23 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// Starts the thread that deletes expired results every `every`.
+pub fn start_gc(
+    store: Arc<dyn Store>,
+    every: std::time::Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("store-gc".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match store.gc(crate::clock::now_ms()) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("store: {n} expired results deleted"),
+                Err(e) => log::warn!("store: expiring results failed: {e}"),
+            }
+        })
+}
+
 /// The shared contract tests, run against every implementation.
 #[cfg(test)]
 pub mod contract {
@@ -209,7 +226,9 @@ pub mod contract {
         assert_eq!(store.cancel("a").expect("cancel"), Cancel::Finished);
 
         // A finished id may be used again; the old result goes away.
-        store.insert(&[task("a", State::Delayed, 7)]).expect("reuse id");
+        store
+            .insert(&[task("a", State::Delayed, 7)])
+            .expect("reuse id");
         assert_eq!(store.result("a").expect("result"), None);
         assert_eq!(store.cancel("a").expect("cancel"), Cancel::Cancelled);
         assert_eq!(store.take_due("a").expect("take_due"), None, "cancelled");
@@ -226,21 +245,4 @@ pub mod contract {
         assert_eq!(store.gc(now + 2500).expect("gc"), 1);
         assert_eq!(store.result("b").expect("result"), None);
     }
-}
-
-/// Starts the thread that deletes expired results every `every`.
-pub fn start_gc(
-    store: Arc<dyn Store>,
-    every: std::time::Duration,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("store-gc".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            match store.gc(crate::clock::now_ms()) {
-                Ok(0) => {}
-                Ok(n) => log::debug!("store: {n} expired results deleted"),
-                Err(e) => log::warn!("store: expiring results failed: {e}"),
-            }
-        })
 }

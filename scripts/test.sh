@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what the tests need (when missing) and runs every check: format, lints, all tests.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+need_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "error: '$*' needs root; run it as root or install sudo" >&2; exit 1; fi
+}
+
+# --- toolchain -------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo not found: install Rust from https://rustup.rs (stable, 1.85 or newer)" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  done
+fi
+# A C compiler is needed by ring (TLS) and by the tests' EXEC programs need sh, sleep, head.
+if ! command -v cc >/dev/null; then
+  say "installing a C compiler"
+  need_root apt-get update -qq && need_root apt-get install -y -qq build-essential
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+say "cargo test"
+cargo test "$@"
