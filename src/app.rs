@@ -78,7 +78,7 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
     let results = Results::start()?;
     let status = Arc::new(Status::default());
     let executors = Arc::new(Executors {
-        http: HttpExec::new(config.workers),
+        http: HttpExec::new(config.workers, config.ca_file.as_deref()),
         exec: config.exec.clone(),
         default_timeout: Duration::from_secs(config.task_timeout),
     });

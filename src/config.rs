@@ -33,6 +33,8 @@ pub struct Config {
     pub exec: ExecPolicy,
     pub token: Option<String>,
     pub max_body: usize,
+    /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
+    pub ca_file: Option<PathBuf>,
     pub smtp_server: Option<String>,
     pub kafka_servers: Option<String>,
     pub tz: chrono_tz::Tz,
@@ -150,6 +152,11 @@ const FLAGS: &[Flag] = &[
         "require 'Authorization: Bearer <token>' (prefer POULPE_TOKEN)",
     ),
     flag("max_body", "1048576", "request body limit in bytes"),
+    flag(
+        "ca_file",
+        "system bundle, else bundled roots",
+        "PEM file of CA certificates trusted for HTTPS tasks",
+    ),
     flag("smtp_server", "", "SMTP relay host"),
     flag("smtp_port", "", "SMTP relay port"),
     flag("smtp_name", "", "SMTP user name"),
@@ -336,6 +343,17 @@ impl Config {
         let task_timeout = number(&raw, "task_timeout", 60u64, 1, 86_400)?;
         let result_ttl = number(&raw, "result_ttl", 86_400u64, 1, 10 * 365 * 86_400)?;
         let max_body = number(&raw, "max_body", 1_048_576usize, 64, 1 << 30)?;
+        let ca_file = match raw.get("ca_file") {
+            None => None,
+            Some(v) => {
+                let text =
+                    std::fs::read_to_string(v).map_err(|e| bad("ca_file", v, e.to_string()))?;
+                if !text.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(bad("ca_file", v, "no PEM certificate in this file"));
+                }
+                Some(PathBuf::from(v))
+            }
+        };
         let exec_any = parse_switch("exec_any", raw.get("exec_any").unwrap_or(""))?;
         let exec = match (raw.get("exec_dir"), exec_any) {
             (_, true) => ExecPolicy::Any,
@@ -385,6 +403,7 @@ impl Config {
             exec,
             token: raw.get("token").map(str::to_string),
             max_body,
+            ca_file,
             smtp_server: raw.get("smtp_server").map(str::to_string),
             kafka_servers: raw.get("kafka_servers").map(str::to_string),
             tz,

@@ -16,6 +16,7 @@
 //! | answers | [`results`] | final results and the clients parked waiting for them |
 //! | observe | [`status`] | counters and `/sys_info` |
 //! | wiring | [`app`] | starts and stops the threads |
+//! | probe | [`probe`] | `poulpe health`, the container health check |
 
 pub mod app;
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod exec;
 pub mod intake;
 pub mod outcome;
+pub mod probe;
 pub mod results;
 pub mod schedule;
 pub mod status;

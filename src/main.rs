@@ -12,7 +12,12 @@ use std::time::Duration;
 const GRACE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
-    let config = match Config::from_env_and_args(std::env::args_os().skip(1).collect()) {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "health") {
+        args.remove(0);
+        return ExitCode::from(poulpe::probe::run(args));
+    }
+    let config = match Config::from_env_and_args(args) {
         Ok(c) => c,
         Err(e @ (ConfigError::Help | ConfigError::Version)) => {
             println!("{e}");

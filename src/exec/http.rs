@@ -21,13 +21,17 @@ pub struct HttpExec {
     agent: Agent,
 }
 
-/// The system CA bundle (or `SSL_CERT_FILE`), or the bundled Mozilla roots when there is none.
-fn root_certs() -> RootCerts {
+/// `--ca_file`, else the system CA bundle (or `SSL_CERT_FILE`), else the bundled Mozilla roots.
+fn root_certs(ca_file: Option<&Path>) -> RootCerts {
     let env = std::env::var("SSL_CERT_FILE").ok();
-    let candidates = env
-        .iter()
-        .map(String::as_str)
-        .chain(SYSTEM_BUNDLES.iter().copied());
+    let candidates: Vec<&str> = match ca_file.and_then(Path::to_str) {
+        Some(f) => vec![f],
+        None => env
+            .iter()
+            .map(String::as_str)
+            .chain(SYSTEM_BUNDLES.iter().copied())
+            .collect(),
+    };
     for path in candidates {
         let Ok(pem) = std::fs::read(Path::new(path)) else {
             continue;
@@ -48,14 +52,14 @@ fn root_certs() -> RootCerts {
 
 impl HttpExec {
     /// Builds the agent; `workers` bounds the idle connections kept per host.
-    pub fn new(workers: usize) -> HttpExec {
+    pub fn new(workers: usize, ca_file: Option<&Path>) -> HttpExec {
         let config = Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .max_idle_connections((workers * 4).max(16))
             .max_idle_connections_per_host(workers.max(4))
             .user_agent(concat!("poulpe/", env!("CARGO_PKG_VERSION")))
-            .tls_config(TlsConfig::builder().root_certs(root_certs()).build())
+            .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
         HttpExec {
             agent: config.into(),

@@ -143,20 +143,21 @@ fn handle(app: &Arc<App>, req: Request) {
             reply(req, 200, &info)
         }
         (Method::Get, p) if p.starts_with("/task_resp/") => {
-            let timeout =
-                match query_param(query, "timeout") {
-                    None => POLL_DEFAULT_S,
-                    Some(v) => match v.parse::<u64>() {
-                        Ok(n) if n <= POLL_MAX_S => n,
-                        _ => return fail(
+            let timeout = match query_param(query, "timeout") {
+                None => POLL_DEFAULT_S,
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) if n <= POLL_MAX_S => n,
+                    _ => {
+                        return fail(
                             req,
                             400,
                             format!(
                                 "timeout: must be a whole number of seconds from 0 to {POLL_MAX_S}"
                             ),
-                        ),
-                    },
-                };
+                        )
+                    }
+                },
+            };
             let raw = &p["/task_resp/".len()..];
             match percent_decode(raw) {
                 Some(id) if !id.is_empty() => long_poll(app, req, &id, timeout),

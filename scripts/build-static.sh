@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the static x86_64 musl binary and checks it: size budget, no dynamic linking, runs in an
+# empty chroot (no /etc, no zoneinfo, no CA bundle), and the Dockerfile's COPY source exists.
+# Usage: scripts/build-static.sh [--no-check]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=x86_64-unknown-linux-musl
+BIN="target/$TARGET/release/poulpe"
+BUDGET_BYTES=$((5 * 1024 * 1024))   # without Kafka; the Kafka build will have 8 MB
+
+need_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "error: '$*' needs root; run it as root or install sudo" >&2; exit 1; fi
+}
+
+if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+  rustup target add "$TARGET"
+fi
+if ! command -v musl-gcc >/dev/null; then
+  need_root apt-get update -qq
+  need_root apt-get install -y -qq musl-tools
+fi
+command -v file >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq file; }
+
+CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked --target "$TARGET" --bin poulpe
+
+size=$(stat -c %s "$BIN")
+echo "binary: $BIN"
+echo "size:   $size bytes ($(( size / 1024 )) KiB)"
+file "$BIN"
+[ "${1:-}" = "--no-check" ] && exit 0
+
+fail() { echo "static build check failed: $*" >&2; exit 1; }
+
+[ "$size" -le "$BUDGET_BYTES" ] || fail "$size bytes is over the budget of $BUDGET_BYTES"
+ldd_out=$(ldd "$BIN" 2>&1 || true)
+case "$ldd_out" in
+  *"not a dynamic executable"*|*"statically linked"*) echo "ldd:    $ldd_out" ;;
+  *) fail "ldd says it is dynamic: $ldd_out" ;;
+esac
+file "$BIN" | grep -q "static" || fail "file does not call it static"
+
+# Run it in an empty root: nothing but the binary and a data directory.
+root=$(mktemp -d)
+trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$root"' EXIT
+cp "$BIN" "$root/poulpe"
+mkdir -p "$root/data"
+chroot "$root" /poulpe --version | grep -q "^poulpe " || fail "--version in an empty chroot"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+chroot "$root" /poulpe --bind 127.0.0.1 --port "$port" --data /data --tz Europe/Paris --log warn &
+pid=$!
+for _ in $(seq 1 100); do
+  chroot "$root" /poulpe health --port "$port" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+chroot "$root" /poulpe health --port "$port" || fail "the server in an empty chroot does not answer /health"
+kill -TERM "$pid"; wait "$pid" || fail "the server in the chroot did not exit 0 on SIGTERM"
+pid=
+echo "chroot: serves and stops cleanly with no /etc"
+
+# The Dockerfile copies the binary from this path.
+grep -q "COPY $BIN " Dockerfile || fail "Dockerfile does not COPY $BIN"
+echo "static build OK"
