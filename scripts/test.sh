@@ -27,6 +27,20 @@ if ! command -v cc >/dev/null; then
   need_root apt-get update -qq && need_root apt-get install -y -qq build-essential
 fi
 
+# --- Python test services: aiosmtpd (a real SMTP server) and trustme (test certificates) ------
+VENV=target/test-venv
+if ! "$VENV/bin/python" -c 'import aiosmtpd, trustme' 2>/dev/null; then
+  say "installing aiosmtpd and trustme into $VENV"
+  command -v python3 >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq python3; }
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    need_root apt-get update -qq && need_root apt-get install -y -qq python3-venv
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/pip" install -q 'aiosmtpd==1.4.*' 'trustme>=1.1'
+fi
+export POULPE_TEST_PYTHON="$PWD/$VENV/bin/python"
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::dispatch::Pool;
-use crate::exec::{http::HttpExec, Executors};
+use crate::exec::{http::HttpExec, mail::MailExec, Executors};
 use crate::outcome::{OutcomeStage, RetryPolicy};
 use crate::results::Results;
 use crate::schedule::timer::Timer;
@@ -77,10 +77,16 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
     let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
     let results = Results::start()?;
     let status = Arc::new(Status::default());
+    let timeout = Duration::from_secs(config.task_timeout);
+    let mail = match &config.smtp {
+        Some(smtp) => Some(MailExec::new(smtp, config.workers, timeout).map_err(StartError::Dir)?),
+        None => None,
+    };
     let executors = Arc::new(Executors {
         http: HttpExec::new(config.workers, config.ca_file.as_deref()),
+        mail,
         exec: config.exec.clone(),
-        default_timeout: Duration::from_secs(config.task_timeout),
+        default_timeout: timeout,
     });
     let (otx, orx) = unbounded();
     let mut workers = Vec::with_capacity(config.workers);
@@ -127,7 +133,8 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
     let limits = Limits {
         workers: config.workers,
         exec: config.exec.clone(),
-        mail_enabled: false,
+        mail_enabled: config.smtp.is_some(),
+        mail_from: config.smtp.as_ref().and_then(|s| s.from.clone()),
     };
     let app = Arc::new(App {
         config,

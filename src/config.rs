@@ -1,5 +1,6 @@
 //! Command-line flags and `POULPE_*` environment variables, turned into one checked `Config`.
 
+use crate::exec::mail::{Security, SmtpConfig};
 use crate::task::ExecPolicy;
 use std::ffi::OsString;
 use std::fmt;
@@ -35,7 +36,8 @@ pub struct Config {
     pub max_body: usize,
     /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
     pub ca_file: Option<PathBuf>,
-    pub smtp_server: Option<String>,
+    /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
+    pub smtp: Option<SmtpConfig>,
     pub kafka_servers: Option<String>,
     pub tz: chrono_tz::Tz,
     pub log: log::LevelFilter,
@@ -158,12 +160,21 @@ const FLAGS: &[Flag] = &[
         "PEM file of CA certificates trusted for HTTPS tasks",
     ),
     flag("smtp_server", "", "SMTP relay host"),
-    flag("smtp_port", "", "SMTP relay port"),
+    flag(
+        "smtp_port",
+        "25, 587 with --starttls, 465 with --smtp_tls",
+        "SMTP relay port",
+    ),
     flag("smtp_name", "", "SMTP user name"),
     flag("smtp_pwd", "", "SMTP password (prefer POULPE_SMTP_PWD)"),
     switch("starttls", "require STARTTLS"),
     switch("smtp_tls", "implicit TLS (port 465)"),
     flag("smtp_from", "", "default sender address"),
+    flag(
+        "smtp_ca_file",
+        "",
+        "PEM file of extra CA certificates trusted for the SMTP relay",
+    ),
     flag("kafka_servers", "", "Kafka brokers, comma separated"),
     flag("kafka_topic", "", "Kafka task topic"),
     flag("kafka_resp_topic", "", "Kafka result topic"),
@@ -304,6 +315,65 @@ where
     Ok(n)
 }
 
+/// The SMTP relay settings, when `--smtp_server` is given.
+fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
+    let starttls = parse_switch("starttls", raw.get("starttls").unwrap_or(""))?;
+    let tls = parse_switch("smtp_tls", raw.get("smtp_tls").unwrap_or(""))?;
+    let Some(server) = raw.get("smtp_server") else {
+        return Ok(None);
+    };
+    if starttls && tls {
+        return Err(bad(
+            "smtp_tls",
+            "true",
+            "choose --starttls (STARTTLS) or --smtp_tls (implicit TLS), not both",
+        ));
+    }
+    let security = match (starttls, tls) {
+        (true, _) => Security::StartTls,
+        (_, true) => Security::Tls,
+        _ => Security::Plain,
+    };
+    let default_port = match security {
+        Security::Plain => 25,
+        Security::StartTls => 587,
+        Security::Tls => 465,
+    };
+    let port = number(raw, "smtp_port", default_port, 1, u16::MAX)?;
+    let auth = match (raw.get("smtp_name"), raw.get("smtp_pwd")) {
+        (Some(n), Some(p)) => Some((n.to_string(), p.to_string())),
+        (Some(_), None) => {
+            return Err(ConfigError::MissingValue("smtp_pwd"));
+        }
+        (None, _) => None,
+    };
+    let from = match raw.get("smtp_from") {
+        None => None,
+        Some(f) => {
+            f.parse::<lettre::message::Mailbox>()
+                .map_err(|e| bad("smtp_from", f, e.to_string()))?;
+            Some(f.to_string())
+        }
+    };
+    let ca_file = match raw.get("smtp_ca_file") {
+        None => None,
+        Some(f) => {
+            let pem = std::fs::read(f).map_err(|e| bad("smtp_ca_file", f, e.to_string()))?;
+            lettre::transport::smtp::client::Certificate::from_pem(&pem)
+                .map_err(|e| bad("smtp_ca_file", f, e.to_string()))?;
+            Some(PathBuf::from(f))
+        }
+    };
+    Ok(Some(SmtpConfig {
+        server: server.to_string(),
+        port,
+        auth,
+        security,
+        from,
+        ca_file,
+    }))
+}
+
 impl Config {
     /// Parses the process's arguments (without the program name) and environment.
     pub fn from_env_and_args(args: Vec<OsString>) -> Result<Config, ConfigError> {
@@ -369,9 +439,7 @@ impl Config {
             }
             (None, false) => ExecPolicy::Disabled,
         };
-        for sw in ["starttls", "smtp_tls"] {
-            parse_switch(sw, raw.get(sw).unwrap_or(""))?;
-        }
+        let smtp = smtp_config(&raw)?;
         let tz_name = raw
             .get("tz")
             .map(str::to_string)
@@ -404,7 +472,7 @@ impl Config {
             token: raw.get("token").map(str::to_string),
             max_body,
             ca_file,
-            smtp_server: raw.get("smtp_server").map(str::to_string),
+            smtp,
             kafka_servers: raw.get("kafka_servers").map(str::to_string),
             tz,
             log,
@@ -415,9 +483,6 @@ impl Config {
         }
         if config.cron.is_some() {
             return Err(ConfigError::NotBuilt("cron"));
-        }
-        if config.smtp_server.is_some() {
-            return Err(ConfigError::NotBuilt("smtp_server"));
         }
         if config.kafka_servers.is_some() || raw.get("kafka_topic").is_some() {
             return Err(ConfigError::NotBuilt("kafka_servers"));

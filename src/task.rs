@@ -161,6 +161,8 @@ pub struct Limits {
     pub exec: ExecPolicy,
     /// MAIL_TO needs a configured relay.
     pub mail_enabled: bool,
+    /// Sender used when a MAIL_TO task gives none (`--smtp_from`).
+    pub mail_from: Option<String>,
 }
 
 /// A submitted task that failed validation; names the field at fault.
@@ -338,16 +340,10 @@ pub fn parse_task(
                     "MAIL_TO is not available: no SMTP relay is configured (--smtp_server)",
                 ));
             }
-            params = match raw {
-                Some(Value::String(s)) => s.clone(),
-                Some(o @ Value::Object(_)) => o.to_string(),
-                _ => {
-                    return Err(TaskError::field(
-                        "params",
-                        "for MAIL_TO must be a JSON object {from_addr,to_addr,title,body}",
-                    ))
-                }
-            };
+            let mail = crate::exec::mail::parse_params(&name, raw, limits.mail_from.as_deref())
+                .map_err(|(field, problem)| TaskError::Field { field, problem })?;
+            params = serde_json::to_string(&mail)
+                .map_err(|e| TaskError::field("params", e.to_string()))?;
         }
     }
 
@@ -520,6 +516,7 @@ mod tests {
             workers: 4,
             exec: ExecPolicy::Any,
             mail_enabled: false,
+            mail_from: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! the outcome stage decides what happens next.
 
 pub mod http;
+pub mod mail;
 pub mod program;
 
 use crate::task::{ExecPolicy, Method, Task};
@@ -41,6 +42,8 @@ impl RunResult {
 /// What executors share: the HTTP agent and the EXEC rules.
 pub struct Executors {
     pub http: http::HttpExec,
+    /// Present when `--smtp_server` is set.
+    pub mail: Option<mail::MailExec>,
     pub exec: ExecPolicy,
     pub default_timeout: Duration,
 }
@@ -55,9 +58,12 @@ impl Executors {
         match task.method {
             Method::Get | Method::Post => self.http.run(task, timeout),
             Method::Exec => program::run(task, &self.exec, timeout),
-            Method::MailTo => RunResult {
-                permanent: true,
-                ..RunResult::failed("MAIL_TO is not available in this build")
+            Method::MailTo => match &self.mail {
+                Some(m) => m.run(task),
+                None => RunResult {
+                    permanent: true,
+                    ..RunResult::failed("MAIL_TO needs an SMTP relay (--smtp_server)")
+                },
             },
         }
     }

@@ -1,0 +1,278 @@
+//! MAIL_TO against a real SMTP server (aiosmtpd, started per test by `tests/smtp_server.py`):
+//! delivery, several recipients, non-ASCII subjects, STARTTLS with AUTH, 5xx rejection, outage.
+
+mod common;
+use common::{eventually, free_port, Server};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The Python that has aiosmtpd and trustme (installed by `scripts/test.sh`).
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("POULPE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    let ok = Command::new(&p)
+        .args(["-c", "import aiosmtpd, trustme"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the mail tests need aiosmtpd and trustme in {}: run scripts/test.sh, which installs them \
+         (or set POULPE_TEST_PYTHON to a python that has them)",
+        p.display()
+    );
+    p
+}
+
+/// A running aiosmtpd; killed when dropped.
+struct Smtp {
+    child: Child,
+    port: u16,
+    out: PathBuf,
+}
+
+impl Smtp {
+    fn start(dir: &Path, extra: &[&str]) -> Smtp {
+        let port = free_port();
+        let out = dir.join(format!("mail-{port}"));
+        let mut child = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_server.py"))
+            .args(["--port", &port.to_string(), "--out"])
+            .arg(&out)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the SMTP server");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read READY");
+        assert_eq!(line.trim(), "READY", "SMTP server did not start");
+        Smtp { child, port, out }
+    }
+
+    /// Mails received so far, in order.
+    fn mails(&self) -> Vec<Value> {
+        let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(&self.out)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let p = e.path();
+                        let n = p.file_stem()?.to_str()?.parse().ok()?;
+                        (p.extension()? == "json").then_some((n, p))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|(_, p)| {
+                serde_json::from_slice(&std::fs::read(p).expect("read mail")).expect("mail json")
+            })
+            .collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn result(s: &Server, id: &str) -> Value {
+    eventually(Duration::from_secs(30), "a final result", || {
+        match s.get(&format!("/task_resp/{id}?timeout=5")) {
+            (200, v) => Some(v),
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn plain_mail_arrives_with_recipients_subject_and_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let smtp = Smtp::start(dir.path(), &[]);
+    let port = smtp.port.to_string();
+    let s = Server::start(
+        &dir,
+        &[
+            "--smtp_server",
+            "127.0.0.1",
+            "--smtp_port",
+            &port,
+            "--smtp_from",
+            "poulpe@example.org",
+        ],
+    );
+    let (code, body) = s.submit(&json!({
+        "id": "m1", "method": "MAIL_TO", "name": "ignored@example.org",
+        "params": {"to_addr": "a@example.org, b@example.net", "title": "Réunion à 10 h ☕", "body": "Bonjour,\nà demain.\n"},
+        "wait": 20,
+    }));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert!(
+        body["output"].as_str().unwrap_or("").starts_with("250"),
+        "{body}"
+    );
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1);
+    let m = &mails[0];
+    assert_eq!(m["mail_from"], "poulpe@example.org");
+    assert_eq!(m["rcpt_tos"], json!(["a@example.org", "b@example.net"]));
+    assert_eq!(m["subject"], "Réunion à 10 h ☕");
+    assert_eq!(m["content_type"], "text/plain");
+    // The mail parser may add a final newline; the text itself must be intact.
+    assert_eq!(
+        m["body"]
+            .as_str()
+            .map(|b| b.replace("\r\n", "\n").trim_end().to_string()),
+        Some("Bonjour,\nà demain.".into())
+    );
+
+    // name is the recipient when params has no to_addr; params may be a JSON string.
+    let (code, body) = s.submit(&json!({
+        "method": "MAIL_TO", "name": "c@example.org",
+        "params": "{\"from_addr\":\"Ops <ops@example.org>\",\"title\":\"t\",\"body\":\"b\"}",
+        "wait": 20,
+    }));
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &json!("succeeded")),
+        "{body}"
+    );
+    let mails = smtp.mails();
+    assert_eq!(mails[1]["rcpt_tos"], json!(["c@example.org"]));
+    assert_eq!(mails[1]["mail_from"], "ops@example.org");
+
+    // Bad addresses are refused at submit, naming the field.
+    let (code, body) = s.submit(
+        &json!({"method":"MAIL_TO","name":"x@example.org","params":{"to_addr":"not-an-address"}}),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("to_addr:"),
+        "{body}"
+    );
+}
+
+#[test]
+fn starttls_with_auth_and_a_trusted_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).expect("tls dir");
+    let smtp = Smtp::start(
+        dir.path(),
+        &[
+            "--auth",
+            "mailer:s3cret-pw",
+            "--tls-dir",
+            tls_dir.to_str().expect("utf8"),
+        ],
+    );
+    let port = smtp.port.to_string();
+    let ca = tls_dir.join("ca.pem");
+    let args = |user: &str| -> Vec<String> {
+        vec![
+            "--smtp_server".into(),
+            "127.0.0.1".into(),
+            "--smtp_port".into(),
+            port.clone(),
+            "--starttls".into(),
+            "--smtp_name".into(),
+            user.into(),
+            "--smtp_ca_file".into(),
+            ca.to_str().expect("utf8").into(),
+            "--max_retry".into(),
+            "0".into(),
+        ]
+    };
+    let a = args("mailer");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let s = Server::start_with_env(&dir, &a, &[("POULPE_SMTP_PWD", "s3cret-pw")]);
+    let (code, body) = s.submit(&json!({
+        "method":"MAIL_TO","name":"to@example.org",
+        "params":{"from_addr":"f@example.org","title":"secure","body":"over TLS"},"wait":20}));
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &json!("succeeded")),
+        "{body}"
+    );
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0]["tls"], true, "the mail went over STARTTLS");
+    assert!(
+        !s.log_text().contains("s3cret-pw"),
+        "the password is never logged"
+    );
+    drop(s);
+
+    // A wrong password is a permanent failure: dead after one attempt.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let s = Server::start_with_env(&dir2, &a, &[("POULPE_SMTP_PWD", "wrong")]);
+    let (code, body) = s.submit(&json!({
+        "method":"MAIL_TO","name":"to@example.org",
+        "params":{"from_addr":"f@example.org","title":"x","body":"y"},"wait":20}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "dead", "{body}");
+    assert_eq!(body["attempts"], 1, "{body}");
+    assert_eq!(smtp.mails().len(), 1, "nothing more delivered");
+}
+
+#[test]
+fn permanent_rejection_dead_letters_at_once_and_outage_retries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let smtp = Smtp::start(dir.path(), &["--reject", "nobody"]);
+    let port = smtp.port.to_string();
+    let s = Server::start(
+        &dir,
+        &[
+            "--smtp_server",
+            "127.0.0.1",
+            "--smtp_port",
+            &port,
+            "--smtp_from",
+            "f@example.org",
+            "--max_retry",
+            "2",
+            "--retry_interval",
+            "1",
+        ],
+    );
+    let (_, body) = s.submit(&json!({"id":"rej","method":"MAIL_TO","name":"nobody@example.org","params":{"title":"t","body":"b"},"wait":20}));
+    assert_eq!(body["status"], "dead", "{body}");
+    assert_eq!(body["attempts"], 1, "a 5xx is not retried: {body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("550"),
+        "{body}"
+    );
+    let day = std::fs::read_dir(s.data.join("dead"))
+        .expect("dead dir")
+        .next()
+        .expect("a day")
+        .expect("entry");
+    assert!(
+        day.path().join("task-rej.json").is_file(),
+        "dead-letter record written"
+    );
+
+    // The relay goes away: connection errors are retried, then the task is dead.
+    drop(smtp);
+    let (_, body) = s.submit(&json!({"id":"down","method":"MAIL_TO","name":"a@example.org","params":{"title":"t","body":"b"}}));
+    assert_eq!(body["result"], "OK", "{body}");
+    let r = result(&s, "down");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(r["attempts"], 3, "first attempt plus two retries: {r}");
+}
