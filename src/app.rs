@@ -6,11 +6,13 @@ use crate::dispatch::Pool;
 use crate::exec::{http::HttpExec, mail::MailExec, Executors};
 use crate::outcome::{OutcomeStage, RetryPolicy};
 use crate::results::Results;
+use crate::schedule::cron::{parse_file, CronError};
+use crate::schedule::cron_runner::{self, CronCmd, CronStatus};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
 use crate::store::{self, Store, StoreError};
 use crate::task::Limits;
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{unbounded, Sender};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,10 @@ pub struct App {
     pub status: Arc<Status>,
     /// False once shutdown has begun: submits answer 503.
     pub accepting: AtomicBool,
+    /// The cron schedule as `/sys_info` shows it (empty without `--cron`).
+    pub cron: CronStatus,
+    /// Tells the cron thread to reload (SIGHUP) or stop.
+    pub cron_tx: Option<Sender<CronCmd>>,
 }
 
 /// Threads to wait for at shutdown.
@@ -35,6 +41,7 @@ pub struct Running {
     workers: Vec<JoinHandle<()>>,
     outcome: JoinHandle<()>,
     timer: JoinHandle<()>,
+    cron: Option<JoinHandle<()>>,
 }
 
 /// Why the server could not start (exit code 2).
@@ -43,6 +50,7 @@ pub enum StartError {
     Store(StoreError),
     Thread(std::io::Error),
     Dir(String),
+    Cron(CronError),
 }
 
 impl fmt::Display for StartError {
@@ -51,6 +59,7 @@ impl fmt::Display for StartError {
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             StartError::Dir(e) => write!(f, "{e}"),
+            StartError::Cron(e) => write!(f, "--cron: {e}"),
         }
     }
 }
@@ -65,14 +74,26 @@ impl From<std::io::Error> for StartError {
 
 /// Opens the store, starts timer, workers and outcome stage, and re-arms unfinished tasks.
 pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
+    let limits = Limits {
+        workers: config.workers,
+        exec: config.exec.clone(),
+        mail_enabled: config.smtp.is_some(),
+        mail_from: config.smtp.as_ref().and_then(|s| s.from.clone()),
+    };
+    // A bad cron file stops start-up before anything is opened.
+    let cron_lines = match &config.cron {
+        Some(path) => Some(parse_file(path, &limits, config.tz).map_err(StartError::Cron)?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.dead).map_err(|e| {
         StartError::Dir(format!(
             "--dead: cannot create {}: {e}",
             config.dead.display()
         ))
     })?;
-    let store: Arc<dyn Store> =
-        Arc::new(store::embedded::open(&config.data).map_err(StartError::Store)?);
+    let store: Arc<dyn Store> = Arc::new(
+        store::embedded::open(&config.data).map_err(|e| StartError::Dir(format!("--data: {e}")))?,
+    );
     let pool = Arc::new(Pool::new(config.workers));
     let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
     let results = Results::start()?;
@@ -130,12 +151,7 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
     }
     store::start_gc(store.clone(), Duration::from_secs(60))?;
 
-    let limits = Limits {
-        workers: config.workers,
-        exec: config.exec.clone(),
-        mail_enabled: config.smtp.is_some(),
-        mail_from: config.smtp.as_ref().and_then(|s| s.from.clone()),
-    };
+    let (cron_tx, cron_rx) = unbounded();
     let app = Arc::new(App {
         config,
         limits,
@@ -145,13 +161,29 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
         results,
         status,
         accepting: AtomicBool::new(true),
+        cron: CronStatus::default(),
+        cron_tx: cron_lines.as_ref().map(|_| cron_tx),
     });
+    let cron = match (cron_lines, &app.config.cron) {
+        (Some(lines), Some(path)) => {
+            log::info!("cron: {} lines from {}", lines.len(), path.display());
+            Some(cron_runner::start(
+                app.clone(),
+                path.clone(),
+                lines,
+                app.config.cron_catchup,
+                cron_rx,
+            )?)
+        }
+        _ => None,
+    };
     Ok((
         app,
         Running {
             workers,
             outcome,
             timer: timer_h,
+            cron,
         },
     ))
 }
@@ -159,6 +191,9 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
 /// Graceful stop: refuse new tasks, let running attempts finish (up to `grace`), record their
 /// outcomes, answer parked clients. Pending tasks stay in the store for the next start.
 pub fn shutdown(app: &App, running: Running, grace: Duration) {
+    if let Some(tx) = &app.cron_tx {
+        let _ = tx.send(CronCmd::Stop);
+    }
     app.accepting.store(false, Ordering::Release);
     let busy = app.pool.running();
     log::info!("shutting down: {busy} running attempts may finish (up to {grace:?})");
@@ -184,5 +219,8 @@ pub fn shutdown(app: &App, running: Running, grace: Duration) {
         );
     }
     let _ = running.timer.join();
+    if let Some(c) = running.cron {
+        let _ = c.join();
+    }
     app.results.stop();
 }

@@ -24,6 +24,8 @@ pub struct Config {
     pub data: PathBuf,
     pub redis: Option<String>,
     pub cron: Option<PathBuf>,
+    /// Run each cron line's missed firing once at start (`--cron_catchup last`).
+    pub cron_catchup: bool,
     pub dead: PathBuf,
     pub workers: usize,
     pub retry_interval: u64,
@@ -124,6 +126,11 @@ const FLAGS: &[Flag] = &[
     flag("data", "./poulpe-data", "directory of the embedded store"),
     flag("redis", "", "Redis URL; when given, Redis is the store"),
     flag("cron", "", "cron file"),
+    flag(
+        "cron_catchup",
+        "none",
+        "none, or last: run each cron line's missed firing once at start",
+    ),
     flag("dead", "<data>/dead", "dead-letter directory"),
     flag("workers", "4", "number of worker threads, numbered 0..N-1"),
     flag("retry_interval", "10", "seconds before a retry"),
@@ -266,6 +273,8 @@ fn parse_switch(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
 }
 
 fn collect(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<Raw, ConfigError> {
+    // Kept to name an unknown flag as it was typed (`--no-such`, not `--no_such`).
+    let typed = args.clone();
     let mut pargs = pico_args::Arguments::from_vec(args.into_iter().map(normalize).collect());
     if pargs.contains(["-h", "--help"]) {
         return Err(ConfigError::Help);
@@ -291,8 +300,12 @@ fn collect(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<
         values.push((f.name, value));
     }
     if let Some(extra) = pargs.finish().into_iter().next() {
+        let shown = typed
+            .into_iter()
+            .find(|t| normalize(t.clone()) == extra)
+            .unwrap_or(extra);
         return Err(ConfigError::UnknownFlag(
-            extra.to_string_lossy().into_owned(),
+            shown.to_string_lossy().into_owned(),
         ));
     }
     Ok(Raw { values })
@@ -440,6 +453,11 @@ impl Config {
             (None, false) => ExecPolicy::Disabled,
         };
         let smtp = smtp_config(&raw)?;
+        let cron_catchup = match raw.get("cron_catchup") {
+            None | Some("none") => false,
+            Some("last") => true,
+            Some(v) => return Err(bad("cron_catchup", v, "expected none or last")),
+        };
         let tz_name = raw
             .get("tz")
             .map(str::to_string)
@@ -461,6 +479,7 @@ impl Config {
             data,
             redis: raw.get("redis").map(str::to_string),
             cron: raw.get("cron").map(PathBuf::from),
+            cron_catchup,
             dead,
             workers,
             retry_interval,
@@ -480,9 +499,6 @@ impl Config {
         // Features that have their own issues refuse clearly instead of being ignored.
         if config.redis.is_some() {
             return Err(ConfigError::NotBuilt("redis"));
-        }
-        if config.cron.is_some() {
-            return Err(ConfigError::NotBuilt("cron"));
         }
         if config.kafka_servers.is_some() || raw.get("kafka_topic").is_some() {
             return Err(ConfigError::NotBuilt("kafka_servers"));
@@ -545,6 +561,8 @@ mod tests {
         assert!(e.contains("--backoff"), "{e}");
         let e = parse(&["--nope"], &[]).unwrap_err().to_string();
         assert!(e.contains("unknown argument \"--nope\""), "{e}");
+        let e = parse(&["--no-such-flag=1"], &[]).unwrap_err().to_string();
+        assert!(e.contains("\"--no-such-flag=1\""), "named as typed: {e}");
         let e = parse(&["--tz", "Mars/Base"], &[]).unwrap_err().to_string();
         assert!(e.contains("--tz"), "{e}");
         let e = parse(&["--port"], &[]).unwrap_err().to_string();

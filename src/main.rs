@@ -3,7 +3,7 @@
 use poulpe::app;
 use poulpe::config::{Config, ConfigError};
 use poulpe::intake::http;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,6 +16,10 @@ fn main() -> ExitCode {
     if args.first().is_some_and(|a| a == "health") {
         args.remove(0);
         return ExitCode::from(poulpe::probe::run(args));
+    }
+    if args.first().is_some_and(|a| a == "cron-check") {
+        args.remove(0);
+        return ExitCode::from(poulpe::schedule::check::run(args));
     }
     let config = match Config::from_env_and_args(args) {
         Ok(c) => c,
@@ -34,22 +38,24 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
 
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("poulpe: cannot install signal handlers: {e}");
             return ExitCode::from(2);
         }
     };
-    let (app, running) = match app::start(config) {
-        Ok(x) => x,
+    // The port first: a server that cannot serve must not open the store and run what it
+    // recovers (each failed start would run those tasks again).
+    let server = match http::listen(config.bind, config.port) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("poulpe: {e}");
             return ExitCode::from(2);
         }
     };
-    let server = match http::bind(&app) {
-        Ok(s) => s,
+    let (app, running) = match app::start(config) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("poulpe: {e}");
             return ExitCode::from(2);
@@ -68,8 +74,18 @@ fn main() -> ExitCode {
         app.store.name(),
         app.config.data.display()
     );
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            match &app.cron_tx {
+                Some(tx) => {
+                    let _ = tx.send(poulpe::schedule::cron_runner::CronCmd::Reload);
+                }
+                None => log::info!("SIGHUP: no cron file to reload"),
+            }
+            continue;
+        }
         log::info!("signal {sig} received");
+        break;
     }
     app::shutdown(&app, running, GRACE);
     server.unblock();

@@ -1,6 +1,7 @@
 //! Counters and the `/sys_info` document.
 
-use crate::dispatch::Pool;
+use crate::app::App;
+use crate::clock::rfc3339_ms;
 use crate::store::Store;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -61,7 +62,8 @@ impl Status {
     }
 
     /// The `/sys_info` document.
-    pub fn sys_info(&self, pool: &Pool, store: &dyn Store) -> Value {
+    pub fn sys_info(&self, app: &App) -> Value {
+        let (pool, store) = (&*app.pool, &*app.store);
         let loads = pool.loads();
         let (summary, store_ok) = match store.summary(LIST_CAP) {
             Ok(s) => (s, store.healthy()),
@@ -94,6 +96,39 @@ impl Status {
             "uptime_s": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
             "store": {"kind": store.name(), "up": store_ok},
+            "cron": cron_lines(app),
         })
+    }
+}
+
+/// Each cron line with its next and last firing and the last firing's outcome.
+fn cron_lines(app: &App) -> Vec<Value> {
+    let lines = app.cron.lock().clone();
+    lines
+        .into_iter()
+        .map(|l| {
+            let last_result = l.last_id.as_deref().map(|id| last_outcome(&*app.store, id));
+            json!({
+                "line": l.line,
+                "expr": l.expr,
+                "name": l.name,
+                "method": l.method,
+                "next": l.next.map(|t| rfc3339_ms(t * 1000)),
+                "last": l.last.map(|t| rfc3339_ms(t * 1000)),
+                "last_id": l.last_id,
+                "last_result": last_result,
+            })
+        })
+        .collect()
+}
+
+/// `succeeded`, `dead`, the current state, or `unknown` (expired or never stored).
+fn last_outcome(store: &dyn Store, id: &str) -> String {
+    if let Ok(Some(r)) = store.result(id) {
+        return r.status;
+    }
+    match store.status(id) {
+        Ok(Some(s)) => s.as_str().to_string(),
+        _ => "unknown".to_string(),
     }
 }

@@ -22,10 +22,15 @@ const POLL_MAX_S: u64 = 300;
 
 /// Binds the listening socket (a bad address or a busy port stops start-up).
 pub fn bind(app: &App) -> Result<Arc<Server>, String> {
-    let addr = (app.config.bind, app.config.port);
-    Server::http(addr)
+    listen(app.config.bind, app.config.port)
+}
+
+/// Binds the listening socket before anything else starts, so that a busy port stops start-up
+/// before the store is opened and recovered tasks run.
+pub fn listen(bind: std::net::IpAddr, port: u16) -> Result<Arc<Server>, String> {
+    Server::http((bind, port))
         .map(Arc::new)
-        .map_err(|e| format!("--port: cannot listen on {}:{}: {e}", addr.0, addr.1))
+        .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))
 }
 
 /// Starts the handler threads.
@@ -139,7 +144,7 @@ fn handle(app: &Arc<App>, req: Request) {
     match (method, path) {
         (Method::Post, "/task_in_queue") => post_task(app, req),
         (Method::Get, "/sys_info") => {
-            let info = app.status.sys_info(&app.pool, &*app.store);
+            let info = app.status.sys_info(app);
             reply(req, 200, &info)
         }
         (Method::Get, p) if p.starts_with("/task_resp/") => {

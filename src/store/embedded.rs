@@ -14,6 +14,8 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 /// 8 bytes of big-endian expiry followed by the id -> nothing; ordered by expiry.
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+/// Small named values (cron last fire times).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -49,6 +51,7 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         txn.open_table(TASKS).map_err(unavailable)?;
         txn.open_table(RESULTS).map_err(unavailable)?;
         txn.open_table(EXPIRY).map_err(unavailable)?;
+        txn.open_table(META).map_err(unavailable)?;
     }
     txn.commit().map_err(unavailable)?;
     let db = Arc::new(db);
@@ -106,6 +109,7 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
         let mut tasks = txn.open_table(TASKS).map_err(unavailable)?;
         let mut results = txn.open_table(RESULTS).map_err(unavailable)?;
         let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
         for op in batches.iter().flat_map(|b| b.ops.iter()) {
             match op {
                 Op::PutTask(id, bytes) => {
@@ -133,6 +137,9 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
                 }
                 Op::DelResult(id) => {
                     results.remove(id.as_str()).map_err(unavailable)?;
+                }
+                Op::PutMeta(k, v) => {
+                    meta.insert(k.as_str(), v.as_str()).map_err(unavailable)?;
                 }
                 Op::Expire { id, expires_ms } => {
                     expiry
@@ -202,6 +209,14 @@ impl Backend for EmbeddedBackend {
             f(v.value());
         }
         Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(META).map_err(unavailable)?;
+        Ok(t.get(key)
+            .map_err(unavailable)?
+            .map(|g| g.value().to_string()))
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {

@@ -24,6 +24,7 @@ pub enum Op {
         id: String,
         expires_ms: i64,
     },
+    PutMeta(String, String),
 }
 
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
@@ -38,6 +39,7 @@ pub trait Backend: Send + Sync {
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
     /// Expiry entries due before `now_ms`, at most `limit`.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// A `Store` over any `Backend`.
@@ -246,5 +248,14 @@ impl<B: Backend> Store for LocalStore<B> {
                     .collect(),
             )?;
         }
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.backend.meta(key)
+    }
+
+    fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.backend
+            .write(vec![Op::PutMeta(key.to_string(), value.to_string())])
     }
 }

@@ -16,6 +16,7 @@ struct Tables {
     tasks: BTreeMap<String, Vec<u8>>,
     results: HashMap<String, (i64, Vec<u8>)>,
     expiry: BTreeMap<(i64, String), ()>,
+    meta: HashMap<String, String>,
 }
 
 /// A store that forgets everything when dropped.
@@ -52,6 +53,9 @@ impl Backend for MemoryBackend {
                 Op::DelResult(id) => {
                     t.results.remove(&id);
                 }
+                Op::PutMeta(k, v) => {
+                    t.meta.insert(k, v);
+                }
                 Op::Expire { id, expires_ms } => {
                     t.expiry.remove(&(expires_ms, id.clone()));
                     if t.results.get(&id).is_some_and(|(e, _)| *e == expires_ms) {
@@ -81,6 +85,10 @@ impl Backend for MemoryBackend {
             f(b);
         }
         Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.inner.lock().meta.get(key).cloned())
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {

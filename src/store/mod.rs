@@ -114,6 +114,12 @@ pub trait Store: Send + Sync {
     /// Deletes results that expired before `now_ms`; returns how many.
     fn gc(&self, now_ms: i64) -> Result<usize, StoreError>;
 
+    /// A small durable value by key (e.g. a cron line's last fire time).
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Sets a small durable value; returns once it is durable.
+    fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
     /// Whether the store is reachable now (shown in `/sys_info`).
     fn healthy(&self) -> bool {
         true
@@ -243,6 +249,11 @@ pub mod contract {
             .expect("finish b");
         assert_eq!(store.gc(now + 1500).expect("gc"), 0);
         assert_eq!(store.gc(now + 2500).expect("gc"), 1);
+
+        assert_eq!(store.get_meta("k").expect("meta"), None);
+        store.put_meta("k", "v1").expect("put meta");
+        store.put_meta("k", "v2").expect("put meta");
+        assert_eq!(store.get_meta("k").expect("meta").as_deref(), Some("v2"));
         assert_eq!(store.result("b").expect("result"), None);
     }
 }

@@ -1,0 +1,217 @@
+//! Cron: an every-second line against a real sink (once per second, never early, no duplicate),
+//! hot reload of a changed and of a broken file, SIGHUP, `--cron_catchup last` after a restart,
+//! and `poulpe cron-check`.
+
+mod common;
+use common::{eventually, Server, Sink};
+use std::collections::HashSet;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::Duration;
+
+fn write(path: &std::path::Path, text: &str) {
+    // Write then rename, so the server never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write cron file");
+    std::fs::rename(&tmp, path).expect("rename cron file");
+}
+
+#[test]
+fn every_second_line_fires_once_per_second_never_early() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!(
+            "// heartbeat\n* * * * * * *  {}  GET  src=a\n",
+            sink.url("/beat")
+        ),
+    );
+    let s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    sink.wait_until(Duration::from_secs(10), "4 beats", |h| {
+        h.iter().filter(|h| h.path == "/beat").count() >= 4
+    });
+    let hits = sink.hits_on("/beat");
+    let seconds: Vec<u64> = hits.iter().map(|h| h.at_us / 1_000_000).collect();
+    let distinct: HashSet<u64> = seconds.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        seconds.len(),
+        "one run per second: {seconds:?}"
+    );
+    for h in &hits {
+        assert_eq!(h.query, "src=a");
+        // A firing starts at the beginning of its second: a hit late in a second would mean it
+        // fired early for the next one (or very late).
+        let frac_ms = (h.at_us % 1_000_000) / 1000;
+        assert!(frac_ms < 500, "hit {frac_ms} ms into its second");
+    }
+    let (_, info) = s.get("/sys_info");
+    let line = &info["cron"][0];
+    assert_eq!(line["line"], 2);
+    assert_eq!(line["expr"], "* * * * * * *");
+    assert_eq!(line["method"], "GET");
+    assert!(
+        line["last_id"].as_str().unwrap_or("").starts_with("cron-"),
+        "{info}"
+    );
+    assert!(line["next"].is_string(), "{info}");
+}
+
+#[test]
+fn changed_and_broken_files_are_reloaded_safely() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("* * * * * * * {} GET v=1\n", sink.url("/r")),
+    );
+    let mut s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    sink.wait_until(Duration::from_secs(10), "a v=1 hit", |h| {
+        h.iter().any(|h| h.query == "v=1")
+    });
+
+    write(
+        &cron,
+        &format!("\n* * * * * * * {} GET v=2\n", sink.url("/r")),
+    );
+    sink.wait_until(Duration::from_secs(10), "a v=2 hit", |h| {
+        h.iter().any(|h| h.query == "v=2")
+    });
+
+    // A broken version keeps the previous schedule and logs FILE:LINE: reason.
+    write(&cron, "* * * * * * * http://x GET\n* * * nope\n");
+    let label = format!("{}:2:", cron.display());
+    eventually(
+        Duration::from_secs(10),
+        "the reload error in the log",
+        || s.log_text().contains(&label).then_some(()),
+    );
+    let before = sink.hits_on("/r").len();
+    sleep(Duration::from_millis(2500));
+    let after = sink.hits_on("/r");
+    assert!(after.len() >= before + 2, "the old schedule keeps running");
+    assert!(after.iter().skip(before).all(|h| h.query == "v=2"));
+
+    // SIGHUP reloads too.
+    write(
+        &cron,
+        &format!("* * * * * * * {} GET v=3\n", sink.url("/r")),
+    );
+    unsafe {
+        libc::kill(s.child.as_ref().expect("running").id() as i32, libc::SIGHUP);
+    }
+    sink.wait_until(Duration::from_secs(10), "a v=3 hit", |h| {
+        h.iter().any(|h| h.query == "v=3")
+    });
+    assert!(
+        s.term().success(),
+        "SIGHUP did not stop the server; SIGTERM exits 0"
+    );
+}
+
+#[test]
+fn catchup_last_runs_a_missed_firing_once_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("*/2 * * * * * * {} GET c=1\n", sink.url("/c")),
+    );
+    let data = dir.path().join("data");
+    let args = [
+        "--cron",
+        cron.to_str().expect("utf8"),
+        "--cron_catchup",
+        "last",
+    ];
+    let mut s = Server::start_in(&data, &args);
+    sink.wait_until(Duration::from_secs(10), "a firing", |h| !h.is_empty());
+    assert!(s.term().success());
+    let stopped_us = common::now_us();
+    // Down long enough to miss at least two firings.
+    sleep(Duration::from_millis(4500));
+    let before = sink.hits_on("/c").len();
+    let s2 = Server::start_in(&data, &args);
+    sink.wait_until(Duration::from_secs(5), "the catch-up firing", |h| {
+        h.len() > before
+    });
+    let caught = &sink.hits_on("/c")[before];
+    assert!(caught.at_us > stopped_us);
+    assert!(
+        s2.log_text().contains("missed its firing"),
+        "{}",
+        s2.log_text()
+    );
+    assert_eq!(
+        s2.log_text().matches("missed its firing").count(),
+        1,
+        "one catch-up per line"
+    );
+    drop(s2);
+
+    // Without the flag, nothing is caught up.
+    sleep(Duration::from_millis(4500));
+    let s3 = Server::start_in(&data, &["--cron", cron.to_str().expect("utf8")]);
+    sleep(Duration::from_millis(300));
+    assert!(!s3.log_text().contains("missed its firing"));
+}
+
+#[test]
+fn cron_check_prints_fire_times_and_refuses_bad_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good");
+    std::fs::write(
+        &good,
+        "# nightly\n0 30 2 * * * * /opt/backup.sh EXEC --full\n0 0 12 * * * * http://svc/x GET a=1\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+        .args([
+            "cron-check",
+            good.to_str().expect("utf8"),
+            "--tz",
+            "Europe/Berlin",
+            "-n",
+            "3",
+        ])
+        .output()
+        .expect("run cron-check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(":2  0 30 2 * * * *  EXEC /opt/backup.sh --full"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("02:30:00 CE").count(),
+        3,
+        "three fire times in Berlin time: {text}"
+    );
+    assert_eq!(text.matches("12:00:00 CE").count(), 3, "{text}");
+
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "\n\n* * * * * * * http://x FETCH\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+        .args(["cron-check", bad.to_str().expect("utf8")])
+        .output()
+        .expect("run cron-check");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3: unknown method \"FETCH\"", bad.display())),
+        "{err}"
+    );
+
+    // The server refuses the same file at start, with exit code 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+        .args(["--cron", bad.to_str().expect("utf8"), "--data"])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run poulpe");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":3: unknown method"));
+}
