@@ -40,6 +40,16 @@ pub struct Server {
 impl Server {
     /// Starts poulpe with `args` on a fresh port, data in `data`, and waits for `/health`.
     pub fn start_in(data: &Path, args: &[&str]) -> Server {
+        Server::start_in_with_env(data, args, &[])
+    }
+
+    /// Starts poulpe in a new temporary data directory with extra environment variables.
+    pub fn start_with_env(dir: &tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_in_with_env(&dir.path().join("data"), args, env)
+    }
+
+    /// `start_in` with extra environment variables.
+    pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         for _ in 0..5 {
             let port = free_port();
             let log = data.join(format!("poulpe-{port}.log"));
@@ -54,6 +64,7 @@ impl Server {
                 .arg(data)
                 .args(args)
                 .env("POULPE_LOG", "debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(logf)
                 .spawn()
@@ -262,9 +273,8 @@ impl Sink {
                             .and_then(|c| c.parse().ok())
                             .unwrap_or(500);
                     }
-                    let _ = req.respond(
-                        tiny_http::Response::from_string("ok").with_status_code(status),
-                    );
+                    let _ = req
+                        .respond(tiny_http::Response::from_string("ok").with_status_code(status));
                 }
             });
         }
@@ -298,7 +308,10 @@ impl Sink {
                 return;
             }
             if Instant::now() > end {
-                panic!("sink: timed out waiting for {what}; {} hits", self.hits.lock().len());
+                panic!(
+                    "sink: timed out waiting for {what}; {} hits",
+                    self.hits.lock().len()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -327,5 +340,52 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
             panic!("timed out waiting for {what}");
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- Added for the crash, shutdown and command-line tests. ----
+
+/// POST of JSON that reports transport errors (connection refused, reset) instead of panicking.
+pub fn try_post_json(url: &str, body: &Value) -> Result<(u16, Value), ureq::Error> {
+    agent()
+        .post(url)
+        .content_type("application/json")
+        .send(body.to_string().as_bytes())
+        .map(to_json)
+}
+
+impl Server {
+    /// Submits a task, reporting transport errors instead of panicking.
+    pub fn try_submit(&self, task: &Value) -> Result<(u16, Value), ureq::Error> {
+        try_post_json(&self.url("/task_in_queue"), task)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) without waiting.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("running");
+        // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` (still running) after that.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            let c = self.child.as_mut().expect("running");
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 }
