@@ -1,0 +1,369 @@
+//! The binary's command line: `--help`, `--version`, bad values (exit 2, one line naming the
+//! flag), both flag spellings, `POULPE_*` environment variables, a locked data dir, a busy port.
+
+mod common;
+use common::{free_port, now_us, try_get, Server, Sink};
+use serde_json::json;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_poulpe");
+
+/// A command for the binary with a clean environment (no inherited `POULPE_*` or `TZ`).
+fn poulpe(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs to completion; kills it and panics when it is still running after 20 s (a process that
+/// should have refused to start but serves instead).
+fn run(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn poulpe");
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "poulpe did not exit: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8(b.to_vec()).expect("UTF-8 output")
+}
+
+/// Asserts exit code 2, nothing on stdout, and exactly one line on stderr that contains every
+/// one of `needles`; returns that line.
+fn assert_refused(out: &Output, needles: &[&str]) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr: {err}");
+    assert_eq!(text(&out.stdout), "", "nothing on stdout");
+    assert!(err.ends_with('\n'), "one whole line: {err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {err:?}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing from {err:?}");
+    }
+    lines[0].to_string()
+}
+
+/// A poulpe process started by hand (not through the harness); killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    Proc(
+        poulpe(args, env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn poulpe"),
+    )
+}
+
+/// Waits until `/health` answers 200 on `port`; false when the process exits or 15 s pass.
+fn healthy(p: &mut Proc, port: u16) -> bool {
+    let end = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = p.0.try_wait() {
+            return false;
+        }
+        if let Ok((200, _)) = try_get(&format!("http://127.0.0.1:{port}/health")) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn workers_of(port: u16) -> usize {
+    let (code, info) = try_get(&format!("http://127.0.0.1:{port}/sys_info")).expect("sys_info");
+    assert_eq!(code, 200, "{info}");
+    info["workers"].as_array().expect("workers array").len()
+}
+
+fn data_arg(dir: &Path) -> String {
+    dir.join("data").to_str().expect("UTF-8 path").to_string()
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let out = run(poulpe(&["--help"], &[]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(text(&out.stderr), "");
+    let help = text(&out.stdout);
+    // DESIGN.md §2: every flag, and the default of those that have one.
+    let flags: &[(&str, Option<&str>)] = &[
+        ("port", Some("8000")),
+        ("bind", Some("0.0.0.0")),
+        ("data", Some("./poulpe-data")),
+        ("redis", None),
+        ("cron", None),
+        ("dead", Some("<data>/dead")),
+        ("workers", Some("4")),
+        ("retry_interval", Some("10")),
+        ("max_retry", Some("3")),
+        ("backoff", Some("fixed")),
+        ("task_timeout", Some("60")),
+        ("result_ttl", Some("86400")),
+        ("exec_dir", None),
+        ("exec_any", None),
+        ("token", None),
+        ("max_body", Some("1048576")),
+        ("smtp_server", None),
+        ("smtp_port", None),
+        ("smtp_name", None),
+        ("smtp_pwd", None),
+        ("starttls", None),
+        ("smtp_tls", None),
+        ("smtp_from", None),
+        ("kafka_servers", None),
+        ("kafka_topic", None),
+        ("kafka_resp_topic", None),
+        ("kafka_group", Some("poulpe")),
+        ("tz", Some("UTC")),
+        ("log", Some("info")),
+    ];
+    for (flag, default) in flags {
+        let head = format!("--{flag}");
+        let line = help
+            .lines()
+            .find(|l| {
+                l.trim_start()
+                    .strip_prefix(&head)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+            })
+            .unwrap_or_else(|| panic!("--help does not list {head}:\n{help}"));
+        if let Some(d) = default {
+            assert!(
+                line.contains(d),
+                "the --help line of {head} does not show its default {d}: {line:?}"
+            );
+        }
+    }
+    assert!(help.contains("--version"), "{help}");
+    assert!(
+        help.contains("POULPE_"),
+        "the environment is mentioned: {help}"
+    );
+}
+
+#[test]
+fn version_prints_name_and_version() {
+    let out = run(poulpe(&["--version"], &[]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        format!("poulpe {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn bad_values_exit_2_with_one_line_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--port", "x"], &["--port", "\"x\""]),
+        (&["--port", "70000"], &["--port"]),
+        (&["--workers", "0"], &["--workers"]),
+        (&["--workers=-1"], &["--workers"]),
+        (&["--backoff", "nope"], &["--backoff", "nope"]),
+        (&["--tz", "Mars/X"], &["--tz", "Mars/X"]),
+        (&["--retry-interval", "soon"], &["--retry_interval"]),
+        (&["--log", "loud"], &["--log"]),
+        (&["--bind", "localhost:80"], &["--bind"]),
+        (&["--no-such-flag"], &["--no-such-flag"]),
+        (&["--port"], &["--port"]),
+    ];
+    for (args, needles) in cases {
+        let mut all = vec!["--data", &data];
+        all.extend_from_slice(args);
+        let line = assert_refused(&run(poulpe(&all, &[])), needles);
+        assert!(line.starts_with("poulpe: "), "{args:?}: {line:?}");
+    }
+    // The same checks apply to values from the environment.
+    let line = assert_refused(
+        &run(poulpe(&["--data", &data], &[("POULPE_WORKERS", "0")])),
+        &["--workers"],
+    );
+    assert!(line.contains("\"0\""), "{line}");
+    assert_refused(
+        &run(poulpe(&["--data", &data], &[("POULPE_BACKOFF", "linear")])),
+        &["--backoff", "linear"],
+    );
+}
+
+/// Both spellings set the same flag: retries come `--retry-interval` seconds apart (not the
+/// default 10), and `--max-retry` bounds them.
+#[test]
+fn kebab_and_snake_case_flags_both_take_effect() {
+    let sink = Sink::start();
+    for (i, args) in [
+        &["--retry-interval", "1", "--max_retry", "1", "--workers=3"][..],
+        &["--retry_interval=1", "--max-retry=1", "--workers", "3"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Server::start(&dir, args);
+        let (code, info) = s.get("/sys_info");
+        assert_eq!(code, 200);
+        assert_eq!(info["workers"].as_array().map(Vec::len), Some(3), "{info}");
+        let path = format!("/status/500/{i}");
+        let (code, body) = s.submit(&json!({"id": format!("kebab-{i}"), "method": "GET",
+            "name": sink.url(&path)}));
+        assert_eq!(code, 200, "{body}");
+        let (code, r) = s.get(&format!("/task_resp/kebab-{i}?timeout=30"));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["status"], "dead", "{r}");
+        assert_eq!(r["attempts"], 2, "--max_retry 1 means two attempts: {r}");
+        let hits = sink.hits_on(&path);
+        assert_eq!(hits.len(), 2, "{args:?}: {hits:?}");
+        let gap_ms = (hits[1].at_us - hits[0].at_us) / 1000;
+        assert!(
+            (1000..5000).contains(&gap_ms),
+            "{args:?}: retry came {gap_ms} ms after the first attempt, expected about 1 s"
+        );
+    }
+}
+
+#[test]
+fn environment_sets_flags_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+
+    let port = free_port();
+    let p = port.to_string();
+    let mut a = spawn(
+        &["--bind", "127.0.0.1", "--data", &data],
+        &[("POULPE_PORT", &p), ("POULPE_WORKERS", "2")],
+    );
+    assert!(healthy(&mut a, port), "POULPE_PORT={port} is used");
+    assert_eq!(workers_of(port), 2, "POULPE_WORKERS=2 is used");
+    drop(a);
+
+    let (env_port, cli_port) = (free_port(), free_port());
+    let (ep, cp) = (env_port.to_string(), cli_port.to_string());
+    let mut b = spawn(
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--data",
+            &data,
+            "--port",
+            &cp,
+            "--workers",
+            "3",
+        ],
+        &[("POULPE_PORT", &ep), ("POULPE_WORKERS", "2")],
+    );
+    assert!(healthy(&mut b, cli_port), "--port {cli_port} wins");
+    assert_eq!(
+        workers_of(cli_port),
+        3,
+        "--workers 3 wins over POULPE_WORKERS"
+    );
+    assert!(
+        try_get(&format!("http://127.0.0.1:{env_port}/health")).is_err(),
+        "nothing listens on the environment's port"
+    );
+}
+
+#[test]
+fn second_server_on_the_same_data_dir_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let first = Server::start(&dir, &[]);
+    let data = first.data.to_str().expect("UTF-8").to_string();
+    let port = free_port().to_string();
+    let out = run(poulpe(
+        &["--bind", "127.0.0.1", "--port", &port, "--data", &data],
+        &[],
+    ));
+    let line = assert_refused(&out, &["--data", "poulpe.redb"]);
+    assert!(
+        line.to_lowercase().contains("lock") || line.contains("already open"),
+        "says the store is in use: {line}"
+    );
+    // The first server is unharmed.
+    let (code, body) = first.submit(&json!({"id": "still-1", "method": "GET",
+        "name": sink.url("/still")}));
+    assert_eq!(code, 200, "{body}");
+    let (code, r) = first.get("/task_resp/still-1?timeout=30");
+    assert_eq!((code, &r["status"]), (200, &json!("succeeded")), "{r}");
+}
+
+/// A busy port stops start-up with one line naming `--port`, before any stored task runs: a
+/// server that cannot serve must not execute (and mark running) what it recovered.
+#[test]
+fn busy_port_exits_2_naming_port_and_runs_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::start(&dir, &[]);
+    let data = s.data.clone();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            json!({"id": format!("p{i}"), "method": "GET", "name": sink.url("/parked"),
+                   "params": format!("id=p{i}"), "delay": 1})
+        })
+        .collect();
+    let sent_us = now_us();
+    let (code, body) = s.submit(&json!(tasks));
+    assert_eq!(code, 200, "{body}");
+    s.kill9();
+    while now_us() < sent_us + 1_200_000 {
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port().to_string();
+    let data_s = data.to_str().expect("UTF-8").to_string();
+    for _ in 0..5 {
+        let out = run(poulpe(
+            &["--bind", "127.0.0.1", "--port", &port, "--data", &data_s],
+            &[],
+        ));
+        assert_refused(&out, &["--port", &port]);
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        sink.hits().is_empty(),
+        "a server that could not start ran {} tasks",
+        sink.hits().len()
+    );
+    drop(busy);
+
+    // The tasks are intact and run once the server can start.
+    let _s2 = Server::start_in(&data, &[]);
+    sink.wait_until(Duration::from_secs(30), "all 200 parked tasks", |h| {
+        h.len() >= 200
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.hits().len(), 200, "each ran exactly once");
+}
