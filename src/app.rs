@@ -200,16 +200,22 @@ pub fn shutdown(app: &App, running: Running, grace: Duration) {
     app.pool.stop();
     app.timer.stop();
     let deadline = Instant::now() + grace;
+    let mut all_done = true;
     for w in running.workers {
         while !w.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         if w.is_finished() {
             let _ = w.join();
+        } else {
+            all_done = false;
         }
     }
-    // The outcome thread ends once every worker has gone (their senders drop).
-    while !running.outcome.is_finished() && Instant::now() < deadline + Duration::from_secs(5) {
+    // The outcome thread ends once every worker has gone (their senders drop); it gets a few
+    // seconds to record the last outcomes. A worker still running at the deadline keeps it
+    // alive, so there is nothing to wait for then.
+    let record_by = Instant::now() + Duration::from_secs(5);
+    while all_done && !running.outcome.is_finished() && Instant::now() < record_by {
         std::thread::sleep(Duration::from_millis(10));
     }
     if app.pool.running() > 0 {

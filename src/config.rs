@@ -296,6 +296,10 @@ fn collect(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<
                     other => bad(f.name, "", other.to_string()),
                 })?
         };
+        // `--port --data /x`: the next flag is not a value.
+        if !f.switch && from_cli.as_deref().is_some_and(|v| v.starts_with("--")) {
+            return Err(ConfigError::MissingValue(f.name));
+        }
         let value = from_cli.or_else(|| env(&format!("POULPE_{}", f.name.to_ascii_uppercase())));
         values.push((f.name, value));
     }
@@ -565,6 +569,8 @@ mod tests {
         assert!(e.contains("\"--no-such-flag=1\""), "named as typed: {e}");
         let e = parse(&["--tz", "Mars/Base"], &[]).unwrap_err().to_string();
         assert!(e.contains("--tz"), "{e}");
+        let e = parse(&["--port", "--data", "/x"], &[]).unwrap_err().to_string();
+        assert!(e.starts_with("--port: a value is required"), "{e}");
         let e = parse(&["--port"], &[]).unwrap_err().to_string();
         assert!(e.contains("--port"), "{e}");
         assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
