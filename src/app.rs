@@ -10,6 +10,7 @@ use crate::schedule::cron::{parse_file, CronError};
 use crate::schedule::cron_runner::{self, CronCmd, CronStatus};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
+use crate::store::redis::RedisStore;
 use crate::store::{self, Store, StoreError};
 use crate::task::Limits;
 use crossbeam_channel::{unbounded, Sender};
@@ -18,6 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// How long start-up waits for an unreachable Redis before giving up.
+const REDIS_START_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything the adapters need, shared by all threads.
 pub struct App {
@@ -91,9 +95,16 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             config.dead.display()
         ))
     })?;
-    let store: Arc<dyn Store> = Arc::new(
-        store::embedded::open(&config.data).map_err(|e| StartError::Dir(format!("--data: {e}")))?,
-    );
+    let store: Arc<dyn Store> = match &config.redis {
+        Some(url) => Arc::new(
+            RedisStore::open(url, &config.redis_prefix, REDIS_START_WAIT)
+                .map_err(|e| StartError::Dir(format!("--redis: {e}")))?,
+        ),
+        None => Arc::new(
+            store::embedded::open(&config.data)
+                .map_err(|e| StartError::Dir(format!("--data: {e}")))?,
+        ),
+    };
     let pool = Arc::new(Pool::new(config.workers));
     let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
     let results = Results::start()?;

@@ -23,6 +23,8 @@ pub struct Config {
     pub bind: IpAddr,
     pub data: PathBuf,
     pub redis: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
     pub cron: Option<PathBuf>,
     /// Run each cron line's missed firing once at start (`--cron_catchup last`).
     pub cron_catchup: bool,
@@ -124,7 +126,8 @@ const FLAGS: &[Flag] = &[
     flag("port", "8000", "HTTP and WebSocket port"),
     flag("bind", "0.0.0.0", "listen address"),
     flag("data", "./poulpe-data", "directory of the embedded store"),
-    flag("redis", "", "Redis URL; when given, Redis is the store"),
+    flag("redis", "", "Redis URL (redis://[:password@]host:port/db, rediss:// for TLS); when given, Redis is the store"),
+    flag("redis_prefix", "poulpe:", "prefix of every Redis key"),
     flag("cron", "", "cron file"),
     flag(
         "cron_catchup",
@@ -482,6 +485,7 @@ impl Config {
             bind,
             data,
             redis: raw.get("redis").map(str::to_string),
+            redis_prefix: raw.get("redis_prefix").unwrap_or("poulpe:").to_string(),
             cron: raw.get("cron").map(PathBuf::from),
             cron_catchup,
             dead,
@@ -501,9 +505,6 @@ impl Config {
             log,
         };
         // Features that have their own issues refuse clearly instead of being ignored.
-        if config.redis.is_some() {
-            return Err(ConfigError::NotBuilt("redis"));
-        }
         if config.kafka_servers.is_some() || raw.get("kafka_topic").is_some() {
             return Err(ConfigError::NotBuilt("kafka_servers"));
         }

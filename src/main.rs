@@ -65,14 +65,17 @@ fn main() -> ExitCode {
         eprintln!("poulpe: cannot start HTTP threads: {e}");
         return ExitCode::from(2);
     }
+    let place = match &app.config.redis {
+        Some(url) => poulpe::store::redis::redacted(url),
+        None => app.config.data.display().to_string(),
+    };
     log::info!(
-        "poulpe {} listening on {}:{} with {} workers, store {} at {}",
+        "poulpe {} listening on {}:{} with {} workers, store {} at {place}",
         env!("CARGO_PKG_VERSION"),
         app.config.bind,
         app.config.port,
         app.config.workers,
         app.store.name(),
-        app.config.data.display()
     );
     for sig in signals.forever() {
         if sig == SIGHUP {

@@ -91,7 +91,7 @@ pub fn submit(
     }
     app.store.insert(&tasks).map_err(|e| match e {
         StoreError::Duplicate(id) => SubmitError::Duplicate(id),
-        other => SubmitError::Unavailable(other.to_string()),
+        StoreError::Unavailable(why) | StoreError::Corrupt(why) => SubmitError::Unavailable(why),
     })?;
     let accepted = Accepted {
         ids: tasks.iter().map(|t| t.id.clone()).collect(),

@@ -249,6 +249,8 @@ mod tests {
     fn embedded_store_meets_the_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
         run(&open(dir.path()).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::expiry(&open(dir.path()).expect("open"), true);
     }
 
     #[test]

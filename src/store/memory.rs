@@ -109,5 +109,6 @@ mod tests {
     #[test]
     fn memory_store_meets_the_contract() {
         super::super::contract::run(&super::open());
+        super::super::contract::expiry(&super::open(), true);
     }
 }

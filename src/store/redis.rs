@@ -1,0 +1,658 @@
+//! The Redis store (`--redis URL`): tasks, due times, running set and results in Redis under a
+//! key prefix, reached through an r2d2 pool of synchronous connections. Inserts from concurrent
+//! submits are folded into one Lua call per round trip; claims are atomic Lua scripts that say
+//! whether the caller won.
+//!
+//! Keys (prefix `poulpe:` by default):
+//! - `<p>task:<id>` hash: `state`, `due` (unix µs), `data` (task JSON)
+//! - `<p>live` set of unfinished ids; `<p>due` sorted set (score = due µs) of waiting ids;
+//!   `<p>running` set of ids with an attempt running
+//! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`
+//! - `<p>meta:<key>` small values (cron last fire times)
+
+use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
+use crate::results::TaskResult;
+use crate::task::{State, Task};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use redis::{Client, Connection, Script};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Most submits folded into one insert call.
+const MAX_GROUPS: usize = 512;
+/// Socket timeouts for every command.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+const INSERT: &str = r"
+local p = ARGV[1]
+local ngroups = tonumber(ARGV[2])
+local i = 3
+local out = {}
+for g = 1, ngroups do
+  local n = tonumber(ARGV[i]); i = i + 1
+  local start = i
+  local dup = false
+  local seen = {}
+  for t = 0, n - 1 do
+    local id = ARGV[start + t * 4]
+    if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1 then dup = id; break end
+    seen[id] = true
+  end
+  if dup then
+    out[g] = dup
+  else
+    for t = 0, n - 1 do
+      local b = start + t * 4
+      local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+      redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data)
+      redis.call('SADD', p .. 'live', id)
+      redis.call('DEL', p .. 'result:' .. id)
+      if state == 'delayed' or state == 'retry_wait' then
+        redis.call('ZADD', p .. 'due', due, id)
+      end
+    end
+    out[g] = ''
+  end
+  i = start + n * 4
+end
+return out
+";
+
+const TAKE_DUE: &str = r"
+local k = ARGV[1] .. 'task:' .. ARGV[2]
+local s = redis.call('HGET', k, 'state')
+if s == 'delayed' or s == 'retry_wait' then
+  redis.call('HSET', k, 'state', 'ready')
+  redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
+  return redis.call('HGET', k, 'data')
+end
+return false
+";
+
+const CLAIM: &str = r"
+local k = ARGV[1] .. 'task:' .. ARGV[2]
+if redis.call('HGET', k, 'state') == 'ready' then
+  redis.call('HSET', k, 'state', 'running', 'data', ARGV[3])
+  redis.call('SADD', ARGV[1] .. 'running', ARGV[2])
+  return 1
+end
+return 0
+";
+
+const CANCEL: &str = r"
+local p, id = ARGV[1], ARGV[2]
+local k = p .. 'task:' .. id
+local s = redis.call('HGET', k, 'state')
+if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
+  redis.call('DEL', k)
+  redis.call('SREM', p .. 'live', id)
+  redis.call('ZREM', p .. 'due', id)
+  return 'cancelled'
+elseif s then
+  return 'running'
+elseif redis.call('EXISTS', p .. 'result:' .. id) == 1 then
+  return 'finished'
+end
+return 'unknown'
+";
+
+/// Makes every unfinished task wait for the timer (at its due time) and reports it.
+const RECOVER: &str = r"
+local p = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local k = p .. 'task:' .. id
+  local s = redis.call('HGET', k, 'state')
+  if s then
+    local due = redis.call('HGET', k, 'due')
+    if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
+    redis.call('SREM', p .. 'running', id)
+    redis.call('ZADD', p .. 'due', due, id)
+    out[#out + 1] = id
+    out[#out + 1] = due
+    out[#out + 1] = s
+  else
+    redis.call('SREM', p .. 'live', id)
+  end
+end
+return out
+";
+
+/// Sets socket timeouts on each new pooled connection.
+#[derive(Debug)]
+struct Timeouts;
+
+impl r2d2::CustomizeConnection<Connection, redis::RedisError> for Timeouts {
+    fn on_acquire(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        conn.set_write_timeout(Some(IO_TIMEOUT))
+    }
+}
+
+/// One submit's tasks waiting for the insert thread.
+struct Group {
+    tasks: Vec<(String, &'static str, u64, String)>,
+    done: Sender<Result<(), StoreError>>,
+}
+
+/// The Redis store.
+pub struct RedisStore {
+    pool: r2d2::Pool<Client>,
+    prefix: String,
+    inserts: Sender<Group>,
+    up: Arc<AtomicBool>,
+    scripts: Scripts,
+}
+
+#[derive(Clone)]
+struct Scripts {
+    insert: Script,
+    take_due: Script,
+    claim: Script,
+    cancel: Script,
+    recover: Script,
+}
+
+fn down(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Delayed => "delayed",
+        State::Ready => "ready",
+        State::Running => "running",
+        State::RetryWait => "retry_wait",
+    }
+}
+
+fn parse_state(s: &str) -> Option<State> {
+    match s {
+        "delayed" => Some(State::Delayed),
+        "ready" => Some(State::Ready),
+        "running" => Some(State::Running),
+        "retry_wait" => Some(State::RetryWait),
+        _ => None,
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl RedisStore {
+    /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
+    /// threads.
+    pub fn open(url: &str, prefix: &str, wait: Duration) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(|e| {
+            StoreError::Unavailable(format!("bad Redis URL {}: {e}", redacted(url)))
+        })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(32)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(2))
+            .connection_customizer(Box::new(Timeouts))
+            // Outages are logged once by the health thread, not once per failed connect.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(client);
+        let end = Instant::now() + wait;
+        loop {
+            match pool.get().map_err(down).and_then(|mut c| {
+                redis::cmd("PING")
+                    .query::<String>(&mut *c)
+                    .map_err(down)
+            }) {
+                Ok(_) => break,
+                Err(e) if Instant::now() >= end => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot reach Redis at {}: {e}",
+                        redacted(url)
+                    )))
+                }
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        let scripts = Scripts {
+            insert: Script::new(INSERT),
+            take_due: Script::new(TAKE_DUE),
+            claim: Script::new(CLAIM),
+            cancel: Script::new(CANCEL),
+            recover: Script::new(RECOVER),
+        };
+        let up = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = unbounded();
+        {
+            let (pool, prefix, script, up) =
+                (pool.clone(), prefix.to_string(), scripts.insert.clone(), up.clone());
+            thread::Builder::new()
+                .name("redis-insert".into())
+                .spawn(move || insert_loop(&pool, &prefix, &script, &up, &rx))
+                .map_err(down)?;
+        }
+        {
+            let (pool, up) = (pool.clone(), up.clone());
+            thread::Builder::new()
+                .name("redis-health".into())
+                .spawn(move || loop {
+                    let ok = pool
+                        .get()
+                        .ok()
+                        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).ok())
+                        .is_some();
+                    if up.swap(ok, Ordering::Relaxed) != ok {
+                        if ok {
+                            log::info!("store: Redis is reachable again");
+                        } else {
+                            log::error!("store: Redis is unreachable");
+                        }
+                    }
+                    thread::sleep(Duration::from_secs(1));
+                })
+                .map_err(down)?;
+        }
+        Ok(RedisStore {
+            pool,
+            prefix: prefix.to_string(),
+            inserts: tx,
+            up,
+            scripts,
+        })
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<Client>, StoreError> {
+        self.pool.get().map_err(|e| {
+            self.up.store(false, Ordering::Relaxed);
+            down(e)
+        })
+    }
+
+    /// Runs `f` on a pooled connection, noting whether Redis answered.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn()?;
+        match f(&mut c) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.up.store(false, Ordering::Relaxed);
+                }
+                Err(down(e))
+            }
+        }
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+}
+
+/// Folds waiting submits into one Lua call; each submit gets its own answer.
+fn insert_loop(
+    pool: &r2d2::Pool<Client>,
+    prefix: &str,
+    script: &Script,
+    up: &AtomicBool,
+    rx: &Receiver<Group>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        while groups.len() < MAX_GROUPS {
+            match rx.try_recv() {
+                Ok(g) => groups.push(g),
+                Err(_) => break,
+            }
+        }
+        let mut inv = script.prepare_invoke();
+        inv.arg(prefix).arg(groups.len());
+        for g in &groups {
+            inv.arg(g.tasks.len());
+            for (id, state, due, data) in &g.tasks {
+                inv.arg(id).arg(*state).arg(*due).arg(data);
+            }
+        }
+        let res: Result<Vec<String>, StoreError> = pool.get().map_err(down).and_then(|mut c| {
+            inv.invoke::<Vec<String>>(&mut *c).map_err(|e| {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    up.store(false, Ordering::Relaxed);
+                }
+                down(e)
+            })
+        });
+        match res {
+            Ok(answers) => {
+                for (g, a) in groups.into_iter().zip(answers.into_iter().chain(std::iter::repeat(String::new()))) {
+                    let r = if a.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(StoreError::Duplicate(a))
+                    };
+                    let _ = g.done.send(r);
+                }
+            }
+            Err(e) => {
+                for g in groups {
+                    let _ = g.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
+        let mut items = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            items.push((t.id.clone(), state_name(t.state), t.due_us, encode(t)?));
+        }
+        let (done, wait) = bounded(1);
+        self.inserts
+            .send(Group { tasks: items, done })
+            .map_err(|_| down("the insert thread has stopped"))?;
+        wait.recv()
+            .map_err(|_| down("the insert thread has stopped"))?
+    }
+
+    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let data: Option<String> = self.with(|c| {
+            self.scripts
+                .take_due
+                .arg(&self.prefix)
+                .arg(id)
+                .invoke(c)
+        })?;
+        match data {
+            None => Ok(None),
+            Some(d) => {
+                let mut t: Task =
+                    serde_json::from_str(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                t.state = State::Ready;
+                Ok(Some(t))
+            }
+        }
+    }
+
+    fn claim(&self, task: &Task) -> Result<bool, StoreError> {
+        let mut running = task.clone();
+        running.state = State::Running;
+        let data = encode(&running)?;
+        let won: i64 = self.with(|c| {
+            self.scripts
+                .claim
+                .arg(&self.prefix)
+                .arg(&task.id)
+                .arg(&data)
+                .invoke(c)
+        })?;
+        Ok(won == 1)
+    }
+
+    fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let now = crate::clock::now_ms();
+        for ch in changes {
+            match ch {
+                Change::Retry(t) => {
+                    pipe.hset_multiple(
+                        self.key("task", &t.id),
+                        &[
+                            ("state", state_name(t.state).to_string()),
+                            ("due", t.due_us.to_string()),
+                            ("data", encode(t)?),
+                        ],
+                    )
+                    .ignore();
+                    pipe.srem(format!("{}running", self.prefix), &t.id).ignore();
+                    pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
+                        .ignore();
+                }
+                Change::Finish { result, expires_ms } => {
+                    let id = &result.id;
+                    pipe.del(self.key("task", id)).ignore();
+                    pipe.srem(format!("{}live", self.prefix), id).ignore();
+                    pipe.srem(format!("{}running", self.prefix), id).ignore();
+                    pipe.zrem(format!("{}due", self.prefix), id).ignore();
+                    let ttl = (expires_ms - now).max(1) as u64;
+                    pipe.pset_ex(self.key("result", id), encode(result)?, ttl)
+                        .ignore();
+                }
+            }
+        }
+        self.with(|c| pipe.query::<()>(c))
+    }
+
+    fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
+        let answer: String = self.with(|c| {
+            self.scripts
+                .cancel
+                .arg(&self.prefix)
+                .arg(id)
+                .invoke(c)
+        })?;
+        Ok(match answer.as_str() {
+            "cancelled" => Cancel::Cancelled,
+            "running" => Cancel::Running,
+            "finished" => Cancel::Finished,
+            _ => Cancel::Unknown,
+        })
+    }
+
+    fn status(&self, id: &str) -> Result<Option<State>, StoreError> {
+        let s: Option<String> = self.with(|c| {
+            redis::cmd("HGET")
+                .arg(self.key("task", id))
+                .arg("state")
+                .query(c)
+        })?;
+        Ok(s.as_deref().and_then(parse_state))
+    }
+
+    fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
+        let s: Option<String> = self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
+        s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
+        let ids: Vec<String> =
+            self.with(|c| redis::cmd("SMEMBERS").arg(format!("{}live", self.prefix)).query(c))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(1000) {
+            let flat: Vec<String> = self.with(|c| {
+                let mut inv = self.scripts.recover.prepare_invoke();
+                inv.arg(&self.prefix);
+                for id in chunk {
+                    inv.arg(id);
+                }
+                inv.invoke(c)
+            })?;
+            for t in flat.chunks(3) {
+                if let [id, due, state] = t {
+                    out.push(Recovered {
+                        id: Arc::from(id.as_str()),
+                        due_us: due.parse().unwrap_or(0),
+                        was_running: state == "running",
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn summary(&self, cap: usize) -> Result<Summary, StoreError> {
+        let p = &self.prefix;
+        let (waiting, waiting_total, running_total, live_total): (Vec<String>, usize, usize, usize) =
+            self.with(|c| {
+                redis::pipe()
+                    .cmd("ZRANGE")
+                    .arg(format!("{p}due"))
+                    .arg(0)
+                    .arg(cap as i64 - 1)
+                    .cmd("ZCARD")
+                    .arg(format!("{p}due"))
+                    .cmd("SCARD")
+                    .arg(format!("{p}running"))
+                    .cmd("SCARD")
+                    .arg(format!("{p}live"))
+                    .query(c)
+            })?;
+        let mut running: Vec<String> = self.with(|c| {
+            redis::cmd("SRANDMEMBER")
+                .arg(format!("{p}running"))
+                .arg(cap)
+                .query(c)
+        })?;
+        running.sort();
+        Ok(Summary {
+            running,
+            running_total,
+            waiting,
+            waiting_total,
+            ready_total: live_total.saturating_sub(waiting_total + running_total),
+        })
+    }
+
+    fn gc(&self, _now_ms: i64) -> Result<usize, StoreError> {
+        Ok(0) // Redis expires results by itself (PEXPIRE).
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| redis::cmd("GET").arg(self.key("meta", key)).query(c))
+    }
+
+    fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|c| redis::cmd("SET").arg(self.key("meta", key)).arg(value).query(c))
+    }
+
+    fn healthy(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract;
+    use std::process::{Child, Command, Stdio};
+
+    /// A private redis-server on a free port, stopped when dropped.
+    struct Server(Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn redis_server() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server is needed ({e}): run scripts/test.sh, which installs it")
+            });
+        Server(child, port)
+    }
+
+    fn store(s: &Server) -> RedisStore {
+        RedisStore::open(
+            &format!("redis://127.0.0.1:{}/0", s.1),
+            "t:",
+            Duration::from_secs(10),
+        )
+        .expect("connect")
+    }
+
+    #[test]
+    fn redis_store_meets_the_contract() {
+        let s = redis_server();
+        contract::run(&store(&s));
+        contract::expiry(&store(&s), false);
+    }
+
+    #[test]
+    fn recovery_hands_every_unfinished_task_back() {
+        let s = redis_server();
+        let st = store(&s);
+        st.insert(&[
+            contract::task("r", State::Ready, 1),
+            contract::task("d", State::Delayed, 99),
+        ])
+        .expect("insert");
+        assert!(st.claim(&contract::task("r", State::Ready, 1)).expect("claim"));
+        drop(st);
+        let st = store(&s);
+        let mut rec = st.recover().expect("recover");
+        rec.sort_by(|a, b| a.id.cmp(&b.id));
+        let got: Vec<(&str, u64, bool)> =
+            rec.iter().map(|r| (&*r.id, r.due_us, r.was_running)).collect();
+        assert_eq!(got, vec![("d", 99, false), ("r", 1, true)]);
+        assert!(st.take_due("r").expect("take").is_some());
+        assert!(st.take_due("r").expect("take").is_none(), "handed out once");
+        assert_eq!(st.summary(10).expect("summary").waiting, vec!["d".to_string()]);
+    }
+
+    #[test]
+    fn concurrent_submits_share_round_trips_but_keep_their_own_answers() {
+        let s = redis_server();
+        let st = Arc::new(store(&s));
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let st = st.clone();
+                thread::spawn(move || {
+                    (0..50)
+                        .map(|j| {
+                            // Every fifth submit repeats an id of the same thread: refused alone.
+                            let id = if j % 5 == 4 { format!("t{i}-{}", j - 1) } else { format!("t{i}-{j}") };
+                            st.insert(&[contract::task(&id, State::Ready, 0)]).is_ok()
+                        })
+                        .filter(|ok| *ok)
+                        .count()
+                })
+            })
+            .collect();
+        let accepted: usize = handles.into_iter().map(|h| h.join().expect("join")).sum();
+        assert_eq!(accepted, 16 * 40);
+        assert_eq!(st.summary(0).expect("summary").ready_total, 16 * 40);
+    }
+
+    #[test]
+    fn unreachable_redis_fails_clearly() {
+        let e = RedisStore::open("redis://:secret@127.0.0.1:1/0", "t:", Duration::from_millis(300))
+            .err()
+            .expect("no server there")
+            .to_string();
+        assert!(e.contains("cannot reach Redis at redis://***@127.0.0.1:1/0"), "{e}");
+        assert!(!e.contains("secret"));
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redacted("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
+    }
+}
