@@ -27,6 +27,13 @@ if ! command -v cc >/dev/null; then
   need_root apt-get update -qq && need_root apt-get install -y -qq build-essential
 fi
 
+# --- redis-server: the Redis store's tests start private instances on free ports ----------------
+if ! command -v redis-server >/dev/null; then
+  say "installing redis-server"
+  need_root apt-get update -qq && need_root apt-get install -y -qq redis-server
+fi
+# Debian starts a system instance on 6379 after installing; the tests do not use it.
+
 # --- Python test services: aiosmtpd (a real SMTP server) and trustme (test certificates) ------
 VENV=target/test-venv
 if ! "$VENV/bin/python" -c 'import aiosmtpd, trustme' 2>/dev/null; then

@@ -126,7 +126,7 @@ const FLAGS: &[Flag] = &[
     flag("port", "8000", "HTTP and WebSocket port"),
     flag("bind", "0.0.0.0", "listen address"),
     flag("data", "./poulpe-data", "directory of the embedded store"),
-    flag("redis", "", "Redis URL (redis://[:password@]host:port/db, rediss:// for TLS); when given, Redis is the store"),
+    flag("redis", "", "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store"),
     flag("redis_prefix", "poulpe:", "prefix of every Redis key"),
     flag("cron", "", "cron file"),
     flag(
