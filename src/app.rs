@@ -15,7 +15,7 @@ use crate::store::{self, Store, StoreError};
 use crate::task::Limits;
 use crossbeam_channel::{unbounded, Sender};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,6 +38,8 @@ pub struct App {
     pub cron: CronStatus,
     /// Tells the cron thread to reload (SIGHUP) or stop.
     pub cron_tx: Option<Sender<CronCmd>>,
+    /// Open WebSocket connections (capped by `--max_ws`).
+    pub ws_open: AtomicUsize,
 }
 
 /// Threads to wait for at shutdown.
@@ -174,6 +176,7 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
         accepting: AtomicBool::new(true),
         cron: CronStatus::default(),
         cron_tx: cron_lines.as_ref().map(|_| cron_tx),
+        ws_open: AtomicUsize::new(0),
     });
     let cron = match (cron_lines, &app.config.cron) {
         (Some(lines), Some(path)) => {

@@ -38,6 +38,10 @@ pub struct Config {
     pub exec: ExecPolicy,
     pub token: Option<String>,
     pub max_body: usize,
+    /// Most WebSocket connections at once.
+    pub max_ws: usize,
+    /// Seconds without input before a WebSocket connection is closed.
+    pub ws_idle: u64,
     /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
     pub ca_file: Option<PathBuf>,
     /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
@@ -126,7 +130,11 @@ const FLAGS: &[Flag] = &[
     flag("port", "8000", "HTTP and WebSocket port"),
     flag("bind", "0.0.0.0", "listen address"),
     flag("data", "./poulpe-data", "directory of the embedded store"),
-    flag("redis", "", "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store"),
+    flag(
+        "redis",
+        "",
+        "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store",
+    ),
     flag("redis_prefix", "poulpe:", "prefix of every Redis key"),
     flag("cron", "", "cron file"),
     flag(
@@ -163,7 +171,21 @@ const FLAGS: &[Flag] = &[
         "",
         "require 'Authorization: Bearer <token>' (prefer POULPE_TOKEN)",
     ),
-    flag("max_body", "1048576", "request body limit in bytes"),
+    flag(
+        "max_body",
+        "1048576",
+        "request body (and WebSocket frame) limit in bytes",
+    ),
+    flag(
+        "max_ws",
+        "256",
+        "most WebSocket connections at once (503 beyond)",
+    ),
+    flag(
+        "ws_idle",
+        "300",
+        "seconds without input before a WebSocket connection is closed",
+    ),
     flag(
         "ca_file",
         "system bundle, else bundled roots",
@@ -433,6 +455,8 @@ impl Config {
         let task_timeout = number(&raw, "task_timeout", 60u64, 1, 86_400)?;
         let result_ttl = number(&raw, "result_ttl", 86_400u64, 1, 10 * 365 * 86_400)?;
         let max_body = number(&raw, "max_body", 1_048_576usize, 64, 1 << 30)?;
+        let max_ws = number(&raw, "max_ws", 256usize, 1, 65_536)?;
+        let ws_idle = number(&raw, "ws_idle", 300u64, 1, 86_400)?;
         let ca_file = match raw.get("ca_file") {
             None => None,
             Some(v) => {
@@ -498,6 +522,8 @@ impl Config {
             exec,
             token: raw.get("token").map(str::to_string),
             max_body,
+            max_ws,
+            ws_idle,
             ca_file,
             smtp,
             kafka_servers: raw.get("kafka_servers").map(str::to_string),
@@ -570,7 +596,9 @@ mod tests {
         assert!(e.contains("\"--no-such-flag=1\""), "named as typed: {e}");
         let e = parse(&["--tz", "Mars/Base"], &[]).unwrap_err().to_string();
         assert!(e.contains("--tz"), "{e}");
-        let e = parse(&["--port", "--data", "/x"], &[]).unwrap_err().to_string();
+        let e = parse(&["--port", "--data", "/x"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("--port: a value is required"), "{e}");
         let e = parse(&["--port"], &[]).unwrap_err().to_string();
         assert!(e.contains("--port"), "{e}");

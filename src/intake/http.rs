@@ -2,7 +2,7 @@
 //! Requests that wait (`wait` submits, long polls) are parked in the results registry and
 //! answered by whichever thread finishes the task, so they hold no HTTP thread.
 
-use super::{submit, SubmitError};
+use super::{same_secret, submit, SubmitError};
 use crate::app::App;
 use crate::results::TaskResult;
 use crate::store::Cancel;
@@ -75,15 +75,6 @@ fn fail(req: Request, code: u16, reason: impl std::fmt::Display) {
     );
 }
 
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
-}
-
 fn authorized(app: &App, req: &Request) -> bool {
     let Some(token) = &app.config.token else {
         return true;
@@ -96,7 +87,7 @@ fn authorized(app: &App, req: &Request) -> bool {
 }
 
 /// Decodes `%XX` escapes; `None` for bad escapes or bad UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -127,6 +118,10 @@ fn handle(app: &Arc<App>, req: Request) {
     let method = req.method().clone();
     if path == "/health" {
         return reply(req, 200, &json!({"status": "ok"}));
+    }
+    if path == "/ws_task" && super::ws::is_upgrade(&req) {
+        let query = query.to_string();
+        return super::ws::accept(app, req, &query);
     }
     if !authorized(app, &req) {
         let resp = Response::from_string(
@@ -354,14 +349,6 @@ fn cancel(app: &App, req: Request, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
-        assert!(!same_secret(b"", b"a"));
-    }
 
     #[test]
     fn decoding() {

@@ -2,6 +2,7 @@
 //! [`submit`], which validates, makes the tasks durable and schedules them.
 
 pub mod http;
+pub mod ws;
 
 use crate::app::App;
 use crate::clock::now_us;
@@ -107,4 +108,26 @@ pub fn submit(
         }
     }
     Ok(accepted)
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
 }

@@ -255,7 +255,9 @@ pub mod contract {
     /// Results expire: by `gc` (single-node stores) or by the store itself (`by_gc` false).
     pub fn expiry(store: &dyn Store, by_gc: bool) {
         let now = crate::clock::now_ms();
-        store.insert(&[task("x1", State::Ready, 0)]).expect("insert");
+        store
+            .insert(&[task("x1", State::Ready, 0)])
+            .expect("insert");
         store
             .record(&[Change::Finish {
                 result: result("x1"),

@@ -204,11 +204,11 @@ impl RedisStore {
             .build_unchecked(client);
         let end = Instant::now() + wait;
         loop {
-            match pool.get().map_err(down).and_then(|mut c| {
-                redis::cmd("PING")
-                    .query::<String>(&mut *c)
-                    .map_err(down)
-            }) {
+            match pool
+                .get()
+                .map_err(down)
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).map_err(down))
+            {
                 Ok(_) => break,
                 Err(e) if Instant::now() >= end => {
                     return Err(StoreError::Unavailable(format!(
@@ -229,8 +229,12 @@ impl RedisStore {
         let up = Arc::new(AtomicBool::new(true));
         let (tx, rx) = unbounded();
         {
-            let (pool, prefix, script, up) =
-                (pool.clone(), prefix.to_string(), scripts.insert.clone(), up.clone());
+            let (pool, prefix, script, up) = (
+                pool.clone(),
+                prefix.to_string(),
+                scripts.insert.clone(),
+                up.clone(),
+            );
             thread::Builder::new()
                 .name("redis-insert".into())
                 .spawn(move || insert_loop(&pool, &prefix, &script, &up, &rx))
@@ -329,7 +333,10 @@ fn insert_loop(
         });
         match res {
             Ok(answers) => {
-                for (g, a) in groups.into_iter().zip(answers.into_iter().chain(std::iter::repeat(String::new()))) {
+                for (g, a) in groups
+                    .into_iter()
+                    .zip(answers.into_iter().chain(std::iter::repeat(String::new())))
+                {
                     let r = if a.is_empty() {
                         Ok(())
                     } else {
@@ -370,13 +377,8 @@ impl Store for RedisStore {
     }
 
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        let data: Option<String> = self.with(|c| {
-            self.scripts
-                .take_due
-                .arg(&self.prefix)
-                .arg(id)
-                .invoke(c)
-        })?;
+        let data: Option<String> =
+            self.with(|c| self.scripts.take_due.arg(&self.prefix).arg(id).invoke(c))?;
         match data {
             None => Ok(None),
             Some(d) => {
@@ -439,13 +441,8 @@ impl Store for RedisStore {
     }
 
     fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
-        let answer: String = self.with(|c| {
-            self.scripts
-                .cancel
-                .arg(&self.prefix)
-                .arg(id)
-                .invoke(c)
-        })?;
+        let answer: String =
+            self.with(|c| self.scripts.cancel.arg(&self.prefix).arg(id).invoke(c))?;
         Ok(match answer.as_str() {
             "cancelled" => Cancel::Cancelled,
             "running" => Cancel::Running,
@@ -465,14 +462,18 @@ impl Store for RedisStore {
     }
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
-        let s: Option<String> = self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
+        let s: Option<String> =
+            self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
         s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
-        let ids: Vec<String> =
-            self.with(|c| redis::cmd("SMEMBERS").arg(format!("{}live", self.prefix)).query(c))?;
+        let ids: Vec<String> = self.with(|c| {
+            redis::cmd("SMEMBERS")
+                .arg(format!("{}live", self.prefix))
+                .query(c)
+        })?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(1000) {
             let flat: Vec<String> = self.with(|c| {
@@ -498,21 +499,25 @@ impl Store for RedisStore {
 
     fn summary(&self, cap: usize) -> Result<Summary, StoreError> {
         let p = &self.prefix;
-        let (waiting, waiting_total, running_total, live_total): (Vec<String>, usize, usize, usize) =
-            self.with(|c| {
-                redis::pipe()
-                    .cmd("ZRANGE")
-                    .arg(format!("{p}due"))
-                    .arg(0)
-                    .arg(cap as i64 - 1)
-                    .cmd("ZCARD")
-                    .arg(format!("{p}due"))
-                    .cmd("SCARD")
-                    .arg(format!("{p}running"))
-                    .cmd("SCARD")
-                    .arg(format!("{p}live"))
-                    .query(c)
-            })?;
+        let (waiting, waiting_total, running_total, live_total): (
+            Vec<String>,
+            usize,
+            usize,
+            usize,
+        ) = self.with(|c| {
+            redis::pipe()
+                .cmd("ZRANGE")
+                .arg(format!("{p}due"))
+                .arg(0)
+                .arg(cap as i64 - 1)
+                .cmd("ZCARD")
+                .arg(format!("{p}due"))
+                .cmd("SCARD")
+                .arg(format!("{p}running"))
+                .cmd("SCARD")
+                .arg(format!("{p}live"))
+                .query(c)
+        })?;
         let mut running: Vec<String> = self.with(|c| {
             redis::cmd("SRANDMEMBER")
                 .arg(format!("{p}running"))
@@ -538,7 +543,12 @@ impl Store for RedisStore {
     }
 
     fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.with(|c| redis::cmd("SET").arg(self.key("meta", key)).arg(value).query(c))
+        self.with(|c| {
+            redis::cmd("SET")
+                .arg(self.key("meta", key))
+                .arg(value)
+                .query(c)
+        })
     }
 
     fn healthy(&self) -> bool {
@@ -603,17 +613,24 @@ mod tests {
             contract::task("d", State::Delayed, 99),
         ])
         .expect("insert");
-        assert!(st.claim(&contract::task("r", State::Ready, 1)).expect("claim"));
+        assert!(st
+            .claim(&contract::task("r", State::Ready, 1))
+            .expect("claim"));
         drop(st);
         let st = store(&s);
         let mut rec = st.recover().expect("recover");
         rec.sort_by(|a, b| a.id.cmp(&b.id));
-        let got: Vec<(&str, u64, bool)> =
-            rec.iter().map(|r| (&*r.id, r.due_us, r.was_running)).collect();
+        let got: Vec<(&str, u64, bool)> = rec
+            .iter()
+            .map(|r| (&*r.id, r.due_us, r.was_running))
+            .collect();
         assert_eq!(got, vec![("d", 99, false), ("r", 1, true)]);
         assert!(st.take_due("r").expect("take").is_some());
         assert!(st.take_due("r").expect("take").is_none(), "handed out once");
-        assert_eq!(st.summary(10).expect("summary").waiting, vec!["d".to_string()]);
+        assert_eq!(
+            st.summary(10).expect("summary").waiting,
+            vec!["d".to_string()]
+        );
     }
 
     #[test]
@@ -627,7 +644,11 @@ mod tests {
                     (0..50)
                         .map(|j| {
                             // Every fifth submit repeats an id of the same thread: refused alone.
-                            let id = if j % 5 == 4 { format!("t{i}-{}", j - 1) } else { format!("t{i}-{j}") };
+                            let id = if j % 5 == 4 {
+                                format!("t{i}-{}", j - 1)
+                            } else {
+                                format!("t{i}-{j}")
+                            };
                             st.insert(&[contract::task(&id, State::Ready, 0)]).is_ok()
                         })
                         .filter(|ok| *ok)
@@ -642,11 +663,18 @@ mod tests {
 
     #[test]
     fn unreachable_redis_fails_clearly() {
-        let e = RedisStore::open("redis://:secret@127.0.0.1:1/0", "t:", Duration::from_millis(300))
-            .err()
-            .expect("no server there")
-            .to_string();
-        assert!(e.contains("cannot reach Redis at redis://***@127.0.0.1:1/0"), "{e}");
+        let e = RedisStore::open(
+            "redis://:secret@127.0.0.1:1/0",
+            "t:",
+            Duration::from_millis(300),
+        )
+        .err()
+        .expect("no server there")
+        .to_string();
+        assert!(
+            e.contains("cannot reach Redis at redis://***@127.0.0.1:1/0"),
+            "{e}"
+        );
         assert!(!e.contains("secret"));
     }
 

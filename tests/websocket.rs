@@ -1,0 +1,220 @@
+//! WebSocket intake (`/ws_task`) with tungstenite as the client against the real binary: acks then
+//! pushed results for several tasks in flight, a dead task's result, bad frames, pings, the
+//! token, the connection cap, and a dropped client whose tasks still complete.
+
+mod common;
+use common::{eventually, Server, Sink};
+use serde_json::{json, Value};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tungstenite::{client::IntoClientRequest, Message, WebSocket};
+
+type Ws = WebSocket<TcpStream>;
+
+fn connect(s: &Server, query: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+    let url = format!("ws://127.0.0.1:{}/ws_task{query}", s.port);
+    let mut req = url.into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    let stream = TcpStream::connect(("127.0.0.1", s.port)).expect("tcp");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+    }
+}
+
+fn send(ws: &mut Ws, v: &Value) {
+    ws.send(Message::text(v.to_string())).expect("send");
+}
+
+/// Next text frame as JSON (pongs and pings skipped).
+fn next(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("read a frame") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn acks_then_results_for_tasks_in_flight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--retry_interval", "1", "--max_retry", "1"]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"w-slow","method":"GET","name":sink.url("/slow?ms=600")}),
+    );
+    send(
+        &mut ws,
+        &json!([
+            {"id":"w-1","method":"GET","name":sink.url("/a")},
+            {"id":"w-dead","method":"GET","name":sink.url("/status/500")},
+            {"id":"w-bad","method":"GET","name":"ftp://nope"}
+        ]),
+    );
+    let mut acks = Vec::new();
+    let mut results = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while results.len() < 3 && Instant::now() < end {
+        let f = next(&mut ws);
+        if f.get("status").is_some() {
+            results.push(f);
+        } else {
+            acks.push(f);
+        }
+    }
+    // Acks come in order, the failed validation names the field.
+    let ack_ids: Vec<&str> = acks.iter().filter_map(|a| a["id"].as_str()).collect();
+    assert_eq!(
+        ack_ids,
+        vec!["w-slow", "w-1", "w-dead", "w-bad"],
+        "{acks:?}"
+    );
+    assert_eq!(acks[0]["result"], "OK");
+    assert_eq!(acks[3]["result"], "Fail");
+    assert!(
+        acks[3]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("name:"),
+        "{acks:?}"
+    );
+    // Results are pushed as they finish: the quick one before the slow one.
+    let order: Vec<&str> = results.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(order.iter().position(|i| *i == "w-1") < order.iter().position(|i| *i == "w-slow"));
+    let dead = results
+        .iter()
+        .find(|r| r["id"] == "w-dead")
+        .expect("dead result");
+    assert_eq!(dead["status"], "dead");
+    assert_eq!(dead["attempts"], 2);
+    let slow = results
+        .iter()
+        .find(|r| r["id"] == "w-slow")
+        .expect("slow result");
+    assert_eq!(slow["status"], "succeeded");
+    assert_eq!(slow["code"], 200);
+    // The same JSON as /task_resp.
+    assert_eq!(s.get("/task_resp/w-slow").1, *slow);
+}
+
+#[test]
+fn bad_frames_pings_and_dropped_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--max_body", "2048"]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    ws.send(Message::text("{not json")).expect("send");
+    let f = next(&mut ws);
+    assert_eq!(f["result"], "Fail");
+    assert!(
+        f["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{f}"
+    );
+    ws.send(Message::binary(vec![1u8, 2, 3])).expect("send");
+    assert!(next(&mut ws)["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("binary"));
+    ws.send(Message::Ping(vec![7u8].into())).expect("ping");
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut ponged = false;
+    while !ponged && Instant::now() < end {
+        if let Message::Pong(p) = ws.read().expect("read") {
+            ponged = p.as_ref() == [7u8];
+        }
+    }
+    assert!(ponged, "pings are answered");
+    // An oversize frame gets a Fail frame and the connection is closed; the server lives on.
+    ws.send(Message::text("x".repeat(5000))).expect("send");
+    let f = next(&mut ws);
+    assert!(
+        f["reason"].as_str().unwrap_or("").contains("too large"),
+        "{f}"
+    );
+    assert_eq!(s.get("/health").0, 200);
+
+    // A client that submits and goes away: its tasks still run.
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"gone","method":"GET","name":sink.url("/slow?ms=500"),"delay":1}),
+    );
+    assert_eq!(next(&mut ws)["result"], "OK");
+    drop(ws);
+    sink.wait_until(Duration::from_secs(15), "the dropped client's task", |h| {
+        h.iter().any(|h| h.path == "/slow")
+    });
+    let r = eventually(Duration::from_secs(15), "its result", || {
+        match s.get("/task_resp/gone?timeout=5") {
+            (200, v) => Some(v),
+            _ => None,
+        }
+    });
+    assert_eq!(r["status"], "succeeded");
+}
+
+#[test]
+fn token_and_connection_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--token", "tok3n", "--max_ws", "2"]);
+    match connect(&s, "", &[]) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    match connect(&s, "?token=wrong", &[]) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let a = connect(&s, "?token=tok3n", &[]).expect("token in the query");
+    let b = connect(&s, "", &[("Authorization", "Bearer tok3n")]).expect("token in the header");
+    match connect(&s, "?token=tok3n", &[]) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503, "the cap is 2"),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(a);
+    drop(b);
+    // Closed connections free their places.
+    let c = eventually(Duration::from_secs(5), "a free place", || {
+        connect(&s, "?token=tok3n", &[]).ok()
+    });
+    drop(c);
+    assert!(!s.log_text().contains("tok3n"), "the token is never logged");
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--ws_idle", "1"]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    let start = Instant::now();
+    let closed = loop {
+        match ws.read() {
+            Ok(Message::Close(_)) => break true,
+            Ok(_) => continue,
+            Err(_) => break true,
+        }
+    };
+    assert!(closed);
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "not before the idle time"
+    );
+    assert_eq!(s.get("/health").0, 200);
+}
