@@ -9,7 +9,7 @@ use crate::results::Results;
 use crate::schedule::cron::{parse_file, CronError};
 use crate::schedule::cron_runner::{self, CronCmd, CronStatus};
 use crate::schedule::timer::Timer;
-use crate::status::Status;
+use crate::status::{KafkaStatus, Status};
 use crate::store::redis::RedisStore;
 use crate::store::{self, Store, StoreError};
 use crate::task::Limits;
@@ -40,6 +40,8 @@ pub struct App {
     pub cron_tx: Option<Sender<CronCmd>>,
     /// Open WebSocket connections (capped by `--max_ws`).
     pub ws_open: AtomicUsize,
+    /// The Kafka adapter's state, when Kafka is configured.
+    pub kafka: Option<Arc<KafkaStatus>>,
 }
 
 /// Threads to wait for at shutdown.
@@ -48,6 +50,10 @@ pub struct Running {
     outcome: JoinHandle<()>,
     timer: JoinHandle<()>,
     cron: Option<JoinHandle<()>>,
+    #[cfg(feature = "kafka")]
+    kafka: Option<JoinHandle<()>>,
+    #[cfg(feature = "kafka")]
+    replier: Option<Arc<crate::intake::kafka::Replier>>,
 }
 
 /// Why the server could not start (exit code 2).
@@ -122,6 +128,23 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
         exec: config.exec.clone(),
         default_timeout: timeout,
     });
+    let kafka_status = config
+        .kafka
+        .as_ref()
+        .map(|_| Arc::new(KafkaStatus::default()));
+    #[cfg(feature = "kafka")]
+    let replier = match (&config.kafka, &kafka_status) {
+        (Some(k), Some(st)) => {
+            crate::intake::kafka::Replier::start(k, st.clone()).map_err(StartError::Dir)?
+        }
+        _ => None,
+    };
+    #[cfg(feature = "kafka")]
+    let forward: Option<Arc<dyn crate::results::Forward>> = replier
+        .clone()
+        .map(|r| r as Arc<dyn crate::results::Forward>);
+    #[cfg(not(feature = "kafka"))]
+    let forward: Option<Arc<dyn crate::results::Forward>> = None;
     let (otx, orx) = unbounded();
     let mut workers = Vec::with_capacity(config.workers);
     for w in 0..config.workers {
@@ -146,6 +169,7 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             result_ttl_s: config.result_ttl,
             dead_dir: config.dead.clone(),
         },
+        forward,
     }
     .start(orx)?;
 
@@ -177,7 +201,28 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
         cron: CronStatus::default(),
         cron_tx: cron_lines.as_ref().map(|_| cron_tx),
         ws_open: AtomicUsize::new(0),
+        kafka: kafka_status.clone(),
     });
+    #[cfg(feature = "kafka")]
+    let kafka = match (&app.config.kafka, &kafka_status) {
+        (Some(k), Some(st)) => {
+            log::info!(
+                "kafka: consuming {:?} from {} in group {:?}{}",
+                k.topic,
+                k.servers,
+                k.group,
+                k.resp_topic
+                    .as_ref()
+                    .map(|t| format!(", results to {t:?}"))
+                    .unwrap_or_default()
+            );
+            Some(
+                crate::intake::kafka::start(app.clone(), k.clone(), st.clone(), replier.clone())
+                    .map_err(StartError::Dir)?,
+            )
+        }
+        _ => None,
+    };
     let cron = match (cron_lines, &app.config.cron) {
         (Some(lines), Some(path)) => {
             log::info!("cron: {} lines from {}", lines.len(), path.display());
@@ -198,6 +243,10 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             outcome,
             timer: timer_h,
             cron,
+            #[cfg(feature = "kafka")]
+            kafka,
+            #[cfg(feature = "kafka")]
+            replier,
         },
     ))
 }
@@ -237,6 +286,15 @@ pub fn shutdown(app: &App, running: Running, grace: Duration) {
             "{} attempts still running at the deadline; they run again at the next start",
             app.pool.running()
         );
+    }
+    #[cfg(feature = "kafka")]
+    {
+        if let Some(k) = running.kafka {
+            let _ = k.join();
+        }
+        if let Some(r) = &running.replier {
+            r.flush();
+        }
     }
     let _ = running.timer.join();
     if let Some(c) = running.cron {

@@ -16,6 +16,15 @@ pub enum Backoff {
     Exponential,
 }
 
+/// Kafka brokers, topics and group.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub servers: String,
+    pub topic: String,
+    pub resp_topic: Option<String>,
+    pub group: String,
+}
+
 /// Everything the server needs to know, checked once at start-up.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -46,7 +55,8 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
     pub smtp: Option<SmtpConfig>,
-    pub kafka_servers: Option<String>,
+    /// The Kafka intake, when `--kafka_servers` and `--kafka_topic` are given.
+    pub kafka: Option<KafkaConfig>,
     pub tz: chrono_tz::Tz,
     pub log: log::LevelFilter,
 }
@@ -63,7 +73,11 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    NotBuilt(&'static str),
+    /// A flag needs a cargo feature this build lacks.
+    NoFeature {
+        flag: &'static str,
+        feature: &'static str,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -87,10 +101,9 @@ impl fmt::Display for ConfigError {
                 };
                 write!(f, "--{flag}: bad value {shown:?}: {reason}")
             }
-            ConfigError::NotBuilt(flag) => write!(
+            ConfigError::NoFeature { flag, feature } => write!(
                 f,
-                "--{flag}: this feature is not built yet in poulpe {}",
-                env!("CARGO_PKG_VERSION")
+                "--{flag}: this poulpe was built without the `{feature}` cargo feature"
             ),
         }
     }
@@ -357,6 +370,30 @@ where
     Ok(n)
 }
 
+/// The Kafka settings; brokers and task topic go together.
+fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
+    let servers = raw.get("kafka_servers");
+    let topic = raw.get("kafka_topic");
+    let resp = raw.get("kafka_resp_topic");
+    if servers.is_none() && topic.is_none() && resp.is_none() {
+        return Ok(None);
+    }
+    if cfg!(not(feature = "kafka")) {
+        return Err(ConfigError::NoFeature {
+            flag: "kafka_servers",
+            feature: "kafka",
+        });
+    }
+    let servers = servers.ok_or(ConfigError::MissingValue("kafka_servers"))?;
+    let topic = topic.ok_or(ConfigError::MissingValue("kafka_topic"))?;
+    Ok(Some(KafkaConfig {
+        servers: servers.to_string(),
+        topic: topic.to_string(),
+        resp_topic: resp.map(str::to_string),
+        group: raw.get("kafka_group").unwrap_or("poulpe").to_string(),
+    }))
+}
+
 /// The SMTP relay settings, when `--smtp_server` is given.
 fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
     let starttls = parse_switch("starttls", raw.get("starttls").unwrap_or(""))?;
@@ -526,14 +563,11 @@ impl Config {
             ws_idle,
             ca_file,
             smtp,
-            kafka_servers: raw.get("kafka_servers").map(str::to_string),
+            kafka: kafka_config(&raw)?,
             tz,
             log,
         };
         // Features that have their own issues refuse clearly instead of being ignored.
-        if config.kafka_servers.is_some() || raw.get("kafka_topic").is_some() {
-            return Err(ConfigError::NotBuilt("kafka_servers"));
-        }
         Ok(config)
     }
 }

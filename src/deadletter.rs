@@ -22,19 +22,27 @@ pub fn write(
     result: &TaskResult,
     finished_ms: i64,
 ) -> io::Result<PathBuf> {
-    let day = dir.join(date_utc(finished_ms));
-    fs::create_dir_all(&day)?;
-    let path = day.join(format!("task-{}.json", task.id));
-    let tmp = day.join(format!(".task-{}.json.tmp", task.id));
     let body = serde_json::to_vec_pretty(&Record { task, result })
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    write_atomic(
+        &dir.join(date_utc(finished_ms)),
+        &format!("task-{}.json", task.id),
+        &body,
+    )
+}
+
+/// Writes `<folder>/<name>` atomically: temporary file, fsync, rename, fsync of the folder.
+pub fn write_atomic(folder: &Path, name: &str, body: &[u8]) -> io::Result<PathBuf> {
+    fs::create_dir_all(folder)?;
+    let path = folder.join(name);
+    let tmp = folder.join(format!(".{name}.tmp"));
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(&body)?;
+        f.write_all(body)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, &path)?;
-    File::open(&day)?.sync_all()?;
+    File::open(folder)?.sync_all()?;
     Ok(path)
 }
 

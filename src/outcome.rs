@@ -6,7 +6,7 @@ use crate::clock::{now_ms, now_us, rfc3339_ms};
 use crate::config::Backoff;
 use crate::deadletter;
 use crate::exec::{cap_text, RunResult, EXCERPT_LEN};
-use crate::results::{Results, TaskResult};
+use crate::results::{Forward, Results, TaskResult};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
 use crate::store::{Change, Store};
@@ -60,8 +60,15 @@ fn jitter() -> f64 {
 
 /// What to do once a change is durable.
 enum After {
-    Retry { id: Arc<str>, due_us: u64 },
-    Final(TaskResult, bool),
+    Retry {
+        id: Arc<str>,
+        due_us: u64,
+    },
+    Final {
+        result: TaskResult,
+        ok: bool,
+        kafka: bool,
+    },
 }
 
 /// The outcome thread and what it needs.
@@ -71,6 +78,8 @@ pub struct OutcomeStage {
     pub results: Arc<Results>,
     pub status: Arc<Status>,
     pub policy: RetryPolicy,
+    /// Where results of Kafka tasks are also sent.
+    pub forward: Option<Arc<dyn Forward>>,
 }
 
 impl OutcomeStage {
@@ -143,9 +152,14 @@ impl OutcomeStage {
         for a in after {
             match a {
                 After::Retry { id, due_us } => self.timer.schedule(id, due_us),
-                After::Final(r, ok) => {
+                After::Final { result, ok, kafka } => {
                     self.status.finished(ok);
-                    self.results.publish(&r);
+                    self.results.publish(&result);
+                    if kafka {
+                        if let Some(f) = &self.forward {
+                            f.forward(&result);
+                        }
+                    }
                 }
             }
         }
@@ -222,7 +236,11 @@ impl OutcomeStage {
                 result: result.clone(),
                 expires_ms,
             },
-            After::Final(result, ok),
+            After::Final {
+                result,
+                ok,
+                kafka: task.kafka,
+            },
         ))
     }
 }

@@ -25,6 +25,11 @@ pub struct TaskResult {
     pub finished_at: String,
 }
 
+/// Somewhere else final results go (the Kafka result topic), for tasks that asked for it.
+pub trait Forward: Send + Sync {
+    fn forward(&self, r: &TaskResult);
+}
+
 /// Called once with the results of the awaited ids (in their order); `None` where the wait ran
 /// out before that task finished.
 pub type Responder = Box<dyn FnOnce(Vec<Option<TaskResult>>) + Send>;

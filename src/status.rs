@@ -12,6 +12,31 @@ use std::time::Instant;
 /// Most ids listed per key in `/sys_info`.
 pub const LIST_CAP: usize = 1000;
 
+/// The Kafka adapter's state for `/sys_info`.
+#[derive(Default)]
+pub struct KafkaStatus {
+    pub connected: std::sync::atomic::AtomicBool,
+    pub consumed: AtomicU64,
+    pub produced: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl KafkaStatus {
+    /// Records a client error (shown as `last_error`).
+    pub fn error(&self, e: impl std::fmt::Display) {
+        *self.last_error.lock() = Some(e.to_string());
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "connected": self.connected.load(Relaxed),
+            "consumed": self.consumed.load(Relaxed),
+            "produced": self.produced.load(Relaxed),
+            "last_error": *self.last_error.lock(),
+        })
+    }
+}
+
 /// Server-wide counters since start.
 pub struct Status {
     started: Instant,
@@ -97,6 +122,7 @@ impl Status {
             "version": env!("CARGO_PKG_VERSION"),
             "store": {"kind": store.name(), "up": store_ok},
             "cron": cron_lines(app),
+            "kafka": app.kafka.as_ref().map(|k| k.json()),
         })
     }
 }

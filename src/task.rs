@@ -130,6 +130,9 @@ pub struct Task {
     /// Submitted by the operator (cron file), not the network: EXEC needs no `--exec_dir`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub trusted: bool,
+    /// Came from Kafka: its final result is also produced to the result topic.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kafka: bool,
     /// Unix milliseconds of the accepted submit.
     pub submitted_ms: i64,
     /// Unix microseconds when it is due (delay or retry).
@@ -360,6 +363,7 @@ pub fn parse_task(
         max_retry,
         retry_interval,
         trusted,
+        kafka: false,
         submitted_ms: (now_us / 1000) as i64,
         due_us: now_us + delay_us,
         state: if delay == 0 {

@@ -2,7 +2,7 @@
 //! Requests that wait (`wait` submits, long polls) are parked in the results registry and
 //! answered by whichever thread finishes the task, so they hold no HTTP thread.
 
-use super::{same_secret, submit, SubmitError};
+use super::{same_secret, submit, Origin, SubmitError};
 use crate::app::App;
 use crate::results::TaskResult;
 use crate::store::Cancel;
@@ -216,7 +216,7 @@ fn post_task(app: &Arc<App>, mut req: Request) {
     };
     let mut slot = Some(req);
     let app2 = app.clone();
-    let result = submit(app, &values, false, |acc| {
+    let result = submit(app, &values, Origin::Network, |acc| {
         if acc.wait > 0 {
             if let Some(req) = slot.take() {
                 park_submit(&app2, req, acc.ids.clone(), acc.wait, is_array);

@@ -2,6 +2,8 @@
 //! [`submit`], which validates, makes the tasks durable and schedules them.
 
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod ws;
 
 use crate::app::App;
@@ -56,6 +58,17 @@ impl fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
+/// Where a submission comes from; decides trust and where results also go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// HTTP or WebSocket clients.
+    Network,
+    /// The operator's cron file: EXEC needs no `--exec_dir`.
+    Cron,
+    /// The Kafka task topic: the final result is also produced to the result topic.
+    Kafka,
+}
+
 /// What was accepted: the ids in submission order and the longest `wait` asked for.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -65,11 +78,11 @@ pub struct Accepted {
 
 /// Validates all tasks (all or nothing), stores them durably, calls `on_durable` with the
 /// accepted ids (so a caller can register for results before any can finish), then hands
-/// them to the dispatcher or the timer. `trusted` is for operator-written tasks (cron).
+/// them to the dispatcher or the timer.
 pub fn submit(
     app: &App,
     values: &[Value],
-    trusted: bool,
+    origin: Origin,
     on_durable: impl FnOnce(&Accepted),
 ) -> Result<Accepted, SubmitError> {
     if !app.accepting.load(Ordering::Acquire) {
@@ -83,12 +96,16 @@ pub fn submit(
     let mut tasks: Vec<Task> = Vec::with_capacity(values.len());
     let mut wait = 0;
     for (i, v) in values.iter().enumerate() {
-        let s = parse_task(v, &app.limits, trusted, now).map_err(|error| SubmitError::Invalid {
-            index: array.then_some(i),
-            error,
+        let s = parse_task(v, &app.limits, origin == Origin::Cron, now).map_err(|error| {
+            SubmitError::Invalid {
+                index: array.then_some(i),
+                error,
+            }
         })?;
         wait = wait.max(s.wait);
-        tasks.push(s.task);
+        let mut task = s.task;
+        task.kafka = origin == Origin::Kafka;
+        tasks.push(task);
     }
     app.store.insert(&tasks).map_err(|e| match e {
         StoreError::Duplicate(id) => SubmitError::Duplicate(id),

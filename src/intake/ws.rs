@@ -7,7 +7,7 @@
 //! among the process's descriptors by its peer address and given a short receive timeout. Only
 //! WebSocket sockets get one; ordinary HTTP connections are untouched.
 
-use super::{same_secret, submit};
+use super::{same_secret, submit, Origin};
 use crate::app::App;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
@@ -206,7 +206,7 @@ fn on_text(app: &Arc<App>, text: &str, push: &Sender<String>) -> Vec<String> {
             let given = t.get("id").and_then(Value::as_str).map(str::to_string);
             let push = push.clone();
             let results = app.results.clone();
-            let r = submit(app, std::slice::from_ref(&t), false, move |acc| {
+            let r = submit(app, std::slice::from_ref(&t), Origin::Network, move |acc| {
                 results.wait_for(
                     acc.ids.clone(),
                     PUSH_WITHIN,

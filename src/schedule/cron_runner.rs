@@ -5,7 +5,7 @@
 use super::cron::{parse_file, CronLine};
 use crate::app::App;
 use crate::clock::now_us;
-use crate::intake::{submit, SubmitError};
+use crate::intake::{submit, Origin, SubmitError};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -188,7 +188,7 @@ impl Runner {
             self.entries[i].last = Some(at);
             return;
         }
-        match submit(&self.app, &[line.task_json(at)], true, |_| {}) {
+        match submit(&self.app, &[line.task_json(at)], Origin::Cron, |_| {}) {
             Ok(_) | Err(SubmitError::Duplicate(_)) => {
                 self.entries[i].last = Some(at);
                 if let Err(e) = self.app.store.put_meta(&meta_key(&line), &at.to_string()) {

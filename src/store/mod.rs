@@ -163,6 +163,7 @@ pub mod contract {
             max_retry: None,
             retry_interval: None,
             trusted: false,
+            kafka: false,
             submitted_ms: 1,
             due_us,
             state,

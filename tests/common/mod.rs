@@ -425,7 +425,10 @@ impl RedisServer {
         };
         let end = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "redis-server did not start on port {port}");
+            assert!(
+                Instant::now() < end,
+                "redis-server did not start on port {port}"
+            );
             if let Some(Ok(Some(st))) = r.child.as_mut().map(|c| c.try_wait()) {
                 panic!("redis-server exited at start: {st}");
             }

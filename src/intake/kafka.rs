@@ -1,0 +1,281 @@
+//! The Kafka adapter (cargo feature `kafka`): a poll thread reads task JSON from the task topic
+//! in a consumer group and submits it, committing each offset only once its task is durable;
+//! invalid messages go to `<dead>/invalid/` with a Fail result. Final results of Kafka tasks are
+//! produced to the result topic, keyed by task id. librdkafka is used only through its
+//! synchronous `BaseConsumer`/`BaseProducer`, from plain threads.
+
+use super::{submit, Origin, SubmitError};
+use crate::app::App;
+use crate::clock::now_ms;
+use crate::config::KafkaConfig;
+use crate::deadletter::write_atomic;
+use crate::results::{Forward, TaskResult};
+use crate::status::KafkaStatus;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Counts and remembers client errors for `/sys_info`.
+#[derive(Clone)]
+struct Ctx(Arc<KafkaStatus>);
+
+impl ClientContext for Ctx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log::warn!("kafka: {error}: {reason}");
+        if reason.contains("brokers are down") || reason.contains("Connection refused") {
+            self.0.connected.store(false, Ordering::Relaxed);
+        }
+        self.0.error(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.produced.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                log::error!("kafka: a result could not be produced: {e}");
+                self.0.error(e);
+            }
+        }
+    }
+}
+
+/// Produces final results to the result topic.
+pub struct Replier {
+    producer: BaseProducer<Ctx>,
+    topic: String,
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.servers)
+        .set("client.id", concat!("poulpe-", env!("CARGO_PKG_VERSION")));
+    c
+}
+
+impl Replier {
+    /// Creates the producer and its poll thread; `None` without a result topic.
+    pub fn start(
+        cfg: &KafkaConfig,
+        status: Arc<KafkaStatus>,
+    ) -> Result<Option<Arc<Replier>>, String> {
+        let Some(topic) = cfg.resp_topic.clone() else {
+            return Ok(None);
+        };
+        let producer: BaseProducer<Ctx> = base_config(cfg)
+            .set("message.timeout.ms", "300000")
+            .set("linger.ms", "5")
+            .create_with_context(Ctx(status))
+            .map_err(|e| format!("--kafka_servers: cannot create a producer: {e}"))?;
+        let r = Arc::new(Replier { producer, topic });
+        let r2 = r.clone();
+        thread::Builder::new()
+            .name("kafka-produce".into())
+            .spawn(move || loop {
+                r2.producer.poll(Duration::from_millis(100));
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Some(r))
+    }
+
+    fn send(&self, key: &str, body: &str) {
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(body);
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((e, back)) if Instant::now() < end => {
+                    log::debug!("kafka: producer queue busy ({e}); retrying");
+                    record = back;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err((e, _)) => {
+                    log::error!("kafka: result for {key} dropped: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded) for queued results to leave, at shutdown.
+    pub fn flush(&self) {
+        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+            log::warn!("kafka: results still queued at shutdown: {e}");
+        }
+    }
+}
+
+impl Forward for Replier {
+    fn forward(&self, r: &TaskResult) {
+        let mut v = json!(r);
+        v["request_id"] = json!(r.id);
+        self.send(&r.id, &v.to_string());
+    }
+}
+
+/// Starts the poll thread.
+pub fn start(
+    app: Arc<App>,
+    cfg: KafkaConfig,
+    status: Arc<KafkaStatus>,
+    replier: Option<Arc<Replier>>,
+) -> Result<JoinHandle<()>, String> {
+    let consumer: BaseConsumer<Ctx> = base_config(&cfg)
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create_with_context(Ctx(status.clone()))
+        .map_err(|e| format!("--kafka_servers: cannot create a consumer: {e}"))?;
+    consumer
+        .subscribe(&[cfg.topic.as_str()])
+        .map_err(|e| format!("--kafka_topic: cannot subscribe to {:?}: {e}", cfg.topic))?;
+    thread::Builder::new()
+        .name("kafka-poll".into())
+        .spawn(move || poll_loop(&app, &cfg, &consumer, &status, replier.as_deref()))
+        .map_err(|e| e.to_string())
+}
+
+fn poll_loop(
+    app: &App,
+    cfg: &KafkaConfig,
+    consumer: &BaseConsumer<Ctx>,
+    status: &KafkaStatus,
+    replier: Option<&Replier>,
+) {
+    let mut last_check = Instant::now() - Duration::from_secs(60);
+    while app.accepting.load(Ordering::Acquire) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                status.connected.store(true, Ordering::Relaxed);
+                status.consumed.fetch_add(1, Ordering::Relaxed);
+                if !handle(app, &msg, replier) {
+                    return; // shutting down: not committed, read again at the next start
+                }
+                if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
+                    log::warn!("kafka: commit of offset {} failed: {e}", msg.offset());
+                    status.error(e);
+                }
+            }
+            Some(Err(e)) => {
+                log::warn!("kafka: poll: {e}");
+                status.error(e);
+            }
+            None => {}
+        }
+        if last_check.elapsed() > Duration::from_secs(5) {
+            last_check = Instant::now();
+            let ok = consumer
+                .fetch_metadata(Some(&cfg.topic), Duration::from_secs(2))
+                .map_err(|e| status.error(e))
+                .is_ok();
+            status.connected.store(ok, Ordering::Relaxed);
+        }
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        log::debug!("kafka: final commit: {e}");
+    }
+}
+
+/// Submits one message; true when its offset may be committed.
+fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bool {
+    let payload = msg.payload().unwrap_or_default();
+    let values = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Array(items)) => items,
+        Ok(v) => vec![v],
+        Err(e) => {
+            invalid(
+                app,
+                msg,
+                None,
+                &format!("message is not valid JSON: {e}"),
+                replier,
+            );
+            return true;
+        }
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match submit(app, &values, Origin::Kafka, |_| {}) {
+            Ok(_) | Err(SubmitError::Duplicate(_)) => return true,
+            Err(e @ (SubmitError::Invalid { .. } | SubmitError::Empty)) => {
+                let id = values
+                    .first()
+                    .and_then(|v| v.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                invalid(app, msg, id.as_deref(), &e.to_string(), replier);
+                return true;
+            }
+            Err(SubmitError::ShuttingDown) => return false,
+            Err(e @ SubmitError::Unavailable(_)) => {
+                // Not committed and not skipped: the same message is tried until it is durable.
+                log::error!("kafka: offset {} not accepted yet: {e}", msg.offset());
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+                if !app.accepting.load(Ordering::Acquire) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps an invalid message in `<dead>/invalid/` and tells the result topic.
+fn invalid(
+    app: &App,
+    msg: &BorrowedMessage<'_>,
+    id: Option<&str>,
+    reason: &str,
+    replier: Option<&Replier>,
+) {
+    let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
+    let record = json!({
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "payload": String::from_utf8_lossy(msg.payload().unwrap_or_default()),
+        "reason": reason,
+        "at": crate::clock::rfc3339_ms(now_ms()),
+    });
+    let name = format!("{topic}-{partition}-{offset}.json").replace('/', "_");
+    match write_atomic(
+        &app.config.dead.join("invalid"),
+        &name,
+        record.to_string().as_bytes(),
+    ) {
+        Ok(p) => log::warn!(
+            "kafka: invalid message {topic}/{partition}/{offset}: {reason}; kept in {}",
+            p.display()
+        ),
+        Err(e) => log::error!(
+            "kafka: invalid message {topic}/{partition}/{offset} ({reason}) could not be kept: {e}"
+        ),
+    }
+    if let Some(r) = replier {
+        let key = id
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{topic}-{partition}-{offset}"));
+        let body = json!({
+            "id": id, "request_id": id, "result": "Fail", "reason": reason, "status": "invalid",
+            "topic": topic, "partition": partition, "offset": offset,
+        });
+        r.send(&key, &body.to_string());
+    }
+}
