@@ -34,7 +34,18 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::new()
         .filter_level(config.log)
-        .format_timestamp_millis()
+        // Same line shape as env_logger's own, with the timestamp from chrono (one clock crate).
+        .format(|buf, rec| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "[{} {:<5} {}] {}",
+                poulpe::clock::rfc3339_ms(poulpe::clock::now_ms()),
+                rec.level(),
+                rec.target(),
+                rec.args()
+            )
+        })
         .target(env_logger::Target::Stderr)
         .init();
 

@@ -130,8 +130,8 @@ fn set_read_timeout(peer: SocketAddr, port: u16, timeout: Duration) -> bool {
         if sock_addr(fd, true) == Some(peer) && sock_addr(fd, false).map(|a| a.port()) == Some(port)
         {
             let tv = libc::timeval {
-                tv_sec: timeout.as_secs() as libc::time_t,
-                tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+                tv_sec: timeout.as_secs() as _,
+                tv_usec: timeout.subsec_micros() as _,
             };
             // SAFETY: setsockopt on a descriptor this process owns, with a valid timeval.
             let rc = unsafe {
