@@ -2,14 +2,14 @@
 //! crash while only delayed tasks are pending, both followed by a restart on the same data dir.
 
 mod common;
-use common::{now_us, Hit, Server, Sink};
+use common::{hit_id, hits_by_id, now_us, wait_all_hit, Server, Sink};
 use parking_lot::Mutex;
 use serde_json::json;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One submit that the server acknowledged (200 `OK`).
 #[derive(Clone, Debug)]
@@ -19,45 +19,6 @@ struct Acked {
     delay: u64,
     /// Unix µs just before the request was sent: the server's due time is at least this + delay.
     sent_us: u64,
-}
-
-/// The `id` query parameter of a sink hit (every task here carries `id=<id>` in its params).
-fn hit_id(h: &Hit) -> Option<&str> {
-    h.query.split('&').find_map(|kv| kv.strip_prefix("id="))
-}
-
-/// Hits per id.
-fn hits_by_id(hits: &[Hit]) -> HashMap<String, Vec<u64>> {
-    let mut m: HashMap<String, Vec<u64>> = HashMap::new();
-    for h in hits {
-        if let Some(id) = hit_id(h) {
-            m.entry(id.to_string()).or_default().push(h.at_us);
-        }
-    }
-    m
-}
-
-/// Waits (up to `limit`) until every id in `want` has reached the sink; panics naming the
-/// missing ones otherwise.
-fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: &str) {
-    let end = Instant::now() + limit;
-    loop {
-        let seen = hits_by_id(&sink.hits());
-        let mut missing: Vec<&String> = want.iter().filter(|id| !seen.contains_key(*id)).collect();
-        if missing.is_empty() {
-            return;
-        }
-        if Instant::now() > end {
-            missing.sort();
-            panic!(
-                "{what}: {} of {} acknowledged tasks never reached the sink, e.g. {:?}",
-                missing.len(),
-                want.len(),
-                &missing[..missing.len().min(20)]
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Every acknowledged delayed task ran at or after its due time, before and after the restart.
