@@ -22,3 +22,76 @@ fn immediate_get_reaches_the_sink_with_its_query() {
     assert_eq!(hit.method, "GET");
     assert_eq!(hit.query, "a=1&b=two");
 }
+
+#[test]
+fn post_sends_json_bodies_given_as_string_or_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let as_value =
+        json!({"id":"p-v","method":"POST","name":sink.url("/v"),"params":{"k":1,"s":"é"}});
+    let as_string =
+        json!({"id":"p-s","method":"POST","name":sink.url("/s"),"params":"{\"a\":[1,2]}"});
+    for t in [&as_value, &as_string] {
+        let (code, body) = s.submit(t);
+        assert_eq!(code, 200, "{body}");
+    }
+    sink.wait_until(Duration::from_secs(10), "both POSTs", |h| h.len() >= 2);
+    let v = &sink.hits_on("/v")[0];
+    assert_eq!(v.method, "POST");
+    assert!(v.content_type.starts_with("application/json"), "{v:?}");
+    let got: serde_json::Value = serde_json::from_str(&v.body).expect("JSON body");
+    assert_eq!(got, json!({"k":1,"s":"é"}));
+    let st = &sink.hits_on("/s")[0];
+    assert!(st.content_type.starts_with("application/json"), "{st:?}");
+    let got: serde_json::Value = serde_json::from_str(&st.body).expect("JSON body");
+    assert_eq!(got, json!({"a":[1,2]}));
+}
+
+#[test]
+fn get_params_are_appended_to_an_existing_query() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let t = json!({"id":"q-1","method":"GET","name":sink.url("/q?x=1"),"params":"y=2"});
+    assert_eq!(s.submit(&t).0, 200);
+    sink.wait_until(Duration::from_secs(10), "the GET", |h| !h.is_empty());
+    assert_eq!(sink.hits_on("/q")[0].query, "x=1&y=2");
+}
+
+#[test]
+fn a_non_2xx_answer_is_a_failed_attempt_with_its_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let t =
+        json!({"id":"n-1","method":"GET","name":sink.url("/status/404"),"max_retry":0,"wait":10});
+    let (code, r) = s.submit(&t);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "Fail", "{r}");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(r["code"], 404, "{r}");
+    assert!(r["reason"].as_str().unwrap_or("").contains("404"), "{r}");
+}
+
+#[test]
+fn delete_cancels_a_delayed_task_before_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let t = json!({"id":"d-1","method":"GET","name":sink.url("/never"),"delay":2});
+    assert_eq!(s.submit(&t).0, 200);
+    let (code, r) = common::request("DELETE", &s.url("/task/d-1"), &[]);
+    assert_eq!(code, 200, "{r}");
+    let (code, _) = common::request("DELETE", &s.url("/task/d-1"), &[]);
+    assert_ne!(code, 200, "a second cancel does not succeed");
+    assert_eq!(common::request("DELETE", &s.url("/task/nope"), &[]).0, 404);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(sink.hits_on("/never").is_empty(), "the cancelled task ran");
+    // A cancelled id may be used again.
+    let t = json!({"id":"d-1","method":"GET","name":sink.url("/again")});
+    assert_eq!(s.submit(&t).0, 200);
+    sink.wait_until(Duration::from_secs(10), "the resubmitted task", |h| {
+        h.iter().any(|h| h.path == "/again")
+    });
+}

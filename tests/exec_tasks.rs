@@ -1,0 +1,118 @@
+//! EXEC tasks under `--exec_dir`: output captured, non-zero exit fails, a timeout kills the whole
+//! process group, and names that could leave the directory are refused.
+
+mod common;
+use common::{eventually, Server};
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn script(dir: &Path, name: &str, body: &str) {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn exec_server(dir: &tempfile::TempDir) -> (Server, std::path::PathBuf) {
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let bin_s = bin.to_string_lossy().into_owned();
+    let s = Server::start(dir, &["--exec_dir", &bin_s]);
+    (s, bin)
+}
+
+#[test]
+fn exec_success_and_failure_report_output_and_exit_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, bin) = exec_server(&dir);
+    script(&bin, "hello", r#"echo "out:$1:$2"; echo "err-line" >&2"#);
+    script(
+        &bin,
+        "boom",
+        r#"echo "about to fail"; echo "bad thing" >&2; exit 3"#,
+    );
+
+    let (code, r) = s.submit(&json!({"id":"e-ok","method":"EXEC","name":"hello",
+                                      "params":["a b","c"],"wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK", "{r}");
+    assert_eq!(r["code"], 0, "{r}");
+    let out = r["output"].as_str().unwrap_or("");
+    assert!(
+        out.contains("out:a b:c"),
+        "arguments reach the program unsplit: {r}"
+    );
+    assert!(out.contains("err-line"), "stderr is captured too: {r}");
+
+    let (code, r) = s.submit(&json!({"id":"e-bad","method":"EXEC","name":"boom",
+                                      "max_retry":0,"wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "Fail", "{r}");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(r["code"], 3, "{r}");
+    assert!(
+        r["output"].as_str().unwrap_or("").contains("bad thing"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_timeout_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, bin) = exec_server(&dir);
+    let pidfile = dir.path().join("child.pid");
+    script(
+        &bin,
+        "hang",
+        &format!("sleep 300 &\necho $! > {}\nwait", pidfile.display()),
+    );
+    let (code, r) = s.submit(&json!({"id":"e-hang","method":"EXEC","name":"hang",
+                                      "timeout":1,"max_retry":0,"wait":20}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "Fail", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("timed out")
+            || r["reason"].as_str().unwrap_or("").contains("timeout"),
+        "{r}"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("the script wrote its child's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // The background `sleep 300` was in the task's process group: it must be gone.
+    eventually(
+        Duration::from_secs(5),
+        "the child process to be gone",
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie waiting for its (reparented) parent.
+            (stat.is_empty() || stat.contains(") Z ")).then_some(())
+        },
+    );
+}
+
+#[test]
+fn names_that_leave_the_exec_dir_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, bin) = exec_server(&dir);
+    script(&bin, "ok", "true");
+    for name in ["../ok", "/bin/sh", "sub/ok", ".."] {
+        let (code, r) = s.submit(&json!({"method":"EXEC","name":name}));
+        assert_eq!(code, 400, "{name}: {r}");
+        assert!(
+            r["reason"].as_str().unwrap_or("").contains("name"),
+            "{name}: {r}"
+        );
+    }
+}
+
+#[test]
+fn exec_from_the_network_is_off_without_exec_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &[]);
+    let (code, r) = s.submit(&json!({"method":"EXEC","name":"true"}));
+    assert_eq!(code, 400, "{r}");
+    assert!(r["reason"].as_str().unwrap_or("").contains("exec"), "{r}");
+}

@@ -1,0 +1,126 @@
+//! Every kind of bad input gets a 4xx naming the problem, changes nothing, and the server keeps
+//! serving.
+
+mod common;
+use common::{post_raw, request, Server, Sink};
+use serde_json::json;
+use std::time::Duration;
+
+#[test]
+fn bad_tasks_get_400_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--workers", "2"]);
+    let good = sink.url("/x");
+    let cases = [
+        (json!({"method":"FETCH","name":good}), "method"),
+        (json!({"name":good}), "method"),
+        (json!({"method":"GET"}), "name"),
+        (json!({"method":"GET","name":"not a url"}), "name"),
+        (json!({"method":"GET","name":"ftp://host/x"}), "name"),
+        (json!({"method":"GET","name":good,"delay":-1}), "delay"),
+        (json!({"method":"GET","name":good,"delay":1e12}), "delay"),
+        (json!({"method":"GET","name":good,"delay":"soon"}), "delay"),
+        (json!({"method":"GET","name":good,"wait":100000}), "wait"),
+        (json!({"method":"GET","name":good,"timeout":0}), "timeout"),
+        (
+            json!({"method":"GET","name":good,"max_retry":1000}),
+            "max_retry",
+        ),
+        (json!({"method":"GET","name":good,"cc":"9"}), "cc"),
+        (json!({"method":"GET","name":good,"id":""}), "id"),
+        (json!({"method":"GET","name":good,"id":"a/b\n"}), "id"),
+        (
+            json!({"method":"GET","name":good,"id":"x".repeat(1000)}),
+            "id",
+        ),
+        (
+            json!({"method":"POST","name":good,"params":"{not json"}),
+            "params",
+        ),
+        (json!({"method":"MAIL_TO","name":"a@b.c"}), "MAIL_TO"),
+        (json!("just a string"), "object"),
+        (json!(42), "object"),
+        (json!([]), "empty"),
+    ];
+    for (task, word) in &cases {
+        let (code, r) = s.submit(task);
+        assert_eq!(code, 400, "{task}: {r}");
+        assert_eq!(r["result"], "Fail", "{task}: {r}");
+        let reason = r["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.to_lowercase().contains(&word.to_lowercase()),
+            "{task}: the reason should name {word:?}: {reason}"
+        );
+    }
+    // Nothing was accepted.
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["counts"]["accepted"], 0, "{info}");
+
+    // An array with one bad task accepts none of them, and says which one.
+    let arr = json!([
+        {"id":"arr-ok","method":"GET","name":good},
+        {"id":"arr-bad","method":"GET","name":good,"delay":-5}
+    ]);
+    let (code, r) = s.submit(&arr);
+    assert_eq!(code, 400, "{r}");
+    assert!(r["reason"].as_str().unwrap_or("").contains("task 1"), "{r}");
+    assert_eq!(
+        s.get("/task_resp/arr-ok?timeout=0").0,
+        404,
+        "half an array was accepted"
+    );
+
+    // A duplicate id of an unfinished task is 409, and so is a repeat inside one array.
+    let d = json!({"id":"dup","method":"GET","name":good,"delay":60});
+    assert_eq!(s.submit(&d).0, 200);
+    assert_eq!(s.submit(&d).0, 409);
+    let twice =
+        json!([{"id":"tw","method":"GET","name":good},{"id":"tw","method":"GET","name":good}]);
+    assert_eq!(s.submit(&twice).0, 409);
+
+    still_serves(&s, &sink);
+}
+
+#[test]
+fn malformed_requests_get_4xx() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--max_body", "2048"]);
+    let url = s.url("/task_in_queue");
+    let (code, r) = post_raw(&url, b"{\"method\":", &[]);
+    assert_eq!(code, 400, "{r}");
+    assert!(r["reason"].as_str().unwrap_or("").contains("JSON"), "{r}");
+    let (code, r) = post_raw(&url, &[0xff, 0xfe, b'{', b'}'], &[]);
+    assert_eq!(code, 400, "bad UTF-8: {r}");
+    let (code, r) = post_raw(&url, b"", &[]);
+    assert_eq!(code, 400, "empty body: {r}");
+    let big = format!(
+        "{{\"method\":\"GET\",\"name\":\"{}\",\"params\":\"{}\"}}",
+        sink.url("/x"),
+        "a".repeat(4096)
+    );
+    let (code, r) = post_raw(&url, big.as_bytes(), &[]);
+    assert_eq!(code, 413, "{r}");
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let (code, r) = post_raw(&url, deep.as_bytes(), &[]);
+    assert!((400..500).contains(&code), "deep nesting: {code} {r}");
+    assert_eq!(request("GET", &s.url("/no/such/thing"), &[]).0, 404);
+    assert_eq!(request("GET", &url, &[]).0, 405);
+    assert_eq!(request("PUT", &s.url("/sys_info"), &[]).0, 405);
+    let (code, r) = request("GET", &s.url("/task_resp/%ff%fe"), &[]);
+    assert!(
+        (400..500).contains(&code),
+        "a bad id in the path: {code} {r}"
+    );
+    still_serves(&s, &sink);
+}
+
+fn still_serves(s: &Server, sink: &Sink) {
+    let (code, r) = s.submit(&json!({"method":"GET","name":sink.url("/alive"),"wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK", "{r}");
+    sink.wait_until(Duration::from_secs(5), "the good task", |h| {
+        h.iter().any(|h| h.path == "/alive")
+    });
+}

@@ -1,0 +1,136 @@
+//! Retries and dead letters: exactly `max_retry` + 1 attempts, spaced no closer than the retry
+//! interval (fixed and exponential), then a dead-letter file holding every attempt's error.
+
+mod common;
+use common::{eventually, Server, Sink};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn dead_letter(dir: &tempfile::TempDir, id: &str) -> Value {
+    let dead = dir.path().join("data/dead");
+    let file = eventually(Duration::from_secs(10), "the dead-letter file", || {
+        std::fs::read_dir(&dead)
+            .ok()?
+            .filter_map(|d| d.ok())
+            .map(|d| d.path().join(format!("task-{id}.json")))
+            .find(|p| p.exists())
+    });
+    let day = file
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert_eq!(day.len(), 10, "folder named YYYY-MM-DD: {}", file.display());
+    serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("dead letter JSON")
+}
+
+#[test]
+fn fixed_retries_then_dead_letter_with_every_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let t = json!({"id":"rd-1","method":"GET","name":sink.url("/status/500"),
+                   "max_retry":3,"retry_interval":1});
+    assert_eq!(s.submit(&t).0, 200);
+    let (code, r) = s.get("/task_resp/rd-1?timeout=30");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(r["attempts"], 4, "{r}");
+
+    let hits = sink.hits_on("/status/500");
+    assert_eq!(hits.len(), 4, "max_retry 3 means 4 attempts");
+    for w in hits.windows(2) {
+        assert!(
+            w[1].at_us >= w[0].at_us + 1_000_000,
+            "a retry came sooner than retry_interval: {} µs",
+            w[1].at_us - w[0].at_us
+        );
+    }
+    let rec = dead_letter(&dir, "rd-1");
+    assert_eq!(rec["task"]["id"], "rd-1", "{rec}");
+    let attempts = rec["task"]["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 4, "{rec}");
+    for a in attempts {
+        assert_eq!(a["ok"], false, "{rec}");
+        assert_eq!(a["code"], 500, "{rec}");
+        assert!(a["error"].as_str().unwrap_or("").contains("500"), "{rec}");
+        assert!(
+            a["finished_ms"].as_i64() >= a["started_ms"].as_i64(),
+            "{rec}"
+        );
+    }
+    assert_eq!(rec["result"]["status"], "dead", "{rec}");
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["counts"]["dead"], 1, "{info}");
+    assert_eq!(info["counts"]["failed_attempts"], 4, "{info}");
+}
+
+#[test]
+fn exponential_backoff_doubles_the_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--backoff", "exponential"]);
+    let t = json!({"id":"rx-1","method":"GET","name":sink.url("/status/503"),
+                   "max_retry":2,"retry_interval":1});
+    assert_eq!(s.submit(&t).0, 200);
+    let (code, r) = s.get("/task_resp/rx-1?timeout=30");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["attempts"], 3, "{r}");
+    let hits = sink.hits_on("/status/503");
+    assert_eq!(hits.len(), 3);
+    // 1 s then 2 s, each within ±10 % jitter: never below 0.9 s and 1.8 s.
+    let gap1 = hits[1].at_us - hits[0].at_us;
+    let gap2 = hits[2].at_us - hits[1].at_us;
+    assert!(gap1 >= 900_000, "first retry after {gap1} µs");
+    assert!(gap2 >= 1_800_000, "second retry after {gap2} µs");
+    assert!(gap2 > gap1, "the interval grows: {gap1} then {gap2} µs");
+}
+
+#[test]
+fn a_task_that_recovers_on_retry_succeeds_without_a_dead_letter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(
+        &dir,
+        &["--exec_dir", dir.path().to_str().expect("utf-8 path")],
+    );
+    // Fails the first time, succeeds the second (a marker file remembers the first run).
+    let marker = dir.path().join("ran-once");
+    let prog = dir.path().join("flaky");
+    std::fs::write(
+        &prog,
+        format!(
+            "#!/bin/sh\nif [ -e {m} ]; then echo fine; else touch {m}; exit 1; fi\n",
+            m = marker.display()
+        ),
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let t = json!({"id":"rf-1","method":"EXEC","name":"flaky","max_retry":2,"retry_interval":0,
+                   "wait":20});
+    let (code, r) = s.submit(&t);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK", "{r}");
+    assert_eq!(r["attempts"], 2, "{r}");
+    assert_eq!(
+        walk_count(&dir.path().join("data/dead")),
+        0,
+        "no dead letter for a task that succeeded"
+    );
+}
+
+fn walk_count(p: &std::path::Path) -> usize {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
