@@ -108,7 +108,6 @@ fn core_scenarios_run_on_redis() {
             "{record}"
         );
     }
-
 }
 
 #[test]
