@@ -460,3 +460,42 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
         },
     );
 }
+
+#[test]
+fn an_array_message_with_a_stored_id_still_submits_the_rest() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let s = Server::start(
+        &dir,
+        &[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g5",
+        ],
+    );
+    // "pending" is already stored and unfinished (as after a crash before the commit).
+    let (code, r) = s.submit(
+        &json!({"id": "pending", "method": "GET", "name": sink.url("/hit"),
+                                      "params": "id=pending", "delay": 3600}),
+    );
+    assert_eq!(code, 200, "{r}");
+    broker.produce(
+        "tasks",
+        &[json!([
+            {"id": "pending", "method": "GET", "name": sink.url("/hit"), "params": "id=pending"},
+            {"id": "fresh", "method": "GET", "name": sink.url("/hit"), "params": "id=fresh"}
+        ])
+        .to_string()],
+    );
+    sink.wait_until(Duration::from_secs(60), "the new task of the array", |h| {
+        hit_ids(h, "/hit").contains_key("fresh")
+    });
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["delaying_keys"], json!(["pending"]), "{info}");
+    assert!(!hit_ids(&sink.hits(), "/hit").contains_key("pending"));
+}

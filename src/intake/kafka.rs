@@ -13,11 +13,12 @@ use crate::results::{Forward, TaskResult};
 use crate::status::KafkaStatus;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -151,6 +152,9 @@ pub fn start(
         .map_err(|e| e.to_string())
 }
 
+/// Most messages read before one submit: they share one durable write.
+const BATCH: usize = 500;
+
 fn poll_loop(
     app: &App,
     cfg: &KafkaConfig,
@@ -160,23 +164,33 @@ fn poll_loop(
 ) {
     let mut last_check = Instant::now() - Duration::from_secs(60);
     while app.accepting.load(Ordering::Acquire) {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(msg)) => {
-                status.connected.store(true, Ordering::Relaxed);
-                status.consumed.fetch_add(1, Ordering::Relaxed);
-                if !handle(app, &msg, replier) {
-                    return; // shutting down: not committed, read again at the next start
-                }
-                if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
-                    log::warn!("kafka: commit of offset {} failed: {e}", msg.offset());
+        // One blocking poll, then whatever else is already fetched, up to BATCH messages.
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut wait = Duration::from_millis(200);
+        while batch.len() < BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(msg)) => batch.push(msg),
+                Some(Err(e)) => {
+                    log::warn!("kafka: poll: {e}");
                     status.error(e);
+                    break;
                 }
+                None => break,
             }
-            Some(Err(e)) => {
-                log::warn!("kafka: poll: {e}");
+            wait = Duration::ZERO;
+        }
+        if !batch.is_empty() {
+            status.connected.store(true, Ordering::Relaxed);
+            status
+                .consumed
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if !handle_batch(app, &batch, replier) {
+                return; // shutting down: not committed, read again at the next start
+            }
+            if let Err(e) = commit(consumer, &batch) {
+                log::warn!("kafka: commit of {} messages failed: {e}", batch.len());
                 status.error(e);
             }
-            None => {}
         }
         if last_check.elapsed() > Duration::from_secs(5) {
             last_check = Instant::now();
@@ -189,6 +203,67 @@ fn poll_loop(
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         log::debug!("kafka: final commit: {e}");
+    }
+}
+
+/// Commits, for each partition in `batch`, the offset after its last message.
+fn commit(consumer: &BaseConsumer<Ctx>, batch: &[BorrowedMessage<'_>]) -> KafkaResult<()> {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in batch {
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::with_capacity(next.len());
+    for ((topic, partition), offset) in next {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    consumer.commit(&tpl, CommitMode::Async)
+}
+
+/// Submits a batch of messages as one durable write when every message is valid; otherwise
+/// (or on a duplicate id) one message at a time, so a bad one is set aside alone. True when
+/// the batch's offsets may be committed.
+fn handle_batch(app: &App, batch: &[BorrowedMessage<'_>], replier: Option<&Replier>) -> bool {
+    if batch.len() > 1 {
+        let mut values = Vec::new();
+        let mut all_json = true;
+        for m in batch {
+            match serde_json::from_slice::<Value>(m.payload().unwrap_or_default()) {
+                Ok(Value::Array(items)) if !items.is_empty() => values.extend(items),
+                Ok(Value::Array(_)) | Err(_) => all_json = false,
+                Ok(v) => values.push(v),
+            }
+        }
+        if all_json {
+            match submit_retrying(app, &values, batch[0].offset()) {
+                Some(Ok(())) => return true,
+                None => return false,
+                Some(Err(_)) => {} // invalid or duplicate somewhere: sort it out one by one
+            }
+        }
+    }
+    batch.iter().all(|m| handle(app, m, replier))
+}
+
+/// Submits until durable, retrying while the store is unavailable. `None` when shutting down;
+/// `Some(Err)` for input errors.
+fn submit_retrying(app: &App, values: &[Value], offset: i64) -> Option<Result<(), SubmitError>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match submit(app, values, Origin::Kafka, |_| {}) {
+            Ok(_) => return Some(Ok(())),
+            Err(SubmitError::ShuttingDown) => return None,
+            Err(e @ SubmitError::Unavailable(_)) => {
+                // Not committed and not skipped: the same messages are tried until durable.
+                log::error!("kafka: offset {offset} not accepted yet: {e}");
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+                if !app.accepting.load(Ordering::Acquire) {
+                    return None;
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
     }
 }
 
@@ -209,29 +284,22 @@ fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bo
             return true;
         }
     };
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match submit(app, &values, Origin::Kafka, |_| {}) {
-            Ok(_) | Err(SubmitError::Duplicate(_)) => return true,
-            Err(e @ (SubmitError::Invalid { .. } | SubmitError::Empty)) => {
-                let id = values
-                    .first()
-                    .and_then(|v| v.get("id"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                invalid(app, msg, id.as_deref(), &e.to_string(), replier);
-                return true;
-            }
-            Err(SubmitError::ShuttingDown) => return false,
-            Err(e @ SubmitError::Unavailable(_)) => {
-                // Not committed and not skipped: the same message is tried until it is durable.
-                log::error!("kafka: offset {} not accepted yet: {e}", msg.offset());
-                thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
-                if !app.accepting.load(Ordering::Acquire) {
-                    return false;
-                }
-            }
+    match submit_retrying(app, &values, msg.offset()) {
+        None => false,
+        Some(Ok(())) => true,
+        // Read again after a crash: what is stored stays, the rest of the array goes in now.
+        Some(Err(SubmitError::Duplicate(_))) if values.len() > 1 => values
+            .iter()
+            .all(|v| submit_retrying(app, std::slice::from_ref(v), msg.offset()).is_some()),
+        Some(Err(SubmitError::Duplicate(_))) => true,
+        Some(Err(e)) => {
+            let id = values
+                .first()
+                .and_then(|v| v.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            invalid(app, msg, id.as_deref(), &e.to_string(), replier);
+            true
         }
     }
 }
