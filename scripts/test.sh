@@ -66,3 +66,6 @@ cargo clippy --all-targets -- -D warnings
 
 say "cargo test"
 cargo test "$@"
+
+say "benchmark smoke (keeps scripts/bench.sh working; figures are not checked)"
+scripts/bench.sh --smoke

@@ -1,0 +1,709 @@
+//! Load generator, HTTP sink and probes for `scripts/bench.sh` (issue 8). It speaks a minimal
+//! HTTP/1.1 over plain keep-alive sockets, both as client and as sink, so that it costs a small
+//! fraction of what the server under test spends per task.
+//!
+//! Subcommands (each prints `key value` lines on stdout; problems go to stderr as `error: ...`
+//! and make the exit code 1; a bad command line exits 2):
+//!
+//! - `port`: prints a free TCP port on 127.0.0.1.
+//! - `fsync --dir D [--n 200]`: 4 KiB write + fdatasync, appending and overwriting; µs.
+//! - `immediate --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--timeout 120]`: starts a sink,
+//!   submits `n` GET tasks to it over `c` connections (`batch` > 1: JSON arrays), waits for every
+//!   one to arrive; submits/s, executed/s (first submit to last arrival), ack round trips.
+//! - `delayed --server HOST:PORT [-n 2000] [--delay 3] [-c 8] [--batch 1] [--timeout 60]`: the
+//!   same with a delay; each task's URL carries its intended due time (`due=`, unix µs, taken just
+//!   before the request is sent, so the server's own due time is never earlier), and the sink
+//!   reports lateness = arrival − due, and how many arrived early.
+//! - `fill --server HOST:PORT [-n 1000000] [-c 8] [--batch 500] [--delay 3600]`: submits delayed
+//!   tasks only (to a URL that is never called during the run); submit rate.
+//! - `ready --server HOST:PORT [--since-ns T] [--expect N] [--timeout 60] [--pid P]`: waits for
+//!   `/health`, then until `/sys_info` shows `delaying_total` ≥ N; ms since `T` (unix ns,
+//!   default: now). Gives up early when process `P` has exited.
+//!
+//! `cargo run --release --example bench -- immediate --server 127.0.0.1:8000 -n 20000 -c 8`
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+struct Opts(HashMap<String, String>);
+
+impl Opts {
+    fn parse(args: &[String], allowed: &[&str]) -> Result<Opts, String> {
+        let mut map = HashMap::new();
+        let mut it = args.iter();
+        while let Some(k) = it.next() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(format!(
+                    "unknown option {k:?} (allowed: {})",
+                    allowed.join(" ")
+                ));
+            }
+            let v = it.next().ok_or_else(|| format!("{k}: missing value"))?;
+            map.insert(k.clone(), v.clone());
+        }
+        Ok(Opts(map))
+    }
+
+    fn get<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T, String> {
+        match self.0.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| format!("{k}: bad value {v:?}")),
+        }
+    }
+
+    fn server(&self) -> Result<String, String> {
+        let s = self
+            .0
+            .get("--server")
+            .ok_or("--server HOST:PORT is required")?;
+        Ok(s.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal HTTP/1.1 client over one keep-alive connection
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads until `buf` holds at least `need` bytes.
+fn fill_to(s: &mut TcpStream, buf: &mut Vec<u8>, need: usize) -> io::Result<()> {
+    let mut chunk = [0u8; 16384];
+    while buf.len() < need {
+        let k = s.read(&mut chunk)?;
+        if k == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    }
+    Ok(())
+}
+
+/// Reads until `buf` contains `needle` at or after `from`; returns its position.
+fn fill_until(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    from: usize,
+    needle: &[u8],
+) -> io::Result<usize> {
+    loop {
+        if let Some(p) = find(&buf[from.min(buf.len())..], needle) {
+            return Ok(from + p);
+        }
+        let need = buf.len() + 1;
+        fill_to(s, buf, need)?;
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+struct Client {
+    addr: String,
+    timeout: Duration,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn new(addr: &str, timeout: Duration) -> Client {
+        Client {
+            addr: addr.to_string(),
+            timeout,
+            stream: None,
+            buf: Vec::with_capacity(16384),
+        }
+    }
+
+    fn connect(&mut self) -> io::Result<()> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect(&self.addr)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(self.timeout))?;
+            s.set_write_timeout(Some(self.timeout))?;
+            self.stream = Some(s);
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// One request; the answer's status and body. Any error drops the connection.
+    fn call(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+        let r = self.call_once(method, path, body);
+        if r.is_err() {
+            self.stream = None;
+        }
+        r
+    }
+
+    fn call_once(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+        self.connect()?;
+        let Some(s) = self.stream.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let mut req = Vec::with_capacity(body.len() + 160);
+        write!(
+            req,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        )?;
+        req.extend_from_slice(body);
+        s.write_all(&req)?;
+        let buf = &mut self.buf;
+        let head_end = fill_until(s, buf, 0, b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
+        let close = header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let chunked = header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        let out;
+        if chunked {
+            let mut body = Vec::new();
+            let mut pos = head_end;
+            loop {
+                let eol = fill_until(s, buf, pos, b"\r\n")?;
+                let size_txt = String::from_utf8_lossy(&buf[pos..eol]).into_owned();
+                let size =
+                    usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| io::Error::other(format!("bad chunk size {size_txt:?}")))?;
+                if size == 0 {
+                    pos = fill_until(s, buf, eol, b"\r\n\r\n")? + 4;
+                    break;
+                }
+                fill_to(s, buf, eol + 2 + size + 2)?;
+                body.extend_from_slice(&buf[eol + 2..eol + 2 + size]);
+                pos = eol + 2 + size + 2;
+            }
+            buf.drain(..pos);
+            out = body;
+        } else if let Some(cl) = header(&head, "content-length") {
+            let cl: usize = cl
+                .parse()
+                .map_err(|_| io::Error::other(format!("bad content-length {cl:?}")))?;
+            fill_to(s, buf, head_end + cl)?;
+            out = buf[head_end..head_end + cl].to_vec();
+            buf.drain(..head_end + cl);
+        } else {
+            // No length: the body runs to the end of the connection.
+            let mut rest = buf[head_end..].to_vec();
+            s.read_to_end(&mut rest)?;
+            buf.clear();
+            self.stream = None;
+            return Ok((status, rest));
+        }
+        if close {
+            self.stream = None;
+        }
+        Ok((status, out))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sink: counts hits per task index, keeps each one's first arrival and intended due time
+
+struct SinkState {
+    arrival: Vec<AtomicU64>,
+    due: Vec<AtomicU64>,
+    unique: AtomicU64,
+    dups: AtomicU64,
+    strays: AtomicU64,
+    last_us: AtomicU64,
+}
+
+const SINK_REPLY: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
+
+fn start_sink(n: usize) -> io::Result<(u16, Arc<SinkState>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let st = Arc::new(SinkState {
+        arrival: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        due: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        unique: AtomicU64::new(0),
+        dups: AtomicU64::new(0),
+        strays: AtomicU64::new(0),
+        last_us: AtomicU64::new(0),
+    });
+    let st2 = st.clone();
+    thread::Builder::new()
+        .name("sink-accept".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let st = st2.clone();
+                let _ = thread::Builder::new()
+                    .name("sink".into())
+                    .spawn(move || sink_conn(conn, &st));
+            }
+        })?;
+    Ok((port, st))
+}
+
+fn sink_conn(mut s: TcpStream, st: &SinkState) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let Ok(head_end) = fill_until(&mut s, &mut buf, 0, b"\r\n\r\n") else {
+            return;
+        };
+        let now = now_us();
+        let head_end = head_end + 4;
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let target = head.split(' ').nth(1).unwrap_or("");
+        record(st, target, now);
+        let cl: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if fill_to(&mut s, &mut buf, head_end + cl).is_err() {
+            return;
+        }
+        buf.drain(..head_end + cl);
+        if s.write_all(SINK_REPLY).is_err() {
+            return;
+        }
+    }
+}
+
+fn record(st: &SinkState, target: &str, now: u64) {
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let (mut idx, mut due) = (None, 0u64);
+    for kv in query.split('&') {
+        match kv.split_once('=') {
+            Some(("i", v)) => idx = v.parse::<usize>().ok(),
+            Some(("due", v)) => due = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    match idx.filter(|&i| i < st.arrival.len()) {
+        Some(i) => {
+            if st.arrival[i]
+                .compare_exchange(0, now, Relaxed, Relaxed)
+                .is_ok()
+            {
+                st.due[i].store(due, Relaxed);
+                st.unique.fetch_add(1, Relaxed);
+                st.last_us.fetch_max(now, Relaxed);
+            } else {
+                st.dups.fetch_add(1, Relaxed);
+            }
+        }
+        None => {
+            st.strays.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submission
+
+struct Plan {
+    server: String,
+    n: usize,
+    conns: usize,
+    batch: usize,
+    delay_s: u64,
+    /// The task URL (`http://127.0.0.1:P/t`).
+    url: String,
+    tag: String,
+}
+
+#[derive(Default)]
+struct Submitted {
+    start_us: u64,
+    end_us: u64,
+    accepted: usize,
+    refused: usize,
+    rtt_us: Vec<u64>,
+    errors: Vec<String>,
+}
+
+fn task_json(out: &mut String, plan: &Plan, i: usize, due: u64) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        r#"{{"id":"{}-{i}","method":"GET","name":"{}","params":"i={i}&due={due}","delay":{}}}"#,
+        plan.tag, plan.url, plan.delay_s
+    );
+}
+
+/// Submits tasks 0..n over `conns` connections, each sending its own contiguous range in
+/// requests of `batch` tasks (JSON arrays when `batch` > 1).
+fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
+    let conns = plan.conns.max(1);
+    let per = plan.n.div_ceil(conns);
+    let gate = Arc::new(Barrier::new(conns + 1));
+    let out = Arc::new(Mutex::new(Submitted::default()));
+    thread::scope(|scope| {
+        for c in 0..conns {
+            let (gate, out) = (gate.clone(), out.clone());
+            let range = (c * per).min(plan.n)..((c + 1) * per).min(plan.n);
+            scope.spawn(move || {
+                let mut client = Client::new(&plan.server, timeout);
+                let mut errors = Vec::new();
+                if let Err(e) = client.connect() {
+                    errors.push(format!("connect to {}: {e}", plan.server));
+                }
+                gate.wait();
+                let (mut accepted, mut refused) = (0, 0);
+                let mut rtts = Vec::with_capacity(range.len() / plan.batch.max(1) + 1);
+                let mut body = String::with_capacity(plan.batch.max(1) * 160);
+                let mut i = range.start;
+                while i < range.end {
+                    let k = plan.batch.max(1).min(range.end - i);
+                    body.clear();
+                    let t0 = Instant::now();
+                    let due = now_us() + plan.delay_s * 1_000_000;
+                    if plan.batch > 1 {
+                        body.push('[');
+                    }
+                    for j in i..i + k {
+                        if j > i {
+                            body.push(',');
+                        }
+                        task_json(&mut body, plan, j, due);
+                    }
+                    if plan.batch > 1 {
+                        body.push(']');
+                    }
+                    match client.call("POST", "/task_in_queue", body.as_bytes()) {
+                        Ok((200, _)) => accepted += k,
+                        Ok((code, b)) => {
+                            refused += k;
+                            if errors.len() < 3 {
+                                errors.push(format!(
+                                    "HTTP {code}: {}",
+                                    String::from_utf8_lossy(&b[..b.len().min(300)])
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            refused += k;
+                            if errors.len() < 3 {
+                                errors.push(format!("request failed: {e}"));
+                            }
+                        }
+                    }
+                    rtts.push(t0.elapsed().as_micros() as u64);
+                    i += k;
+                }
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                o.accepted += accepted;
+                o.refused += refused;
+                o.rtt_us.extend(rtts);
+                o.errors.extend(errors);
+            });
+        }
+        gate.wait();
+        out.lock().unwrap_or_else(|p| p.into_inner()).start_us = now_us();
+    });
+    let mut s = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
+    s.end_us = now_us();
+    s
+}
+
+/// The value at quantile `q` of sorted `v`.
+fn quantile<T: Copy + Default>(v: &[T], q: f64) -> T {
+    if v.is_empty() {
+        return T::default();
+    }
+    let k = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[k - 1]
+}
+
+fn report_submitted(s: &mut Submitted) -> f64 {
+    let secs = (s.end_us.saturating_sub(s.start_us)).max(1) as f64 / 1e6;
+    s.rtt_us.sort_unstable();
+    println!("accepted {}", s.accepted);
+    println!("refused {}", s.refused);
+    println!("submit_s {secs:.3}");
+    println!("submits_per_s {:.0}", s.accepted as f64 / secs);
+    println!("requests {}", s.rtt_us.len());
+    println!(
+        "ack_rtt_p50_ms {:.2}",
+        quantile(&s.rtt_us, 0.5) as f64 / 1e3
+    );
+    println!(
+        "ack_rtt_p99_ms {:.2}",
+        quantile(&s.rtt_us, 0.99) as f64 / 1e3
+    );
+    for e in &s.errors {
+        eprintln!("error: {e}");
+    }
+    secs
+}
+
+/// `immediate` and `delayed`: submit to a sink, wait for every accepted task, report.
+fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
+    let n: usize = o.get("-n", if delayed { 2000 } else { 20000 })?;
+    let delay_s: u64 = if delayed { o.get("--delay", 3)? } else { 0 };
+    let timeout_s: u64 = o.get("--timeout", if delayed { 60 } else { 120 })?;
+    let (port, sink) = start_sink(n).map_err(|e| format!("sink: {e}"))?;
+    let plan = Plan {
+        server: o.server()?,
+        n,
+        conns: o.get("-c", 8)?,
+        batch: o.get("--batch", 1)?,
+        delay_s,
+        url: format!("http://127.0.0.1:{port}/t"),
+        tag: format!(
+            "{}-{}-{}",
+            if delayed { "d" } else { "i" },
+            std::process::id(),
+            now_us() % 1_000_000_000
+        ),
+    };
+    let mut s = submit_all(&plan, Duration::from_secs(timeout_s));
+    report_submitted(&mut s);
+    let deadline = Instant::now() + Duration::from_secs(timeout_s) + Duration::from_secs(delay_s);
+    while (sink.unique.load(Relaxed) as usize) < s.accepted && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+    // A short grace to catch duplicates that would follow the last arrival.
+    thread::sleep(Duration::from_millis(50));
+    let executed = sink.unique.load(Relaxed) as usize;
+    let exec_s = sink.last_us.load(Relaxed).saturating_sub(s.start_us).max(1) as f64 / 1e6;
+    let mut lat: Vec<i64> = (0..n)
+        .filter_map(|i| {
+            let a = sink.arrival[i].load(Relaxed);
+            (a != 0).then(|| a as i64 - sink.due[i].load(Relaxed) as i64)
+        })
+        .collect();
+    lat.sort_unstable();
+    let early = lat.iter().filter(|&&l| l < 0).count();
+    let missing = s.accepted.saturating_sub(executed);
+    let (dups, strays) = (sink.dups.load(Relaxed), sink.strays.load(Relaxed));
+    println!("executed {executed}");
+    println!("missing {missing}");
+    println!("duplicates {dups}");
+    println!("strays {strays}");
+    println!("exec_s {exec_s:.3}");
+    println!("executed_per_s {:.0}", executed as f64 / exec_s);
+    println!("lateness_p50_ms {:.2}", quantile(&lat, 0.5) as f64 / 1e3);
+    println!("lateness_p99_ms {:.2}", quantile(&lat, 0.99) as f64 / 1e3);
+    println!(
+        "lateness_max_ms {:.2}",
+        lat.last().copied().unwrap_or(0) as f64 / 1e3
+    );
+    println!(
+        "lateness_min_ms {:.2}",
+        lat.first().copied().unwrap_or(0) as f64 / 1e3
+    );
+    println!("early {early}");
+    let mut ok = true;
+    let mut bad = |what: String| {
+        eprintln!("error: {what}");
+        ok = false;
+    };
+    if s.refused > 0 {
+        bad(format!("{} of {n} tasks refused", s.refused));
+    }
+    if missing > 0 {
+        bad(format!(
+            "{missing} accepted tasks never reached the sink within {timeout_s} s"
+        ));
+    }
+    if dups > 0 {
+        bad(format!("{dups} tasks reached the sink twice"));
+    }
+    if strays > 0 {
+        bad(format!("{strays} sink hits without a known task index"));
+    }
+    if early > 0 {
+        bad(format!("{early} delayed tasks ran before their due time"));
+    }
+    Ok(ok)
+}
+
+fn fill(o: &Opts) -> Result<bool, String> {
+    let plan = Plan {
+        server: o.server()?,
+        n: o.get("-n", 1_000_000)?,
+        conns: o.get("-c", 8)?,
+        batch: o.get("--batch", 500)?,
+        delay_s: o.get("--delay", 3600)?,
+        // Nothing listens on the discard port; the tasks are not due during the run.
+        url: "http://127.0.0.1:9/never".into(),
+        tag: format!("f-{}-{}", std::process::id(), now_us() % 1_000_000_000),
+    };
+    let mut s = submit_all(&plan, Duration::from_secs(o.get("--timeout", 120)?));
+    report_submitted(&mut s);
+    if s.refused > 0 {
+        eprintln!("error: {} of {} tasks refused", s.refused, plan.n);
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn ready(o: &Opts) -> Result<bool, String> {
+    let server = o.server()?;
+    let since_us = match o.get::<u64>("--since-ns", 0)? {
+        0 => now_us(),
+        ns => ns / 1000,
+    };
+    let expect: u64 = o.get("--expect", 0)?;
+    let timeout = Duration::from_secs(o.get("--timeout", 60)?);
+    let pid: u32 = o.get("--pid", 0)?;
+    let deadline = Instant::now() + timeout;
+    let ms = || now_us().saturating_sub(since_us) as f64 / 1e3;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            eprintln!("error: /health did not answer 200 within {timeout:?}");
+            return Ok(false);
+        }
+        if pid != 0 && !alive(pid) {
+            eprintln!("error: the server (pid {pid}) exited before /health answered");
+            return Ok(false);
+        }
+        let mut c = Client::new(&server, left.min(Duration::from_secs(1)));
+        match c.call("GET", "/health", b"") {
+            Ok((200, _)) => break,
+            _ => thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    println!("health_ms {:.1}", ms());
+    let mut c = Client::new(&server, timeout);
+    let mut last = 0;
+    loop {
+        if let Ok((200, body)) = c.call("GET", "/sys_info", b"") {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            last = v["delaying_total"].as_u64().unwrap_or(0);
+            if last >= expect {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: /sys_info shows {last} delayed tasks, not {expect}, after {timeout:?}"
+            );
+            println!("delaying_total {last}");
+            return Ok(false);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    println!("rearmed_ms {:.1}", ms());
+    println!("delaying_total {last}");
+    Ok(true)
+}
+
+/// True while process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn fsync(o: &Opts) -> Result<bool, String> {
+    let dir: String = o.get("--dir", ".".to_string())?;
+    let n: usize = o.get("--n", 200)?;
+    let path = std::path::Path::new(&dir).join(format!(".fsync-probe-{}", std::process::id()));
+    let res = (|| -> io::Result<(Vec<u64>, Vec<u64>)> {
+        let block = [0x5au8; 4096];
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let mut append = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            f.write_all(&block)?;
+            f.sync_data()?;
+            append.push(t.elapsed().as_micros() as u64);
+        }
+        let mut overwrite = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            f.write_all_at(&block, 0)?;
+            f.sync_data()?;
+            overwrite.push(t.elapsed().as_micros() as u64);
+        }
+        Ok((append, overwrite))
+    })();
+    let _ = std::fs::remove_file(&path);
+    let (mut append, mut overwrite) = res.map_err(|e| format!("fsync probe in {dir}: {e}"))?;
+    append.sort_unstable();
+    overwrite.sort_unstable();
+    println!("fsync_append_p50_us {}", quantile(&append, 0.5));
+    println!("fsync_append_p99_us {}", quantile(&append, 0.99));
+    println!("fsync_overwrite_p50_us {}", quantile(&overwrite, 0.5));
+    println!("fsync_overwrite_p99_us {}", quantile(&overwrite, 0.99));
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!(
+            "usage: bench port|fsync|immediate|delayed|fill|ready [options] (see the source)"
+        );
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let allowed: &[&str] = match cmd.as_str() {
+        "port" => &[],
+        "fsync" => &["--dir", "--n"],
+        "immediate" => &["--server", "-n", "-c", "--batch", "--timeout"],
+        "delayed" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
+        "fill" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
+        "ready" => &["--server", "--since-ns", "--expect", "--timeout", "--pid"],
+        other => {
+            eprintln!("bench: unknown subcommand {other:?}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = Opts::parse(rest, allowed).and_then(|o| match cmd.as_str() {
+        "port" => TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| {
+                println!("{}", a.port());
+                true
+            })
+            .map_err(|e| format!("port: {e}")),
+        "fsync" => fsync(&o),
+        "immediate" => run_to_sink(&o, false),
+        "delayed" => run_to_sink(&o, true),
+        "fill" => fill(&o),
+        _ => ready(&o),
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("bench {cmd}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# Measures poulpe against the targets of DESIGN.md §8 and prints one table (issue 8).
+#
+#   scripts/bench.sh                    full benchmark: release build, 1 run
+#   scripts/bench.sh --runs 3           three runs; the table shows medians (and min–max)
+#   scripts/bench.sh --smoke            tiny version of everything (debug build, seconds);
+#                                       exits non-zero when a task is refused, lost, run twice
+#                                       or early, or the server does not start, stop or recover
+#
+# Options: --w4-count N (1,000,000 pending tasks by default), --w1b-batch N (50 tasks per
+#   array), --profile release|debug, --no-build (reuse target/<profile>/poulpe and
+#   examples/bench), --poulpe PATH and --bench PATH (use these binaries, no build), --no-redis,
+#   --data-root DIR (where the temp data dirs live; the fsync probe runs there too), --raw FILE
+#   (keep every raw figure as run, metric, store, value).
+#
+# Workloads, each on a fresh server (`--workers 4 --log warn`, fresh temp data dir, free port):
+#   W1   immediate GET tasks to a local keep-alive sink, 8 connections, 1 task per request;
+#        W1b the same with JSON arrays of 50 tasks per request (--w1b-batch)
+#   W2   delayed tasks (3 s) in one burst; lateness = sink arrival − due time in the task URL
+#   W3   idle RSS after start (VmRSS) and peak RSS during W1 (VmHWM)
+#   W4   N tasks delayed one hour in arrays of 500; RSS; SIGTERM; restart on the same data:
+#        time to /health and until /sys_info's delaying_total shows all N again
+#   W1, W1b and W2 again with --redis against a private redis-server (no persistence)
+# plus the raw fsync latency of the data dir's filesystem (4 KiB write + fdatasync).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0 RUNS=1 W4_N="" W1B_BATCH_OPT="" PROFILE="" BUILD=1 REDIS=1 DATA_ROOT="${TMPDIR:-/tmp}" RAW=""
+POULPE="" BENCH=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --runs) RUNS="$2"; shift ;;
+    --w4-count) W4_N="$2"; shift ;;
+    --w1b-batch) W1B_BATCH_OPT="$2"; shift ;;
+    --profile) PROFILE="$2"; shift ;;
+    --no-build) BUILD=0 ;;
+    --poulpe) POULPE="$2"; BUILD=0; shift ;;
+    --bench) BENCH="$2"; BUILD=0; shift ;;
+    --no-redis) REDIS=0 ;;
+    --data-root) DATA_ROOT="$2"; shift ;;
+    --raw) RAW="$2"; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$RUNS" in ''|*[!0-9]*|0) echo "bench.sh: --runs needs a number ≥ 1" >&2; exit 2 ;; esac
+
+if [ "$SMOKE" = 1 ]; then
+  PROFILE=${PROFILE:-debug}
+  W1_N=300 W1B_BATCH=${W1B_BATCH_OPT:-50} W2_N=200 W2_DELAY=1 W4_N=${W4_N:-2000} W4_BATCH=500 FSYNC_N=20
+  IDLE_SETTLE=0.3
+else
+  PROFILE=${PROFILE:-release}
+  W1_N=20000 W1B_BATCH=${W1B_BATCH_OPT:-50} W2_N=2000 W2_DELAY=3 W4_N=${W4_N:-1000000} W4_BATCH=500 FSYNC_N=200
+  IDLE_SETTLE=1
+fi
+case "$W4_N" in ''|*[!0-9]*|0) echo "bench.sh: --w4-count needs a number ≥ 1" >&2; exit 2 ;; esac
+case "$PROFILE" in
+  release) PFLAG=(--release) ;;
+  debug) PFLAG=() ;;
+  *) echo "bench.sh: --profile is release or debug" >&2; exit 2 ;;
+esac
+
+say() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# --- processes and temp dirs: everything started here is killed by the trap ---------------------
+WORK=$(mktemp -d "$DATA_ROOT/poulpe-bench.XXXXXX")
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do
+    [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+forget() { # forget PID: it has been waited for
+  local i
+  for i in "${!PIDS[@]}"; do [ "${PIDS[$i]}" = "$1" ] && unset 'PIDS[i]'; done
+  return 0
+}
+
+FAILS=()
+fail() { say "FAIL: $*"; FAILS+=("$*"); }
+
+# --- build ----------------------------------------------------------------------------------------
+if [ "$BUILD" = 1 ]; then
+  say "cargo build ${PFLAG[*]} --bin poulpe --example bench"
+  cargo build -q "${PFLAG[@]}" --bin poulpe --example bench
+fi
+POULPE=${POULPE:-target/$PROFILE/poulpe}
+BENCH=${BENCH:-target/$PROFILE/examples/bench}
+for b in "$POULPE" "$BENCH"; do
+  [ -x "$b" ] || { echo "bench.sh: $b is missing (build it, or drop --no-build)" >&2; exit 2; }
+done
+if [ "$REDIS" = 1 ] && ! command -v redis-server >/dev/null; then
+  say "redis-server not found: the Redis rows are skipped (apt-get install redis-server)"
+  REDIS=0
+fi
+
+# --- results: one line per figure: run, metric, store, value ---------------------------------------
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+RUN=0
+put() { printf '%s\t%s\t%s\t%s\n' "$RUN" "$1" "$2" "$3" >>"$RESULTS"; }
+kv() { awk -v k="$2" '$1 == k { print $2; exit }' "$1"; }
+
+# tool OUT TIMEOUT_S ARGS...: runs the bench tool (bounded); its stdout goes to OUT.
+tool() {
+  local out=$1 limit=$2; shift 2
+  local rc=0
+  timeout -k 5 "$limit" "$BENCH" "$@" >"$out" 2>"$out.err" || rc=$?
+  if [ -s "$out.err" ]; then sed 's/^/    /' "$out.err" >&2; fi
+  if [ "$rc" = 124 ]; then
+    fail "bench $1 timed out after $limit s"
+  elif [ "$rc" != 0 ]; then
+    fail "bench $1 failed (exit $rc)"
+  fi
+  return 0
+}
+
+rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# start_poulpe EXPECT_DELAYED ARGS...: starts a server on a free port, waits until it serves and
+# shows EXPECT_DELAYED delayed tasks; sets PP (pid), PORT and READY (the ready probe's output).
+PP="" PORT="" READY=""
+start_poulpe() {
+  local expect=$1; shift
+  PORT=$("$BENCH" port)
+  READY="$WORK/ready.$RANDOM"
+  local t0
+  t0=$(date +%s%N)
+  "$POULPE" --port "$PORT" --bind 127.0.0.1 --workers 4 --log warn "$@" >>"$WORK/poulpe.log" 2>&1 &
+  PP=$!
+  PIDS+=("$PP")
+  tool "$READY" 180 ready --server "127.0.0.1:$PORT" --since-ns "$t0" --expect "$expect" \
+    --timeout 150 --pid "$PP"
+  if [ -z "$(kv "$READY" health_ms)" ]; then
+    fail "poulpe did not start (see below)"
+    tail -5 "$WORK/poulpe.log" >&2
+    kill -KILL "$PP" 2>/dev/null || true
+    wait "$PP" 2>/dev/null || true
+    forget "$PP"
+    return 1
+  fi
+}
+
+# stop_poulpe: SIGTERM, wait up to 40 s (the grace is 30 s), expect exit code 0; sets STOP_MS.
+STOP_MS=""
+stop_poulpe() {
+  local t0 rc=0 i
+  t0=$(date +%s%N)
+  kill -TERM "$PP" 2>/dev/null || true
+  for ((i = 0; i < 4000; i++)); do
+    kill -0 "$PP" 2>/dev/null || break
+    sleep 0.01
+  done
+  if kill -0 "$PP" 2>/dev/null; then
+    fail "poulpe (pid $PP) still running 40 s after SIGTERM; killed"
+    kill -KILL "$PP" 2>/dev/null || true
+  fi
+  wait "$PP" 2>/dev/null || rc=$?
+  STOP_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
+  forget "$PP"
+  [ "$rc" = 0 ] || fail "poulpe exited with code $rc after SIGTERM"
+  return 0
+}
+
+# record OUT STORE PREFIX KEY...: stores the tool's figures KEY as PREFIX_KEY.
+record() {
+  local out=$1 store=$2 prefix=$3 k v; shift 3
+  for k in "$@"; do
+    v=$(kv "$out" "$k")
+    [ -n "$v" ] && put "${prefix}_$k" "$store" "$v"
+  done
+  return 0
+}
+SINK_KEYS=(submits_per_s executed_per_s ack_rtt_p50_ms ack_rtt_p99_ms lateness_p50_ms
+  lateness_p99_ms lateness_max_ms early missing duplicates refused)
+
+# --- workloads ------------------------------------------------------------------------------------
+# w1 STORE ARGS...: W1 and W3 (idle and peak RSS) on a fresh server.
+w1() {
+  local store=$1; shift
+  say "run $RUN $store: W1 $W1_N immediate tasks, 1 per request, 8 connections"
+  start_poulpe 0 "$@" || return 0
+  sleep "$IDLE_SETTLE"
+  put idle_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmRSS)")"
+  tool "$WORK/w1.out" 300 immediate --server "127.0.0.1:$PORT" -n "$W1_N" -c 8 --timeout 120
+  record "$WORK/w1.out" "$store" w1 "${SINK_KEYS[@]}"
+  put peak_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmHWM)")"
+  stop_poulpe
+}
+
+# w1b STORE ARGS...: W1 with JSON arrays.
+w1b() {
+  local store=$1; shift
+  say "run $RUN $store: W1b $W1_N immediate tasks in arrays of $W1B_BATCH, 8 connections"
+  start_poulpe 0 "$@" || return 0
+  tool "$WORK/w1b.out" 300 immediate --server "127.0.0.1:$PORT" -n "$W1_N" -c 8 \
+    --batch "$W1B_BATCH" --timeout 120
+  record "$WORK/w1b.out" "$store" w1b "${SINK_KEYS[@]}"
+  put w1b_peak_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmHWM)")"
+  stop_poulpe
+}
+
+# w2 STORE ARGS...: delayed tasks in one burst.
+w2() {
+  local store=$1; shift
+  say "run $RUN $store: W2 $W2_N tasks delayed ${W2_DELAY} s, one burst on 8 connections"
+  start_poulpe 0 "$@" || return 0
+  tool "$WORK/w2.out" 300 delayed --server "127.0.0.1:$PORT" -n "$W2_N" -c 8 \
+    --delay "$W2_DELAY" --timeout 60
+  record "$WORK/w2.out" "$store" w2 "${SINK_KEYS[@]}"
+  stop_poulpe
+}
+
+# w4 DATA: many delayed tasks, SIGTERM, restart on the same data dir.
+w4() {
+  local data=$1
+  say "run $RUN embedded: W4 $W4_N tasks delayed 1 h in arrays of $W4_BATCH"
+  start_poulpe 0 --data "$data" || return 0
+  tool "$WORK/w4.out" 1800 fill --server "127.0.0.1:$PORT" -n "$W4_N" -c 8 --batch "$W4_BATCH" \
+    --delay 3600 --timeout 120
+  record "$WORK/w4.out" embedded w4 submits_per_s refused
+  sleep "$IDLE_SETTLE"
+  put w4_rss_mb embedded "$(mb "$(rss_kb "$PP" VmRSS)")"
+  put w4_peak_rss_mb embedded "$(mb "$(rss_kb "$PP" VmHWM)")"
+  stop_poulpe
+  put w4_stop_ms embedded "$STOP_MS"
+  put w4_db_mb embedded "$(du -sm "$data" | awk '{print $1}')"
+  say "run $RUN embedded: W4 restart on the same data dir"
+  start_poulpe "$W4_N" --data "$data" || return 0
+  put w4_health_ms embedded "$(kv "$READY" health_ms)"
+  local rearmed
+  rearmed=$(kv "$READY" rearmed_ms)
+  if [ -n "$rearmed" ]; then
+    put w4_rearmed_ms embedded "$rearmed"
+  else
+    fail "W4: only $(kv "$READY" delaying_total) of $W4_N delayed tasks came back after restart"
+  fi
+  put w4_restart_rss_mb embedded "$(mb "$(rss_kb "$PP" VmRSS)")"
+  stop_poulpe
+}
+
+REDIS_PID="" REDIS_PORT=""
+start_redis() {
+  REDIS_PORT=$("$BENCH" port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize no --logfile "$WORK/redis.log" --dir "$WORK" &
+  REDIS_PID=$!
+  PIDS+=("$REDIS_PID")
+  local i
+  for ((i = 0; i < 500; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; then return 0; fi
+    sleep 0.01
+  done
+  fail "redis-server did not listen on $REDIS_PORT within 5 s"
+  return 1
+}
+
+# --- the runs -------------------------------------------------------------------------------------
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " (working tree has uncommitted changes)" || true)
+FS=$(df -PT "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
+SIZE_MB=$(mb "$(($(stat -L -c %s "$POULPE") / 1024))")
+
+say "fsync probe in $WORK ($FS), $FSYNC_N × (4 KiB write + fdatasync)"
+RUN=0
+tool "$WORK/fsync.out" 120 fsync --dir "$WORK" --n "$FSYNC_N"
+record "$WORK/fsync.out" fs fsync fsync_append_p50_us fsync_append_p99_us \
+  fsync_overwrite_p50_us fsync_overwrite_p99_us
+
+for ((RUN = 1; RUN <= RUNS; RUN++)); do
+  w1 embedded --data "$WORK/r$RUN-w1"
+  w1b embedded --data "$WORK/r$RUN-w1b"
+  w2 embedded --data "$WORK/r$RUN-w2"
+  w4 "$WORK/r$RUN-w4"
+  rm -rf "$WORK"/r"$RUN"-*
+  if [ "$REDIS" = 1 ] && start_redis; then
+    R=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
+    w1 redis "${R[@]}" --redis_prefix "b$RUN.w1:"
+    w1b redis "${R[@]}" --redis_prefix "b$RUN.w1b:"
+    w2 redis "${R[@]}" --redis_prefix "b$RUN.w2:"
+    kill -TERM "$REDIS_PID" 2>/dev/null || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    forget "$REDIS_PID"
+  fi
+done
+RUN=$((RUNS))
+
+[ -n "$RAW" ] && cp "$RESULTS" "$RAW"
+
+# --- the table ------------------------------------------------------------------------------------
+# cell METRIC STORE [range]: the median over runs (with min–max when asked and runs > 1).
+cell() {
+  awk -F'\t' -v m="$1" -v s="$2" -v r="${3:-}" '
+    $2 == m && $3 == s { v[n++] = $4 + 0 }
+    function fmt(x) {
+      if (x == int(x)) return sprintf("%d", x)
+      return sprintf(x >= 100 ? "%.0f" : (x >= 10 ? "%.1f" : "%.2f"), x)
+    }
+    END {
+      if (n == 0) { printf "—"; exit }
+      for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+      med = (n % 2) ? v[(n - 1) / 2] : (v[n / 2 - 1] + v[n / 2]) / 2
+      printf "%s", fmt(med)
+      if (r != "" && n > 1) printf " (%s–%s)", fmt(v[0]), fmt(v[n - 1])
+    }' "$RESULTS"
+}
+row() { # row LABEL TARGET EMBEDDED REDIS
+  printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"
+}
+trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
+
+{
+  echo
+  echo "poulpe $COMMIT$DIRTY, $PROFILE build, $(date -u +%FT%TZ), $(nproc) cores, kernel $(uname -r),"
+  echo "data dir $FS; $RUNS run(s)$([ "$RUNS" -gt 1 ] && echo ': medians (min–max)'); W4 with $W4_N tasks"
+  echo
+  row "figure" "target (DESIGN.md §8)" "embedded" "redis"
+  row "---" "---" "---" "---"
+  row "fsync 4 KiB + fdatasync, append: p50 / p99 µs" "— (bounds durable acks)" \
+    "$(cell fsync_fsync_append_p50_us fs) / $(cell fsync_fsync_append_p99_us fs)" "—"
+  row "fsync 4 KiB + fdatasync, overwrite: p50 / p99 µs" "—" \
+    "$(cell fsync_fsync_overwrite_p50_us fs) / $(cell fsync_fsync_overwrite_p99_us fs)" "—"
+  row "W1 submits/s ($W1_N tasks, 1 per request, 8 conns)" "≥ 30,000 (Redis ≥ 15,000)" \
+    "$(cell w1_submits_per_s embedded r)" "$(cell w1_submits_per_s redis r)"
+  row "W1 submit ack round trip p50 / p99 ms" "—" \
+    "$(cell w1_ack_rtt_p50_ms embedded) / $(cell w1_ack_rtt_p99_ms embedded)" \
+    "$(cell w1_ack_rtt_p50_ms redis) / $(cell w1_ack_rtt_p99_ms redis)"
+  row "W1 executed tasks/s (first submit → last sink hit)" "≥ 15,000" \
+    "$(cell w1_executed_per_s embedded r)" "$(cell w1_executed_per_s redis r)"
+  row "W1b submits/s (JSON arrays of $W1B_BATCH)" "— (BullMQ addBulk 14,000–15,700)" \
+    "$(cell w1b_submits_per_s embedded r)" "$(cell w1b_submits_per_s redis r)"
+  row "W1b executed tasks/s (arrays of $W1B_BATCH)" "≥ 15,000" \
+    "$(cell w1b_executed_per_s embedded r)" "$(cell w1b_executed_per_s redis r)"
+  row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
+    "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
+    "$(trio w2_lateness_p50_ms redis w2_lateness_p99_ms w2_lateness_max_ms)"
+  row "W2 early tasks" "0" "$(cell w2_early embedded)" "$(cell w2_early redis)"
+  row "W3 idle RSS MB (VmRSS after start)" "≤ 5" \
+    "$(cell idle_rss_mb embedded r)" "$(cell idle_rss_mb redis r)"
+  row "W3 peak RSS MB during W1 (VmHWM)" "≤ 50" \
+    "$(cell peak_rss_mb embedded r)" "$(cell peak_rss_mb redis r)"
+  row "W4 submits/s ($W4_N delayed 1 h, arrays of $W4_BATCH)" "—" \
+    "$(cell w4_submits_per_s embedded r)" "—"
+  row "W4 RSS MB with $W4_N pending (peak)" "≤ 300 (for 1,000,000)" \
+    "$(cell w4_rss_mb embedded r) ($(cell w4_peak_rss_mb embedded))" "—"
+  row "W4 data dir MB / SIGTERM → exit ms" "—" \
+    "$(cell w4_db_mb embedded) / $(cell w4_stop_ms embedded)" "—"
+  row "W4 restart → /health answers, ms" "≤ 2,000" "$(cell w4_health_ms embedded r)" "—"
+  row "W4 restart → all $W4_N re-armed (/sys_info delaying_total), ms" "≤ 2,000" \
+    "$(cell w4_rearmed_ms embedded r)" "—"
+  row "W4 RSS MB after restart" "—" "$(cell w4_restart_rss_mb embedded r)" "—"
+  row "binary size MiB (the binary measured)" "≤ 8 MB (static musl)" "$SIZE_MB" "—"
+} 
+
+if [ "${#FAILS[@]}" -gt 0 ]; then
+  echo
+  echo "FAILED (${#FAILS[@]}):"
+  printf '  - %s\n' "${FAILS[@]}"
+  exit 1
+fi
+say "ok"
