@@ -62,7 +62,11 @@ impl HttpExec {
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
         HttpExec {
-            agent: config.into(),
+            agent: Agent::with_parts(
+                config,
+                ureq::unversioned::transport::DefaultConnector::new(),
+                super::resolve::CachingResolver::default(),
+            ),
         }
     }
 

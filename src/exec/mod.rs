@@ -4,6 +4,7 @@
 pub mod http;
 pub mod mail;
 pub mod program;
+pub mod resolve;
 
 use crate::task::{ExecPolicy, Method, Task};
 use std::time::Duration;

@@ -28,9 +28,36 @@ pub fn bind(app: &App) -> Result<Arc<Server>, String> {
 /// Binds the listening socket before anything else starts, so that a busy port stops start-up
 /// before the store is opened and recovered tasks run.
 pub fn listen(bind: std::net::IpAddr, port: u16) -> Result<Arc<Server>, String> {
-    Server::http((bind, port))
+    let listener = std::net::TcpListener::bind((bind, port))
+        .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))?;
+    no_delay(&listener);
+    Server::from_listener(listener, None)
         .map(Arc::new)
-        .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))
+        .map_err(|e| format!("--port: cannot serve on {bind}:{port}: {e}"))
+}
+
+/// Sets `TCP_NODELAY` on the listening socket; Linux gives it to every accepted connection.
+/// tiny_http writes answers through a 1 KiB buffer, so without it an answer over 1 KiB waits
+/// ~40 ms for the client's delayed ACK (Nagle).
+fn no_delay(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket this process owns, with a valid int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::warn!(
+            "http: TCP_NODELAY not set: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Starts the handler threads.

@@ -9,6 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 
+/// Page cache of the embedded database.
+const CACHE_BYTES: usize = 48 * 1024 * 1024;
+
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// id -> 8 bytes of big-endian expiry (unix ms) followed by the result JSON.
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
@@ -44,7 +47,11 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join("poulpe.redb");
-    let db = Database::create(&path)
+    // redb's default page cache is 1 GiB, which would hold most of a big file in memory; the
+    // hot pages of a job queue (recent inserts, due and running tasks) fit in much less.
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
         .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
     let txn = db.begin_write().map_err(unavailable)?;
     {
