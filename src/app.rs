@@ -301,4 +301,5 @@ pub fn shutdown(app: &App, running: Running, grace: Duration) {
         let _ = c.join();
     }
     app.results.stop();
+    app.store.close();
 }

@@ -4,10 +4,11 @@
 use super::local::{Backend, LocalStore, Op};
 use super::StoreError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
-use std::thread;
+use std::thread::{self, JoinHandle};
 
 /// Page cache of the embedded database.
 const CACHE_BYTES: usize = 48 * 1024 * 1024;
@@ -25,14 +26,18 @@ const MAX_BATCH: usize = 4096;
 
 /// The redb file plus its writer thread.
 pub struct EmbeddedBackend {
-    db: Arc<Database>,
+    /// `None` once closed.
+    db: RwLock<Option<Arc<Database>>>,
     tx: Sender<Batch>,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// What one caller hands the writer; `done` is told when it is durable.
+/// What one caller hands the writer; `done` is told when it is durable. A batch with `close`
+/// set ends the writer after everything queued before it.
 struct Batch {
     ops: Vec<Op>,
     done: Option<Sender<Result<(), StoreError>>>,
+    close: bool,
 }
 
 /// The embedded store.
@@ -64,11 +69,15 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     let db = Arc::new(db);
     let (tx, rx) = unbounded();
     let writer_db = db.clone();
-    thread::Builder::new()
+    let handle = thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || writer(&writer_db, &rx))
         .map_err(unavailable)?;
-    Ok(LocalStore::new(EmbeddedBackend { db, tx }))
+    Ok(LocalStore::new(EmbeddedBackend {
+        db: RwLock::new(Some(db)),
+        tx,
+        writer: Mutex::new(Some(handle)),
+    }))
 }
 
 fn expiry_key(expires_ms: i64, id: &str) -> Vec<u8> {
@@ -86,13 +95,17 @@ fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
 
 /// Group commit: takes everything waiting, writes it in one transaction, tells every caller.
 fn writer(db: &Database, rx: &Receiver<Batch>) {
-    while let Ok(first) = rx.recv() {
+    let mut closing = false;
+    while !closing {
+        let Ok(first) = rx.recv() else { return };
+        closing = first.close;
         let mut batches = vec![first];
         let mut n = batches[0].ops.len();
-        while n < MAX_BATCH {
+        while n < MAX_BATCH && !closing {
             match rx.try_recv() {
                 Ok(b) => {
                     n += b.ops.len();
+                    closing = b.close;
                     batches.push(b);
                 }
                 Err(_) => break,
@@ -167,6 +180,16 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
     txn.commit().map_err(unavailable)
 }
 
+impl EmbeddedBackend {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read();
+        let db = db
+            .as_ref()
+            .ok_or_else(|| unavailable("the store is closed"))?;
+        db.begin_read().map_err(unavailable)
+    }
+}
+
 impl Backend for EmbeddedBackend {
     fn name(&self) -> &'static str {
         "embedded"
@@ -178,6 +201,7 @@ impl Backend for EmbeddedBackend {
             .send(Batch {
                 ops,
                 done: Some(done),
+                close: false,
             })
             .map_err(|_| unavailable("the writer thread has stopped"))?;
         wait.recv()
@@ -185,19 +209,43 @@ impl Backend for EmbeddedBackend {
     }
 
     fn write_later(&self, ops: Vec<Op>) {
-        if self.tx.send(Batch { ops, done: None }).is_err() {
+        let later = Batch {
+            ops,
+            done: None,
+            close: false,
+        };
+        if self.tx.send(later).is_err() {
             log::warn!("store: the writer thread has stopped; a state mark was not written");
         }
     }
 
+    fn close(&self) {
+        let _ = self.tx.send(Batch {
+            ops: Vec::new(),
+            done: None,
+            close: true,
+        });
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+        // The last reference: redb marks the file cleanly closed, so the next open needs no
+        // repair scan.
+        if let Some(db) = self.db.write().take() {
+            match Arc::try_unwrap(db) {
+                Ok(db) => drop(db),
+                Err(_) => log::warn!("store: the database is still in use; not closed cleanly"),
+            }
+        }
+    }
+
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(TASKS).map_err(unavailable)?;
         Ok(t.get(id).map_err(unavailable)?.map(|g| g.value().to_vec()))
     }
 
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(RESULTS).map_err(unavailable)?;
         let Some(g) = t.get(id).map_err(unavailable)? else {
             return Ok(None);
@@ -209,7 +257,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(TASKS).map_err(unavailable)?;
         for item in t.iter().map_err(unavailable)? {
             let (_, v) = item.map_err(unavailable)?;
@@ -219,7 +267,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(META).map_err(unavailable)?;
         Ok(t.get(key)
             .map_err(unavailable)?
@@ -227,7 +275,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(EXPIRY).map_err(unavailable)?;
         let upper = (now_ms.max(0) as u64).to_be_bytes();
         let mut out = Vec::new();
@@ -292,5 +340,25 @@ mod tests {
             s.insert(&[task("d", State::Ready, 0)]),
             Err(StoreError::Duplicate("d".into()))
         );
+    }
+
+    #[test]
+    fn close_writes_queued_marks_refuses_later_calls_and_frees_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path()).expect("open");
+        s.insert(&[task("a", State::Ready, 1)]).expect("insert");
+        // The running mark is written asynchronously; close must still persist it.
+        assert!(s.claim(&task("a", State::Ready, 1)).expect("claim"));
+        s.close();
+        assert!(matches!(s.get_meta("k"), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            s.insert(&[task("b", State::Ready, 1)]),
+            Err(StoreError::Unavailable(_))
+        ));
+        // The file is released at once: no retry loop needed to open it again.
+        let again = open(dir.path()).expect("reopen right after close");
+        let rec = again.recover().expect("recover");
+        let got: Vec<(&str, bool)> = rec.iter().map(|r| (&*r.id, r.was_running)).collect();
+        assert_eq!(got, vec![("a", true)]);
     }
 }

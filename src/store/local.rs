@@ -40,6 +40,8 @@ pub trait Backend: Send + Sync {
     /// Expiry entries due before `now_ms`, at most `limit`.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Finishes queued writes and closes the storage (at shutdown).
+    fn close(&self) {}
 }
 
 /// A `Store` over any `Backend`.
@@ -80,6 +82,10 @@ impl<B: Backend> LocalStore<B> {
 impl<B: Backend> Store for LocalStore<B> {
     fn name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    fn close(&self) {
+        self.backend.close();
     }
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {

@@ -125,6 +125,10 @@ pub trait Store: Send + Sync {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// Finishes queued writes and closes the store at shutdown, so that the next start needs
+    /// no repair; every later call fails with `Unavailable`.
+    fn close(&self) {}
 }
 
 /// Starts the thread that deletes expired results every `every`.
