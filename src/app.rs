@@ -176,13 +176,11 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
     let t0 = Instant::now();
     let recovered = store.recover().map_err(StartError::Store)?;
     let was_running = recovered.iter().filter(|r| r.was_running).count();
-    for r in &recovered {
-        timer.schedule(r.id.clone(), r.due_us);
-    }
-    if !recovered.is_empty() {
+    let count = recovered.len();
+    timer.schedule_all(recovered.into_iter().map(|r| (r.id, r.due_us)).collect());
+    if count > 0 {
         log::info!(
-            "recovered {} unfinished tasks ({was_running} were running and run again) in {} ms",
-            recovered.len(),
+            "recovered {count} unfinished tasks ({was_running} were running and run again) in {} ms",
             t0.elapsed().as_millis()
         );
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 enum Cmd {
     At(u64, Arc<str>),
+    Many(Vec<(Arc<str>, u64)>),
     Stop,
 }
 
@@ -39,6 +40,14 @@ impl Timer {
     pub fn schedule(&self, id: Arc<str>, due_us: u64) {
         if self.tx.send(Cmd::At(due_us, id)).is_err() {
             log::warn!("timer: stopped; a waiting task stays in the store for the next start");
+        }
+    }
+
+    /// Releases many tasks at their times: one message, and the heap built in one go
+    /// (recovery hands over a million at start).
+    pub fn schedule_all(&self, items: Vec<(Arc<str>, u64)>) {
+        if self.tx.send(Cmd::Many(items)).is_err() {
+            log::warn!("timer: stopped; waiting tasks stay in the store for the next start");
         }
     }
 
@@ -78,6 +87,15 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
             Cmd::At(due, id) => {
                 seq += 1;
                 heap.push(Reverse((due, seq, id)));
+            }
+            Cmd::Many(items) => {
+                let mut all = std::mem::take(&mut heap).into_vec();
+                all.reserve(items.len());
+                for (id, due) in items {
+                    seq += 1;
+                    all.push(Reverse((due, seq, id)));
+                }
+                heap = BinaryHeap::from(all);
             }
             Cmd::Stop => return,
         }
@@ -132,6 +150,32 @@ mod tests {
         let second = pool.next(0).expect("task");
         assert_eq!(second.id, "late");
         assert!(now_us() >= due, "never early");
+        timer.stop();
+        h.join().expect("join");
+    }
+
+    #[test]
+    fn a_bulk_hand_over_merges_with_waiting_tasks_in_due_order() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::memory::open());
+        let pool = Arc::new(Pool::new(1));
+        let (timer, h) = Timer::start(store.clone(), pool.clone()).expect("start");
+        let due = now_us() + 80_000;
+        let ids = ["b", "a", "c"];
+        let dues = [due + 20_000, due, due + 40_000];
+        let tasks: Vec<_> = ids
+            .iter()
+            .zip(dues)
+            .map(|(id, d)| task(id, State::Delayed, d))
+            .collect();
+        store.insert(&tasks).expect("insert");
+        timer.schedule(Arc::from("b"), dues[0]);
+        timer.schedule_all(vec![(Arc::from("c"), dues[2]), (Arc::from("a"), dues[1])]);
+        for (id, d) in [("a", dues[1]), ("b", dues[0]), ("c", dues[2])] {
+            let t = pool.next(0).expect("task");
+            assert_eq!(t.id, id);
+            assert!(now_us() >= d, "never early");
+            pool.done(0);
+        }
         timer.stop();
         h.join().expect("join");
     }

@@ -211,28 +211,32 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
         let mut out = Vec::new();
+        let mut retry_wait = Vec::new();
         let mut bad = 0usize;
         self.backend
             .each_task(&mut |bytes| match decode::<Head>(bytes) {
                 Ok(h) => {
-                    let id: Arc<str> = Arc::from(h.id.as_str());
-                    let state = if h.state == State::RetryWait {
-                        State::RetryWait
-                    } else {
-                        State::Delayed
-                    };
-                    self.live.restore(id.clone(), state);
                     out.push(Recovered {
-                        id,
+                        id: Arc::from(h.id.as_str()),
                         due_us: h.due_us,
                         was_running: h.state == State::Running,
                     });
+                    retry_wait.push(h.state == State::RetryWait);
                 }
                 Err(_) => bad += 1,
             })?;
         if bad > 0 {
             log::error!("store: {bad} stored tasks could not be decoded and were skipped");
         }
+        self.live
+            .restore(out.iter().zip(&retry_wait).map(|(r, &retry)| {
+                let state = if retry {
+                    State::RetryWait
+                } else {
+                    State::Delayed
+                };
+                (r.id.clone(), state)
+            }));
         Ok(out)
     }
 
