@@ -453,6 +453,19 @@ fn report_submitted(s: &mut Submitted) -> f64 {
         "ack_rtt_p99_ms {:.2}",
         quantile(&s.rtt_us, 0.99) as f64 / 1e3
     );
+    println!(
+        "ack_rtt_p999_ms {:.2}",
+        quantile(&s.rtt_us, 0.999) as f64 / 1e3
+    );
+    let total_ms = s.rtt_us.iter().sum::<u64>() as f64 / 1e3;
+    println!(
+        "ack_rtt_mean_ms {:.2}",
+        total_ms / s.rtt_us.len().max(1) as f64
+    );
+    println!(
+        "ack_rtt_max_ms {:.2}",
+        s.rtt_us.last().copied().unwrap_or(0) as f64 / 1e3
+    );
     for e in &s.errors {
         eprintln!("error: {e}");
     }

@@ -1,0 +1,94 @@
+//! Connection handling of the HTTP port: clients that open many keep-alive connections at once
+//! are all served, and each connection keeps working for later requests.
+
+mod common;
+use common::Server;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
+fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((
+        status,
+        String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string(),
+    ))
+}
+
+/// Opens `n` connections first, then sends one request on each, then reads every answer.
+fn burst(port: u16, n: usize, round: usize, conns: &mut Vec<TcpStream>) {
+    while conns.len() < n {
+        let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        conns.push(c);
+    }
+    for c in conns.iter_mut() {
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+            .expect("send");
+    }
+    let mut unanswered = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        match read_response(c) {
+            Ok((200, body)) => assert!(body.contains("\"ok\""), "conn {i}: {body}"),
+            Ok((code, body)) => panic!("round {round}, conn {i}: HTTP {code} {body}"),
+            Err(e) => unanswered.push(format!("conn {i}: {e}")),
+        }
+    }
+    assert!(
+        unanswered.is_empty(),
+        "round {round}: {} of {n} keep-alive connections got no answer within 10 s: {unanswered:?}",
+        unanswered.len()
+    );
+}
+
+#[test]
+fn keep_alive_clients_connecting_together_are_all_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--workers", "2"]);
+    // Right after start the HTTP pool has a few idle threads: a burst larger than that once
+    // left the surplus connections unread until another connection closed.
+    let mut conns = Vec::new();
+    burst(s.port, 8, 1, &mut conns);
+    // The same connections again (keep-alive), then a second burst of new ones beside them.
+    burst(s.port, 8, 2, &mut conns);
+    burst(s.port, 40, 3, &mut conns);
+    drop(conns);
+    // Threads that served closed connections are idle now: a new burst must not queue behind
+    // them either.
+    let mut again = Vec::new();
+    burst(s.port, 24, 4, &mut again);
+}
