@@ -3,8 +3,8 @@
 
 use super::local::{Backend, LocalStore, Op};
 use super::StoreError;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use parking_lot::{Mutex, RwLock};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
@@ -36,8 +36,49 @@ pub struct EmbeddedBackend {
 /// set ends the writer after everything queued before it.
 struct Batch {
     ops: Vec<Op>,
-    done: Option<Sender<Result<(), StoreError>>>,
+    done: Option<Reply>,
     close: bool,
+}
+
+/// Where the writer puts one caller's commit outcome. The caller sleeps on a condvar: a
+/// channel's receive spins and yields first, which on two cores takes time from the writer.
+#[derive(Default)]
+struct Ack {
+    slot: Mutex<Option<Result<(), StoreError>>>,
+    ready: Condvar,
+}
+
+impl Ack {
+    fn wait(&self) -> Result<(), StoreError> {
+        let mut slot = self.slot.lock();
+        loop {
+            if let Some(r) = slot.take() {
+                return r;
+            }
+            self.ready.wait(&mut slot);
+        }
+    }
+}
+
+/// The writer's side of an `Ack`; dropped unanswered (the writer stopped), it answers
+/// `Unavailable`, so no caller waits forever.
+struct Reply(Arc<Ack>);
+
+impl Reply {
+    fn send(self, r: Result<(), StoreError>) {
+        *self.0.slot.lock() = Some(r);
+        self.0.ready.notify_one();
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        let mut slot = self.0.slot.lock();
+        if slot.is_none() {
+            *slot = Some(Err(unavailable("the writer thread has stopped")));
+            self.0.ready.notify_one();
+        }
+    }
 }
 
 /// The embedded store.
@@ -196,16 +237,15 @@ impl Backend for EmbeddedBackend {
     }
 
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        let (done, wait) = bounded(1);
+        let ack = Arc::new(Ack::default());
         self.tx
             .send(Batch {
                 ops,
-                done: Some(done),
+                done: Some(Reply(ack.clone())),
                 close: false,
             })
             .map_err(|_| unavailable("the writer thread has stopped"))?;
-        wait.recv()
-            .map_err(|_| unavailable("the writer thread has stopped"))?
+        ack.wait()
     }
 
     fn write_later(&self, ops: Vec<Op>) {
