@@ -158,7 +158,7 @@ fn writer(db: &Database, rx: &Receiver<Batch>) {
         }
         for b in batches {
             if let Some(done) = b.done {
-                let _ = done.send(res.clone());
+                done.send(res.clone());
             }
         }
     }
