@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+/// Most due tasks released with one store call.
+const MAX_RELEASE: usize = 256;
+
 enum Cmd {
     At(u64, Arc<str>),
     Many(Vec<(Arc<str>, u64)>),
@@ -64,9 +67,13 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
         let now = now_us();
         let cmd = match heap.peek() {
             Some(Reverse((due, _, _))) if *due <= now => {
-                if let Some(Reverse((_, _, id))) = heap.pop() {
-                    release(store, pool, &id, &mut heap, &mut seq);
+                let mut ids = Vec::new();
+                while ids.len() < MAX_RELEASE && heap.peek().is_some_and(|e| e.0 .0 <= now) {
+                    if let Some(Reverse((_, _, id))) = heap.pop() {
+                        ids.push(id);
+                    }
                 }
+                release(store, pool, ids, &mut heap, &mut seq);
                 // Take new commands too, so a flood of due tasks never starves intake.
                 match rx.try_recv() {
                     Ok(c) => c,
@@ -102,23 +109,26 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
     }
 }
 
-/// Moves a due task to a worker queue; a store error retries it a second later.
+/// Moves due tasks to worker queues; a store error retries that task a second later.
 fn release(
     store: &dyn Store,
     pool: &Pool,
-    id: &Arc<str>,
+    ids: Vec<Arc<str>>,
     heap: &mut BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
     seq: &mut u64,
 ) {
-    match store.take_due(id) {
-        Ok(Some(task)) => {
-            pool.dispatch(Arc::new(task));
-        }
-        Ok(None) => {} // cancelled, or already handed out
-        Err(e) => {
-            log::error!("timer: cannot load due task {id}: {e}; trying again in 1 s");
-            *seq += 1;
-            heap.push(Reverse((now_us() + 1_000_000, *seq, id.clone())));
+    let answers = store.take_due_many(&ids);
+    for (id, answer) in ids.into_iter().zip(answers) {
+        match answer {
+            Ok(Some(task)) => {
+                pool.dispatch(Arc::new(task));
+            }
+            Ok(None) => {} // cancelled, or already handed out
+            Err(e) => {
+                log::error!("timer: cannot load due task {id}: {e}; trying again in 1 s");
+                *seq += 1;
+                heap.push(Reverse((now_us() + 1_000_000, *seq, id)));
+            }
         }
     }
 }

@@ -91,6 +91,13 @@ pub trait Store: Send + Sync {
     /// it is no longer waiting (cancelled, or claimed elsewhere).
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError>;
 
+    /// `take_due` for several ids, one answer per id in the same order. The timer releases
+    /// every task that is due in one call, so a store behind a network pays one round trip for
+    /// a burst rather than one per task.
+    fn take_due_many(&self, ids: &[Arc<str>]) -> Vec<Result<Option<Task>, StoreError>> {
+        ids.iter().map(|id| self.take_due(id)).collect()
+    }
+
     /// Claims a ready task for one attempt; `false` means the caller lost (cancelled or taken).
     fn claim(&self, task: &Task) -> Result<bool, StoreError>;
 
@@ -250,6 +257,27 @@ pub mod contract {
         store.put_meta("k", "v1").expect("put meta");
         store.put_meta("k", "v2").expect("put meta");
         assert_eq!(store.get_meta("k").expect("meta").as_deref(), Some("v2"));
+
+        // Several due tasks at once: one answer per id, in order; each handed out once.
+        store
+            .insert(&[task("m1", State::Delayed, 4), task("m2", State::Delayed, 6)])
+            .expect("insert");
+        let ids: Vec<Arc<str>> = ["m2", "nope", "m1", "m2"].map(Arc::from).to_vec();
+        let got: Vec<Option<(String, State)>> = store
+            .take_due_many(&ids)
+            .into_iter()
+            .map(|r| r.expect("take_due_many").map(|t| (t.id, t.state)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Some(("m2".to_string(), State::Ready)),
+                None,
+                Some(("m1".to_string(), State::Ready)),
+                None,
+            ]
+        );
+        assert_eq!(store.take_due("m1").expect("take_due"), None, "only once");
 
         // Recovery makes every unfinished task wait for the timer, running ones included.
         store.insert(&[task("e", State::Ready, 3)]).expect("insert");

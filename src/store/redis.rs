@@ -71,6 +71,25 @@ end
 return false
 ";
 
+/// TAKE_DUE for every id after the prefix; `false` (nil in the reply) for ids not waiting.
+const TAKE_DUE_MANY: &str = r"
+local p = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local k = p .. 'task:' .. id
+  local s = redis.call('HGET', k, 'state')
+  if s == 'delayed' or s == 'retry_wait' then
+    redis.call('HSET', k, 'state', 'ready')
+    redis.call('ZREM', p .. 'due', id)
+    out[i - 1] = redis.call('HGET', k, 'data')
+  else
+    out[i - 1] = false
+  end
+end
+return out
+";
+
 const CLAIM: &str = r"
 local k = ARGV[1] .. 'task:' .. ARGV[2]
 if redis.call('HGET', k, 'state') == 'ready' then
@@ -151,6 +170,7 @@ pub struct RedisStore {
 struct Scripts {
     insert: Script,
     take_due: Script,
+    take_due_many: Script,
     claim: Script,
     cancel: Script,
     recover: Script,
@@ -222,6 +242,7 @@ impl RedisStore {
         let scripts = Scripts {
             insert: Script::new(INSERT),
             take_due: Script::new(TAKE_DUE),
+            take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
             recover: Script::new(RECOVER),
@@ -354,6 +375,13 @@ fn insert_loop(
     }
 }
 
+/// A task record taken off the due set, marked ready.
+fn ready_task(data: &str) -> Result<Task, StoreError> {
+    let mut t: Task = serde_json::from_str(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    t.state = State::Ready;
+    Ok(t)
+}
+
 fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -379,14 +407,32 @@ impl Store for RedisStore {
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
         let data: Option<String> =
             self.with(|c| self.scripts.take_due.arg(&self.prefix).arg(id).invoke(c))?;
-        match data {
-            None => Ok(None),
-            Some(d) => {
-                let mut t: Task =
-                    serde_json::from_str(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                t.state = State::Ready;
-                Ok(Some(t))
+        data.map(|d| ready_task(&d)).transpose()
+    }
+
+    fn take_due_many(&self, ids: &[Arc<str>]) -> Vec<Result<Option<Task>, StoreError>> {
+        let data: Result<Vec<Option<String>>, StoreError> = self.with(|c| {
+            let mut inv = self.scripts.take_due_many.prepare_invoke();
+            inv.arg(&self.prefix);
+            for id in ids {
+                inv.arg(&**id);
             }
+            inv.invoke(c)
+        });
+        match data {
+            Ok(data) if data.len() == ids.len() => data
+                .into_iter()
+                .map(|d| d.map(|d| ready_task(&d)).transpose())
+                .collect(),
+            Ok(data) => {
+                let e = StoreError::Corrupt(format!(
+                    "take_due_many answered {} entries for {} ids",
+                    data.len(),
+                    ids.len()
+                ));
+                ids.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
         }
     }
 
