@@ -92,3 +92,60 @@ fn keep_alive_clients_connecting_together_are_all_served() {
     let mut again = Vec::new();
     burst(s.port, 24, 4, &mut again);
 }
+
+/// Sets the open-file limit of process `pid` (soft and hard).
+fn limit_open_files(pid: u32, n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit on a child process of this test, with a valid rlimit and no old value.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_stop_the_server_accepting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--workers", "2"]);
+    let pid = s.pid().expect("pid");
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count() as u64;
+    limit_open_files(pid, open_now + 20);
+    // More connections than descriptors left: the kernel completes them (backlog), the server
+    // cannot accept them all.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        match TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], s.port)),
+            Duration::from_millis(300),
+        ) {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    common::eventually(Duration::from_secs(10), "accept to fail", || {
+        s.log_text().contains("Too many open files").then_some(())
+    });
+    drop(held);
+    // Once descriptors are free again the server accepts and answers as before.
+    let mut conns = Vec::new();
+    common::eventually(Duration::from_secs(15), "/health after the storm", || {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+            .ok()?;
+        let (code, _) = read_response(&mut c).ok()?;
+        conns.push(c);
+        (code == 200).then_some(())
+    });
+    burst(s.port, 8, 1, &mut Vec::new());
+}

@@ -294,7 +294,7 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
+                        let streams = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -311,7 +311,9 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        streams.map(|(read_closable, write_closable)| {
+                            ClientConnection::new(write_closable, read_closable)
+                        })
                     }
                     Err(e) => Err(e),
                 };
@@ -338,10 +340,14 @@ impl Server {
                         }));
                     }
 
+                    // poulpe patch: upstream pushed the error to the request queue and ended
+                    // the accept thread, so one failed accept (e.g. out of file descriptors
+                    // under many connections) stopped the server from accepting for good.
+                    // Such errors pass: log, give the process a moment to free
+                    // descriptors, and go on accepting.
                     Err(e) => {
                         log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        thread::sleep(std::time::Duration::from_millis(100));
                     }
                 }
             }
