@@ -60,18 +60,8 @@ end
 return out
 ";
 
-const TAKE_DUE: &str = r"
-local k = ARGV[1] .. 'task:' .. ARGV[2]
-local s = redis.call('HGET', k, 'state')
-if s == 'delayed' or s == 'retry_wait' then
-  redis.call('HSET', k, 'state', 'ready')
-  redis.call('ZREM', ARGV[1] .. 'due', ARGV[2])
-  return redis.call('HGET', k, 'data')
-end
-return false
-";
-
-/// TAKE_DUE for every id after the prefix; `false` (nil in the reply) for ids not waiting.
+/// Moves each id after the prefix from waiting (delayed or retry_wait) to ready and answers its
+/// data, or `false` (nil in the reply) for an id that is not waiting.
 const TAKE_DUE_MANY: &str = r"
 local p = ARGV[1]
 local out = {}
@@ -169,7 +159,6 @@ pub struct RedisStore {
 #[derive(Clone)]
 struct Scripts {
     insert: Script,
-    take_due: Script,
     take_due_many: Script,
     claim: Script,
     cancel: Script,
@@ -241,7 +230,6 @@ impl RedisStore {
         }
         let scripts = Scripts {
             insert: Script::new(INSERT),
-            take_due: Script::new(TAKE_DUE),
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
@@ -405,9 +393,9 @@ impl Store for RedisStore {
     }
 
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        let data: Option<String> =
-            self.with(|c| self.scripts.take_due.arg(&self.prefix).arg(id).invoke(c))?;
-        data.map(|d| ready_task(&d)).transpose()
+        self.take_due_many(&[Arc::from(id)])
+            .pop()
+            .unwrap_or(Ok(None))
     }
 
     fn take_due_many(&self, ids: &[Arc<str>]) -> Vec<Result<Option<Task>, StoreError>> {
