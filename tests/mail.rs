@@ -276,3 +276,47 @@ fn permanent_rejection_dead_letters_at_once_and_outage_retries() {
     assert_eq!(r["status"], "dead", "{r}");
     assert_eq!(r["attempts"], 3, "first attempt plus two retries: {r}");
 }
+
+#[test]
+fn a_task_timeout_bounds_a_relay_that_never_answers() {
+    // A relay that accepts connections and never sends its greeting.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port().to_string();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for c in silent.incoming().flatten() {
+            keep.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(
+        &dir,
+        &[
+            "--smtp_server",
+            "127.0.0.1",
+            "--smtp_port",
+            &port,
+            "--smtp_from",
+            "f@example.org",
+            "--task_timeout",
+            "120",
+            "--max_retry",
+            "0",
+        ],
+    );
+    // With the relay's 120 s the wait below would run out; the task's own 1 s ends the attempt.
+    let (code, body) = s.submit(&json!({
+        "id":"slow-relay","method":"MAIL_TO","name":"to@example.org",
+        "params":{"title":"t","body":"b"},"timeout":1,"wait":20}));
+    assert_eq!(code, 200, "the attempt ended within the wait: {body}");
+    assert_eq!(body["status"], "dead", "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("SMTP"),
+        "{body}"
+    );
+    assert!(
+        !held.lock().unwrap_or_else(|p| p.into_inner()).is_empty(),
+        "poulpe did connect to the relay"
+    );
+}

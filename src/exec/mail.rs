@@ -7,10 +7,12 @@ use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::{PoolConfig, SmtpTransportBuilder};
 use lettre::{Message, SmtpTransport, Transport};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -153,9 +155,17 @@ fn recipients(list: &str) -> Result<Vec<Mailbox>, String> {
     Ok(out)
 }
 
-/// The MAIL_TO executor: one pooled SMTP transport shared by all workers.
+/// Most distinct per-task timeouts that get a pooled transport of their own; tasks with further
+/// values use the default transport (`--task_timeout`).
+const MAX_TIMEOUT_POOLS: usize = 8;
+
+/// The MAIL_TO executor: one pooled SMTP transport shared by all workers, plus one per distinct
+/// per-task `timeout` (lettre sets timeouts per transport, not per mail).
 pub struct MailExec {
     transport: SmtpTransport,
+    default_timeout: Duration,
+    builder: SmtpTransportBuilder,
+    by_timeout: Mutex<HashMap<Duration, SmtpTransport>>,
 }
 
 impl MailExec {
@@ -186,12 +196,33 @@ impl MailExec {
             b = b.credentials(Credentials::new(user.clone(), pwd.clone()));
         }
         Ok(MailExec {
-            transport: b.build(),
+            transport: b.clone().build(),
+            default_timeout: timeout,
+            builder: b,
+            by_timeout: Mutex::new(HashMap::new()),
         })
     }
 
+    /// The transport whose socket timeouts are `timeout`.
+    fn transport(&self, timeout: Duration) -> SmtpTransport {
+        if timeout == self.default_timeout {
+            return self.transport.clone();
+        }
+        let mut pools = self.by_timeout.lock();
+        if let Some(t) = pools.get(&timeout) {
+            return t.clone();
+        }
+        if pools.len() >= MAX_TIMEOUT_POOLS {
+            return self.transport.clone();
+        }
+        let t = self.builder.clone().timeout(Some(timeout)).build();
+        pools.insert(timeout, t.clone());
+        t
+    }
+
     /// Sends one mail; a 5xx answer is permanent (dead at once), anything else may be retried.
-    pub fn run(&self, task: &Task) -> RunResult {
+    /// `timeout` bounds each network step (connect, each read and write).
+    pub fn run(&self, task: &Task, timeout: Duration) -> RunResult {
         let params: MailParams = match serde_json::from_str(&task.params) {
             Ok(p) => p,
             Err(e) => {
@@ -210,7 +241,7 @@ impl MailExec {
                 }
             }
         };
-        match self.transport.send(&message) {
+        match self.transport(timeout).send(&message) {
             Ok(resp) => {
                 let text: Vec<&str> = resp.message().collect();
                 RunResult {

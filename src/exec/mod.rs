@@ -60,7 +60,7 @@ impl Executors {
             Method::Get | Method::Post => self.http.run(task, timeout),
             Method::Exec => program::run(task, &self.exec, timeout),
             Method::MailTo => match &self.mail {
-                Some(m) => m.run(task),
+                Some(m) => m.run(task, timeout),
                 None => RunResult {
                     permanent: true,
                     ..RunResult::failed("MAIL_TO needs an SMTP relay (--smtp_server)")
