@@ -51,6 +51,8 @@ pub struct Config {
     pub max_ws: usize,
     /// Seconds without input before a WebSocket connection is closed.
     pub ws_idle: u64,
+    /// Seconds without input before an HTTP connection is closed.
+    pub http_idle: u64,
     /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
     pub ca_file: Option<PathBuf>,
     /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
@@ -198,6 +200,11 @@ const FLAGS: &[Flag] = &[
         "ws_idle",
         "300",
         "seconds without input before a WebSocket connection is closed",
+    ),
+    flag(
+        "http_idle",
+        "75",
+        "seconds without input before an HTTP connection is closed (idle keep-alive, stalled client)",
     ),
     flag(
         "ca_file",
@@ -494,6 +501,7 @@ impl Config {
         let max_body = number(&raw, "max_body", 1_048_576usize, 64, 1 << 30)?;
         let max_ws = number(&raw, "max_ws", 256usize, 1, 65_536)?;
         let ws_idle = number(&raw, "ws_idle", 300u64, 1, 86_400)?;
+        let http_idle = number(&raw, "http_idle", 75u64, 1, 86_400)?;
         let ca_file = match raw.get("ca_file") {
             None => None,
             Some(v) => {
@@ -561,6 +569,7 @@ impl Config {
             max_body,
             max_ws,
             ws_idle,
+            http_idle,
             ca_file,
             smtp,
             kafka: kafka_config(&raw)?,

@@ -58,7 +58,11 @@ fn main() -> ExitCode {
     };
     // The port first: a server that cannot serve must not open the store and run what it
     // recovers (each failed start would run those tasks again).
-    let server = match http::listen(config.bind, config.port) {
+    let server = match http::listen(
+        config.bind,
+        config.port,
+        Duration::from_secs(config.http_idle),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("poulpe: {e}");

@@ -149,3 +149,37 @@ fn running_out_of_file_descriptors_does_not_stop_the_server_accepting() {
     });
     burst(s.port, 8, 1, &mut Vec::new());
 }
+
+#[test]
+fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = common::Sink::start();
+    let s = Server::start(&dir, &["--workers", "2", "--http_idle", "1"]);
+
+    // An idle keep-alive connection is closed by the server after --http_idle.
+    let mut idle = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+        .expect("send");
+    assert_eq!(read_response(&mut idle).expect("answer").0, 200);
+    let mut buf = [0u8; 16];
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("an idle connection should be closed by the server, got {other:?}"),
+    }
+
+    // A long poll that outlasts --http_idle still gets its final answer.
+    let (code, body) = s.submit(&serde_json::json!({
+        "id": "late", "method": "GET", "name": sink.url("/late"), "delay": 3}));
+    assert_eq!(code, 200, "{body}");
+    let mut poll = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    poll.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    poll.write_all(b"GET /task_resp/late?timeout=15 HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+        .expect("send");
+    let (code, body) = read_response(&mut poll).expect("long-poll answer");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"succeeded\""), "{body}");
+}

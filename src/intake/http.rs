@@ -20,18 +20,14 @@ const HANDLERS: usize = 32;
 const POLL_DEFAULT_S: u64 = 60;
 const POLL_MAX_S: u64 = 300;
 
-/// Binds the listening socket (a bad address or a busy port stops start-up).
-pub fn bind(app: &App) -> Result<Arc<Server>, String> {
-    listen(app.config.bind, app.config.port)
-}
-
 /// Binds the listening socket before anything else starts, so that a busy port stops start-up
-/// before the store is opened and recovered tasks run.
-pub fn listen(bind: std::net::IpAddr, port: u16) -> Result<Arc<Server>, String> {
+/// before the store is opened and recovered tasks run. A connection that sends nothing for
+/// `idle` (an idle keep-alive connection, or a client stalled mid-request) is closed.
+pub fn listen(bind: std::net::IpAddr, port: u16, idle: Duration) -> Result<Arc<Server>, String> {
     let listener = std::net::TcpListener::bind((bind, port))
         .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))?;
     no_delay(&listener);
-    Server::from_listener(listener, None)
+    Server::from_listener_with_read_timeout(listener, None, Some(idle))
         .map(Arc::new)
         .map_err(|e| format!("--port: cannot serve on {bind}:{port}: {e}"))
 }
