@@ -58,7 +58,7 @@ impl TaskPool {
         };
 
         for _ in 0..MIN_THREADS {
-            pool.add_thread(None)
+            let _ = pool.add_thread(None);
         }
 
         pool
@@ -73,17 +73,31 @@ impl TaskPool {
         // `== 0` let a burst of new connections queue behind fewer idle threads than tasks; with
         // keep-alive the surplus waited until some other connection closed (possibly forever).
         if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
-            self.add_thread(Some(code));
+            // poulpe patch: when no thread can be created (a pids or memory limit), queue the
+            // task for the next free thread instead of panicking the accept thread.
+            if let Err(code) = self.add_thread(Some(code)) {
+                queue.push_back(code);
+                self.sharing.condvar.notify_one();
+            }
         } else {
             queue.push_back(code);
             self.sharing.condvar.notify_one();
         }
     }
 
-    fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
+    /// Starts a pool thread running `initial_fn` first; gives the task back when the thread
+    /// cannot be created.
+    fn add_thread(
+        &self,
+        initial_fn: Option<Box<dyn FnMut() + Send>>,
+    ) -> Result<(), Box<dyn FnMut() + Send>> {
         let sharing = self.sharing.clone();
+        // The task travels through a slot so that it can be taken back if the spawn fails.
+        let slot = Arc::new(Mutex::new(initial_fn));
+        let thread_slot = slot.clone();
 
-        thread::spawn(move || {
+        let spawned = thread::Builder::new().spawn(move || {
+            let initial_fn = thread_slot.lock().ok().and_then(|mut s| s.take());
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -127,6 +141,16 @@ impl TaskPool {
                 task();
             }
         });
+        match spawned {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                log::error!("Cannot start a connection thread: {}", e);
+                match slot.lock().ok().and_then(|mut s| s.take()) {
+                    Some(task) => Err(task),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 }
 
