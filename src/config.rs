@@ -53,6 +53,8 @@ pub struct Config {
     pub ws_idle: u64,
     /// Seconds without input before an HTTP connection is closed.
     pub http_idle: u64,
+    /// Most HTTP connections served at once (each holds a thread).
+    pub max_conns: usize,
     /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
     pub ca_file: Option<PathBuf>,
     /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
@@ -205,6 +207,11 @@ const FLAGS: &[Flag] = &[
         "http_idle",
         "75",
         "seconds without input before an HTTP connection is closed (idle keep-alive, stalled client)",
+    ),
+    flag(
+        "max_conns",
+        "1024",
+        "most HTTP connections at once, WebSocket ones apart (503 beyond)",
     ),
     flag(
         "ca_file",
@@ -502,6 +509,7 @@ impl Config {
         let max_ws = number(&raw, "max_ws", 256usize, 1, 65_536)?;
         let ws_idle = number(&raw, "ws_idle", 300u64, 1, 86_400)?;
         let http_idle = number(&raw, "http_idle", 75u64, 1, 86_400)?;
+        let max_conns = number(&raw, "max_conns", 1024usize, 1, 65_536)?;
         let ca_file = match raw.get("ca_file") {
             None => None,
             Some(v) => {
@@ -570,6 +578,7 @@ impl Config {
             max_ws,
             ws_idle,
             http_idle,
+            max_conns,
             ca_file,
             smtp,
             kafka: kafka_config(&raw)?,

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
         config.bind,
         config.port,
         Duration::from_secs(config.http_idle),
+        config.max_conns,
     ) {
         Ok(s) => s,
         Err(e) => {

@@ -137,6 +137,7 @@ fn help_lists_every_flag_with_its_default() {
         ("max_ws", Some("256")),
         ("ws_idle", Some("300")),
         ("http_idle", Some("75")),
+        ("max_conns", Some("1024")),
         ("smtp_server", None),
         ("smtp_port", None),
         ("smtp_name", None),

@@ -183,3 +183,50 @@ fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"succeeded\""), "{body}");
 }
+
+#[test]
+fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--workers", "2", "--max_conns", "6"]);
+    // The harness's own health checks may still hold a pooled connection: fill the remaining
+    // slots, each proven live by an answer.
+    let mut held: Vec<TcpStream> = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() <= 6,
+            "more than --max_conns connections were served"
+        );
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        // A refused connection is answered at once, before any request (sending one to a
+        // connection being closed could reset it before the answer is read).
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("read timeout");
+        let mut first = [0u8; 1];
+        let unsolicited = matches!(c.peek(&mut first), Ok(n) if n > 0);
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        if !unsolicited {
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+                .expect("send");
+        }
+        let (code, body) = read_response(&mut c).expect("an answer");
+        match code {
+            200 => held.push(c),
+            503 => break body,
+            other => panic!("HTTP {other}: {body}"),
+        }
+    };
+    assert!(refused.contains("too many open connections"), "{refused}");
+    assert!(!held.is_empty(), "some connections were served");
+    // Held connections keep working; closing one frees its slot for a new client.
+    burst(s.port, held.len(), 1, &mut held);
+    held.pop();
+    common::eventually(Duration::from_secs(10), "a freed slot", || {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+            .ok()?;
+        let (code, _) = read_response(&mut c).ok()?;
+        (code == 200).then_some(())
+    });
+}

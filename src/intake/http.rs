@@ -22,12 +22,18 @@ const POLL_MAX_S: u64 = 300;
 
 /// Binds the listening socket before anything else starts, so that a busy port stops start-up
 /// before the store is opened and recovered tasks run. A connection that sends nothing for
-/// `idle` (an idle keep-alive connection, or a client stalled mid-request) is closed.
-pub fn listen(bind: std::net::IpAddr, port: u16, idle: Duration) -> Result<Arc<Server>, String> {
+/// `idle` (an idle keep-alive connection, or a client stalled mid-request) is closed, and at most
+/// `max_conns` connections are served at once (each holds a thread; more get a 503).
+pub fn listen(
+    bind: std::net::IpAddr,
+    port: u16,
+    idle: Duration,
+    max_conns: usize,
+) -> Result<Arc<Server>, String> {
     let listener = std::net::TcpListener::bind((bind, port))
         .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))?;
     no_delay(&listener);
-    Server::from_listener_with_read_timeout(listener, None, Some(idle))
+    Server::from_listener_with_limits(listener, None, Some(idle), Some(max_conns))
         .map(Arc::new)
         .map_err(|e| format!("--port: cannot serve on {bind}:{port}: {e}"))
 }

@@ -243,16 +243,19 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Self::from_listener_with_read_timeout(listener, ssl_config, None)
+        Self::from_listener_with_limits(listener, ssl_config, None, None)
     }
 
     /// poulpe patch: `from_listener`, with a receive timeout set on every accepted connection,
     /// so that a connection that sends nothing for that long (idle keep-alive, or a client
-    /// that stalls mid-request) is closed and its thread freed.
-    pub fn from_listener_with_read_timeout<L: Into<Listener>>(
+    /// that stalls mid-request) is closed and its thread freed; and with at most
+    /// `max_connections` connections served at once (each holds a thread): a connection beyond
+    /// that gets a `503` answer and is closed. Upgraded connections stop counting once upgraded.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
         read_timeout: Option<std::time::Duration>,
+        max_connections: Option<usize>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -299,12 +302,17 @@ impl Server {
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
-                    Ok((sock, _)) => {
+                    Ok((mut sock, _)) => {
                         use util::RefinedTcpStream;
+                        if max_connections.is_some_and(|max| live.load(Relaxed) >= max) {
+                            refuse_busy(&mut sock);
+                            continue;
+                        }
                         if let Err(e) = sock.set_read_timeout(read_timeout) {
                             log::error!("Cannot set a read timeout on a new client: {}", e);
                         }
@@ -336,7 +344,10 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        live.fetch_add(1, Relaxed);
+                        let counted = LiveConnection(live.clone());
                         tasks_pool.spawn(Box::new(move || {
+                            let _counted = &counted;
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -462,4 +473,38 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// poulpe patch: counts a connection served by a pool thread until its task ends.
+struct LiveConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// poulpe patch: answers a connection over the limit with a 503 and closes it.
+fn refuse_busy(sock: &mut connection::Connection) {
+    use std::io::Write;
+    const BODY: &str = r#"{"result":"Fail","reason":"too many open connections"}"#;
+    let _ = sock.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        BODY.len(),
+        BODY
+    );
+    let _ = sock.write_all(answer.as_bytes());
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    // Read what the client already sent, without waiting: closing with unread input would
+    // reset the connection, and the client could lose the answer.
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(1)));
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match std::io::Read::read(sock, &mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    log::warn!("Too many open connections: one refused with 503");
 }
