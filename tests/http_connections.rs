@@ -48,6 +48,16 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
     ))
 }
 
+/// `Some` when a new connection gets a 200 from `/health` within 2 s.
+fn health_on_new_connection(port: u16) -> Option<()> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
+        .ok()?;
+    let (code, _) = read_response(&mut c).ok()?;
+    (code == 200).then_some(())
+}
+
 /// Opens `n` connections first, then sends one request on each, then reads every answer.
 fn burst(port: u16, n: usize, round: usize, conns: &mut Vec<TcpStream>) {
     while conns.len() < n {
@@ -137,15 +147,8 @@ fn running_out_of_file_descriptors_does_not_stop_the_server_accepting() {
     });
     drop(held);
     // Once descriptors are free again the server accepts and answers as before.
-    let mut conns = Vec::new();
     common::eventually(Duration::from_secs(15), "/health after the storm", || {
-        let mut c = TcpStream::connect(("127.0.0.1", s.port)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-            .ok()?;
-        let (code, _) = read_response(&mut c).ok()?;
-        conns.push(c);
-        (code == 200).then_some(())
+        health_on_new_connection(s.port)
     });
     burst(s.port, 8, 1, &mut Vec::new());
 }
@@ -222,11 +225,6 @@ fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
     burst(s.port, held.len(), 1, &mut held);
     held.pop();
     common::eventually(Duration::from_secs(10), "a freed slot", || {
-        let mut c = TcpStream::connect(("127.0.0.1", s.port)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-            .ok()?;
-        let (code, _) = read_response(&mut c).ok()?;
-        (code == 200).then_some(())
+        health_on_new_connection(s.port)
     });
 }

@@ -97,6 +97,21 @@ fn result(s: &Server, id: &str) -> Value {
     })
 }
 
+/// poulpe with a plain-SMTP relay on `port` (sender f@example.org) and `extra` flags.
+fn start_with_relay(dir: &tempfile::TempDir, port: u16, extra: &[&str]) -> Server {
+    let port = port.to_string();
+    let mut args = vec![
+        "--smtp_server",
+        "127.0.0.1",
+        "--smtp_port",
+        &port,
+        "--smtp_from",
+        "f@example.org",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(dir, &args)
+}
+
 #[test]
 fn plain_mail_arrives_with_recipients_subject_and_body() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -235,21 +250,10 @@ fn starttls_with_auth_and_a_trusted_ca_file() {
 fn permanent_rejection_dead_letters_at_once_and_outage_retries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let smtp = Smtp::start(dir.path(), &["--reject", "nobody"]);
-    let port = smtp.port.to_string();
-    let s = Server::start(
+    let s = start_with_relay(
         &dir,
-        &[
-            "--smtp_server",
-            "127.0.0.1",
-            "--smtp_port",
-            &port,
-            "--smtp_from",
-            "f@example.org",
-            "--max_retry",
-            "2",
-            "--retry_interval",
-            "1",
-        ],
+        smtp.port,
+        &["--max_retry", "2", "--retry_interval", "1"],
     );
     let (_, body) = s.submit(&json!({"id":"rej","method":"MAIL_TO","name":"nobody@example.org","params":{"title":"t","body":"b"},"wait":20}));
     assert_eq!(body["status"], "dead", "{body}");
@@ -281,7 +285,7 @@ fn permanent_rejection_dead_letters_at_once_and_outage_retries() {
 fn a_task_timeout_bounds_a_relay_that_never_answers() {
     // A relay that accepts connections and never sends its greeting.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port().to_string();
+    let port = silent.local_addr().expect("addr").port();
     let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let keep = held.clone();
     std::thread::spawn(move || {
@@ -290,21 +294,7 @@ fn a_task_timeout_bounds_a_relay_that_never_answers() {
         }
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(
-        &dir,
-        &[
-            "--smtp_server",
-            "127.0.0.1",
-            "--smtp_port",
-            &port,
-            "--smtp_from",
-            "f@example.org",
-            "--task_timeout",
-            "120",
-            "--max_retry",
-            "0",
-        ],
-    );
+    let s = start_with_relay(&dir, port, &["--task_timeout", "120", "--max_retry", "0"]);
     // With the relay's 120 s the wait below would run out; the task's own 1 s ends the attempt.
     let (code, body) = s.submit(&json!({
         "id":"slow-relay","method":"MAIL_TO","name":"to@example.org",
