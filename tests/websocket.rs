@@ -218,3 +218,30 @@ fn idle_connections_are_closed() {
     );
     assert_eq!(s.get("/health").0, 200);
 }
+
+#[test]
+fn websocket_connections_do_not_use_up_max_conns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--max_conns", "3"]);
+    // Five WebSocket connections, more than --max_conns: each leaves the HTTP count once
+    // upgraded (they are capped by --max_ws instead).
+    let mut open = Vec::new();
+    for i in 0..5 {
+        let ws = match connect(&s, "", &[]) {
+            Ok(ws) => ws,
+            Err(e) => panic!("WebSocket {i} refused: {e:?}"),
+        };
+        open.push(ws);
+    }
+    // They all work, and plain HTTP still gets through beside them.
+    for (i, ws) in open.iter_mut().enumerate() {
+        send(
+            ws,
+            &json!({"id": format!("ws-cap-{i}"), "method": "EXEC", "name": "true"}),
+        );
+        let ack = next(ws);
+        assert_eq!(ack["id"], format!("ws-cap-{i}"), "{ack}");
+    }
+    let (code, _) = s.get("/health");
+    assert_eq!(code, 200);
+}

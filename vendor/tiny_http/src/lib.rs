@@ -345,9 +345,8 @@ impl Server {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
                         live.fetch_add(1, Relaxed);
-                        let counted = LiveConnection(live.clone());
+                        let mut counted = Some(LiveConnection(live.clone()));
                         tasks_pool.spawn(Box::new(move || {
-                            let _counted = &counted;
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -358,10 +357,16 @@ impl Server {
                                     }
                                 } else {
                                     for rq in client {
+                                        // An upgraded connection (WebSocket) is handed over
+                                        // to its own handler and stops counting here.
+                                        if is_upgrade(&rq) {
+                                            counted.take();
+                                        }
                                         messages.push(rq.into());
                                     }
                                 }
                             }
+                            counted.take();
                         }));
                     }
 
@@ -482,6 +487,13 @@ impl Drop for LiveConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
     }
+}
+
+/// poulpe patch: whether a request asks for a protocol upgrade (`Connection: upgrade`).
+fn is_upgrade(rq: &Request) -> bool {
+    rq.headers().iter().any(|h| {
+        h.field.equiv("Connection") && h.value.as_str().to_ascii_lowercase().contains("upgrade")
+    })
 }
 
 /// poulpe patch: answers a connection over the limit with a 503 and closes it.
