@@ -155,8 +155,8 @@ fn recipients(list: &str) -> Result<Vec<Mailbox>, String> {
     Ok(out)
 }
 
-/// Most distinct per-task timeouts that get a pooled transport of their own; tasks with further
-/// values use the default transport (`--task_timeout`).
+/// Most distinct per-task timeouts that get a pooled transport of their own; a mail with a
+/// further value gets a transport of its own for that one send.
 const MAX_TIMEOUT_POOLS: usize = 8;
 
 /// The MAIL_TO executor: one pooled SMTP transport shared by all workers, plus one per distinct
@@ -213,7 +213,12 @@ impl MailExec {
             return t.clone();
         }
         if pools.len() >= MAX_TIMEOUT_POOLS {
-            return self.transport.clone();
+            return self
+                .builder
+                .clone()
+                .timeout(Some(timeout))
+                .pool_config(PoolConfig::new().max_size(1))
+                .build();
         }
         let t = self.builder.clone().timeout(Some(timeout)).build();
         pools.insert(timeout, t.clone());

@@ -6,7 +6,7 @@ use crate::dispatch::Pool;
 use crate::store::Store;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -63,6 +63,7 @@ impl Timer {
 fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
     let mut heap: BinaryHeap<Reverse<(u64, u64, Arc<str>)>> = BinaryHeap::new();
     let mut seq = 0u64;
+    let mut failed: HashSet<Arc<str>> = HashSet::new();
     loop {
         let now = now_us();
         let cmd = match heap.peek() {
@@ -73,7 +74,7 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
                         ids.push(id);
                     }
                 }
-                release(store, pool, ids, &mut heap, &mut seq);
+                release(store, pool, ids, &mut heap, &mut seq, &mut failed);
                 // Take new commands too, so a flood of due tasks never starves intake.
                 match rx.try_recv() {
                     Ok(c) => c,
@@ -109,34 +110,60 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
     }
 }
 
-/// Moves due tasks to worker queues; a store error retries that task a second later.
+/// Moves due tasks to worker queues; a store error retries that task a second later, and the
+/// retry also takes it if the failed call had already marked it ready (`again`).
 fn release(
     store: &dyn Store,
     pool: &Pool,
     ids: Vec<Arc<str>>,
     heap: &mut BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
     seq: &mut u64,
+    failed: &mut HashSet<Arc<str>>,
 ) {
-    let answers = store.take_due_many(&ids);
-    for (id, answer) in ids.into_iter().zip(answers) {
-        match answer {
-            Ok(Some(task)) => {
-                pool.dispatch(Arc::new(task));
-            }
-            Ok(None) => {} // cancelled, or already handed out
-            Err(e) => {
-                log::error!("timer: cannot load due task {id}: {e}; trying again in 1 s");
-                *seq += 1;
-                heap.push(Reverse((now_us() + 1_000_000, *seq, id)));
+    let (again, fresh): (Vec<Arc<str>>, Vec<Arc<str>>) =
+        ids.into_iter().partition(|id| failed.contains(id));
+    for (ids, again) in [(fresh, false), (again, true)] {
+        if ids.is_empty() {
+            continue;
+        }
+        let mut answers = store.take_due_many(&ids, again).into_iter();
+        for id in ids {
+            match answers.next() {
+                Some(Ok(Some(task))) => {
+                    failed.remove(&id);
+                    pool.dispatch(Arc::new(task));
+                }
+                Some(Ok(None)) => {
+                    failed.remove(&id); // cancelled, or already handed out
+                }
+                Some(Err(e)) => retry_later(id, &e, heap, seq, failed),
+                None => {
+                    let e = crate::store::StoreError::Corrupt("no answer for this id".into());
+                    retry_later(id, &e, heap, seq, failed);
+                }
             }
         }
     }
+}
+
+fn retry_later(
+    id: Arc<str>,
+    e: &crate::store::StoreError,
+    heap: &mut BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
+    seq: &mut u64,
+    failed: &mut HashSet<Arc<str>>,
+) {
+    log::error!("timer: cannot load due task {id}: {e}; trying again in 1 s");
+    *seq += 1;
+    heap.push(Reverse((now_us() + 1_000_000, *seq, id.clone())));
+    failed.insert(id);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::contract::task;
+    use crate::store::StoreError;
     use crate::task::State;
 
     #[test]
@@ -186,6 +213,99 @@ mod tests {
             assert!(now_us() >= d, "never early");
             pool.done(0);
         }
+        timer.stop();
+        h.join().expect("join");
+    }
+
+    /// A store whose first `take_due_many` does its work but loses the answer (as a Redis
+    /// call whose reply times out would).
+    struct LosesFirstAnswer {
+        inner: Arc<dyn Store>,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for LosesFirstAnswer {
+        fn name(&self) -> &'static str {
+            "lossy"
+        }
+        fn insert(&self, t: &[crate::task::Task]) -> Result<(), StoreError> {
+            self.inner.insert(t)
+        }
+        fn take_due(&self, id: &str) -> Result<Option<crate::task::Task>, StoreError> {
+            self.inner.take_due(id)
+        }
+        fn take_due_many(
+            &self,
+            ids: &[Arc<str>],
+            again: bool,
+        ) -> Vec<Result<Option<crate::task::Task>, StoreError>> {
+            let answers = self.inner.take_due_many(ids, again);
+            if self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                answers
+            } else {
+                ids.iter()
+                    .map(|_| Err(StoreError::Unavailable("answer lost".into())))
+                    .collect()
+            }
+        }
+        fn claim(&self, t: &crate::task::Task) -> Result<bool, StoreError> {
+            self.inner.claim(t)
+        }
+        fn record(&self, c: &[crate::store::Change]) -> Result<(), StoreError> {
+            self.inner.record(c)
+        }
+        fn cancel(&self, id: &str) -> Result<crate::store::Cancel, StoreError> {
+            self.inner.cancel(id)
+        }
+        fn status(&self, id: &str) -> Result<Option<State>, StoreError> {
+            self.inner.status(id)
+        }
+        fn result(&self, id: &str) -> Result<Option<crate::results::TaskResult>, StoreError> {
+            self.inner.result(id)
+        }
+        fn recover(&self) -> Result<Vec<crate::store::Recovered>, StoreError> {
+            self.inner.recover()
+        }
+        fn summary(&self, cap: usize) -> Result<crate::store::Summary, StoreError> {
+            self.inner.summary(cap)
+        }
+        fn gc(&self, now_ms: i64) -> Result<usize, StoreError> {
+            self.inner.gc(now_ms)
+        }
+        fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.inner.get_meta(key)
+        }
+        fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+            self.inner.put_meta(key, value)
+        }
+    }
+
+    #[test]
+    fn a_release_whose_answer_was_lost_is_retried_and_still_runs() {
+        let inner: Arc<dyn Store> = Arc::new(crate::store::memory::open());
+        let store: Arc<dyn Store> = Arc::new(LosesFirstAnswer {
+            inner: inner.clone(),
+            lost: std::sync::atomic::AtomicBool::new(false),
+        });
+        let pool = Arc::new(Pool::new(1));
+        let (timer, h) = Timer::start(store.clone(), pool.clone()).expect("start");
+        let due = now_us() + 20_000;
+        store
+            .insert(&[task("lost", State::Delayed, due)])
+            .expect("insert");
+        timer.schedule(Arc::from("lost"), due);
+        // Fail rather than hang if the task never comes.
+        let watchdog = pool.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            watchdog.stop();
+        });
+        // The first release marked it ready but its answer was lost; the retry a second later
+        // takes it anyway.
+        let t = pool.next(0).expect("the task after the retry, within 10 s");
+        assert_eq!(t.id, "lost");
+        assert!(now_us() >= due + 1_000_000, "handed out by the retry");
+        assert!(store.claim(&t).expect("claim"), "and it can run");
         timer.stop();
         h.join().expect("join");
     }

@@ -62,21 +62,22 @@ impl Ack {
 
 /// The writer's side of an `Ack`; dropped unanswered (the writer stopped), it answers
 /// `Unavailable`, so no caller waits forever.
-struct Reply(Arc<Ack>);
+struct Reply(Option<Arc<Ack>>);
 
 impl Reply {
-    fn send(self, r: Result<(), StoreError>) {
-        *self.0.slot.lock() = Some(r);
-        self.0.ready.notify_one();
+    fn send(mut self, r: Result<(), StoreError>) {
+        if let Some(ack) = self.0.take() {
+            *ack.slot.lock() = Some(r);
+            ack.ready.notify_one();
+        }
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        let mut slot = self.0.slot.lock();
-        if slot.is_none() {
-            *slot = Some(Err(unavailable("the writer thread has stopped")));
-            self.0.ready.notify_one();
+        if let Some(ack) = self.0.take() {
+            *ack.slot.lock() = Some(Err(unavailable("the writer thread has stopped")));
+            ack.ready.notify_one();
         }
     }
 }
@@ -241,7 +242,7 @@ impl Backend for EmbeddedBackend {
         self.tx
             .send(Batch {
                 ops,
-                done: Some(Reply(ack.clone())),
+                done: Some(Reply(Some(ack.clone()))),
                 close: false,
             })
             .map_err(|_| unavailable("the writer thread has stopped"))?;

@@ -77,6 +77,31 @@ impl<B: Backend> LocalStore<B> {
             backend,
         }
     }
+
+    /// Marks a waiting task ready (with `again`, one already ready passes too) and loads it.
+    fn take(&self, id: &str, again: bool) -> Result<Option<Task>, StoreError> {
+        let from: &[State] = if again {
+            &[State::Delayed, State::RetryWait, State::Ready]
+        } else {
+            &[State::Delayed, State::RetryWait]
+        };
+        if !self.live.transition(id, from, State::Ready) {
+            return Ok(None);
+        }
+        match self.backend.task(id)? {
+            Some(bytes) => {
+                let mut t: Task = decode(&bytes)?;
+                t.state = State::Ready;
+                Ok(Some(t))
+            }
+            None => {
+                self.live.remove(id);
+                Err(StoreError::Corrupt(format!(
+                    "task {id:?} is indexed but not stored"
+                )))
+            }
+        }
+    }
 }
 
 impl<B: Backend> Store for LocalStore<B> {
@@ -118,25 +143,15 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        if !self
-            .live
-            .transition(id, &[State::Delayed, State::RetryWait], State::Ready)
-        {
-            return Ok(None);
-        }
-        match self.backend.task(id)? {
-            Some(bytes) => {
-                let mut t: Task = decode(&bytes)?;
-                t.state = State::Ready;
-                Ok(Some(t))
-            }
-            None => {
-                self.live.remove(id);
-                Err(StoreError::Corrupt(format!(
-                    "task {id:?} is indexed but not stored"
-                )))
-            }
-        }
+        self.take(id, false)
+    }
+
+    fn take_due_many(
+        &self,
+        ids: &[Arc<str>],
+        again: bool,
+    ) -> Vec<Result<Option<Task>, StoreError>> {
+        ids.iter().map(|id| self.take(id, again)).collect()
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {

@@ -93,10 +93,12 @@ pub trait Store: Send + Sync {
 
     /// `take_due` for several ids, one answer per id in the same order. The timer releases
     /// every task that is due in one call, so a store behind a network pays one round trip for
-    /// a burst rather than one per task.
-    fn take_due_many(&self, ids: &[Arc<str>]) -> Vec<Result<Option<Task>, StoreError>> {
-        ids.iter().map(|id| self.take_due(id)).collect()
-    }
+    /// a burst rather than one per task. With `again` (these ids failed a release before), a
+    /// task already marked ready is handed out too: the failed call may have marked it before
+    /// its answer was lost, and only the timer hands out waiting tasks (a second hand-out is
+    /// harmless: `claim` lets one attempt run).
+    fn take_due_many(&self, ids: &[Arc<str>], again: bool)
+        -> Vec<Result<Option<Task>, StoreError>>;
 
     /// Claims a ready task for one attempt; `false` means the caller lost (cancelled or taken).
     fn claim(&self, task: &Task) -> Result<bool, StoreError>;
@@ -264,7 +266,7 @@ pub mod contract {
             .expect("insert");
         let ids: Vec<Arc<str>> = ["m2", "nope", "m1", "m2"].map(Arc::from).to_vec();
         let got: Vec<Option<(String, State)>> = store
-            .take_due_many(&ids)
+            .take_due_many(&ids, false)
             .into_iter()
             .map(|r| r.expect("take_due_many").map(|t| (t.id, t.state)))
             .collect();
@@ -278,6 +280,24 @@ pub mod contract {
             ]
         );
         assert_eq!(store.take_due("m1").expect("take_due"), None, "only once");
+        // A release whose answer was lost is retried with `again`: ready tasks come back too.
+        let again = store.take_due_many(&[Arc::from("m1"), Arc::from("nope")], true);
+        let again: Vec<Option<String>> = again
+            .into_iter()
+            .map(|r| r.expect("take_due_many again").map(|t| t.id))
+            .collect();
+        assert_eq!(again, vec![Some("m1".to_string()), None]);
+        let m1 = task("m1", State::Ready, 4);
+        assert!(store.claim(&m1).expect("claim"), "one claim wins");
+        assert!(
+            !store.claim(&m1).expect("claim"),
+            "a second hand-out cannot run it again"
+        );
+        assert_eq!(
+            store.take_due_many(&[Arc::from("m1")], true)[0],
+            Ok(None),
+            "a running task is not handed out"
+        );
 
         // Recovery makes every unfinished task wait for the timer, running ones included.
         store.insert(&[task("e", State::Ready, 3)]).expect("insert");

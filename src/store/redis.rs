@@ -60,21 +60,23 @@ end
 return out
 ";
 
-/// Moves each id after the prefix from waiting (delayed or retry_wait) to ready and answers its
-/// data, or `false` (nil in the reply) for an id that is not waiting.
+/// Moves each id after the prefix and the `again` flag from waiting (delayed or retry_wait;
+/// with `again` = '1' also ready) to ready and answers its data, or `false` (nil in the reply)
+/// for an id that is not waiting.
 const TAKE_DUE_MANY: &str = r"
 local p = ARGV[1]
+local again = ARGV[2] == '1'
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   local k = p .. 'task:' .. id
   local s = redis.call('HGET', k, 'state')
-  if s == 'delayed' or s == 'retry_wait' then
+  if s == 'delayed' or s == 'retry_wait' or (again and s == 'ready') then
     redis.call('HSET', k, 'state', 'ready')
     redis.call('ZREM', p .. 'due', id)
-    out[i - 1] = redis.call('HGET', k, 'data')
+    out[i - 2] = redis.call('HGET', k, 'data')
   else
-    out[i - 1] = false
+    out[i - 2] = false
   end
 end
 return out
@@ -393,15 +395,19 @@ impl Store for RedisStore {
     }
 
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.take_due_many(&[Arc::from(id)])
+        self.take_due_many(&[Arc::from(id)], false)
             .pop()
             .unwrap_or(Ok(None))
     }
 
-    fn take_due_many(&self, ids: &[Arc<str>]) -> Vec<Result<Option<Task>, StoreError>> {
+    fn take_due_many(
+        &self,
+        ids: &[Arc<str>],
+        again: bool,
+    ) -> Vec<Result<Option<Task>, StoreError>> {
         let data: Result<Vec<Option<String>>, StoreError> = self.with(|c| {
             let mut inv = self.scripts.take_due_many.prepare_invoke();
-            inv.arg(&self.prefix);
+            inv.arg(&self.prefix).arg(if again { "1" } else { "0" });
             for id in ids {
                 inv.arg(&**id);
             }

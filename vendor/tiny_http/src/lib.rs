@@ -376,8 +376,22 @@ impl Server {
                     // Such errors pass: log, give the process a moment to free
                     // descriptors, and go on accepting.
                     Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        thread::sleep(std::time::Duration::from_millis(100));
+                        // Out of descriptors or memory: pause so the process can free some
+                        // (and the log is not flooded); anything else (e.g. a connection
+                        // aborted before it was accepted) passes at once.
+                        let starved = matches!(
+                            e.raw_os_error(),
+                            Some(libc_errno::EMFILE)
+                                | Some(libc_errno::ENFILE)
+                                | Some(libc_errno::ENOBUFS)
+                                | Some(libc_errno::ENOMEM)
+                        );
+                        if starved {
+                            log::error!("Error accepting new client: {}", e);
+                            thread::sleep(std::time::Duration::from_millis(100));
+                        } else {
+                            log::debug!("Error accepting new client: {}", e);
+                        }
                     }
                 }
             }
@@ -489,11 +503,15 @@ impl Drop for LiveConnection {
     }
 }
 
-/// poulpe patch: whether a request asks for a protocol upgrade (`Connection: upgrade`).
+/// poulpe patch: whether a request asks for a protocol upgrade (`Connection: upgrade`), read
+/// exactly as `ClientConnection` reads it (the first `Connection` header), so that a
+/// connection stops counting only when it really stops serving requests.
 fn is_upgrade(rq: &Request) -> bool {
-    rq.headers().iter().any(|h| {
-        h.field.equiv("Connection") && h.value.as_str().to_ascii_lowercase().contains("upgrade")
-    })
+    rq.headers()
+        .iter()
+        .find(|h| h.field.equiv("Connection"))
+        .map(|h| h.value.as_str().to_ascii_lowercase())
+        .is_some_and(|v| !v.contains("close") && v.contains("upgrade"))
 }
 
 /// poulpe patch: answers a connection over the limit with a 503 and closes it.
@@ -519,4 +537,12 @@ fn refuse_busy(sock: &mut connection::Connection) {
         }
     }
     log::warn!("Too many open connections: one refused with 503");
+}
+
+/// poulpe patch: the Linux errno values of resource exhaustion on `accept` (no libc dependency).
+mod libc_errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENOBUFS: i32 = 105;
 }
