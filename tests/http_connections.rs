@@ -221,6 +221,16 @@ fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
     };
     assert!(refused.contains("too many open connections"), "{refused}");
     assert!(!held.is_empty(), "some connections were served");
+    // A refused client that sends its request at once still reads the 503 (no reset).
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        c.write_all(b"POST /task_in_queue HTTP/1.1\r\nHost: poulpe\r\nContent-Length: 2\r\n\r\n{}")
+            .expect("send");
+        let (code, body) = read_response(&mut c).expect("the 503, not a reset");
+        assert_eq!(code, 503, "{body}");
+    }
     // Held connections keep working; closing one frees its slot for a new client.
     burst(s.port, held.len(), 1, &mut held);
     held.pop();

@@ -303,14 +303,21 @@ impl Server {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
             let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut refuser: Option<Option<mpsc::SyncSender<connection::Connection>>> = None;
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
-                    Ok((mut sock, _)) => {
+                    Ok((sock, _)) => {
                         use util::RefinedTcpStream;
                         if max_connections.is_some_and(|max| live.load(Relaxed) >= max) {
-                            refuse_busy(&mut sock);
+                            // Answered on a thread of its own, so that a flood of refused
+                            // connections does not slow accepting; beyond its backlog they
+                            // are just closed.
+                            let refuser = refuser.get_or_insert_with(start_refuser);
+                            if let Some(tx) = refuser {
+                                let _ = tx.try_send(sock);
+                            }
                             continue;
                         }
                         if let Err(e) = sock.set_read_timeout(read_timeout) {
@@ -514,7 +521,37 @@ fn is_upgrade(rq: &Request) -> bool {
         .is_some_and(|v| !v.contains("close") && v.contains("upgrade"))
 }
 
-/// poulpe patch: answers a connection over the limit with a 503 and closes it.
+/// poulpe patch: starts the thread that answers connections over the limit with a 503 and
+/// closes them; `None` when no thread can be started (refused connections are then just closed).
+fn start_refuser() -> Option<mpsc::SyncSender<connection::Connection>> {
+    let (tx, rx) = mpsc::sync_channel::<connection::Connection>(256);
+    let spawned = thread::Builder::new()
+        .name("http-refuse".into())
+        .spawn(move || {
+            let mut refused = 0u64;
+            let mut last_log = std::time::Instant::now() - std::time::Duration::from_secs(60);
+            for mut sock in rx {
+                refuse_busy(&mut sock);
+                refused += 1;
+                if last_log.elapsed() >= std::time::Duration::from_secs(1) {
+                    log::warn!("Too many open connections: {} refused with 503", refused);
+                    refused = 0;
+                    last_log = std::time::Instant::now();
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::error!("Cannot start the thread that refuses extra connections: {}", e);
+            None
+        }
+    }
+}
+
+/// poulpe patch: answers a connection over the limit with a 503, then reads what the client
+/// sends until it closes (at most about 1 s), so that closing does not reset the connection
+/// before the client has read the answer.
 fn refuse_busy(sock: &mut connection::Connection) {
     use std::io::Write;
     const BODY: &str = r#"{"result":"Fail","reason":"too many open connections"}"#;
@@ -526,17 +563,15 @@ fn refuse_busy(sock: &mut connection::Connection) {
     );
     let _ = sock.write_all(answer.as_bytes());
     let _ = sock.shutdown(std::net::Shutdown::Write);
-    // Read what the client already sent, without waiting: closing with unread input would
-    // reset the connection, and the client could lose the answer.
-    let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(1)));
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
     let mut sink = [0u8; 4096];
-    for _ in 0..16 {
+    while std::time::Instant::now() < end {
         match std::io::Read::read(sock, &mut sink) {
             Ok(n) if n > 0 => continue,
             _ => break,
         }
     }
-    log::warn!("Too many open connections: one refused with 503");
 }
 
 /// poulpe patch: the Linux errno values of resource exhaustion on `accept` (no libc dependency).
