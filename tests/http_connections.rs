@@ -48,13 +48,21 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
     ))
 }
 
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n";
+
+/// Sends `request` on a new connection and reads the answer, waiting at most `wait` for each
+/// read; gives back the connection for later use.
+fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStream, u16, String)> {
+    let mut c = TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(wait))?;
+    c.write_all(request)?;
+    let (code, body) = read_response(&mut c)?;
+    Ok((c, code, body))
+}
+
 /// `Some` when a new connection gets a 200 from `/health` within 2 s.
 fn health_on_new_connection(port: u16) -> Option<()> {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-        .ok()?;
-    let (code, _) = read_response(&mut c).ok()?;
+    let (_, code, _) = ask(port, HEALTH, Duration::from_secs(2)).ok()?;
     (code == 200).then_some(())
 }
 
@@ -67,8 +75,7 @@ fn burst(port: u16, n: usize, round: usize, conns: &mut Vec<TcpStream>) {
         conns.push(c);
     }
     for c in conns.iter_mut() {
-        c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-            .expect("send");
+        c.write_all(HEALTH).expect("send");
     }
     let mut unanswered = Vec::new();
     for (i, c) in conns.iter_mut().enumerate() {
@@ -160,12 +167,8 @@ fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
     let s = Server::start(&dir, &["--workers", "2", "--http_idle", "1"]);
 
     // An idle keep-alive connection is closed by the server after --http_idle.
-    let mut idle = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
-    idle.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    idle.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-        .expect("send");
-    assert_eq!(read_response(&mut idle).expect("answer").0, 200);
+    let (mut idle, code, _) = ask(s.port, HEALTH, Duration::from_secs(10)).expect("answer");
+    assert_eq!(code, 200);
     let mut buf = [0u8; 16];
     match idle.read(&mut buf) {
         Ok(0) => {}
@@ -177,12 +180,8 @@ fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
     let (code, body) = s.submit(&serde_json::json!({
         "id": "late", "method": "GET", "name": sink.url("/late"), "delay": 3}));
     assert_eq!(code, 200, "{body}");
-    let mut poll = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
-    poll.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
-    poll.write_all(b"GET /task_resp/late?timeout=15 HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-        .expect("send");
-    let (code, body) = read_response(&mut poll).expect("long-poll answer");
+    let poll = b"GET /task_resp/late?timeout=15 HTTP/1.1\r\nHost: poulpe\r\n\r\n";
+    let (_, code, body) = ask(s.port, poll, Duration::from_secs(20)).expect("long-poll answer");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"succeeded\""), "{body}");
 }
@@ -209,8 +208,7 @@ fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
         c.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
         if !unsolicited {
-            c.write_all(b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n")
-                .expect("send");
+            c.write_all(HEALTH).expect("send");
         }
         let (code, body) = read_response(&mut c).expect("an answer");
         match code {
@@ -222,13 +220,10 @@ fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
     assert!(refused.contains("too many open connections"), "{refused}");
     assert!(!held.is_empty(), "some connections were served");
     // A refused client that sends its request at once still reads the 503 (no reset).
+    let post = b"POST /task_in_queue HTTP/1.1\r\nHost: poulpe\r\nContent-Length: 2\r\n\r\n{}";
     for _ in 0..5 {
-        let mut c = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        c.write_all(b"POST /task_in_queue HTTP/1.1\r\nHost: poulpe\r\nContent-Length: 2\r\n\r\n{}")
-            .expect("send");
-        let (code, body) = read_response(&mut c).expect("the 503, not a reset");
+        let (_, code, body) =
+            ask(s.port, post, Duration::from_secs(10)).expect("the 503, not a reset");
         assert_eq!(code, 503, "{body}");
     }
     // Held connections keep working; closing one frees its slot for a new client.

@@ -212,15 +212,11 @@ impl MailExec {
         if let Some(t) = pools.get(&timeout) {
             return t.clone();
         }
+        let builder = self.builder.clone().timeout(Some(timeout));
         if pools.len() >= MAX_TIMEOUT_POOLS {
-            return self
-                .builder
-                .clone()
-                .timeout(Some(timeout))
-                .pool_config(PoolConfig::new().max_size(1))
-                .build();
+            return builder.pool_config(PoolConfig::new().max_size(1)).build();
         }
-        let t = self.builder.clone().timeout(Some(timeout)).build();
+        let t = builder.build();
         pools.insert(timeout, t.clone());
         t
     }

@@ -303,6 +303,7 @@ impl Server {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
             let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            // Started at the first refusal: `None` until then, `Some(None)` if it could not be.
             let mut refuser: Option<Option<mpsc::SyncSender<connection::Connection>>> = None;
 
             log::debug!("Running accept thread");
@@ -380,12 +381,10 @@ impl Server {
                     // poulpe patch: upstream pushed the error to the request queue and ended
                     // the accept thread, so one failed accept (e.g. out of file descriptors
                     // under many connections) stopped the server from accepting for good.
-                    // Such errors pass: log, give the process a moment to free
-                    // descriptors, and go on accepting.
+                    // Now accepting goes on: out of descriptors or memory, after a pause that
+                    // lets the process free some (and keeps the log readable); any other error
+                    // (a connection aborted before it was accepted) at once.
                     Err(e) => {
-                        // Out of descriptors or memory: pause so the process can free some
-                        // (and the log is not flooded); anything else (e.g. a connection
-                        // aborted before it was accepted) passes at once.
                         let starved = matches!(
                             e.raw_os_error(),
                             Some(libc_errno::EMFILE)
