@@ -26,21 +26,26 @@ fn main() {
         .parse()
         .expect("--batch: a number");
 
-    let sink = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("sink"));
-    let sink_port = sink.server_addr().to_ip().expect("ip").port();
+    let sink = poulpe::http::listen(([127, 0, 0, 1], 0).into()).expect("sink");
+    let sink_port = sink.local_addr().expect("sink address").port();
     let hits = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let last_hit_us = Arc::new(AtomicU64::new(0));
-    for _ in 0..8 {
-        let (sink, hits, last) = (sink.clone(), hits.clone(), last_hit_us.clone());
-        thread::spawn(move || {
-            while let Ok(req) = sink.recv() {
-                hits.fetch_add(1, Ordering::Relaxed);
-                last.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                let _ = req.respond(tiny_http::Response::from_string("ok"));
-            }
-        });
-    }
+    let (h, last) = (hits.clone(), last_hit_us.clone());
+    let limits = poulpe::http::Limits {
+        max_body: 1 << 20,
+        idle: Duration::from_secs(75),
+        max_conns: 1024,
+    };
+    sink.serve(
+        limits,
+        Arc::new(move |_req: poulpe::http::Request| -> poulpe::http::Reply {
+            h.fetch_add(1, Ordering::Relaxed);
+            last.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            poulpe::http::Response::text(200, "ok").into()
+        }),
+    )
+    .expect("sink threads");
 
     let run = format!("{}", std::process::id());
     let start = Instant::now();

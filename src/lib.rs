@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | flags | [`config`] | command line + `POULPE_*` environment into one checked `Config` |
 //! | model | [`task`] | the task record and validation of submitted JSON |
-//! | intake | [`intake`] | `submit` (the one way in) and the HTTP adapter |
+//! | transport | [`http`] | HTTP/1.1 connections: strict framing, limits, deadlines, answers |
+//! | intake | [`intake`] | `submit` (the one way in); the HTTP, WebSocket and Kafka adapters |
 //! | storage | [`store`] | the `Store` trait; embedded (redb, group commit) and memory backends |
 //! | time | [`schedule`] | the timer thread releasing delayed and retry-waiting tasks |
 //! | dispatch | [`dispatch`] | per-worker queues, cc-aware least-work routing, idle stealing |
@@ -24,6 +25,7 @@ pub mod config;
 pub mod deadletter;
 pub mod dispatch;
 pub mod exec;
+pub mod http;
 pub mod intake;
 pub mod outcome;
 pub mod probe;

@@ -58,15 +58,13 @@ fn main() -> ExitCode {
     };
     // The port first: a server that cannot serve must not open the store and run what it
     // recovers (each failed start would run those tasks again).
-    let server = match http::listen(
-        config.bind,
-        config.port,
-        Duration::from_secs(config.http_idle),
-        config.max_conns,
-    ) {
-        Ok(s) => s,
+    let listening = match poulpe::http::listen((config.bind, config.port).into()) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("poulpe: {e}");
+            eprintln!(
+                "poulpe: --port: cannot listen on {}:{}: {e}",
+                config.bind, config.port
+            );
             return ExitCode::from(2);
         }
     };
@@ -77,7 +75,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = http::serve(app.clone(), server.clone()) {
+    let api = std::sync::Arc::new(http::Api::new(app.clone()));
+    if let Err(e) = listening.serve(http::limits(&app), api) {
         eprintln!("poulpe: cannot start HTTP threads: {e}");
         return ExitCode::from(2);
     }
@@ -107,7 +106,7 @@ fn main() -> ExitCode {
         break;
     }
     app::shutdown(&app, running, GRACE);
-    server.unblock();
+    listening.stop();
     log::info!("stopped");
     ExitCode::SUCCESS
 }

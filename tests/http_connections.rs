@@ -2,63 +2,12 @@
 //! are all served, and each connection keeps working for later requests.
 
 mod common;
-use common::Server;
+use common::{ask, read_response, Server};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
-fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok((
-        status,
-        String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string(),
-    ))
-}
-
 const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: poulpe\r\n\r\n";
-
-/// Sends `request` on a new connection and reads the answer, waiting at most `wait` for each
-/// read; gives back the connection for later use.
-fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStream, u16, String)> {
-    let mut c = TcpStream::connect(("127.0.0.1", port))?;
-    c.set_read_timeout(Some(wait))?;
-    c.write_all(request)?;
-    let (code, body) = read_response(&mut c)?;
-    Ok((c, code, body))
-}
 
 /// `Some` when a new connection gets a 200 from `/health` within 2 s.
 fn health_on_new_connection(port: u16) -> Option<()> {

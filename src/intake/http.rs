@@ -1,117 +1,68 @@
-//! The HTTP adapter: parses requests, calls `submit` or reads results, and answers in JSON.
-//! Requests that wait (`wait` submits, long polls) are parked in the results registry and
-//! answered by whichever thread finishes the task, so they hold no HTTP thread.
+//! The HTTP adapter: routes requests, calls `submit` or reads results, and answers in JSON.
+//! It runs on the connection's own thread (see [`crate::http`]): a request that waits for a
+//! result (`wait` submits, long polls) registers with the results registry and blocks its own
+//! connection only; the thread that finishes the task just hands the result over.
 
 use super::{same_secret, submit, Origin, SubmitError};
 use crate::app::App;
+use crate::http::{Handler, Limits, Reply, Request, Response};
 use crate::results::TaskResult;
 use crate::store::Cancel;
+use crossbeam_channel::bounded;
 use serde_json::{json, Value};
-use std::io::Read;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
-use tiny_http::{Header, Method, Request, Response, Server};
 
-/// Threads taking requests off the server's queue. Submits block on group commit (a few ms),
-/// so more threads than cores keep commits full.
-const HANDLERS: usize = 32;
 /// Default and longest long-poll time.
 const POLL_DEFAULT_S: u64 = 60;
 const POLL_MAX_S: u64 = 300;
+/// How long past its own deadline a waiting request waits for the registry's answer before
+/// answering with what the store says (the registry always answers; this is a backstop).
+const WAIT_SLACK: Duration = Duration::from_secs(5);
 
-/// Binds the listening socket before anything else starts, so that a busy port stops start-up
-/// before the store is opened and recovered tasks run. A connection that sends nothing for
-/// `idle` (an idle keep-alive connection, or a client stalled mid-request) is closed, and at most
-/// `max_conns` connections are served at once (each holds a thread; more get a 503).
-pub fn listen(
-    bind: std::net::IpAddr,
-    port: u16,
-    idle: Duration,
-    max_conns: usize,
-) -> Result<Arc<Server>, String> {
-    let listener = std::net::TcpListener::bind((bind, port))
-        .map_err(|e| format!("--port: cannot listen on {bind}:{port}: {e}"))?;
-    no_delay(&listener);
-    Server::from_listener_with_limits(listener, None, Some(idle), Some(max_conns))
-        .map(Arc::new)
-        .map_err(|e| format!("--port: cannot serve on {bind}:{port}: {e}"))
-}
-
-/// Sets `TCP_NODELAY` on the listening socket; Linux gives it to every accepted connection.
-/// tiny_http writes answers through a 1 KiB buffer, so without it an answer over 1 KiB waits
-/// ~40 ms for the client's delayed ACK (Nagle).
-fn no_delay(listener: &std::net::TcpListener) {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a socket this process owns, with a valid int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        log::warn!(
-            "http: TCP_NODELAY not set: {}",
-            std::io::Error::last_os_error()
-        );
+/// The transport's limits from the flags.
+pub fn limits(app: &App) -> Limits {
+    Limits {
+        max_body: app.config.max_body,
+        idle: Duration::from_secs(app.config.http_idle),
+        max_conns: app.config.max_conns,
     }
 }
 
-/// Starts the handler threads.
-pub fn serve(app: Arc<App>, server: Arc<Server>) -> std::io::Result<Vec<JoinHandle<()>>> {
-    (0..HANDLERS)
-        .map(|i| {
-            let app = app.clone();
-            let server = server.clone();
-            thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    while let Ok(req) = server.recv() {
-                        handle(&app, req);
-                    }
-                })
-        })
-        .collect()
+/// The API as a [`Handler`] for the HTTP transport.
+pub struct Api {
+    app: Arc<App>,
 }
 
-fn json_header() -> Header {
-    Header {
-        field: "Content-Type".parse().expect("static header name"), // ok: constant
-        value: "application/json".parse().expect("static header value"), // ok: constant
+impl Api {
+    pub fn new(app: Arc<App>) -> Api {
+        Api { app }
     }
 }
 
-/// Sends a JSON answer; a client that has gone away is not an error worth more than a line.
-fn reply(req: Request, code: u16, body: &Value) {
-    let resp = Response::from_string(body.to_string())
-        .with_status_code(code)
-        .with_header(json_header());
-    if let Err(e) = req.respond(resp) {
-        log::debug!("http: client went away before the answer: {e}");
+impl Handler for Api {
+    fn handle(&self, req: Request) -> Reply {
+        handle(&self.app, req)
     }
 }
 
-fn fail(req: Request, code: u16, reason: impl std::fmt::Display) {
+fn reply(code: u16, body: &Value) -> Reply {
+    Response::json(code, body).into()
+}
+
+fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
     reply(
-        req,
         code,
         &json!({"result": "Fail", "reason": reason.to_string()}),
-    );
+    )
 }
 
 fn authorized(app: &App, req: &Request) -> bool {
     let Some(token) = &app.config.token else {
         return true;
     };
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
+    req.header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes()))
 }
 
@@ -141,44 +92,33 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn handle(app: &Arc<App>, req: Request) {
-    let url = req.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let method = req.method().clone();
+fn handle(app: &Arc<App>, req: Request) -> Reply {
+    let path = req.path().to_string();
+    let query = req.query().to_string();
     if path == "/health" {
-        return reply(req, 200, &json!({"status": "ok"}));
+        return reply(200, &json!({"status": "ok"}));
     }
-    if path == "/ws_task" && super::ws::is_upgrade(&req) {
-        let query = query.to_string();
-        return super::ws::accept(app, req, &query);
+    if path == "/ws_task" && req.is_websocket_upgrade() {
+        return super::ws::accept(app, &req, &query);
     }
     if !authorized(app, &req) {
-        let resp = Response::from_string(
-            json!({"result": "Fail", "reason": "missing or wrong bearer token"}).to_string(),
+        return Response::json(
+            401,
+            &json!({"result": "Fail", "reason": "missing or wrong bearer token"}),
         )
-        .with_status_code(401)
-        .with_header(json_header())
-        .with_header(Header {
-            field: "WWW-Authenticate".parse().expect("static header name"), // ok: constant
-            value: "Bearer".parse().expect("static header value"),          // ok: constant
-        });
-        let _ = req.respond(resp);
-        return;
+        .with_header("WWW-Authenticate", "Bearer")
+        .into();
     }
-    match (method, path) {
-        (Method::Post, "/task_in_queue") => post_task(app, req),
-        (Method::Get, "/sys_info") => {
-            let info = app.status.sys_info(app);
-            reply(req, 200, &info)
-        }
-        (Method::Get, p) if p.starts_with("/task_resp/") => {
-            let timeout = match query_param(query, "timeout") {
+    match (req.method.as_str(), path.as_str()) {
+        ("POST", "/task_in_queue") => post_task(app, &req.body),
+        ("GET", "/sys_info") => reply(200, &app.status.sys_info(app)),
+        ("GET", p) if p.starts_with("/task_resp/") => {
+            let timeout = match query_param(&query, "timeout") {
                 None => POLL_DEFAULT_S,
                 Some(v) => match v.parse::<u64>() {
                     Ok(n) if n <= POLL_MAX_S => n,
                     _ => {
                         return fail(
-                            req,
                             400,
                             format!(
                                 "timeout: must be a whole number of seconds from 0 to {POLL_MAX_S}"
@@ -187,91 +127,95 @@ fn handle(app: &Arc<App>, req: Request) {
                     }
                 },
             };
-            let raw = &p["/task_resp/".len()..];
-            match percent_decode(raw) {
-                Some(id) if !id.is_empty() => long_poll(app, req, &id, timeout),
-                _ => fail(req, 400, "id: missing or badly encoded"),
+            match percent_decode(&p["/task_resp/".len()..]) {
+                Some(id) if !id.is_empty() => long_poll(app, &id, timeout),
+                _ => fail(400, "id: missing or badly encoded"),
             }
         }
-        (Method::Delete, p) if p.starts_with("/task/") => {
-            match percent_decode(&p["/task/".len()..]) {
-                Some(id) if !id.is_empty() => cancel(app, req, &id),
-                _ => fail(req, 400, "id: missing or badly encoded"),
-            }
-        }
-        (_, "/task_in_queue" | "/sys_info" | "/health") => fail(req, 405, "method not allowed"),
+        ("DELETE", p) if p.starts_with("/task/") => match percent_decode(&p["/task/".len()..]) {
+            Some(id) if !id.is_empty() => cancel(app, &id),
+            _ => fail(400, "id: missing or badly encoded"),
+        },
+        (_, "/task_in_queue" | "/sys_info" | "/health") => fail(405, "method not allowed"),
         (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
-            fail(req, 405, "method not allowed")
+            fail(405, "method not allowed")
         }
-        (_, p) => fail(req, 404, format!("no such endpoint: {p}")),
+        (_, p) => fail(404, format!("no such endpoint: {p}")),
     }
 }
 
-/// Reads the body, refusing more than `--max_body` bytes.
-fn read_body(app: &App, req: &mut Request) -> Result<Vec<u8>, (u16, String)> {
-    let max = app.config.max_body;
-    let too_big = || {
-        (
-            413,
-            format!("request body larger than {max} bytes (--max_body)"),
-        )
-    };
-    if req.body_length().is_some_and(|n| n > max) {
-        return Err(too_big());
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(max as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| (400, format!("cannot read the request body: {e}")))?;
-    if body.len() > max {
-        return Err(too_big());
-    }
-    Ok(body)
-}
-
-fn post_task(app: &Arc<App>, mut req: Request) {
-    let body = match read_body(app, &mut req) {
-        Ok(b) => b,
-        Err((code, why)) => return fail(req, code, why),
-    };
-    let parsed: Value = match serde_json::from_slice(&body) {
+fn post_task(app: &Arc<App>, body: &[u8]) -> Reply {
+    let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return fail(req, 400, format!("body is not valid JSON: {e}")),
+        Err(e) => return fail(400, format!("body is not valid JSON: {e}")),
     };
     let (values, is_array) = match parsed {
         Value::Array(items) => (items, true),
         other => (vec![other], false),
     };
-    let mut slot = Some(req);
-    let app2 = app.clone();
+    // Registered once the tasks are durable and before any can finish, so no result slips by.
+    let mut waiting = None;
     let result = submit(app, &values, Origin::Network, |acc| {
         if acc.wait > 0 {
-            if let Some(req) = slot.take() {
-                park_submit(&app2, req, acc.ids.clone(), acc.wait, is_array);
-            }
+            let wait = Duration::from_secs(acc.wait);
+            waiting = Some((register(app, acc.ids.clone(), wait), wait));
         }
     });
-    match (result, slot) {
-        (Ok(acc), Some(req)) => {
-            let body = if is_array {
-                json!({"result": "OK", "reason": "", "ids": acc.ids})
-            } else {
-                json!({"result": "OK", "reason": "", "id": acc.ids.first()})
-            };
-            reply(req, 200, &body)
-        }
-        (Ok(_), None) => {} // parked: answered when the result arrives
-        (Err(e), Some(req)) => {
+    let acc = match result {
+        Ok(acc) => acc,
+        Err(e) => {
             let code = match e {
                 SubmitError::Invalid { .. } | SubmitError::Empty => 400,
                 SubmitError::Duplicate(_) => 409,
                 SubmitError::Unavailable(_) | SubmitError::ShuttingDown => 503,
             };
-            fail(req, code, e)
+            return fail(code, e);
         }
-        (Err(e), None) => log::error!("http: submit failed after parking a request: {e}"),
-    }
+    };
+    let Some((rx, wait)) = waiting else {
+        let body = if is_array {
+            json!({"result": "OK", "reason": "", "ids": acc.ids})
+        } else {
+            json!({"result": "OK", "reason": "", "id": acc.ids.first()})
+        };
+        return reply(200, &body);
+    };
+    let got = rx
+        .recv_timeout(wait + WAIT_SLACK)
+        .unwrap_or_else(|_| vec![None; acc.ids.len()]);
+    let done = got.iter().all(Option::is_some);
+    let items: Vec<Value> = got
+        .iter()
+        .zip(&acc.ids)
+        .map(|(r, id)| match r {
+            Some(r) => json!(r),
+            None => pending(app, id),
+        })
+        .collect();
+    let body = if is_array {
+        json!({"result": if done {"OK"} else {"Timeout"}, "reason": "", "ids": acc.ids, "results": items})
+    } else {
+        items.into_iter().next().unwrap_or(Value::Null)
+    };
+    reply(if done { 200 } else { 202 }, &body)
+}
+
+/// Parks a wait for `ids` in the results registry; the answer comes through the channel. The
+/// finishing thread's send never blocks (room for the one answer).
+fn register(
+    app: &App,
+    ids: Vec<String>,
+    wait: Duration,
+) -> crossbeam_channel::Receiver<Vec<Option<TaskResult>>> {
+    let (tx, rx) = bounded(1);
+    app.results.wait_for(
+        ids,
+        wait,
+        Box::new(move |got| {
+            let _ = tx.try_send(got);
+        }),
+    );
+    rx
 }
 
 /// The 202 body for a task that has not finished.
@@ -284,34 +228,7 @@ fn pending(app: &App, id: &str) -> Value {
     json!({"id": id, "result": "Timeout", "reason": "not finished yet", "status": status})
 }
 
-fn park_submit(app: &Arc<App>, req: Request, ids: Vec<String>, wait: u64, is_array: bool) {
-    let app2 = app.clone();
-    let ids2 = ids.clone();
-    app.results.wait_for(
-        ids,
-        Duration::from_secs(wait),
-        Box::new(move |got: Vec<Option<TaskResult>>| {
-            let done = got.iter().all(Option::is_some);
-            let code = if done { 200 } else { 202 };
-            let items: Vec<Value> = got
-                .iter()
-                .zip(&ids2)
-                .map(|(r, id)| match r {
-                    Some(r) => json!(r),
-                    None => pending(&app2, id),
-                })
-                .collect();
-            let body = if is_array {
-                json!({"result": if done {"OK"} else {"Timeout"}, "reason": "", "ids": ids2, "results": items})
-            } else {
-                items.into_iter().next().unwrap_or(Value::Null)
-            };
-            reply(req, code, &body);
-        }),
-    );
-}
-
-fn long_poll(app: &Arc<App>, req: Request, asked: &str, timeout: u64) {
+fn long_poll(app: &Arc<App>, asked: &str, timeout: u64) -> Reply {
     // `task-<id>` is accepted for `<id>` when only the short form is known.
     let known = |id: &str| -> Result<Option<Option<TaskResult>>, crate::store::StoreError> {
         if let Some(r) = app.store.result(id)? {
@@ -330,48 +247,46 @@ fn long_poll(app: &Arc<App>, req: Request, asked: &str, timeout: u64) {
         }
     }
     match found {
-        Err(e) => fail(req, 503, e),
-        Ok(None) => fail(req, 404, format!("unknown or expired id {asked:?}")),
-        Ok(Some(Some(r))) => reply(req, 200, &json!(r)),
-        Ok(Some(None)) if timeout == 0 => reply(req, 202, &pending(app, &id)),
+        Err(e) => fail(503, e),
+        Ok(None) => fail(404, format!("unknown or expired id {asked:?}")),
+        Ok(Some(Some(r))) => reply(200, &json!(r)),
+        Ok(Some(None)) if timeout == 0 => reply(202, &pending(app, &id)),
         Ok(Some(None)) => {
-            let app2 = app.clone();
-            let id2 = id.clone();
-            app.results.wait_for(
-                vec![id.clone()],
-                Duration::from_secs(timeout),
-                Box::new(move |got| match got.into_iter().next().flatten() {
-                    Some(r) => reply(req, 200, &json!(r)),
-                    None => reply(req, 202, &pending(&app2, &id2)),
-                }),
-            );
+            let wait = Duration::from_secs(timeout);
+            let rx = register(app, vec![id.clone()], wait);
             // It may have finished between the lookup and the registration.
             if let Ok(Some(r)) = app.store.result(&id) {
                 app.results.publish(&r);
+            }
+            match rx
+                .recv_timeout(wait + WAIT_SLACK)
+                .ok()
+                .and_then(|g| g.into_iter().next().flatten())
+            {
+                Some(r) => reply(200, &json!(r)),
+                None => reply(202, &pending(app, &id)),
             }
         }
     }
 }
 
-fn cancel(app: &App, req: Request, id: &str) {
+fn cancel(app: &App, id: &str) -> Reply {
     match app.store.cancel(id) {
         Ok(Cancel::Cancelled) => {
             app.pool.remove(id);
             log::info!("task {id} cancelled");
             reply(
-                req,
                 200,
                 &json!({"result": "OK", "reason": "cancelled", "id": id}),
             )
         }
         Ok(Cancel::Running) => fail(
-            req,
             409,
             format!("task {id:?} is running and cannot be cancelled"),
         ),
-        Ok(Cancel::Finished) => fail(req, 409, format!("task {id:?} has already finished")),
-        Ok(Cancel::Unknown) => fail(req, 404, format!("unknown id {id:?}")),
-        Err(e) => fail(req, 503, e),
+        Ok(Cancel::Finished) => fail(409, format!("task {id:?} has already finished")),
+        Ok(Cancel::Unknown) => fail(404, format!("unknown id {id:?}")),
+        Err(e) => fail(503, e),
     }
 }
 

@@ -1,23 +1,20 @@
 //! The WebSocket adapter (`/ws_task` on the HTTP port): each text frame is a task or an array of
 //! tasks; each task gets an ack frame once durable, and its final result frame later on the same
-//! connection while it is open. One thread per connection.
+//! connection while it is open. The connection keeps the thread that read its upgrade request.
 //!
-//! tiny_http hands over the upgraded connection as a boxed stream without socket access. To push
-//! results while waiting for input, the thread needs reads that time out: the socket is found
-//! among the process's descriptors by its peer address and given a short receive timeout. Only
-//! WebSocket sockets get one; ordinary HTTP connections are untouched.
+//! To push results while waiting for input, the socket gets a short receive timeout and the
+//! thread looks for results to push between reads.
 
 use super::{same_secret, submit, Origin};
 use crate::app::App;
+use crate::http::{Reply, Request, Response};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
 use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Request, Response};
 use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
@@ -26,30 +23,26 @@ const POLL: Duration = Duration::from_millis(20);
 /// Longest a connection keeps waiting to push one task's result.
 const PUSH_WITHIN: Duration = Duration::from_secs(24 * 3600);
 
-/// True for a WebSocket upgrade request.
-pub fn is_upgrade(req: &Request) -> bool {
-    req.headers()
-        .iter()
-        .any(|h| h.field.equiv("Upgrade") && h.value.as_str().eq_ignore_ascii_case("websocket"))
+fn refuse(code: u16, reason: &str) -> Reply {
+    Response::json(code, &json!({"result": "Fail", "reason": reason})).into()
 }
 
-fn header<'a>(req: &'a Request, name: &'static str) -> Option<&'a str> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str())
+/// One open WebSocket connection, counted against `--max_ws` while it lives.
+struct Open(Arc<App>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.ws_open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-fn refuse(req: Request, code: u16, reason: &str) {
-    let body = json!({"result": "Fail", "reason": reason}).to_string();
-    let _ = req.respond(Response::from_string(body).with_status_code(code));
-}
-
-/// Checks the token (header or `?token=`), the connection cap and the handshake, then hands the
-/// connection to its own thread.
-pub fn accept(app: &Arc<App>, req: Request, query: &str) {
+/// Checks the token (header or `?token=`), the connection cap and the handshake; the answer is
+/// the `101` and the connection's session.
+pub fn accept(app: &Arc<App>, req: &Request, query: &str) -> Reply {
     if let Some(token) = &app.config.token {
-        let from_header = header(&req, "Authorization").and_then(|v| v.strip_prefix("Bearer "));
+        let from_header = req
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "));
         let from_query = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("token="))
@@ -59,128 +52,47 @@ pub fn accept(app: &Arc<App>, req: Request, query: &str) {
             .or(from_query)
             .unwrap_or_default();
         if !same_secret(given.trim().as_bytes(), token.as_bytes()) {
-            return refuse(req, 401, "missing or wrong bearer token");
+            return refuse(401, "missing or wrong bearer token");
         }
     }
-    let Some(key) = header(&req, "Sec-WebSocket-Key").map(str::to_string) else {
-        return refuse(req, 400, "Sec-WebSocket-Key: missing");
+    let Some(key) = req.header("sec-websocket-key") else {
+        return refuse(400, "Sec-WebSocket-Key: missing");
     };
-    if header(&req, "Sec-WebSocket-Version") != Some("13") {
-        return refuse(req, 400, "Sec-WebSocket-Version: only 13 is supported");
+    if req.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return refuse(400, "Sec-WebSocket-Version: only 13 is supported");
     }
-    let open = app.ws_open.fetch_add(1, Ordering::AcqRel);
-    if open >= app.config.max_ws {
+    if app.ws_open.fetch_add(1, Ordering::AcqRel) >= app.config.max_ws {
         app.ws_open.fetch_sub(1, Ordering::AcqRel);
-        return refuse(req, 503, "too many WebSocket connections (--max_ws)");
+        return refuse(503, "too many WebSocket connections (--max_ws)");
     }
-    let peer = req.remote_addr().copied();
-    let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let resp = Response::empty(101).with_header(Header {
-        field: "Sec-WebSocket-Accept".parse().expect("static header name"), // ok: constant
-        value: match accept_key.parse() {
-            Ok(v) => v,
-            Err(_) => {
-                app.ws_open.fetch_sub(1, Ordering::AcqRel);
-                return refuse(req, 400, "Sec-WebSocket-Key: not ASCII");
+    let open = Open(app.clone());
+    let accept_key = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let resp = Response {
+        code: 101,
+        headers: vec![
+            ("Upgrade", "websocket".to_string()),
+            ("Connection", "Upgrade".to_string()),
+            ("Sec-WebSocket-Accept", accept_key),
+        ],
+        body: Vec::new(),
+        close: false,
+    };
+    Reply::Upgrade(
+        resp,
+        Box::new(move |stream: TcpStream, rest: Vec<u8>| {
+            let app = open.0.clone();
+            if let Err(e) = stream.set_read_timeout(Some(POLL)) {
+                log::warn!("ws: cannot set a read timeout: {e}; the connection is closed");
+                return;
             }
-        },
-    });
-    let stream = req.upgrade("websocket", resp);
-    if let Some(peer) = peer {
-        if !set_read_timeout(peer, app.config.port, POLL) {
-            log::warn!(
-                "ws: cannot set a read timeout for {peer}; results are pushed after the next frame"
-            );
-        }
-    }
-    let app2 = app.clone();
-    let spawned = thread::Builder::new().name("ws".into()).spawn(move || {
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(app2.config.max_body))
-            .max_frame_size(Some(app2.config.max_body));
-        let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
-        serve(&app2, ws);
-        app2.ws_open.fetch_sub(1, Ordering::AcqRel);
-    });
-    if let Err(e) = spawned {
-        app.ws_open.fetch_sub(1, Ordering::AcqRel);
-        log::error!("ws: cannot start a connection thread: {e}");
-    }
-}
-
-/// Finds the socket connected to `peer` on our `port` and sets its receive timeout.
-fn set_read_timeout(peer: SocketAddr, port: u16, timeout: Duration) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return false;
-    };
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !std::fs::read_link(entry.path())
-            .map(|l| l.to_string_lossy().starts_with("socket:"))
-            .unwrap_or(false)
-        {
-            continue;
-        }
-        if sock_addr(fd, true) == Some(peer) && sock_addr(fd, false).map(|a| a.port()) == Some(port)
-        {
-            let tv = libc::timeval {
-                tv_sec: timeout.as_secs() as _,
-                tv_usec: timeout.subsec_micros() as _,
-            };
-            // SAFETY: setsockopt on a descriptor this process owns, with a valid timeval.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            return rc == 0;
-        }
-    }
-    false
-}
-
-/// The peer (or local) address of a socket descriptor.
-fn sock_addr(fd: i32, peer: bool) -> Option<SocketAddr> {
-    // SAFETY: a zeroed sockaddr_storage is a valid out-parameter of the size we pass.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let ptr = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
-    // SAFETY: getpeername/getsockname write at most `len` bytes into `storage`.
-    let rc = unsafe {
-        if peer {
-            libc::getpeername(fd, ptr, &mut len)
-        } else {
-            libc::getsockname(fd, ptr, &mut len)
-        }
-    };
-    if rc != 0 {
-        return None;
-    }
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in.
-            let a = unsafe { *(ptr as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this storage holds a sockaddr_in6.
-            let a = unsafe { *(ptr as *const libc::sockaddr_in6) };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))))
-        }
-        _ => None,
-    }
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(app.config.max_body))
+                .max_frame_size(Some(app.config.max_body));
+            let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
+            serve(&app, ws);
+            drop(open);
+        }),
+    )
 }
 
 fn fail_frame(id: Option<&str>, reason: impl std::fmt::Display) -> String {

@@ -5,7 +5,8 @@
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +28,14 @@ pub fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_micros() as u64
+}
+
+/// The poulpe binary under test: the one cargo built, or `POULPE_TEST_BIN` (to show that a new
+/// test fails against an older build).
+pub fn binary() -> PathBuf {
+    std::env::var_os("POULPE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_poulpe")))
 }
 
 /// A running poulpe process; killed when dropped.
@@ -56,7 +65,7 @@ impl Server {
             let log = data.join(format!("poulpe-{port}.log"));
             std::fs::create_dir_all(data).expect("data dir");
             let logf = std::fs::File::create(&log).expect("log file");
-            let child = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+            let child = Command::new(binary())
                 .arg("--port")
                 .arg(port.to_string())
                 .arg("--bind")
@@ -217,68 +226,57 @@ pub struct Sink {
     hits: Arc<Mutex<Vec<Hit>>>,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
-    server: Arc<tiny_http::Server>,
+    server: poulpe::http::Listening,
 }
 
 impl Sink {
     pub fn start() -> Sink {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("sink bind"));
-        let port = server.server_addr().to_ip().expect("ip").port();
+        use poulpe::http::{Reply, Request, Response};
+        let server = poulpe::http::listen(([127, 0, 0, 1], 0).into()).expect("sink bind");
+        let port = server.local_addr().expect("sink address").port();
         let hits = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
-        for _ in 0..16 {
-            let (server, hits, inf, maxf) = (
-                server.clone(),
-                hits.clone(),
-                in_flight.clone(),
-                max_in_flight.clone(),
-            );
-            thread::spawn(move || {
-                while let Ok(mut req) = server.recv() {
-                    let at_us = now_us();
-                    let url = req.url().to_string();
-                    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-                    let (path, query) = (path.to_string(), query.to_string());
-                    let mut body = String::new();
-                    let _ = req.as_reader().read_to_string(&mut body);
-                    let content_type = req
-                        .headers()
-                        .iter()
-                        .find(|h| h.field.equiv("Content-Type"))
-                        .map(|h| h.value.to_string())
-                        .unwrap_or_default();
-                    hits.lock().push(Hit {
-                        method: req.method().to_string(),
-                        path: path.clone(),
-                        query: query.clone(),
-                        body,
-                        content_type,
-                        at_us,
-                    });
-                    let mut status = 200;
-                    if path.starts_with("/slow") {
-                        let ms: u64 = query
-                            .split('&')
-                            .find_map(|kv| kv.strip_prefix("ms="))
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(500);
-                        let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
-                        maxf.fetch_max(now, Ordering::SeqCst);
-                        thread::sleep(Duration::from_millis(ms));
-                        inf.fetch_sub(1, Ordering::SeqCst);
-                    } else if let Some(code) = path.strip_prefix("/status/") {
-                        status = code
-                            .split('/')
-                            .next()
-                            .and_then(|c| c.parse().ok())
-                            .unwrap_or(500);
-                    }
-                    let _ = req
-                        .respond(tiny_http::Response::from_string("ok").with_status_code(status));
-                }
+        let (h, inf, maxf) = (hits.clone(), in_flight.clone(), max_in_flight.clone());
+        let handler = move |req: Request| -> Reply {
+            let at_us = now_us();
+            let (path, query) = (req.path().to_string(), req.query().to_string());
+            h.lock().push(Hit {
+                method: req.method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                body: String::from_utf8_lossy(&req.body).into_owned(),
+                content_type: req.header("content-type").unwrap_or_default().to_string(),
+                at_us,
             });
-        }
+            let mut status = 200;
+            if path.starts_with("/slow") {
+                let ms: u64 = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("ms="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(500);
+                let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                maxf.fetch_max(now, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(ms));
+                inf.fetch_sub(1, Ordering::SeqCst);
+            } else if let Some(code) = path.strip_prefix("/status/") {
+                status = code
+                    .split('/')
+                    .next()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(500);
+            }
+            Response::text(status, "ok").into()
+        };
+        let limits = poulpe::http::Limits {
+            max_body: 64 << 20,
+            idle: Duration::from_secs(75),
+            max_conns: 4096,
+        };
+        server
+            .serve(limits, Arc::new(handler))
+            .expect("sink threads");
         Sink {
             port,
             hits,
@@ -326,7 +324,7 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.server.stop();
     }
 }
 
@@ -501,5 +499,160 @@ pub fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: 
             );
         }
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- Raw HTTP over a socket (connection and framing tests). ----
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
+pub fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            // An interim answer (100 Continue) comes before the real one.
+            if buf.starts_with(b"HTTP/1.1 1") {
+                buf.drain(..p + 4);
+                continue;
+            }
+            break p + 4;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((
+        status,
+        String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string(),
+    ))
+}
+
+/// Sends `request` on a new connection and reads the answer, waiting at most `wait` for each
+/// read; gives back the connection for later use.
+pub fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStream, u16, String)> {
+    let mut c = TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(wait))?;
+    c.write_all(request)?;
+    let (code, body) = read_response(&mut c)?;
+    Ok((c, code, body))
+}
+
+/// A raw HTTP/1.1 client connection that keeps what it read past one answer, for pipelining.
+pub struct Raw {
+    pub reader: std::io::BufReader<TcpStream>,
+}
+
+/// One answer read by [`Raw`].
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub code: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawAnswer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::String(self.body.clone()))
+    }
+}
+
+impl Raw {
+    /// Connects to 127.0.0.1:`port`; reads wait at most `wait`.
+    pub fn connect(port: u16, wait: Duration) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Raw::from_stream(s, wait)
+    }
+
+    pub fn from_stream(s: TcpStream, wait: Duration) -> Raw {
+        s.set_read_timeout(Some(wait)).expect("read timeout");
+        Raw {
+            reader: std::io::BufReader::new(s),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    /// Writes `bytes`.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream().write_all(bytes)
+    }
+
+    /// Reads the next final answer (interim 1xx answers are skipped); the body by
+    /// Content-Length.
+    pub fn answer(&mut self) -> std::io::Result<RawAnswer> {
+        use std::io::BufRead;
+        loop {
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if self.reader.read_line(&mut line)? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let end = line == "\r\n";
+                head.push_str(&line);
+                if end {
+                    break;
+                }
+            }
+            let code: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            if (100..200).contains(&code) {
+                continue;
+            }
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            self.reader.read_exact(&mut body)?;
+            return Ok(RawAnswer {
+                code,
+                head,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+    }
+
+    /// True when the server has closed the connection (end of stream or reset) within the
+    /// read timeout; false when it is still open (the read timed out) or sent more.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        match self.reader.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 }

@@ -1,0 +1,264 @@
+//! Requests as read off the wire, answers as written onto it, and what a handler gives back.
+
+use std::cell::RefCell;
+use std::net::{SocketAddr, TcpStream};
+
+/// One request, read whole: head and body (already de-chunked and within the body limit).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// As sent (`GET`, `POST`, ...): methods are case-sensitive.
+    pub method: String,
+    /// The request target as sent: path and query.
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    /// Header fields in order; names as sent (compare without case), values lossily UTF-8.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Request {
+    /// The target's path (before `?`).
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
+    /// The target's query (after `?`; empty without one).
+    pub fn query(&self) -> &str {
+        self.target.split_once('?').map_or("", |(_, q)| q)
+    }
+
+    /// The first field named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True when a `Connection` field lists `token` (any case).
+    pub fn connection_has(&self, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// True for a WebSocket upgrade request (`Upgrade: websocket` and `Connection: upgrade`).
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.header("upgrade")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+            && self.connection_has("upgrade")
+    }
+
+    /// Whether the client keeps the connection open after this exchange (RFC 9112 §9.3).
+    pub fn keep_alive(&self) -> bool {
+        if self.version == 0 {
+            self.connection_has("keep-alive")
+        } else {
+            !self.connection_has("close")
+        }
+    }
+}
+
+/// An answer: status, extra header fields and a body. `Content-Length`, `Date` and
+/// `Connection` are added when it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub code: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    /// Close the connection after this answer.
+    pub close: bool,
+}
+
+impl Response {
+    /// A JSON answer.
+    pub fn json(code: u16, body: &serde_json::Value) -> Response {
+        Response {
+            code,
+            headers: vec![("Content-Type", "application/json".to_string())],
+            body: body.to_string().into_bytes(),
+            close: false,
+        }
+    }
+
+    /// A plain-text answer.
+    pub fn text(code: u16, body: impl Into<String>) -> Response {
+        Response {
+            code,
+            headers: vec![("Content-Type", "text/plain; charset=utf-8".to_string())],
+            body: body.into().into_bytes(),
+            close: false,
+        }
+    }
+
+    /// Adds a header field.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Marks the answer as the connection's last.
+    pub fn closing(mut self) -> Response {
+        self.close = true;
+        self
+    }
+
+    /// The bytes on the wire. `head_only` leaves the body out (an answer to `HEAD`); `close`
+    /// adds `Connection: close`, `keep_alive_10` adds `Connection: keep-alive` (HTTP/1.0).
+    pub fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + self.body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(self.code.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(self.code).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        with_date(|d| {
+            out.extend_from_slice(b"Date: ");
+            out.extend_from_slice(d.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        });
+        for (k, v) in &self.headers {
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.code != 101 && self.code != 204 && self.code != 304 {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(self.body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if keep_alive_10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// Takes over an upgraded connection (a WebSocket): the socket and any bytes the client sent
+/// after the request head.
+pub type Upgrade = Box<dyn FnOnce(TcpStream, Vec<u8>) + Send>;
+
+/// What a handler gives back.
+pub enum Reply {
+    /// Written, then the connection reads its next request (or closes).
+    Answer(Response),
+    /// The answer (`101 Switching Protocols`) is written, then the connection is handed over
+    /// and no longer counts as an HTTP connection.
+    Upgrade(Response, Upgrade),
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Answer(r)
+    }
+}
+
+/// The reason phrase of the status codes poulpe uses.
+fn reason(code: u16) -> &'static str {
+    match code {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+thread_local! {
+    /// The `Date` value, made once a second per thread.
+    static DATE: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+}
+
+fn with_date(f: impl FnOnce(&str)) {
+    let now = chrono::Utc::now();
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != now.timestamp() {
+            *d = (
+                now.timestamp(),
+                now.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+            );
+        }
+        f(&d.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: u8, headers: &[(&str, &str)]) -> Request {
+        Request {
+            method: "GET".into(),
+            target: "/a?b=1".into(),
+            version,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Vec::new(),
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn target_headers_and_persistence() {
+        let r = req(
+            1,
+            &[("Connection", "Upgrade, close"), ("upgrade", "WebSocket")],
+        );
+        assert_eq!((r.path(), r.query()), ("/a", "b=1"));
+        assert!(r.is_websocket_upgrade());
+        assert!(!r.keep_alive());
+        assert!(req(1, &[]).keep_alive());
+        assert!(!req(0, &[]).keep_alive());
+        assert!(req(0, &[("connection", "Keep-Alive")]).keep_alive());
+    }
+
+    #[test]
+    fn encoding() {
+        let wire = Response::json(200, &serde_json::json!({"a": 1})).encode(false, true, false);
+        let text = String::from_utf8(wire).expect("ascii");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nDate: "), "{text}");
+        assert!(text.contains("\r\nContent-Length: 7\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nConnection: close\r\n\r\n{\"a\":1}"),
+            "{text}"
+        );
+        let head = Response::text(404, "no").encode(true, false, true);
+        let text = String::from_utf8(head).expect("ascii");
+        assert!(
+            text.ends_with("Content-Length: 2\r\nConnection: keep-alive\r\n\r\n"),
+            "{text}"
+        );
+    }
+}
