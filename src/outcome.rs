@@ -70,7 +70,7 @@ enum After {
         kafka: bool,
     },
     /// The task is dead but its record is not written: keep trying the write.
-    DeadPending(DeadPending),
+    DeadPending(Box<DeadPending>),
 }
 
 /// A dead task whose dead-letter record could not be written yet. Its failed attempt is already
@@ -212,7 +212,7 @@ impl OutcomeStage {
                         }
                     }
                 }
-                After::DeadPending(p) => still.push(p),
+                After::DeadPending(p) => still.push(*p),
             }
         }
         still
@@ -311,7 +311,7 @@ impl OutcomeStage {
                 result,
                 finished_ms: o.finished_ms,
             };
-            return (Change::Retry(task), After::DeadPending(pending));
+            return (Change::Retry(task), After::DeadPending(Box::new(pending)));
         }
         self.finish(result, o.run.ok, task.kafka)
     }
