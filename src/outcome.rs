@@ -69,7 +69,22 @@ enum After {
         ok: bool,
         kafka: bool,
     },
+    /// The task is dead but its record is not written: keep trying the write.
+    DeadPending(Box<DeadPending>),
 }
+
+/// A dead task whose dead-letter record could not be written yet. Its failed attempt is already
+/// counted and recorded; the store holds it as `retry_wait` (not armed in the timer) until the
+/// record is written, then it finishes as dead.
+struct DeadPending {
+    /// The task with every attempt, as the record holds it.
+    task: Task,
+    result: TaskResult,
+    finished_ms: i64,
+}
+
+/// How often a dead-letter write that failed is tried again.
+const DEAD_RETRY: Duration = Duration::from_secs(5);
 
 /// The outcome thread and what it needs.
 pub struct OutcomeStage {
@@ -92,17 +107,21 @@ impl OutcomeStage {
 
     fn run(&self, rx: &Receiver<Outcome>) {
         // Dead tasks whose record could not be written: tried again every few seconds.
-        let mut stuck: Vec<Outcome> = Vec::new();
-        let mut next_stuck = Instant::now();
+        let mut pending: Vec<DeadPending> = Vec::new();
+        let mut next_pending = Instant::now();
         loop {
             let first = match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(o) => Some(o),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
-                    if !stuck.is_empty() {
+                    if !pending.is_empty() {
+                        // One last try before giving up for this run.
+                        pending = self.handle(Vec::new(), pending);
+                    }
+                    if !pending.is_empty() {
                         log::error!(
                             "outcome: {} dead tasks could not be recorded; they stay in the store and run again at the next start",
-                            stuck.len()
+                            pending.len()
                         );
                     }
                     return;
@@ -115,29 +134,61 @@ impl OutcomeStage {
                     Err(_) => break,
                 }
             }
-            if !stuck.is_empty() && Instant::now() >= next_stuck {
-                batch.append(&mut stuck);
-                next_stuck = Instant::now() + Duration::from_secs(5);
+            let due = !pending.is_empty() && Instant::now() >= next_pending;
+            let again = if due {
+                std::mem::take(&mut pending)
+            } else {
+                Vec::new()
+            };
+            if batch.is_empty() && again.is_empty() {
+                continue;
             }
-            if !batch.is_empty() {
-                stuck.extend(self.handle(batch));
+            // New dead tasks join a waiting group's next try; a first one starts the clock.
+            let restart_clock = due || pending.is_empty();
+            pending.extend(self.handle(batch, again));
+            if restart_clock {
+                next_pending = Instant::now() + DEAD_RETRY;
             }
         }
     }
 
-    /// Decides, writes and then acts on a batch; returns the outcomes that must be tried again.
-    fn handle(&self, batch: Vec<Outcome>) -> Vec<Outcome> {
-        let mut changes = Vec::with_capacity(batch.len());
-        let mut after = Vec::with_capacity(batch.len());
-        let mut stuck = Vec::new();
+    /// Decides, writes and then acts on a batch of new outcomes and of dead tasks whose record
+    /// is tried again; returns the dead tasks whose record still cannot be written.
+    fn handle(&self, batch: Vec<Outcome>, again: Vec<DeadPending>) -> Vec<DeadPending> {
+        let mut changes = Vec::with_capacity(batch.len() + again.len());
+        let mut after = Vec::with_capacity(batch.len() + again.len());
+        let mut still = Vec::new();
         for o in batch {
-            match self.decide(&o) {
-                Some((c, a)) => {
-                    changes.push(c);
-                    after.push(a);
+            let (c, a) = self.decide(&o);
+            changes.push(c);
+            after.push(a);
+        }
+        for p in again {
+            match self.store.status(&p.task.id) {
+                Ok(None) => {
+                    log::info!(
+                        "task {} was cancelled while its dead-letter record waited; no record",
+                        p.task.id
+                    );
+                    continue;
                 }
-                None => stuck.push(o),
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    log::warn!("outcome: cannot read the state of {}: {e}", p.task.id);
+                    still.push(p);
+                    continue;
+                }
             }
+            if self.write_dead(&p.task, &p.result, p.finished_ms) {
+                let (c, a) = self.finish(p.result, false, p.task.kafka);
+                changes.push(c);
+                after.push(a);
+            } else {
+                still.push(p);
+            }
+        }
+        if changes.is_empty() {
+            return still;
         }
         let mut delay = Duration::from_millis(100);
         while let Err(e) = self.store.record(&changes) {
@@ -161,13 +212,52 @@ impl OutcomeStage {
                         }
                     }
                 }
+                After::DeadPending(p) => still.push(*p),
             }
         }
-        stuck
+        still
     }
 
-    /// Turns an outcome into a store change; `None` when its dead-letter file cannot be written.
-    fn decide(&self, o: &Outcome) -> Option<(Change, After)> {
+    /// Writes the dead-letter record of `task` and logs what happened; true once it is written.
+    fn write_dead(&self, task: &Task, result: &TaskResult, finished_ms: i64) -> bool {
+        match deadletter::write(&self.policy.dead_dir, task, result, finished_ms) {
+            Ok(path) => {
+                log::warn!(
+                    "task {} is dead after {} attempts: {}; record {}",
+                    task.id,
+                    task.attempts.len(),
+                    result.reason,
+                    path.display()
+                );
+                true
+            }
+            Err(e) => {
+                log::error!(
+                    "task {} is dead but its record cannot be written in {}: {e}; it waits in the store as retry_wait and the write is tried again every {} s",
+                    task.id,
+                    self.policy.dead_dir.display(),
+                    DEAD_RETRY.as_secs()
+                );
+                false
+            }
+        }
+    }
+
+    /// The change and follow-up that finish a task with `result` (`ok`: it succeeded).
+    fn finish(&self, result: TaskResult, ok: bool, kafka: bool) -> (Change, After) {
+        let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
+        (
+            Change::Finish {
+                result: result.clone(),
+                expires_ms,
+            },
+            After::Final { result, ok, kafka },
+        )
+    }
+
+    /// Turns a new outcome into a store change and what to do once it is durable. Called once
+    /// per attempt, so a failed attempt is counted once.
+    fn decide(&self, o: &Outcome) -> (Change, After) {
         let mut task = (*o.task).clone();
         task.attempts.push(Attempt {
             started_ms: o.started_ms,
@@ -198,7 +288,7 @@ impl OutcomeStage {
                 id: Arc::from(task.id.as_str()),
                 due_us: task.due_us,
             };
-            return Some((Change::Retry(task), after));
+            return (Change::Retry(task), after);
         }
         let result = TaskResult {
             id: task.id.clone(),
@@ -211,37 +301,19 @@ impl OutcomeStage {
             submitted_at: rfc3339_ms(task.submitted_ms),
             finished_at: rfc3339_ms(o.finished_ms),
         };
-        if !o.run.ok {
-            match deadletter::write(&self.policy.dead_dir, &task, &result, o.finished_ms) {
-                Ok(path) => log::warn!(
-                    "task {} is dead after {n} attempts: {}; record {}",
-                    task.id,
-                    o.run.error,
-                    path.display()
-                ),
-                Err(e) => {
-                    log::error!(
-                        "task {} is dead but its record cannot be written in {}: {e}; it stays in the store",
-                        task.id,
-                        self.policy.dead_dir.display()
-                    );
-                    return None;
-                }
-            }
-        }
-        let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
-        let ok = o.run.ok;
-        Some((
-            Change::Finish {
-                result: result.clone(),
-                expires_ms,
-            },
-            After::Final {
+        if !o.run.ok && !self.write_dead(&task, &result, o.finished_ms) {
+            // Recorded as waiting (its attempt kept) but not armed: this stage retries the
+            // write. Due now, so after a restart it runs again at once (at least once).
+            task.state = State::RetryWait;
+            task.due_us = now_us();
+            let pending = DeadPending {
+                task: task.clone(),
                 result,
-                ok,
-                kafka: task.kafka,
-            },
-        ))
+                finished_ms: o.finished_ms,
+            };
+            return (Change::Retry(task), After::DeadPending(Box::new(pending)));
+        }
+        self.finish(result, o.run.ok, task.kafka)
     }
 }
 

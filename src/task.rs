@@ -491,22 +491,9 @@ fn check_exec_name(name: &str, policy: &ExecPolicy) -> Result<(), TaskError> {
             "EXEC from the network is disabled; start poulpe with --exec_dir DIR (or --exec_any)",
         )),
         ExecPolicy::Any => Ok(()),
-        ExecPolicy::Dir(dir) => {
-            if name.contains('/') || name.contains("..") || name.contains('\0') {
-                return Err(TaskError::field(
-                    "name",
-                    "EXEC program names must not contain '/' or '..' (programs run from --exec_dir)",
-                ));
-            }
-            let path = dir.join(name);
-            if !path.is_file() {
-                return Err(TaskError::field(
-                    "name",
-                    format!("program {name:?} is not in the exec directory"),
-                ));
-            }
-            Ok(())
-        }
+        ExecPolicy::Dir(dir) => crate::exec::program::resolve_in_dir(dir, name)
+            .map(|_| ())
+            .map_err(|e| TaskError::field("name", e.to_string())),
     }
 }
 
@@ -696,7 +683,14 @@ mod tests {
         assert!(t("missing")
             .unwrap_err()
             .to_string()
-            .contains("not in the exec directory"));
+            .contains("not found in the exec directory"));
+        let nul = t("a\0b").unwrap_err().to_string();
+        assert!(nul.contains("NUL") && !nul.contains('/'), "{nul}");
+        std::os::unix::fs::symlink("/bin/sh", dir.path().join("sh")).expect("symlink");
+        assert!(t("sh")
+            .unwrap_err()
+            .to_string()
+            .contains("outside the exec directory"));
         l.exec = ExecPolicy::Disabled;
         let e = parse_task(&json!({"method":"EXEC","name":"ls"}), &l, false, 0).unwrap_err();
         assert!(e.to_string().contains("--exec_dir"), "{e}");

@@ -116,3 +116,66 @@ fn exec_from_the_network_is_off_without_exec_dir() {
     assert_eq!(code, 400, "{r}");
     assert!(r["reason"].as_str().unwrap_or("").contains("exec"), "{r}");
 }
+
+/// The program's real path (links resolved) must lie inside `--exec_dir`: a link to /bin/sh or
+/// to a script elsewhere is refused at submit with the reason, a link to a program inside the
+/// directory runs, and a link changed between submit and run is refused when it runs.
+#[test]
+fn symlinks_cannot_lead_out_of_the_exec_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, bin) = exec_server(&dir);
+    script(&bin, "inside", "echo inside-ran");
+    script(dir.path(), "outside.sh", "echo outside-ran");
+    let link = |name: &str, to: &Path| {
+        let _ = std::fs::remove_file(bin.join(name));
+        std::os::unix::fs::symlink(to, bin.join(name)).expect("symlink");
+    };
+    link("shlink", Path::new("/bin/sh"));
+    link("outlink", &dir.path().join("outside.sh"));
+    link("inlink", Path::new("inside"));
+    link("swap", &bin.join("inside"));
+
+    for name in ["shlink", "outlink"] {
+        let (code, r) = s.submit(&json!({"method":"EXEC","name":name,"params":"-c true"}));
+        assert_eq!(code, 400, "{name}: {r}");
+        let reason = r["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("outside the exec directory"), "{name}: {r}");
+    }
+
+    let (code, r) = s.submit(&json!({"method":"EXEC","name":"inlink","wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK", "{r}");
+    assert!(
+        r["output"].as_str().unwrap_or("").contains("inside-ran"),
+        "{r}"
+    );
+
+    let (code, r) = s.submit(&json!({"method":"EXEC","name":"bad\u{0}name"}));
+    assert_eq!(code, 400, "{r}");
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("NUL"), "{r}");
+    assert!(!reason.contains("'/'"), "NUL has its own message: {r}");
+
+    let (code, r) = s.submit(&json!({"method":"EXEC","name":"missing"}));
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("not found"),
+        "{r}"
+    );
+
+    // Accepted while the link points inside; re-pointed at /bin/sh before it runs.
+    let (code, r) = s.submit(&json!({"id":"swapped","method":"EXEC","name":"swap",
+                                      "delay":2,"max_retry":0}));
+    assert_eq!(code, 200, "{r}");
+    link("swap", Path::new("/bin/sh"));
+    let (code, r) = s.get("/task_resp/swapped?timeout=20");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "Fail", "the re-pointed link must not run: {r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside the exec directory"),
+        "{r}"
+    );
+}

@@ -134,3 +134,57 @@ fn walk_count(p: &std::path::Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// While `--dead` cannot be written, a task out of retries counts its failed attempt once (not
+/// once per write try) and reads as `retry_wait`, not `running`; once the directory is usable
+/// again every record is written and each task counts once as dead.
+#[test]
+fn an_unwritable_dead_dir_counts_each_failure_once_and_heals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parent = dir.path().join("deadparent");
+    let dead = parent.join("dead");
+    let dead_s = dead.to_string_lossy().into_owned();
+    let s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
+    // We run as root, so permissions stop nothing: a regular file where a folder should be does.
+    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
+    std::fs::write(&parent, "not a folder").expect("file in the way");
+
+    const N: usize = 20;
+    let ids: Vec<String> = (0..N).map(|i| format!("ud-{i}")).collect();
+    for id in &ids {
+        let (code, r) = s.submit(&json!({"id":id,"method":"EXEC","name":"false","max_retry":0}));
+        assert_eq!(code, 200, "{r}");
+    }
+    let counts = |s: &Server| s.get("/sys_info").1["counts"].clone();
+    eventually(Duration::from_secs(10), "every attempt to fail", || {
+        (counts(&s)["failed_attempts"].as_u64() >= Some(N as u64)).then_some(())
+    });
+    // The outcome stage tries the write again every few seconds: give it several tries.
+    std::thread::sleep(Duration::from_secs(12));
+    let c = counts(&s);
+    assert_eq!(c["failed_attempts"], N, "one failed attempt per task: {c}");
+    assert_eq!(c["dead"], 0, "{c}");
+    for id in &ids {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=0"));
+        assert_eq!(code, 202, "{id}: {r}");
+        assert_eq!(r["status"], "retry_wait", "{id}: not running any more: {r}");
+    }
+
+    std::fs::remove_file(&parent).expect("remove the file");
+    std::fs::create_dir(&parent).expect("the folder again");
+    eventually(Duration::from_secs(20), "every task to be dead", || {
+        (counts(&s)["dead"].as_u64() >= Some(N as u64)).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let c = counts(&s);
+    assert_eq!(c["dead"], N, "{c}");
+    assert_eq!(c["failed_attempts"], N, "{c}");
+    let records = walk_count(&dead);
+    assert_eq!(records, N, "one record per task");
+    for id in &ids {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=0"));
+        assert_eq!(code, 200, "{id}: {r}");
+        assert_eq!(r["status"], "dead", "{id}: {r}");
+        assert_eq!(r["attempts"], 1, "{id}: {r}");
+    }
+}

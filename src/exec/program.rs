@@ -4,27 +4,106 @@
 use super::{cap_text, RunResult, MAX_OUTPUT};
 use crate::task::{ExecPolicy, Task};
 use crossbeam_channel::{bounded, Receiver};
-use std::io::Read;
+use std::fmt;
+use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Which file runs for this task under the EXEC rules.
-fn program(task: &Task, policy: &ExecPolicy) -> Result<PathBuf, String> {
+/// Why a program name is refused under `--exec_dir`.
+#[derive(Debug)]
+pub enum ProgramError {
+    /// The name holds a NUL byte.
+    Nul,
+    /// The name holds a `/`: only files directly in the directory may run.
+    Slash,
+    /// The name holds `..`.
+    DotDot,
+    /// Nothing by that name in the directory (or a link to nothing).
+    NotFound(String),
+    /// The name, links resolved, is a file outside the directory.
+    Outside(String),
+    /// The name, links resolved, is not a regular file (e.g. a directory).
+    NotAFile(String),
+    /// The exec directory itself cannot be resolved.
+    Dir(io::Error),
+    /// The name cannot be resolved for another reason (e.g. a loop of links).
+    Resolve(String, io::Error),
+}
+
+impl fmt::Display for ProgramError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProgramError::Nul => write!(f, "EXEC program names must not contain a NUL byte"),
+            ProgramError::Slash => write!(
+                f,
+                "EXEC program names must not contain '/' (programs run from --exec_dir)"
+            ),
+            ProgramError::DotDot => write!(f, "EXEC program names must not contain '..'"),
+            ProgramError::NotFound(n) => {
+                write!(f, "program {n:?} not found in the exec directory")
+            }
+            ProgramError::Outside(n) => write!(
+                f,
+                "program {n:?} leads outside the exec directory (its real path, links resolved, must be inside it)"
+            ),
+            ProgramError::NotAFile(n) => write!(f, "program {n:?} is not a regular file"),
+            ProgramError::Dir(e) => write!(f, "the exec directory cannot be resolved: {e}"),
+            ProgramError::Resolve(n, e) => write!(f, "program {n:?} cannot be resolved: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ProgramError {}
+
+/// The real path (symlinks resolved) of program `name` in the exec directory `dir`, refused
+/// unless it is a regular file inside the real path of `dir`. Checked at submit and again just
+/// before each run, since a link may change in between.
+pub fn resolve_in_dir(dir: &Path, name: &str) -> Result<PathBuf, ProgramError> {
+    if name.contains('\0') {
+        return Err(ProgramError::Nul);
+    }
+    if name.contains('/') {
+        return Err(ProgramError::Slash);
+    }
+    if name.contains("..") {
+        return Err(ProgramError::DotDot);
+    }
+    let dir = dir.canonicalize().map_err(ProgramError::Dir)?;
+    let real = match dir.join(name).canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ProgramError::NotFound(name.to_string()))
+        }
+        Err(e) => return Err(ProgramError::Resolve(name.to_string(), e)),
+    };
+    if !real.starts_with(&dir) || real == dir {
+        return Err(ProgramError::Outside(name.to_string()));
+    }
+    if !real.is_file() {
+        return Err(ProgramError::NotAFile(name.to_string()));
+    }
+    Ok(real)
+}
+
+/// Which file runs for this task under the EXEC rules, and the `argv[0]` it is given.
+fn program(task: &Task, policy: &ExecPolicy) -> Result<(PathBuf, PathBuf), String> {
     if task.trusted {
-        return Ok(PathBuf::from(&task.name));
+        let p = PathBuf::from(&task.name);
+        return Ok((p.clone(), p));
     }
     match policy {
-        ExecPolicy::Any => Ok(PathBuf::from(&task.name)),
-        ExecPolicy::Dir(dir) => {
-            if task.name.contains('/') || task.name.contains("..") {
-                Err(format!("{:?} is not allowed under --exec_dir", task.name))
-            } else {
-                Ok(dir.join(&task.name))
-            }
+        ExecPolicy::Any => {
+            let p = PathBuf::from(&task.name);
+            Ok((p.clone(), p))
         }
+        // The resolved path runs, so a link re-pointed after this check changes nothing;
+        // argv[0] stays the name as written (some programs look at it).
+        ExecPolicy::Dir(dir) => resolve_in_dir(dir, &task.name)
+            .map(|real| (real, dir.join(&task.name)))
+            .map_err(|e| e.to_string()),
         ExecPolicy::Disabled => Err("EXEC from the network is disabled".to_string()),
     }
 }
@@ -66,7 +145,7 @@ fn kill_group(pgid: u32) {
 
 /// One EXEC attempt: exit code 0 is success; stdout then stderr is the output.
 pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
-    let path = match program(task, policy) {
+    let (path, arg0) = match program(task, policy) {
         Ok(p) => p,
         Err(e) => {
             return RunResult {
@@ -76,6 +155,7 @@ pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
         }
     };
     let mut child = match Command::new(&path)
+        .arg0(&arg0)
         .args(&task.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -201,6 +281,50 @@ mod tests {
             Duration::from_secs(5),
         );
         assert!(!r.ok && r.error.contains("cannot start"), "{r:?}");
+    }
+
+    #[test]
+    fn the_real_path_must_stay_in_the_exec_dir() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        std::fs::create_dir(bin.join("sub")).expect("sub");
+        std::fs::write(bin.join("job"), "#!/bin/sh\n").expect("job");
+        std::fs::write(dir.path().join("elsewhere"), "#!/bin/sh\n").expect("elsewhere");
+        symlink("job", bin.join("to-job")).expect("link");
+        symlink("/bin/sh", bin.join("to-sh")).expect("link");
+        symlink(dir.path().join("elsewhere"), bin.join("to-elsewhere")).expect("link");
+        symlink(&bin, bin.join("to-dir")).expect("link");
+        symlink("nothing-here", bin.join("dangling")).expect("link");
+        let real_bin = bin.canonicalize().expect("canonical");
+        let r = |name: &str| resolve_in_dir(&bin, name).map_err(|e| e.to_string());
+        assert_eq!(r("job"), Ok(real_bin.join("job")));
+        assert_eq!(r("to-job"), Ok(real_bin.join("job")));
+        for (name, want) in [
+            ("to-sh", "outside the exec directory"),
+            ("to-elsewhere", "outside the exec directory"),
+            ("to-dir", "outside the exec directory"),
+            ("sub", "not a regular file"),
+            ("dangling", "not found"),
+            ("missing", "not found"),
+            ("a\0b", "NUL"),
+            ("sub/x", "'/'"),
+            ("..", "'..'"),
+        ] {
+            let got = r(name).expect_err(name);
+            assert!(got.contains(want), "{name:?}: {got}");
+        }
+        // Checked again at run time: a link re-pointed after the submit does not run.
+        let res = run(
+            &exec("to-sh", &["-c", "echo ran"]),
+            &ExecPolicy::Dir(bin.clone()),
+            Duration::from_secs(5),
+        );
+        assert!(
+            !res.ok && res.permanent && res.error.contains("outside"),
+            "{res:?}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use cron::Schedule;
 use serde_json::{json, Value};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -101,6 +103,41 @@ impl CronLine {
     }
 }
 
+/// Each time field's name and its allowed values, in line order (as the `cron` crate numbers
+/// them: day of week 1–7 is Sunday–Saturday).
+const FIELD_RANGES: [(&str, u32, u32); TIME_FIELDS] = [
+    ("seconds", 0, 59),
+    ("minutes", 0, 59),
+    ("hours", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 1, 7),
+    ("year", 1970, 2100),
+];
+
+/// Checks every number written as a value in the time fields (in lists, ranges and before a
+/// `/step`) against the field's range, so the error states the range that is true.
+/// Names (`Mon`, `Jan`), `*`, `?` and steps are left to the `cron` crate.
+fn check_ranges(fields: &[&str]) -> Result<(), String> {
+    for (field, (what, min, max)) in fields.iter().zip(FIELD_RANGES) {
+        for item in field.split(',') {
+            let values = item.split_once('/').map_or(item, |(start, _step)| start);
+            for v in values.split('-') {
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                let ok = v.parse::<u32>().is_ok_and(|n| (min..=max).contains(&n));
+                if !ok {
+                    return Err(format!(
+                        "{what} must be between {min} and {max} ('{v}' given)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks a cron file.
 pub fn parse_file(path: &Path, limits: &Limits, tz: Tz) -> Result<Vec<CronLine>, CronError> {
     let label = path.display().to_string();
@@ -120,6 +157,8 @@ pub fn parse_text(
     tz: Tz,
 ) -> Result<Vec<CronLine>, CronError> {
     let mut out: Vec<CronLine> = Vec::new();
+    // Line number of each key seen so far: a repeated line is found without rescanning `out`.
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let err = |reason: String| CronError {
@@ -149,6 +188,8 @@ pub fn parse_text(
             )));
         }
         let expr = tokens[..TIME_FIELDS].join(" ");
+        check_ranges(&tokens[..TIME_FIELDS])
+            .map_err(|e| err(format!("bad time fields {expr:?}: {e}")))?;
         let schedule =
             Schedule::from_str(&expr).map_err(|e| err(format!("bad time fields {expr:?}: {e}")))?;
         let name = tokens[TIME_FIELDS].to_string();
@@ -173,8 +214,16 @@ pub fn parse_text(
         if cl.upcoming(Utc::now(), tz, 1).is_empty() {
             return Err(err(format!("{:?} never fires again", cl.expr)));
         }
-        if let Some(twin) = out.iter().find(|o| o.key == cl.key) {
-            return Err(err(format!("same schedule and task as line {}", twin.line)));
+        match seen.entry(cl.key.clone()) {
+            Entry::Occupied(twin) => {
+                return Err(err(format!(
+                    "same schedule and task as line {}",
+                    twin.get()
+                )));
+            }
+            Entry::Vacant(v) => {
+                v.insert(line);
+            }
         }
         out.push(cl);
     }
@@ -270,6 +319,82 @@ mod tests {
                 "{text:?}: got {got:?}, want {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn out_of_range_time_fields_say_the_true_range() {
+        let table = [
+            (
+                "60 * * * * * *",
+                "seconds must be between 0 and 59 ('60' given)",
+            ),
+            (
+                "* 60 * * * * *",
+                "minutes must be between 0 and 59 ('60' given)",
+            ),
+            (
+                "* * 24 * * * *",
+                "hours must be between 0 and 23 ('24' given)",
+            ),
+            (
+                "* * * 0 * * *",
+                "day of month must be between 1 and 31 ('0' given)",
+            ),
+            (
+                "* * * 32 * * *",
+                "day of month must be between 1 and 31 ('32' given)",
+            ),
+            (
+                "* * * * 13 * *",
+                "month must be between 1 and 12 ('13' given)",
+            ),
+            (
+                "* * * * * 8 *",
+                "day of week must be between 1 and 7 ('8' given)",
+            ),
+            (
+                "* * * * * * 2101",
+                "year must be between 1970 and 2100 ('2101' given)",
+            ),
+            (
+                "50-60 * * * * * *",
+                "seconds must be between 0 and 59 ('60' given)",
+            ),
+            (
+                "1,60 * * * * * *",
+                "seconds must be between 0 and 59 ('60' given)",
+            ),
+            (
+                "60/5 * * * * * *",
+                "seconds must be between 0 and 59 ('60' given)",
+            ),
+        ];
+        for (expr, want) in table {
+            let text = format!("{expr} http://x GET");
+            let got = parse(&text).expect_err(&text);
+            assert_eq!(
+                got,
+                format!("crontab:1: bad time fields {expr:?}: {want}"),
+                "{text:?}"
+            );
+        }
+        // The edges themselves are fine.
+        parse("59 59 23 31 12 * 2100 http://x GET").expect("upper edges");
+        parse("* * * * * 7 * http://x GET").expect("day of week 7");
+        parse("0 0 0 1 1 1 * http://x GET").expect("lower edges");
+    }
+
+    #[test]
+    fn a_hundred_thousand_lines_parse() {
+        let mut text = String::new();
+        for i in 0..100_000 {
+            text.push_str(&format!("{} * * * * * * http://svc/x GET n={i}\n", i % 60));
+        }
+        text.push_str("7 * * * * * * http://svc/x GET n=7\n");
+        let got = parse(&text).expect_err("the last line repeats line 8");
+        assert_eq!(got, "crontab:100001: same schedule and task as line 8");
+        let lines = parse(&text[..text.len() - 35]).expect("valid");
+        assert_eq!(lines.len(), 100_000);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::intake::{submit, Origin, SubmitError};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -96,10 +97,14 @@ impl Runner {
     fn install(&mut self, lines: Vec<CronLine>) {
         let now = Runner::now_s();
         let tz = self.app.config.tz;
-        let old = std::mem::take(&mut self.entries);
+        // Old entries by key, so each new line finds its predecessor without a scan.
+        let old: HashMap<String, Entry> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|e| (e.line.key.clone(), e))
+            .collect();
         self.entries = lines
             .into_iter()
-            .map(|line| match old.iter().find(|e| e.line.key == line.key) {
+            .map(|line| match old.get(&line.key) {
                 Some(e) => Entry {
                     next: e.next,
                     last: e.last,
