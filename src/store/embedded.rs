@@ -563,8 +563,8 @@ impl Backend for EmbeddedBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::contract::{run, task};
-    use crate::store::Store;
+    use crate::store::contract::{result, run, task};
+    use crate::store::{Change, Store};
     use crate::task::State;
 
     #[test]
@@ -607,6 +607,141 @@ mod tests {
             s.insert(&[task("d", State::Ready, 0)]),
             Err(StoreError::Duplicate("d".into()))
         );
+    }
+
+    /// redb's in-memory storage, kept across reopens, whose writes fail while `full` is set
+    /// (as a full disk's would).
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<redb::backends::InMemoryBackend>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    fn flaky_store(
+        inner: &Arc<redb::backends::InMemoryBackend>,
+        full: &Arc<AtomicBool>,
+    ) -> EmbeddedStore {
+        let (inner, full) = (inner.clone(), full.clone());
+        let open_db = move || {
+            let backend = Flaky {
+                inner: inner.clone(),
+                full: full.clone(),
+            };
+            let db = redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(unavailable)?;
+            create_tables(db)
+        };
+        start(Box::new(open_db), None).expect("open")
+    }
+
+    #[test]
+    fn after_an_io_error_the_store_is_down_then_reopens_without_losing_anything() {
+        let inner = Arc::new(redb::backends::InMemoryBackend::new());
+        let full = Arc::new(AtomicBool::new(false));
+        let s = flaky_store(&inner, &full);
+        s.insert(&[
+            task("run", State::Ready, 1),
+            task("wait", State::Delayed, 9),
+        ])
+        .expect("insert");
+        assert!(s.claim(&task("run", State::Ready, 1)).expect("claim"));
+        s.insert(&[task("ready", State::Ready, 2)]).expect("insert");
+        assert!(s.healthy());
+
+        full.store(true, Ordering::SeqCst);
+        let refused = s.insert(&[task("new", State::Ready, 3)]);
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(!s.healthy(), "down after the I/O error");
+        assert_eq!(
+            s.status("new").expect("status"),
+            None,
+            "nothing half-accepted"
+        );
+        assert!(
+            matches!(
+                s.claim(&task("ready", State::Ready, 2)),
+                Err(StoreError::Unavailable(_))
+            ),
+            "no attempt starts while its outcome could not be recorded"
+        );
+        assert_eq!(s.status("ready").expect("status"), Some(State::Ready));
+        assert!(matches!(
+            s.take_due("wait"),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(s.status("wait").expect("status"), Some(State::Delayed));
+        let finish = [Change::Finish {
+            result: result("run"),
+            expires_ms: crate::clock::now_ms() + 1_000_000,
+        }];
+        assert!(matches!(s.record(&finish), Err(StoreError::Unavailable(_))));
+        assert_eq!(s.status("run").expect("status"), Some(State::Running));
+
+        // The disk takes writes again: the store reopens by itself and carries on.
+        full.store(false, Ordering::SeqCst);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(std::time::Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s.record(&finish).expect("the held outcome is recorded");
+        assert_eq!(s.result("run").expect("result"), Some(result("run")));
+        s.insert(&[task("new", State::Ready, 3)])
+            .expect("insert after healing");
+        assert!(s.claim(&task("ready", State::Ready, 2)).expect("claim"));
+        assert!(s.take_due("wait").expect("take").is_some());
+        assert_eq!(
+            s.insert(&[task("ready", State::Delayed, 5)]),
+            Err(StoreError::Duplicate("ready".into()))
+        );
+        s.close();
+
+        // What was acknowledged is on disk, once; the finished task is gone from the tasks.
+        let again = flaky_store(&inner, &full);
+        let mut rec: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        rec.sort();
+        assert_eq!(rec, vec!["new", "ready", "wait"]);
+        assert_eq!(again.result("run").expect("result"), Some(result("run")));
     }
 
     #[test]
