@@ -14,7 +14,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -57,6 +57,11 @@ struct Shared {
     up: AtomicBool,
     /// Why the store is down, for the callers' errors.
     why: Mutex<String>,
+    /// Set at shutdown: no reopening, and a plain "closed" error.
+    closed: AtomicBool,
+    /// How many times the database has been reopened: a read that began on an older handle
+    /// does not take the new one down.
+    generation: AtomicU64,
     open: Box<OpenFn>,
     /// Where the free-space probe is written before a reopen (`None`: no probe).
     probe_dir: Option<PathBuf>,
@@ -74,6 +79,9 @@ enum Slot {
 impl Shared {
     /// The error every call gets while the store is down.
     fn down_error(&self) -> StoreError {
+        if self.closed.load(Ordering::Acquire) {
+            return unavailable("the store is closed");
+        }
         unavailable(format!(
             "{}; the store reopens itself once the disk accepts writes again",
             self.why.lock()
@@ -118,11 +126,16 @@ impl Shared {
 
     /// Checks that the disk takes writes again, then opens the database again.
     fn reopen(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(unavailable("the store is closed"));
+        }
         if let Some(dir) = &self.probe_dir {
             probe(dir)?;
         }
         let db = (self.open)()?;
-        *self.db.write() = Slot::Open(Arc::new(db));
+        let mut slot = self.db.write();
+        *slot = Slot::Open(Arc::new(db));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.up.store(true, Ordering::Release);
         Ok(())
     }
@@ -244,6 +257,8 @@ fn start(open: Box<OpenFn>, probe_dir: Option<PathBuf>) -> Result<EmbeddedStore,
         db: RwLock::new(Slot::Open(Arc::new(db))),
         up: AtomicBool::new(true),
         why: Mutex::new(String::new()),
+        closed: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
         open,
         probe_dir,
     });
@@ -421,10 +436,11 @@ impl EmbeddedBackend {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let txn = {
+        let (txn, generation) = {
             let slot = self.shared.db.read();
+            let generation = self.shared.generation.load(Ordering::Acquire);
             match &*slot {
-                Slot::Open(db) => db.begin_read().map_err(redb::Error::from),
+                Slot::Open(db) => (db.begin_read().map_err(redb::Error::from), generation),
                 Slot::Reopening => return Err(self.shared.down_error()),
                 Slot::Closed => return Err(unavailable("the store is closed")),
             }
@@ -432,7 +448,13 @@ impl EmbeddedBackend {
         match txn.and_then(|txn| f(&txn)) {
             Ok(v) => Ok(v),
             Err(e) if broken(&e) => {
-                if self.shared.mark_down(&e) {
+                // Under the slot lock, so that no reopen comes between the check and the mark.
+                let first = {
+                    let _slot = self.shared.db.read();
+                    self.shared.generation.load(Ordering::Acquire) == generation
+                        && self.shared.mark_down(&e)
+                };
+                if first {
                     // Wake the writer (it may be waiting for work) so that it reopens the file.
                     let _ = self.tx.send(Batch {
                         ops: Vec::new(),
@@ -483,6 +505,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Batch {
             ops: Vec::new(),
             done: None,
@@ -752,7 +775,10 @@ mod tests {
         // The running mark is written asynchronously; close must still persist it.
         assert!(s.claim(&task("a", State::Ready, 1)).expect("claim"));
         s.close();
-        assert!(matches!(s.get_meta("k"), Err(StoreError::Unavailable(_))));
+        assert_eq!(
+            s.get_meta("k"),
+            Err(StoreError::Unavailable("the store is closed".into()))
+        );
         assert!(matches!(
             s.insert(&[task("b", State::Ready, 1)]),
             Err(StoreError::Unavailable(_))
