@@ -188,6 +188,12 @@ fn a_full_disk_is_an_outage_the_embedded_store_heals_from() {
                 .then_some(())
         },
     );
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(
+        info["working_total"].as_u64(),
+        Some(running.len() as u64),
+        "their outcomes are not recorded yet, so the store still has them running: {info}"
+    );
     eventually(
         Duration::from_secs(30),
         "the timer holding back due fill tasks (its log line) while the disk is full",
