@@ -1,14 +1,23 @@
 //! The embedded store: one redb file under `--data`, written by one group-commit thread that
 //! folds every waiting write into one fsynced transaction.
+//!
+//! After an I/O error (a full disk, a failing device) redb refuses every later call until the
+//! database is closed and opened again. The writer thread then takes the store down — writes,
+//! claims and releases of due tasks fail with `Unavailable`, `healthy()` is false — closes the
+//! file and, every second, checks that the disk takes writes again and reopens it (redb repairs
+//! the file back to its last durable commit: nothing acknowledged is lost).
 
 use super::local::{Backend, LocalStore, Op};
 use super::StoreError;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// Page cache of the embedded database.
 const CACHE_BYTES: usize = 48 * 1024 * 1024;
@@ -24,12 +33,134 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// How often a store that is down after an I/O error tries to reopen its file.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes written (and fsynced, then deleted) next to the database before a reopen: the disk
+/// must have at least this much room again.
+const PROBE_BYTES: usize = 256 * 1024;
+
+/// Opens the database (at start, and again after an I/O error) and makes sure its tables exist.
+type OpenFn = dyn Fn() -> Result<Database, StoreError> + Send + Sync;
+
 /// The redb file plus its writer thread.
 pub struct EmbeddedBackend {
-    /// `None` once closed.
-    db: RwLock<Option<Arc<Database>>>,
+    shared: Arc<Shared>,
     tx: Sender<Batch>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the callers and the writer thread share.
+struct Shared {
+    db: RwLock<Slot>,
+    /// False from an I/O error until the database is open again.
+    up: AtomicBool,
+    /// Why the store is down, for the callers' errors.
+    why: Mutex<String>,
+    /// Set at shutdown: no reopening, and a plain "closed" error.
+    closed: AtomicBool,
+    /// How many times the database has been reopened: a read that began on an older handle
+    /// does not take the new one down.
+    generation: AtomicU64,
+    open: Box<OpenFn>,
+    /// Where the free-space probe is written before a reopen (`None`: no probe).
+    probe_dir: Option<PathBuf>,
+}
+
+/// The database handle, or why there is none.
+enum Slot {
+    Open(Arc<Database>),
+    /// Closed after an I/O error; the writer opens it again.
+    Reopening,
+    /// Closed at shutdown.
+    Closed,
+}
+
+impl Shared {
+    /// The error every call gets while the store is down.
+    fn down_error(&self) -> StoreError {
+        if self.closed.load(Ordering::Acquire) {
+            return unavailable("the store is closed");
+        }
+        unavailable(format!(
+            "{}; the store reopens itself once the disk accepts writes again",
+            self.why.lock()
+        ))
+    }
+
+    /// The open database, for one writer batch.
+    fn current(&self) -> Result<Arc<Database>, StoreError> {
+        match &*self.db.read() {
+            Slot::Open(db) => Ok(db.clone()),
+            Slot::Reopening => Err(self.down_error()),
+            Slot::Closed => Err(unavailable("the store is closed")),
+        }
+    }
+
+    /// Marks the store down after `e`; the first caller gets true (and must tell the writer).
+    fn mark_down(&self, e: &redb::Error) -> bool {
+        let was_up = self.up.swap(false, Ordering::AcqRel);
+        if was_up {
+            *self.why.lock() = format!("the disk refused a write or read ({e})");
+            log::error!("store: I/O error on the database file: {e}; the store is down until it can be reopened");
+        }
+        was_up
+    }
+
+    /// Closes the database handle (redb requires it after an I/O error).
+    fn close_db(&self) {
+        let old = std::mem::replace(&mut *self.db.write(), Slot::Reopening);
+        if let Slot::Open(db) = old {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    if let Err(e) = db.close() {
+                        log::debug!("store: closing the failed database: {e}");
+                    }
+                }
+                Err(_) => log::warn!(
+                    "store: the failed database is still referenced; it is reopened once released"
+                ),
+            }
+        }
+    }
+
+    /// Checks that the disk takes writes again, then opens the database again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(unavailable("the store is closed"));
+        }
+        if let Some(dir) = &self.probe_dir {
+            probe(dir)?;
+        }
+        let db = (self.open)()?;
+        let mut slot = self.db.write();
+        *slot = Slot::Open(Arc::new(db));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.up.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Writes, fsyncs and deletes `PROBE_BYTES` in `dir`: fails while the disk is full.
+fn probe(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("poulpe.probe");
+    let res = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&[0u8; PROBE_BYTES])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    res.map_err(|e| unavailable(format!("the disk does not take writes yet: {e}")))
+}
+
+/// Whether redb refuses every later call after `e` (until the database is reopened).
+fn broken(e: &redb::Error) -> bool {
+    matches!(
+        e,
+        redb::Error::Io(_)
+            | redb::Error::Backend(_)
+            | redb::Error::PreviousIo
+            | redb::Error::LockPoisoned(_)
+    )
 }
 
 /// What one caller hands the writer; `done` is told when it is durable. A batch with `close`
@@ -94,12 +225,20 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join("poulpe.redb");
-    // redb's default page cache is 1 GiB, which would hold most of a big file in memory; the
-    // hot pages of a job queue (recent inserts, due and running tasks) fit in much less.
-    let db = redb::Builder::new()
-        .set_cache_size(CACHE_BYTES)
-        .create(&path)
-        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let open_file = move || {
+        // redb's default page cache is 1 GiB, which would hold most of a big file in memory;
+        // the hot pages of a job queue (recent inserts, due and running tasks) fit in much less.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        create_tables(db)
+    };
+    start(Box::new(open_file), Some(dir.to_path_buf()))
+}
+
+/// Makes sure every table exists (one small commit).
+fn create_tables(db: Database) -> Result<Database, StoreError> {
     let txn = db.begin_write().map_err(unavailable)?;
     {
         txn.open_table(TASKS).map_err(unavailable)?;
@@ -108,15 +247,29 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         txn.open_table(META).map_err(unavailable)?;
     }
     txn.commit().map_err(unavailable)?;
-    let db = Arc::new(db);
+    Ok(db)
+}
+
+/// Opens the database with `open` and starts the writer thread.
+fn start(open: Box<OpenFn>, probe_dir: Option<PathBuf>) -> Result<EmbeddedStore, StoreError> {
+    let db = open()?;
+    let shared = Arc::new(Shared {
+        db: RwLock::new(Slot::Open(Arc::new(db))),
+        up: AtomicBool::new(true),
+        why: Mutex::new(String::new()),
+        closed: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+        open,
+        probe_dir,
+    });
     let (tx, rx) = unbounded();
-    let writer_db = db.clone();
+    let writer_shared = shared.clone();
     let handle = thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || writer(&writer_db, &rx))
+        .spawn(move || writer(&writer_shared, &rx))
         .map_err(unavailable)?;
     Ok(LocalStore::new(EmbeddedBackend {
-        db: RwLock::new(Some(db)),
+        shared,
         tx,
         writer: Mutex::new(Some(handle)),
     }))
@@ -136,11 +289,50 @@ fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
 }
 
 /// Group commit: takes everything waiting, writes it in one transaction, tells every caller.
-fn writer(db: &Database, rx: &Receiver<Batch>) {
-    let mut closing = false;
-    while !closing {
-        let Ok(first) = rx.recv() else { return };
-        closing = first.close;
+/// After an I/O error it closes the database, answers every write with `Unavailable` and tries
+/// to reopen it every `REOPEN_EVERY` until that works.
+fn writer(shared: &Shared, rx: &Receiver<Batch>) {
+    // Set while the store is down: when to try reopening next.
+    let mut reopen_at: Option<Instant> = None;
+    let mut failed_reopens = 0u32;
+    loop {
+        if reopen_at.is_none() && !shared.up.load(Ordering::Acquire) {
+            // A read found the file broken.
+            shared.close_db();
+            reopen_at = Some(Instant::now());
+        }
+        if let Some(at) = reopen_at {
+            if Instant::now() >= at {
+                match shared.reopen() {
+                    Ok(()) => {
+                        log::info!("store: database reopened; the store is up again");
+                        reopen_at = None;
+                        failed_reopens = 0;
+                    }
+                    Err(e) => {
+                        failed_reopens += 1;
+                        if failed_reopens == 1 {
+                            log::warn!("store: cannot reopen the database yet: {e}; trying again every {REOPEN_EVERY:?}");
+                        } else {
+                            log::debug!("store: reopen attempt {failed_reopens} failed: {e}");
+                        }
+                        reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                    }
+                }
+            }
+        }
+        let first = match reopen_at {
+            None => match rx.recv() {
+                Ok(b) => b,
+                Err(_) => return,
+            },
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(b) => b,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        let mut closing = first.close;
         let mut batches = vec![first];
         let mut n = batches[0].ops.len();
         while n < MAX_BATCH && !closing {
@@ -153,34 +345,55 @@ fn writer(db: &Database, rx: &Receiver<Batch>) {
                 Err(_) => break,
             }
         }
-        let res = apply(db, &batches);
-        if let Err(e) = &res {
-            log::error!("store: commit of {n} writes failed: {e}");
-        }
+        let res = if reopen_at.is_some() {
+            Err(shared.down_error())
+        } else if n == 0 {
+            Ok(())
+        } else {
+            match shared.current() {
+                Ok(db) => match apply(&db, &batches) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        log::error!("store: commit of {n} writes failed: {e}");
+                        if broken(&e) {
+                            shared.mark_down(&e);
+                            drop(db);
+                            shared.close_db();
+                            reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                            Err(shared.down_error())
+                        } else {
+                            Err(unavailable(e))
+                        }
+                    }
+                },
+                Err(e) => Err(e),
+            }
+        };
         for b in batches {
             if let Some(done) = b.done {
                 done.send(res.clone());
             }
         }
+        if closing {
+            return;
+        }
     }
 }
 
-fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
-    let txn = db.begin_write().map_err(unavailable)?;
+fn apply(db: &Database, batches: &[Batch]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
     {
-        let mut tasks = txn.open_table(TASKS).map_err(unavailable)?;
-        let mut results = txn.open_table(RESULTS).map_err(unavailable)?;
-        let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
-        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        let mut tasks = txn.open_table(TASKS)?;
+        let mut results = txn.open_table(RESULTS)?;
+        let mut expiry = txn.open_table(EXPIRY)?;
+        let mut meta = txn.open_table(META)?;
         for op in batches.iter().flat_map(|b| b.ops.iter()) {
             match op {
                 Op::PutTask(id, bytes) => {
-                    tasks
-                        .insert(id.as_str(), bytes.as_slice())
-                        .map_err(unavailable)?;
+                    tasks.insert(id.as_str(), bytes.as_slice())?;
                 }
                 Op::DelTask(id) => {
-                    tasks.remove(id.as_str()).map_err(unavailable)?;
+                    tasks.remove(id.as_str())?;
                 }
                 Op::PutResult {
                     id,
@@ -190,45 +403,69 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), StoreError> {
                     let mut v = Vec::with_capacity(8 + bytes.len());
                     v.extend_from_slice(&(*expires_ms.max(&0) as u64).to_be_bytes());
                     v.extend_from_slice(bytes);
-                    results
-                        .insert(id.as_str(), v.as_slice())
-                        .map_err(unavailable)?;
-                    expiry
-                        .insert(expiry_key(*expires_ms, id).as_slice(), ())
-                        .map_err(unavailable)?;
+                    results.insert(id.as_str(), v.as_slice())?;
+                    expiry.insert(expiry_key(*expires_ms, id).as_slice(), ())?;
                 }
                 Op::DelResult(id) => {
-                    results.remove(id.as_str()).map_err(unavailable)?;
+                    results.remove(id.as_str())?;
                 }
                 Op::PutMeta(k, v) => {
-                    meta.insert(k.as_str(), v.as_str()).map_err(unavailable)?;
+                    meta.insert(k.as_str(), v.as_str())?;
                 }
                 Op::Expire { id, expires_ms } => {
-                    expiry
-                        .remove(expiry_key(*expires_ms, id).as_slice())
-                        .map_err(unavailable)?;
+                    expiry.remove(expiry_key(*expires_ms, id).as_slice())?;
                     let same = results
-                        .get(id.as_str())
-                        .map_err(unavailable)?
+                        .get(id.as_str())?
                         .and_then(|g| split_result(g.value()).map(|(e, _)| e == *expires_ms))
                         .unwrap_or(false);
                     if same {
-                        results.remove(id.as_str()).map_err(unavailable)?;
+                        results.remove(id.as_str())?;
                     }
                 }
             }
         }
     }
-    txn.commit().map_err(unavailable)
+    txn.commit()?;
+    Ok(())
 }
 
 impl EmbeddedBackend {
-    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        let db = self.db.read();
-        let db = db
-            .as_ref()
-            .ok_or_else(|| unavailable("the store is closed"))?;
-        db.begin_read().map_err(unavailable)
+    /// Runs one read on the open database; an I/O error takes the store down and wakes the
+    /// writer, which reopens it.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let (txn, generation) = {
+            let slot = self.shared.db.read();
+            let generation = self.shared.generation.load(Ordering::Acquire);
+            match &*slot {
+                Slot::Open(db) => (db.begin_read().map_err(redb::Error::from), generation),
+                Slot::Reopening => return Err(self.shared.down_error()),
+                Slot::Closed => return Err(unavailable("the store is closed")),
+            }
+        };
+        match txn.and_then(|txn| f(&txn)) {
+            Ok(v) => Ok(v),
+            Err(e) if broken(&e) => {
+                // Under the slot lock, so that no reopen comes between the check and the mark.
+                let first = {
+                    let _slot = self.shared.db.read();
+                    self.shared.generation.load(Ordering::Acquire) == generation
+                        && self.shared.mark_down(&e)
+                };
+                if first {
+                    // Wake the writer (it may be waiting for work) so that it reopens the file.
+                    let _ = self.tx.send(Batch {
+                        ops: Vec::new(),
+                        done: None,
+                        close: false,
+                    });
+                }
+                Err(self.shared.down_error())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 }
 
@@ -237,7 +474,14 @@ impl Backend for EmbeddedBackend {
         "embedded"
     }
 
+    fn healthy(&self) -> bool {
+        self.shared.up.load(Ordering::Acquire)
+    }
+
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if !self.healthy() {
+            return Err(self.shared.down_error());
+        }
         let ack = Arc::new(Ack::default());
         self.tx
             .send(Batch {
@@ -261,6 +505,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
         let _ = self.tx.send(Batch {
             ops: Vec::new(),
             done: None,
@@ -271,74 +516,78 @@ impl Backend for EmbeddedBackend {
         }
         // The last reference: redb marks the file cleanly closed, so the next open needs no
         // repair scan.
-        if let Some(db) = self.db.write().take() {
+        let old = std::mem::replace(&mut *self.shared.db.write(), Slot::Closed);
+        if let Slot::Open(db) = old {
             match Arc::try_unwrap(db) {
                 Ok(db) => drop(db),
                 Err(_) => log::warn!("store: the database is still in use; not closed cleanly"),
             }
         }
+        self.shared.up.store(false, Ordering::Release);
     }
 
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(TASKS).map_err(unavailable)?;
-        Ok(t.get(id).map_err(unavailable)?.map(|g| g.value().to_vec()))
+        self.read(|txn| {
+            let t = txn.open_table(TASKS)?;
+            Ok(t.get(id)?.map(|g| g.value().to_vec()))
+        })
     }
 
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(RESULTS).map_err(unavailable)?;
-        let Some(g) = t.get(id).map_err(unavailable)? else {
-            return Ok(None);
-        };
-        match split_result(g.value()) {
+        let raw = self.read(|txn| {
+            let t = txn.open_table(RESULTS)?;
+            Ok(t.get(id)?.map(|g| g.value().to_vec()))
+        })?;
+        let Some(v) = raw else { return Ok(None) };
+        match split_result(&v) {
             Some((e, rest)) => Ok(Some((e, rest.to_vec()))),
             None => Err(StoreError::Corrupt(format!("result {id:?} is truncated"))),
         }
     }
 
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(TASKS).map_err(unavailable)?;
-        for item in t.iter().map_err(unavailable)? {
-            let (_, v) = item.map_err(unavailable)?;
-            f(v.value());
-        }
-        Ok(())
+        self.read(|txn| {
+            let t = txn.open_table(TASKS)?;
+            for item in t.iter()? {
+                let (_, v) = item?;
+                f(v.value());
+            }
+            Ok(())
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(META).map_err(unavailable)?;
-        Ok(t.get(key)
-            .map_err(unavailable)?
-            .map(|g| g.value().to_string()))
+        self.read(|txn| {
+            let t = txn.open_table(META)?;
+            Ok(t.get(key)?.map(|g| g.value().to_string()))
+        })
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(EXPIRY).map_err(unavailable)?;
-        let upper = (now_ms.max(0) as u64).to_be_bytes();
-        let mut out = Vec::new();
-        for item in t.range::<&[u8]>(..upper.as_slice()).map_err(unavailable)? {
-            let (k, _) = item.map_err(unavailable)?;
-            let k = k.value();
-            if let Some((e, id)) = split_result(k) {
-                out.push((String::from_utf8_lossy(id).into_owned(), e));
+        self.read(|txn| {
+            let t = txn.open_table(EXPIRY)?;
+            let upper = (now_ms.max(0) as u64).to_be_bytes();
+            let mut out = Vec::new();
+            for item in t.range::<&[u8]>(..upper.as_slice())? {
+                let (k, _) = item?;
+                let k = k.value();
+                if let Some((e, id)) = split_result(k) {
+                    out.push((String::from_utf8_lossy(id).into_owned(), e));
+                }
+                if out.len() >= limit {
+                    break;
+                }
             }
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::contract::{run, task};
-    use crate::store::Store;
+    use crate::store::contract::{result, run, task};
+    use crate::store::{Change, Store};
     use crate::task::State;
 
     #[test]
@@ -383,6 +632,141 @@ mod tests {
         );
     }
 
+    /// redb's in-memory storage, kept across reopens, whose writes fail while `full` is set
+    /// (as a full disk's would).
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<redb::backends::InMemoryBackend>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    fn flaky_store(
+        inner: &Arc<redb::backends::InMemoryBackend>,
+        full: &Arc<AtomicBool>,
+    ) -> EmbeddedStore {
+        let (inner, full) = (inner.clone(), full.clone());
+        let open_db = move || {
+            let backend = Flaky {
+                inner: inner.clone(),
+                full: full.clone(),
+            };
+            let db = redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(unavailable)?;
+            create_tables(db)
+        };
+        start(Box::new(open_db), None).expect("open")
+    }
+
+    #[test]
+    fn after_an_io_error_the_store_is_down_then_reopens_without_losing_anything() {
+        let inner = Arc::new(redb::backends::InMemoryBackend::new());
+        let full = Arc::new(AtomicBool::new(false));
+        let s = flaky_store(&inner, &full);
+        s.insert(&[
+            task("run", State::Ready, 1),
+            task("wait", State::Delayed, 9),
+        ])
+        .expect("insert");
+        assert!(s.claim(&task("run", State::Ready, 1)).expect("claim"));
+        s.insert(&[task("ready", State::Ready, 2)]).expect("insert");
+        assert!(s.healthy());
+
+        full.store(true, Ordering::SeqCst);
+        let refused = s.insert(&[task("new", State::Ready, 3)]);
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(!s.healthy(), "down after the I/O error");
+        assert_eq!(
+            s.status("new").expect("status"),
+            None,
+            "nothing half-accepted"
+        );
+        assert!(
+            matches!(
+                s.claim(&task("ready", State::Ready, 2)),
+                Err(StoreError::Unavailable(_))
+            ),
+            "no attempt starts while its outcome could not be recorded"
+        );
+        assert_eq!(s.status("ready").expect("status"), Some(State::Ready));
+        assert!(matches!(
+            s.take_due("wait"),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(s.status("wait").expect("status"), Some(State::Delayed));
+        let finish = [Change::Finish {
+            result: result("run"),
+            expires_ms: crate::clock::now_ms() + 1_000_000,
+        }];
+        assert!(matches!(s.record(&finish), Err(StoreError::Unavailable(_))));
+        assert_eq!(s.status("run").expect("status"), Some(State::Running));
+
+        // The disk takes writes again: the store reopens by itself and carries on.
+        full.store(false, Ordering::SeqCst);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(std::time::Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s.record(&finish).expect("the held outcome is recorded");
+        assert_eq!(s.result("run").expect("result"), Some(result("run")));
+        s.insert(&[task("new", State::Ready, 3)])
+            .expect("insert after healing");
+        assert!(s.claim(&task("ready", State::Ready, 2)).expect("claim"));
+        assert!(s.take_due("wait").expect("take").is_some());
+        assert_eq!(
+            s.insert(&[task("ready", State::Delayed, 5)]),
+            Err(StoreError::Duplicate("ready".into()))
+        );
+        s.close();
+
+        // What was acknowledged is on disk, once; the finished task is gone from the tasks.
+        let again = flaky_store(&inner, &full);
+        let mut rec: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        rec.sort();
+        assert_eq!(rec, vec!["new", "ready", "wait"]);
+        assert_eq!(again.result("run").expect("result"), Some(result("run")));
+    }
+
     #[test]
     fn close_writes_queued_marks_refuses_later_calls_and_frees_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -391,7 +775,10 @@ mod tests {
         // The running mark is written asynchronously; close must still persist it.
         assert!(s.claim(&task("a", State::Ready, 1)).expect("claim"));
         s.close();
-        assert!(matches!(s.get_meta("k"), Err(StoreError::Unavailable(_))));
+        assert_eq!(
+            s.get_meta("k"),
+            Err(StoreError::Unavailable("the store is closed".into()))
+        );
         assert!(matches!(
             s.insert(&[task("b", State::Ready, 1)]),
             Err(StoreError::Unavailable(_))

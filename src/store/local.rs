@@ -40,11 +40,21 @@ pub trait Backend: Send + Sync {
     /// Expiry entries due before `now_ms`, at most `limit`.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Whether writes can be made durable now (false while the storage is down after an I/O
+    /// error, until it has been reopened).
+    fn healthy(&self) -> bool {
+        true
+    }
     /// Finishes queued writes and closes the storage (at shutdown).
     fn close(&self) {}
 }
 
 /// A `Store` over any `Backend`.
+///
+/// The live index changes only after the write it mirrors is durable, or is put back when that
+/// write fails, so it stays true when the backend goes down and is reopened (after an I/O
+/// error): nothing needs rebuilding. The one write not waited for, a claim's running mark, only
+/// matters after a crash, when ready and running tasks both run again.
 pub struct LocalStore<B: Backend> {
     live: LiveIndex,
     backend: B,
@@ -78,8 +88,23 @@ impl<B: Backend> LocalStore<B> {
         }
     }
 
+    /// Fails with `Unavailable` while the backend cannot make writes durable.
+    fn check_up(&self) -> Result<(), StoreError> {
+        if self.backend.healthy() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "the {} store cannot record anything now",
+                self.backend.name()
+            )))
+        }
+    }
+
     /// Marks a waiting task ready (with `again`, one already ready passes too) and loads it.
+    /// While the backend is down nothing is handed out: its attempt's outcome could not be
+    /// recorded (the timer tries again).
     fn take(&self, id: &str, again: bool) -> Result<Option<Task>, StoreError> {
+        self.check_up()?;
         let from: &[State] = if again {
             &[State::Delayed, State::RetryWait, State::Ready]
         } else {
@@ -111,6 +136,10 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn close(&self) {
         self.backend.close();
+    }
+
+    fn healthy(&self) -> bool {
+        self.backend.healthy()
     }
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
@@ -155,6 +184,8 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {
+        // No attempt starts while its outcome could not be recorded (the worker tries again).
+        self.check_up()?;
         if !self
             .live
             .transition(&task.id, &[State::Ready], State::Running)

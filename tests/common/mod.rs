@@ -60,10 +60,22 @@ impl Server {
 
     /// `start_in` with extra environment variables.
     pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_logged(data, data, args, env)
+    }
+
+    /// `start_in_with_env` with the log file in `log_dir` rather than in the data directory
+    /// (for a data directory on a small filesystem that the test fills up).
+    pub fn start_logged(
+        data: &Path,
+        log_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         for _ in 0..5 {
             let port = free_port();
-            let log = data.join(format!("poulpe-{port}.log"));
+            let log = log_dir.join(format!("poulpe-{port}.log"));
             std::fs::create_dir_all(data).expect("data dir");
+            std::fs::create_dir_all(log_dir).expect("log dir");
             let logf = std::fs::File::create(&log).expect("log file");
             let child = Command::new(binary())
                 .arg("--port")
