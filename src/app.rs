@@ -184,7 +184,7 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             t0.elapsed().as_millis()
         );
     }
-    store::start_gc(store.clone(), Duration::from_secs(60))?;
+    store::start_gc(store.clone(), Duration::from_secs(1), config.result_max)?;
 
     let (cron_tx, cron_rx) = unbounded();
     let app = Arc::new(App {

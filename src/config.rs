@@ -44,6 +44,8 @@ pub struct Config {
     pub backoff: Backoff,
     pub task_timeout: u64,
     pub result_ttl: u64,
+    /// Most finished results kept (`--result_max`); beyond it the oldest are dropped first.
+    pub result_max: usize,
     pub exec: ExecPolicy,
     pub token: Option<String>,
     pub max_body: usize,
@@ -173,6 +175,11 @@ const FLAGS: &[Flag] = &[
         "result_ttl",
         "86400",
         "seconds results and dead records stay queryable",
+    ),
+    flag(
+        "result_max",
+        "1000000",
+        "most finished results kept; beyond it the oldest are dropped first",
     ),
     flag(
         "exec_dir",
@@ -505,6 +512,7 @@ impl Config {
         };
         let task_timeout = number(&raw, "task_timeout", 60u64, 1, 86_400)?;
         let result_ttl = number(&raw, "result_ttl", 86_400u64, 1, 10 * 365 * 86_400)?;
+        let result_max = number(&raw, "result_max", 1_000_000usize, 0, 1_000_000_000)?;
         let max_body = number(&raw, "max_body", 1_048_576usize, 64, 1 << 30)?;
         let max_ws = number(&raw, "max_ws", 256usize, 1, 65_536)?;
         let ws_idle = number(&raw, "ws_idle", 300u64, 1, 86_400)?;
@@ -572,6 +580,7 @@ impl Config {
             backoff,
             task_timeout,
             result_ttl,
+            result_max,
             exec,
             token: raw.get("token").map(str::to_string),
             max_body,

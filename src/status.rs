@@ -121,6 +121,8 @@ impl Status {
             "uptime_s": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
             "store": {"kind": store.name(), "up": store_ok},
+            "results_stored": store.results_stored().ok(),
+            "data_bytes": store.data_bytes(),
             "cron": cron_lines(app),
             "kafka": app.kafka.as_ref().map(|k| k.json()),
         })

@@ -130,6 +130,7 @@ fn help_lists_every_flag_with_its_default() {
         ("backoff", Some("fixed")),
         ("task_timeout", Some("60")),
         ("result_ttl", Some("86400")),
+        ("result_max", Some("1000000")),
         ("exec_dir", None),
         ("exec_any", None),
         ("token", None),

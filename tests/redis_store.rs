@@ -311,3 +311,18 @@ fn keys_live_under_the_prefix_and_results_expire() {
         assert_eq!(redis_cli(&redis, &["PTTL", k]).trim(), "-1", "{k}");
     }
 }
+
+#[test]
+fn results_beyond_result_max_are_dropped_oldest_first_on_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let sink = Sink::start();
+    let s = start(dir.path(), &redis, &["--result_max", "1000"]);
+    common::check_result_max(&s, &sink);
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(
+        info["data_bytes"],
+        Value::Null,
+        "no local file with Redis: {info}"
+    );
+}

@@ -119,3 +119,16 @@ fn sys_info_and_health() {
     assert_eq!(code, 200);
     assert_eq!(h["status"], "ok");
 }
+
+#[test]
+fn results_beyond_result_max_are_dropped_oldest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--result_max", "1000"]);
+    common::check_result_max(&s, &sink);
+    let (_, info) = s.get("/sys_info");
+    assert!(
+        info["data_bytes"].as_u64() > Some(0),
+        "the file size is shown: {info}"
+    );
+}

@@ -269,8 +269,12 @@ mod tests {
         fn summary(&self, cap: usize) -> Result<crate::store::Summary, StoreError> {
             self.inner.summary(cap)
         }
-        fn gc(&self, now_ms: i64) -> Result<usize, StoreError> {
-            self.inner.gc(now_ms)
+        fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, StoreError> {
+            self.inner.gc(now_ms, keep)
+        }
+
+        fn results_stored(&self) -> Result<usize, StoreError> {
+            self.inner.results_stored()
         }
         fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
             self.inner.get_meta(key)

@@ -11,7 +11,7 @@ use super::local::{Backend, LocalStore, Op};
 use super::StoreError;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +29,11 @@ const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
 /// Small named values (cron last fire times).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The database file's name inside `--data`.
+const FILE: &str = "poulpe.redb";
+/// Files smaller than this are not worth compacting at start.
+const COMPACT_FROM_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -224,17 +229,59 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join("poulpe.redb");
+    let path = dir.join(FILE);
+    let first = AtomicBool::new(true);
     let open_file = move || {
         // redb's default page cache is 1 GiB, which would hold most of a big file in memory;
         // the hot pages of a job queue (recent inserts, due and running tasks) fit in much less.
-        let db = redb::Builder::new()
+        let mut db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        if first.swap(false, Ordering::AcqRel) {
+            compact_if_sparse(&mut db, &path);
+        }
         create_tables(db)
     };
     start(Box::new(open_file), Some(dir.to_path_buf()))
+}
+
+/// The file does not shrink by itself: space freed by expired results is reused, not given
+/// back. At start, when more than half of a file of some size is free, it is compacted.
+fn compact_if_sparse(db: &mut Database, path: &Path) {
+    let Ok(before) = std::fs::metadata(path).map(|m| m.len()) else {
+        return;
+    };
+    if before < COMPACT_FROM_BYTES {
+        return;
+    }
+    let used = match db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+        let stats = txn.stats().map_err(redb::Error::from);
+        txn.abort().map_err(redb::Error::from)?;
+        stats
+    }) {
+        Ok(stats) => stats.allocated_pages() * stats.page_size() as u64,
+        Err(e) => {
+            log::warn!("store: cannot measure {}: {e}", path.display());
+            return;
+        }
+    };
+    if used.saturating_mul(2) >= before {
+        return;
+    }
+    let t0 = Instant::now();
+    match db.compact() {
+        Ok(_) => {
+            let after = std::fs::metadata(path).map(|m| m.len()).unwrap_or(before);
+            log::info!(
+                "store: compacted {}: {before} -> {after} bytes ({} MB reclaimed) in {} ms",
+                path.display(),
+                before.saturating_sub(after) / 1_000_000,
+                t0.elapsed().as_millis()
+            );
+        }
+        Err(e) => log::warn!("store: cannot compact {}: {e}", path.display()),
+    }
 }
 
 /// Makes sure every table exists (one small commit).
@@ -563,6 +610,15 @@ impl Backend for EmbeddedBackend {
         })
     }
 
+    fn results_len(&self) -> Result<usize, StoreError> {
+        self.read(|txn| Ok(txn.open_table(RESULTS)?.len()? as usize))
+    }
+
+    fn data_bytes(&self) -> Option<u64> {
+        let dir = self.shared.probe_dir.as_ref()?;
+        std::fs::metadata(dir.join(FILE)).ok().map(|m| m.len())
+    }
+
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
         self.read(|txn| {
             let t = txn.open_table(EXPIRY)?;
@@ -596,6 +652,48 @@ mod tests {
         run(&open(dir.path()).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::expiry(&open(dir.path()).expect("open"), true);
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::result_cap(&open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn a_mostly_free_file_is_compacted_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(FILE);
+        let now = crate::clock::now_ms();
+        {
+            let s = open(dir.path()).expect("open");
+            let mut big = result("big");
+            big.output = "x".repeat(16 * 1024);
+            for chunk in 0..20 {
+                let changes: Vec<Change> = (0..100)
+                    .map(|i| {
+                        let mut r = big.clone();
+                        r.id = format!("b{chunk}-{i}");
+                        Change::Finish {
+                            result: r,
+                            expires_ms: now + 60_000,
+                        }
+                    })
+                    .collect();
+                s.record(&changes).expect("record");
+            }
+            s.record(&[Change::Finish {
+                result: result("kept"),
+                expires_ms: now + 60_000,
+            }])
+            .expect("record");
+            while s.gc(now, 1).expect("gc") > 0 {}
+            assert_eq!(s.results_stored().expect("count"), 1);
+            s.close();
+        }
+        let before = std::fs::metadata(&file).expect("file").len();
+        assert!(before > 2 * COMPACT_FROM_BYTES, "{before} bytes written");
+        let s = open(dir.path()).expect("reopen");
+        let after = std::fs::metadata(&file).expect("file").len();
+        assert!(after * 2 < before, "compacted: {before} -> {after} bytes");
+        assert_eq!(s.result("kept").expect("result"), Some(result("kept")));
+        s.close();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
 
 use super::live::LiveIndex;
-use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
+use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::results::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
@@ -40,6 +40,12 @@ pub trait Backend: Send + Sync {
     /// Expiry entries due before `now_ms`, at most `limit`.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Number of stored results.
+    fn results_len(&self) -> Result<usize, StoreError>;
+    /// Size of the data on disk, when there is a file.
+    fn data_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Whether writes can be made durable now (false while the storage is down after an I/O
     /// error, until it has been reopened).
     fn healthy(&self) -> bool {
@@ -81,6 +87,20 @@ fn now_ms() -> i64 {
 }
 
 impl<B: Backend> LocalStore<B> {
+    /// Deletes the results of these expiry entries (each only if it still has that expiry).
+    fn expire(&self, entries: Vec<(String, i64)>) -> Result<usize, StoreError> {
+        let n = entries.len();
+        if n > 0 {
+            self.backend.write(
+                entries
+                    .into_iter()
+                    .map(|(id, expires_ms)| Op::Expire { id, expires_ms })
+                    .collect(),
+            )?;
+        }
+        Ok(n)
+    }
+
     pub fn new(backend: B) -> LocalStore<B> {
         LocalStore {
             live: LiveIndex::default(),
@@ -290,20 +310,34 @@ impl<B: Backend> Store for LocalStore<B> {
         Ok(self.live.summary(cap))
     }
 
-    fn gc(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let mut total = 0;
-        loop {
-            let due = self.backend.expired(now_ms, 10_000)?;
-            if due.is_empty() {
-                return Ok(total);
+    fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, StoreError> {
+        let mut done = self.expire(self.backend.expired(now_ms, GC_PASS)?)?;
+        // Beyond `keep`, the results closest to expiry go first (with one `--result_ttl`, the
+        // oldest). An index entry whose result was replaced deletes nothing, hence the recount.
+        let mut budget = GC_PASS;
+        while budget > 0 {
+            let stored = self.backend.results_len()?;
+            if stored <= keep {
+                break;
             }
-            total += due.len();
-            self.backend.write(
-                due.into_iter()
-                    .map(|(id, expires_ms)| Op::Expire { id, expires_ms })
-                    .collect(),
-            )?;
+            let oldest = self
+                .backend
+                .expired(i64::MAX, (stored - keep).min(budget))?;
+            if oldest.is_empty() {
+                break;
+            }
+            budget -= oldest.len();
+            done += self.expire(oldest)?;
         }
+        Ok(done)
+    }
+
+    fn results_stored(&self) -> Result<usize, StoreError> {
+        self.backend.results_len()
+    }
+
+    fn data_bytes(&self) -> Option<u64> {
+        self.backend.data_bytes()
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {

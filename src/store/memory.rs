@@ -91,6 +91,10 @@ impl Backend for MemoryBackend {
         Ok(self.inner.lock().meta.get(key).cloned())
     }
 
+    fn results_len(&self) -> Result<usize, StoreError> {
+        Ok(self.inner.lock().results.len())
+    }
+
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(self
             .inner
@@ -110,5 +114,6 @@ mod tests {
     fn memory_store_meets_the_contract() {
         super::super::contract::run(&super::open());
         super::super::contract::expiry(&super::open(), true);
+        super::super::contract::result_cap(&super::open());
     }
 }

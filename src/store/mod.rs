@@ -121,8 +121,19 @@ pub trait Store: Send + Sync {
     /// Ids per state, at most `cap` per list.
     fn summary(&self, cap: usize) -> Result<Summary, StoreError>;
 
-    /// Deletes results that expired before `now_ms`; returns how many.
-    fn gc(&self, now_ms: i64) -> Result<usize, StoreError>;
+    /// Deletes results that expired before `now_ms` and, while more than `keep` results are
+    /// stored, the oldest ones (those closest to expiry); returns how many. Bounded work per
+    /// call ([`GC_PASS`] of each kind), so that a call never holds up intake for long: call it
+    /// again while it returns a full pass.
+    fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, StoreError>;
+
+    /// How many finished results are stored (expired ones not yet deleted included).
+    fn results_stored(&self) -> Result<usize, StoreError>;
+
+    /// Size of the store's data on this machine (the embedded file), when there is one.
+    fn data_bytes(&self) -> Option<u64> {
+        None
+    }
 
     /// A small durable value by key (e.g. a cron line's last fire time).
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
@@ -140,19 +151,31 @@ pub trait Store: Send + Sync {
     fn close(&self) {}
 }
 
-/// Starts the thread that deletes expired results every `every`.
+/// Most results one `gc` call deletes of each kind (expired, and beyond the count).
+pub const GC_PASS: usize = 10_000;
+
+/// Starts the thread that, every `every`, deletes expired results and keeps at most `keep`.
+/// A pass that found a full batch to delete is followed by another at once.
 pub fn start_gc(
     store: Arc<dyn Store>,
     every: std::time::Duration,
+    keep: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("store-gc".into())
         .spawn(move || loop {
-            std::thread::sleep(every);
-            match store.gc(crate::clock::now_ms()) {
-                Ok(0) => {}
-                Ok(n) => log::debug!("store: {n} expired results deleted"),
-                Err(e) => log::warn!("store: expiring results failed: {e}"),
+            match store.gc(crate::clock::now_ms(), keep) {
+                Ok(0) => std::thread::sleep(every),
+                Ok(n) => {
+                    log::debug!("store: {n} expired or surplus results deleted");
+                    if n < GC_PASS {
+                        std::thread::sleep(every);
+                    }
+                }
+                Err(e) => {
+                    log::warn!("store: expiring results failed: {e}");
+                    std::thread::sleep(every);
+                }
             }
         })
 }
@@ -305,6 +328,37 @@ pub mod contract {
         assert!(store.claim(&e).expect("claim"));
     }
 
+    /// At most `keep` results stay: `gc` drops the oldest beyond it, newest kept.
+    pub fn result_cap(store: &dyn Store) {
+        let now = crate::clock::now_ms();
+        for i in 0..25 {
+            let id = format!("cap{i}");
+            store.insert(&[task(&id, State::Ready, 0)]).expect("insert");
+            store
+                .record(&[Change::Finish {
+                    result: result(&id),
+                    expires_ms: now + 60_000 + i,
+                }])
+                .expect("finish");
+        }
+        assert_eq!(store.results_stored().expect("count"), 25);
+        assert_eq!(store.gc(now, 30).expect("gc"), 0, "under the cap");
+        assert_eq!(store.gc(now, 10).expect("gc"), 15);
+        assert_eq!(store.results_stored().expect("count"), 10);
+        for i in 0..25 {
+            let id = format!("cap{i}");
+            let kept = store.result(&id).expect("result").is_some();
+            assert_eq!(kept, i >= 15, "{id}: the oldest go first");
+        }
+        // A finished id used again: its old result no longer counts once it is replaced.
+        store
+            .insert(&[task("cap20", State::Ready, 0)])
+            .expect("insert again");
+        assert_eq!(store.result("cap20").expect("result"), None);
+        store.gc(now, 0).expect("gc");
+        assert_eq!(store.results_stored().expect("count"), 0);
+    }
+
     /// Results expire: by `gc` (single-node stores) or by the store itself (`by_gc` false).
     pub fn expiry(store: &dyn Store, by_gc: bool) {
         let now = crate::clock::now_ms();
@@ -319,8 +373,8 @@ pub mod contract {
             .expect("finish");
         assert_eq!(store.result("x1").expect("result"), Some(result("x1")));
         if by_gc {
-            assert_eq!(store.gc(now + 100).expect("gc"), 0);
-            assert_eq!(store.gc(now + 400).expect("gc"), 1);
+            assert_eq!(store.gc(now + 100, usize::MAX).expect("gc"), 0);
+            assert_eq!(store.gc(now + 400, usize::MAX).expect("gc"), 1);
         }
         std::thread::sleep(std::time::Duration::from_millis(400));
         assert_eq!(store.result("x1").expect("result"), None, "expired");

@@ -7,7 +7,8 @@
 //! - `<p>task:<id>` hash: `state`, `due` (unix µs), `data` (task JSON)
 //! - `<p>live` set of unfinished ids; `<p>due` sorted set (score = due µs) of waiting ids;
 //!   `<p>running` set of ids with an attempt running
-//! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`
+//! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
+//!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
 
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
@@ -49,6 +50,7 @@ for g = 1, ngroups do
       redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data)
       redis.call('SADD', p .. 'live', id)
       redis.call('DEL', p .. 'result:' .. id)
+      redis.call('ZREM', p .. 'results', id)
       if state == 'delayed' or state == 'retry_wait' then
         redis.call('ZADD', p .. 'due', due, id)
       end
@@ -109,6 +111,24 @@ end
 return 'unknown'
 ";
 
+/// Forgets results that expired (Redis deleted their keys by itself) and, beyond ARGV[3]
+/// results, deletes the ones closest to expiry, at most ARGV[4] of them; answers how many
+/// index entries went.
+const TRIM_RESULTS: &str = r"
+local p, now, keep, pass = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local z = p .. 'results'
+local gone = redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+local n = redis.call('ZCARD', z)
+if n > keep then
+  local popped = redis.call('ZPOPMIN', z, math.min(n - keep, pass))
+  for i = 1, #popped, 2 do
+    redis.call('DEL', p .. 'result:' .. popped[i])
+    gone = gone + 1
+  end
+end
+return gone
+";
+
 /// Makes every unfinished task wait for the timer (at its due time) and reports it.
 const RECOVER: &str = r"
 local p = ARGV[1]
@@ -165,6 +185,7 @@ struct Scripts {
     claim: Script,
     cancel: Script,
     recover: Script,
+    trim_results: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -236,6 +257,7 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
             recover: Script::new(RECOVER),
+            trim_results: Script::new(TRIM_RESULTS),
         };
         let up = Arc::new(AtomicBool::new(true));
         let (tx, rx) = unbounded();
@@ -474,6 +496,8 @@ impl Store for RedisStore {
                     let ttl = (expires_ms - now).max(1) as u64;
                     pipe.pset_ex(self.key("result", id), encode(result)?, ttl)
                         .ignore();
+                    pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
+                        .ignore();
                 }
             }
         }
@@ -574,8 +598,26 @@ impl Store for RedisStore {
         })
     }
 
-    fn gc(&self, _now_ms: i64) -> Result<usize, StoreError> {
-        Ok(0) // Redis expires results by itself (PEXPIRE).
+    fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, StoreError> {
+        // Redis deletes expired results by itself (PEXPIRE); the index of results is trimmed
+        // here, with the results beyond `keep`.
+        self.with(|c| {
+            self.scripts
+                .trim_results
+                .arg(&self.prefix)
+                .arg(now_ms)
+                .arg(keep)
+                .arg(super::GC_PASS)
+                .invoke(c)
+        })
+    }
+
+    fn results_stored(&self) -> Result<usize, StoreError> {
+        self.with(|c| {
+            redis::cmd("ZCARD")
+                .arg(format!("{}results", self.prefix))
+                .query(c)
+        })
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -642,6 +684,12 @@ mod tests {
         let s = redis_server();
         contract::run(&store(&s));
         contract::expiry(&store(&s), false);
+    }
+
+    #[test]
+    fn redis_store_keeps_at_most_result_max_results() {
+        let s = redis_server();
+        contract::result_cap(&store(&s));
     }
 
     #[test]

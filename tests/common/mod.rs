@@ -668,3 +668,46 @@ impl Raw {
         }
     }
 }
+
+/// Submits 3,000 tasks to a server started with `--result_max 1000` and checks that the oldest
+/// results are dropped (404), the newest stay readable, and at most 1,000 stay stored.
+pub fn check_result_max(s: &Server, sink: &Sink) {
+    for chunk in 0..30 {
+        let tasks: Vec<Value> = (chunk * 100..chunk * 100 + 100)
+            .map(|i| {
+                serde_json::json!({"id": format!("r{i}"), "method": "GET",
+                    "name": sink.url("/r"), "params": format!("id=r{i}")})
+            })
+            .collect();
+        let (code, r) = s.submit(&Value::Array(tasks));
+        assert_eq!(code, 200, "{r}");
+    }
+    eventually(Duration::from_secs(60), "3,000 tasks finished", || {
+        let (_, info) = s.get("/sys_info");
+        (info["counts"]["succeeded"] == 3000).then_some(())
+    });
+    let stored = eventually(Duration::from_secs(30), "results_stored <= 1000", || {
+        let (_, info) = s.get("/sys_info");
+        let n = info["results_stored"].as_u64()?;
+        (n <= 1000).then_some(n)
+    });
+    assert!(
+        stored >= 990,
+        "the newest results are kept, not more dropped: {stored}"
+    );
+    for i in 0..20 {
+        let (code, r) = s.get(&format!("/task_resp/r{i}?timeout=0"));
+        assert_eq!(
+            code, 404,
+            "an old result beyond --result_max is dropped: r{i}: {r}"
+        );
+    }
+    for i in 2980..3000 {
+        let (code, r) = s.get(&format!("/task_resp/r{i}?timeout=0"));
+        assert_eq!(
+            (code, &r["status"]),
+            (200, &serde_json::json!("succeeded")),
+            "r{i}: {r}"
+        );
+    }
+}
