@@ -7,9 +7,10 @@
 //!
 //! - `port`: prints a free TCP port on 127.0.0.1.
 //! - `fsync --dir D [--n 200]`: 4 KiB write + fdatasync, appending and overwriting; µs.
-//! - `immediate --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--timeout 120]`: starts a sink,
-//!   submits `n` GET tasks to it over `c` connections (`batch` > 1: JSON arrays), waits for every
-//!   one to arrive; submits/s, executed/s (first submit to last arrival), ack round trips.
+//! - `immediate --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--timeout 120] [--rate R]`:
+//!   starts a sink, submits `n` GET tasks to it over `c` connections (`batch` > 1: JSON arrays;
+//!   `rate` > 0: paced at R tasks/s in all), waits for every one to arrive; submits/s,
+//!   executed/s (first submit to last arrival), ack round trips.
 //! - `delayed --server HOST:PORT [-n 2000] [--delay 3] [-c 8] [--batch 1] [--timeout 60]`: the
 //!   same with a delay; each task's URL carries its intended due time (`due=`, unix µs, taken just
 //!   before the request is sent, so the server's own due time is never earlier), and the sink
@@ -332,6 +333,8 @@ struct Plan {
     /// The task URL (`http://127.0.0.1:P/t`).
     url: String,
     tag: String,
+    /// Tasks per second over all connections; 0: as fast as the server answers.
+    rate: f64,
 }
 
 #[derive(Default)]
@@ -375,8 +378,18 @@ fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
                 let mut rtts = Vec::with_capacity(range.len() / plan.batch.max(1) + 1);
                 let mut body = String::with_capacity(plan.batch.max(1) * 160);
                 let mut i = range.start;
+                let paced_from = Instant::now();
                 while i < range.end {
                     let k = plan.batch.max(1).min(range.end - i);
+                    if plan.rate > 0.0 {
+                        // This connection's share of the rate: the next request waits its turn.
+                        let due = Duration::from_secs_f64(
+                            (i - range.start) as f64 * conns as f64 / plan.rate,
+                        );
+                        if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
+                            thread::sleep(wait);
+                        }
+                    }
                     body.clear();
                     let t0 = Instant::now();
                     let due = now_us() + plan.delay_s * 1_000_000;
@@ -485,6 +498,7 @@ fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
         batch: o.get("--batch", 1)?,
         delay_s,
         url: format!("http://127.0.0.1:{port}/t"),
+        rate: o.get("--rate", 0.0)?,
         tag: format!(
             "{}-{}-{}",
             if delayed { "d" } else { "i" },
@@ -564,6 +578,7 @@ fn fill(o: &Opts) -> Result<bool, String> {
         // Nothing listens on the discard port; the tasks are not due during the run.
         url: "http://127.0.0.1:9/never".into(),
         tag: format!("f-{}-{}", std::process::id(), now_us() % 1_000_000_000),
+        rate: 0.0,
     };
     let mut s = submit_all(&plan, Duration::from_secs(o.get("--timeout", 120)?));
     report_submitted(&mut s);
@@ -688,7 +703,7 @@ fn main() -> ExitCode {
     let allowed: &[&str] = match cmd.as_str() {
         "port" => &[],
         "fsync" => &["--dir", "--n"],
-        "immediate" => &["--server", "-n", "-c", "--batch", "--timeout"],
+        "immediate" => &["--server", "-n", "-c", "--batch", "--timeout", "--rate"],
         "delayed" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
         "fill" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
         "ready" => &["--server", "--since-ns", "--expect", "--timeout", "--pid"],

@@ -12,6 +12,9 @@
 #   examples/bench), --poulpe PATH and --bench PATH (use these binaries, no build), --no-redis,
 #   --data-root DIR (where the temp data dirs live; the fsync probe runs there too), --raw FILE
 #   (keep every raw figure as run, metric, store, value).
+#   --soak SECONDS runs only the soak instead: steady load at --soak-rate tasks/s (2000) in
+#   arrays of 10 on 4 connections with --result_max --soak-max (100000), embedded store; every
+#   10 s a line of RSS, threads, open descriptors and data file size, which must level off.
 #
 # Workloads, each on a fresh server (`--workers 4 --log warn`, fresh temp data dir, free port):
 #   W1   immediate GET tasks to a local keep-alive sink, 8 connections, 1 task per request;
@@ -26,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0 RUNS=1 W4_N="" W1B_BATCH_OPT="" PROFILE="" BUILD=1 REDIS=1 DATA_ROOT="${TMPDIR:-/tmp}" RAW=""
-POULPE="" BENCH=""
+POULPE="" BENCH="" SOAK="" SOAK_RATE=2000 SOAK_MAX=100000
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -40,7 +43,10 @@ while [ $# -gt 0 ]; do
     --no-redis) REDIS=0 ;;
     --data-root) DATA_ROOT="$2"; shift ;;
     --raw) RAW="$2"; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --soak) SOAK="$2"; shift ;;
+    --soak-rate) SOAK_RATE="$2"; shift ;;
+    --soak-max) SOAK_MAX="$2"; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -263,6 +269,42 @@ start_redis() {
   fail "redis-server did not listen on $REDIS_PORT within 5 s"
   return 1
 }
+
+# sys_info: the server's /sys_info document (HTTP over bash's /dev/tcp; no curl needed).
+sys_info() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT" &&
+    printf 'GET /sys_info HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3 &&
+    timeout 5 cat <&3) 2>/dev/null || true
+}
+
+# soak: steady load for $SOAK seconds, sampled every 10 s.
+soak() {
+  local data="$WORK/soak" n=$((SOAK * SOAK_RATE)) load t=0 out="$WORK/soak.out"
+  say "soak: $SOAK s at $SOAK_RATE tasks/s (arrays of 10, 4 connections), --result_max $SOAK_MAX"
+  start_poulpe 0 --data "$data" --result_max "$SOAK_MAX" || exit 1
+  "$BENCH" immediate --server "127.0.0.1:$PORT" -n "$n" -c 4 --batch 10 --rate "$SOAK_RATE" \
+    --timeout $((SOAK + 120)) >"$out" 2>"$out.err" &
+  load=$!
+  PIDS+=("$load")
+  printf '| t s | RSS MB | threads | fds | data MB | results stored |\n|---|---|---|---|---|---|\n'
+  while kill -0 "$load" 2>/dev/null && [ "$t" -lt $((SOAK + 120)) ]; do
+    sleep 10
+    t=$((t + 10))
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$t" "$(mb "$(rss_kb "$PP" VmRSS)")" \
+      "$(rss_kb "$PP" Threads)" "$(find "/proc/$PP/fd" -mindepth 1 -maxdepth 1 | wc -l)" \
+      "$(mb "$(($(stat -c %s "$data/poulpe.redb") / 1024))")" \
+      "$(sys_info | grep -o '"results_stored":[0-9]*' | cut -d: -f2)"
+  done
+  wait "$load" 2>/dev/null || fail "the soak's load tool failed (see $out.err)"
+  forget "$load"
+  sed 's/^/    /' "$out" >&2
+  stop_poulpe
+}
+if [ -n "$SOAK" ]; then
+  soak
+  [ ${#FAILS[@]} = 0 ] || exit 1
+  exit 0
+fi
 
 # --- the runs -------------------------------------------------------------------------------------
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
