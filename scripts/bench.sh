@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures poulpe against the targets of DESIGN.md §8 and prints one table (issue 8).
+# Measures poulpe against its performance targets (BENCHMARKS.md) and prints one table.
 #
 #   scripts/bench.sh                    full benchmark: release build, 1 run
 #   scripts/bench.sh --runs 3           three runs; the table shows medians (and min–max)
@@ -365,7 +365,7 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
   echo "poulpe $COMMIT$DIRTY, $PROFILE build, $(date -u +%FT%TZ), $(nproc) cores, kernel $(uname -r),"
   echo "data dir $FS; $RUNS run(s)$([ "$RUNS" -gt 1 ] && echo ': medians (min–max)'); W4 with $W4_N tasks"
   echo
-  row "figure" "target (DESIGN.md §8)" "embedded" "redis"
+  row "figure" "target" "embedded" "redis"
   row "---" "---" "---" "---"
   row "fsync 4 KiB + fdatasync, append: p50 / p99 µs" "— (bounds durable acks)" \
     "$(cell fsync_fsync_append_p50_us fs) / $(cell fsync_fsync_append_p99_us fs)" "—"

@@ -1,59 +1,43 @@
 //! Wiring: builds the store and every stage's threads from a `Config`, recovers unfinished
-//! tasks, and stops it all gracefully.
+//! tasks, and stops it all gracefully, stage by stage in reverse order. Only `main.rs` uses it;
+//! adapters get the narrow handles of [`Server`], never the server itself.
 
 use crate::config::Config;
 use crate::dispatch::Pool;
 use crate::exec::{http::HttpExec, mail::MailExec, Executors};
+use crate::intake::Submitter;
 use crate::outcome::{OutcomeStage, RetryPolicy};
-use crate::results::Results;
+use crate::results::{Answers, Results};
 use crate::schedule::cron::{parse_file, CronError};
 use crate::schedule::cron_runner::{self, CronCmd, CronStatus};
 use crate::schedule::timer::Timer;
-use crate::status::{KafkaStatus, Status};
+use crate::stage::Stage;
+use crate::status::{KafkaStatus, Status, SysInfo};
 use crate::store::redis::RedisStore;
 use crate::store::{self, Store, StoreError};
 use crate::task::Limits;
 use crossbeam_channel::{unbounded, Sender};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long start-up waits for an unreachable Redis before giving up.
 const REDIS_START_WAIT: Duration = Duration::from_secs(5);
 
-/// Everything the adapters need, shared by all threads.
-pub struct App {
+/// A started server: the handles the adapters are built from, and its stages.
+pub struct Server {
     pub config: Config,
-    pub limits: Limits,
-    pub store: Arc<dyn Store>,
-    pub pool: Arc<Pool>,
-    pub timer: Timer,
-    pub results: Arc<Results>,
-    pub status: Arc<Status>,
-    /// False once shutdown has begun: submits answer 503.
-    pub accepting: AtomicBool,
-    /// The cron schedule as `/sys_info` shows it (empty without `--cron`).
-    pub cron: CronStatus,
-    /// Tells the cron thread to reload (SIGHUP) or stop.
-    pub cron_tx: Option<Sender<CronCmd>>,
-    /// Open WebSocket connections (capped by `--max_ws`).
-    pub ws_open: AtomicUsize,
-    /// The Kafka adapter's state, when Kafka is configured.
-    pub kafka: Option<Arc<KafkaStatus>>,
-}
-
-/// Threads to wait for at shutdown.
-pub struct Running {
-    workers: Vec<JoinHandle<()>>,
-    outcome: JoinHandle<()>,
-    timer: JoinHandle<()>,
-    cron: Option<JoinHandle<()>>,
-    #[cfg(feature = "kafka")]
-    kafka: Option<JoinHandle<()>>,
-    #[cfg(feature = "kafka")]
-    replier: Option<Arc<crate::intake::kafka::Replier>>,
+    /// The one way in (HTTP, WebSocket, Kafka and cron all submit through it).
+    pub submitter: Submitter,
+    /// Finished results and waits for results to come.
+    pub answers: Answers,
+    /// `/sys_info`.
+    pub sys_info: SysInfo,
+    /// Tells the cron thread to reload (SIGHUP); `None` without `--cron`.
+    cron_tx: Option<Sender<CronCmd>>,
+    /// In start order; stopped in reverse.
+    stages: Vec<Stage>,
+    pool: Arc<Pool>,
 }
 
 /// Why the server could not start (exit code 2).
@@ -84,8 +68,10 @@ impl From<std::io::Error> for StartError {
     }
 }
 
-/// Opens the store, starts timer, workers and outcome stage, and re-arms unfinished tasks.
-pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
+/// Opens the store, starts the pipeline (timer, workers, outcome), recovers unfinished tasks,
+/// then starts the adapters that feed it by themselves (Kafka, cron). HTTP is started by the
+/// caller from the handles in [`Server`].
+pub fn start(config: Config) -> Result<Server, StartError> {
     let limits = Limits {
         workers: config.workers,
         exec: config.exec.clone(),
@@ -97,66 +83,33 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
         Some(path) => Some(parse_file(path, &limits, config.tz).map_err(StartError::Cron)?),
         None => None,
     };
-    std::fs::create_dir_all(&config.dead).map_err(|e| {
-        StartError::Dir(format!(
-            "--dead: cannot create {}: {e}",
-            config.dead.display()
-        ))
-    })?;
-    let store: Arc<dyn Store> = match &config.redis {
-        Some(url) => Arc::new(
-            RedisStore::open(url, &config.redis_prefix, REDIS_START_WAIT)
-                .map_err(|e| StartError::Dir(format!("--redis: {e}")))?,
-        ),
-        None => Arc::new(
-            store::embedded::open(&config.data)
-                .map_err(|e| StartError::Dir(format!("--data: {e}")))?,
-        ),
-    };
+    let store = open_store(&config)?;
+    let mut stages = vec![Stage::new(
+        "store",
+        {
+            let store = store.clone();
+            move || store.close()
+        },
+        Vec::new(),
+    )];
     let pool = Arc::new(Pool::new(config.workers));
-    let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
-    let results = Results::start()?;
     let status = Arc::new(Status::default());
-    let timeout = Duration::from_secs(config.task_timeout);
-    let mail = match &config.smtp {
-        Some(smtp) => Some(MailExec::new(smtp, config.workers, timeout).map_err(StartError::Dir)?),
-        None => None,
-    };
-    let executors = Arc::new(Executors {
-        http: HttpExec::new(config.workers, config.ca_file.as_deref()),
-        mail,
-        exec: config.exec.clone(),
-        default_timeout: timeout,
-    });
+    let (results, results_h) = Results::start()?;
+    stages.push(Stage::new(
+        "results",
+        {
+            let results = results.clone();
+            move || results.stop()
+        },
+        vec![results_h],
+    ));
+    let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
     let kafka_status = config
         .kafka
         .as_ref()
         .map(|_| Arc::new(KafkaStatus::default()));
-    #[cfg(feature = "kafka")]
-    let replier = match (&config.kafka, &kafka_status) {
-        (Some(k), Some(st)) => {
-            crate::intake::kafka::Replier::start(k, st.clone()).map_err(StartError::Dir)?
-        }
-        _ => None,
-    };
-    #[cfg(feature = "kafka")]
-    let forward: Option<Arc<dyn crate::results::Forward>> = replier
-        .clone()
-        .map(|r| r as Arc<dyn crate::results::Forward>);
-    #[cfg(not(feature = "kafka"))]
-    let forward: Option<Arc<dyn crate::results::Forward>> = None;
+    let kafka = kafka::Kafka::new(&config, kafka_status.clone())?;
     let (otx, orx) = unbounded();
-    let mut workers = Vec::with_capacity(config.workers);
-    for w in 0..config.workers {
-        workers.push(crate::worker::start(
-            w,
-            pool.clone(),
-            store.clone(),
-            executors.clone(),
-            otx.clone(),
-        )?);
-    }
-    drop(otx);
     let outcome = OutcomeStage {
         store: store.clone(),
         timer: timer.clone(),
@@ -169,10 +122,134 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             result_ttl_s: config.result_ttl,
             dead_dir: config.dead.clone(),
         },
-        forward,
+        forward: kafka.forward(),
     }
     .start(orx)?;
+    // The outcome thread ends by itself once every worker has gone (their senders drop).
+    stages.push(Stage::joined("outcome", vec![outcome]));
+    let executors = executors(&config)?;
+    let mut workers = Vec::with_capacity(config.workers);
+    for w in 0..config.workers {
+        workers.push(crate::worker::start(
+            w,
+            pool.clone(),
+            store.clone(),
+            executors.clone(),
+            otx.clone(),
+        )?);
+    }
+    drop(otx);
+    stages.push(Stage::new(
+        "workers",
+        {
+            let pool = pool.clone();
+            move || pool.stop()
+        },
+        workers,
+    ));
+    stages.push(Stage::new(
+        "timer",
+        {
+            let timer = timer.clone();
+            move || timer.stop()
+        },
+        vec![timer_h],
+    ));
+    recover(&*store, &timer)?;
+    stages.push(store::start_gc(
+        store.clone(),
+        Duration::from_secs(1),
+        config.result_max,
+    )?);
 
+    let submitter = Submitter::new(limits, store.clone(), pool.clone(), timer, status.clone());
+    let cron = CronStatus::default();
+    stages.extend(kafka.start(&config, &submitter)?);
+    let (cron_tx, cron_rx) = unbounded();
+    let cron_tx = match (cron_lines, &config.cron) {
+        (Some(lines), Some(path)) => {
+            log::info!("cron: {} lines from {}", lines.len(), path.display());
+            let deps = cron_runner::CronDeps {
+                submitter: submitter.clone(),
+                store: store.clone(),
+                tz: config.tz,
+                status: cron.clone(),
+            };
+            let h = cron_runner::start(deps, path.clone(), lines, config.cron_catchup, cron_rx)?;
+            let tx = cron_tx.clone();
+            stages.push(Stage::new(
+                "cron",
+                move || {
+                    let _ = tx.send(CronCmd::Stop);
+                },
+                vec![h],
+            ));
+            Some(cron_tx)
+        }
+        _ => None,
+    };
+    // Last to start, first to stop: no new task once shutdown begins.
+    stages.push(Stage::new(
+        "intake",
+        {
+            let submitter = submitter.clone();
+            move || submitter.refuse_new()
+        },
+        Vec::new(),
+    ));
+    Ok(Server {
+        answers: Answers::new(results, store.clone()),
+        sys_info: SysInfo {
+            status,
+            pool: pool.clone(),
+            store,
+            cron,
+            kafka: kafka_status,
+        },
+        submitter,
+        config,
+        cron_tx,
+        stages,
+        pool,
+    })
+}
+
+/// The store the flags ask for.
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    std::fs::create_dir_all(&config.dead).map_err(|e| {
+        StartError::Dir(format!(
+            "--dead: cannot create {}: {e}",
+            config.dead.display()
+        ))
+    })?;
+    Ok(match &config.redis {
+        Some(url) => Arc::new(
+            RedisStore::open(url, &config.redis_prefix, REDIS_START_WAIT)
+                .map_err(|e| StartError::Dir(format!("--redis: {e}")))?,
+        ),
+        None => Arc::new(
+            store::embedded::open(&config.data)
+                .map_err(|e| StartError::Dir(format!("--data: {e}")))?,
+        ),
+    })
+}
+
+fn executors(config: &Config) -> Result<Arc<Executors>, StartError> {
+    let timeout = Duration::from_secs(config.task_timeout);
+    let mail = match &config.smtp {
+        Some(smtp) => Some(MailExec::new(smtp, config.workers, timeout).map_err(StartError::Dir)?),
+        None => None,
+    };
+    Ok(Arc::new(Executors {
+        http: HttpExec::new(config.workers, config.ca_file.as_deref()),
+        mail,
+        exec: config.exec.clone(),
+        default_timeout: timeout,
+    }))
+}
+
+/// Hands every unfinished task in the store to the timer (running ones run again).
+fn recover(store: &dyn Store, timer: &Timer) -> Result<(), StartError> {
     let t0 = Instant::now();
     let recovered = store.recover().map_err(StartError::Store)?;
     let was_running = recovered.iter().filter(|r| r.was_running).count();
@@ -184,26 +261,61 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
             t0.elapsed().as_millis()
         );
     }
-    store::start_gc(store.clone(), Duration::from_secs(1), config.result_max)?;
+    Ok(())
+}
 
-    let (cron_tx, cron_rx) = unbounded();
-    let app = Arc::new(App {
-        config,
-        limits,
-        store,
-        pool,
-        timer,
-        results,
-        status,
-        accepting: AtomicBool::new(true),
-        cron: CronStatus::default(),
-        cron_tx: cron_lines.as_ref().map(|_| cron_tx),
-        ws_open: AtomicUsize::new(0),
-        kafka: kafka_status.clone(),
-    });
-    #[cfg(feature = "kafka")]
-    let kafka = match (&app.config.kafka, &kafka_status) {
-        (Some(k), Some(st)) => {
+/// The Kafka adapter's parts, or nothing without the `kafka` feature or flags.
+mod kafka {
+    use super::*;
+
+    pub struct Kafka {
+        #[cfg(feature = "kafka")]
+        parts: Option<(
+            crate::config::KafkaConfig,
+            Arc<KafkaStatus>,
+            Option<Arc<crate::intake::kafka::Replier>>,
+        )>,
+    }
+
+    impl Kafka {
+        /// Creates the result producer (when a result topic is set).
+        #[cfg(feature = "kafka")]
+        pub fn new(config: &Config, status: Option<Arc<KafkaStatus>>) -> Result<Kafka, StartError> {
+            let parts = match (&config.kafka, status) {
+                (Some(k), Some(st)) => {
+                    let replier = crate::intake::kafka::Replier::start(k, st.clone())
+                        .map_err(StartError::Dir)?;
+                    Some((k.clone(), st, replier))
+                }
+                _ => None,
+            };
+            Ok(Kafka { parts })
+        }
+
+        #[cfg(not(feature = "kafka"))]
+        pub fn new(_: &Config, _: Option<Arc<KafkaStatus>>) -> Result<Kafka, StartError> {
+            Ok(Kafka {})
+        }
+
+        /// Where results of Kafka tasks also go.
+        pub fn forward(&self) -> Option<Arc<dyn crate::results::Forward>> {
+            #[cfg(feature = "kafka")]
+            if let Some((_, _, Some(r))) = &self.parts {
+                return Some(r.clone() as Arc<dyn crate::results::Forward>);
+            }
+            None
+        }
+
+        /// Starts the consumer; its stages (producer first, so it stops after the consumer).
+        #[cfg(feature = "kafka")]
+        pub fn start(
+            self,
+            config: &Config,
+            submitter: &Submitter,
+        ) -> Result<Vec<Stage>, StartError> {
+            let Some((k, st, replier)) = self.parts else {
+                return Ok(Vec::new());
+            };
             log::info!(
                 "kafka: consuming {:?} from {} in group {:?}{}",
                 k.topic,
@@ -214,90 +326,58 @@ pub fn start(config: Config) -> Result<(Arc<App>, Running), StartError> {
                     .map(|t| format!(", results to {t:?}"))
                     .unwrap_or_default()
             );
-            Some(
-                crate::intake::kafka::start(app.clone(), k.clone(), st.clone(), replier.clone())
-                    .map_err(StartError::Dir)?,
-            )
+            let mut stages: Vec<Stage> = replier.iter().map(|r| r.stage()).collect();
+            let feed = crate::intake::kafka::Feed {
+                submitter: submitter.clone(),
+                invalid_dir: config.dead.join("invalid"),
+            };
+            let h = crate::intake::kafka::start(feed, k, st, replier).map_err(StartError::Dir)?;
+            // It ends by itself once the intake refuses new tasks.
+            stages.push(Stage::joined("kafka-poll", vec![h]));
+            Ok(stages)
         }
-        _ => None,
-    };
-    let cron = match (cron_lines, &app.config.cron) {
-        (Some(lines), Some(path)) => {
-            log::info!("cron: {} lines from {}", lines.len(), path.display());
-            Some(cron_runner::start(
-                app.clone(),
-                path.clone(),
-                lines,
-                app.config.cron_catchup,
-                cron_rx,
-            )?)
+
+        #[cfg(not(feature = "kafka"))]
+        pub fn start(self, _: &Config, _: &Submitter) -> Result<Vec<Stage>, StartError> {
+            Ok(Vec::new())
         }
-        _ => None,
-    };
-    Ok((
-        app,
-        Running {
-            workers,
-            outcome,
-            timer: timer_h,
-            cron,
-            #[cfg(feature = "kafka")]
-            kafka,
-            #[cfg(feature = "kafka")]
-            replier,
-        },
-    ))
+    }
 }
 
-/// Graceful stop: refuse new tasks, let running attempts finish (up to `grace`), record their
-/// outcomes, answer parked clients. Pending tasks stay in the store for the next start.
-pub fn shutdown(app: &App, running: Running, grace: Duration) {
-    if let Some(tx) = &app.cron_tx {
-        let _ = tx.send(CronCmd::Stop);
-    }
-    app.accepting.store(false, Ordering::Release);
-    let busy = app.pool.running();
-    log::info!("shutting down: {busy} running attempts may finish (up to {grace:?})");
-    app.pool.stop();
-    app.timer.stop();
-    let deadline = Instant::now() + grace;
-    let mut all_done = true;
-    for w in running.workers {
-        while !w.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if w.is_finished() {
-            let _ = w.join();
-        } else {
-            all_done = false;
+impl Server {
+    /// Tells the cron thread to read its file again (SIGHUP).
+    pub fn reload_cron(&self) {
+        match &self.cron_tx {
+            Some(tx) => {
+                let _ = tx.send(CronCmd::Reload);
+            }
+            None => log::info!("SIGHUP: no cron file to reload"),
         }
     }
-    // The outcome thread ends once every worker has gone (their senders drop); it gets a few
-    // seconds to record the last outcomes. A worker still running at the deadline keeps it
-    // alive, so there is nothing to wait for then.
-    let record_by = Instant::now() + Duration::from_secs(5);
-    while all_done && !running.outcome.is_finished() && Instant::now() < record_by {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if app.pool.running() > 0 {
-        log::warn!(
-            "{} attempts still running at the deadline; they run again at the next start",
-            app.pool.running()
+
+    /// Graceful stop: refuse new tasks, let running attempts finish (up to `grace`), record
+    /// their outcomes, answer parked clients, close the store. Each stage is stopped in the
+    /// reverse of its start order. Pending tasks stay in the store for the next start.
+    pub fn shutdown(mut self, grace: Duration) {
+        log::info!(
+            "shutting down: {} running attempts may finish (up to {grace:?})",
+            self.pool.running()
         );
-    }
-    #[cfg(feature = "kafka")]
-    {
-        if let Some(k) = running.kafka {
-            let _ = k.join();
+        while let Some(stage) = self.stages.pop() {
+            let within = match stage.name() {
+                "workers" => grace,
+                _ => STAGE_STOP,
+            };
+            stage.stop_and_join(within);
         }
-        if let Some(r) = &running.replier {
-            r.flush();
+        if self.pool.running() > 0 {
+            log::warn!(
+                "{} attempts still running at the deadline; they run again at the next start",
+                self.pool.running()
+            );
         }
     }
-    let _ = running.timer.join();
-    if let Some(c) = running.cron {
-        let _ = c.join();
-    }
-    app.results.stop();
-    app.store.close();
 }
+
+/// How long a stage other than the workers may take to stop.
+const STAGE_STOP: Duration = Duration::from_secs(5);

@@ -2,8 +2,8 @@
 //! (temporary file, fsync, rename, fsync of the folder).
 
 use crate::clock::date_utc;
-use crate::results::TaskResult;
 use crate::task::Task;
+use crate::task::TaskResult;
 use serde::Serialize;
 use std::fs::{self, File};
 use std::io::{self, Write};

@@ -5,19 +5,22 @@
 //! | stage | module | what it owns |
 //! |---|---|---|
 //! | flags | [`config`] | command line + `POULPE_*` environment into one checked `Config` |
-//! | model | [`task`] | the task record and validation of submitted JSON |
+//! | model | [`task`] | the task record, its final result, and validation of submitted JSON |
 //! | transport | [`http`] | HTTP/1.1 connections: strict framing, limits, deadlines, answers |
-//! | intake | [`intake`] | `submit` (the one way in); the HTTP, WebSocket and Kafka adapters |
-//! | storage | [`store`] | the `Store` trait; embedded (redb, group commit) and memory backends |
-//! | time | [`schedule`] | the timer thread releasing delayed and retry-waiting tasks |
+//! | intake | [`intake`] | `Submitter` (the one way in, and cancel); adapters: HTTP API ([`intake::http`]), WebSocket ([`intake::ws`]), Kafka (`intake::kafka`, feature `kafka`) |
+//! | storage | [`store`] | the `Store` trait; embedded (redb, group commit, heals after I/O errors) and Redis backends, one contract suite |
+//! | time | [`schedule`] | the timer thread (delays, retries); the cron file, its parser, `cron-check` and its thread |
 //! | dispatch | [`dispatch`] | per-worker queues, cc-aware least-work routing, idle stealing |
-//! | run | [`worker`], [`exec`] | worker threads; HTTP and program executors |
+//! | run | [`worker`], [`exec`] | worker threads; HTTP (ureq), program (std::process) and mail (lettre SMTP) executors |
 //! | decide | [`outcome`] | succeeded / retry later / dead letter, written in batches |
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
-//! | answers | [`results`] | final results and the clients parked waiting for them |
-//! | observe | [`status`] | counters and `/sys_info` |
-//! | wiring | [`app`] | starts and stops the threads |
+//! | answers | [`results`] | clients waiting for results (`Answers`: lookups and waits) |
+//! | observe | [`status`] | counters and `/sys_info` (`SysInfo`) |
+//! | wiring | [`app`] | starts the stages, hands out narrow handles, stops them in reverse (used by `main.rs` only) |
+//! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
 //! | probe | [`probe`] | `poulpe health`, the container health check |
+//!
+//! `docs/ARCHITECTURE.md` tells the life of a task through these modules and which thread does what.
 
 pub mod app;
 pub mod clock;
@@ -31,6 +34,7 @@ pub mod outcome;
 pub mod probe;
 pub mod results;
 pub mod schedule;
+pub mod stage;
 pub mod status;
 pub mod store;
 pub mod task;

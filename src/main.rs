@@ -2,10 +2,13 @@
 
 use poulpe::app;
 use poulpe::config::{Config, ConfigError};
-use poulpe::intake::http;
+use poulpe::intake::http::{self, Api};
+use poulpe::intake::ws::WebSockets;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long running attempts may take to finish after SIGTERM.
@@ -68,44 +71,55 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (app, running) = match app::start(config) {
+    let server = match app::start(config) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("poulpe: {e}");
             return ExitCode::from(2);
         }
     };
-    let api = std::sync::Arc::new(http::Api::new(app.clone()));
-    if let Err(e) = listening.serve(http::limits(&app), api) {
+    let c = &server.config;
+    let ws = Arc::new(WebSockets {
+        submitter: server.submitter.clone(),
+        answers: server.answers.clone(),
+        token: c.token.clone(),
+        max_open: c.max_ws,
+        max_frame: c.max_body,
+        idle: Duration::from_secs(c.ws_idle),
+        open: AtomicUsize::new(0),
+    });
+    let api = Api {
+        submitter: server.submitter.clone(),
+        answers: server.answers.clone(),
+        sys_info: server.sys_info.clone(),
+        token: c.token.clone(),
+        ws,
+    };
+    if let Err(e) = listening.serve(http::limits(c), Arc::new(api)) {
         eprintln!("poulpe: cannot start HTTP threads: {e}");
         return ExitCode::from(2);
     }
-    let place = match &app.config.redis {
+    let place = match &c.redis {
         Some(url) => poulpe::store::redis::redacted(url),
-        None => app.config.data.display().to_string(),
+        None => c.data.display().to_string(),
     };
     log::info!(
         "poulpe {} listening on {}:{} with {} workers, store {} at {place}",
         env!("CARGO_PKG_VERSION"),
-        app.config.bind,
-        app.config.port,
-        app.config.workers,
-        app.store.name(),
+        c.bind,
+        c.port,
+        c.workers,
+        server.sys_info.store.name(),
     );
     for sig in signals.forever() {
         if sig == SIGHUP {
-            match &app.cron_tx {
-                Some(tx) => {
-                    let _ = tx.send(poulpe::schedule::cron_runner::CronCmd::Reload);
-                }
-                None => log::info!("SIGHUP: no cron file to reload"),
-            }
+            server.reload_cron();
             continue;
         }
         log::info!("signal {sig} received");
         break;
     }
-    app::shutdown(&app, running, GRACE);
+    server.shutdown(GRACE);
     listening.stop();
     log::info!("stopped");
     ExitCode::SUCCESS

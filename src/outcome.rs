@@ -100,9 +100,7 @@ pub struct OutcomeStage {
 impl OutcomeStage {
     /// Starts the thread; it ends when every worker has dropped its sender.
     pub fn start(self, rx: Receiver<Outcome>) -> std::io::Result<JoinHandle<()>> {
-        thread::Builder::new()
-            .name("outcome".into())
-            .spawn(move || self.run(&rx))
+        crate::stage::spawn_critical("outcome", move || self.run(&rx))
     }
 
     fn run(&self, rx: &Receiver<Outcome>) {

@@ -2,28 +2,15 @@
 //! WebSocket pushes park here and are answered by the thread that finishes the task, or by the
 //! expiry thread when their time runs out. A parked client holds no thread.
 
+use crate::store::{Store, StoreError};
+use crate::task::State;
+pub use crate::task::TaskResult;
+use crossbeam_channel::{bounded, Receiver};
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Serialize};
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::thread;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// The final result of a task, exactly as `/task_resp` returns it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskResult {
-    pub id: String,
-    /// `OK` or `Fail`.
-    pub result: String,
-    pub reason: String,
-    /// `succeeded` or `dead`.
-    pub status: String,
-    pub attempts: usize,
-    pub output: String,
-    pub code: Option<i64>,
-    pub submitted_at: String,
-    pub finished_at: String,
-}
 
 /// Somewhere else final results go (the Kafka result topic), for tasks that asked for it.
 pub trait Forward: Send + Sync {
@@ -108,17 +95,15 @@ pub struct Results {
 }
 
 impl Results {
-    /// Makes the registry and starts its expiry thread.
-    pub fn start() -> std::io::Result<Arc<Results>> {
+    /// Makes the registry and starts its expiry thread (it ends with [`Results::stop`]).
+    pub fn start() -> std::io::Result<(Arc<Results>, JoinHandle<()>)> {
         let r = Arc::new(Results {
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
         });
         let r2 = r.clone();
-        thread::Builder::new()
-            .name("results-expiry".into())
-            .spawn(move || r2.expiry_loop())?;
-        Ok(r)
+        let h = crate::stage::spawn_critical("results-expiry", move || r2.expiry_loop())?;
+        Ok((r, h))
     }
 
     /// Parks a client until every id has a result or `timeout` passes. Call before the tasks
@@ -209,6 +194,95 @@ impl Results {
     }
 }
 
+/// What a client asked about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Finished(TaskResult),
+    /// Not finished: its id (the short form when `task-<id>` was asked) and state.
+    Pending(String, State),
+    /// Never seen, expired or dropped.
+    Unknown,
+}
+
+/// Read access to results for the adapters: finished results and states from the store, and
+/// waits for results still to come. Cheap to clone.
+#[derive(Clone)]
+pub struct Answers {
+    results: Arc<Results>,
+    store: Arc<dyn Store>,
+}
+
+impl Answers {
+    pub fn new(results: Arc<Results>, store: Arc<dyn Store>) -> Answers {
+        Answers { results, store }
+    }
+
+    /// The result or state of `asked`; `task-<id>` is accepted for `<id>`.
+    pub fn find(&self, asked: &str) -> Result<Found, StoreError> {
+        let found = self.find_exact(asked)?;
+        if found == Found::Unknown {
+            if let Some(short) = asked.strip_prefix("task-") {
+                if let Ok(f @ (Found::Finished(_) | Found::Pending(..))) = self.find_exact(short) {
+                    return Ok(f);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn find_exact(&self, id: &str) -> Result<Found, StoreError> {
+        if let Some(r) = self.store.result(id)? {
+            return Ok(Found::Finished(r));
+        }
+        Ok(match self.store.status(id)? {
+            Some(state) => Found::Pending(id.to_string(), state),
+            None => Found::Unknown,
+        })
+    }
+
+    /// The state of an unfinished task.
+    pub fn state(&self, id: &str) -> Result<Option<State>, StoreError> {
+        self.store.status(id)
+    }
+
+    /// Registers a wait for `ids`, which must not be able to finish before this call (call it
+    /// once they are durable, before they are dispatched). The answer comes through the
+    /// channel, within `timeout`: the finishing thread's send never blocks.
+    pub fn watch(&self, ids: Vec<String>, timeout: Duration) -> Receiver<Vec<Option<TaskResult>>> {
+        let (tx, rx) = bounded(1);
+        self.results.wait_for(
+            ids,
+            timeout,
+            Box::new(move |got| {
+                let _ = tx.try_send(got);
+            }),
+        );
+        rx
+    }
+
+    /// Waits up to `timeout` for the result of a task that may already be running (a long
+    /// poll); `None` when it has not finished by then.
+    pub fn wait_one(&self, id: &str, timeout: Duration) -> Option<TaskResult> {
+        let rx = self.watch(vec![id.to_string()], timeout);
+        // It may have finished between the caller's lookup and the registration.
+        if let Ok(Some(r)) = self.store.result(id) {
+            self.results.publish(&r);
+        }
+        rx.recv_timeout(timeout + WAIT_SLACK)
+            .ok()
+            .and_then(|g| g.into_iter().next().flatten())
+    }
+
+    /// Calls `respond` with each id's result as it finishes (or `None` after `timeout`).
+    pub fn on_results(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
+        self.results.wait_for(ids, timeout, respond);
+    }
+}
+
+/// How long past its own deadline a wait waits for the registry's answer (which always comes;
+/// this is a backstop).
+pub const WAIT_SLACK: Duration = Duration::from_secs(5);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +294,7 @@ mod tests {
 
     #[test]
     fn answers_when_all_arrive_or_on_timeout() {
-        let r = Results::start().expect("start");
+        let (r, _) = Results::start().expect("start");
         let (tx, rx) = bounded(4);
         let t2 = tx.clone();
         r.wait_for(

@@ -1,12 +1,14 @@
 //! Counters and the `/sys_info` document.
 
-use crate::app::App;
 use crate::clock::rfc3339_ms;
+use crate::dispatch::Pool;
+use crate::schedule::cron_runner::CronStatus;
 use crate::store::Store;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Most ids listed per key in `/sys_info`.
@@ -85,10 +87,24 @@ impl Status {
             self.dead.fetch_add(1, Relaxed);
         }
     }
+}
 
+/// Builds the `/sys_info` document from read-only views of the stages.
+#[derive(Clone)]
+pub struct SysInfo {
+    pub status: Arc<Status>,
+    pub pool: Arc<Pool>,
+    pub store: Arc<dyn Store>,
+    /// The cron schedule (empty without `--cron`).
+    pub cron: CronStatus,
+    /// The Kafka adapter's state, when Kafka is configured.
+    pub kafka: Option<Arc<KafkaStatus>>,
+}
+
+impl SysInfo {
     /// The `/sys_info` document.
-    pub fn sys_info(&self, app: &App) -> Value {
-        let (pool, store) = (&*app.pool, &*app.store);
+    pub fn json(&self) -> Value {
+        let (pool, store, st) = (&*self.pool, &*self.store, &*self.status);
         let loads = pool.loads();
         let (summary, store_ok) = match store.summary(LIST_CAP) {
             Ok(s) => (s, store.healthy()),
@@ -97,7 +113,7 @@ impl Status {
                 (Default::default(), false)
             }
         };
-        let wronging: Vec<String> = self.wronging.lock().iter().rev().cloned().collect();
+        let wronging: Vec<String> = st.wronging.lock().iter().rev().cloned().collect();
         json!({
             "working_keys": summary.running,
             "working_total": summary.running_total,
@@ -113,41 +129,46 @@ impl Status {
                 "task": l.running,
             })).collect::<Vec<_>>(),
             "counts": {
-                "accepted": self.accepted.load(Relaxed),
-                "succeeded": self.succeeded.load(Relaxed),
-                "failed_attempts": self.failed_attempts.load(Relaxed),
-                "dead": self.dead.load(Relaxed),
+                "accepted": st.accepted.load(Relaxed),
+                "succeeded": st.succeeded.load(Relaxed),
+                "failed_attempts": st.failed_attempts.load(Relaxed),
+                "dead": st.dead.load(Relaxed),
             },
-            "uptime_s": self.started.elapsed().as_secs(),
+            "uptime_s": st.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
             "store": {"kind": store.name(), "up": store_ok},
             "results_stored": store.results_stored().ok(),
             "data_bytes": store.data_bytes(),
-            "cron": cron_lines(app),
-            "kafka": app.kafka.as_ref().map(|k| k.json()),
+            "cron": self.cron_lines(),
+            "kafka": self.kafka.as_ref().map(|k| k.json()),
         })
     }
 }
 
-/// Each cron line with its next and last firing and the last firing's outcome.
-fn cron_lines(app: &App) -> Vec<Value> {
-    let lines = app.cron.lock().clone();
-    lines
-        .into_iter()
-        .map(|l| {
-            let last_result = l.last_id.as_deref().map(|id| last_outcome(&*app.store, id));
-            json!({
-                "line": l.line,
-                "expr": l.expr,
-                "name": l.name,
-                "method": l.method,
-                "next": l.next.map(|t| rfc3339_ms(t * 1000)),
-                "last": l.last.map(|t| rfc3339_ms(t * 1000)),
-                "last_id": l.last_id,
-                "last_result": last_result,
+impl SysInfo {
+    /// Each cron line with its next and last firing and the last firing's outcome.
+    fn cron_lines(&self) -> Vec<Value> {
+        let lines = self.cron.lock().clone();
+        lines
+            .into_iter()
+            .map(|l| {
+                let last_result = l
+                    .last_id
+                    .as_deref()
+                    .map(|id| last_outcome(&*self.store, id));
+                json!({
+                    "line": l.line,
+                    "expr": l.expr,
+                    "name": l.name,
+                    "method": l.method,
+                    "next": l.next.map(|t| rfc3339_ms(t * 1000)),
+                    "last": l.last.map(|t| rfc3339_ms(t * 1000)),
+                    "last_id": l.last_id,
+                    "last_result": last_result,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// `succeeded`, `dead`, the current state, or `unknown` (expired or never stored).

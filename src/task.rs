@@ -5,6 +5,22 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::path::PathBuf;
 
+/// The final result of a task, exactly as `/task_resp` returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub id: String,
+    /// `OK` or `Fail`.
+    pub result: String,
+    pub reason: String,
+    /// `succeeded` or `dead`.
+    pub status: String,
+    pub attempts: usize,
+    pub output: String,
+    pub code: Option<i64>,
+    pub submitted_at: String,
+    pub finished_at: String,
+}
+
 /// Longest accepted id, in bytes.
 pub const MAX_ID_LEN: usize = 200;
 /// Longest accepted delay: ten years, so due times never overflow.
@@ -208,7 +224,8 @@ pub struct Submission {
     pub wait: u64,
 }
 
-/// Checks an id against the rules of DESIGN §3.
+/// Checks an id against the rules in the README (1–200 bytes, no whitespace, control characters
+/// or `/`).
 pub fn check_id(id: &str) -> Result<(), TaskError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(TaskError::field(

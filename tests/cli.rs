@@ -116,7 +116,7 @@ fn help_lists_every_flag_with_its_default() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(text(&out.stderr), "");
     let help = text(&out.stdout);
-    // DESIGN.md §2: every flag, and the default of those that have one.
+    // The README's flag table: every flag, and the default of those that have one.
     let flags: &[(&str, Option<&str>)] = &[
         ("port", Some("8000")),
         ("bind", Some("0.0.0.0")),

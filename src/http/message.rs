@@ -3,6 +3,33 @@
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpStream};
 
+/// Decodes `%XX` escapes; `None` for bad escapes or bad UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The value of `name` in a query string (`a=1&b=2`), undecoded.
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
 /// One request, read whole: head and body (already de-chunked and within the body limit).
 #[derive(Debug, Clone)]
 pub struct Request {

@@ -19,7 +19,7 @@ pub mod conn;
 pub mod message;
 pub mod server;
 
-pub use message::{Reply, Request, Response, Upgrade};
+pub use message::{percent_decode, query_param, Reply, Request, Response, Upgrade};
 pub use server::{listen, Listening};
 
 use std::time::Duration;

@@ -4,13 +4,13 @@
 //! produced to the result topic, keyed by task id. librdkafka is used only through its
 //! synchronous `BaseConsumer`/`BaseProducer`, from plain threads.
 
-use super::{submit, Origin, SubmitError};
-use crate::app::App;
+use super::{Origin, SubmitError, Submitter};
 use crate::clock::now_ms;
 use crate::config::KafkaConfig;
 use crate::deadletter::write_atomic;
 use crate::results::{Forward, TaskResult};
 use crate::status::KafkaStatus;
+use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -60,6 +60,9 @@ impl ProducerContext for Ctx {
 pub struct Replier {
     producer: BaseProducer<Ctx>,
     topic: String,
+    /// Set at shutdown: the poll thread ends.
+    stopping: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn base_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -83,15 +86,37 @@ impl Replier {
             .set("linger.ms", "5")
             .create_with_context(Ctx(status))
             .map_err(|e| format!("--kafka_servers: cannot create a producer: {e}"))?;
-        let r = Arc::new(Replier { producer, topic });
+        let r = Arc::new(Replier {
+            producer,
+            topic,
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
         let r2 = r.clone();
-        thread::Builder::new()
+        let h = thread::Builder::new()
             .name("kafka-produce".into())
-            .spawn(move || loop {
-                r2.producer.poll(Duration::from_millis(100));
+            .spawn(move || {
+                while !r2.stopping.load(Ordering::Acquire) {
+                    r2.producer.poll(Duration::from_millis(100));
+                }
             })
             .map_err(|e| e.to_string())?;
+        *r.thread.lock() = Some(h);
         Ok(Some(r))
+    }
+
+    /// The producer's poll thread as a stage: stopping it flushes queued results first.
+    pub fn stage(self: &Arc<Self>) -> crate::stage::Stage {
+        let r = self.clone();
+        let threads = self.thread.lock().take().into_iter().collect();
+        crate::stage::Stage::new(
+            "kafka-produce",
+            move || {
+                r.flush();
+                r.stopping.store(true, Ordering::Release);
+            },
+            threads,
+        )
     }
 
     fn send(&self, key: &str, body: &str) {
@@ -129,9 +154,16 @@ impl Forward for Replier {
     }
 }
 
+/// What the poll thread submits through and where invalid messages go.
+pub struct Feed {
+    pub submitter: Submitter,
+    /// `<dead>/invalid`.
+    pub invalid_dir: std::path::PathBuf,
+}
+
 /// Starts the poll thread.
 pub fn start(
-    app: Arc<App>,
+    feed: Feed,
     cfg: KafkaConfig,
     status: Arc<KafkaStatus>,
     replier: Option<Arc<Replier>>,
@@ -148,7 +180,7 @@ pub fn start(
         .map_err(|e| format!("--kafka_topic: cannot subscribe to {:?}: {e}", cfg.topic))?;
     thread::Builder::new()
         .name("kafka-poll".into())
-        .spawn(move || poll_loop(&app, &cfg, &consumer, &status, replier.as_deref()))
+        .spawn(move || poll_loop(&feed, &cfg, &consumer, &status, replier.as_deref()))
         .map_err(|e| e.to_string())
 }
 
@@ -156,14 +188,14 @@ pub fn start(
 const BATCH: usize = 500;
 
 fn poll_loop(
-    app: &App,
+    feed: &Feed,
     cfg: &KafkaConfig,
     consumer: &BaseConsumer<Ctx>,
     status: &KafkaStatus,
     replier: Option<&Replier>,
 ) {
     let mut last_check = Instant::now() - Duration::from_secs(60);
-    while app.accepting.load(Ordering::Acquire) {
+    while feed.submitter.accepting() {
         // One blocking poll, then whatever else is already fetched, up to BATCH messages.
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut wait = Duration::from_millis(200);
@@ -184,7 +216,7 @@ fn poll_loop(
             status
                 .consumed
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            if !handle_batch(app, &batch, replier) {
+            if !handle_batch(feed, &batch, replier) {
                 return; // shutting down: not committed, read again at the next start
             }
             if let Err(e) = commit(consumer, &batch) {
@@ -223,7 +255,7 @@ fn commit(consumer: &BaseConsumer<Ctx>, batch: &[BorrowedMessage<'_>]) -> KafkaR
 /// Submits a batch of messages as one durable write when every message is valid; otherwise
 /// (or on a duplicate id) one message at a time, so a bad one is set aside alone. True when
 /// the batch's offsets may be committed.
-fn handle_batch(app: &App, batch: &[BorrowedMessage<'_>], replier: Option<&Replier>) -> bool {
+fn handle_batch(feed: &Feed, batch: &[BorrowedMessage<'_>], replier: Option<&Replier>) -> bool {
     if batch.len() > 1 {
         let mut values = Vec::new();
         let mut all_json = true;
@@ -235,22 +267,22 @@ fn handle_batch(app: &App, batch: &[BorrowedMessage<'_>], replier: Option<&Repli
             }
         }
         if all_json {
-            match submit_retrying(app, &values, batch[0].offset()) {
+            match submit_retrying(feed, &values, batch[0].offset()) {
                 Some(Ok(())) => return true,
                 None => return false,
                 Some(Err(_)) => {} // invalid or duplicate somewhere: sort it out one by one
             }
         }
     }
-    batch.iter().all(|m| handle(app, m, replier))
+    batch.iter().all(|m| handle(feed, m, replier))
 }
 
 /// Submits until durable, retrying while the store is unavailable. `None` when shutting down;
 /// `Some(Err)` for input errors.
-fn submit_retrying(app: &App, values: &[Value], offset: i64) -> Option<Result<(), SubmitError>> {
+fn submit_retrying(feed: &Feed, values: &[Value], offset: i64) -> Option<Result<(), SubmitError>> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match submit(app, values, Origin::Kafka, |_| {}) {
+        match feed.submitter.submit(values, Origin::Kafka, |_| {}) {
             Ok(_) => return Some(Ok(())),
             Err(SubmitError::ShuttingDown) => return None,
             Err(e @ SubmitError::Unavailable(_)) => {
@@ -258,7 +290,7 @@ fn submit_retrying(app: &App, values: &[Value], offset: i64) -> Option<Result<()
                 log::error!("kafka: offset {offset} not accepted yet: {e}");
                 thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
-                if !app.accepting.load(Ordering::Acquire) {
+                if !feed.submitter.accepting() {
                     return None;
                 }
             }
@@ -268,14 +300,14 @@ fn submit_retrying(app: &App, values: &[Value], offset: i64) -> Option<Result<()
 }
 
 /// Submits one message; true when its offset may be committed.
-fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bool {
+fn handle(feed: &Feed, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bool {
     let payload = msg.payload().unwrap_or_default();
     let values = match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Array(items)) => items,
         Ok(v) => vec![v],
         Err(e) => {
             invalid(
-                app,
+                feed,
                 msg,
                 None,
                 &format!("message is not valid JSON: {e}"),
@@ -284,13 +316,13 @@ fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bo
             return true;
         }
     };
-    match submit_retrying(app, &values, msg.offset()) {
+    match submit_retrying(feed, &values, msg.offset()) {
         None => false,
         Some(Ok(())) => true,
         // Read again after a crash: what is stored stays, the rest of the array goes in now.
         Some(Err(SubmitError::Duplicate(_))) if values.len() > 1 => values
             .iter()
-            .all(|v| submit_retrying(app, std::slice::from_ref(v), msg.offset()).is_some()),
+            .all(|v| submit_retrying(feed, std::slice::from_ref(v), msg.offset()).is_some()),
         Some(Err(SubmitError::Duplicate(_))) => true,
         Some(Err(e)) => {
             let id = values
@@ -298,7 +330,7 @@ fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bo
                 .and_then(|v| v.get("id"))
                 .and_then(Value::as_str)
                 .map(str::to_string);
-            invalid(app, msg, id.as_deref(), &e.to_string(), replier);
+            invalid(feed, msg, id.as_deref(), &e.to_string(), replier);
             true
         }
     }
@@ -306,7 +338,7 @@ fn handle(app: &App, msg: &BorrowedMessage<'_>, replier: Option<&Replier>) -> bo
 
 /// Keeps an invalid message in `<dead>/invalid/` and tells the result topic.
 fn invalid(
-    app: &App,
+    feed: &Feed,
     msg: &BorrowedMessage<'_>,
     id: Option<&str>,
     reason: &str,
@@ -323,11 +355,7 @@ fn invalid(
         "at": crate::clock::rfc3339_ms(now_ms()),
     });
     let name = format!("{topic}-{partition}-{offset}.json").replace('/', "_");
-    match write_atomic(
-        &app.config.dead.join("invalid"),
-        &name,
-        record.to_string().as_bytes(),
-    ) {
+    match write_atomic(&feed.invalid_dir, &name, record.to_string().as_bytes()) {
         Ok(p) => log::warn!(
             "kafka: invalid message {topic}/{partition}/{offset}: {reason}; kept in {}",
             p.display()

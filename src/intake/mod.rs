@@ -6,13 +6,15 @@ pub mod http;
 pub mod kafka;
 pub mod ws;
 
-use crate::app::App;
 use crate::clock::now_us;
-use crate::store::StoreError;
-use crate::task::{parse_task, State, Task, TaskError};
+use crate::dispatch::Pool;
+use crate::schedule::timer::Timer;
+use crate::status::Status;
+use crate::store::{Cancel, Store, StoreError};
+use crate::task::{parse_task, Limits, State, Task, TaskError};
 use serde_json::Value;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Why nothing was accepted.
@@ -76,55 +78,118 @@ pub struct Accepted {
     pub wait: u64,
 }
 
-/// Validates all tasks (all or nothing), stores them durably, calls `on_durable` with the
-/// accepted ids (so a caller can register for results before any can finish), then hands
-/// them to the dispatcher or the timer.
-pub fn submit(
-    app: &App,
-    values: &[Value],
-    origin: Origin,
-    on_durable: impl FnOnce(&Accepted),
-) -> Result<Accepted, SubmitError> {
-    if !app.accepting.load(Ordering::Acquire) {
-        return Err(SubmitError::ShuttingDown);
+/// The one way in, and the one way out before a task starts (cancel), as a cheap cloneable
+/// handle: adapters hold this rather than the whole server.
+#[derive(Clone)]
+pub struct Submitter(Arc<Gate>);
+
+/// What a submit needs: validation limits, the store, and where accepted tasks go next.
+struct Gate {
+    limits: Limits,
+    store: Arc<dyn Store>,
+    pool: Arc<Pool>,
+    timer: Timer,
+    status: Arc<Status>,
+    /// False once shutdown has begun: submits answer `ShuttingDown`.
+    accepting: AtomicBool,
+}
+
+impl Submitter {
+    pub fn new(
+        limits: Limits,
+        store: Arc<dyn Store>,
+        pool: Arc<Pool>,
+        timer: Timer,
+        status: Arc<Status>,
+    ) -> Submitter {
+        Submitter(Arc::new(Gate {
+            limits,
+            store,
+            pool,
+            timer,
+            status,
+            accepting: AtomicBool::new(true),
+        }))
     }
-    if values.is_empty() {
-        return Err(SubmitError::Empty);
+
+    /// The validation limits (the cron file is checked against them too).
+    pub fn limits(&self) -> &Limits {
+        &self.0.limits
     }
-    let now = now_us();
-    let array = values.len() > 1;
-    let mut tasks: Vec<Task> = Vec::with_capacity(values.len());
-    let mut wait = 0;
-    for (i, v) in values.iter().enumerate() {
-        let s = parse_task(v, &app.limits, origin == Origin::Cron, now).map_err(|error| {
-            SubmitError::Invalid {
-                index: array.then_some(i),
-                error,
+
+    /// False once shutdown has begun.
+    pub fn accepting(&self) -> bool {
+        self.0.accepting.load(Ordering::Acquire)
+    }
+
+    /// Refuses every later submit (shutdown).
+    pub fn refuse_new(&self) {
+        self.0.accepting.store(false, Ordering::Release);
+    }
+
+    /// Validates all tasks (all or nothing), stores them durably, calls `on_durable` with the
+    /// accepted ids (so a caller can register for results before any can finish), then hands
+    /// them to the dispatcher or the timer.
+    pub fn submit(
+        &self,
+        values: &[Value],
+        origin: Origin,
+        on_durable: impl FnOnce(&Accepted),
+    ) -> Result<Accepted, SubmitError> {
+        let g = &*self.0;
+        if !self.accepting() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if values.is_empty() {
+            return Err(SubmitError::Empty);
+        }
+        let now = now_us();
+        let array = values.len() > 1;
+        let mut tasks: Vec<Task> = Vec::with_capacity(values.len());
+        let mut wait = 0;
+        for (i, v) in values.iter().enumerate() {
+            let s = parse_task(v, &g.limits, origin == Origin::Cron, now).map_err(|error| {
+                SubmitError::Invalid {
+                    index: array.then_some(i),
+                    error,
+                }
+            })?;
+            wait = wait.max(s.wait);
+            let mut task = s.task;
+            task.kafka = origin == Origin::Kafka;
+            tasks.push(task);
+        }
+        g.store.insert(&tasks).map_err(|e| match e {
+            StoreError::Duplicate(id) => SubmitError::Duplicate(id),
+            StoreError::Unavailable(why) | StoreError::Corrupt(why) => {
+                SubmitError::Unavailable(why)
             }
         })?;
-        wait = wait.max(s.wait);
-        let mut task = s.task;
-        task.kafka = origin == Origin::Kafka;
-        tasks.push(task);
-    }
-    app.store.insert(&tasks).map_err(|e| match e {
-        StoreError::Duplicate(id) => SubmitError::Duplicate(id),
-        StoreError::Unavailable(why) | StoreError::Corrupt(why) => SubmitError::Unavailable(why),
-    })?;
-    let accepted = Accepted {
-        ids: tasks.iter().map(|t| t.id.clone()).collect(),
-        wait,
-    };
-    app.status.accepted(tasks.len());
-    on_durable(&accepted);
-    for t in tasks {
-        if t.state == State::Ready {
-            app.pool.dispatch(Arc::new(t));
-        } else {
-            app.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
+        let accepted = Accepted {
+            ids: tasks.iter().map(|t| t.id.clone()).collect(),
+            wait,
+        };
+        g.status.accepted(tasks.len());
+        on_durable(&accepted);
+        for t in tasks {
+            if t.state == State::Ready {
+                g.pool.dispatch(Arc::new(t));
+            } else {
+                g.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
+            }
         }
+        Ok(accepted)
     }
-    Ok(accepted)
+
+    /// Cancels a task that has not started: out of the store, then out of its worker's queue.
+    pub fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
+        let answer = self.0.store.cancel(id)?;
+        if answer == Cancel::Cancelled {
+            self.0.pool.remove(id);
+            log::info!("task {id} cancelled");
+        }
+        Ok(answer)
+    }
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.

@@ -3,9 +3,10 @@
 //! `--cron_catchup last`. Each firing is an ordinary task submitted through `intake::submit`.
 
 use super::cron::{parse_file, CronLine};
-use crate::app::App;
 use crate::clock::now_us;
-use crate::intake::{submit, Origin, SubmitError};
+use crate::intake::{Origin, SubmitError, Submitter};
+use crate::store::Store;
+use chrono_tz::Tz;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -48,9 +49,19 @@ struct Entry {
     last: Option<i64>,
 }
 
+/// What the cron thread needs: where firings go, where fire times are kept, the zone of the
+/// schedule and where it shows it.
+pub struct CronDeps {
+    pub submitter: Submitter,
+    /// Last fire times (catch-up) and finished firings (never twice).
+    pub store: Arc<dyn Store>,
+    pub tz: Tz,
+    pub status: CronStatus,
+}
+
 /// Starts the cron thread for the already-checked `lines`.
 pub fn start(
-    app: Arc<App>,
+    app: CronDeps,
     path: PathBuf,
     lines: Vec<CronLine>,
     catchup: bool,
@@ -62,7 +73,7 @@ pub fn start(
 }
 
 struct Runner {
-    app: Arc<App>,
+    app: CronDeps,
     path: PathBuf,
     entries: Vec<Entry>,
     mtime: Option<SystemTime>,
@@ -77,7 +88,7 @@ fn mtime(path: &PathBuf) -> Option<SystemTime> {
 }
 
 impl Runner {
-    fn new(app: Arc<App>, path: PathBuf, lines: Vec<CronLine>) -> Runner {
+    fn new(app: CronDeps, path: PathBuf, lines: Vec<CronLine>) -> Runner {
         let mtime = mtime(&path);
         let mut r = Runner {
             app,
@@ -96,7 +107,7 @@ impl Runner {
     /// Replaces the schedule; unchanged lines keep their next and last fire times.
     fn install(&mut self, lines: Vec<CronLine>) {
         let now = Runner::now_s();
-        let tz = self.app.config.tz;
+        let tz = self.app.tz;
         // Old entries by key, so each new line finds its predecessor without a scan.
         let old: HashMap<String, Entry> = std::mem::take(&mut self.entries)
             .into_iter()
@@ -134,12 +145,12 @@ impl Runner {
                 last_id: e.last.map(|t| e.line.firing_id(t)),
             })
             .collect();
-        *self.app.cron.lock() = list;
+        *self.app.status.lock() = list;
     }
 
     fn reload(&mut self, why: &str) {
         self.mtime = mtime(&self.path);
-        match parse_file(&self.path, &self.app.limits, self.app.config.tz) {
+        match parse_file(&self.path, self.app.submitter.limits(), self.app.tz) {
             Ok(lines) => {
                 log::info!(
                     "cron: {} reloaded ({why}): {} lines",
@@ -156,7 +167,7 @@ impl Runner {
     /// once now, as the firing of its last missed time.
     fn catch_up(&mut self) {
         let now = Runner::now_s();
-        let tz = self.app.config.tz;
+        let tz = self.app.tz;
         for i in 0..self.entries.len() {
             let key = meta_key(&self.entries[i].line);
             let last = match self.app.store.get_meta(&key) {
@@ -193,7 +204,11 @@ impl Runner {
             self.entries[i].last = Some(at);
             return;
         }
-        match submit(&self.app, &[line.task_json(at)], Origin::Cron, |_| {}) {
+        match self
+            .app
+            .submitter
+            .submit(&[line.task_json(at)], Origin::Cron, |_| {})
+        {
             Ok(_) | Err(SubmitError::Duplicate(_)) => {
                 self.entries[i].last = Some(at);
                 if let Err(e) = self.app.store.put_meta(&meta_key(&line), &at.to_string()) {
@@ -213,7 +228,7 @@ impl Runner {
             self.catch_up();
             self.publish_status();
         }
-        let tz = self.app.config.tz;
+        let tz = self.app.tz;
         loop {
             let before = now_us();
             let soonest = self.entries.iter().filter_map(|e| e.next).min();

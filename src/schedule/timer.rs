@@ -8,7 +8,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Most due tasks released with one store call.
@@ -33,9 +33,7 @@ impl Timer {
         pool: Arc<Pool>,
     ) -> std::io::Result<(Timer, JoinHandle<()>)> {
         let (tx, rx) = unbounded();
-        let h = thread::Builder::new()
-            .name("timer".into())
-            .spawn(move || run(&rx, &*store, &pool))?;
+        let h = crate::stage::spawn_critical("timer", move || run(&rx, &*store, &pool))?;
         Ok((Timer { tx }, h))
     }
 
@@ -260,7 +258,7 @@ mod tests {
         fn status(&self, id: &str) -> Result<Option<State>, StoreError> {
             self.inner.status(id)
         }
-        fn result(&self, id: &str) -> Result<Option<crate::results::TaskResult>, StoreError> {
+        fn result(&self, id: &str) -> Result<Option<crate::task::TaskResult>, StoreError> {
             self.inner.result(id)
         }
         fn recover(&self) -> Result<Vec<crate::store::Recovered>, StoreError> {

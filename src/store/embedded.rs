@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Page cache of the embedded database.
@@ -311,9 +311,8 @@ fn start(open: Box<OpenFn>, probe_dir: Option<PathBuf>) -> Result<EmbeddedStore,
     });
     let (tx, rx) = unbounded();
     let writer_shared = shared.clone();
-    let handle = thread::Builder::new()
-        .name("store-writer".into())
-        .spawn(move || writer(&writer_shared, &rx))
+    // Its death would leave every write waiting: a panic there ends the process.
+    let handle = crate::stage::spawn_critical("store-writer", move || writer(&writer_shared, &rx))
         .map_err(unavailable)?;
     Ok(LocalStore::new(EmbeddedBackend {
         shared,

@@ -3,7 +3,7 @@
 
 use super::live::LiveIndex;
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
-use crate::results::TaskResult;
+use crate::task::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
 use std::sync::Arc;

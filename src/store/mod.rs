@@ -6,10 +6,11 @@
 pub mod embedded;
 pub mod live;
 pub mod local;
+#[cfg(test)]
 pub mod memory;
 pub mod redis;
 
-use crate::results::TaskResult;
+use crate::task::TaskResult;
 use crate::task::{State, Task};
 use std::fmt;
 use std::sync::Arc;
@@ -160,24 +161,36 @@ pub fn start_gc(
     store: Arc<dyn Store>,
     every: std::time::Duration,
     keep: usize,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("store-gc".into())
-        .spawn(move || loop {
-            match store.gc(crate::clock::now_ms(), keep) {
-                Ok(0) => std::thread::sleep(every),
-                Ok(n) => {
-                    log::debug!("store: {n} expired or surplus results deleted");
-                    if n < GC_PASS {
-                        std::thread::sleep(every);
-                    }
-                }
-                Err(e) => {
-                    log::warn!("store: expiring results failed: {e}");
-                    std::thread::sleep(every);
+) -> std::io::Result<crate::stage::Stage> {
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let h = crate::stage::spawn_critical("store-gc", move || loop {
+        let pause = match store.gc(crate::clock::now_ms(), keep) {
+            Ok(0) => every,
+            Ok(n) => {
+                log::debug!("store: {n} expired or surplus results deleted");
+                if n < GC_PASS {
+                    every
+                } else {
+                    std::time::Duration::ZERO
                 }
             }
-        })
+            Err(e) => {
+                log::warn!("store: expiring results failed: {e}");
+                every
+            }
+        };
+        match stop_rx.recv_timeout(pause) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    })?;
+    Ok(crate::stage::Stage::new(
+        "store-gc",
+        move || {
+            let _ = stop_tx.try_send(());
+        },
+        vec![h],
+    ))
 }
 
 /// The shared contract tests, run against every implementation.

@@ -12,7 +12,7 @@
 //! - `<p>meta:<key>` small values (cron last fire times)
 
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
-use crate::results::TaskResult;
+use crate::task::TaskResult;
 use crate::task::{State, Task};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use redis::{Client, Connection, Script};
@@ -175,6 +175,8 @@ pub struct RedisStore {
     prefix: String,
     inserts: Sender<Group>,
     up: Arc<AtomicBool>,
+    /// Set by `close`: the health thread ends.
+    closed: Arc<AtomicBool>,
     scripts: Scripts,
 }
 
@@ -260,6 +262,7 @@ impl RedisStore {
             trim_results: Script::new(TRIM_RESULTS),
         };
         let up = Arc::new(AtomicBool::new(true));
+        let closed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = unbounded();
         {
             let (pool, prefix, script, up) = (
@@ -274,23 +277,25 @@ impl RedisStore {
                 .map_err(down)?;
         }
         {
-            let (pool, up) = (pool.clone(), up.clone());
+            let (pool, up, closed) = (pool.clone(), up.clone(), closed.clone());
             thread::Builder::new()
                 .name("redis-health".into())
-                .spawn(move || loop {
-                    let ok = pool
-                        .get()
-                        .ok()
-                        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).ok())
-                        .is_some();
-                    if up.swap(ok, Ordering::Relaxed) != ok {
-                        if ok {
-                            log::info!("store: Redis is reachable again");
-                        } else {
-                            log::error!("store: Redis is unreachable");
+                .spawn(move || {
+                    while !closed.load(Ordering::Acquire) {
+                        let ok = pool
+                            .get()
+                            .ok()
+                            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).ok())
+                            .is_some();
+                        if up.swap(ok, Ordering::Relaxed) != ok {
+                            if ok {
+                                log::info!("store: Redis is reachable again");
+                            } else {
+                                log::error!("store: Redis is unreachable");
+                            }
                         }
+                        thread::sleep(Duration::from_secs(1));
                     }
-                    thread::sleep(Duration::from_secs(1));
                 })
                 .map_err(down)?;
         }
@@ -299,6 +304,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             inserts: tx,
             up,
+            closed,
             scripts,
         })
     }
@@ -635,6 +641,10 @@ impl Store for RedisStore {
 
     fn healthy(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 }
 
