@@ -42,10 +42,21 @@ pub struct Server {
 
 /// Why the server could not start (exit code 2).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum StartError {
+    /// Recovering unfinished tasks failed.
     Store(StoreError),
+    /// A thread could not be started.
     Thread(std::io::Error),
-    Dir(String),
+    /// `--dead` cannot be created.
+    DeadDir(std::path::PathBuf, std::io::Error),
+    /// The store named by `--data` or `--redis` cannot be opened (the flag, the reason).
+    OpenStore(&'static str, StoreError),
+    /// The SMTP relay settings are unusable.
+    Mail(String),
+    /// The Kafka clients cannot be created.
+    Kafka(String),
+    /// The cron file is invalid.
     Cron(CronError),
 }
 
@@ -54,13 +65,24 @@ impl fmt::Display for StartError {
         match self {
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
-            StartError::Dir(e) => write!(f, "{e}"),
+            StartError::DeadDir(p, e) => write!(f, "--dead: cannot create {}: {e}", p.display()),
+            StartError::OpenStore(flag, e) => write!(f, "{flag}: {e}"),
+            StartError::Mail(e) | StartError::Kafka(e) => write!(f, "{e}"),
             StartError::Cron(e) => write!(f, "--cron: {e}"),
         }
     }
 }
 
-impl std::error::Error for StartError {}
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Store(e) | StartError::OpenStore(_, e) => Some(e),
+            StartError::Thread(e) | StartError::DeadDir(_, e) => Some(e),
+            StartError::Cron(e) => Some(e),
+            StartError::Mail(_) | StartError::Kafka(_) => None,
+        }
+    }
+}
 
 impl From<std::io::Error> for StartError {
     fn from(e: std::io::Error) -> StartError {
@@ -216,20 +238,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
 
 /// The store the flags ask for.
 fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
-    std::fs::create_dir_all(&config.dead).map_err(|e| {
-        StartError::Dir(format!(
-            "--dead: cannot create {}: {e}",
-            config.dead.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&config.dead)
+        .map_err(|e| StartError::DeadDir(config.dead.clone(), e))?;
     Ok(match &config.redis {
         Some(url) => Arc::new(
             RedisStore::open(url, &config.redis_prefix, REDIS_START_WAIT)
-                .map_err(|e| StartError::Dir(format!("--redis: {e}")))?,
+                .map_err(|e| StartError::OpenStore("--redis", e))?,
         ),
         None => Arc::new(
-            store::embedded::open(&config.data)
-                .map_err(|e| StartError::Dir(format!("--data: {e}")))?,
+            store::embedded::open(&config.data).map_err(|e| StartError::OpenStore("--data", e))?,
         ),
     })
 }
@@ -237,7 +254,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
 fn executors(config: &Config) -> Result<Arc<Executors>, StartError> {
     let timeout = Duration::from_secs(config.task_timeout);
     let mail = match &config.smtp {
-        Some(smtp) => Some(MailExec::new(smtp, config.workers, timeout).map_err(StartError::Dir)?),
+        Some(smtp) => Some(MailExec::new(smtp, config.workers, timeout).map_err(StartError::Mail)?),
         None => None,
     };
     Ok(Arc::new(Executors {
@@ -284,7 +301,7 @@ mod kafka {
             let parts = match (&config.kafka, status) {
                 (Some(k), Some(st)) => {
                     let replier = crate::intake::kafka::Replier::start(k, st.clone())
-                        .map_err(StartError::Dir)?;
+                        .map_err(StartError::Kafka)?;
                     Some((k.clone(), st, replier))
                 }
                 _ => None,
@@ -331,7 +348,7 @@ mod kafka {
                 submitter: submitter.clone(),
                 invalid_dir: config.dead.join("invalid"),
             };
-            let h = crate::intake::kafka::start(feed, k, st, replier).map_err(StartError::Dir)?;
+            let h = crate::intake::kafka::start(feed, k, st, replier).map_err(StartError::Kafka)?;
             // It ends by itself once the intake refuses new tasks.
             stages.push(Stage::joined("kafka-poll", vec![h]));
             Ok(stages)

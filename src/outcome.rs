@@ -10,7 +10,7 @@ use crate::results::{Forward, Results, TaskResult};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
 use crate::store::{Change, Store};
-use crate::task::{Attempt, State, Task};
+use crate::task::{Attempt, FinalStatus, State, Task, Verdict};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -290,9 +290,13 @@ impl OutcomeStage {
         }
         let result = TaskResult {
             id: task.id.clone(),
-            result: if o.run.ok { "OK" } else { "Fail" }.to_string(),
+            result: if o.run.ok { Verdict::Ok } else { Verdict::Fail },
             reason: o.run.error.clone(),
-            status: if o.run.ok { "succeeded" } else { "dead" }.to_string(),
+            status: if o.run.ok {
+                FinalStatus::Succeeded
+            } else {
+                FinalStatus::Dead
+            },
             attempts: task.attempts.len(),
             output: o.run.output.clone(),
             code: o.run.code,

@@ -174,7 +174,7 @@ impl SysInfo {
 /// `succeeded`, `dead`, the current state, or `unknown` (expired or never stored).
 fn last_outcome(store: &dyn Store, id: &str) -> String {
     if let Ok(Some(r)) = store.result(id) {
-        return r.status;
+        return r.status.as_str().to_string();
     }
     match store.status(id) {
         Ok(Some(s)) => s.as_str().to_string(),

@@ -5,15 +5,39 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::path::PathBuf;
 
+/// Whether the task succeeded, as the API says it (`OK` or `Fail`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    #[serde(rename = "OK")]
+    Ok,
+    Fail,
+}
+
+/// How a task ended (`succeeded`, or `dead` once its retries are spent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalStatus {
+    Succeeded,
+    Dead,
+}
+
+impl FinalStatus {
+    /// As the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Succeeded => "succeeded",
+            FinalStatus::Dead => "dead",
+        }
+    }
+}
+
 /// The final result of a task, exactly as `/task_resp` returns it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskResult {
     pub id: String,
-    /// `OK` or `Fail`.
-    pub result: String,
+    pub result: Verdict,
     pub reason: String,
-    /// `succeeded` or `dead`.
-    pub status: String,
+    pub status: FinalStatus,
     pub attempts: usize,
     pub output: String,
     pub code: Option<i64>,

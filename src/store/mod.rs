@@ -223,9 +223,9 @@ pub mod contract {
     pub fn result(id: &str) -> TaskResult {
         TaskResult {
             id: id.to_string(),
-            result: "OK".to_string(),
+            result: crate::task::Verdict::Ok,
             reason: String::new(),
-            status: "succeeded".to_string(),
+            status: crate::task::FinalStatus::Succeeded,
             attempts: 1,
             output: "out".to_string(),
             code: Some(200),
