@@ -179,3 +179,52 @@ fn symlinks_cannot_lead_out_of_the_exec_dir() {
         "{r}"
     );
 }
+
+/// `--exec_any` lets the network run any program found on PATH, with no `--exec_dir`.
+#[test]
+fn exec_any_runs_any_program_on_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--exec_any"]);
+    let (code, r) = s.submit(&json!({"id":"any-echo","method":"EXEC","name":"echo",
+                                      "params":"hi","wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["code"], 0, "{r}");
+    assert_eq!(r["output"], "hi\n", "{r}");
+}
+
+/// Output beyond 64 KiB is cut: the first 65536 bytes are kept, followed by the marker, and
+/// nothing else.
+#[test]
+fn output_beyond_64_kib_is_cut_and_marked() {
+    const MARKER: &str = "[output cut at 65536 bytes]";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &["--exec_any"]);
+    let full: String = (1..=30000).map(|i| format!("{i}\n")).collect();
+    assert!(full.len() > 65536, "the program writes more than 64 KiB");
+    let (code, r) = s.submit(&json!({"id":"long-out","method":"EXEC","name":"seq",
+                                      "params":"1 30000","wait":20}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let out = r["output"].as_str().expect("output");
+    assert!(
+        out.starts_with(&full[..65536]),
+        "the first 65536 bytes are kept as they were: {} bytes kept, starting {:?}",
+        out.len(),
+        &out[..out.len().min(40)]
+    );
+    assert!(
+        out.ends_with(MARKER),
+        "marked at its end: ...{:?}",
+        &out[out.len().saturating_sub(60)..]
+    );
+    assert!(
+        out.len() <= 65536 + 1 + MARKER.len(),
+        "at most 64 KiB plus the marker line: {} bytes",
+        out.len()
+    );
+    // The stored result is the same.
+    let (code, stored) = s.get("/task_resp/long-out?timeout=0");
+    assert_eq!(code, 200, "{stored}");
+    assert_eq!(stored["output"], r["output"]);
+}

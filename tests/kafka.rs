@@ -499,3 +499,85 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
     assert_eq!(info["delaying_keys"], json!(["pending"]), "{info}");
     assert!(!hit_ids(&sink.hits(), "/hit").contains_key("pending"));
 }
+
+/// The group's committed offset moves only once the messages below it are durable: killed with
+/// `kill -9` as soon as the offset moves, the server comes back (without Kafka) knowing every
+/// task of every message below that offset.
+#[test]
+fn committed_offsets_only_cover_durable_tasks() {
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let broker = Broker::start(&["tasks"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let n = 3000;
+    // Message i is at offset i (one partition, a fresh topic).
+    let payloads: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"id": format!("o-{i}"), "method": "GET", "name": "http://127.0.0.1:9/never",
+                   "delay": 600})
+            .to_string()
+        })
+        .collect();
+    broker.produce("tasks", &payloads);
+
+    // Reads the group's committed offset without joining the group.
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("group.id", "g-off")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("tasks", 0);
+    let committed = |reader: &BaseConsumer| -> i64 {
+        match reader.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    };
+    assert_eq!(
+        committed(&reader),
+        0,
+        "nothing committed before poulpe starts"
+    );
+
+    let args = [
+        "--kafka_servers",
+        servers.as_str(),
+        "--kafka_topic",
+        "tasks",
+        "--kafka_group",
+        "g-off",
+    ];
+    let mut s = Server::start(&dir, &args);
+    let at_kill = eventually(
+        Duration::from_secs(60),
+        "the committed offset to move",
+        || {
+            let o = committed(&reader);
+            (o > 0).then_some(o)
+        },
+    );
+    s.kill9();
+    assert!(at_kill <= n, "{at_kill}");
+
+    let s2 = Server::start_in(&dir.path().join("data"), &[]);
+    let mut lost = Vec::new();
+    for i in 0..at_kill {
+        let (code, r) = s2.get(&format!("/task_resp/o-{i}?timeout=0"));
+        if (code, &r["status"]) != (202, &json!("delayed")) {
+            lost.push(format!("o-{i}: {code} {r}"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of the {at_kill} messages below the committed offset are not in the store after \
+         kill -9, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!("committed offset at the kill: {at_kill} of {n}");
+}
