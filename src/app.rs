@@ -392,6 +392,10 @@ impl Server {
                 "{} attempts still running at the deadline; they run again at the next start",
                 self.pool.running()
             );
+            let killed = crate::exec::program::kill_running();
+            if killed > 0 {
+                log::warn!("{killed} programs still running were killed (process groups)");
+            }
         }
     }
 }

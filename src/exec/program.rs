@@ -135,6 +135,35 @@ fn drain(mut r: impl Read + Send + 'static) -> Receiver<(Vec<u8>, bool)> {
     rx
 }
 
+/// Process groups of the programs running now, so that shutdown can end what outlived the grace.
+static RUNNING: parking_lot::Mutex<Vec<u32>> = parking_lot::Mutex::new(Vec::new());
+
+/// Keeps a process group in [`RUNNING`] while its program runs.
+struct Registered(u32);
+
+impl Registered {
+    fn new(pgid: u32) -> Registered {
+        RUNNING.lock().push(pgid);
+        Registered(pgid)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        RUNNING.lock().retain(|&g| g != self.0);
+    }
+}
+
+/// Kills the process groups of every program still running (at the end of a shutdown whose
+/// grace ran out: their tasks run again at the next start). Returns how many.
+pub fn kill_running() -> usize {
+    let groups = RUNNING.lock().clone();
+    for &g in &groups {
+        kill_group(g);
+    }
+    groups.len()
+}
+
 fn kill_group(pgid: u32) {
     // SAFETY: kill(2) with a negative pid signals the process group we created; no memory is
     // touched.
@@ -154,19 +183,28 @@ pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
             }
         }
     };
-    let mut child = match Command::new(&path)
-        .arg0(&arg0)
+    let mut cmd = Command::new(&path);
+    cmd.arg0(&arg0)
         .args(&task.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-    {
+        .process_group(0);
+    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent. The program
+    // gets SIGKILL if poulpe dies (kill -9) instead of running on as an orphan while its task
+    // runs again after the restart.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return RunResult::failed(format!("cannot start {}: {e}", path.display())),
     };
     let pgid = child.id();
+    let _registered = Registered::new(pgid);
     let deadline = Instant::now() + timeout;
     let out = child.stdout.take().map(drain);
     let err = child.stderr.take().map(drain);
