@@ -131,6 +131,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .as_ref()
         .map(|_| Arc::new(KafkaStatus::default()));
     let kafka = kafka::Kafka::new(&config, kafka_status.clone())?;
+    // Stops after the workers and the outcome stage: results of the last attempts still go out.
+    stages.extend(kafka.producer_stage());
     let (otx, orx) = unbounded();
     let outcome = OutcomeStage {
         store: store.clone(),
@@ -323,7 +325,16 @@ mod kafka {
             None
         }
 
-        /// Starts the consumer; its stages (producer first, so it stops after the consumer).
+        /// The result producer's stage, when there is one.
+        pub fn producer_stage(&self) -> Option<Stage> {
+            #[cfg(feature = "kafka")]
+            if let Some((_, _, Some(r))) = &self.parts {
+                return Some(r.stage());
+            }
+            None
+        }
+
+        /// Starts the consumer; its stage.
         #[cfg(feature = "kafka")]
         pub fn start(
             self,
@@ -343,7 +354,7 @@ mod kafka {
                     .map(|t| format!(", results to {t:?}"))
                     .unwrap_or_default()
             );
-            let mut stages: Vec<Stage> = replier.iter().map(|r| r.stage()).collect();
+            let mut stages = Vec::new();
             let feed = crate::intake::kafka::Feed {
                 submitter: submitter.clone(),
                 invalid_dir: config.dead.join("invalid"),

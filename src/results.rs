@@ -1,6 +1,7 @@
-//! Final results and the clients waiting for them: `wait` submits, long polls and (later)
-//! WebSocket pushes park here and are answered by the thread that finishes the task, or by the
-//! expiry thread when their time runs out. A parked client holds no thread.
+//! The clients waiting for results: `wait` submits, long polls and WebSocket pushes register
+//! here and are handed their results by the thread that finishes the task, or by the expiry
+//! thread when their time runs out. Handing over never writes to a socket: an HTTP wait blocks
+//! only its own connection's thread on a channel. [`Answers`] is the adapters' read access.
 
 use crate::store::{Store, StoreError};
 use crate::task::State;
@@ -140,7 +141,7 @@ impl Results {
         }
     }
 
-    /// Number of ids with parked clients (for tests and `/sys_info`).
+    /// Number of ids with parked clients (for tests).
     pub fn waiting(&self) -> usize {
         self.inner.lock().by_id.len()
     }

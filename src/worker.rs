@@ -20,9 +20,11 @@ pub fn start(
     exec: Arc<Executors>,
     outcomes: Sender<Outcome>,
 ) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name(format!("worker-{w}"))
-        .spawn(move || run(w, &pool, &*store, &exec, &outcomes))
+    // A task's failure is a failed attempt (executors catch panics); a panic anywhere else in
+    // the loop would leave a worker silently gone, so it ends the process instead.
+    crate::stage::spawn_critical(&format!("worker-{w}"), move || {
+        run(w, &pool, &*store, &exec, &outcomes)
+    })
 }
 
 fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Sender<Outcome>) {

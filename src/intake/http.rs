@@ -67,7 +67,12 @@ impl Api {
         let path = req.path().to_string();
         let query = req.query().to_string();
         if path == "/health" {
-            return reply(200, &json!({"status": "ok"}));
+            // A load balancer stops sending work once shutdown has begun.
+            return if self.submitter.accepting() {
+                reply(200, &json!({"status": "ok"}))
+            } else {
+                reply(503, &json!({"status": "stopping"}))
+            };
         }
         if path == "/ws_task" && req.is_websocket_upgrade() {
             return self.ws.accept(&req, &query);

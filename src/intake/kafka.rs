@@ -178,10 +178,10 @@ pub fn start(
     consumer
         .subscribe(&[cfg.topic.as_str()])
         .map_err(|e| format!("--kafka_topic: cannot subscribe to {:?}: {e}", cfg.topic))?;
-    thread::Builder::new()
-        .name("kafka-poll".into())
-        .spawn(move || poll_loop(&feed, &cfg, &consumer, &status, replier.as_deref()))
-        .map_err(|e| e.to_string())
+    crate::stage::spawn_critical("kafka-poll", move || {
+        poll_loop(&feed, &cfg, &consumer, &status, replier.as_deref())
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Most messages read before one submit: they share one durable write.

@@ -1,5 +1,5 @@
 //! The one way in: every adapter (HTTP, WebSocket, Kafka, cron) parses its input and calls
-//! [`submit`], which validates, makes the tasks durable and schedules them.
+//! [`Submitter::submit`], which validates, makes the tasks durable and schedules them.
 
 pub mod http;
 #[cfg(feature = "kafka")]

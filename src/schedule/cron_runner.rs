@@ -1,6 +1,6 @@
 //! The cron thread: fires each line of the cron file at its times (never early), reloads the
 //! file when it changes or on SIGHUP, and runs missed firings once at start with
-//! `--cron_catchup last`. Each firing is an ordinary task submitted through `intake::submit`.
+//! `--cron_catchup last`. Each firing is an ordinary task submitted through `Submitter::submit`.
 
 use super::cron::{parse_file, CronLine};
 use crate::clock::now_us;
@@ -13,7 +13,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 /// Commands for the cron thread.
@@ -67,9 +67,9 @@ pub fn start(
     catchup: bool,
     rx: Receiver<CronCmd>,
 ) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name("cron".into())
-        .spawn(move || Runner::new(app, path, lines).run(catchup, &rx))
+    crate::stage::spawn_critical("cron", move || {
+        Runner::new(app, path, lines).run(catchup, &rx)
+    })
 }
 
 struct Runner {

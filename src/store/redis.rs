@@ -271,10 +271,10 @@ impl RedisStore {
                 scripts.insert.clone(),
                 up.clone(),
             );
-            thread::Builder::new()
-                .name("redis-insert".into())
-                .spawn(move || insert_loop(&pool, &prefix, &script, &up, &rx))
-                .map_err(down)?;
+            crate::stage::spawn_critical("redis-insert", move || {
+                insert_loop(&pool, &prefix, &script, &up, &rx)
+            })
+            .map_err(down)?;
         }
         {
             let (pool, up, closed) = (pool.clone(), up.clone(), closed.clone());
