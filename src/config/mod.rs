@@ -1,7 +1,12 @@
 //! Command-line flags and `POULPE_*` environment variables, turned into one checked `Config`.
+//! The flags themselves (names, defaults, ranges, help) are one table, in [`flags`].
+
+pub mod flags;
 
 use crate::exec::mail::{Security, SmtpConfig};
 use crate::task::ExecPolicy;
+pub use flags::help_text;
+use flags::{bad, Raw};
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
@@ -19,35 +24,54 @@ pub enum Backoff {
 /// Kafka brokers, topics and group.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated (`--kafka_servers`).
     pub servers: String,
+    /// Topic of task messages (`--kafka_topic`).
     pub topic: String,
+    /// Topic where final results of Kafka tasks are produced (`--kafka_resp_topic`).
     pub resp_topic: Option<String>,
+    /// Consumer group (`--kafka_group`).
     pub group: String,
 }
 
 /// Everything the server needs to know, checked once at start-up.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// HTTP and WebSocket port (`--port`).
     pub port: u16,
+    /// Listen address (`--bind`).
     pub bind: IpAddr,
+    /// Directory of the embedded store (`--data`).
     pub data: PathBuf,
+    /// Redis URL; when given, Redis is the store (`--redis`).
     pub redis: Option<String>,
     /// Prefix of every Redis key.
     pub redis_prefix: String,
+    /// Cron file (`--cron`).
     pub cron: Option<PathBuf>,
     /// Run each cron line's missed firing once at start (`--cron_catchup last`).
     pub cron_catchup: bool,
+    /// Dead-letter directory (`--dead`, else `<data>/dead`).
     pub dead: PathBuf,
+    /// Number of worker threads (`--workers`).
     pub workers: usize,
+    /// Seconds before a retry (`--retry_interval`).
     pub retry_interval: u64,
+    /// Retries after the first attempt (`--max_retry`).
     pub max_retry: u32,
+    /// How the wait before a retry grows (`--backoff`).
     pub backoff: Backoff,
+    /// Default seconds one attempt may run (`--task_timeout`).
     pub task_timeout: u64,
+    /// Seconds results and dead records stay queryable (`--result_ttl`).
     pub result_ttl: u64,
     /// Most finished results kept (`--result_max`); beyond it the oldest are dropped first.
     pub result_max: usize,
+    /// Which programs EXEC tasks from the network may run (`--exec_dir`, `--exec_any`).
     pub exec: ExecPolicy,
+    /// Bearer token required on every endpoint but `/health` (`--token`).
     pub token: Option<String>,
+    /// Request body (and WebSocket frame) limit in bytes (`--max_body`).
     pub max_body: usize,
     /// Most WebSocket connections at once.
     pub max_ws: usize,
@@ -63,17 +87,24 @@ pub struct Config {
     pub smtp: Option<SmtpConfig>,
     /// The Kafka intake, when `--kafka_servers` and `--kafka_topic` are given.
     pub kafka: Option<KafkaConfig>,
+    /// Zone of the cron schedule (`--tz`, else `TZ`, else UTC).
     pub tz: chrono_tz::Tz,
+    /// Log level (`--log`).
     pub log: log::LevelFilter,
 }
 
 /// What stops start-up (exit code 2), or a request for help/version (exit 0).
 #[derive(Debug, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `--help` or `-h`: print [`help_text`].
     Help,
+    /// `--version` or `-V`.
     Version,
+    /// An argument that is no flag, as it was typed.
     UnknownFlag(String),
+    /// This flag needs a value (or goes with another flag that was given).
     MissingValue(&'static str),
+    /// This flag's value is refused, and why (the value of a secret flag is never shown).
     BadValue {
         flag: &'static str,
         value: String,
@@ -100,7 +131,7 @@ impl fmt::Display for ConfigError {
                 value,
                 reason,
             } => {
-                let shown = if SECRET_FLAGS.contains(flag) {
+                let shown = if flags::SECRET.iter().any(|s| s.name == *flag) {
                     "<hidden>"
                 } else {
                     value.as_str()
@@ -117,314 +148,58 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const SECRET_FLAGS: &[&str] = &["token", "smtp_pwd"];
+/// An environment lookup: the process's own ([`process_env`]) or one given by a test.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// One flag: name (snake_case), default shown in `--help`, whether it takes a value, help line.
-struct Flag {
-    name: &'static str,
-    default: &'static str,
-    switch: bool,
-    help: &'static str,
+/// The process's environment, for [`Env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
-const fn flag(name: &'static str, default: &'static str, help: &'static str) -> Flag {
-    Flag {
-        name,
-        default,
-        switch: false,
-        help,
-    }
-}
-
-const fn switch(name: &'static str, help: &'static str) -> Flag {
-    Flag {
-        name,
-        default: "off",
-        switch: true,
-        help,
-    }
-}
-
-const FLAGS: &[Flag] = &[
-    flag("port", "8000", "HTTP and WebSocket port"),
-    flag("bind", "0.0.0.0", "listen address"),
-    flag("data", "./poulpe-data", "directory of the embedded store"),
-    flag(
-        "redis",
-        "",
-        "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store",
-    ),
-    flag("redis_prefix", "poulpe:", "prefix of every Redis key"),
-    flag("cron", "", "cron file"),
-    flag(
-        "cron_catchup",
-        "none",
-        "none, or last: run each cron line's missed firing once at start",
-    ),
-    flag("dead", "<data>/dead", "dead-letter directory"),
-    flag("workers", "4", "number of worker threads, numbered 0..N-1"),
-    flag("retry_interval", "10", "seconds before a retry"),
-    flag("max_retry", "3", "retries after the first attempt"),
-    flag(
-        "backoff",
-        "fixed",
-        "fixed, or exponential (interval x 2^(n-1), capped at 1 h, +-10% jitter)",
-    ),
-    flag("task_timeout", "60", "default seconds one attempt may run"),
-    flag(
-        "result_ttl",
-        "86400",
-        "seconds results and dead records stay queryable",
-    ),
-    flag(
-        "result_max",
-        "1000000",
-        "most finished results kept; beyond it the oldest are dropped first",
-    ),
-    flag(
-        "exec_dir",
-        "",
-        "EXEC tasks from the network run only programs inside this directory",
-    ),
-    switch(
-        "exec_any",
-        "allow EXEC of any program on PATH from the network (UNSAFE)",
-    ),
-    flag(
-        "token",
-        "",
-        "require 'Authorization: Bearer <token>' (prefer POULPE_TOKEN)",
-    ),
-    flag(
-        "max_body",
-        "1048576",
-        "request body (and WebSocket frame) limit in bytes",
-    ),
-    flag(
-        "max_ws",
-        "256",
-        "most WebSocket connections at once (503 beyond)",
-    ),
-    flag(
-        "ws_idle",
-        "300",
-        "seconds without input before a WebSocket connection is closed",
-    ),
-    flag(
-        "http_idle",
-        "75",
-        "seconds without input before an HTTP connection is closed (idle keep-alive, stalled client)",
-    ),
-    flag(
-        "max_conns",
-        "1024",
-        "most HTTP connections at once, WebSocket ones apart (503 beyond)",
-    ),
-    flag(
-        "ca_file",
-        "system bundle, else bundled roots",
-        "PEM file of CA certificates trusted for HTTPS tasks",
-    ),
-    flag("smtp_server", "", "SMTP relay host"),
-    flag(
-        "smtp_port",
-        "25, 587 with --starttls, 465 with --smtp_tls",
-        "SMTP relay port",
-    ),
-    flag("smtp_name", "", "SMTP user name"),
-    flag("smtp_pwd", "", "SMTP password (prefer POULPE_SMTP_PWD)"),
-    switch("starttls", "require STARTTLS"),
-    switch("smtp_tls", "implicit TLS (port 465)"),
-    flag("smtp_from", "", "default sender address"),
-    flag(
-        "smtp_ca_file",
-        "",
-        "PEM file of extra CA certificates trusted for the SMTP relay",
-    ),
-    flag("kafka_servers", "", "Kafka brokers, comma separated"),
-    flag("kafka_topic", "", "Kafka task topic"),
-    flag("kafka_resp_topic", "", "Kafka result topic"),
-    flag("kafka_group", "poulpe", "Kafka consumer group"),
-    flag(
-        "tz",
-        "TZ env, else UTC",
-        "IANA zone name for the cron schedule",
-    ),
-    flag(
-        "log",
-        "info",
-        "log level: error, warn, info, debug, trace, off",
-    ),
-];
-
-/// The `--help` text: every flag with its default.
-pub fn help_text() -> String {
-    let mut s = format!(
-        "poulpe {} - a lightweight job server\n\nUSAGE:\n  poulpe [FLAGS]\n\n\
-         Every flag may also be set as POULPE_<FLAG> in the environment (POULPE_PORT=8000);\n\
-         the command line wins. --retry_interval and --retry-interval are the same flag.\n\nFLAGS:\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    for f in FLAGS {
-        let head = if f.switch {
-            format!("--{}", f.name)
-        } else {
-            format!("--{} <v>", f.name)
-        };
-        let default = if f.default.is_empty() {
-            String::new()
-        } else {
-            format!(" [default: {}]", f.default)
-        };
-        s.push_str(&format!("  {head:<24} {}{default}\n", f.help));
-    }
-    s.push_str("  --help                   print this help\n  --version                print the version\n");
-    s
-}
-
-/// Turns `--retry-interval=5` into `--retry_interval=5`; other arguments stay as they are.
-fn normalize(arg: OsString) -> OsString {
-    let Some(s) = arg.to_str() else { return arg };
-    let Some(rest) = s.strip_prefix("--") else {
-        return arg;
-    };
-    let (name, value) = match rest.split_once('=') {
-        Some((n, v)) => (n, Some(v)),
-        None => (rest, None),
-    };
-    let mut out = format!("--{}", name.replace('-', "_"));
-    if let Some(v) = value {
-        out.push('=');
-        out.push_str(v);
-    }
-    out.into()
-}
-
-/// Raw flag values after command line and environment have been merged.
-struct Raw {
-    values: Vec<(&'static str, Option<String>)>,
-}
-
-impl Raw {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.as_deref())
-            .filter(|v| !v.is_empty())
-    }
-}
-
-fn bad(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::BadValue {
-        flag,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
-}
-
-fn parse_switch(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(bad(flag, v, "expected true or false")),
-    }
-}
-
-fn collect(args: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<Raw, ConfigError> {
-    // Kept to name an unknown flag as it was typed (`--no-such`, not `--no_such`).
-    let typed = args.clone();
-    let mut pargs = pico_args::Arguments::from_vec(args.into_iter().map(normalize).collect());
-    if pargs.contains(["-h", "--help"]) {
-        return Err(ConfigError::Help);
-    }
-    if pargs.contains(["-V", "--version"]) {
-        return Err(ConfigError::Version);
-    }
-    let mut values = Vec::new();
-    for f in FLAGS {
-        // pico-args wants 'static keys; the flag table is small and parsed once per start.
-        let key: &'static str = Box::leak(format!("--{}", f.name).into_boxed_str());
-        let from_cli = if f.switch {
-            pargs.contains(key).then(|| "true".to_string())
-        } else {
-            pargs
-                .opt_value_from_str::<_, String>(key)
-                .map_err(|e| match e {
-                    pico_args::Error::OptionWithoutAValue(_) => ConfigError::MissingValue(f.name),
-                    other => bad(f.name, "", other.to_string()),
-                })?
-        };
-        // `--port --data /x`: the next flag is not a value.
-        if !f.switch && from_cli.as_deref().is_some_and(|v| v.starts_with("--")) {
-            return Err(ConfigError::MissingValue(f.name));
-        }
-        let value = from_cli.or_else(|| env(&format!("POULPE_{}", f.name.to_ascii_uppercase())));
-        values.push((f.name, value));
-    }
-    if let Some(extra) = pargs.finish().into_iter().next() {
-        let shown = typed
-            .into_iter()
-            .find(|t| normalize(t.clone()) == extra)
-            .unwrap_or(extra);
-        return Err(ConfigError::UnknownFlag(
-            shown.to_string_lossy().into_owned(),
-        ));
-    }
-    Ok(Raw { values })
-}
-
-fn number<T>(raw: &Raw, flag: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
-where
-    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
-{
-    let Some(v) = raw.get(flag) else {
-        return Ok(default);
-    };
-    let n: T = v
-        .trim()
-        .parse()
-        .map_err(|_| bad(flag, v, "expected a whole number"))?;
-    if n < min || n > max {
-        return Err(bad(flag, v, format!("must be between {min} and {max}")));
-    }
-    Ok(n)
+/// The cron time zone: `given` (from `--tz` or `POULPE_TZ`), else `TZ` from `env`, else UTC; a
+/// leading `:` (`TZ=:Europe/Paris`) is ignored. The error is the name that is not a zone.
+pub fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::Tz, String> {
+    let name = given
+        .map(str::to_string)
+        .or_else(|| env("TZ").filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "UTC".to_string());
+    name.trim_start_matches(':').parse().map_err(|_| name)
 }
 
 /// The Kafka settings; brokers and task topic go together.
 fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
-    let servers = raw.get("kafka_servers");
-    let topic = raw.get("kafka_topic");
-    let resp = raw.get("kafka_resp_topic");
+    let servers = raw.get(&flags::KAFKA_SERVERS);
+    let topic = raw.get(&flags::KAFKA_TOPIC);
+    let resp = raw.get(&flags::KAFKA_RESP_TOPIC);
     if servers.is_none() && topic.is_none() && resp.is_none() {
         return Ok(None);
     }
     if cfg!(not(feature = "kafka")) {
         return Err(ConfigError::NoFeature {
-            flag: "kafka_servers",
+            flag: flags::KAFKA_SERVERS.name,
             feature: "kafka",
         });
     }
-    let servers = servers.ok_or(ConfigError::MissingValue("kafka_servers"))?;
-    let topic = topic.ok_or(ConfigError::MissingValue("kafka_topic"))?;
+    let servers = servers.ok_or(ConfigError::MissingValue(flags::KAFKA_SERVERS.name))?;
+    let topic = topic.ok_or(ConfigError::MissingValue(flags::KAFKA_TOPIC.name))?;
     Ok(Some(KafkaConfig {
         servers: servers.to_string(),
         topic: topic.to_string(),
         resp_topic: resp.map(str::to_string),
-        group: raw.get("kafka_group").unwrap_or("poulpe").to_string(),
+        group: raw.text(&flags::KAFKA_GROUP).to_string(),
     }))
 }
 
 /// The SMTP relay settings, when `--smtp_server` is given.
 fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
-    let starttls = parse_switch("starttls", raw.get("starttls").unwrap_or(""))?;
-    let tls = parse_switch("smtp_tls", raw.get("smtp_tls").unwrap_or(""))?;
-    let Some(server) = raw.get("smtp_server") else {
+    let starttls = raw.switch(&flags::STARTTLS)?;
+    let tls = raw.switch(&flags::SMTP_TLS)?;
+    let Some(server) = raw.get(&flags::SMTP_SERVER) else {
         return Ok(None);
     };
     if starttls && tls {
         return Err(bad(
-            "smtp_tls",
+            flags::SMTP_TLS.name,
             "true",
             "choose --starttls (STARTTLS) or --smtp_tls (implicit TLS), not both",
         ));
@@ -439,28 +214,29 @@ fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
         Security::StartTls => 587,
         Security::Tls => 465,
     };
-    let port = number(raw, "smtp_port", default_port, 1, u16::MAX)?;
-    let auth = match (raw.get("smtp_name"), raw.get("smtp_pwd")) {
+    let port = flags::SMTP_PORT.number_or(raw.get(&flags::SMTP_PORT), default_port)?;
+    let auth = match (raw.get(&flags::SMTP_NAME), raw.get(&flags::SMTP_PWD)) {
         (Some(n), Some(p)) => Some((n.to_string(), p.to_string())),
         (Some(_), None) => {
-            return Err(ConfigError::MissingValue("smtp_pwd"));
+            return Err(ConfigError::MissingValue(flags::SMTP_PWD.name));
         }
         (None, _) => None,
     };
-    let from = match raw.get("smtp_from") {
+    let from = match raw.get(&flags::SMTP_FROM) {
         None => None,
         Some(f) => {
             f.parse::<lettre::message::Mailbox>()
-                .map_err(|e| bad("smtp_from", f, e.to_string()))?;
+                .map_err(|e| bad(flags::SMTP_FROM.name, f, e.to_string()))?;
             Some(f.to_string())
         }
     };
-    let ca_file = match raw.get("smtp_ca_file") {
+    let ca_file = match raw.get(&flags::SMTP_CA_FILE) {
         None => None,
         Some(f) => {
-            let pem = std::fs::read(f).map_err(|e| bad("smtp_ca_file", f, e.to_string()))?;
+            let name = flags::SMTP_CA_FILE.name;
+            let pem = std::fs::read(f).map_err(|e| bad(name, f, e.to_string()))?;
             lettre::transport::smtp::client::Certificate::from_pem(&pem)
-                .map_err(|e| bad("smtp_ca_file", f, e.to_string()))?;
+                .map_err(|e| bad(name, f, e.to_string()))?;
             Some(PathBuf::from(f))
         }
     };
@@ -474,104 +250,104 @@ fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
     }))
 }
 
+/// `--exec_dir` and `--exec_any` as one policy.
+fn exec_policy(raw: &Raw) -> Result<ExecPolicy, ConfigError> {
+    if raw.switch(&flags::EXEC_ANY)? {
+        return Ok(ExecPolicy::Any);
+    }
+    let Some(dir) = raw.get(&flags::EXEC_DIR) else {
+        return Ok(ExecPolicy::Disabled);
+    };
+    let name = flags::EXEC_DIR.name;
+    let p = PathBuf::from(dir);
+    if !p.is_dir() {
+        return Err(bad(name, dir, "not a directory"));
+    }
+    let p = p
+        .canonicalize()
+        .map_err(|e| bad(name, dir, e.to_string()))?;
+    Ok(ExecPolicy::Dir(p))
+}
+
+/// `--ca_file`, checked to hold a PEM certificate.
+fn ca_file(raw: &Raw) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(v) = raw.get(&flags::CA_FILE) else {
+        return Ok(None);
+    };
+    let name = flags::CA_FILE.name;
+    let text = std::fs::read_to_string(v).map_err(|e| bad(name, v, e.to_string()))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(bad(name, v, "no PEM certificate in this file"));
+    }
+    Ok(Some(PathBuf::from(v)))
+}
+
 impl Config {
     /// Parses the process's arguments (without the program name) and environment.
     pub fn from_env_and_args(args: Vec<OsString>) -> Result<Config, ConfigError> {
-        Config::parse(args, &|k| std::env::var(k).ok())
+        Config::parse(args, &process_env)
     }
 
-    /// Parses with an explicit environment lookup (used by tests).
-    pub fn parse(
-        args: Vec<OsString>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let raw = collect(args, env)?;
-        let port = number(&raw, "port", 8000u16, 0, u16::MAX)?;
-        let bind = match raw.get("bind") {
-            None => IpAddr::from([0, 0, 0, 0]),
-            Some(v) => v.parse().map_err(|_| {
-                bad(
-                    "bind",
-                    v,
-                    "expected an IP address like 0.0.0.0 or 127.0.0.1",
-                )
-            })?,
-        };
-        let data = PathBuf::from(raw.get("data").unwrap_or("./poulpe-data"));
+    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too.
+    pub fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
+        use flags::*;
+        let raw = Raw::collect(args, env)?;
+        // Checked in this order, so the first bad value named is always the same one.
+        let port = raw.number(&PORT)?;
+        let bind = raw.text(&BIND);
+        let bind = bind.parse().map_err(|_| {
+            bad(
+                BIND.name,
+                bind,
+                "expected an IP address like 0.0.0.0 or 127.0.0.1",
+            )
+        })?;
+        let data = PathBuf::from(raw.text(&DATA));
         let dead = raw
-            .get("dead")
+            .get(&DEAD)
             .map(PathBuf::from)
             .unwrap_or_else(|| data.join("dead"));
-        let workers = number(&raw, "workers", 4usize, 1, 1024)?;
-        let retry_interval = number(&raw, "retry_interval", 10u64, 0, 86_400)?;
-        let max_retry = number(&raw, "max_retry", 3u32, 0, 100)?;
-        let backoff = match raw.get("backoff") {
-            None | Some("fixed") => Backoff::Fixed,
-            Some("exponential") => Backoff::Exponential,
-            Some(v) => return Err(bad("backoff", v, "expected fixed or exponential")),
+        let workers = raw.number(&WORKERS)?;
+        let retry_interval = raw.number(&RETRY_INTERVAL)?;
+        let max_retry = raw.number(&MAX_RETRY)?;
+        let backoff = match raw.text(&BACKOFF) {
+            "fixed" => Backoff::Fixed,
+            "exponential" => Backoff::Exponential,
+            v => return Err(bad(BACKOFF.name, v, "expected fixed or exponential")),
         };
-        let task_timeout = number(&raw, "task_timeout", 60u64, 1, 86_400)?;
-        let result_ttl = number(&raw, "result_ttl", 86_400u64, 1, 10 * 365 * 86_400)?;
-        let result_max = number(&raw, "result_max", 1_000_000usize, 0, 1_000_000_000)?;
-        let max_body = number(&raw, "max_body", 1_048_576usize, 64, 1 << 30)?;
-        let max_ws = number(&raw, "max_ws", 256usize, 1, 65_536)?;
-        let ws_idle = number(&raw, "ws_idle", 300u64, 1, 86_400)?;
-        let http_idle = number(&raw, "http_idle", 75u64, 1, 86_400)?;
-        let max_conns = number(&raw, "max_conns", 1024usize, 1, 65_536)?;
-        let ca_file = match raw.get("ca_file") {
-            None => None,
-            Some(v) => {
-                let text =
-                    std::fs::read_to_string(v).map_err(|e| bad("ca_file", v, e.to_string()))?;
-                if !text.contains("-----BEGIN CERTIFICATE-----") {
-                    return Err(bad("ca_file", v, "no PEM certificate in this file"));
-                }
-                Some(PathBuf::from(v))
-            }
-        };
-        let exec_any = parse_switch("exec_any", raw.get("exec_any").unwrap_or(""))?;
-        let exec = match (raw.get("exec_dir"), exec_any) {
-            (_, true) => ExecPolicy::Any,
-            (Some(dir), false) => {
-                let p = PathBuf::from(dir);
-                if !p.is_dir() {
-                    return Err(bad("exec_dir", dir, "not a directory"));
-                }
-                ExecPolicy::Dir(
-                    p.canonicalize()
-                        .map_err(|e| bad("exec_dir", dir, e.to_string()))?,
-                )
-            }
-            (None, false) => ExecPolicy::Disabled,
-        };
+        let task_timeout = raw.number(&TASK_TIMEOUT)?;
+        let result_ttl = raw.number(&RESULT_TTL)?;
+        let result_max = raw.number(&RESULT_MAX)?;
+        let max_body = raw.number(&MAX_BODY)?;
+        let max_ws = raw.number(&MAX_WS)?;
+        let ws_idle = raw.number(&WS_IDLE)?;
+        let http_idle = raw.number(&HTTP_IDLE)?;
+        let max_conns = raw.number(&MAX_CONNS)?;
+        let ca_file = ca_file(&raw)?;
+        let exec = exec_policy(&raw)?;
         let smtp = smtp_config(&raw)?;
-        let cron_catchup = match raw.get("cron_catchup") {
-            None | Some("none") => false,
-            Some("last") => true,
-            Some(v) => return Err(bad("cron_catchup", v, "expected none or last")),
+        let cron_catchup = match raw.text(&CRON_CATCHUP) {
+            "none" => false,
+            "last" => true,
+            v => return Err(bad(CRON_CATCHUP.name, v, "expected none or last")),
         };
-        let tz_name = raw
-            .get("tz")
-            .map(str::to_string)
-            .or_else(|| std::env::var("TZ").ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| "UTC".to_string());
-        let tz: chrono_tz::Tz = tz_name
-            .trim_start_matches(':')
-            .parse()
-            .map_err(|_| bad("tz", &tz_name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
-        let log = match raw.get("log") {
-            None => log::LevelFilter::Info,
-            Some(v) => v
-                .parse()
-                .map_err(|_| bad("log", v, "expected error, warn, info, debug, trace or off"))?,
-        };
-        let config = Config {
+        let tz = time_zone(raw.get(&TZ), env)
+            .map_err(|name| bad(TZ.name, &name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
+        let log = raw.text(&LOG);
+        let log = log.parse().map_err(|_| {
+            bad(
+                LOG.name,
+                log,
+                "expected error, warn, info, debug, trace or off",
+            )
+        })?;
+        Ok(Config {
             port,
             bind,
             data,
-            redis: raw.get("redis").map(str::to_string),
-            redis_prefix: raw.get("redis_prefix").unwrap_or("poulpe:").to_string(),
-            cron: raw.get("cron").map(PathBuf::from),
+            redis: raw.get(&REDIS).map(str::to_string),
+            redis_prefix: raw.text(&REDIS_PREFIX).to_string(),
+            cron: raw.get(&CRON).map(PathBuf::from),
             cron_catchup,
             dead,
             workers,
@@ -582,7 +358,7 @@ impl Config {
             result_ttl,
             result_max,
             exec,
-            token: raw.get("token").map(str::to_string),
+            token: raw.get(&TOKEN).map(str::to_string),
             max_body,
             max_ws,
             ws_idle,
@@ -593,9 +369,7 @@ impl Config {
             kafka: kafka_config(&raw)?,
             tz,
             log,
-        };
-        // Features that have their own issues refuse clearly instead of being ignored.
-        Ok(config)
+        })
     }
 }
 
@@ -673,9 +447,113 @@ mod tests {
     #[test]
     fn help_lists_every_flag_with_default() {
         let h = help_text();
-        for f in FLAGS {
+        for f in flags::ALL {
             assert!(h.contains(&format!("--{}", f.name)), "{} missing", f.name);
         }
         assert!(h.contains("[default: 8000]"));
+    }
+
+    /// A value that `Raw::collect` takes for `f` (it does not check values).
+    fn sample(f: &flags::Flag, seed: &str) -> String {
+        match f.kind {
+            flags::Kind::Switch => "true".to_string(),
+            flags::Kind::Number { min, max } => (if seed == "env" { min } else { max }).to_string(),
+            flags::Kind::Text => format!("{seed}-{}", f.name),
+        }
+    }
+
+    /// One loop over the table, so a new flag is covered by construction: `--help` shows it with
+    /// its default, both spellings and `POULPE_<NAME>` set it, the command line wins, and a
+    /// number's default lies in its range.
+    #[test]
+    fn every_flag_in_help_both_spellings_and_environment() {
+        use flags::{DefaultValue, Kind};
+        let help = help_text();
+        let no_env = |_: &str| None;
+        for f in flags::ALL {
+            let line = help
+                .lines()
+                .find(|l| {
+                    let rest = l.trim_start().strip_prefix(f.key);
+                    rest.is_some_and(|r| r.is_empty() || r.starts_with(' '))
+                })
+                .unwrap_or_else(|| panic!("--help does not list {}:\n{help}", f.key));
+            assert!(line.contains(f.help), "{line}");
+            let shown = f.shown_default();
+            assert!(
+                shown.is_empty() || line.ends_with(&format!("[default: {shown}]")),
+                "{line}"
+            );
+            if let (Kind::Number { min, max }, DefaultValue::Number(d)) = (f.kind, f.default) {
+                assert!((min..=max).contains(&d), "{}: default out of range", f.name);
+                assert_eq!(f.number::<u64>(None), Ok(d));
+                let over = max.saturating_add(1).to_string();
+                let e = f.number::<u64>(Some(&over)).unwrap_err().to_string();
+                assert!(e.starts_with(&format!("--{}: bad value", f.name)), "{e}");
+            }
+
+            let (cli, from_env) = (sample(f, "cli"), sample(f, "env"));
+            let env_name = f.env_name();
+            assert_eq!(env_name, format!("POULPE_{}", f.name.to_uppercase()));
+            let env = |k: &str| (k == env_name).then(|| from_env.clone());
+            for key in [f.key.to_string(), f.kebab_key()] {
+                let (args, eq_args) = match f.kind {
+                    Kind::Switch => (vec![key.clone()], vec![key.clone()]),
+                    _ => (vec![key.clone(), cli.clone()], vec![format!("{key}={cli}")]),
+                };
+                for args in [args, eq_args] {
+                    let args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+                    let raw = Raw::collect(args.clone(), &no_env).expect("collect");
+                    assert_eq!(raw.get(f), Some(cli.as_str()), "{args:?}");
+                    let raw = Raw::collect(args.clone(), &env).expect("collect");
+                    assert_eq!(
+                        raw.get(f),
+                        Some(cli.as_str()),
+                        "{args:?} wins over {env_name}"
+                    );
+                }
+            }
+            let raw = Raw::collect(vec![], &env).expect("collect");
+            assert_eq!(raw.get(f), Some(from_env.as_str()), "{env_name}");
+            let raw = Raw::collect(vec![], &no_env).expect("collect");
+            assert_eq!(raw.get(f), None, "{} unset", f.name);
+            if let DefaultValue::Text(d) = f.default {
+                assert_eq!(raw.text(f), d);
+            }
+        }
+    }
+
+    #[test]
+    fn tz_comes_from_the_given_environment() {
+        let c = parse(&[], &[("TZ", "Europe/Paris")]).expect("TZ");
+        assert_eq!(c.tz, chrono_tz::Europe::Paris);
+        let c = parse(&[], &[("TZ", ":Asia/Tokyo")]).expect("TZ with a colon");
+        assert_eq!(c.tz, chrono_tz::Asia::Tokyo);
+        let c = parse(&[], &[("TZ", "Europe/Paris"), ("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
+        assert_eq!(c.tz, chrono_tz::Asia::Tokyo, "POULPE_TZ before TZ");
+        let c = parse(&["--tz", "UTC"], &[("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
+        assert_eq!(c.tz, chrono_tz::UTC, "--tz first");
+        let e = parse(&[], &[("TZ", "Mars/Base")]).unwrap_err().to_string();
+        assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
+    }
+
+    /// The README's flag table lists every flag of the table, with its default when it has one.
+    #[test]
+    fn readme_flag_table_lists_every_flag() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+        for f in flags::ALL {
+            let cell = format!("`{}`", f.key);
+            let row = rows
+                .iter()
+                .find(|r| r.split(" | ").next().is_some_and(|c| c.contains(&cell)))
+                .unwrap_or_else(|| panic!("README's flag table lacks {}", f.key));
+            let default = row.split(" | ").nth(1).unwrap_or("").replace('`', "");
+            match f.default {
+                flags::DefaultValue::Text(d) => assert_eq!(default, d, "{row}"),
+                flags::DefaultValue::Number(n) => assert_eq!(default, n.to_string(), "{row}"),
+                _ => {}
+            }
+        }
     }
 }
