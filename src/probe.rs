@@ -1,20 +1,36 @@
 //! `poulpe health [--host H] [--port P]`: asks a running server's `/health`, so container health
 //! checks need no curl or wget (a `scratch` image has neither).
 
+use crate::config::{flags, process_env, Env};
 use std::ffi::OsString;
 use std::time::Duration;
 
 /// Probes `/health`; returns the process exit code (0 healthy, 1 not, 2 bad arguments).
 pub fn run(args: Vec<OsString>) -> u8 {
+    run_in(args, &process_env)
+}
+
+/// [`run`] with an explicit environment lookup. The port is the server's: `--port`, else
+/// `POULPE_PORT` (ignored when it is not a valid port), else the flag table's default.
+pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let mut pargs = pico_args::Arguments::from_vec(args);
-    let port: u16 = match pargs.opt_value_from_str("--port") {
-        Ok(Some(p)) => p,
-        Ok(None) => std::env::var("POULPE_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(8000),
+    let port: Result<u16, _> = match pargs.opt_value_from_str(flags::PORT.key) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => {
+            let from_env = flags::PORT.from_env(env);
+            flags::PORT
+                .number(from_env.as_deref())
+                .or_else(|_| flags::PORT.number(None))
+        }
         Err(e) => {
             eprintln!("poulpe health: --port: {e}");
+            return 2;
+        }
+    };
+    let port = match port {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("poulpe health: {e}");
             return 2;
         }
     };

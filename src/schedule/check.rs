@@ -2,14 +2,21 @@
 //! fire times, without starting the server.
 
 use super::cron::parse_file;
+use crate::config::{flags, process_env, time_zone, Env};
 use crate::task::{ExecPolicy, Limits};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// Runs the check; returns the exit code (0 valid, 2 invalid or bad arguments).
 pub fn run(args: Vec<OsString>) -> u8 {
+    run_in(args, &process_env)
+}
+
+/// [`run`] with an explicit environment lookup. The zone is found as the server finds it:
+/// `--tz`, else `POULPE_TZ`, else `TZ`, else UTC.
+pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let mut pargs = pico_args::Arguments::from_vec(args);
-    let tz_name: Option<String> = match pargs.opt_value_from_str("--tz") {
+    let tz_name: Option<String> = match pargs.opt_value_from_str(flags::TZ.key) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("poulpe cron-check: --tz: {e}");
@@ -28,13 +35,10 @@ pub fn run(args: Vec<OsString>) -> u8 {
         eprintln!("usage: poulpe cron-check FILE [--tz ZONE] [-n N]");
         return 2;
     };
-    let tz_name = tz_name
-        .or_else(|| std::env::var("POULPE_TZ").ok())
-        .or_else(|| std::env::var("TZ").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "UTC".to_string());
-    let tz: chrono_tz::Tz = match tz_name.trim_start_matches(':').parse() {
+    let tz_name = tz_name.or_else(|| flags::TZ.from_env(env));
+    let tz = match time_zone(tz_name.as_deref(), env) {
         Ok(z) => z,
-        Err(_) => {
+        Err(tz_name) => {
             eprintln!("poulpe cron-check: --tz: unknown IANA time zone {tz_name:?}");
             return 2;
         }
@@ -44,7 +48,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
         workers: usize::MAX,
         exec: ExecPolicy::Any,
         mail_enabled: true,
-        mail_from: std::env::var("POULPE_SMTP_FROM").ok(),
+        mail_from: flags::SMTP_FROM.from_env(env),
     };
     let path = PathBuf::from(file);
     match parse_file(&path, &limits, tz) {

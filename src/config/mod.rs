@@ -1,0 +1,559 @@
+//! Command-line flags and `POULPE_*` environment variables, turned into one checked `Config`.
+//! The flags themselves (names, defaults, ranges, help) are one table, in [`flags`].
+
+pub mod flags;
+
+use crate::exec::mail::{Security, SmtpConfig};
+use crate::task::ExecPolicy;
+pub use flags::help_text;
+use flags::{bad, Raw};
+use std::ffi::OsString;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// How the wait before a retry grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backoff {
+    /// Always `retry_interval`.
+    Fixed,
+    /// `retry_interval × 2^(n-1)`, capped at one hour, ±10 % jitter.
+    Exponential,
+}
+
+/// Kafka brokers, topics and group.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated (`--kafka_servers`).
+    pub servers: String,
+    /// Topic of task messages (`--kafka_topic`).
+    pub topic: String,
+    /// Topic where final results of Kafka tasks are produced (`--kafka_resp_topic`).
+    pub resp_topic: Option<String>,
+    /// Consumer group (`--kafka_group`).
+    pub group: String,
+}
+
+/// Everything the server needs to know, checked once at start-up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// HTTP and WebSocket port (`--port`).
+    pub port: u16,
+    /// Listen address (`--bind`).
+    pub bind: IpAddr,
+    /// Directory of the embedded store (`--data`).
+    pub data: PathBuf,
+    /// Redis URL; when given, Redis is the store (`--redis`).
+    pub redis: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+    /// Cron file (`--cron`).
+    pub cron: Option<PathBuf>,
+    /// Run each cron line's missed firing once at start (`--cron_catchup last`).
+    pub cron_catchup: bool,
+    /// Dead-letter directory (`--dead`, else `<data>/dead`).
+    pub dead: PathBuf,
+    /// Number of worker threads (`--workers`).
+    pub workers: usize,
+    /// Seconds before a retry (`--retry_interval`).
+    pub retry_interval: u64,
+    /// Retries after the first attempt (`--max_retry`).
+    pub max_retry: u32,
+    /// How the wait before a retry grows (`--backoff`).
+    pub backoff: Backoff,
+    /// Default seconds one attempt may run (`--task_timeout`).
+    pub task_timeout: u64,
+    /// Seconds results and dead records stay queryable (`--result_ttl`).
+    pub result_ttl: u64,
+    /// Most finished results kept (`--result_max`); beyond it the oldest are dropped first.
+    pub result_max: usize,
+    /// Which programs EXEC tasks from the network may run (`--exec_dir`, `--exec_any`).
+    pub exec: ExecPolicy,
+    /// Bearer token required on every endpoint but `/health` (`--token`).
+    pub token: Option<String>,
+    /// Request body (and WebSocket frame) limit in bytes (`--max_body`).
+    pub max_body: usize,
+    /// Most WebSocket connections at once.
+    pub max_ws: usize,
+    /// Seconds without input before a WebSocket connection is closed.
+    pub ws_idle: u64,
+    /// Seconds without input before an HTTP connection is closed.
+    pub http_idle: u64,
+    /// Most HTTP connections served at once (each holds a thread).
+    pub max_conns: usize,
+    /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
+    pub ca_file: Option<PathBuf>,
+    /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
+    pub smtp: Option<SmtpConfig>,
+    /// The Kafka intake, when `--kafka_servers` and `--kafka_topic` are given.
+    pub kafka: Option<KafkaConfig>,
+    /// Zone of the cron schedule (`--tz`, else `TZ`, else UTC).
+    pub tz: chrono_tz::Tz,
+    /// Log level (`--log`).
+    pub log: log::LevelFilter,
+}
+
+/// What stops start-up (exit code 2), or a request for help/version (exit 0).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--help` or `-h`: print [`help_text`].
+    Help,
+    /// `--version` or `-V`.
+    Version,
+    /// An argument that is no flag, as it was typed.
+    UnknownFlag(String),
+    /// This flag needs a value (or goes with another flag that was given).
+    MissingValue(&'static str),
+    /// This flag's value is refused, and why (the value of a secret flag is never shown).
+    BadValue {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// A flag needs a cargo feature this build lacks.
+    NoFeature {
+        flag: &'static str,
+        feature: &'static str,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Help => write!(f, "{}", help_text()),
+            ConfigError::Version => write!(f, "poulpe {}", env!("CARGO_PKG_VERSION")),
+            ConfigError::UnknownFlag(s) => {
+                write!(f, "unknown argument {s:?} (see poulpe --help)")
+            }
+            ConfigError::MissingValue(flag) => write!(f, "--{flag}: a value is required"),
+            ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+            } => {
+                let shown = if flags::SECRET.iter().any(|s| s.name == *flag) {
+                    "<hidden>"
+                } else {
+                    value.as_str()
+                };
+                write!(f, "--{flag}: bad value {shown:?}: {reason}")
+            }
+            ConfigError::NoFeature { flag, feature } => write!(
+                f,
+                "--{flag}: this poulpe was built without the `{feature}` cargo feature"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An environment lookup: the process's own ([`process_env`]) or one given by a test.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process's environment, for [`Env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The cron time zone: `given` (from `--tz` or `POULPE_TZ`), else `TZ` from `env`, else UTC; a
+/// leading `:` (`TZ=:Europe/Paris`) is ignored. The error is the name that is not a zone.
+pub fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::Tz, String> {
+    let name = given
+        .map(str::to_string)
+        .or_else(|| env("TZ").filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "UTC".to_string());
+    name.trim_start_matches(':').parse().map_err(|_| name)
+}
+
+/// The Kafka settings; brokers and task topic go together.
+fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
+    let servers = raw.get(&flags::KAFKA_SERVERS);
+    let topic = raw.get(&flags::KAFKA_TOPIC);
+    let resp = raw.get(&flags::KAFKA_RESP_TOPIC);
+    if servers.is_none() && topic.is_none() && resp.is_none() {
+        return Ok(None);
+    }
+    if cfg!(not(feature = "kafka")) {
+        return Err(ConfigError::NoFeature {
+            flag: flags::KAFKA_SERVERS.name,
+            feature: "kafka",
+        });
+    }
+    let servers = servers.ok_or(ConfigError::MissingValue(flags::KAFKA_SERVERS.name))?;
+    let topic = topic.ok_or(ConfigError::MissingValue(flags::KAFKA_TOPIC.name))?;
+    Ok(Some(KafkaConfig {
+        servers: servers.to_string(),
+        topic: topic.to_string(),
+        resp_topic: resp.map(str::to_string),
+        group: raw.text(&flags::KAFKA_GROUP).to_string(),
+    }))
+}
+
+/// The SMTP relay settings, when `--smtp_server` is given.
+fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
+    let starttls = raw.switch(&flags::STARTTLS)?;
+    let tls = raw.switch(&flags::SMTP_TLS)?;
+    let Some(server) = raw.get(&flags::SMTP_SERVER) else {
+        return Ok(None);
+    };
+    if starttls && tls {
+        return Err(bad(
+            flags::SMTP_TLS.name,
+            "true",
+            "choose --starttls (STARTTLS) or --smtp_tls (implicit TLS), not both",
+        ));
+    }
+    let security = match (starttls, tls) {
+        (true, _) => Security::StartTls,
+        (_, true) => Security::Tls,
+        _ => Security::Plain,
+    };
+    let default_port = match security {
+        Security::Plain => 25,
+        Security::StartTls => 587,
+        Security::Tls => 465,
+    };
+    let port = flags::SMTP_PORT.number_or(raw.get(&flags::SMTP_PORT), default_port)?;
+    let auth = match (raw.get(&flags::SMTP_NAME), raw.get(&flags::SMTP_PWD)) {
+        (Some(n), Some(p)) => Some((n.to_string(), p.to_string())),
+        (Some(_), None) => {
+            return Err(ConfigError::MissingValue(flags::SMTP_PWD.name));
+        }
+        (None, _) => None,
+    };
+    let from = match raw.get(&flags::SMTP_FROM) {
+        None => None,
+        Some(f) => {
+            f.parse::<lettre::message::Mailbox>()
+                .map_err(|e| bad(flags::SMTP_FROM.name, f, e.to_string()))?;
+            Some(f.to_string())
+        }
+    };
+    let ca_file = match raw.get(&flags::SMTP_CA_FILE) {
+        None => None,
+        Some(f) => {
+            let name = flags::SMTP_CA_FILE.name;
+            let pem = std::fs::read(f).map_err(|e| bad(name, f, e.to_string()))?;
+            lettre::transport::smtp::client::Certificate::from_pem(&pem)
+                .map_err(|e| bad(name, f, e.to_string()))?;
+            Some(PathBuf::from(f))
+        }
+    };
+    Ok(Some(SmtpConfig {
+        server: server.to_string(),
+        port,
+        auth,
+        security,
+        from,
+        ca_file,
+    }))
+}
+
+/// `--exec_dir` and `--exec_any` as one policy.
+fn exec_policy(raw: &Raw) -> Result<ExecPolicy, ConfigError> {
+    if raw.switch(&flags::EXEC_ANY)? {
+        return Ok(ExecPolicy::Any);
+    }
+    let Some(dir) = raw.get(&flags::EXEC_DIR) else {
+        return Ok(ExecPolicy::Disabled);
+    };
+    let name = flags::EXEC_DIR.name;
+    let p = PathBuf::from(dir);
+    if !p.is_dir() {
+        return Err(bad(name, dir, "not a directory"));
+    }
+    let p = p
+        .canonicalize()
+        .map_err(|e| bad(name, dir, e.to_string()))?;
+    Ok(ExecPolicy::Dir(p))
+}
+
+/// `--ca_file`, checked to hold a PEM certificate.
+fn ca_file(raw: &Raw) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(v) = raw.get(&flags::CA_FILE) else {
+        return Ok(None);
+    };
+    let name = flags::CA_FILE.name;
+    let text = std::fs::read_to_string(v).map_err(|e| bad(name, v, e.to_string()))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(bad(name, v, "no PEM certificate in this file"));
+    }
+    Ok(Some(PathBuf::from(v)))
+}
+
+impl Config {
+    /// Parses the process's arguments (without the program name) and environment.
+    pub fn from_env_and_args(args: Vec<OsString>) -> Result<Config, ConfigError> {
+        Config::parse(args, &process_env)
+    }
+
+    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too.
+    pub fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
+        use flags::*;
+        let raw = Raw::collect(args, env)?;
+        // Checked in this order, so the first bad value named is always the same one.
+        let port = raw.number(&PORT)?;
+        let bind = raw.text(&BIND);
+        let bind = bind.parse().map_err(|_| {
+            bad(
+                BIND.name,
+                bind,
+                "expected an IP address like 0.0.0.0 or 127.0.0.1",
+            )
+        })?;
+        let data = PathBuf::from(raw.text(&DATA));
+        let dead = raw
+            .get(&DEAD)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data.join("dead"));
+        let workers = raw.number(&WORKERS)?;
+        let retry_interval = raw.number(&RETRY_INTERVAL)?;
+        let max_retry = raw.number(&MAX_RETRY)?;
+        let backoff = match raw.text(&BACKOFF) {
+            "fixed" => Backoff::Fixed,
+            "exponential" => Backoff::Exponential,
+            v => return Err(bad(BACKOFF.name, v, "expected fixed or exponential")),
+        };
+        let task_timeout = raw.number(&TASK_TIMEOUT)?;
+        let result_ttl = raw.number(&RESULT_TTL)?;
+        let result_max = raw.number(&RESULT_MAX)?;
+        let max_body = raw.number(&MAX_BODY)?;
+        let max_ws = raw.number(&MAX_WS)?;
+        let ws_idle = raw.number(&WS_IDLE)?;
+        let http_idle = raw.number(&HTTP_IDLE)?;
+        let max_conns = raw.number(&MAX_CONNS)?;
+        let ca_file = ca_file(&raw)?;
+        let exec = exec_policy(&raw)?;
+        let smtp = smtp_config(&raw)?;
+        let cron_catchup = match raw.text(&CRON_CATCHUP) {
+            "none" => false,
+            "last" => true,
+            v => return Err(bad(CRON_CATCHUP.name, v, "expected none or last")),
+        };
+        let tz = time_zone(raw.get(&TZ), env)
+            .map_err(|name| bad(TZ.name, &name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
+        let log = raw.text(&LOG);
+        let log = log.parse().map_err(|_| {
+            bad(
+                LOG.name,
+                log,
+                "expected error, warn, info, debug, trace or off",
+            )
+        })?;
+        Ok(Config {
+            port,
+            bind,
+            data,
+            redis: raw.get(&REDIS).map(str::to_string),
+            redis_prefix: raw.text(&REDIS_PREFIX).to_string(),
+            cron: raw.get(&CRON).map(PathBuf::from),
+            cron_catchup,
+            dead,
+            workers,
+            retry_interval,
+            max_retry,
+            backoff,
+            task_timeout,
+            result_ttl,
+            result_max,
+            exec,
+            token: raw.get(&TOKEN).map(str::to_string),
+            max_body,
+            max_ws,
+            ws_idle,
+            http_idle,
+            max_conns,
+            ca_file,
+            smtp,
+            kafka: kafka_config(&raw)?,
+            tz,
+            log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(args.iter().map(OsString::from).collect(), &move |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[], &[]).expect("defaults");
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.retry_interval, 10);
+        assert_eq!(c.max_retry, 3);
+        assert_eq!(c.dead, PathBuf::from("./poulpe-data/dead"));
+        assert_eq!(c.exec, ExecPolicy::Disabled);
+        assert_eq!(c.tz, chrono_tz::UTC);
+    }
+
+    #[test]
+    fn both_spellings_env_and_precedence() {
+        let c = parse(&["--retry-interval", "5", "--max_retry=1"], &[]).expect("ok");
+        assert_eq!((c.retry_interval, c.max_retry), (5, 1));
+        let c = parse(&["--retry_interval=7"], &[]).expect("ok");
+        assert_eq!(c.retry_interval, 7);
+        let c = parse(&[], &[("POULPE_PORT", "9001"), ("POULPE_EXEC_ANY", "1")]).expect("ok");
+        assert_eq!(c.port, 9001);
+        assert_eq!(c.exec, ExecPolicy::Any);
+        let c = parse(&["--port", "9002"], &[("POULPE_PORT", "9001")]).expect("ok");
+        assert_eq!(c.port, 9002, "the command line wins");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--port", "x"], &[]).unwrap_err().to_string();
+        assert!(e.starts_with("--port: bad value \"x\""), "{e}");
+        let e = parse(&["--workers", "0"], &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("--workers") && e.contains("between 1 and 1024"),
+            "{e}"
+        );
+        let e = parse(&["--backoff", "linear"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--backoff"), "{e}");
+        let e = parse(&["--nope"], &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown argument \"--nope\""), "{e}");
+        let e = parse(&["--no-such-flag=1"], &[]).unwrap_err().to_string();
+        assert!(e.contains("\"--no-such-flag=1\""), "named as typed: {e}");
+        let e = parse(&["--tz", "Mars/Base"], &[]).unwrap_err().to_string();
+        assert!(e.contains("--tz"), "{e}");
+        let e = parse(&["--port", "--data", "/x"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--port: a value is required"), "{e}");
+        let e = parse(&["--port"], &[]).unwrap_err().to_string();
+        assert!(e.contains("--port"), "{e}");
+        assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
+        let e = parse(&["--exec_dir", "/nonexistent-dir-x"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--exec_dir"), "{e}");
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_default() {
+        let h = help_text();
+        for f in flags::ALL {
+            assert!(h.contains(&format!("--{}", f.name)), "{} missing", f.name);
+        }
+        assert!(h.contains("[default: 8000]"));
+    }
+
+    /// A value that `Raw::collect` takes for `f` (it does not check values).
+    fn sample(f: &flags::Flag, seed: &str) -> String {
+        match f.kind {
+            flags::Kind::Switch => "true".to_string(),
+            flags::Kind::Number { min, max } => (if seed == "env" { min } else { max }).to_string(),
+            flags::Kind::Text => format!("{seed}-{}", f.name),
+        }
+    }
+
+    /// One loop over the table, so a new flag is covered by construction: `--help` shows it with
+    /// its default, both spellings and `POULPE_<NAME>` set it, the command line wins, and a
+    /// number's default lies in its range.
+    #[test]
+    fn every_flag_in_help_both_spellings_and_environment() {
+        use flags::{DefaultValue, Kind};
+        let help = help_text();
+        let no_env = |_: &str| None;
+        for f in flags::ALL {
+            let line = help
+                .lines()
+                .find(|l| {
+                    let rest = l.trim_start().strip_prefix(f.key);
+                    rest.is_some_and(|r| r.is_empty() || r.starts_with(' '))
+                })
+                .unwrap_or_else(|| panic!("--help does not list {}:\n{help}", f.key));
+            assert!(line.contains(f.help), "{line}");
+            let shown = f.shown_default();
+            assert!(
+                shown.is_empty() || line.ends_with(&format!("[default: {shown}]")),
+                "{line}"
+            );
+            if let (Kind::Number { min, max }, DefaultValue::Number(d)) = (f.kind, f.default) {
+                assert!((min..=max).contains(&d), "{}: default out of range", f.name);
+                assert_eq!(f.number::<u64>(None), Ok(d));
+                let over = max.saturating_add(1).to_string();
+                let e = f.number::<u64>(Some(&over)).unwrap_err().to_string();
+                assert!(e.starts_with(&format!("--{}: bad value", f.name)), "{e}");
+            }
+
+            let (cli, from_env) = (sample(f, "cli"), sample(f, "env"));
+            let env_name = f.env_name();
+            assert_eq!(env_name, format!("POULPE_{}", f.name.to_uppercase()));
+            let env = |k: &str| (k == env_name).then(|| from_env.clone());
+            for key in [f.key.to_string(), f.kebab_key()] {
+                let (args, eq_args) = match f.kind {
+                    Kind::Switch => (vec![key.clone()], vec![key.clone()]),
+                    _ => (vec![key.clone(), cli.clone()], vec![format!("{key}={cli}")]),
+                };
+                for args in [args, eq_args] {
+                    let args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+                    let raw = Raw::collect(args.clone(), &no_env).expect("collect");
+                    assert_eq!(raw.get(f), Some(cli.as_str()), "{args:?}");
+                    let raw = Raw::collect(args.clone(), &env).expect("collect");
+                    assert_eq!(
+                        raw.get(f),
+                        Some(cli.as_str()),
+                        "{args:?} wins over {env_name}"
+                    );
+                }
+            }
+            let raw = Raw::collect(vec![], &env).expect("collect");
+            assert_eq!(raw.get(f), Some(from_env.as_str()), "{env_name}");
+            let raw = Raw::collect(vec![], &no_env).expect("collect");
+            assert_eq!(raw.get(f), None, "{} unset", f.name);
+            if let DefaultValue::Text(d) = f.default {
+                assert_eq!(raw.text(f), d);
+            }
+        }
+    }
+
+    #[test]
+    fn tz_comes_from_the_given_environment() {
+        let c = parse(&[], &[("TZ", "Europe/Paris")]).expect("TZ");
+        assert_eq!(c.tz, chrono_tz::Europe::Paris);
+        let c = parse(&[], &[("TZ", ":Asia/Tokyo")]).expect("TZ with a colon");
+        assert_eq!(c.tz, chrono_tz::Asia::Tokyo);
+        let c = parse(&[], &[("TZ", "Europe/Paris"), ("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
+        assert_eq!(c.tz, chrono_tz::Asia::Tokyo, "POULPE_TZ before TZ");
+        let c = parse(&["--tz", "UTC"], &[("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
+        assert_eq!(c.tz, chrono_tz::UTC, "--tz first");
+        let e = parse(&[], &[("TZ", "Mars/Base")]).unwrap_err().to_string();
+        assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
+    }
+
+    /// The README's flag table lists every flag of the table, with its default when it has one.
+    #[test]
+    fn readme_flag_table_lists_every_flag() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+        for f in flags::ALL {
+            let cell = format!("`{}`", f.key);
+            let row = rows
+                .iter()
+                .find(|r| r.split(" | ").next().is_some_and(|c| c.contains(&cell)))
+                .unwrap_or_else(|| panic!("README's flag table lacks {}", f.key));
+            let default = row.split(" | ").nth(1).unwrap_or("").replace('`', "");
+            match f.default {
+                flags::DefaultValue::Text(d) => assert_eq!(default, d, "{row}"),
+                flags::DefaultValue::Number(n) => assert_eq!(default, n.to_string(), "{row}"),
+                _ => {}
+            }
+        }
+    }
+}
