@@ -311,3 +311,14 @@ fn keys_live_under_the_prefix_and_results_expire() {
         assert_eq!(redis_cli(&redis, &["PTTL", k]).trim(), "-1", "{k}");
     }
 }
+
+#[test]
+fn a_result_is_readable_until_result_ttl_then_404_on_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let sink = Sink::start();
+    let s = start(dir.path(), &redis, &["--result_ttl", "3"]);
+    let mut t = get_task(&sink, "ttl-r");
+    t["wait"] = json!(10);
+    common::check_result_expires(&s, &t, 3);
+}

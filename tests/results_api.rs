@@ -119,3 +119,12 @@ fn sys_info_and_health() {
     assert_eq!(code, 200);
     assert_eq!(h["status"], "ok");
 }
+
+#[test]
+fn a_result_is_readable_until_result_ttl_then_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--result_ttl", "3"]);
+    let t = json!({"id":"ttl-1","method":"GET","name":sink.url("/t"),"wait":10});
+    common::check_result_expires(&s, &t, 3);
+}
