@@ -137,9 +137,12 @@ fn changed_and_broken_files_are_reloaded_safely() {
         || s.log_text().contains(&label).then_some(()),
     );
     let before = sink.hits_on("/r").len();
-    sleep(Duration::from_millis(2500));
+    sink.wait_until(
+        Duration::from_secs(10),
+        "two more firings: the old schedule keeps running",
+        |h| h.iter().filter(|h| h.path == "/r").count() >= before + 2,
+    );
     let after = sink.hits_on("/r");
-    assert!(after.len() >= before + 2, "the old schedule keeps running");
     assert!(after.iter().skip(before).all(|h| h.query == "v=2"));
 
     // SIGHUP reloads too.
@@ -202,9 +205,17 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
 
     // Without the flag, nothing is caught up.
     sleep(Duration::from_millis(4500));
+    let before = sink.hits_on("/c").len();
     let s3 = Server::start_in(&data, &["--cron", cron.to_str().expect("utf8")]);
-    sleep(Duration::from_millis(300));
-    assert!(!s3.log_text().contains("missed its firing"));
+    // Catch-up happens before the first scheduled firing: once that has run, it is too late.
+    sink.wait_until(Duration::from_secs(10), "a scheduled firing", |h| {
+        h.len() > before
+    });
+    assert!(
+        !s3.log_text().contains("missed its firing"),
+        "{}",
+        s3.log_text()
+    );
 }
 
 #[test]
