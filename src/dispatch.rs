@@ -48,10 +48,6 @@ impl Pool {
         }
     }
 
-    pub fn workers(&self) -> usize {
-        self.wake.len()
-    }
-
     /// Queues a ready task on the allowed worker with the least work; returns that worker.
     pub fn dispatch(&self, task: Arc<Task>) -> usize {
         let mut st = self.state.lock();

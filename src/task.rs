@@ -118,11 +118,6 @@ impl State {
             State::RetryWait => "retry_wait",
         }
     }
-
-    /// True for states the timer owns (the task runs at `due_us`).
-    pub fn is_waiting(self) -> bool {
-        matches!(self, State::Delayed | State::RetryWait)
-    }
 }
 
 /// One finished attempt, kept for the dead-letter record and the result.

@@ -59,6 +59,53 @@ fn every_second_line_fires_once_per_second_never_early() {
     assert!(line["next"].is_string(), "{info}");
 }
 
+/// Each firing's sink arrival is never before the unix time in its id `cron-<key>-<time>`.
+/// A line firing every 4 s lets each hit be tied to its firing without trusting the server's
+/// clock: the one multiple of 4 in (arrival - 2.5 s, arrival + 1.5 s], whose id must exist.
+#[test]
+fn each_firing_reaches_the_sink_no_earlier_than_the_time_in_its_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("*/4 * * * * * *  {}  GET  src=e\n", sink.url("/e")),
+    );
+    let s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    sink.wait_until(Duration::from_secs(30), "3 firings", |h| {
+        h.iter().filter(|h| h.path == "/e").count() >= 3
+    });
+    let (_, info) = s.get("/sys_info");
+    let last = info["cron"][0]["last_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let key = last
+        .strip_prefix("cron-")
+        .and_then(|k| k.rsplit_once('-'))
+        .map(|(k, _)| k.to_string())
+        .unwrap_or_else(|| panic!("a cron-<key>-<time> last_id: {info}"));
+    let mut seen = HashSet::new();
+    for h in sink.hits_on("/e") {
+        let ms = (h.at_us / 1000) as i64;
+        let t = (ms / 1000 - 3..=ms / 1000 + 2)
+            .find(|t| t % 4 == 0 && t * 1000 > ms - 2500 && t * 1000 <= ms + 1500)
+            .expect("one multiple of 4 in a 4 s window");
+        let id = format!("cron-{key}-{t}");
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=10"));
+        assert_eq!(
+            code, 200,
+            "the firing {id} that reached the sink at {ms} ms: {r}"
+        );
+        assert!(
+            h.at_us >= t as u64 * 1_000_000,
+            "{id} reached the sink {} ms before its time",
+            t * 1000 - ms
+        );
+        assert!(seen.insert(id.clone()), "{id} reached the sink twice");
+    }
+}
+
 #[test]
 fn changed_and_broken_files_are_reloaded_safely() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -90,9 +137,12 @@ fn changed_and_broken_files_are_reloaded_safely() {
         || s.log_text().contains(&label).then_some(()),
     );
     let before = sink.hits_on("/r").len();
-    sleep(Duration::from_millis(2500));
+    sink.wait_until(
+        Duration::from_secs(10),
+        "two more firings: the old schedule keeps running",
+        |h| h.iter().filter(|h| h.path == "/r").count() >= before + 2,
+    );
     let after = sink.hits_on("/r");
-    assert!(after.len() >= before + 2, "the old schedule keeps running");
     assert!(after.iter().skip(before).all(|h| h.query == "v=2"));
 
     // SIGHUP reloads too.
@@ -155,9 +205,17 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
 
     // Without the flag, nothing is caught up.
     sleep(Duration::from_millis(4500));
+    let before = sink.hits_on("/c").len();
     let s3 = Server::start_in(&data, &["--cron", cron.to_str().expect("utf8")]);
-    sleep(Duration::from_millis(300));
-    assert!(!s3.log_text().contains("missed its firing"));
+    // Catch-up happens before the first scheduled firing: once that has run, it is too late.
+    sink.wait_until(Duration::from_secs(10), "a scheduled firing", |h| {
+        h.len() > before
+    });
+    assert!(
+        !s3.log_text().contains("missed its firing"),
+        "{}",
+        s3.log_text()
+    );
 }
 
 #[test]

@@ -81,13 +81,25 @@ fn delete_cancels_a_delayed_task_before_it_runs() {
     let s = Server::start(&dir, &[]);
     let t = json!({"id":"d-1","method":"GET","name":sink.url("/never"),"delay":2});
     assert_eq!(s.submit(&t).0, 200);
+    // Due after d-1: once it has run, d-1's time has passed too.
+    let marker = json!({"id":"d-marker","method":"GET","name":sink.url("/marker"),"delay":2});
+    assert_eq!(s.submit(&marker).0, 200);
     let (code, r) = common::request("DELETE", &s.url("/task/d-1"), &[]);
     assert_eq!(code, 200, "{r}");
-    let (code, _) = common::request("DELETE", &s.url("/task/d-1"), &[]);
-    assert_ne!(code, 200, "a second cancel does not succeed");
+    assert_eq!(r["reason"], "cancelled", "{r}");
+    // A cancelled task is dropped: a second cancel finds no such task.
+    let (code, r) = common::request("DELETE", &s.url("/task/d-1"), &[]);
+    assert_eq!(code, 404, "a second cancel: {r}");
     assert_eq!(common::request("DELETE", &s.url("/task/nope"), &[]).0, 404);
-    std::thread::sleep(Duration::from_secs(3));
+    let (code, r) = s.get("/task_resp/d-marker?timeout=20");
+    assert_eq!(code, 200, "the task due after the cancelled one ran: {r}");
+    assert_eq!(r["result"], "OK", "{r}");
     assert!(sink.hits_on("/never").is_empty(), "the cancelled task ran");
+    assert_eq!(
+        s.get("/task_resp/d-1?timeout=0").0,
+        404,
+        "no result for d-1"
+    );
     // A cancelled id may be used again.
     let t = json!({"id":"d-1","method":"GET","name":sink.url("/again")});
     assert_eq!(s.submit(&t).0, 200);

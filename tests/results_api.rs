@@ -23,9 +23,15 @@ fn wait_returns_the_final_result_or_202_when_it_runs_out() {
         assert!(r[k].as_str().is_some_and(|t| t.ends_with('Z')), "{k}: {r}");
     }
 
+    let t0 = Instant::now();
     let (code, r) = s.submit(&json!({"id":"w-2","method":"GET","name":sink.url("/slow"),
                                       "params":"ms=3000","wait":1}));
     assert_eq!(code, 202, "{r}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "202 after {:?}, before the 1 s wait ran out",
+        t0.elapsed()
+    );
     assert_eq!(r["result"], "Timeout", "{r}");
     assert_eq!(r["id"], "w-2", "{r}");
 
@@ -59,8 +65,14 @@ fn long_poll_pending_then_final_and_not_consumed() {
         t0.elapsed() < Duration::from_secs(1),
         "timeout=0 answers at once"
     );
+    let t1 = Instant::now();
     let (code, r) = s.get("/task_resp/lp-1?timeout=1");
     assert_eq!(code, 202, "{r}");
+    assert!(
+        t1.elapsed() >= Duration::from_secs(1),
+        "202 after {:?}, before the 1 s timeout ran out",
+        t1.elapsed()
+    );
     let (code, r) = s.get("/task_resp/lp-1?timeout=20");
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["result"], "OK", "{r}");
@@ -131,4 +143,13 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
         info["data_bytes"].as_u64() > Some(0),
         "the file size is shown: {info}"
     );
+}
+
+#[test]
+fn a_result_is_readable_until_result_ttl_then_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &["--result_ttl", "3"]);
+    let t = json!({"id":"ttl-1","method":"GET","name":sink.url("/t"),"wait":10});
+    common::check_result_expires(&s, &t, 3);
 }

@@ -159,8 +159,24 @@ fn an_unwritable_dead_dir_counts_each_failure_once_and_heals() {
     eventually(Duration::from_secs(10), "every attempt to fail", || {
         (counts(&s)["failed_attempts"].as_u64() >= Some(N as u64)).then_some(())
     });
-    // The outcome stage tries the write again every few seconds: give it several tries.
-    std::thread::sleep(Duration::from_secs(12));
+    // The outcome stage tries the write again every few seconds: wait until the log shows a
+    // second try for every task, so a count per try would show.
+    eventually(
+        Duration::from_secs(60),
+        "a second write try for every task",
+        || {
+            let log = s.log_text();
+            ids.iter()
+                .all(|id| {
+                    log.matches(&format!(
+                        "task {id} is dead but its record cannot be written"
+                    ))
+                    .count()
+                        >= 2
+                })
+                .then_some(())
+        },
+    );
     let c = counts(&s);
     assert_eq!(c["failed_attempts"], N, "one failed attempt per task: {c}");
     assert_eq!(c["dead"], 0, "{c}");
@@ -172,19 +188,19 @@ fn an_unwritable_dead_dir_counts_each_failure_once_and_heals() {
 
     std::fs::remove_file(&parent).expect("remove the file");
     std::fs::create_dir(&parent).expect("the folder again");
-    eventually(Duration::from_secs(20), "every task to be dead", || {
+    // Every task final (dead) first: nothing can count after that.
+    for id in &ids {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!(code, 200, "{id}: {r}");
+        assert_eq!(r["status"], "dead", "{id}: {r}");
+        assert_eq!(r["attempts"], 1, "{id}: {r}");
+    }
+    eventually(Duration::from_secs(10), "every task counted dead", || {
         (counts(&s)["dead"].as_u64() >= Some(N as u64)).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(1));
     let c = counts(&s);
     assert_eq!(c["dead"], N, "{c}");
     assert_eq!(c["failed_attempts"], N, "{c}");
     let records = walk_count(&dead);
     assert_eq!(records, N, "one record per task");
-    for id in &ids {
-        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=0"));
-        assert_eq!(code, 200, "{id}: {r}");
-        assert_eq!(r["status"], "dead", "{id}: {r}");
-        assert_eq!(r["attempts"], 1, "{id}: {r}");
-    }
 }

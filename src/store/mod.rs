@@ -335,10 +335,24 @@ pub mod contract {
             "a running task is not handed out"
         );
 
-        // Recovery makes every unfinished task wait for the timer, running ones included.
+        // Recovery hands every unfinished task to the timer, running ones included (flagged).
         store.insert(&[task("e", State::Ready, 3)]).expect("insert");
         let e = task("e", State::Ready, 3);
         assert!(store.claim(&e).expect("claim"));
+        // A claim's running mark may ride with the next durable write.
+        store
+            .insert(&[task("f", State::Delayed, 4)])
+            .expect("insert");
+        let rec = store.recover().expect("recover");
+        let e = rec
+            .iter()
+            .find(|r| &*r.id == "e")
+            .expect("the running task is recovered");
+        assert_eq!((e.due_us, e.was_running), (3, true));
+        assert!(
+            rec.iter().all(|r| &*r.id != "a"),
+            "finished or cancelled tasks are not recovered"
+        );
     }
 
     /// At most `keep` results stay: `gc` drops the oldest beyond it, newest kept.

@@ -711,3 +711,44 @@ pub fn check_result_max(s: &Server, sink: &Sink) {
         );
     }
 }
+
+// ---- Result expiry (`--result_ttl`). ----
+
+/// Submits `task` (with `wait`) on `s`, which runs with `--result_ttl ttl_s`, and checks that its
+/// result is readable on `/task_resp` until `ttl_s` after the submit was sent (the result
+/// finished after that, so it cannot expire sooner), then 404 (polled, up to a generous deadline).
+pub fn check_result_expires(s: &Server, task: &Value, ttl_s: u64) {
+    let id = task["id"].as_str().expect("the task's id").to_string();
+    let sent_us = now_us();
+    let (code, r) = s.submit(task);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["result"], "OK", "{r}");
+    let not_before_us = sent_us + ttl_s * 1_000_000;
+    let mut readable = 0;
+    let deadline = Instant::now() + Duration::from_secs(ttl_s + 60);
+    loop {
+        let (code, body) = s.get(&format!("/task_resp/{id}?timeout=0"));
+        let answered_us = now_us();
+        if answered_us < not_before_us {
+            assert_eq!(
+                code,
+                200,
+                "{id}: the result was gone {} ms before --result_ttl {ttl_s} s ran out (after \
+                 {readable} readable answers): {body}",
+                (not_before_us - answered_us) / 1000
+            );
+            assert_eq!(body["id"], id.as_str(), "{body}");
+            readable += 1;
+        } else if code == 404 {
+            break;
+        } else {
+            assert_eq!(code, 200, "{id}: neither the result nor 404: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{id}: the result is still readable long after --result_ttl {ttl_s} s: {body}"
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(readable > 0, "{id}: no read happened within the TTL");
+}
