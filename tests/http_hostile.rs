@@ -40,17 +40,23 @@ fn results_still_delivered(s: &Server, sink: &Sink, id: &str) {
     );
 }
 
+/// Ten waited submits (`<prefix>0`..`<prefix>9`) sent in one write on a new connection.
+fn pipeline_waits(s: &Server, sink: &Sink, prefix: &str) -> Raw {
+    let mut c = Raw::connect(s.port, Duration::from_secs(30));
+    let mut burst = Vec::new();
+    for i in 0..10 {
+        burst.extend(post(&sink_task(sink, &format!("{prefix}{i}"), 5)));
+    }
+    c.send(&burst).expect("send");
+    c
+}
+
 #[test]
 fn pipelined_waits_do_not_stop_result_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
     let s = Server::start(&dir, &["--workers", "2"]);
-    let mut c = Raw::connect(s.port, Duration::from_secs(30));
-    let mut burst = Vec::new();
-    for i in 0..10 {
-        burst.extend(post(&sink_task(&sink, &format!("p{i}"), 5)));
-    }
-    c.send(&burst).expect("send");
+    let mut c = pipeline_waits(&s, &sink, "p");
     // Every pipelined request is answered, in order, with its own result.
     for i in 0..10 {
         let a = c.answer().expect("pipelined answer");
@@ -70,12 +76,7 @@ fn pipelined_waits_from_a_client_that_leaves_do_not_stop_result_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
     let s = Server::start(&dir, &["--workers", "2"]);
-    let mut c = Raw::connect(s.port, Duration::from_secs(30));
-    let mut burst = Vec::new();
-    for i in 0..10 {
-        burst.extend(post(&sink_task(&sink, &format!("gone{i}"), 5)));
-    }
-    c.send(&burst).expect("send");
+    let c = pipeline_waits(&s, &sink, "gone");
     sink.wait_until(Duration::from_secs(20), "the pipelined tasks to run", |h| {
         h.len() >= 10
     });

@@ -3,40 +3,9 @@
 //! it.
 
 mod common;
+use common::ws::{connect, next, send};
 use common::Server;
 use serde_json::{json, Value};
-use std::net::TcpStream;
-use std::time::Duration;
-use tungstenite::{Message, WebSocket};
-
-type Ws = WebSocket<TcpStream>;
-
-fn connect(s: &Server) -> Ws {
-    let stream = TcpStream::connect(("127.0.0.1", s.port)).expect("tcp");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let url = format!("ws://127.0.0.1:{}/ws_task", s.port);
-    match tungstenite::client(url, stream) {
-        Ok((ws, _)) => ws,
-        Err(e) => panic!("WebSocket handshake: {e}"),
-    }
-}
-
-fn send(ws: &mut Ws, v: &Value) {
-    ws.send(Message::text(v.to_string())).expect("send");
-}
-
-/// Next text frame as JSON (pings and pongs skipped).
-fn next(ws: &mut Ws) -> Value {
-    loop {
-        match ws.read().expect("read a frame") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
-}
 
 fn delayed(id: &str) -> Value {
     json!({"id": id, "method": "GET", "name": "http://127.0.0.1:9/never", "delay": 60})
@@ -47,7 +16,7 @@ fn every_acked_task_survives_a_kill_9_right_after_its_ack() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = Server::start(&dir, &[]);
     let data = s.data.clone();
-    let mut ws = connect(&s);
+    let mut ws = connect(&s, "", &[]).expect("WebSocket handshake");
     // 300 tasks: single-task frames and arrays, all sent before any ack is read.
     let mut sent = Vec::new();
     for f in 0..100 {
@@ -93,7 +62,7 @@ fn every_acked_task_survives_a_kill_9_right_after_its_ack() {
 fn a_duplicate_id_gets_a_fail_ack_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Server::start(&dir, &[]);
-    let mut ws = connect(&s);
+    let mut ws = connect(&s, "", &[]).expect("WebSocket handshake");
     // Sent back to back, and twice in one array: the first is stored, every repeat refused.
     send(&mut ws, &delayed("ws-dup"));
     send(&mut ws, &delayed("ws-dup"));

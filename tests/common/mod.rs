@@ -2,6 +2,8 @@
 //! local HTTP sink that records every hit, and a small JSON client.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
