@@ -83,9 +83,14 @@ pub fn spawn_critical(
     name: &str,
     f: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
+    spawn_boxed(name, Box::new(f))
+}
+
+/// Not generic: one instance of the thread-spawning code serves every critical thread.
+fn spawn_boxed(name: &str, body: Box<dyn FnOnce() + Send>) -> std::io::Result<JoinHandle<()>> {
     let label = name.to_string();
     thread::Builder::new().name(label.clone()).spawn(move || {
-        if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(body)) {
             log::error!(
                 "the {label} thread panicked ({}); exiting with code {PANIC_EXIT} so that a supervisor restarts poulpe (unfinished tasks are in the store)",
                 panic_message(p.as_ref())
