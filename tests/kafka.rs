@@ -588,3 +588,96 @@ fn committed_offsets_only_cover_durable_tasks() {
     );
     eprintln!("committed offset at the kill: {at_kill} of {n}");
 }
+
+/// Panics, with its exit status and log, if poulpe is no longer running.
+fn assert_alive(s: &mut Server, when: &str) {
+    if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
+        panic!("poulpe died {when}: {status}\nlog:\n{}", s.log_text());
+    }
+}
+
+/// The broker goes away after poulpe consumed from it: poulpe keeps running and serving HTTP,
+/// `/sys_info` says the intake is disconnected, and once a broker is back on the same address
+/// (tansu keeps topics in memory only, so the topic is made again) a newly produced message is
+/// consumed and run.
+#[test]
+fn a_broker_lost_after_start_is_reported_and_rejoined() {
+    let broker = Broker::start(&["tasks"]);
+    let port = broker.port;
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let mut s = Server::start(
+        &dir,
+        &[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-lost",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    broker.produce("tasks", &[task("before")]);
+    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
+        hit_ids(h, "/hit").contains_key("before")
+    });
+    eventually(Duration::from_secs(20), "kafka connected", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+
+    drop(broker);
+    // /sys_info says the broker is away (poulpe keeps running and answering meanwhile).
+    let end = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        assert_alive(&mut s, "after the broker went away");
+        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
+            if info["kafka"]["connected"] == false {
+                break info;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "kafka.connected never became false\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
+    // HTTP submits still run.
+    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("http-while-down")
+    });
+
+    // The broker is back on the same address: the intake finds it and consumes again. tansu
+    // kept the log in memory only, so the topic is new and its offset 0 lies below the position
+    // poulpe already reached (a real broker keeps its log): "refill" takes that offset back,
+    // "after" is the message that must run.
+    let broker = Broker::start_on(port, &["tasks"]);
+    broker.produce("tasks", &[task("refill"), task("after")]);
+    let end = Instant::now() + Duration::from_secs(120);
+    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
+        assert_alive(&mut s, "after the broker came back");
+        assert!(
+            Instant::now() < end,
+            "the task produced after the broker came back never ran; hits {:?}\n{}",
+            hit_ids(&sink.hits(), "/hit"),
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eventually(Duration::from_secs(20), "kafka connected again", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
+    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+}
