@@ -11,8 +11,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,25 +53,35 @@ impl Broker {
     }
 
     fn start_on(port: u16, topics: &[&str]) -> Broker {
+        Broker::start_advertising(port, port, topics)
+    }
+
+    /// Listens on `port` and tells clients to connect to `advertised` (a proxy in front of it).
+    fn start_advertising(port: u16, advertised: u16, topics: &[&str]) -> Broker {
         let tansu = tansu_path();
         let url = format!("tcp://127.0.0.1:{port}");
+        let adv = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(&tansu)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &adv,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tansu at {}: {e}", tansu.display()));
-        let b = Broker { child, port };
+        let b = Broker {
+            child,
+            port: advertised,
+        };
         eventually(Duration::from_secs(10), "tansu to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
+        let url = adv;
         for t in topics {
             let out = Command::new(&tansu)
                 .args(["topic", "create", "--broker", &url, "--partitions", "1", t])
@@ -662,6 +675,158 @@ fn a_broker_lost_after_start_is_reported_and_rejoined() {
     // "after" is the message that must run.
     let broker = Broker::start_on(port, &["tasks"]);
     broker.produce("tasks", &[task("refill"), task("after")]);
+    let end = Instant::now() + Duration::from_secs(120);
+    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
+        assert_alive(&mut s, "after the broker came back");
+        assert!(
+            Instant::now() < end,
+            "the task produced after the broker came back never ran; hits {:?}\n{}",
+            hit_ids(&sink.hits(), "/hit"),
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eventually(Duration::from_secs(20), "kafka connected again", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
+    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+}
+
+/// A TCP proxy in front of a broker that the test can cut (every connection closed, new ones
+/// refused) and restore on the same port: the broker becomes unreachable and comes back with its
+/// log and topic intact, as a broker lost to the network or restarted with its disk.
+struct Proxy {
+    port: u16,
+    upstream: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let p = Proxy {
+            port: free_port(),
+            upstream,
+            up: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        p.open();
+        p
+    }
+
+    fn open(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        self.up.store(true, Ordering::SeqCst);
+        let (up, conns, upstream) = (self.up.clone(), self.conns.clone(), self.upstream);
+        thread::spawn(move || {
+            while up.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if !up.load(Ordering::SeqCst) {
+                    break; // cut while accepting: this one is refused too
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (
+                        from.try_clone().expect("clone"),
+                        to.try_clone().expect("clone"),
+                    );
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+                c.push(client);
+                c.push(server);
+            }
+            // Dropping the listener here refuses new connections.
+        });
+    }
+
+    /// Closes every connection and refuses new ones until `open`.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        // The accept loop notices within 10 ms and drops the listener.
+        eventually(Duration::from_secs(5), "the proxy to refuse", || {
+            TcpStream::connect(("127.0.0.1", self.port)).err()
+        });
+    }
+}
+
+/// The broker becomes unreachable after poulpe consumed from it: poulpe keeps running and
+/// serving HTTP, `/sys_info` says the intake is disconnected, and once the broker is reachable
+/// again at the same address a newly produced message is consumed and run, exactly once.
+#[test]
+fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
+    let real = free_port();
+    let proxy = Proxy::start(real);
+    let broker = Broker::start_advertising(real, proxy.port, &["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let mut s = Server::start(
+        &dir,
+        &[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-cut",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    broker.produce("tasks", &[task("before")]);
+    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
+        hit_ids(h, "/hit").contains_key("before")
+    });
+
+    proxy.cut();
+    let end = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        assert_alive(&mut s, "after the broker became unreachable");
+        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
+            if info["kafka"]["connected"] == false {
+                break info;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "kafka.connected never became false\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
+    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("http-while-down")
+    });
+
+    proxy.open();
+    broker.produce("tasks", &[task("after")]);
     let end = Instant::now() + Duration::from_secs(120);
     while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
         assert_alive(&mut s, "after the broker came back");
