@@ -846,3 +846,116 @@ fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
     assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
     assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
 }
+
+/// A message consumed while Redis is down is retried, never skipped: its offset is not committed
+/// during the outage, and once Redis is back its task runs once and the offset moves past it.
+#[test]
+fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() {
+    use common::RedisServer;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rdir = dir.path().join("redis");
+    let rport = free_port();
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ];
+    let mut redis = RedisServer::start_on(&rdir, rport, &aof);
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let servers = broker.servers();
+    let url = redis.url();
+    let s = Server::start(
+        &dir,
+        &[
+            "--redis",
+            &url,
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-redis",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    // The group's committed offset, read without joining the group.
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("group.id", "g-redis")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("tasks", 0);
+    let committed = || -> i64 {
+        match reader.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    };
+
+    broker.produce("tasks", &[task("warm")]);
+    sink.wait_until(Duration::from_secs(60), "the first message's task", |h| {
+        hit_ids(h, "/hit").contains_key("warm")
+    });
+    eventually(Duration::from_secs(20), "offset 1 committed", || {
+        (committed() == 1).then_some(())
+    });
+
+    redis.stop();
+    broker.produce("tasks", &[task("during")]);
+    // Positive sign that poulpe read the message and met the outage.
+    eventually(
+        Duration::from_secs(60),
+        "the message at offset 1 retried while Redis is down",
+        || {
+            s.log_text()
+                .contains("kafka: offset 1 not accepted yet")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        committed(),
+        1,
+        "the offset moved past a message whose task is not stored\n{}",
+        s.log_text()
+    );
+    assert!(!hit_ids(&sink.hits(), "/hit").contains_key("during"));
+    let invalid = s.data.join("dead/invalid");
+    assert!(
+        std::fs::read_dir(&invalid).map_or(true, |mut d| d.next().is_none()),
+        "the message was set aside as invalid"
+    );
+
+    let _redis2 = RedisServer::start_on(&rdir, rport, &aof);
+    sink.wait_until(
+        Duration::from_secs(60),
+        "the message's task once Redis is back",
+        |h| hit_ids(h, "/hit").contains_key("during"),
+    );
+    eventually(Duration::from_secs(30), "offset 2 committed", || {
+        (committed() == 2).then_some(())
+    });
+    let r = eventually(Duration::from_secs(20), "its final result", || {
+        match s.get("/task_resp/during?timeout=5") {
+            (200, r) => Some(r),
+            _ => None,
+        }
+    });
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["attempts"], 1, "{r}");
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("during"), Some(&1), "ran exactly once: {ids:?}");
+    assert_eq!(ids.get("warm"), Some(&1), "{ids:?}");
+}
