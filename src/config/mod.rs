@@ -563,7 +563,11 @@ mod tests {
     #[cfg(not(feature = "kafka"))]
     #[test]
     fn kafka_flags_need_the_kafka_feature() {
-        let cases: [(&[&str], &[(&str, &str)]); 5] = [
+        type Case = (
+            &'static [&'static str],
+            &'static [(&'static str, &'static str)],
+        );
+        let cases: [Case; 5] = [
             (
                 &["--kafka_servers", "127.0.0.1:9092", "--kafka_topic", "t"],
                 &[],
