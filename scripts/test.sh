@@ -73,5 +73,8 @@ cargo clippy --all-targets -- -D warnings
 say "cargo test"
 cargo test "$@"
 
+say "cargo test --no-default-features --lib config (a build without Kafka refuses the Kafka flags)"
+cargo test --no-default-features --lib config
+
 say "benchmark smoke (keeps scripts/bench.sh working; figures are not checked)"
 scripts/bench.sh --smoke

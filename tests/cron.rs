@@ -273,3 +273,73 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":3: unknown method"));
 }
+
+/// Programs named in the cron file are trusted: an EXEC line runs with neither `--exec_dir` nor
+/// `--exec_any` (its retries too), while the same EXEC from the network is refused with 400.
+#[test]
+fn exec_from_the_cron_file_runs_without_exec_dir_but_not_from_the_network() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("runs.txt");
+    let marker = dir.path().join("failed-once");
+    // Appends its argument; the very first run fails once, so a retry has to run too.
+    let script = dir.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> '{}'\n[ -e '{m}' ] || {{ : > '{m}'; exit 1; }}\n",
+            out.display(),
+            m = marker.display()
+        ),
+    )
+    .expect("write script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("* * * * * * *  {}  EXEC  from-cron\n", script.display()),
+    );
+    let s = Server::start(
+        &dir,
+        &[
+            "--cron",
+            cron.to_str().expect("utf8"),
+            "--retry_interval",
+            "1",
+        ],
+    );
+    let lines = eventually(Duration::from_secs(20), "3 runs of the cron EXEC", || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let n = text.lines().count();
+        (n >= 3).then_some(text)
+    });
+    assert!(
+        lines.lines().all(|l| l == "from-cron"),
+        "the line's arguments reach the program: {lines:?}"
+    );
+    // The firing whose first attempt failed was retried and succeeded.
+    let failed = eventually(Duration::from_secs(10), "the failed firing's id", || {
+        let (_, info) = s.get("/sys_info");
+        info["wronging_keys"][0].as_str().map(str::to_string)
+    });
+    let r = eventually(Duration::from_secs(20), "its final result", || {
+        match s.get(&format!("/task_resp/{failed}?timeout=5")) {
+            (200, r) => Some(r),
+            _ => None,
+        }
+    });
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["attempts"], 2, "{r}");
+
+    // The same program from the network is refused: no --exec_dir, no --exec_any.
+    let script = script.to_str().expect("utf8");
+    let (code, body) = s.submit(&serde_json::json!({
+        "id": "net-exec", "method": "EXEC", "name": script, "params": "from-network"}));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("--exec_dir"),
+        "{body}"
+    );
+    let (code, _) = s.get("/task_resp/net-exec?timeout=0");
+    assert_eq!(code, 404, "the refused task was not stored");
+}

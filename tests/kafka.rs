@@ -11,8 +11,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,25 +53,35 @@ impl Broker {
     }
 
     fn start_on(port: u16, topics: &[&str]) -> Broker {
+        Broker::start_advertising(port, port, topics)
+    }
+
+    /// Listens on `port` and tells clients to connect to `advertised` (a proxy in front of it).
+    fn start_advertising(port: u16, advertised: u16, topics: &[&str]) -> Broker {
         let tansu = tansu_path();
         let url = format!("tcp://127.0.0.1:{port}");
+        let adv = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(&tansu)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &adv,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tansu at {}: {e}", tansu.display()));
-        let b = Broker { child, port };
+        let b = Broker {
+            child,
+            port: advertised,
+        };
         eventually(Duration::from_secs(10), "tansu to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
+        let url = adv;
         for t in topics {
             let out = Command::new(&tansu)
                 .args(["topic", "create", "--broker", &url, "--partitions", "1", t])
@@ -587,4 +600,362 @@ fn committed_offsets_only_cover_durable_tasks() {
         &lost[..lost.len().min(5)]
     );
     eprintln!("committed offset at the kill: {at_kill} of {n}");
+}
+
+/// Panics, with its exit status and log, if poulpe is no longer running.
+fn assert_alive(s: &mut Server, when: &str) {
+    if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
+        panic!("poulpe died {when}: {status}\nlog:\n{}", s.log_text());
+    }
+}
+
+/// The broker goes away after poulpe consumed from it: poulpe keeps running and serving HTTP,
+/// `/sys_info` says the intake is disconnected, and once a broker is back on the same address
+/// (tansu keeps topics in memory only, so the topic is made again) a newly produced message is
+/// consumed and run.
+#[test]
+fn a_broker_lost_after_start_is_reported_and_rejoined() {
+    let broker = Broker::start(&["tasks"]);
+    let port = broker.port;
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let mut s = Server::start(
+        &dir,
+        &[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-lost",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    broker.produce("tasks", &[task("before")]);
+    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
+        hit_ids(h, "/hit").contains_key("before")
+    });
+    eventually(Duration::from_secs(20), "kafka connected", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+
+    drop(broker);
+    // /sys_info says the broker is away (poulpe keeps running and answering meanwhile).
+    let end = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        assert_alive(&mut s, "after the broker went away");
+        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
+            if info["kafka"]["connected"] == false {
+                break info;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "kafka.connected never became false\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
+    // HTTP submits still run.
+    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("http-while-down")
+    });
+
+    // The broker is back on the same address: the intake finds it and consumes again. tansu
+    // kept the log in memory only, so the topic is new and its offset 0 lies below the position
+    // poulpe already reached (a real broker keeps its log): "refill" takes that offset back,
+    // "after" is the message that must run.
+    let broker = Broker::start_on(port, &["tasks"]);
+    broker.produce("tasks", &[task("refill"), task("after")]);
+    let end = Instant::now() + Duration::from_secs(120);
+    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
+        assert_alive(&mut s, "after the broker came back");
+        assert!(
+            Instant::now() < end,
+            "the task produced after the broker came back never ran; hits {:?}\n{}",
+            hit_ids(&sink.hits(), "/hit"),
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eventually(Duration::from_secs(20), "kafka connected again", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
+    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+}
+
+/// A TCP proxy in front of a broker that the test can cut (every connection closed, new ones
+/// refused) and restore on the same port: the broker becomes unreachable and comes back with its
+/// log and topic intact, as a broker lost to the network or restarted with its disk.
+struct Proxy {
+    port: u16,
+    upstream: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let p = Proxy {
+            port: free_port(),
+            upstream,
+            up: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        p.open();
+        p
+    }
+
+    fn open(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        self.up.store(true, Ordering::SeqCst);
+        let (up, conns, upstream) = (self.up.clone(), self.conns.clone(), self.upstream);
+        thread::spawn(move || {
+            while up.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if !up.load(Ordering::SeqCst) {
+                    break; // cut while accepting: this one is refused too
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (
+                        from.try_clone().expect("clone"),
+                        to.try_clone().expect("clone"),
+                    );
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+                c.push(client);
+                c.push(server);
+            }
+            // Dropping the listener here refuses new connections.
+        });
+    }
+
+    /// Closes every connection and refuses new ones until `open`.
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        // The accept loop notices within 10 ms and drops the listener.
+        eventually(Duration::from_secs(5), "the proxy to refuse", || {
+            TcpStream::connect(("127.0.0.1", self.port)).err()
+        });
+    }
+}
+
+/// The broker becomes unreachable after poulpe consumed from it: poulpe keeps running and
+/// serving HTTP, `/sys_info` says the intake is disconnected, and once the broker is reachable
+/// again at the same address a newly produced message is consumed and run, exactly once.
+#[test]
+fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
+    let real = free_port();
+    let proxy = Proxy::start(real);
+    let broker = Broker::start_advertising(real, proxy.port, &["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let mut s = Server::start(
+        &dir,
+        &[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-cut",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    broker.produce("tasks", &[task("before")]);
+    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
+        hit_ids(h, "/hit").contains_key("before")
+    });
+
+    proxy.cut();
+    let end = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        assert_alive(&mut s, "after the broker became unreachable");
+        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
+            if info["kafka"]["connected"] == false {
+                break info;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "kafka.connected never became false\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
+    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("http-while-down")
+    });
+
+    proxy.open();
+    broker.produce("tasks", &[task("after")]);
+    let end = Instant::now() + Duration::from_secs(120);
+    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
+        assert_alive(&mut s, "after the broker came back");
+        assert!(
+            Instant::now() < end,
+            "the task produced after the broker came back never ran; hits {:?}\n{}",
+            hit_ids(&sink.hits(), "/hit"),
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eventually(Duration::from_secs(20), "kafka connected again", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
+    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+}
+
+/// A message consumed while Redis is down is retried, never skipped: its offset is not committed
+/// during the outage, and once Redis is back its task runs once and the offset moves past it.
+#[test]
+fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() {
+    use common::RedisServer;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rdir = dir.path().join("redis");
+    let rport = free_port();
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ];
+    let mut redis = RedisServer::start_on(&rdir, rport, &aof);
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let servers = broker.servers();
+    let url = redis.url();
+    let s = Server::start(
+        &dir,
+        &[
+            "--redis",
+            &url,
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-redis",
+        ],
+    );
+    let task = |id: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+            .to_string()
+    };
+    // The group's committed offset, read without joining the group.
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("group.id", "g-redis")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("tasks", 0);
+    let committed = || -> i64 {
+        match reader.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    };
+
+    broker.produce("tasks", &[task("warm")]);
+    sink.wait_until(Duration::from_secs(60), "the first message's task", |h| {
+        hit_ids(h, "/hit").contains_key("warm")
+    });
+    eventually(Duration::from_secs(20), "offset 1 committed", || {
+        (committed() == 1).then_some(())
+    });
+
+    redis.stop();
+    broker.produce("tasks", &[task("during")]);
+    // Positive sign that poulpe read the message and met the outage.
+    eventually(
+        Duration::from_secs(60),
+        "the message at offset 1 retried while Redis is down",
+        || {
+            s.log_text()
+                .contains("kafka: offset 1 not accepted yet")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        committed(),
+        1,
+        "the offset moved past a message whose task is not stored\n{}",
+        s.log_text()
+    );
+    assert!(!hit_ids(&sink.hits(), "/hit").contains_key("during"));
+    let invalid = s.data.join("dead/invalid");
+    assert!(
+        std::fs::read_dir(&invalid).map_or(true, |mut d| d.next().is_none()),
+        "the message was set aside as invalid"
+    );
+
+    let _redis2 = RedisServer::start_on(&rdir, rport, &aof);
+    sink.wait_until(
+        Duration::from_secs(60),
+        "the message's task once Redis is back",
+        |h| hit_ids(h, "/hit").contains_key("during"),
+    );
+    eventually(Duration::from_secs(30), "offset 2 committed", || {
+        (committed() == 2).then_some(())
+    });
+    let r = eventually(Duration::from_secs(20), "its final result", || {
+        match s.get("/task_resp/during?timeout=5") {
+            (200, r) => Some(r),
+            _ => None,
+        }
+    });
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["attempts"], 1, "{r}");
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("during"), Some(&1), "ran exactly once: {ids:?}");
+    assert_eq!(ids.get("warm"), Some(&1), "{ids:?}");
 }

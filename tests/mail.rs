@@ -310,3 +310,68 @@ fn a_task_timeout_bounds_a_relay_that_never_answers() {
         "poulpe did connect to the relay"
     );
 }
+
+#[test]
+fn smtp_tls_speaks_tls_from_the_first_byte_with_a_trusted_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).expect("tls dir");
+    // The relay speaks TLS from the first byte (port 465 style): no plain greeting, no STARTTLS.
+    let smtp = Smtp::start(
+        dir.path(),
+        &["--implicit-tls", tls_dir.to_str().expect("utf8")],
+    );
+    let ca = tls_dir.join("ca.pem");
+    let s = start_with_relay(
+        &dir,
+        smtp.port,
+        &[
+            "--smtp_tls",
+            "--smtp_ca_file",
+            ca.to_str().expect("utf8"),
+            "--max_retry",
+            "0",
+        ],
+    );
+    let (code, body) = s.submit(&json!({
+        "id":"implicit","method":"MAIL_TO","name":"to@example.org",
+        "params":{"title":"implicit","body":"TLS from the first byte"},"wait":20}));
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &json!("succeeded")),
+        "{body}\n{}",
+        s.log_text()
+    );
+    assert!(
+        body["output"].as_str().unwrap_or("").starts_with("250"),
+        "{body}"
+    );
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails[0]["tls"], true, "the mail went over TLS");
+    assert_eq!(mails[0]["subject"], "implicit");
+    assert_eq!(mails[0]["rcpt_tos"], json!(["to@example.org"]));
+}
+
+#[test]
+fn a_4xx_answer_is_retried_and_the_mail_then_goes_out_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The relay answers 451 to the first DATA, then accepts.
+    let smtp = Smtp::start(dir.path(), &["--tempfail", "1"]);
+    let s = start_with_relay(
+        &dir,
+        smtp.port,
+        &["--max_retry", "2", "--retry_interval", "1"],
+    );
+    let (code, body) = s.submit(&json!({
+        "id":"tempfail","method":"MAIL_TO","name":"to@example.org",
+        "params":{"title":"again","body":"b"}}));
+    assert_eq!((code, &body["result"]), (200, &json!("OK")), "{body}");
+    let r = result(&s, "tempfail");
+    assert_eq!(r["status"], "succeeded", "a 451 is transient: {r}");
+    assert_eq!(r["attempts"], 2, "the 451, then the accepted retry: {r}");
+    assert!(r["output"].as_str().unwrap_or("").starts_with("250"), "{r}");
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "delivered once: {mails:?}");
+    assert_eq!(mails[0]["subject"], "again");
+}

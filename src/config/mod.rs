@@ -556,4 +556,41 @@ mod tests {
             }
         }
     }
+
+    /// Built without the `kafka` feature (`cargo test --no-default-features --lib config`, run by
+    /// scripts/test.sh): any Kafka flag stops start-up with a line naming the missing feature
+    /// (main.rs prints it and exits 2, as for every configuration error).
+    #[cfg(not(feature = "kafka"))]
+    #[test]
+    fn kafka_flags_need_the_kafka_feature() {
+        type Case = (
+            &'static [&'static str],
+            &'static [(&'static str, &'static str)],
+        );
+        let cases: [Case; 5] = [
+            (
+                &["--kafka_servers", "127.0.0.1:9092", "--kafka_topic", "t"],
+                &[],
+            ),
+            (&["--kafka_servers", "127.0.0.1:9092"], &[]),
+            (&["--kafka_topic", "t"], &[]),
+            (&["--kafka_resp_topic", "r"], &[]),
+            (&[], &[("POULPE_KAFKA_SERVERS", "127.0.0.1:9092")]),
+        ];
+        for (args, env) in cases {
+            match parse(args, env) {
+                Err(e @ ConfigError::NoFeature { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("without the `kafka` cargo feature"),
+                        "{args:?} {env:?}: {text}"
+                    );
+                }
+                Err(e) => panic!("{args:?} {env:?}: refused for another reason: {e}"),
+                Ok(_) => panic!("{args:?} {env:?}: accepted by a build without Kafka"),
+            }
+        }
+        // Without Kafka flags the same build starts.
+        parse(&[], &[]).expect("no Kafka flag, no refusal");
+    }
 }
