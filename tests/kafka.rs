@@ -618,7 +618,8 @@ fn assert_alive(s: &mut Server, when: &str) {
 /// server today. A broker restarted empty, with the topic made again under a new topic id, makes
 /// the bundled librdkafka 2.12.1 dereference a NULL topic name (`rd_kafka_metadata_update_op` →
 /// `rd_kafka_metadata_cache_find` → `strcmp`, SIGSEGV). docs/TESTING.md has the details; the
-/// passing test above cuts and restores the broker's connection instead.
+/// test `a_broker_unreachable_after_start_is_reported_and_rejoined` cuts and restores the
+/// broker's connection instead.
 #[test]
 #[ignore = "crashes poulpe inside librdkafka 2.12.1 (SIGSEGV); see docs/TESTING.md"]
 fn a_broker_lost_after_start_is_reported_and_rejoined() {
