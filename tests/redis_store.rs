@@ -246,8 +246,9 @@ fn unreachable_redis_at_start_exits_2_without_leaking_the_password() {
         .output()
         .expect("run poulpe");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Start-up waits 5 s for an unreachable Redis (README); 10 s allows a slow machine.
     assert!(
-        started.elapsed() < Duration::from_secs(30),
+        started.elapsed() < Duration::from_secs(10),
         "gave up only after {:?}",
         started.elapsed()
     );
@@ -301,8 +302,9 @@ fn keys_live_under_the_prefix_and_results_expire() {
         .filter(|&ms: &i64| ms > 0)
         .collect();
     assert!(
-        !with_ttl.is_empty() && with_ttl.iter().all(|&ms| ms <= 600_000),
-        "no key of the finished task expires within --result_ttl: {keys:?} {with_ttl:?}"
+        !with_ttl.is_empty() && with_ttl.iter().all(|&ms| (540_000..=600_000).contains(&ms)),
+        "the finished task's result must expire --result_ttl (600 s) after it finished (it \
+         finished moments ago): {keys:?} {with_ttl:?}"
     );
     // The waiting task is kept without expiry.
     let p2: Vec<&&str> = keys.iter().filter(|k| k.contains("p-2")).collect();

@@ -191,7 +191,7 @@ fn idle_connections_are_closed() {
 #[test]
 fn websocket_connections_do_not_use_up_max_conns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--max_conns", "3"]);
+    let s = Server::start(&dir, &["--max_conns", "3", "--exec_any"]);
     // Five WebSocket connections, more than --max_conns: each leaves the HTTP count once
     // upgraded (they are capped by --max_ws instead).
     let mut open = Vec::new();
@@ -210,6 +210,13 @@ fn websocket_connections_do_not_use_up_max_conns() {
         );
         let ack = next(ws);
         assert_eq!(ack["id"], format!("ws-cap-{i}"), "{ack}");
+        assert_eq!(ack["result"], "OK", "accepted, not refused: {ack}");
+        let done = next(ws);
+        assert_eq!(
+            (&done["id"], &done["status"]),
+            (&json!(format!("ws-cap-{i}")), &json!("succeeded")),
+            "its result is pushed: {done}"
+        );
     }
     let (code, _) = s.get("/health");
     assert_eq!(code, 200);
