@@ -324,7 +324,7 @@ impl Conn {
             None if data.len() - lead > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
             _ => {}
         }
-        let line_end = lead + line_len.map_or(data.len(), |n| n + 1);
+        let line_end = lead + line_len.map_or(data.len() - lead, |n| n + 1);
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut fields);
         let used = match parsed.parse(data) {
@@ -533,6 +533,72 @@ fn framing(req: &Request) -> Result<Option<Framing>, RequestError> {
             } else {
                 Ok(Some(Framing::Chunked))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connection whose client sends `parts` one write at a time, 20 ms apart.
+    fn fed(parts: &[&[u8]]) -> (Conn, std::thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            for p in parts {
+                c.write_all(&p).expect("write");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let (s, _) = l.accept().expect("accept");
+        let limits = Limits {
+            max_body: 64,
+            idle: Duration::from_secs(5),
+            max_conns: 1,
+        };
+        (Conn::new(s, limits), client)
+    }
+
+    #[test]
+    fn empty_lines_then_a_request_line_in_pieces() {
+        let (mut c, client) = fed(&[b"\r\n\r\nGE", b"T /x?a=1 HTT", b"P/1.1\r\nHost: h\r\n\r\n"]);
+        let req = c.read_request().expect("a request");
+        assert_eq!(
+            (req.method.as_str(), req.path(), req.query()),
+            ("GET", "/x", "a=1")
+        );
+        client.join().expect("client");
+    }
+
+    #[test]
+    fn framing_errors_are_named() {
+        let cases: [(&[u8], RequestError); 4] = [
+            (
+                b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                RequestError::ConflictingLengths,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                RequestError::LengthAndEncoding,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 65\r\n\r\n",
+                RequestError::TooLarge(64),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n",
+                RequestError::TooLarge(64),
+            ),
+        ];
+        for (input, want) in cases {
+            let (mut c, client) = fed(&[input]);
+            assert_eq!(c.read_request().map(|r| r.method), Err(want));
+            client.join().expect("client");
         }
     }
 }
