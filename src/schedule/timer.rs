@@ -229,9 +229,6 @@ mod tests {
         fn insert(&self, t: &[crate::task::Task]) -> Result<(), StoreError> {
             self.inner.insert(t)
         }
-        fn take_due(&self, id: &str) -> Result<Option<crate::task::Task>, StoreError> {
-            self.inner.take_due(id)
-        }
         fn take_due_many(
             &self,
             ids: &[Arc<str>],

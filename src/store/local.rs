@@ -191,10 +191,6 @@ impl<B: Backend> Store for LocalStore<B> {
         }
     }
 
-    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.take(id, false)
-    }
-
     fn take_due_many(
         &self,
         ids: &[Arc<str>],

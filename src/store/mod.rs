@@ -89,8 +89,12 @@ pub trait Store: Send + Sync {
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError>;
 
     /// Moves a waiting task (delayed or retry-waiting) to ready and returns it, or `None` when
-    /// it is no longer waiting (cancelled, or claimed elsewhere).
-    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError>;
+    /// it is no longer waiting (cancelled, or claimed elsewhere): `take_due_many` for one id.
+    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        self.take_due_many(&[Arc::from(id)], false)
+            .pop()
+            .unwrap_or(Ok(None))
+    }
 
     /// `take_due` for several ids, one answer per id in the same order. The timer releases
     /// every task that is due in one call, so a store behind a network pays one round trip for

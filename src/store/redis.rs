@@ -422,12 +422,6 @@ impl Store for RedisStore {
             .map_err(|_| down("the insert thread has stopped"))?
     }
 
-    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.take_due_many(&[Arc::from(id)], false)
-            .pop()
-            .unwrap_or(Ok(None))
-    }
-
     fn take_due_many(
         &self,
         ids: &[Arc<str>],
