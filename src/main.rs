@@ -7,7 +7,6 @@ use poulpe::intake::ws::WebSockets;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,21 +78,26 @@ fn main() -> ExitCode {
         }
     };
     let c = &server.config;
-    let ws = Arc::new(WebSockets {
-        submitter: server.submitter.clone(),
-        answers: server.answers.clone(),
-        token: c.token.clone(),
-        max_open: c.max_ws,
-        max_frame: c.max_body,
-        idle: Duration::from_secs(c.ws_idle),
-        open: AtomicUsize::new(0),
-    });
+    let ws = match WebSockets::new(
+        server.submitter.clone(),
+        server.answers.clone(),
+        c.token.clone(),
+        c.max_ws,
+        c.max_body,
+        Duration::from_secs(c.ws_idle),
+    ) {
+        Ok(ws) => Arc::new(ws),
+        Err(e) => {
+            eprintln!("poulpe: cannot set up WebSocket connections: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let api = Api {
         submitter: server.submitter.clone(),
         answers: server.answers.clone(),
         sys_info: server.sys_info.clone(),
         token: c.token.clone(),
-        ws,
+        ws: ws.clone(),
     };
     if let Err(e) = listening.serve(http::limits(c), Arc::new(api)) {
         eprintln!("poulpe: cannot start HTTP threads: {e}");
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         log::info!("signal {sig} received");
         break;
     }
+    ws.close_all();
     server.shutdown(GRACE);
     listening.stop();
     log::info!("stopped");

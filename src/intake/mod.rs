@@ -181,6 +181,85 @@ impl Submitter {
         Ok(accepted)
     }
 
+    /// Submits each task on its own terms, in one durable write: every valid task whose id is
+    /// free is accepted, the others are refused alone (a WebSocket frame acks each task).
+    /// `on_durable` gets the accepted ids before any can finish. One answer per value, in order:
+    /// the task's id, or why it was refused.
+    pub fn submit_each(
+        &self,
+        values: &[Value],
+        origin: Origin,
+        on_durable: impl FnOnce(&[String]),
+    ) -> Vec<Result<String, SubmitError>> {
+        let g = &*self.0;
+        if !self.accepting() {
+            return values
+                .iter()
+                .map(|_| Err(SubmitError::ShuttingDown))
+                .collect();
+        }
+        let now = now_us();
+        let mut answers: Vec<Result<String, SubmitError>> = Vec::with_capacity(values.len());
+        // The valid tasks and where their answers go.
+        let mut batch: Vec<(usize, Task)> = Vec::with_capacity(values.len());
+        for (i, v) in values.iter().enumerate() {
+            match parse_task(v, &g.limits, origin == Origin::Cron, now) {
+                Ok(s) => {
+                    let mut task = s.task;
+                    task.kafka = origin == Origin::Kafka;
+                    answers.push(Ok(task.id.clone()));
+                    batch.push((i, task));
+                }
+                Err(error) => answers.push(Err(SubmitError::Invalid { index: None, error })),
+            }
+        }
+        let mut tasks: Vec<Task> = Vec::with_capacity(batch.len());
+        let mut slots: Vec<usize> = Vec::with_capacity(batch.len());
+        for (i, t) in batch {
+            slots.push(i);
+            tasks.push(t);
+        }
+        // A duplicate refuses the whole write: set aside the last task with that id (the
+        // repeat, when a frame names an id twice) and write the rest again.
+        while !tasks.is_empty() {
+            match g.store.insert(&tasks) {
+                Ok(()) => break,
+                Err(StoreError::Duplicate(id)) => {
+                    let Some(k) = tasks.iter().rposition(|t| t.id == id) else {
+                        // Not one of ours: accept nothing rather than guess.
+                        for k in slots.drain(..) {
+                            answers[k] = Err(SubmitError::Duplicate(id.clone()));
+                        }
+                        tasks.clear();
+                        break;
+                    };
+                    tasks.remove(k);
+                    answers[slots.remove(k)] = Err(SubmitError::Duplicate(id));
+                }
+                Err(StoreError::Unavailable(why) | StoreError::Corrupt(why)) => {
+                    for k in slots.drain(..) {
+                        answers[k] = Err(SubmitError::Unavailable(why.clone()));
+                    }
+                    tasks.clear();
+                }
+            }
+        }
+        if tasks.is_empty() {
+            return answers;
+        }
+        g.status.accepted(tasks.len());
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        on_durable(&ids);
+        for t in tasks {
+            if t.state == State::Ready {
+                g.pool.dispatch(Arc::new(t));
+            } else {
+                g.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
+            }
+        }
+        answers
+    }
+
     /// Cancels a task that has not started: out of the store, then out of its worker's queue.
     pub fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
         let answer = self.0.store.cancel(id)?;

@@ -2,8 +2,10 @@
 //! tasks; each task gets an ack frame once durable, and its final result frame later on the same
 //! connection while it is open. The connection keeps the thread that read its upgrade request.
 //!
-//! To push results while waiting for input, the socket gets a short receive timeout and the
-//! thread looks for results to push between reads.
+//! The thread sleeps in `poll(2)` on three things: the socket (non-blocking), an eventfd that
+//! rings when one of its tasks has a result to push, and the endpoint's eventfd that rings at
+//! shutdown. An idle connection costs no CPU. Every frame already read is handled together: their
+//! tasks share one durable write, and each task still gets its own ack.
 
 use super::{same_secret, Origin, Submitter};
 use crate::http::{percent_decode, query_param, Reply, Request, Response};
@@ -12,14 +14,13 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
 use std::io::ErrorKind;
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-/// How often a connection thread looks for results to push.
-const POLL: Duration = Duration::from_millis(20);
 /// Longest a connection keeps waiting to push one task's result.
 const PUSH_WITHIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -41,6 +42,8 @@ pub struct WebSockets {
     pub idle: Duration,
     /// Connections open now.
     pub open: AtomicUsize,
+    /// Rings once at shutdown: every connection says goodbye and closes.
+    stopping: Bell,
 }
 
 /// One open WebSocket connection, counted against `--max_ws` while it lives.
@@ -93,17 +96,7 @@ impl WebSockets {
         };
         Reply::Upgrade(
             resp,
-            Box::new(move |stream: TcpStream, rest: Vec<u8>| {
-                if let Err(e) = stream.set_read_timeout(Some(POLL)) {
-                    log::warn!("ws: cannot set a read timeout: {e}; the connection is closed");
-                    return;
-                }
-                let config = WebSocketConfig::default()
-                    .max_message_size(Some(open.0.max_frame))
-                    .max_frame_size(Some(open.0.max_frame));
-                let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
-                open.0.serve(ws);
-            }),
+            Box::new(move |stream: TcpStream, rest: Vec<u8>| open.0.serve(stream, rest)),
         )
     }
 }
@@ -113,123 +106,310 @@ fn fail_frame(id: Option<&str>, reason: impl std::fmt::Display) -> String {
 }
 
 impl WebSockets {
-    /// Submits each task of a frame on its own: each gets its ack, and its result is pushed later.
-    fn on_text(&self, text: &str, push: &Sender<String>) -> Vec<String> {
-        let parsed: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => return vec![fail_frame(None, format!("frame is not valid JSON: {e}"))],
-        };
-        let tasks = match parsed {
-            Value::Array(items) if items.is_empty() => {
-                return vec![fail_frame(None, "no task: the array is empty")]
-            }
-            Value::Array(items) => items,
-            other => vec![other],
-        };
-        tasks
-            .into_iter()
-            .map(|t| {
-                let given = t.get("id").and_then(Value::as_str).map(str::to_string);
-                let push = push.clone();
-                let r = self
-                    .submitter
-                    .submit(std::slice::from_ref(&t), Origin::Network, |acc| {
-                        self.answers.on_results(
-                            acc.ids.clone(),
-                            PUSH_WITHIN,
-                            Box::new(move |got| {
-                                if let Some(Some(r)) = got.into_iter().next() {
-                                    let _ = push.send(json!(r).to_string());
-                                }
-                            }),
-                        );
-                    });
-                match r {
-                    Ok(acc) => {
-                        json!({"id": acc.ids.first(), "result": "OK", "reason": ""}).to_string()
-                    }
-                    Err(e) => fail_frame(given.as_deref(), e),
-                }
-            })
-            .collect()
+    /// The endpoint; `main` builds it from the flags.
+    pub fn new(
+        submitter: Submitter,
+        answers: Answers,
+        token: Option<String>,
+        max_open: usize,
+        max_frame: usize,
+        idle: Duration,
+    ) -> std::io::Result<WebSockets> {
+        Ok(WebSockets {
+            submitter,
+            answers,
+            token,
+            max_open,
+            max_frame,
+            idle,
+            open: AtomicUsize::new(0),
+            stopping: Bell::new()?,
+        })
     }
-}
 
-fn timed_out(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
-}
+    /// Closes every connection (with a close frame) and every later one (shutdown).
+    pub fn close_all(&self) {
+        self.stopping.ring();
+    }
 
-impl WebSockets {
-    fn serve<S: std::io::Read + std::io::Write>(&self, mut ws: WebSocket<S>) {
-        let (push_tx, push_rx): (Sender<String>, Receiver<String>) = unbounded();
-        let idle = self.idle;
-        let mut last_input = Instant::now();
-        loop {
-            let mut out: Vec<String> = Vec::new();
-            match ws.read() {
-                Ok(Message::Text(t)) => {
-                    last_input = Instant::now();
-                    out = self.on_text(t.as_str(), &push_tx);
-                }
-                Ok(Message::Binary(_)) => {
-                    last_input = Instant::now();
-                    out.push(fail_frame(
-                        None,
-                        "binary frames are not supported: send JSON text",
-                    ));
-                }
-                Ok(Message::Close(_)) => break,
-                Ok(_) => last_input = Instant::now(), // ping (answered on the next flush) or pong
-                Err(e) if timed_out(&e) => {}
-                Err(tungstenite::Error::Capacity(e)) => {
-                    let _ = ws.send(Message::text(fail_frame(
-                        None,
-                        format!("frame too large: {e} (--max_body)"),
-                    )));
-                    let _ = ws.close(Some(CloseFrame {
-                        code: CloseCode::Size,
-                        reason: "frame too large".into(),
-                    }));
-                    let _ = ws.flush();
-                    break;
-                }
-                Err(e) => {
-                    log::debug!("ws: connection ends: {e}");
-                    break;
-                }
+    /// One connection, until it closes, goes idle for `--ws_idle`, stops reading its results
+    /// for as long, or the server stops.
+    fn serve(&self, stream: TcpStream, rest: Vec<u8>) {
+        let (bell, sock) = match (Bell::new(), stream.set_nonblocking(true)) {
+            (Ok(b), Ok(())) => (Arc::new(b), stream.as_raw_fd()),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("ws: cannot serve a connection: {e}");
+                return;
             }
-            out.extend(push_rx.try_iter());
-            let mut broken = false;
-            for frame in out {
-                if let Err(e) = ws.send(Message::text(frame)) {
-                    if !timed_out(&e) {
-                        log::debug!("ws: cannot send: {e}");
-                        broken = true;
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_frame))
+            .max_frame_size(Some(self.max_frame));
+        let mut ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
+        let (push_tx, push_rx): (Sender<String>, Receiver<String>) = unbounded();
+        let pusher = Pusher {
+            tx: push_tx,
+            bell: bell.clone(),
+        };
+        let mut last_input = Instant::now();
+        let mut stuck_since: Option<Instant> = None;
+        loop {
+            // Everything readable now: frames are handled together.
+            let mut texts: Vec<String> = Vec::new();
+            let mut out: Vec<String> = Vec::new();
+            let mut closing: Option<(CloseCode, &str)> = None;
+            loop {
+                match ws.read() {
+                    Ok(Message::Text(t)) => {
+                        last_input = Instant::now();
+                        texts.push(t.as_str().to_string());
+                    }
+                    Ok(Message::Binary(_)) => {
+                        last_input = Instant::now();
+                        out.push(fail_frame(
+                            None,
+                            "binary frames are not supported: send JSON text",
+                        ));
+                    }
+                    Ok(Message::Close(_)) => return, // tungstenite answers the close
+                    Ok(_) => last_input = Instant::now(), // ping (answered) or pong
+                    Err(e) if would_block(&e) => break,
+                    Err(tungstenite::Error::Capacity(e)) => {
+                        out.push(fail_frame(
+                            None,
+                            format!("frame too large: {e} (--max_body)"),
+                        ));
+                        closing = Some((CloseCode::Size, "frame too large"));
                         break;
                     }
+                    Err(e) => {
+                        log::debug!("ws: connection ends: {e}");
+                        return;
+                    }
                 }
             }
-            if broken {
-                break;
+            if !texts.is_empty() {
+                out.extend(self.on_texts(&texts, &pusher));
             }
-            match ws.flush() {
-                Ok(()) => {}
-                Err(e) if timed_out(&e) => {}
-                Err(_) => break,
+            bell.quiet();
+            out.extend(push_rx.try_iter());
+            for frame in out {
+                match ws.write(Message::text(frame)) {
+                    Ok(()) => {}
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => {
+                        log::debug!("ws: cannot send: {e}");
+                        return;
+                    }
+                }
             }
-            if !self.submitter.accepting() || last_input.elapsed() > idle {
-                let reason = if last_input.elapsed() > idle {
-                    "idle"
-                } else {
-                    "server shutting down"
-                };
+            let stopping = self.stopping.rung() || !self.submitter.accepting();
+            if closing.is_none() && (stopping || last_input.elapsed() >= self.idle) {
+                closing = Some((
+                    CloseCode::Away,
+                    if stopping {
+                        "server shutting down"
+                    } else {
+                        "idle"
+                    },
+                ));
+            }
+            if let Some((code, reason)) = closing {
                 let _ = ws.close(Some(CloseFrame {
-                    code: CloseCode::Away,
+                    code,
                     reason: reason.into(),
                 }));
+                // Best effort: the socket is non-blocking and the client may be gone.
                 let _ = ws.flush();
-                break;
+                return;
+            }
+            let pending = match ws.flush() {
+                Ok(()) => false,
+                Err(e) if would_block(&e) => true,
+                Err(e) => {
+                    log::debug!("ws: cannot send: {e}");
+                    return;
+                }
+            };
+            // A client that reads nothing of its results for --ws_idle is dropped.
+            if pending {
+                let since = *stuck_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.idle {
+                    log::debug!("ws: the client has not read for {:?}; closed", self.idle);
+                    return;
+                }
+            } else {
+                stuck_since = None;
+            }
+            let wait = self.idle.saturating_sub(last_input.elapsed());
+            if let Err(e) = wait_for(sock, pending, &bell, &self.stopping, wait) {
+                log::warn!("ws: poll failed: {e}; the connection is closed");
+                return;
             }
         }
     }
+
+    /// The tasks of every frame read together: one durable write, one ack per task (in order),
+    /// a Fail frame for each frame that is not JSON or holds an empty array.
+    fn on_texts(&self, texts: &[String], pusher: &Pusher) -> Vec<String> {
+        // Per frame: its tasks (as a range in `values`), or its refusal.
+        let mut frames: Vec<Result<std::ops::Range<usize>, String>> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        for text in texts {
+            let start = values.len();
+            match serde_json::from_str::<Value>(text) {
+                Ok(Value::Array(items)) if items.is_empty() => {
+                    frames.push(Err(fail_frame(None, "no task: the array is empty")))
+                }
+                Ok(Value::Array(items)) => {
+                    values.extend(items);
+                    frames.push(Ok(start..values.len()));
+                }
+                Ok(v) => {
+                    values.push(v);
+                    frames.push(Ok(start..values.len()));
+                }
+                Err(e) => frames.push(Err(fail_frame(
+                    None,
+                    format!("frame is not valid JSON: {e}"),
+                ))),
+            }
+        }
+        let answers = if values.is_empty() {
+            Vec::new()
+        } else {
+            self.submitter.submit_each(&values, Origin::Network, |ids| {
+                for id in ids {
+                    let p = pusher.clone();
+                    self.answers.on_results(
+                        vec![id.clone()],
+                        PUSH_WITHIN,
+                        Box::new(move |got| {
+                            if let Some(Some(r)) = got.into_iter().next() {
+                                p.push(json!(r).to_string());
+                            }
+                        }),
+                    );
+                }
+            })
+        };
+        let mut out = Vec::with_capacity(answers.len() + frames.len());
+        for frame in frames {
+            match frame {
+                Err(refusal) => out.push(refusal),
+                Ok(range) => {
+                    for i in range {
+                        out.push(match &answers[i] {
+                            Ok(id) => json!({"id": id, "result": "OK", "reason": ""}).to_string(),
+                            Err(e) => fail_frame(values[i].get("id").and_then(Value::as_str), e),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Hands a result frame to its connection and wakes it. Never blocks.
+#[derive(Clone)]
+struct Pusher {
+    tx: Sender<String>,
+    bell: Arc<Bell>,
+}
+
+impl Pusher {
+    fn push(&self, frame: String) {
+        if self.tx.send(frame).is_ok() {
+            self.bell.ring();
+        }
+    }
+}
+
+/// An eventfd: `ring` makes it readable (poll wakes up) until `quiet` reads it.
+struct Bell(OwnedFd);
+
+impl Bell {
+    fn new() -> std::io::Result<Bell> {
+        // SAFETY: eventfd(2) with valid flags; the new descriptor is owned by the OwnedFd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is not owned by anything else.
+        Ok(Bell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd (non-blocking; a full counter
+        // only means it is readable already).
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    fn quiet(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe {
+            libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8);
+        }
+    }
+
+    /// True once rung (and not quieted): read without consuming, with a zero-timeout poll.
+    fn rung(&self) -> bool {
+        let mut p = [libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: poll(2) on one valid pollfd, no wait.
+        unsafe { libc::poll(p.as_mut_ptr(), 1, 0) > 0 }
+    }
+}
+
+/// Sleeps until the socket is readable (or writable, when output is pending), a result rings,
+/// shutdown rings, or `wait` passes.
+fn wait_for(
+    sock: RawFd,
+    pending: bool,
+    bell: &Bell,
+    stopping: &Bell,
+    wait: Duration,
+) -> std::io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock,
+            events: libc::POLLIN | if pending { libc::POLLOUT } else { 0 },
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: bell.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stopping.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // Whole milliseconds, at least one (0 would not wait), at most i32::MAX.
+    let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: poll(2) on an array of three valid pollfds we own.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
 }
