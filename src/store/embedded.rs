@@ -129,8 +129,10 @@ impl Shared {
         }
     }
 
-    /// Checks that the disk takes writes again, then opens the database again.
-    fn reopen(&self) -> Result<(), StoreError> {
+    /// Checks that the disk takes writes again, opens the database again and removes the new
+    /// tasks of failed commits (`refused`) that reached the disk all the same: their submitters
+    /// were told that nothing was accepted.
+    fn reopen(&self, refused: &[String]) -> Result<(), StoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(unavailable("the store is closed"));
         }
@@ -138,6 +140,14 @@ impl Shared {
             probe(dir)?;
         }
         let db = (self.open)()?;
+        if !refused.is_empty() {
+            let removed = undo_inserts(&db, refused).map_err(unavailable)?;
+            if removed > 0 {
+                log::warn!(
+                    "store: {removed} refused tasks had reached the disk in a failed commit; removed"
+                );
+            }
+        }
         let mut slot = self.db.write();
         *slot = Slot::Open(Arc::new(db));
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -342,6 +352,9 @@ fn writer(shared: &Shared, rx: &Receiver<Batch>) {
     // Set while the store is down: when to try reopening next.
     let mut reopen_at: Option<Instant> = None;
     let mut failed_reopens = 0u32;
+    // New tasks of commits that failed after an I/O error: refused to their submitters, maybe
+    // on disk all the same; removed at the reopen.
+    let mut refused: Vec<String> = Vec::new();
     loop {
         if reopen_at.is_none() && !shared.up.load(Ordering::Acquire) {
             // A read found the file broken.
@@ -350,8 +363,9 @@ fn writer(shared: &Shared, rx: &Receiver<Batch>) {
         }
         if let Some(at) = reopen_at {
             if Instant::now() >= at {
-                match shared.reopen() {
+                match shared.reopen(&refused) {
                     Ok(()) => {
+                        refused.clear();
                         log::info!("store: database reopened; the store is up again");
                         reopen_at = None;
                         failed_reopens = 0;
@@ -403,6 +417,12 @@ fn writer(shared: &Shared, rx: &Receiver<Batch>) {
                     Err(e) => {
                         log::error!("store: commit of {n} writes failed: {e}");
                         if broken(&e) {
+                            refused.extend(batches.iter().flat_map(|b| &b.ops).filter_map(|op| {
+                                match op {
+                                    Op::InsertTask(id, _) => Some(id.clone()),
+                                    _ => None,
+                                }
+                            }));
                             shared.mark_down(&e);
                             drop(db);
                             shared.close_db();
@@ -427,6 +447,22 @@ fn writer(shared: &Shared, rx: &Receiver<Batch>) {
     }
 }
 
+/// Deletes these tasks; how many were there.
+fn undo_inserts(db: &Database, ids: &[String]) -> Result<usize, redb::Error> {
+    let txn = db.begin_write()?;
+    let mut removed = 0;
+    {
+        let mut tasks = txn.open_table(TASKS)?;
+        for id in ids {
+            if tasks.remove(id.as_str())?.is_some() {
+                removed += 1;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(removed)
+}
+
 fn apply(db: &Database, batches: &[Batch]) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
@@ -436,7 +472,7 @@ fn apply(db: &Database, batches: &[Batch]) -> Result<(), redb::Error> {
         let mut meta = txn.open_table(META)?;
         for op in batches.iter().flat_map(|b| b.ops.iter()) {
             match op {
-                Op::PutTask(id, bytes) => {
+                Op::PutTask(id, bytes) | Op::InsertTask(id, bytes) => {
                     tasks.insert(id.as_str(), bytes.as_slice())?;
                 }
                 Op::DelTask(id) => {
@@ -736,6 +772,8 @@ mod tests {
     struct Flaky {
         inner: Arc<redb::backends::InMemoryBackend>,
         full: Arc<AtomicBool>,
+        /// Only fsync fails (the writes themselves go through), as with EIO at the end.
+        sync_fails: Arc<AtomicBool>,
     }
 
     impl Flaky {
@@ -761,6 +799,9 @@ mod tests {
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
             self.check()?;
+            if self.sync_fails.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
             self.inner.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
@@ -773,11 +814,20 @@ mod tests {
         inner: &Arc<redb::backends::InMemoryBackend>,
         full: &Arc<AtomicBool>,
     ) -> EmbeddedStore {
-        let (inner, full) = (inner.clone(), full.clone());
+        flaky_store_with(inner, full, &Arc::new(AtomicBool::new(false)))
+    }
+
+    fn flaky_store_with(
+        inner: &Arc<redb::backends::InMemoryBackend>,
+        full: &Arc<AtomicBool>,
+        sync_fails: &Arc<AtomicBool>,
+    ) -> EmbeddedStore {
+        let (inner, full, sync_fails) = (inner.clone(), full.clone(), sync_fails.clone());
         let open_db = move || {
             let backend = Flaky {
                 inner: inner.clone(),
                 full: full.clone(),
+                sync_fails: sync_fails.clone(),
             };
             let db = redb::Builder::new()
                 .create_with_backend(backend)
@@ -785,6 +835,39 @@ mod tests {
             create_tables(db)
         };
         start(Box::new(open_db), None).expect("open")
+    }
+
+    #[test]
+    fn a_refused_insert_that_reached_the_disk_is_undone_at_the_reopen() {
+        let inner = Arc::new(redb::backends::InMemoryBackend::new());
+        let (full, sync_fails) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let s = flaky_store_with(&inner, &full, &sync_fails);
+        s.insert(&[task("kept", State::Delayed, 1)])
+            .expect("insert");
+        sync_fails.store(true, Ordering::SeqCst);
+        let refused = s.insert(&[task("refused", State::Delayed, 2)]);
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        sync_fails.store(false, Ordering::SeqCst);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(std::time::Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s.close();
+        let again = flaky_store_with(&inner, &full, &sync_fails);
+        let rec: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(rec, vec!["kept"], "a task refused with 503 must not run");
     }
 
     #[test]

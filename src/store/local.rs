@@ -12,6 +12,9 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub enum Op {
     PutTask(String, Vec<u8>),
+    /// A new task (`PutTask` for an id that was free): undone after a failed commit that may
+    /// have reached the disk, because its submitter was told nothing was accepted.
+    InsertTask(String, Vec<u8>),
     DelTask(String),
     PutResult {
         id: String,
@@ -171,7 +174,7 @@ impl<B: Backend> Store for LocalStore<B> {
             match encode(t) {
                 Ok(bytes) => {
                     ops.push(Op::DelResult(t.id.clone()));
-                    ops.push(Op::PutTask(t.id.clone(), bytes));
+                    ops.push(Op::InsertTask(t.id.clone(), bytes));
                 }
                 Err(e) => {
                     self.live.release(&ids);

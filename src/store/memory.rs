@@ -36,7 +36,7 @@ impl Backend for MemoryBackend {
         let mut t = self.inner.lock();
         for op in ops {
             match op {
-                Op::PutTask(id, b) => {
+                Op::PutTask(id, b) | Op::InsertTask(id, b) => {
                     t.tasks.insert(id, b);
                 }
                 Op::DelTask(id) => {
