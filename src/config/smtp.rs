@@ -16,10 +16,13 @@ pub enum Security {
 /// The relay settings from the flags.
 #[derive(Clone)]
 pub struct SmtpConfig {
+    /// Relay host name (`--smtp_server`), also the name its certificate must match.
     pub server: String,
+    /// Relay port (`--smtp_port`, or the default of the security mode).
     pub port: u16,
     /// AUTH user and password, when a name is given.
     pub auth: Option<(String, String)>,
+    /// Plain, STARTTLS or implicit TLS.
     pub security: Security,
     /// Default sender when a task gives no `from_addr`.
     pub from: Option<String>,

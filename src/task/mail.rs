@@ -13,9 +13,13 @@ const MAX_RECIPIENTS: usize = 100;
 /// Mail params as stored with the task (sender resolved at submit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailParams {
+    /// The sender (the task's, or `--smtp_from`).
     pub from_addr: String,
+    /// Comma-separated recipients.
     pub to_addr: String,
+    /// The subject: one line.
     pub title: String,
+    /// The plain-text body.
     pub body: String,
 }
 

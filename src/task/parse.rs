@@ -23,7 +23,9 @@ pub const MAX_RETRY_INTERVAL_S: u64 = 86_400;
 /// What validation needs to know about the server.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Number of workers (`cc` names workers 0 to `workers - 1`).
     pub workers: usize,
+    /// Which programs EXEC tasks from the network may run.
     pub exec: ExecPolicy,
     /// MAIL_TO needs a configured relay.
     pub mail_enabled: bool,
@@ -38,7 +40,9 @@ pub enum TaskError {
     NotAnObject,
     /// A field is missing or wrong.
     Field {
+        /// The field's name in the submitted JSON.
         field: &'static str,
+        /// What is wrong with it.
         problem: String,
     },
 }
@@ -67,6 +71,7 @@ impl std::error::Error for TaskError {}
 /// A validated submission: the task plus how long the caller waits for its result.
 #[derive(Clone, Debug)]
 pub struct Submission {
+    /// The task to store.
     pub task: Task,
     /// Seconds the submit call blocks for the final result (0: no wait).
     pub wait: u64,
