@@ -4,7 +4,8 @@
 
 use crate::config::Config;
 use crate::dispatch::Pool;
-use crate::exec::{http::HttpExec, mail::MailExec, Executors};
+use crate::exec::mail::{MailError, MailExec};
+use crate::exec::{http::HttpExec, Executors};
 use crate::intake::Submitter;
 use crate::outcome::{OutcomeStage, RetryPolicy};
 use crate::results::{Answers, Results};
@@ -53,9 +54,10 @@ pub enum StartError {
     /// The store named by `--data` or `--redis` cannot be opened (the flag, the reason).
     OpenStore(&'static str, StoreError),
     /// The SMTP relay settings are unusable.
-    Mail(String),
+    Mail(MailError),
     /// The Kafka clients cannot be created.
-    Kafka(String),
+    #[cfg(feature = "kafka")]
+    Kafka(crate::intake::kafka::KafkaError),
     /// The cron file is invalid.
     Cron(CronError),
 }
@@ -67,7 +69,9 @@ impl fmt::Display for StartError {
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             StartError::DeadDir(p, e) => write!(f, "--dead: cannot create {}: {e}", p.display()),
             StartError::OpenStore(flag, e) => write!(f, "{flag}: {e}"),
-            StartError::Mail(e) | StartError::Kafka(e) => write!(f, "{e}"),
+            StartError::Mail(e) => write!(f, "{e}"),
+            #[cfg(feature = "kafka")]
+            StartError::Kafka(e) => write!(f, "{e}"),
             StartError::Cron(e) => write!(f, "--cron: {e}"),
         }
     }
@@ -79,7 +83,9 @@ impl std::error::Error for StartError {
             StartError::Store(e) | StartError::OpenStore(_, e) => Some(e),
             StartError::Thread(e) | StartError::DeadDir(_, e) => Some(e),
             StartError::Cron(e) => Some(e),
-            StartError::Mail(_) | StartError::Kafka(_) => None,
+            StartError::Mail(e) => Some(e),
+            #[cfg(feature = "kafka")]
+            StartError::Kafka(e) => Some(e),
         }
     }
 }

@@ -2,11 +2,12 @@
 //! The flags themselves (names, defaults, ranges, help) are one table, in [`flags`].
 
 pub mod flags;
+pub mod smtp;
 
-use crate::exec::mail::{Security, SmtpConfig};
 use crate::task::ExecPolicy;
 pub use flags::help_text;
 use flags::{bad, Raw};
+pub use smtp::{Security, SmtpConfig};
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;

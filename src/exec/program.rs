@@ -2,94 +2,17 @@
 //! on timeout the whole group is killed.
 
 use super::{cap_text, RunResult, MAX_OUTPUT};
-use crate::task::{ExecPolicy, Task};
+use crate::task::{resolve_in_dir, ExecPolicy, ProgramError, Task};
 use crossbeam_channel::{bounded, Receiver};
-use std::fmt;
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Why a program name is refused under `--exec_dir`.
-#[derive(Debug)]
-pub enum ProgramError {
-    /// The name holds a NUL byte.
-    Nul,
-    /// The name holds a `/`: only files directly in the directory may run.
-    Slash,
-    /// The name holds `..`.
-    DotDot,
-    /// Nothing by that name in the directory (or a link to nothing).
-    NotFound(String),
-    /// The name, links resolved, is a file outside the directory.
-    Outside(String),
-    /// The name, links resolved, is not a regular file (e.g. a directory).
-    NotAFile(String),
-    /// The exec directory itself cannot be resolved.
-    Dir(io::Error),
-    /// The name cannot be resolved for another reason (e.g. a loop of links).
-    Resolve(String, io::Error),
-}
-
-impl fmt::Display for ProgramError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProgramError::Nul => write!(f, "EXEC program names must not contain a NUL byte"),
-            ProgramError::Slash => write!(
-                f,
-                "EXEC program names must not contain '/' (programs run from --exec_dir)"
-            ),
-            ProgramError::DotDot => write!(f, "EXEC program names must not contain '..'"),
-            ProgramError::NotFound(n) => {
-                write!(f, "program {n:?} not found in the exec directory")
-            }
-            ProgramError::Outside(n) => write!(
-                f,
-                "program {n:?} leads outside the exec directory (its real path, links resolved, must be inside it)"
-            ),
-            ProgramError::NotAFile(n) => write!(f, "program {n:?} is not a regular file"),
-            ProgramError::Dir(e) => write!(f, "the exec directory cannot be resolved: {e}"),
-            ProgramError::Resolve(n, e) => write!(f, "program {n:?} cannot be resolved: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ProgramError {}
-
-/// The real path (symlinks resolved) of program `name` in the exec directory `dir`, refused
-/// unless it is a regular file inside the real path of `dir`. Checked at submit and again just
-/// before each run, since a link may change in between.
-pub fn resolve_in_dir(dir: &Path, name: &str) -> Result<PathBuf, ProgramError> {
-    if name.contains('\0') {
-        return Err(ProgramError::Nul);
-    }
-    if name.contains('/') {
-        return Err(ProgramError::Slash);
-    }
-    if name.contains("..") {
-        return Err(ProgramError::DotDot);
-    }
-    let dir = dir.canonicalize().map_err(ProgramError::Dir)?;
-    let real = match dir.join(name).canonicalize() {
-        Ok(p) => p,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ProgramError::NotFound(name.to_string()))
-        }
-        Err(e) => return Err(ProgramError::Resolve(name.to_string(), e)),
-    };
-    if !real.starts_with(&dir) || real == dir {
-        return Err(ProgramError::Outside(name.to_string()));
-    }
-    if !real.is_file() {
-        return Err(ProgramError::NotAFile(name.to_string()));
-    }
-    Ok(real)
-}
-
 /// Which file runs for this task under the EXEC rules, and the `argv[0]` it is given.
-fn program(task: &Task, policy: &ExecPolicy) -> Result<(PathBuf, PathBuf), String> {
+fn program(task: &Task, policy: &ExecPolicy) -> Result<(PathBuf, PathBuf), ProgramError> {
     if task.trusted {
         let p = PathBuf::from(&task.name);
         return Ok((p.clone(), p));
@@ -101,10 +24,10 @@ fn program(task: &Task, policy: &ExecPolicy) -> Result<(PathBuf, PathBuf), Strin
         }
         // The resolved path runs, so a link re-pointed after this check changes nothing;
         // argv[0] stays the name as written (some programs look at it).
-        ExecPolicy::Dir(dir) => resolve_in_dir(dir, &task.name)
-            .map(|real| (real, dir.join(&task.name)))
-            .map_err(|e| e.to_string()),
-        ExecPolicy::Disabled => Err("EXEC from the network is disabled".to_string()),
+        ExecPolicy::Dir(dir) => {
+            resolve_in_dir(dir, &task.name).map(|real| (real, dir.join(&task.name)))
+        }
+        ExecPolicy::Disabled => Err(ProgramError::Disabled),
     }
 }
 
@@ -179,7 +102,7 @@ pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
         Err(e) => {
             return RunResult {
                 permanent: true,
-                ..RunResult::failed(e)
+                ..RunResult::failed(e.to_string())
             }
         }
     };

@@ -13,23 +13,66 @@ use crate::status::KafkaStatus;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::fmt;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+/// Why the Kafka clients cannot be started; rdkafka's error is kept as the cause.
+#[derive(Debug)]
+pub enum KafkaError {
+    /// The result producer cannot be created (`--kafka_servers`).
+    Producer(RdKafkaError),
+    /// The task consumer cannot be created (`--kafka_servers`).
+    Consumer(RdKafkaError),
+    /// The consumer cannot subscribe to the task topic (`--kafka_topic`).
+    Subscribe(String, RdKafkaError),
+    /// A Kafka thread cannot be started.
+    Thread(io::Error),
+}
+
+impl fmt::Display for KafkaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KafkaError::Producer(e) => {
+                write!(f, "--kafka_servers: cannot create a producer: {e}")
+            }
+            KafkaError::Consumer(e) => {
+                write!(f, "--kafka_servers: cannot create a consumer: {e}")
+            }
+            KafkaError::Subscribe(topic, e) => {
+                write!(f, "--kafka_topic: cannot subscribe to {topic:?}: {e}")
+            }
+            KafkaError::Thread(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for KafkaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KafkaError::Producer(e) | KafkaError::Consumer(e) | KafkaError::Subscribe(_, e) => {
+                Some(e)
+            }
+            KafkaError::Thread(e) => Some(e),
+        }
+    }
+}
 
 /// Counts and remembers client errors for `/sys_info`.
 #[derive(Clone)]
 struct Ctx(Arc<KafkaStatus>);
 
 impl ClientContext for Ctx {
-    fn error(&self, error: KafkaError, reason: &str) {
+    fn error(&self, error: RdKafkaError, reason: &str) {
         log::warn!("kafka: {error}: {reason}");
         if reason.contains("brokers are down") || reason.contains("Connection refused") {
             self.0.connected.store(false, Ordering::Relaxed);
@@ -77,7 +120,7 @@ impl Replier {
     pub fn start(
         cfg: &KafkaConfig,
         status: Arc<KafkaStatus>,
-    ) -> Result<Option<Arc<Replier>>, String> {
+    ) -> Result<Option<Arc<Replier>>, KafkaError> {
         let Some(topic) = cfg.resp_topic.clone() else {
             return Ok(None);
         };
@@ -85,7 +128,7 @@ impl Replier {
             .set("message.timeout.ms", "300000")
             .set("linger.ms", "5")
             .create_with_context(Ctx(status))
-            .map_err(|e| format!("--kafka_servers: cannot create a producer: {e}"))?;
+            .map_err(KafkaError::Producer)?;
         let r = Arc::new(Replier {
             producer,
             topic,
@@ -100,7 +143,7 @@ impl Replier {
                     r2.producer.poll(Duration::from_millis(100));
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(KafkaError::Thread)?;
         *r.thread.lock() = Some(h);
         Ok(Some(r))
     }
@@ -167,21 +210,21 @@ pub fn start(
     cfg: KafkaConfig,
     status: Arc<KafkaStatus>,
     replier: Option<Arc<Replier>>,
-) -> Result<JoinHandle<()>, String> {
+) -> Result<JoinHandle<()>, KafkaError> {
     let consumer: BaseConsumer<Ctx> = base_config(&cfg)
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .create_with_context(Ctx(status.clone()))
-        .map_err(|e| format!("--kafka_servers: cannot create a consumer: {e}"))?;
+        .map_err(KafkaError::Consumer)?;
     consumer
         .subscribe(&[cfg.topic.as_str()])
-        .map_err(|e| format!("--kafka_topic: cannot subscribe to {:?}: {e}", cfg.topic))?;
+        .map_err(|e| KafkaError::Subscribe(cfg.topic.clone(), e))?;
     crate::stage::spawn_critical("kafka-poll", move || {
         poll_loop(&feed, &cfg, &consumer, &status, replier.as_deref())
     })
-    .map_err(|e| e.to_string())
+    .map_err(KafkaError::Thread)
 }
 
 /// Most messages read before one submit: they share one durable write.

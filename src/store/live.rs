@@ -7,6 +7,10 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// An id that [`LiveIndex::reserve`] refused: already taken, or repeated in the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DuplicateId(pub String);
+
 /// State of an entry; `Reserved` while its insert is being made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Entry {
@@ -23,12 +27,12 @@ pub struct LiveIndex {
 }
 
 impl LiveIndex {
-    /// Reserves new ids (all or none); `Err(id)` names the first one already taken or repeated.
-    pub fn reserve(&self, items: &[(&str, State)]) -> Result<(), String> {
+    /// Reserves new ids (all or none); the error names the first one already taken or repeated.
+    pub fn reserve(&self, items: &[(&str, State)]) -> Result<(), DuplicateId> {
         let mut map = self.map.lock();
         for (i, (id, _)) in items.iter().enumerate() {
             if map.contains_key(*id) || items[..i].iter().any(|(other, _)| other == id) {
-                return Err(id.to_string());
+                return Err(DuplicateId(id.to_string()));
             }
         }
         for (id, state) in items {

@@ -167,7 +167,9 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
         let items: Vec<(&str, State)> = tasks.iter().map(|t| (t.id.as_str(), t.state)).collect();
-        self.live.reserve(&items).map_err(StoreError::Duplicate)?;
+        self.live
+            .reserve(&items)
+            .map_err(|dup| StoreError::Duplicate(dup.0))?;
         let ids: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
         let mut ops = Vec::with_capacity(tasks.len() * 2);
         for t in tasks {

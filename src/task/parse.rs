@@ -1,49 +1,11 @@
-//! The task model (what is stored) and the validation of submitted JSON into it.
+//! Validation of submitted JSON into a [`Task`]: the fields every task has, then the fields of
+//! its method (GET/POST URL and params, EXEC program and arguments, MAIL_TO params). Every
+//! refusal names the field at fault.
 
-use serde::{Deserialize, Serialize};
+use super::exec_policy::{resolve_in_dir, ExecPolicy};
+use super::{mail, Method, State, Task};
 use serde_json::{Map, Value};
 use std::fmt;
-use std::path::PathBuf;
-
-/// Whether the task succeeded, as the API says it (`OK` or `Fail`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Verdict {
-    #[serde(rename = "OK")]
-    Ok,
-    Fail,
-}
-
-/// How a task ended (`succeeded`, or `dead` once its retries are spent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinalStatus {
-    Succeeded,
-    Dead,
-}
-
-impl FinalStatus {
-    /// As the API writes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinalStatus::Succeeded => "succeeded",
-            FinalStatus::Dead => "dead",
-        }
-    }
-}
-
-/// The final result of a task, exactly as `/task_resp` returns it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskResult {
-    pub id: String,
-    pub result: Verdict,
-    pub reason: String,
-    pub status: FinalStatus,
-    pub attempts: usize,
-    pub output: String,
-    pub code: Option<i64>,
-    pub submitted_at: String,
-    pub finished_at: String,
-}
 
 /// Longest accepted id, in bytes.
 pub const MAX_ID_LEN: usize = 200;
@@ -58,144 +20,12 @@ pub const MAX_RETRY_LIMIT: u32 = 100;
 /// Longest per-task retry interval.
 pub const MAX_RETRY_INTERVAL_S: u64 = 86_400;
 
-/// What a task does when it runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Method {
-    #[serde(rename = "GET")]
-    Get,
-    #[serde(rename = "POST")]
-    Post,
-    #[serde(rename = "EXEC")]
-    Exec,
-    #[serde(rename = "MAIL_TO")]
-    MailTo,
-}
-
-impl Method {
-    /// Parses the wire spelling (case-insensitive).
-    pub fn parse(s: &str) -> Option<Method> {
-        match s.to_ascii_uppercase().as_str() {
-            "GET" => Some(Method::Get),
-            "POST" => Some(Method::Post),
-            "EXEC" => Some(Method::Exec),
-            "MAIL_TO" => Some(Method::MailTo),
-            _ => None,
-        }
-    }
-
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Exec => "EXEC",
-            Method::MailTo => "MAIL_TO",
-        }
-    }
-}
-
-/// Where a task is in its life; persisted with the task so a restart knows what to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    /// Waiting for its delay to pass.
-    Delayed,
-    /// Due: waiting for a worker.
-    Ready,
-    /// An attempt is running.
-    Running,
-    /// A failed attempt waits for its retry time.
-    RetryWait,
-}
-
-impl State {
-    /// The name shown to users in status answers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Delayed => "delayed",
-            State::Ready => "queued",
-            State::Running => "running",
-            State::RetryWait => "retry_wait",
-        }
-    }
-}
-
-/// One finished attempt, kept for the dead-letter record and the result.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Attempt {
-    /// Unix milliseconds when the attempt started.
-    pub started_ms: i64,
-    /// Unix milliseconds when it ended.
-    pub finished_ms: i64,
-    /// Worker that ran it.
-    pub worker: usize,
-    /// Whether it succeeded.
-    pub ok: bool,
-    /// HTTP status or exit code, when there was one.
-    pub code: Option<i64>,
-    /// Why it failed (empty on success).
-    pub error: String,
-    /// The start of the output (at most [`crate::exec::EXCERPT_LEN`] bytes).
-    pub output_excerpt: String,
-}
-
-/// A task as stored: what to run plus where it is in its life.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Task {
-    pub id: String,
-    pub method: Method,
-    pub name: String,
-    /// GET query string, POST JSON body, MAIL_TO JSON object; empty for EXEC.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub params: String,
-    /// EXEC arguments.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub args: Vec<String>,
-    /// Workers allowed to run it; empty means any.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cc: Vec<usize>,
-    #[serde(default)]
-    pub delay: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_retry: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_interval: Option<u64>,
-    /// Submitted by the operator (cron file), not the network: EXEC needs no `--exec_dir`.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub trusted: bool,
-    /// Came from Kafka: its final result is also produced to the result topic.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub kafka: bool,
-    /// Unix milliseconds of the accepted submit.
-    pub submitted_ms: i64,
-    /// Unix microseconds when it is due (delay or retry).
-    pub due_us: u64,
-    pub state: State,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<Attempt>,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-/// How EXEC tasks that come from the network are allowed to run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExecPolicy {
-    /// Neither `--exec_dir` nor `--exec_any`: refused.
-    Disabled,
-    /// Only programs directly inside this directory.
-    Dir(PathBuf),
-    /// Any program on PATH (`--exec_any`).
-    Any,
-}
-
 /// What validation needs to know about the server.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Number of workers (`cc` names workers 0 to `workers - 1`).
     pub workers: usize,
+    /// Which programs EXEC tasks from the network may run.
     pub exec: ExecPolicy,
     /// MAIL_TO needs a configured relay.
     pub mail_enabled: bool,
@@ -210,13 +40,16 @@ pub enum TaskError {
     NotAnObject,
     /// A field is missing or wrong.
     Field {
+        /// The field's name in the submitted JSON.
         field: &'static str,
+        /// What is wrong with it.
         problem: String,
     },
 }
 
 impl TaskError {
-    fn field(field: &'static str, problem: impl Into<String>) -> TaskError {
+    /// A refusal of `field`.
+    pub(crate) fn field(field: &'static str, problem: impl Into<String>) -> TaskError {
         TaskError::Field {
             field,
             problem: problem.into(),
@@ -238,6 +71,7 @@ impl std::error::Error for TaskError {}
 /// A validated submission: the task plus how long the caller waits for its result.
 #[derive(Clone, Debug)]
 pub struct Submission {
+    /// The task to store.
     pub task: Task,
     /// Seconds the submit call blocks for the final result (0: no wait).
     pub wait: u64,
@@ -264,7 +98,8 @@ pub fn check_id(id: &str) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// Validates one submitted JSON task. `now_ms`/`now_us` are the submit time.
+/// Validates one submitted JSON task. `now_us` is the submit time (Unix microseconds);
+/// `trusted` is set for the operator's own tasks (cron file), which EXEC rules do not restrict.
 pub fn parse_task(
     v: &Value,
     limits: &Limits,
@@ -272,144 +107,226 @@ pub fn parse_task(
     now_us: u64,
 ) -> Result<Submission, TaskError> {
     let obj = v.as_object().ok_or(TaskError::NotAnObject)?;
-    let id = match obj.get("id") {
-        None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
+    let common = Common::parse(obj, limits.workers)?;
+    let raw = obj.get("params");
+    let payload = match common.method {
+        Method::Get => get(&common.name, raw)?,
+        Method::Post => post(&common.name, raw)?,
+        Method::Exec => exec(&common.name, raw, &limits.exec, trusted)?,
+        Method::MailTo => mail_to(&common.name, raw, limits)?,
+    };
+    Ok(common.into_submission(payload, trusted, now_us))
+}
+
+/// The fields every task has, checked in this order.
+struct Common {
+    id: String,
+    method: Method,
+    /// Trimmed, not empty; what it must be depends on the method.
+    name: String,
+    delay: u64,
+    wait: u64,
+    timeout: Option<u64>,
+    max_retry: Option<u32>,
+    retry_interval: Option<u64>,
+    cc: Vec<usize>,
+}
+
+/// What a task's method makes of `params`.
+#[derive(Default)]
+struct Payload {
+    /// GET query string, POST JSON body, MAIL_TO JSON object; empty for EXEC.
+    params: String,
+    /// EXEC arguments.
+    args: Vec<String>,
+}
+
+impl Payload {
+    fn params(params: String) -> Payload {
+        Payload {
+            params,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl Common {
+    fn parse(obj: &Map<String, Value>, workers: usize) -> Result<Common, TaskError> {
+        let id = id(obj)?;
+        let method = method(obj)?;
+        let name = name(obj)?;
+        let delay = whole(obj, "delay", MAX_DELAY_S)?.unwrap_or(0);
+        let wait = whole(obj, "wait", MAX_WAIT_S)?.unwrap_or(0);
+        let timeout = whole(obj, "timeout", MAX_TIMEOUT_S)?;
+        if timeout == Some(0) {
+            return Err(TaskError::field("timeout", "must be at least 1 second"));
+        }
+        let max_retry = whole(obj, "max_retry", MAX_RETRY_LIMIT as u64)?.map(|n| n as u32);
+        let retry_interval = whole(obj, "retry_interval", MAX_RETRY_INTERVAL_S)?;
+        let cc = parse_cc(obj.get("cc"), workers)?;
+        Ok(Common {
+            id,
+            method,
+            name,
+            delay,
+            wait,
+            timeout,
+            max_retry,
+            retry_interval,
+            cc,
+        })
+    }
+
+    /// The new task, due after its delay.
+    fn into_submission(self, payload: Payload, trusted: bool, now_us: u64) -> Submission {
+        let task = Task {
+            id: self.id,
+            method: self.method,
+            name: self.name,
+            params: payload.params,
+            args: payload.args,
+            cc: self.cc,
+            delay: self.delay,
+            timeout: self.timeout,
+            max_retry: self.max_retry,
+            retry_interval: self.retry_interval,
+            trusted,
+            kafka: false,
+            submitted_ms: (now_us / 1000) as i64,
+            due_us: now_us + self.delay * 1_000_000,
+            state: if self.delay == 0 {
+                State::Ready
+            } else {
+                State::Delayed
+            },
+            attempts: Vec::new(),
+        };
+        Submission {
+            task,
+            wait: self.wait,
+        }
+    }
+}
+
+/// `id`: checked when given, a new UUID when not.
+fn id(obj: &Map<String, Value>) -> Result<String, TaskError> {
+    match obj.get("id") {
+        None | Some(Value::Null) => Ok(uuid::Uuid::new_v4().to_string()),
         Some(Value::String(s)) => {
             check_id(s)?;
-            s.clone()
+            Ok(s.clone())
         }
-        Some(_) => return Err(TaskError::field("id", "must be a string")),
-    };
-    let method = match obj.get("method") {
+        Some(_) => Err(TaskError::field("id", "must be a string")),
+    }
+}
+
+/// `method`: required, one of the wire spellings (any case).
+fn method(obj: &Map<String, Value>) -> Result<Method, TaskError> {
+    match obj.get("method") {
         Some(Value::String(s)) => Method::parse(s).ok_or_else(|| {
             TaskError::field(
                 "method",
                 format!("unknown method {s:?}; use GET, POST, EXEC or MAIL_TO"),
             )
-        })?,
-        None | Some(Value::Null) => return Err(TaskError::field("method", "is required")),
-        Some(_) => return Err(TaskError::field("method", "must be a string")),
-    };
-    let name = match obj.get("name") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        }),
+        None | Some(Value::Null) => Err(TaskError::field("method", "is required")),
+        Some(_) => Err(TaskError::field("method", "must be a string")),
+    }
+}
+
+/// `name`: a required string, trimmed, not empty.
+fn name(obj: &Map<String, Value>) -> Result<String, TaskError> {
+    match obj.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         Some(Value::String(_)) | None | Some(Value::Null) => {
-            return Err(TaskError::field("name", "is required"))
+            Err(TaskError::field("name", "is required"))
         }
-        Some(_) => return Err(TaskError::field("name", "must be a string")),
+        Some(_) => Err(TaskError::field("name", "must be a string")),
+    }
+}
+
+/// GET: `name` is a URL, `params` a query string (leading `?`/`&` dropped).
+fn get(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
+    check_url(name)?;
+    let params = match raw {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.trim_start_matches(['?', '&']).to_string(),
+        Some(_) => {
+            return Err(TaskError::field(
+                "params",
+                "for GET must be a query string like \"a=1&b=2\"",
+            ))
+        }
     };
-    let delay = whole(obj, "delay", MAX_DELAY_S)?.unwrap_or(0);
-    let wait = whole(obj, "wait", MAX_WAIT_S)?.unwrap_or(0);
-    let timeout = whole(obj, "timeout", MAX_TIMEOUT_S)?;
-    if timeout == Some(0) {
-        return Err(TaskError::field("timeout", "must be at least 1 second"));
+    if params.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(TaskError::field(
+            "params",
+            "query string must not contain spaces or control characters (URL-encode them)",
+        ));
     }
-    let max_retry = whole(obj, "max_retry", MAX_RETRY_LIMIT as u64)?.map(|n| n as u32);
-    let retry_interval = whole(obj, "retry_interval", MAX_RETRY_INTERVAL_S)?;
-    let cc = parse_cc(obj.get("cc"), limits.workers)?;
+    Ok(Payload::params(params))
+}
 
-    let mut params = String::new();
-    let mut args = Vec::new();
-    let raw = obj.get("params");
-    match method {
-        Method::Get => {
-            check_url(&name)?;
-            params = match raw {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.trim_start_matches(['?', '&']).to_string(),
-                Some(_) => {
-                    return Err(TaskError::field(
-                        "params",
-                        "for GET must be a query string like \"a=1&b=2\"",
-                    ))
-                }
-            };
-            if params.chars().any(|c| c.is_control() || c == ' ') {
-                return Err(TaskError::field(
-                    "params",
-                    "query string must not contain spaces or control characters (URL-encode them)",
-                ));
-            }
+/// POST: `name` is a URL, `params` a JSON body (as JSON, or a string holding JSON).
+fn post(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
+    check_url(name)?;
+    let params = match raw {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) if s.trim().is_empty() => String::new(),
+        Some(Value::String(s)) => {
+            serde_json::from_str::<Value>(s)
+                .map_err(|e| TaskError::field("params", format!("for POST must be JSON: {e}")))?;
+            s.clone()
         }
-        Method::Post => {
-            check_url(&name)?;
-            params = match raw {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) if s.trim().is_empty() => String::new(),
-                Some(Value::String(s)) => {
-                    serde_json::from_str::<Value>(s).map_err(|e| {
-                        TaskError::field("params", format!("for POST must be JSON: {e}"))
-                    })?;
-                    s.clone()
-                }
-                Some(other) => other.to_string(),
-            };
-        }
-        Method::Exec => {
-            args = match raw {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|i| i.as_str().map(str::to_string))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        TaskError::field(
-                            "params",
-                            "for EXEC must be a string or an array of strings",
-                        )
-                    })?,
-                Some(_) => {
-                    return Err(TaskError::field(
-                        "params",
-                        "for EXEC must be a string or an array of strings",
-                    ))
-                }
-            };
-            if args.iter().any(|a| a.contains('\0')) {
-                return Err(TaskError::field("params", "arguments must not contain NUL"));
-            }
-            if !trusted {
-                check_exec_name(&name, &limits.exec)?;
-            }
-        }
-        Method::MailTo => {
-            if !limits.mail_enabled {
-                return Err(TaskError::field(
-                    "method",
-                    "MAIL_TO is not available: no SMTP relay is configured (--smtp_server)",
-                ));
-            }
-            let mail = crate::exec::mail::parse_params(&name, raw, limits.mail_from.as_deref())
-                .map_err(|(field, problem)| TaskError::Field { field, problem })?;
-            params = serde_json::to_string(&mail)
-                .map_err(|e| TaskError::field("params", e.to_string()))?;
-        }
+        Some(other) => other.to_string(),
+    };
+    Ok(Payload::params(params))
+}
+
+/// EXEC: `params` are the arguments (split on whitespace, or an array of strings); `name` must
+/// pass the EXEC rules unless the task is trusted.
+fn exec(
+    name: &str,
+    raw: Option<&Value>,
+    policy: &ExecPolicy,
+    trusted: bool,
+) -> Result<Payload, TaskError> {
+    let not_args =
+        || TaskError::field("params", "for EXEC must be a string or an array of strings");
+    let args = match raw {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(not_args)?,
+        Some(_) => return Err(not_args()),
+    };
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(TaskError::field("params", "arguments must not contain NUL"));
     }
-
-    let delay_us = delay * 1_000_000;
-    let task = Task {
-        id,
-        method,
-        name,
-        params,
+    if !trusted {
+        check_exec_name(name, policy)?;
+    }
+    Ok(Payload {
+        params: String::new(),
         args,
-        cc,
-        delay,
-        timeout,
-        max_retry,
-        retry_interval,
-        trusted,
-        kafka: false,
-        submitted_ms: (now_us / 1000) as i64,
-        due_us: now_us + delay_us,
-        state: if delay == 0 {
-            State::Ready
-        } else {
-            State::Delayed
-        },
-        attempts: Vec::new(),
-    };
-    Ok(Submission { task, wait })
+    })
+}
+
+/// MAIL_TO: needs a relay; `params` are checked by [`mail::parse_params`] and stored as JSON.
+fn mail_to(name: &str, raw: Option<&Value>, limits: &Limits) -> Result<Payload, TaskError> {
+    if !limits.mail_enabled {
+        return Err(TaskError::field(
+            "method",
+            "MAIL_TO is not available: no SMTP relay is configured (--smtp_server)",
+        ));
+    }
+    let mail = mail::parse_params(name, raw, limits.mail_from.as_deref())?;
+    let params =
+        serde_json::to_string(&mail).map_err(|e| TaskError::field("params", e.to_string()))?;
+    Ok(Payload::params(params))
 }
 
 /// Reads an optional whole number of at most `max`; numbers or digit strings.
@@ -527,7 +444,7 @@ fn check_exec_name(name: &str, policy: &ExecPolicy) -> Result<(), TaskError> {
             "EXEC from the network is disabled; start poulpe with --exec_dir DIR (or --exec_any)",
         )),
         ExecPolicy::Any => Ok(()),
-        ExecPolicy::Dir(dir) => crate::exec::program::resolve_in_dir(dir, name)
+        ExecPolicy::Dir(dir) => resolve_in_dir(dir, name)
             .map(|_| ())
             .map_err(|e| TaskError::field("name", e.to_string())),
     }

@@ -1,0 +1,171 @@
+//! MAIL_TO params: what a mail task carries, and their validation at submit.
+
+use super::TaskError;
+use lettre::message::Mailbox;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest subject accepted, in bytes.
+const MAX_TITLE: usize = 998;
+/// Most recipients in one mail.
+const MAX_RECIPIENTS: usize = 100;
+
+/// Mail params as stored with the task (sender resolved at submit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailParams {
+    /// The sender (the task's, or `--smtp_from`).
+    pub from_addr: String,
+    /// Comma-separated recipients.
+    pub to_addr: String,
+    /// The subject: one line.
+    pub title: String,
+    /// The plain-text body.
+    pub body: String,
+}
+
+/// What MAIL_TO params must be.
+const SHAPE: &str = "for MAIL_TO must be a JSON object {from_addr,to_addr,title,body}";
+
+/// Validates MAIL_TO params (a JSON object or a JSON string holding one) into stored params.
+/// Errors name the field at fault.
+pub fn parse_params(
+    name: &str,
+    raw: Option<&Value>,
+    default_from: Option<&str>,
+) -> Result<MailParams, TaskError> {
+    let obj = match raw {
+        Some(Value::Object(o)) => o.clone(),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Object(o)) => o,
+            _ => return Err(TaskError::field("params", SHAPE)),
+        },
+        _ => return Err(TaskError::field("params", SHAPE)),
+    };
+    let text = |field: &'static str| -> Result<Option<String>, TaskError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(TaskError::field(field, "must be a string")),
+        }
+    };
+    let from_addr = match text("from_addr")?.filter(|s| !s.trim().is_empty()) {
+        Some(f) => f,
+        None => default_from.map(str::to_string).ok_or_else(|| {
+            TaskError::field(
+                "from_addr",
+                "is required (or start poulpe with --smtp_from)",
+            )
+        })?,
+    };
+    from_addr.trim().parse::<Mailbox>().map_err(|e| {
+        TaskError::field(
+            "from_addr",
+            format!("{from_addr:?} is not a mail address: {e}"),
+        )
+    })?;
+    let to_addr = match text("to_addr")?.filter(|s| !s.trim().is_empty()) {
+        Some(t) => t,
+        None => name.to_string(),
+    };
+    let to = recipients(&to_addr).map_err(|e| TaskError::field("to_addr", e))?;
+    if to.len() > MAX_RECIPIENTS {
+        return Err(TaskError::field(
+            "to_addr",
+            format!("at most {MAX_RECIPIENTS} recipients"),
+        ));
+    }
+    let title = text("title")?.unwrap_or_default();
+    if title.len() > MAX_TITLE || title.contains(['\r', '\n']) {
+        return Err(TaskError::field(
+            "title",
+            format!("must be one line of at most {MAX_TITLE} bytes"),
+        ));
+    }
+    let body = text("body")?.unwrap_or_default();
+    Ok(MailParams {
+        from_addr: from_addr.trim().to_string(),
+        to_addr,
+        title,
+        body,
+    })
+}
+
+/// Parses a comma-separated recipient list (at submit, and again when the mail is built).
+pub fn recipients(list: &str) -> Result<Vec<Mailbox>, String> {
+    let out: Vec<Mailbox> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|a| {
+            a.parse::<Mailbox>()
+                .map_err(|e| format!("{a:?} is not a mail address: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if out.is_empty() {
+        return Err("no recipient (give to_addr, or the address as name)".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The field a refusal names.
+    fn field(e: TaskError) -> &'static str {
+        match e {
+            TaskError::Field { field, .. } => field,
+            TaskError::NotAnObject => "(not an object)",
+        }
+    }
+
+    #[test]
+    fn params_are_validated_with_field_names() {
+        let p = parse_params(
+            "a@x.org",
+            Some(&json!({"title":"Hi","body":"b"})),
+            Some("me@x.org"),
+        )
+        .expect("valid");
+        assert_eq!(p.to_addr, "a@x.org");
+        assert_eq!(p.from_addr, "me@x.org");
+        let p = parse_params(
+            "ignored",
+            Some(&json!("{\"from_addr\":\"F <f@x.org>\",\"to_addr\":\"a@x.org, b@y.org\",\"title\":\"Été\",\"body\":\"x\"}")),
+            None,
+        )
+        .expect("valid string form");
+        assert_eq!(recipients(&p.to_addr).expect("two").len(), 2);
+        let bad = |name: &str, v: Value, from: Option<&str>| {
+            field(parse_params(name, Some(&v), from).unwrap_err())
+        };
+        assert_eq!(bad("a@x.org", json!({"body":"b"}), None), "from_addr");
+        assert_eq!(
+            bad("a@x.org", json!({"from_addr":"nope"}), None),
+            "from_addr"
+        );
+        assert_eq!(bad("not an address", json!({}), Some("f@x.org")), "to_addr");
+        assert_eq!(
+            bad("a@x.org", json!({"to_addr":"a@x.org,bad"}), Some("f@x.org")),
+            "to_addr"
+        );
+        assert_eq!(
+            bad(
+                "a@x.org",
+                json!({"title":"a\r\nBcc: evil@x.org"}),
+                Some("f@x.org")
+            ),
+            "title"
+        );
+        assert_eq!(bad("a@x.org", json!({"body":5}), Some("f@x.org")), "body");
+        assert_eq!(
+            field(parse_params("a@x.org", Some(&json!([1])), None).unwrap_err()),
+            "params"
+        );
+        assert_eq!(
+            field(parse_params("a@x.org", None, None).unwrap_err()),
+            "params"
+        );
+    }
+}
