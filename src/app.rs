@@ -169,14 +169,17 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         )?);
     }
     drop(otx);
-    stages.push(Stage::new(
-        "workers",
-        {
-            let pool = pool.clone();
-            move || pool.stop()
-        },
-        workers,
-    ));
+    stages.push(
+        Stage::new(
+            "workers",
+            {
+                let pool = pool.clone();
+                move || pool.stop()
+            },
+            workers,
+        )
+        .taking_grace(),
+    );
     stages.push(Stage::new(
         "timer",
         {
@@ -398,9 +401,10 @@ impl Server {
             self.pool.running()
         );
         while let Some(stage) = self.stages.pop() {
-            let within = match stage.name() {
-                "workers" => grace,
-                _ => STAGE_STOP,
+            let within = if stage.takes_grace() {
+                grace
+            } else {
+                STAGE_STOP
             };
             stage.stop_and_join(within);
         }

@@ -17,6 +17,8 @@ pub struct Stage {
     name: &'static str,
     stop: Option<Box<dyn FnOnce() + Send>>,
     threads: Vec<JoinHandle<()>>,
+    /// Its threads may take the whole shutdown grace (running attempts), not the short stop.
+    takes_grace: bool,
 }
 
 impl Stage {
@@ -30,7 +32,19 @@ impl Stage {
             name,
             stop: Some(Box::new(stop)),
             threads,
+            takes_grace: false,
         }
+    }
+
+    /// Marks a stage whose threads may use the whole shutdown grace (the workers).
+    pub fn taking_grace(mut self) -> Stage {
+        self.takes_grace = true;
+        self
+    }
+
+    /// True for a stage marked with [`Stage::taking_grace`].
+    pub fn takes_grace(&self) -> bool {
+        self.takes_grace
     }
 
     /// A stage with threads that end by themselves once an earlier stage has stopped.
@@ -39,6 +53,7 @@ impl Stage {
             name,
             stop: None,
             threads,
+            takes_grace: false,
         }
     }
 
