@@ -94,6 +94,19 @@ struct Gate {
     accepting: AtomicBool,
 }
 
+impl Gate {
+    /// Hands durable tasks on: ready ones to the dispatcher, waiting ones to the timer.
+    fn release(&self, tasks: Vec<Task>) {
+        for t in tasks {
+            if t.state == State::Ready {
+                self.pool.dispatch(Arc::new(t));
+            } else {
+                self.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
+            }
+        }
+    }
+}
+
 impl Submitter {
     pub fn new(
         limits: Limits,
@@ -171,13 +184,7 @@ impl Submitter {
         };
         g.status.accepted(tasks.len());
         on_durable(&accepted);
-        for t in tasks {
-            if t.state == State::Ready {
-                g.pool.dispatch(Arc::new(t));
-            } else {
-                g.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
-            }
-        }
+        g.release(tasks);
         Ok(accepted)
     }
 
@@ -250,13 +257,7 @@ impl Submitter {
         g.status.accepted(tasks.len());
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
         on_durable(&ids);
-        for t in tasks {
-            if t.state == State::Ready {
-                g.pool.dispatch(Arc::new(t));
-            } else {
-                g.timer.schedule(Arc::from(t.id.as_str()), t.due_us);
-            }
-        }
+        g.release(tasks);
         answers
     }
 
