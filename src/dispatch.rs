@@ -198,4 +198,27 @@ mod tests {
         p2.stop();
         assert!(p2.next(2).is_none());
     }
+
+    #[test]
+    fn running_counts_an_attempt_from_next_until_done() {
+        let p = Pool::new(2);
+        assert_eq!(p.running(), 0);
+        p.dispatch(t("a", &[]));
+        let a = p.next(0).expect("a");
+        assert_eq!(p.running(), 1, "a is running");
+        assert_eq!(p.loads()[0].running.as_deref(), Some(a.id.as_str()));
+        p.done(0);
+        assert_eq!(p.running(), 0, "a is done");
+        assert_eq!(p.loads()[0].running, None);
+    }
+
+    #[test]
+    fn a_cc_naming_only_workers_beyond_the_pool_runs_on_worker_0() {
+        // Validation refuses such a cc, but a task stored under a config with more workers
+        // still runs after a restart with fewer.
+        let p = Pool::new(2);
+        assert_eq!(p.dispatch(t("old", &[2])), 0);
+        assert_eq!(p.dispatch(t("older", &[5, 2])), 0);
+        assert_eq!(p.loads()[0].queued, 2);
+    }
 }

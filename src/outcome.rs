@@ -349,4 +349,143 @@ mod tests {
         let j = jitter();
         assert!((0.0..1.0).contains(&j));
     }
+
+    #[test]
+    fn jitter_spreads_over_0_to_1() {
+        // Retries of tasks that failed together must not all fire together: the jitter
+        // changes from one call to the next, always within [0, 1).
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+            seen.push(j);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        seen.sort_by(f64::total_cmp);
+        seen.dedup();
+        assert!(seen.len() > 1, "the same jitter every time: {seen:?}");
+    }
+
+    /// A store whose `record` fails the first `fail` times, noting when each call came.
+    struct FailsRecord {
+        inner: Arc<dyn Store>,
+        fail: usize,
+        calls: parking_lot::Mutex<Vec<Instant>>,
+    }
+
+    impl Store for FailsRecord {
+        fn name(&self) -> &'static str {
+            "fails-record"
+        }
+        fn insert(&self, t: &[Task]) -> Result<(), crate::store::StoreError> {
+            self.inner.insert(t)
+        }
+        fn take_due_many(
+            &self,
+            ids: &[Arc<str>],
+            again: bool,
+        ) -> Vec<Result<Option<Task>, crate::store::StoreError>> {
+            self.inner.take_due_many(ids, again)
+        }
+        fn claim(&self, t: &Task) -> Result<bool, crate::store::StoreError> {
+            self.inner.claim(t)
+        }
+        fn record(&self, c: &[Change]) -> Result<(), crate::store::StoreError> {
+            let mut calls = self.calls.lock();
+            calls.push(Instant::now());
+            if calls.len() <= self.fail {
+                return Err(crate::store::StoreError::Unavailable("down".into()));
+            }
+            self.inner.record(c)
+        }
+        fn cancel(&self, id: &str) -> Result<crate::store::Cancel, crate::store::StoreError> {
+            self.inner.cancel(id)
+        }
+        fn status(&self, id: &str) -> Result<Option<State>, crate::store::StoreError> {
+            self.inner.status(id)
+        }
+        fn result(&self, id: &str) -> Result<Option<TaskResult>, crate::store::StoreError> {
+            self.inner.result(id)
+        }
+        fn recover(&self) -> Result<Vec<crate::store::Recovered>, crate::store::StoreError> {
+            self.inner.recover()
+        }
+        fn summary(&self, cap: usize) -> Result<crate::store::Summary, crate::store::StoreError> {
+            self.inner.summary(cap)
+        }
+        fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, crate::store::StoreError> {
+            self.inner.gc(now_ms, keep)
+        }
+        fn results_stored(&self) -> Result<usize, crate::store::StoreError> {
+            self.inner.results_stored()
+        }
+        fn get_meta(&self, key: &str) -> Result<Option<String>, crate::store::StoreError> {
+            self.inner.get_meta(key)
+        }
+        fn put_meta(&self, key: &str, value: &str) -> Result<(), crate::store::StoreError> {
+            self.inner.put_meta(key, value)
+        }
+    }
+
+    #[test]
+    fn a_store_that_refuses_outcomes_is_retried_with_a_doubling_pause() {
+        let inner: Arc<dyn Store> = Arc::new(crate::store::memory::open());
+        let t = crate::store::contract::task("o1", State::Running, 0);
+        inner.insert(std::slice::from_ref(&t)).expect("insert");
+        let fails = Arc::new(FailsRecord {
+            inner,
+            fail: 4,
+            calls: parking_lot::Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn Store> = fails.clone();
+        let pool = Arc::new(crate::dispatch::Pool::new(1));
+        let (timer, th) = Timer::start(store.clone(), pool).expect("timer");
+        let (results, rh) = Results::start().expect("results");
+        let dead = tempfile::tempdir().expect("tempdir");
+        let stage = OutcomeStage {
+            store,
+            timer: timer.clone(),
+            results: results.clone(),
+            status: Arc::new(Status::default()),
+            policy: RetryPolicy {
+                interval_s: 1,
+                max_retry: 0,
+                backoff: Backoff::Fixed,
+                result_ttl_s: 60,
+                dead_dir: dead.path().to_path_buf(),
+            },
+            forward: None,
+        };
+        let run = RunResult {
+            ok: true,
+            code: Some(0),
+            output: String::new(),
+            error: String::new(),
+            permanent: false,
+        };
+        let o = Outcome {
+            task: Arc::new(t),
+            worker: 0,
+            started_ms: 0,
+            finished_ms: 0,
+            run,
+        };
+        assert!(stage.handle(vec![o], Vec::new()).is_empty());
+        let calls = fails.calls.lock().clone();
+        assert_eq!(calls.len(), 5, "four refusals, then recorded");
+        // Never sooner than 100 ms, then 200, 400, 800: a store that is down is not hammered.
+        for (k, w) in calls.windows(2).enumerate() {
+            let least = Duration::from_millis(100 << k);
+            assert!(
+                w[1] - w[0] >= least,
+                "try {} came {:?} after the previous one, before {least:?}",
+                k + 2,
+                w[1] - w[0]
+            );
+        }
+        timer.stop();
+        results.stop();
+        th.join().expect("timer");
+        rh.join().expect("results");
+    }
 }

@@ -48,3 +48,42 @@ fn delay_as_a_string_of_digits_works() {
     assert_eq!(code, 200, "{r}");
     assert!(sink.hits()[0].at_us >= before + 1_000_000, "early");
 }
+
+/// CPU time (user + system, in clock ticks) that process `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
+    // are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// While a delayed task waits, the timer sleeps until its due time: an idle server with a
+/// task due in an hour uses next to no CPU (a timer that polled would burn a core).
+#[test]
+fn a_waiting_delayed_task_does_not_keep_the_cpu_busy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let t = json!({"id": "later", "method":"GET", "name": sink.url("/later"), "delay": 3600});
+    let (code, r) = s.submit(&t);
+    assert_eq!(code, 200, "{r}");
+    // The task is with the timer before the measure starts.
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["delaying_total"], 1, "{info}");
+    let pid = s.pid().expect("running");
+    let ticks = 100; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    let wall = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    let elapsed = wall.elapsed().as_secs_f64();
+    // A spinning thread uses up to one tick per tick of wall time (less on a loaded machine:
+    // about half of it seen with two busy cores); an idle poulpe uses next to none. A tenth.
+    assert!(
+        (used as f64) < elapsed * ticks as f64 / 10.0,
+        "{used} ticks of CPU in {elapsed:.1} s while the only task waits for an hour"
+    );
+    assert!(sink.hits().is_empty(), "the task ran early");
+}

@@ -204,3 +204,98 @@ fn an_unwritable_dead_dir_counts_each_failure_once_and_heals() {
     let records = walk_count(&dead);
     assert_eq!(records, N, "one record per task");
 }
+
+/// The log times (ms since 1970) of the lines saying that `id`'s dead-letter record could not be
+/// written.
+fn dead_write_failures_ms(log: &str, id: &str) -> Vec<i64> {
+    let needle = format!("task {id} is dead but its record cannot be written");
+    log.lines()
+        .filter(|l| l.contains(&needle))
+        .map(|l| {
+            let stamp = l
+                .trim_start_matches('[')
+                .split(' ')
+                .next()
+                .unwrap_or_default();
+            chrono::DateTime::parse_from_rfc3339(stamp)
+                .unwrap_or_else(|e| panic!("log time {stamp:?}: {e}"))
+                .timestamp_millis()
+        })
+        .collect()
+}
+
+/// A dead-letter write that failed is tried again every 5 s (the interval its log line names),
+/// never sooner: a store of failing writes must not spin.
+#[test]
+fn a_failed_dead_letter_write_is_tried_again_no_sooner_than_5_s_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parent = dir.path().join("deadparent");
+    let dead = parent.join("dead");
+    let dead_s = dead.to_string_lossy().into_owned();
+    let s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
+    // We run as root, so permissions stop nothing: a regular file where a folder should be does.
+    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
+    std::fs::write(&parent, "not a folder").expect("file in the way");
+
+    let (code, r) = s.submit(&json!({"id":"pace","method":"EXEC","name":"false","max_retry":0}));
+    assert_eq!(code, 200, "{r}");
+    let tries = eventually(Duration::from_secs(30), "three write tries", || {
+        let t = dead_write_failures_ms(&s.log_text(), "pace");
+        (t.len() >= 3).then_some(t)
+    });
+    assert!(
+        s.log_text().contains("the write is tried again every 5 s"),
+        "the log names the interval"
+    );
+    for w in tries.windows(2) {
+        // Log times are cut to the ms: allow that rounding, nothing more.
+        assert!(
+            w[1] - w[0] >= 4_999,
+            "a write try {} ms after the previous one, sooner than the 5 s interval: {tries:?}",
+            w[1] - w[0]
+        );
+    }
+}
+
+/// A graceful stop tries a waiting dead-letter write once more before it exits: a `--dead` that
+/// came back just before the stop gets its record, and the log then reports nothing left over.
+#[test]
+fn a_graceful_stop_tries_a_waiting_dead_letter_write_once_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parent = dir.path().join("deadparent");
+    let dead = parent.join("dead");
+    let dead_s = dead.to_string_lossy().into_owned();
+    let mut s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
+    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
+    std::fs::write(&parent, "not a folder").expect("file in the way");
+
+    let (code, r) = s.submit(&json!({"id":"last","method":"EXEC","name":"false","max_retry":0}));
+    assert_eq!(code, 200, "{r}");
+    // The first write failed; the next periodic try is 5 s away. Heal and stop at once, so only
+    // the try at the stop can write the record.
+    eventually(Duration::from_secs(10), "the first failed write", || {
+        (!dead_write_failures_ms(&s.log_text(), "last").is_empty()).then_some(())
+    });
+    std::fs::remove_file(&parent).expect("remove the file");
+    std::fs::create_dir(&parent).expect("the folder again");
+    s.signal(libc::SIGTERM);
+    let st = s
+        .wait_exit(Duration::from_secs(60))
+        .expect("exit after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    let log = s.log_text();
+    assert_eq!(
+        dead_write_failures_ms(&log, "last").len(),
+        1,
+        "the periodic try came before the stop, the test proves nothing: {log}"
+    );
+    assert_eq!(
+        walk_count(&dead),
+        1,
+        "the record written at the stop: {log}"
+    );
+    assert!(
+        !log.contains("dead tasks could not be recorded"),
+        "nothing was left over: {log}"
+    );
+}
