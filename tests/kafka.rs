@@ -609,6 +609,81 @@ fn assert_alive(s: &mut Server, when: &str) {
     }
 }
 
+/// A GET task to the sink's `/hit` with `id` in its query, as a Kafka message.
+fn hit_task(sink: &Sink, id: &str) -> String {
+    json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
+        .to_string()
+}
+
+/// poulpe consuming `tasks` from `broker` in `group`, proven by a first task ("before") run.
+fn consuming(broker: &Broker, dir: &tempfile::TempDir, group: &str, sink: &Sink) -> Server {
+    let servers = broker.servers();
+    let args = [
+        "--kafka_servers",
+        servers.as_str(),
+        "--kafka_topic",
+        "tasks",
+        "--kafka_group",
+        group,
+    ];
+    let s = Server::start(dir, &args);
+    broker.produce("tasks", &[hit_task(sink, "before")]);
+    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
+        hit_ids(h, "/hit").contains_key("before")
+    });
+    s
+}
+
+/// With the broker away: poulpe stays up, `/sys_info` says the intake is disconnected with a
+/// last error, and HTTP submits still run.
+fn reported_away_while_http_runs(s: &mut Server, sink: &Sink, when: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        assert_alive(s, when);
+        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
+            if info["kafka"]["connected"] == false {
+                break info;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "kafka.connected never became false\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
+    let (code, body) =
+        s.submit(&serde_json::from_str(&hit_task(sink, "http-while-down")).expect("json"));
+    assert_eq!(code, 200, "{body}");
+    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
+        hit_ids(h, "/hit").contains_key("http-while-down")
+    });
+}
+
+/// Once the broker is back, the task produced then ("after") runs, the intake says it is
+/// connected, and "before" and "after" each ran exactly once.
+fn runs_again_once(s: &mut Server, sink: &Sink) {
+    let end = Instant::now() + Duration::from_secs(120);
+    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
+        assert_alive(s, "after the broker came back");
+        assert!(
+            Instant::now() < end,
+            "the task produced after the broker came back never ran; hits {:?}\n{}",
+            hit_ids(&sink.hits(), "/hit"),
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eventually(Duration::from_secs(20), "kafka connected again", || {
+        let (_, info) = s.get("/sys_info");
+        (info["kafka"]["connected"] == true).then_some(())
+    });
+    let ids = hit_ids(&sink.hits(), "/hit");
+    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
+    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+}
+
 /// The broker goes away after poulpe consumed from it: poulpe keeps running and serving HTTP,
 /// `/sys_info` says the intake is disconnected, and once a broker is back on the same address
 /// (tansu keeps topics in memory only, so the topic is made again) a newly produced message is
@@ -627,26 +702,7 @@ fn a_broker_lost_after_start_is_reported_and_rejoined() {
     let port = broker.port;
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let servers = broker.servers();
-    let mut s = Server::start(
-        &dir,
-        &[
-            "--kafka_servers",
-            &servers,
-            "--kafka_topic",
-            "tasks",
-            "--kafka_group",
-            "g-lost",
-        ],
-    );
-    let task = |id: &str| {
-        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
-            .to_string()
-    };
-    broker.produce("tasks", &[task("before")]);
-    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
-        hit_ids(h, "/hit").contains_key("before")
-    });
+    let mut s = consuming(&broker, &dir, "g-lost", &sink);
     eventually(Duration::from_secs(20), "kafka connected", || {
         let (_, info) = s.get("/sys_info");
         (info["kafka"]["connected"] == true).then_some(())
@@ -654,53 +710,18 @@ fn a_broker_lost_after_start_is_reported_and_rejoined() {
 
     drop(broker);
     // /sys_info says the broker is away (poulpe keeps running and answering meanwhile).
-    let end = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        assert_alive(&mut s, "after the broker went away");
-        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
-            if info["kafka"]["connected"] == false {
-                break info;
-            }
-        }
-        assert!(
-            Instant::now() < end,
-            "kafka.connected never became false\n{}",
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
-    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
-    // HTTP submits still run.
-    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
-    assert_eq!(code, 200, "{body}");
-    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
-        hit_ids(h, "/hit").contains_key("http-while-down")
-    });
+    reported_away_while_http_runs(&mut s, &sink, "after the broker went away");
 
     // The broker is back on the same address: the intake finds it and consumes again. tansu
     // kept the log in memory only, so the topic is new and its offset 0 lies below the position
     // poulpe already reached (a real broker keeps its log): "refill" takes that offset back,
     // "after" is the message that must run.
     let broker = Broker::start_on(port, &["tasks"]);
-    broker.produce("tasks", &[task("refill"), task("after")]);
-    let end = Instant::now() + Duration::from_secs(120);
-    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
-        assert_alive(&mut s, "after the broker came back");
-        assert!(
-            Instant::now() < end,
-            "the task produced after the broker came back never ran; hits {:?}\n{}",
-            hit_ids(&sink.hits(), "/hit"),
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    eventually(Duration::from_secs(20), "kafka connected again", || {
-        let (_, info) = s.get("/sys_info");
-        (info["kafka"]["connected"] == true).then_some(())
-    });
-    let ids = hit_ids(&sink.hits(), "/hit");
-    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
-    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+    broker.produce(
+        "tasks",
+        &[hit_task(&sink, "refill"), hit_task(&sink, "after")],
+    );
+    runs_again_once(&mut s, &sink);
 }
 
 /// A TCP proxy in front of a broker that the test can cut (every connection closed, new ones
@@ -789,70 +810,14 @@ fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
     let broker = Broker::start_advertising(real, proxy.port, &["tasks"]);
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let servers = broker.servers();
-    let mut s = Server::start(
-        &dir,
-        &[
-            "--kafka_servers",
-            &servers,
-            "--kafka_topic",
-            "tasks",
-            "--kafka_group",
-            "g-cut",
-        ],
-    );
-    let task = |id: &str| {
-        json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
-            .to_string()
-    };
-    broker.produce("tasks", &[task("before")]);
-    sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
-        hit_ids(h, "/hit").contains_key("before")
-    });
+    let mut s = consuming(&broker, &dir, "g-cut", &sink);
 
     proxy.cut();
-    let end = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        assert_alive(&mut s, "after the broker became unreachable");
-        if let Ok((200, info)) = common::try_get(&s.url("/sys_info")) {
-            if info["kafka"]["connected"] == false {
-                break info;
-            }
-        }
-        assert!(
-            Instant::now() < end,
-            "kafka.connected never became false\n{}",
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
-    assert!(!info["kafka"]["last_error"].is_null(), "{info}");
-    let (code, body) = s.submit(&serde_json::from_str(&task("http-while-down")).expect("json"));
-    assert_eq!(code, 200, "{body}");
-    sink.wait_until(Duration::from_secs(10), "the HTTP task", |h| {
-        hit_ids(h, "/hit").contains_key("http-while-down")
-    });
+    reported_away_while_http_runs(&mut s, &sink, "after the broker became unreachable");
 
     proxy.open();
-    broker.produce("tasks", &[task("after")]);
-    let end = Instant::now() + Duration::from_secs(120);
-    while !hit_ids(&sink.hits(), "/hit").contains_key("after") {
-        assert_alive(&mut s, "after the broker came back");
-        assert!(
-            Instant::now() < end,
-            "the task produced after the broker came back never ran; hits {:?}\n{}",
-            hit_ids(&sink.hits(), "/hit"),
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    eventually(Duration::from_secs(20), "kafka connected again", || {
-        let (_, info) = s.get("/sys_info");
-        (info["kafka"]["connected"] == true).then_some(())
-    });
-    let ids = hit_ids(&sink.hits(), "/hit");
-    assert_eq!(ids.get("before"), Some(&1), "{ids:?}");
-    assert_eq!(ids.get("after"), Some(&1), "{ids:?}");
+    broker.produce("tasks", &[hit_task(&sink, "after")]);
+    runs_again_once(&mut s, &sink);
 }
 
 /// A message consumed while Redis is down is retried, never skipped: its offset is not committed
