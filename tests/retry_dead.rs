@@ -135,19 +135,28 @@ fn walk_count(p: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
+/// poulpe (`--exec_any`) whose `--dead` cannot be created: a regular file stands where its parent
+/// folder should be (we run as root, so permissions would stop nothing). Removing that file and
+/// making the folder heals it. Gives the server, that parent path and the `--dead` path.
+fn with_unwritable_dead_dir(
+    dir: &tempfile::TempDir,
+) -> (Server, std::path::PathBuf, std::path::PathBuf) {
+    let parent = dir.path().join("deadparent");
+    let dead = parent.join("dead");
+    let dead_s = dead.to_string_lossy().into_owned();
+    let s = Server::start(dir, &["--exec_any", "--dead", &dead_s]);
+    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
+    std::fs::write(&parent, "not a folder").expect("file in the way");
+    (s, parent, dead)
+}
+
 /// While `--dead` cannot be written, a task out of retries counts its failed attempt once (not
 /// once per write try) and reads as `retry_wait`, not `running`; once the directory is usable
 /// again every record is written and each task counts once as dead.
 #[test]
 fn an_unwritable_dead_dir_counts_each_failure_once_and_heals() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let parent = dir.path().join("deadparent");
-    let dead = parent.join("dead");
-    let dead_s = dead.to_string_lossy().into_owned();
-    let s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
-    // We run as root, so permissions stop nothing: a regular file where a folder should be does.
-    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
-    std::fs::write(&parent, "not a folder").expect("file in the way");
+    let (s, parent, dead) = with_unwritable_dead_dir(&dir);
 
     const N: usize = 20;
     let ids: Vec<String> = (0..N).map(|i| format!("ud-{i}")).collect();
@@ -229,13 +238,7 @@ fn dead_write_failures_ms(log: &str, id: &str) -> Vec<i64> {
 #[test]
 fn a_failed_dead_letter_write_is_tried_again_no_sooner_than_5_s_later() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let parent = dir.path().join("deadparent");
-    let dead = parent.join("dead");
-    let dead_s = dead.to_string_lossy().into_owned();
-    let s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
-    // We run as root, so permissions stop nothing: a regular file where a folder should be does.
-    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
-    std::fs::write(&parent, "not a folder").expect("file in the way");
+    let (s, _, _) = with_unwritable_dead_dir(&dir);
 
     let (code, r) = s.submit(&json!({"id":"pace","method":"EXEC","name":"false","max_retry":0}));
     assert_eq!(code, 200, "{r}");
@@ -262,12 +265,7 @@ fn a_failed_dead_letter_write_is_tried_again_no_sooner_than_5_s_later() {
 #[test]
 fn a_graceful_stop_tries_a_waiting_dead_letter_write_once_more() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let parent = dir.path().join("deadparent");
-    let dead = parent.join("dead");
-    let dead_s = dead.to_string_lossy().into_owned();
-    let mut s = Server::start(&dir, &["--exec_any", "--dead", &dead_s]);
-    std::fs::remove_dir_all(&parent).expect("remove the dead dir");
-    std::fs::write(&parent, "not a folder").expect("file in the way");
+    let (mut s, parent, dead) = with_unwritable_dead_dir(&dir);
 
     let (code, r) = s.submit(&json!({"id":"last","method":"EXEC","name":"false","max_retry":0}));
     assert_eq!(code, 200, "{r}");
