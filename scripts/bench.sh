@@ -189,6 +189,25 @@ record() {
 SINK_KEYS=(submits_per_s executed_per_s ack_rtt_p50_ms ack_rtt_p99_ms lateness_p50_ms
   lateness_p99_ms lateness_max_ms early missing duplicates refused)
 
+# cpu_start N / cpu_stop STORE PREFIX: server CPU per task, per thread group, while the load
+# runs (scripts/cpusample.py reads /proc/<pid>/task/*/stat); skipped without python3.
+CPU_OUT="" CPU_PID=""
+cpu_start() {
+  CPU_OUT="$WORK/cpu.$RANDOM"
+  command -v python3 >/dev/null || { CPU_PID=""; return 0; }
+  python3 scripts/cpusample.py "$PP" "$1" "$CPU_OUT" "$CPU_OUT.ready" "$CPU_OUT.stop" &
+  CPU_PID=$!
+  local i
+  for ((i = 0; i < 500; i++)); do [ -e "$CPU_OUT.ready" ] && break; sleep 0.01; done
+}
+cpu_stop() {
+  [ -n "$CPU_PID" ] || return 0
+  touch "$CPU_OUT.stop"
+  wait "$CPU_PID" 2>/dev/null || true
+  record "$CPU_OUT" "$1" "$2" cpu_us_per_task cpu_http_us_per_task cpu_store_writer_us_per_task \
+    cpu_worker_us_per_task cpu_outcome_us_per_task
+}
+
 # --- workloads ------------------------------------------------------------------------------------
 # w1 STORE ARGS...: W1 and W3 (idle and peak RSS) on a fresh server.
 w1() {
@@ -197,7 +216,9 @@ w1() {
   start_poulpe 0 "$@" || return 0
   sleep "$IDLE_SETTLE"
   put idle_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmRSS)")"
+  cpu_start "$W1_N"
   tool "$WORK/w1.out" 300 immediate --server "127.0.0.1:$PORT" -n "$W1_N" -c 8 --timeout 120
+  cpu_stop "$store" w1
   record "$WORK/w1.out" "$store" w1 "${SINK_KEYS[@]}"
   put peak_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmHWM)")"
   stop_poulpe
@@ -208,8 +229,10 @@ w1b() {
   local store=$1; shift
   say "run $RUN $store: W1b $W1_N immediate tasks in arrays of $W1B_BATCH, 8 connections"
   start_poulpe 0 "$@" || return 0
+  cpu_start "$W1_N"
   tool "$WORK/w1b.out" 300 immediate --server "127.0.0.1:$PORT" -n "$W1_N" -c 8 \
     --batch "$W1B_BATCH" --timeout 120
+  cpu_stop "$store" w1b
   record "$WORK/w1b.out" "$store" w1b "${SINK_KEYS[@]}"
   put w1b_peak_rss_mb "$store" "$(mb "$(rss_kb "$PP" VmHWM)")"
   stop_poulpe
@@ -382,6 +405,13 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     "$(cell w1b_submits_per_s embedded r)" "$(cell w1b_submits_per_s redis r)"
   row "W1b executed tasks/s (arrays of $W1B_BATCH)" "≥ 15,000" \
     "$(cell w1b_executed_per_s embedded r)" "$(cell w1b_executed_per_s redis r)"
+  cpu_row() { # cpu_row PREFIX STORE: total (store-writer / workers / http / outcome)
+    echo "$(cell "$1_cpu_us_per_task" "$2") ($(cell "$1_cpu_store_writer_us_per_task" "$2") / $(cell "$1_cpu_worker_us_per_task" "$2") / $(cell "$1_cpu_http_us_per_task" "$2") / $(cell "$1_cpu_outcome_us_per_task" "$2"))"
+  }
+  row "W1 server CPU µs/task: total (store-writer / workers / http / outcome)" "≤ 40" \
+    "$(cpu_row w1 embedded)" "$(cpu_row w1 redis)"
+  row "W1b server CPU µs/task: total (store-writer / workers / http / outcome)" "≤ 15" \
+    "$(cpu_row w1b embedded)" "$(cpu_row w1b redis)"
   row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
     "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
     "$(trio w2_lateness_p50_ms redis w2_lateness_p99_ms w2_lateness_max_ms)"
