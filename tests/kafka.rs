@@ -525,7 +525,6 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
 /// task of every message below that offset.
 #[test]
 fn committed_offsets_only_cover_durable_tasks() {
-    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let broker = Broker::start(&["tasks"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = broker.servers();
@@ -541,28 +540,8 @@ fn committed_offsets_only_cover_durable_tasks() {
     broker.produce("tasks", &payloads);
 
     // Reads the group's committed offset without joining the group.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
-        .set("group.id", "g-off")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("offset reader");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition("tasks", 0);
-    let committed = |reader: &BaseConsumer| -> i64 {
-        match reader.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
-            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            },
-            Err(_) => 0,
-        }
-    };
-    assert_eq!(
-        committed(&reader),
-        0,
-        "nothing committed before poulpe starts"
-    );
+    let committed = OffsetReader::new(&servers, "g-off");
+    assert_eq!(committed.get(), 0, "nothing committed before poulpe starts");
 
     let args = [
         "--kafka_servers",
@@ -577,7 +556,7 @@ fn committed_offsets_only_cover_durable_tasks() {
         Duration::from_secs(60),
         "the committed offset to move",
         || {
-            let o = committed(&reader);
+            let o = committed.get();
             (o > 0).then_some(o)
         },
     );
@@ -606,6 +585,40 @@ fn committed_offsets_only_cover_durable_tasks() {
 fn assert_alive(s: &mut Server, when: &str) {
     if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
         panic!("poulpe died {when}: {status}\nlog:\n{}", s.log_text());
+    }
+}
+
+/// Reads a group's committed offset on partition 0 of `tasks` without joining the group.
+struct OffsetReader {
+    reader: BaseConsumer,
+    tpl: rdkafka::TopicPartitionList,
+}
+
+impl OffsetReader {
+    fn new(servers: &str, group: &str) -> OffsetReader {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("offset reader");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition("tasks", 0);
+        OffsetReader { reader, tpl }
+    }
+
+    /// The committed offset; 0 when none (or it cannot be read yet).
+    fn get(&self) -> i64 {
+        match self
+            .reader
+            .committed_offsets(self.tpl.clone(), Duration::from_secs(5))
+        {
+            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
     }
 }
 
@@ -825,7 +838,6 @@ fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
 #[test]
 fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() {
     use common::RedisServer;
-    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let dir = tempfile::tempdir().expect("tempdir");
     let rdir = dir.path().join("redis");
     let rport = free_port();
@@ -860,30 +872,14 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
             .to_string()
     };
     // The group's committed offset, read without joining the group.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
-        .set("group.id", "g-redis")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("offset reader");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition("tasks", 0);
-    let committed = || -> i64 {
-        match reader.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
-            Ok(got) => match got.find_partition("tasks", 0).map(|p| p.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            },
-            Err(_) => 0,
-        }
-    };
+    let committed = OffsetReader::new(&servers, "g-redis");
 
     broker.produce("tasks", &[task("warm")]);
     sink.wait_until(Duration::from_secs(60), "the first message's task", |h| {
         hit_ids(h, "/hit").contains_key("warm")
     });
     eventually(Duration::from_secs(20), "offset 1 committed", || {
-        (committed() == 1).then_some(())
+        (committed.get() == 1).then_some(())
     });
 
     redis.stop();
@@ -899,7 +895,7 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
         },
     );
     assert_eq!(
-        committed(),
+        committed.get(),
         1,
         "the offset moved past a message whose task is not stored\n{}",
         s.log_text()
@@ -918,7 +914,7 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
         |h| hit_ids(h, "/hit").contains_key("during"),
     );
     eventually(Duration::from_secs(30), "offset 2 committed", || {
-        (committed() == 2).then_some(())
+        (committed.get() == 2).then_some(())
     });
     let r = eventually(Duration::from_secs(20), "its final result", || {
         match s.get("/task_resp/during?timeout=5") {

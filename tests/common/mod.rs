@@ -538,19 +538,7 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
+    let (status, len) = status_and_length(&head);
     while buf.len() < head_end + len {
         let n = s.read(&mut chunk)?;
         if n == 0 {
@@ -572,6 +560,24 @@ pub fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStr
     c.write_all(request)?;
     let (code, body) = read_response(&mut c)?;
     Ok((c, code, body))
+}
+
+/// The status code and `Content-Length` (0 when absent) of an answer's head.
+fn status_and_length(head: &str) -> (u16, usize) {
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    (status, len)
 }
 
 /// A raw HTTP/1.1 client connection that keeps what it read past one answer, for pipelining.
@@ -633,22 +639,10 @@ impl Raw {
                     break;
                 }
             }
-            let code: u16 = head
-                .split(' ')
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
+            let (code, len) = status_and_length(&head);
             if (100..200).contains(&code) {
                 continue;
             }
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
             let mut body = vec![0u8; len];
             self.reader.read_exact(&mut body)?;
             return Ok(RawAnswer {
