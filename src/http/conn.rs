@@ -188,8 +188,7 @@ impl Conn {
                 Err(e) => {
                     if let Some(code) = e.status() {
                         log::debug!("http: {:?}: {code} {e}", self.peer);
-                        let body = serde_json::json!({"result": "Fail", "reason": e.to_string()});
-                        let _ = self.write(&Response::json(code, &body).encode(false, true, false));
+                        let _ = self.write(&Response::fail(code, &e).encode(false, true, false));
                         self.linger_close();
                     }
                     return;

@@ -1,6 +1,7 @@
 //! Requests as read off the wire, answers as written onto it, and what a handler gives back.
 
 use std::cell::RefCell;
+use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 
 /// Decodes `%XX` escapes; `None` for bad escapes or bad UTF-8.
@@ -110,6 +111,14 @@ impl Response {
             body: body.to_string().into_bytes(),
             close: false,
         }
+    }
+
+    /// poulpe's error answer: `{"result":"Fail","reason":...}` with `code`.
+    pub fn fail(code: u16, reason: impl fmt::Display) -> Response {
+        Response::json(
+            code,
+            &serde_json::json!({"result": "Fail", "reason": reason.to_string()}),
+        )
     }
 
     /// A plain-text answer.

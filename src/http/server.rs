@@ -204,11 +204,8 @@ fn out_of_resources(e: &std::io::Error) -> bool {
 fn refuse_loop(rx: Receiver<TcpStream>) {
     let mut lingering: Vec<(TcpStream, Instant)> = Vec::new();
     let mut scratch = [0u8; 4096];
-    let body = serde_json::json!({
-        "result": "Fail",
-        "reason": "too many open connections (--max_conns)"
-    });
-    let refusal = super::Response::json(503, &body).encode(false, true, false);
+    let refusal = super::Response::fail(503, "too many open connections (--max_conns)")
+        .encode(false, true, false);
     loop {
         let next = if lingering.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)

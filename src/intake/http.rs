@@ -47,10 +47,7 @@ fn reply(code: u16, body: &Value) -> Reply {
 }
 
 fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
-    reply(
-        code,
-        &json!({"result": "Fail", "reason": reason.to_string()}),
-    )
+    Response::fail(code, reason).into()
 }
 
 fn authorized(token: Option<&str>, req: &Request) -> bool {
@@ -78,12 +75,9 @@ impl Api {
             return self.ws.accept(&req, &query);
         }
         if !authorized(self.token.as_deref(), &req) {
-            return Response::json(
-                401,
-                &json!({"result": "Fail", "reason": "missing or wrong bearer token"}),
-            )
-            .with_header("WWW-Authenticate", "Bearer")
-            .into();
+            return Response::fail(401, "missing or wrong bearer token")
+                .with_header("WWW-Authenticate", "Bearer")
+                .into();
         }
         match (req.method.as_str(), path.as_str()) {
             ("POST", "/task_in_queue") => self.post_task(&req.body),

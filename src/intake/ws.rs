@@ -25,7 +25,7 @@ use tungstenite::{Message, WebSocket};
 const PUSH_WITHIN: Duration = Duration::from_secs(24 * 3600);
 
 fn refuse(code: u16, reason: &str) -> Reply {
-    Response::json(code, &json!({"result": "Fail", "reason": reason})).into()
+    Response::fail(code, reason).into()
 }
 
 /// The WebSocket endpoint: what its connections need, and how many are open.
