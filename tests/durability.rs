@@ -26,7 +26,7 @@ struct Traced {
 }
 
 const CALLS: &str =
-    "trace=fdatasync,fsync,write,sendto,writev,read,recvfrom,rename,renameat,renameat2";
+    "trace=fdatasync,fsync,write,pwrite64,sendto,writev,read,recvfrom,rename,renameat,renameat2";
 
 impl Traced {
     fn start(dir: &Path, args: &[&str]) -> Traced {
@@ -244,19 +244,34 @@ fn a_submit_is_fsynced_before_its_200_is_written() {
     let trace = s.finish();
     let calls = parse(&trace);
     let (req, answer) = request_and_answer(&calls, "dur-1", "HTTP/1.1 200");
-    let store = Path::new("data").join("poulpe.redb");
-    let store = store.to_str().expect("utf8");
+    // The store's journal: the task is written there, then synced, then acknowledged.
+    let journal = Path::new("data").join("poulpe.journal");
+    let journal = journal.to_str().expect("utf8");
+    let written = calls.iter().find(|c| {
+        c.name.starts_with("pwrite")
+            && c.text.contains(journal)
+            && c.text.contains("dur-1")
+            && c.start > req.end
+            && c.end < answer.start
+    });
+    let written = written.unwrap_or_else(|| {
+        panic!(
+            "the task was not written to {journal} between reading the submit and writing its \
+             200; calls in between:\n{}",
+            show(&calls, req.end, answer.start)
+        )
+    });
     let synced = calls.iter().any(|c| {
         is_sync(c)
-            && c.text.contains(store)
+            && c.text.contains(journal)
             && c.ret == "0"
-            && c.start > req.end
+            && c.start > written.end
             && c.end < answer.start
     });
     assert!(
         synced,
-        "no fsync/fdatasync of {store} returned between reading the submit and writing its \
-         200; calls in between:\n{}",
+        "no fsync/fdatasync of {journal} returned between writing the task there and writing \
+         its 200; calls in between:\n{}",
         show(&calls, req.end, answer.start)
     );
 }

@@ -1,17 +1,28 @@
-//! The embedded store: one redb file under `--data`, written by one group-commit thread that
-//! folds every waiting write into one fsynced transaction.
+//! The embedded store: a write-ahead journal (`poulpe.journal`) in front of one redb file
+//! (`poulpe.redb`) under `--data`, both written by one group-commit thread.
 //!
-//! After an I/O error (a full disk, a failing device) redb refuses every later call until the
-//! database is closed and opened again. The writer thread then takes the store down — writes,
-//! claims and releases of due tasks fail with `Unavailable`, `healthy()` is false — closes the
-//! file and, every second, checks that the disk takes writes again and reopens it (redb repairs
-//! the file back to its last durable commit: nothing acknowledged is lost).
+//! Every durable write is one append and one `fdatasync` of the journal, folding every write
+//! waiting at that moment. What the journal holds and the redb file does not yet is kept in
+//! memory (`Pending`) and read first. Every `CHECKPOINT_EVERY` (or sooner when much is
+//! pending) the writer writes that state into the redb file in one durable transaction, with
+//! the sequence number of the last journal record it holds, and empties the journal. At open,
+//! the journal's records after that number are applied again (a torn last record is dropped).
+//!
+//! After an I/O error (a full disk, a failing device) the writer takes the store down —
+//! writes, claims and releases of due tasks fail with `Unavailable`, `healthy()` is false —
+//! closes the redb file (redb refuses every later call until then) and, every second, checks
+//! that the disk takes writes again, reopens it, cuts the journal back to its last good record
+//! and writes a checkpoint: nothing acknowledged is lost, nothing refused comes back.
 
+use super::journal::{FileJournal, Journal, JournalIo};
 use super::local::{Backend, LocalStore, Op};
+use super::pending::{Pending, Sink};
 use super::StoreError;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,16 +38,27 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 /// 8 bytes of big-endian expiry followed by the id -> nothing; ordered by expiry.
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
-/// Small named values (cron last fire times).
+/// Small named values (cron last fire times, the journal's checkpointed sequence number).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// The database file's name inside `--data`.
 const FILE: &str = "poulpe.redb";
+/// The journal's file name inside `--data`.
+const JOURNAL: &str = "poulpe.journal";
+/// META key of the last journal record written into the redb file.
+const SEQ_KEY: &str = "poulpe.journal_seq";
 /// Files smaller than this are not worth compacting at start.
 const COMPACT_FROM_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Most writes folded into one transaction.
+/// Most writes folded into one journal record.
 const MAX_BATCH: usize = 4096;
+
+/// Longest time a write stays only in the journal (and in memory).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// A checkpoint comes sooner once this many writes are pending...
+const CHECKPOINT_OPS: usize = 50_000;
+/// ... or this many bytes.
+const CHECKPOINT_BYTES: usize = 32 * 1024 * 1024;
 
 /// How often a store that is down after an I/O error tries to reopen its file.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
@@ -48,7 +70,7 @@ const PROBE_BYTES: usize = 256 * 1024;
 /// Opens the database (at start, and again after an I/O error) and makes sure its tables exist.
 type OpenFn = dyn Fn() -> Result<Database, StoreError> + Send + Sync;
 
-/// The redb file plus its writer thread.
+/// The redb file, the journal and their writer thread.
 pub struct EmbeddedBackend {
     shared: Arc<Shared>,
     tx: Sender<Batch>,
@@ -58,6 +80,8 @@ pub struct EmbeddedBackend {
 /// What the callers and the writer thread share.
 struct Shared {
     db: RwLock<Slot>,
+    /// Durable in the journal, not yet in the redb file: read first.
+    overlay: Mutex<Overlay>,
     /// False from an I/O error until the database is open again.
     up: AtomicBool,
     /// Why the store is down, for the callers' errors.
@@ -68,8 +92,23 @@ struct Shared {
     /// does not take the new one down.
     generation: AtomicU64,
     open: Box<OpenFn>,
-    /// Where the free-space probe is written before a reopen (`None`: no probe).
-    probe_dir: Option<PathBuf>,
+    /// `--data`: where the free-space probe is written before a reopen, and whose files
+    /// `data_bytes` adds up (`None` in tests on memory).
+    dir: Option<PathBuf>,
+}
+
+/// What reads see before the redb file: the writes since the last checkpoint, and those of the
+/// checkpoint being written (the writer holds no lock while it writes the file).
+#[derive(Default)]
+struct Overlay {
+    current: Pending,
+    flushing: Option<Arc<Pending>>,
+}
+
+impl Overlay {
+    fn find<T>(&self, f: impl Fn(&Pending) -> Option<T>) -> Option<T> {
+        f(&self.current).or_else(|| self.flushing.as_deref().and_then(&f))
+    }
 }
 
 /// The database handle, or why there is none.
@@ -103,11 +142,11 @@ impl Shared {
     }
 
     /// Marks the store down after `e`; the first caller gets true (and must tell the writer).
-    fn mark_down(&self, e: &redb::Error) -> bool {
+    fn mark_down(&self, what: &str, e: &dyn std::fmt::Display) -> bool {
         let was_up = self.up.swap(false, Ordering::AcqRel);
         if was_up {
             *self.why.lock() = format!("the disk refused a write or read ({e})");
-            log::error!("store: I/O error on the database file: {e}; the store is down until it can be reopened");
+            log::error!("store: I/O error on the {what}: {e}; the store is down until it can be reopened");
         }
         was_up
     }
@@ -129,29 +168,22 @@ impl Shared {
         }
     }
 
-    /// Checks that the disk takes writes again, opens the database again and removes the new
-    /// tasks of failed commits (`refused`) that reached the disk all the same: their submitters
-    /// were told that nothing was accepted.
-    fn reopen(&self, refused: &[String]) -> Result<(), StoreError> {
+    /// Checks that the disk takes writes again and opens the database again (redb repairs it
+    /// back to its last durable commit). The writer then cuts the journal and checkpoints
+    /// before the store is up.
+    fn reopen(&self) -> Result<(), StoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(unavailable("the store is closed"));
         }
-        if let Some(dir) = &self.probe_dir {
+        if let Some(dir) = &self.dir {
             probe(dir)?;
         }
-        let db = (self.open)()?;
-        if !refused.is_empty() {
-            let removed = undo_inserts(&db, refused).map_err(unavailable)?;
-            if removed > 0 {
-                log::warn!(
-                    "store: {removed} refused tasks had reached the disk in a failed commit; removed"
-                );
-            }
+        if matches!(&*self.db.read(), Slot::Open(_)) {
+            return Ok(());
         }
-        let mut slot = self.db.write();
-        *slot = Slot::Open(Arc::new(db));
+        let db = (self.open)()?;
+        *self.db.write() = Slot::Open(Arc::new(db));
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.up.store(true, Ordering::Release);
         Ok(())
     }
 }
@@ -179,12 +211,29 @@ fn broken(e: &redb::Error) -> bool {
     )
 }
 
-/// What one caller hands the writer; `done` is told when it is durable. A batch with `close`
-/// set ends the writer after everything queued before it.
+/// What one caller hands the writer.
 struct Batch {
     ops: Vec<Op>,
+    /// Told when the ops are durable (or, with `checkpoint`, once they are in the redb file).
     done: Option<Reply>,
+    /// Must reach the journal (false: a state mark that only rides along, see `write_later`).
+    durable: bool,
+    /// Write everything pending into the redb file before answering.
+    checkpoint: bool,
+    /// Ends the writer after everything queued before it.
     close: bool,
+}
+
+impl Batch {
+    fn signal(checkpoint: bool, close: bool, done: Option<Reply>) -> Batch {
+        Batch {
+            ops: Vec::new(),
+            done,
+            durable: false,
+            checkpoint,
+            close,
+        }
+    }
 }
 
 /// Where the writer puts one caller's commit outcome. The caller sleeps on a condvar: a
@@ -236,7 +285,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Opens (or creates) `<dir>/poulpe.redb` and starts the writer thread.
+/// Opens (or creates) `<dir>/poulpe.redb` and `<dir>/poulpe.journal`, applies the journal and
+/// starts the writer thread.
 pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
@@ -254,7 +304,10 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         }
         create_tables(db)
     };
-    start(Box::new(open_file), Some(dir.to_path_buf()))
+    let jpath = dir.join(JOURNAL);
+    let journal = FileJournal::open(&jpath)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", jpath.display())))?;
+    start(Box::new(open_file), Box::new(journal), Some(dir.to_path_buf()))
 }
 
 /// The file does not shrink by itself: space freed by expired results is reused, not given
@@ -308,23 +361,84 @@ fn create_tables(db: Database) -> Result<Database, StoreError> {
     Ok(db)
 }
 
-/// Opens the database with `open` and starts the writer thread.
-fn start(open: Box<OpenFn>, probe_dir: Option<PathBuf>) -> Result<EmbeddedStore, StoreError> {
+/// The sequence number of the last journal record in the redb file.
+fn checkpointed_seq(db: &Database) -> Result<u64, redb::Error> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let v = meta.get(SEQ_KEY)?;
+    Ok(v.and_then(|g| g.value().parse().ok()).unwrap_or(0))
+}
+
+/// The expiry of `id`'s result in the redb file.
+fn stored_expiry(db: &Database, id: &str) -> Option<i64> {
+    let txn = db.begin_read().ok()?;
+    let t = txn.open_table(RESULTS).ok()?;
+    let g = t.get(id).ok()??;
+    split_result(g.value()).map(|(e, _)| e)
+}
+
+/// Applies the journal's records that the redb file does not hold yet, writes them into it
+/// and empties the journal; returns the journal, ready for the next record.
+fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreError> {
+    let done = checkpointed_seq(db).map_err(unavailable)?;
+    let found = Journal::read(io.as_mut(), done)
+        .map_err(|e| unavailable(format!("cannot read {JOURNAL}: {e}")))?;
+    if found.dropped > 0 {
+        log::warn!(
+            "store: the last {} bytes of {JOURNAL} are not a whole record (a write torn by a crash); dropped",
+            found.dropped
+        );
+    }
+    let last = found.records.last().map_or(done, |(seq, _)| *seq);
+    let n = found.records.len();
+    let mut pending = Pending::default();
+    for (_, ops) in found.records {
+        for op in ops {
+            pending.apply(op, &mut |id| stored_expiry(db, id));
+        }
+    }
+    let mut journal = Journal::new(io, last + 1);
+    checkpoint(db, &pending, last).map_err(unavailable)?;
+    journal
+        .reset()
+        .map_err(|e| unavailable(format!("cannot empty {JOURNAL}: {e}")))?;
+    if n > 0 {
+        log::info!("store: {n} journal records applied to {FILE}");
+    }
+    Ok(journal)
+}
+
+/// Opens the database with `open`, applies the journal and starts the writer thread.
+fn start(
+    open: Box<OpenFn>,
+    journal: Box<dyn JournalIo>,
+    dir: Option<PathBuf>,
+) -> Result<EmbeddedStore, StoreError> {
     let db = open()?;
+    let journal = replay(&db, journal)?;
     let shared = Arc::new(Shared {
         db: RwLock::new(Slot::Open(Arc::new(db))),
+        overlay: Mutex::new(Overlay::default()),
         up: AtomicBool::new(true),
         why: Mutex::new(String::new()),
         closed: AtomicBool::new(false),
         generation: AtomicU64::new(0),
         open,
-        probe_dir,
+        dir,
     });
     let (tx, rx) = unbounded();
     let writer_shared = shared.clone();
+    let mut w = Writer {
+        shared: writer_shared,
+        journal,
+        pending_since: Instant::now(),
+        marks: Vec::new(),
+        reopen_at: None,
+        failed_reopens: 0,
+    };
     // Its death would leave every write waiting: a panic there ends the process.
-    let handle = crate::stage::spawn_critical("store-writer", move || writer(&writer_shared, &rx))
-        .map_err(unavailable)?;
+    let handle =
+        crate::stage::spawn_critical("store-writer", move || w.run(&rx)).map_err(unavailable)?;
     Ok(LocalStore::new(EmbeddedBackend {
         shared,
         tx,
@@ -345,171 +459,314 @@ fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
     Some((e as i64, rest))
 }
 
-/// Group commit: takes everything waiting, writes it in one transaction, tells every caller.
-/// After an I/O error it closes the database, answers every write with `Unavailable` and tries
-/// to reopen it every `REOPEN_EVERY` until that works.
-fn writer(shared: &Shared, rx: &Receiver<Batch>) {
-    // Set while the store is down: when to try reopening next.
-    let mut reopen_at: Option<Instant> = None;
-    let mut failed_reopens = 0u32;
-    // New tasks of commits that failed after an I/O error: refused to their submitters, maybe
-    // on disk all the same; removed at the reopen.
-    let mut refused: Vec<String> = Vec::new();
-    loop {
-        if reopen_at.is_none() && !shared.up.load(Ordering::Acquire) {
-            // A read found the file broken.
-            shared.close_db();
-            reopen_at = Some(Instant::now());
-        }
-        if let Some(at) = reopen_at {
-            if Instant::now() >= at {
-                match shared.reopen(&refused) {
-                    Ok(()) => {
-                        refused.clear();
-                        log::info!("store: database reopened; the store is up again");
-                        reopen_at = None;
-                        failed_reopens = 0;
-                    }
-                    Err(e) => {
-                        failed_reopens += 1;
-                        if failed_reopens == 1 {
-                            log::warn!("store: cannot reopen the database yet: {e}; trying again every {REOPEN_EVERY:?}");
-                        } else {
-                            log::debug!("store: reopen attempt {failed_reopens} failed: {e}");
-                        }
-                        reopen_at = Some(Instant::now() + REOPEN_EVERY);
-                    }
-                }
-            }
-        }
-        let first = match reopen_at {
-            None => match rx.recv() {
-                Ok(b) => b,
-                Err(_) => return,
-            },
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(b) => b,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
-            },
-        };
-        let mut closing = first.close;
-        let mut batches = vec![first];
-        let mut n = batches[0].ops.len();
-        while n < MAX_BATCH && !closing {
-            match rx.try_recv() {
-                Ok(b) => {
-                    n += b.ops.len();
-                    closing = b.close;
-                    batches.push(b);
-                }
-                Err(_) => break,
-            }
-        }
-        let res = if reopen_at.is_some() {
-            Err(shared.down_error())
-        } else if n == 0 {
-            Ok(())
-        } else {
-            match shared.current() {
-                Ok(db) => match apply(&db, &batches) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        log::error!("store: commit of {n} writes failed: {e}");
-                        if broken(&e) {
-                            refused.extend(batches.iter().flat_map(|b| &b.ops).filter_map(|op| {
-                                match op {
-                                    Op::InsertTask(id, _) => Some(id.clone()),
-                                    _ => None,
-                                }
-                            }));
-                            shared.mark_down(&e);
-                            drop(db);
-                            shared.close_db();
-                            reopen_at = Some(Instant::now() + REOPEN_EVERY);
-                            Err(shared.down_error())
-                        } else {
-                            Err(unavailable(e))
-                        }
-                    }
-                },
-                Err(e) => Err(e),
-            }
-        };
-        for b in batches {
-            if let Some(done) = b.done {
-                done.send(res.clone());
-            }
-        }
-        if closing {
-            return;
-        }
+/// The redb tables of one checkpoint transaction.
+struct Tables<'t> {
+    tasks: Table<'t, &'static str, &'static [u8]>,
+    results: Table<'t, &'static str, &'static [u8]>,
+    expiry: Table<'t, &'static [u8], ()>,
+    meta: Table<'t, &'static str, &'static str>,
+}
+
+impl Sink for Tables<'_> {
+    fn put_task(&mut self, id: &str, bytes: &[u8]) -> Result<(), redb::Error> {
+        self.tasks.insert(id, bytes)?;
+        Ok(())
+    }
+    fn del_task(&mut self, id: &str) -> Result<(), redb::Error> {
+        self.tasks.remove(id)?;
+        Ok(())
+    }
+    fn put_result(&mut self, id: &str, expires_ms: i64, bytes: &[u8]) -> Result<(), redb::Error> {
+        let mut v = Vec::with_capacity(8 + bytes.len());
+        v.extend_from_slice(&(expires_ms.max(0) as u64).to_be_bytes());
+        v.extend_from_slice(bytes);
+        self.results.insert(id, v.as_slice())?;
+        self.expiry.insert(expiry_key(expires_ms, id).as_slice(), ())?;
+        Ok(())
+    }
+    fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
+        self.results.remove(id)?;
+        Ok(())
+    }
+    fn del_expiry(&mut self, expires_ms: i64, id: &str) -> Result<(), redb::Error> {
+        self.expiry.remove(expiry_key(expires_ms, id).as_slice())?;
+        Ok(())
+    }
+    fn put_meta(&mut self, key: &str, value: &str) -> Result<(), redb::Error> {
+        self.meta.insert(key, value)?;
+        Ok(())
     }
 }
 
-/// Deletes these tasks; how many were there.
-fn undo_inserts(db: &Database, ids: &[String]) -> Result<usize, redb::Error> {
-    let txn = db.begin_write()?;
-    let mut removed = 0;
-    {
-        let mut tasks = txn.open_table(TASKS)?;
-        for id in ids {
-            if tasks.remove(id.as_str())?.is_some() {
-                removed += 1;
-            }
-        }
-    }
-    txn.commit()?;
-    Ok(removed)
-}
-
-fn apply(db: &Database, batches: &[Batch]) -> Result<(), redb::Error> {
+/// Writes `pending` and the journal's sequence number `seq` into the redb file in one durable
+/// transaction.
+fn checkpoint(db: &Database, pending: &Pending, seq: u64) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
-        let mut tasks = txn.open_table(TASKS)?;
-        let mut results = txn.open_table(RESULTS)?;
-        let mut expiry = txn.open_table(EXPIRY)?;
-        let mut meta = txn.open_table(META)?;
-        for op in batches.iter().flat_map(|b| b.ops.iter()) {
-            match op {
-                Op::PutTask(id, bytes) | Op::InsertTask(id, bytes) => {
-                    tasks.insert(id.as_str(), bytes.as_slice())?;
-                }
-                Op::DelTask(id) => {
-                    tasks.remove(id.as_str())?;
-                }
-                Op::PutResult {
-                    id,
-                    expires_ms,
-                    bytes,
-                } => {
-                    let mut v = Vec::with_capacity(8 + bytes.len());
-                    v.extend_from_slice(&(*expires_ms.max(&0) as u64).to_be_bytes());
-                    v.extend_from_slice(bytes);
-                    results.insert(id.as_str(), v.as_slice())?;
-                    expiry.insert(expiry_key(*expires_ms, id).as_slice(), ())?;
-                }
-                Op::DelResult(id) => {
-                    results.remove(id.as_str())?;
-                }
-                Op::PutMeta(k, v) => {
-                    meta.insert(k.as_str(), v.as_str())?;
-                }
-                Op::Expire { id, expires_ms } => {
-                    expiry.remove(expiry_key(*expires_ms, id).as_slice())?;
-                    let same = results
-                        .get(id.as_str())?
-                        .and_then(|g| split_result(g.value()).map(|(e, _)| e == *expires_ms))
-                        .unwrap_or(false);
-                    if same {
-                        results.remove(id.as_str())?;
-                    }
-                }
-            }
-        }
+        let mut t = Tables {
+            tasks: txn.open_table(TASKS)?,
+            results: txn.open_table(RESULTS)?,
+            expiry: txn.open_table(EXPIRY)?,
+            meta: txn.open_table(META)?,
+        };
+        pending.write_to(&mut t)?;
+        t.meta.insert(SEQ_KEY, seq.to_string().as_str())?;
     }
     txn.commit()?;
     Ok(())
+}
+
+/// The writer thread: group commits into the journal, checkpoints into the redb file, and
+/// healing after an I/O error.
+struct Writer {
+    shared: Arc<Shared>,
+    journal: Journal,
+    /// When the oldest write not yet in the redb file was made.
+    pending_since: Instant,
+    /// State marks (`write_later`) waiting to ride with the next journal record.
+    marks: Vec<Op>,
+    /// Set while the store is down: when to try reopening next.
+    reopen_at: Option<Instant>,
+    failed_reopens: u32,
+}
+
+impl Writer {
+    fn run(&mut self, rx: &Receiver<Batch>) {
+        loop {
+            if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
+                // A read found the file broken.
+                self.shared.close_db();
+                self.reopen_at = Some(Instant::now());
+            }
+            self.heal();
+            let Some(first) = self.next(rx) else {
+                return;
+            };
+            let mut batches = gather(first, rx);
+            let res = self.commit(&mut batches);
+            let mut after_checkpoint = Vec::new();
+            let mut checkpoint_now = false;
+            let mut closing = false;
+            for b in batches {
+                checkpoint_now |= b.checkpoint;
+                closing |= b.close;
+                match b.done {
+                    Some(done) if b.checkpoint => after_checkpoint.push(done),
+                    Some(done) => done.send(res.clone()),
+                    None => {}
+                }
+            }
+            if self.due() || checkpoint_now || closing {
+                let r = self.checkpoint();
+                for done in after_checkpoint {
+                    done.send(r.clone());
+                }
+            }
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// The next batch; on the way, a checkpoint when one is due and nothing arrives.
+    fn next(&mut self, rx: &Receiver<Batch>) -> Option<Batch> {
+        loop {
+            let wake = match self.reopen_at {
+                Some(at) => Some(at),
+                None if self.shared.overlay.lock().current.is_empty() => None,
+                None => Some(self.pending_since + CHECKPOINT_EVERY),
+            };
+            let got = match wake {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            match got {
+                Ok(b) => return Some(b),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.reopen_at.is_some() {
+                        self.heal();
+                    } else if self.due() {
+                        let _ = self.checkpoint();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether enough is pending (or for long enough) to write a checkpoint.
+    fn due(&self) -> bool {
+        if self.reopen_at.is_some() {
+            return false;
+        }
+        let o = self.shared.overlay.lock();
+        !o.current.is_empty()
+            && (o.current.ops() >= CHECKPOINT_OPS
+                || o.current.bytes() >= CHECKPOINT_BYTES
+                || self.pending_since.elapsed() >= CHECKPOINT_EVERY)
+    }
+
+    /// Appends the group's ops (after the state marks waiting for a ride) to the journal and
+    /// folds them into the overlay. A group of state marks alone waits for the next append.
+    fn commit(&mut self, batches: &mut [Batch]) -> Result<(), StoreError> {
+        if self.reopen_at.is_some() {
+            self.marks.clear();
+            return Err(self.shared.down_error());
+        }
+        if !batches.iter().any(|b| b.durable && !b.ops.is_empty()) {
+            self.marks
+                .extend(batches.iter_mut().flat_map(|b| b.ops.drain(..)));
+            return Ok(());
+        }
+        let all: Vec<&Op> = self
+            .marks
+            .iter()
+            .chain(batches.iter().flat_map(|b| &b.ops))
+            .collect();
+        if let Err(e) = self.journal.append(&all) {
+            log::error!("store: journal write of {} ops failed: {e}", all.len());
+            self.marks.clear();
+            self.go_down(JOURNAL, &e);
+            return Err(self.shared.down_error());
+        }
+        let marks = std::mem::take(&mut self.marks);
+        self.fold(marks.into_iter().chain(batches.iter_mut().flat_map(|b| b.ops.drain(..))));
+        Ok(())
+    }
+
+    /// Folds written ops into the overlay, where reads find them.
+    fn fold(&mut self, ops: impl Iterator<Item = Op>) {
+        let db = self.shared.current().ok();
+        let mut o = self.shared.overlay.lock();
+        if o.current.is_empty() {
+            self.pending_since = Instant::now();
+        }
+        let Overlay { current, flushing } = &mut *o;
+        for op in ops {
+            current.apply(op, &mut |id| match flushing.as_deref().and_then(|f| f.result(id)) {
+                Some(r) => r.map(|(e, _)| e),
+                None => db.as_ref().and_then(|db| stored_expiry(db, id)),
+            });
+        }
+    }
+
+    /// Writes everything pending into the redb file and empties the journal.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.reopen_at.is_some() {
+            return Err(self.shared.down_error());
+        }
+        if !self.marks.is_empty() {
+            let marks = std::mem::take(&mut self.marks);
+            self.fold(marks.into_iter());
+        }
+        if self.shared.overlay.lock().current.is_empty() && self.journal.len() == 0 {
+            return Ok(());
+        }
+        let db = self.shared.current()?;
+        // Readers keep seeing these writes (as `flushing`) until the file holds them.
+        let snapshot = {
+            let mut o = self.shared.overlay.lock();
+            let p = Arc::new(std::mem::take(&mut o.current));
+            o.flushing = Some(p.clone());
+            p
+        };
+        let res = checkpoint(&db, &snapshot, self.journal.last_seq());
+        drop(db);
+        {
+            let mut o = self.shared.overlay.lock();
+            o.flushing = None;
+            if res.is_err() {
+                // Nothing was written since (this thread is the only writer): put them back.
+                drop(o);
+                let back = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
+                self.shared.overlay.lock().current = back;
+            }
+        }
+        match res {
+            Ok(()) => {
+                if let Err(e) = self.journal.reset() {
+                    log::error!("store: cannot empty {JOURNAL}: {e}");
+                    self.go_down(JOURNAL, &e);
+                    return Err(self.shared.down_error());
+                }
+                Ok(())
+            }
+            Err(e) if broken(&e) => {
+                log::error!("store: checkpoint into {FILE} failed: {e}");
+                self.go_down(FILE, &e);
+                Err(self.shared.down_error())
+            }
+            Err(e) => {
+                log::error!("store: checkpoint into {FILE} failed: {e}; tried again later");
+                self.pending_since = Instant::now();
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// Takes the store down after an I/O error; `heal` brings it back.
+    fn go_down(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        self.shared.mark_down(what, e);
+        self.shared.close_db();
+        self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+    }
+
+    /// While down, once it is time: reopens the file, cuts the journal back to its last good
+    /// record (a refused write must not come back) and checkpoints; then the store is up.
+    fn heal(&mut self) {
+        let Some(at) = self.reopen_at else { return };
+        if Instant::now() < at {
+            return;
+        }
+        let res = self.shared.reopen().and_then(|()| {
+            self.journal
+                .cut_to_good()
+                .map_err(|e| unavailable(format!("cannot cut {JOURNAL}: {e}")))
+        });
+        let res = res.and_then(|()| {
+            self.reopen_at = None;
+            let r = self.checkpoint();
+            if r.is_err() && self.reopen_at.is_none() {
+                self.reopen_at = Some(Instant::now());
+            }
+            r
+        });
+        match res {
+            Ok(()) => {
+                self.shared.up.store(true, Ordering::Release);
+                log::info!("store: database reopened; the store is up again");
+                self.reopen_at = None;
+                self.failed_reopens = 0;
+            }
+            Err(e) => {
+                self.failed_reopens += 1;
+                if self.failed_reopens == 1 {
+                    log::warn!("store: cannot reopen the database yet: {e}; trying again every {REOPEN_EVERY:?}");
+                } else {
+                    log::debug!("store: reopen attempt {} failed: {e}", self.failed_reopens);
+                }
+                self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+            }
+        }
+    }
+}
+
+/// Takes `first` and whatever else is waiting, up to `MAX_BATCH` ops or a closing batch.
+fn gather(first: Batch, rx: &Receiver<Batch>) -> Vec<Batch> {
+    let mut closing = first.close;
+    let mut n = first.ops.len();
+    let mut batches = vec![first];
+    while n < MAX_BATCH && !closing {
+        match rx.try_recv() {
+            Ok(b) => {
+                n += b.ops.len();
+                closing = b.close;
+                batches.push(b);
+            }
+            Err(_) => break,
+        }
+    }
+    batches
 }
 
 impl EmbeddedBackend {
@@ -535,20 +792,37 @@ impl EmbeddedBackend {
                 let first = {
                     let _slot = self.shared.db.read();
                     self.shared.generation.load(Ordering::Acquire) == generation
-                        && self.shared.mark_down(&e)
+                        && self.shared.mark_down(FILE, &e)
                 };
                 if first {
                     // Wake the writer (it may be waiting for work) so that it reopens the file.
-                    let _ = self.tx.send(Batch {
-                        ops: Vec::new(),
-                        done: None,
-                        close: false,
-                    });
+                    let _ = self.tx.send(Batch::signal(false, false, None));
                 }
                 Err(self.shared.down_error())
             }
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// Hands `batch` to the writer and waits for its answer.
+    fn send_and_wait(&self, mut batch: Batch) -> Result<(), StoreError> {
+        if !self.healthy() {
+            return Err(self.shared.down_error());
+        }
+        let ack = Arc::new(Ack::default());
+        batch.done = Some(Reply(Some(ack.clone())));
+        self.tx
+            .send(batch)
+            .map_err(|_| unavailable("the writer thread has stopped"))?;
+        ack.wait()
+    }
+
+    /// Waits until everything written so far is in the redb file (before reads that scan it).
+    fn flush(&self) -> Result<(), StoreError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(unavailable("the store is closed"));
+        }
+        self.send_and_wait(Batch::signal(true, false, None))
     }
 }
 
@@ -562,24 +836,21 @@ impl Backend for EmbeddedBackend {
     }
 
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        if !self.healthy() {
-            return Err(self.shared.down_error());
-        }
-        let ack = Arc::new(Ack::default());
-        self.tx
-            .send(Batch {
-                ops,
-                done: Some(Reply(Some(ack.clone()))),
-                close: false,
-            })
-            .map_err(|_| unavailable("the writer thread has stopped"))?;
-        ack.wait()
+        self.send_and_wait(Batch {
+            ops,
+            done: None,
+            durable: true,
+            checkpoint: false,
+            close: false,
+        })
     }
 
     fn write_later(&self, ops: Vec<Op>) {
         let later = Batch {
             ops,
             done: None,
+            durable: false,
+            checkpoint: false,
             close: false,
         };
         if self.tx.send(later).is_err() {
@@ -589,11 +860,7 @@ impl Backend for EmbeddedBackend {
 
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        let _ = self.tx.send(Batch {
-            ops: Vec::new(),
-            done: None,
-            close: true,
-        });
+        let _ = self.tx.send(Batch::signal(true, true, None));
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();
         }
@@ -610,6 +877,9 @@ impl Backend for EmbeddedBackend {
     }
 
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(t) = self.shared.overlay.lock().find(|p| p.task(id)) {
+            return Ok(t);
+        }
         self.read(|txn| {
             let t = txn.open_table(TASKS)?;
             Ok(t.get(id)?.map(|g| g.value().to_vec()))
@@ -617,6 +887,9 @@ impl Backend for EmbeddedBackend {
     }
 
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        if let Some(r) = self.shared.overlay.lock().find(|p| p.result(id)) {
+            return Ok(r);
+        }
         let raw = self.read(|txn| {
             let t = txn.open_table(RESULTS)?;
             Ok(t.get(id)?.map(|g| g.value().to_vec()))
@@ -629,6 +902,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError> {
+        self.flush()?;
         self.read(|txn| {
             let t = txn.open_table(TASKS)?;
             for item in t.iter()? {
@@ -640,6 +914,9 @@ impl Backend for EmbeddedBackend {
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if let Some(v) = self.shared.overlay.lock().find(|p| p.meta(key)) {
+            return Ok(Some(v));
+        }
         self.read(|txn| {
             let t = txn.open_table(META)?;
             Ok(t.get(key)?.map(|g| g.value().to_string()))
@@ -647,15 +924,18 @@ impl Backend for EmbeddedBackend {
     }
 
     fn results_len(&self) -> Result<usize, StoreError> {
+        self.flush()?;
         self.read(|txn| Ok(txn.open_table(RESULTS)?.len()? as usize))
     }
 
     fn data_bytes(&self) -> Option<u64> {
-        let dir = self.shared.probe_dir.as_ref()?;
-        std::fs::metadata(dir.join(FILE)).ok().map(|m| m.len())
+        let dir = self.shared.dir.as_ref()?;
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
+        Some(size(FILE) + size(JOURNAL))
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
+        self.flush()?;
         self.read(|txn| {
             let t = txn.open_table(EXPIRY)?;
             let upper = (now_ms.max(0) as u64).to_be_bytes();
@@ -679,6 +959,7 @@ impl Backend for EmbeddedBackend {
 mod tests {
     use super::*;
     use crate::store::contract::{result, run, task};
+    use crate::store::journal::tests::MemJournal;
     use crate::store::{Change, Store};
     use crate::task::State;
 
@@ -810,19 +1091,29 @@ mod tests {
         }
     }
 
-    fn flaky_store(
-        inner: &Arc<redb::backends::InMemoryBackend>,
-        full: &Arc<AtomicBool>,
-    ) -> EmbeddedStore {
-        flaky_store_with(inner, full, &Arc::new(AtomicBool::new(false)))
+    /// A redb file and a journal in memory whose writes (or only syncs) fail on demand; kept
+    /// across reopens.
+    #[derive(Clone, Default)]
+    struct Disk {
+        inner: Arc<redb::backends::InMemoryBackend>,
+        journal: MemJournal,
     }
 
-    fn flaky_store_with(
-        inner: &Arc<redb::backends::InMemoryBackend>,
-        full: &Arc<AtomicBool>,
-        sync_fails: &Arc<AtomicBool>,
-    ) -> EmbeddedStore {
-        let (inner, full, sync_fails) = (inner.clone(), full.clone(), sync_fails.clone());
+    impl Disk {
+        fn full(&self, on: bool) {
+            self.journal.full.store(on, Ordering::SeqCst);
+        }
+        fn sync_fails(&self, on: bool) {
+            self.journal.sync_fails.store(on, Ordering::SeqCst);
+        }
+    }
+
+    fn flaky_store(disk: &Disk) -> EmbeddedStore {
+        let (inner, full, sync_fails) = (
+            disk.inner.clone(),
+            disk.journal.full.clone(),
+            disk.journal.sync_fails.clone(),
+        );
         let open_db = move || {
             let backend = Flaky {
                 inner: inner.clone(),
@@ -834,33 +1125,29 @@ mod tests {
                 .map_err(unavailable)?;
             create_tables(db)
         };
-        start(Box::new(open_db), None).expect("open")
+        start(Box::new(open_db), Box::new(disk.journal.clone()), None).expect("open")
     }
 
     #[test]
     fn a_refused_insert_that_reached_the_disk_is_undone_at_the_reopen() {
-        let inner = Arc::new(redb::backends::InMemoryBackend::new());
-        let (full, sync_fails) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let s = flaky_store_with(&inner, &full, &sync_fails);
+        let disk = Disk::default();
+        let s = flaky_store(&disk);
         s.insert(&[task("kept", State::Delayed, 1)])
             .expect("insert");
-        sync_fails.store(true, Ordering::SeqCst);
+        disk.sync_fails(true);
         let refused = s.insert(&[task("refused", State::Delayed, 2)]);
         assert!(
             matches!(refused, Err(StoreError::Unavailable(_))),
             "{refused:?}"
         );
-        sync_fails.store(false, Ordering::SeqCst);
+        disk.sync_fails(false);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !s.healthy() {
             assert!(std::time::Instant::now() < end, "the store did not reopen");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         s.close();
-        let again = flaky_store_with(&inner, &full, &sync_fails);
+        let again = flaky_store(&disk);
         let rec: Vec<String> = again
             .recover()
             .expect("recover")
@@ -872,9 +1159,8 @@ mod tests {
 
     #[test]
     fn after_an_io_error_the_store_is_down_then_reopens_without_losing_anything() {
-        let inner = Arc::new(redb::backends::InMemoryBackend::new());
-        let full = Arc::new(AtomicBool::new(false));
-        let s = flaky_store(&inner, &full);
+        let disk = Disk::default();
+        let s = flaky_store(&disk);
         s.insert(&[
             task("run", State::Ready, 1),
             task("wait", State::Delayed, 9),
@@ -884,7 +1170,7 @@ mod tests {
         s.insert(&[task("ready", State::Ready, 2)]).expect("insert");
         assert!(s.healthy());
 
-        full.store(true, Ordering::SeqCst);
+        disk.full(true);
         let refused = s.insert(&[task("new", State::Ready, 3)]);
         assert!(
             matches!(refused, Err(StoreError::Unavailable(_))),
@@ -917,7 +1203,7 @@ mod tests {
         assert_eq!(s.status("run").expect("status"), Some(State::Running));
 
         // The disk takes writes again: the store reopens by itself and carries on.
-        full.store(false, Ordering::SeqCst);
+        disk.full(false);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !s.healthy() {
             assert!(std::time::Instant::now() < end, "the store did not reopen");
@@ -936,7 +1222,7 @@ mod tests {
         s.close();
 
         // What was acknowledged is on disk, once; the finished task is gone from the tasks.
-        let again = flaky_store(&inner, &full);
+        let again = flaky_store(&disk);
         let mut rec: Vec<String> = again
             .recover()
             .expect("recover")

@@ -4,8 +4,10 @@
 //! later, two nodes) could race on — is this id taken, who claims this task — with a yes or no.
 
 pub mod embedded;
+pub mod journal;
 pub mod live;
 pub mod local;
+pub mod pending;
 #[cfg(test)]
 pub mod memory;
 pub mod redis;

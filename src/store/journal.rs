@@ -1,0 +1,505 @@
+//! The embedded store's write-ahead journal: every durable write is one append and one
+//! `fdatasync` of `poulpe.journal`, instead of a copy-on-write transaction of the redb file.
+//!
+//! A record is `[length u32][crc32 u32][seq u64][ops]` (little-endian; the CRC covers the
+//! sequence number and the ops). Sequence numbers follow each other without gaps; the last one
+//! applied to the redb file is stored in it by each checkpoint. Reading stops at the first
+//! record that is short, fails its CRC or does not follow the one before it: a write torn by a
+//! crash (or a tail left over from before a truncation) is dropped, never half-applied, and
+//! nothing after it is invented.
+
+use super::local::Op;
+use std::io;
+
+/// Bytes before a record's ops: length, CRC, sequence number.
+const HEAD: usize = 16;
+
+/// Largest record accepted when reading: a corrupt length must not allocate gigabytes.
+const MAX_RECORD: usize = 1 << 30;
+
+/// Where the journal's bytes live: a file, or memory in the unit tests that inject I/O errors.
+pub trait JournalIo: Send {
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes the written bytes (and the length) durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the journal to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// The whole journal.
+    fn read_all(&mut self) -> io::Result<Vec<u8>>;
+}
+
+/// The journal in a file.
+pub struct FileJournal(std::fs::File);
+
+impl FileJournal {
+    pub fn open(path: &std::path::Path) -> io::Result<FileJournal> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(FileJournal)
+    }
+}
+
+impl JournalIo for FileJournal {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        std::io::Seek::seek(&mut self.0, io::SeekFrom::Start(0))?;
+        std::io::Read::read_to_end(&mut self.0, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// The journal: appends records, remembers how long its durable part is.
+pub struct Journal {
+    io: Box<dyn JournalIo>,
+    /// Bytes of whole, synced records; the next record goes here.
+    len: u64,
+    /// Sequence number of the next record.
+    next_seq: u64,
+    buf: Vec<u8>,
+}
+
+/// What `Journal::read` found.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// The records after the checkpointed one, in order: their ops and sequence numbers.
+    pub records: Vec<(u64, Vec<Op>)>,
+    /// Bytes after the last good record (a torn write, or a stale tail): dropped.
+    pub dropped: usize,
+}
+
+impl Journal {
+    /// A journal whose content has been read (and applied) and which may now be emptied:
+    /// `next_seq` follows the last sequence number in use.
+    pub fn new(io: Box<dyn JournalIo>, next_seq: u64) -> Journal {
+        Journal {
+            io,
+            len: 0,
+            next_seq,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sequence number of the last record written (or read back).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Bytes of synced records.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Reads the records that follow `checkpointed` (the last sequence number already in the
+    /// redb file). Records up to it are skipped; reading stops at the first bad record.
+    pub fn read(io: &mut dyn JournalIo, checkpointed: u64) -> io::Result<Replay> {
+        let bytes = io.read_all()?;
+        Ok(parse(&bytes, checkpointed))
+    }
+
+    /// Appends one record of `ops` and syncs it. On failure the journal is cut back to its
+    /// last good length (best effort: the failed record must not be replayed later, since its
+    /// writers were told it was refused); the caller then treats the store as down.
+    pub fn append(&mut self, ops: &[&Op]) -> io::Result<()> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0; HEAD]);
+        for op in ops {
+            encode_op(op, &mut self.buf);
+        }
+        let len = (self.buf.len() - HEAD) as u32;
+        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
+        self.buf[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
+        let crc = crc32(&self.buf[8..]);
+        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let res = self
+            .io
+            .write_at(self.len, &self.buf)
+            .and_then(|()| self.io.sync());
+        match res {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                self.next_seq += 1;
+                if self.buf.capacity() > 1 << 20 {
+                    self.buf = Vec::new();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.io.truncate(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Cuts the journal back to its synced records (after an I/O error, before writing again).
+    pub fn cut_to_good(&mut self) -> io::Result<()> {
+        self.io.truncate(self.len)?;
+        self.io.sync()
+    }
+
+    /// Empties the journal once everything in it is in the redb file. Synced before the next
+    /// append, so that no old record can reappear after new ones.
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.io.truncate(0)?;
+        self.io.sync()?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+fn parse(bytes: &[u8], checkpointed: u64) -> Replay {
+    let mut out = Replay::default();
+    let mut at = 0usize;
+    let mut prev: Option<u64> = None;
+    while at < bytes.len() {
+        let Some(head) = bytes.get(at..at + HEAD) else {
+            break;
+        };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&head[8..16]);
+        let seq = u64::from_le_bytes(seq_bytes);
+        if len > MAX_RECORD {
+            break;
+        }
+        let Some(body) = bytes.get(at + HEAD..at + HEAD + len) else {
+            break;
+        };
+        if crc32(&bytes[at + 8..at + HEAD + len]) != crc {
+            break;
+        }
+        if prev.is_some_and(|p| seq != p + 1) {
+            break;
+        }
+        let Some(ops) = decode_ops(body) else {
+            break;
+        };
+        prev = Some(seq);
+        if seq > checkpointed {
+            out.records.push((seq, ops));
+        }
+        at += HEAD + len;
+    }
+    out.dropped = bytes.len() - at;
+    out
+}
+
+const PUT_TASK: u8 = 1;
+const INSERT_TASK: u8 = 2;
+const DEL_TASK: u8 = 3;
+const PUT_RESULT: u8 = 4;
+const DEL_RESULT: u8 = 5;
+const EXPIRE: u8 = 6;
+const PUT_META: u8 = 7;
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn encode_op(op: &Op, out: &mut Vec<u8>) {
+    match op {
+        Op::PutTask(id, b) | Op::InsertTask(id, b) => {
+            out.push(if matches!(op, Op::PutTask(..)) {
+                PUT_TASK
+            } else {
+                INSERT_TASK
+            });
+            put_bytes(out, id.as_bytes());
+            put_bytes(out, b);
+        }
+        Op::DelTask(id) => {
+            out.push(DEL_TASK);
+            put_bytes(out, id.as_bytes());
+        }
+        Op::PutResult {
+            id,
+            expires_ms,
+            bytes,
+        } => {
+            out.push(PUT_RESULT);
+            put_bytes(out, id.as_bytes());
+            out.extend_from_slice(&expires_ms.to_le_bytes());
+            put_bytes(out, bytes);
+        }
+        Op::DelResult(id) => {
+            out.push(DEL_RESULT);
+            put_bytes(out, id.as_bytes());
+        }
+        Op::Expire { id, expires_ms } => {
+            out.push(EXPIRE);
+            put_bytes(out, id.as_bytes());
+            out.extend_from_slice(&expires_ms.to_le_bytes());
+        }
+        Op::PutMeta(k, v) => {
+            out.push(PUT_META);
+            put_bytes(out, k.as_bytes());
+            put_bytes(out, v.as_bytes());
+        }
+    }
+}
+
+/// Reads the parts of one record's ops.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let (a, b) = self.0.split_at_checked(n)?;
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.take(8)?.try_into().ok().map(i64::from_le_bytes)
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize;
+        self.take(n).map(<[u8]>::to_vec)
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?).ok()
+    }
+}
+
+fn decode_ops(body: &[u8]) -> Option<Vec<Op>> {
+    let mut r = Reader(body);
+    let mut ops = Vec::new();
+    while !r.0.is_empty() {
+        let op = match r.u8()? {
+            PUT_TASK => Op::PutTask(r.string()?, r.bytes()?),
+            INSERT_TASK => Op::InsertTask(r.string()?, r.bytes()?),
+            DEL_TASK => Op::DelTask(r.string()?),
+            PUT_RESULT => Op::PutResult {
+                id: r.string()?,
+                expires_ms: r.i64()?,
+                bytes: r.bytes()?,
+            },
+            DEL_RESULT => Op::DelResult(r.string()?),
+            EXPIRE => Op::Expire {
+                id: r.string()?,
+                expires_ms: r.i64()?,
+            },
+            PUT_META => Op::PutMeta(r.string()?, r.string()?),
+            _ => return None,
+        };
+        ops.push(op);
+    }
+    Some(ops)
+}
+
+/// CRC-32 (IEEE, as zlib's), table-driven.
+fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut c = !0u32;
+    for &b in data {
+        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A journal in memory that outlives the store using it (kept across reopens).
+    #[derive(Clone, Default)]
+    pub struct MemJournal {
+        pub bytes: Arc<parking_lot::Mutex<Vec<u8>>>,
+        /// Writes fail while set (a full disk).
+        pub full: Arc<std::sync::atomic::AtomicBool>,
+        /// Only syncs fail (the bytes are written), as with EIO.
+        pub sync_fails: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl JournalIo for MemJournal {
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let mut b = self.bytes.lock();
+            let end = offset as usize + buf.len();
+            if b.len() < end {
+                b.resize(end, 0);
+            }
+            b[offset as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            if self.sync_fails.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.bytes.lock().truncate(len as usize);
+            Ok(())
+        }
+        fn read_all(&mut self) -> io::Result<Vec<u8>> {
+            Ok(self.bytes.lock().clone())
+        }
+    }
+
+    fn sample(i: usize) -> Vec<Op> {
+        vec![
+            Op::InsertTask(format!("t{i}"), format!("{{\"n\":{i}}}").into_bytes()),
+            Op::PutResult {
+                id: format!("r{i}"),
+                expires_ms: -5 + i as i64,
+                bytes: vec![i as u8; i % 7],
+            },
+            Op::Expire {
+                id: format!("e{i}"),
+                expires_ms: i64::MAX - i as i64,
+            },
+            Op::PutMeta("k".into(), "vé".into()),
+            Op::DelTask(format!("t{i}")),
+            Op::DelResult(String::new()),
+            Op::PutTask("p".into(), Vec::new()),
+        ]
+    }
+
+    fn same(a: &[Op], b: &[Op]) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    fn written(n: usize) -> (MemJournal, Vec<usize>) {
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        let mut ends = Vec::new();
+        for i in 0..n {
+            let ops = sample(i);
+            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+            ends.push(j.len() as usize);
+        }
+        assert_eq!(j.last_seq(), n as u64);
+        (mem, ends)
+    }
+
+    #[test]
+    fn records_read_back_in_order_after_the_checkpointed_one() {
+        let (mut mem, _) = written(5);
+        let r = Journal::read(&mut mem, 0).expect("read");
+        assert_eq!(r.dropped, 0);
+        assert_eq!(r.records.len(), 5);
+        for (i, (seq, ops)) in r.records.iter().enumerate() {
+            assert_eq!(*seq, i as u64 + 1);
+            assert!(same(ops, &sample(i)), "record {i}: {ops:?}");
+        }
+        let r = Journal::read(&mut mem, 3).expect("read");
+        let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![4, 5], "records already checkpointed are skipped");
+    }
+
+    /// A crash can tear the last write anywhere: cut the journal at every byte offset of its
+    /// last two records and check that every whole record before the cut comes back and
+    /// nothing after it.
+    #[test]
+    fn a_torn_tail_at_any_byte_drops_only_the_torn_record() {
+        let (mem, ends) = written(4);
+        let full = mem.bytes.lock().clone();
+        let from = ends[1];
+        for cut in from..=full.len() {
+            let mut m = MemJournal::default();
+            *m.bytes.lock() = full[..cut].to_vec();
+            let r = Journal::read(&mut m, 0).expect("read");
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            assert_eq!(r.records.len(), whole, "cut at {cut}");
+            for (i, (_, ops)) in r.records.iter().enumerate() {
+                assert!(same(ops, &sample(i)), "cut at {cut}, record {i}");
+            }
+            assert_eq!(r.dropped, cut - ends[whole - 1], "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_or_a_stale_tail_ends_the_replay() {
+        let (mem, ends) = written(3);
+        let full = mem.bytes.lock().clone();
+        // Any bit of the second record flipped: only the first comes back.
+        for at in ends[0]..ends[1] {
+            for bit in [0x01u8, 0x80] {
+                let mut b = full.clone();
+                b[at] ^= bit;
+                let mut m = MemJournal::default();
+                *m.bytes.lock() = b;
+                let r = Journal::read(&mut m, 0).expect("read");
+                assert_eq!(r.records.len(), 1, "bit {bit:#x} of byte {at} flipped");
+            }
+        }
+        // A new record, then an old one left over from before a truncation that was lost:
+        // the old record does not follow the new one's sequence number and is not replayed.
+        let fresh = MemJournal::default();
+        let mut j = Journal::new(Box::new(fresh.clone()), 10);
+        let ops = [Op::DelTask("x".into())];
+        j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        let mut b = fresh.bytes.lock().clone();
+        b.extend_from_slice(&full[ends[0]..ends[1]]);
+        let mut m = MemJournal::default();
+        *m.bytes.lock() = b;
+        let r = Journal::read(&mut m, 0).expect("read");
+        let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![10]);
+        assert_eq!(r.dropped, ends[1] - ends[0]);
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_off_and_not_replayed() {
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        let ops = sample(1);
+        let refs: Vec<&Op> = ops.iter().collect();
+        j.append(&refs).expect("append");
+        mem.sync_fails
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(j.append(&refs).is_err());
+        mem.sync_fails
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 1, "the refused record is gone");
+        j.append(&refs).expect("append after the failure");
+        let r = Journal::read(&mut m, 0).expect("read");
+        let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+}
