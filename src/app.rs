@@ -257,7 +257,11 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
                 .map_err(|e| StartError::OpenStore("--redis", e))?,
         ),
         None => Arc::new(
-            store::embedded::open(&config.data).map_err(|e| StartError::OpenStore("--data", e))?,
+            store::embedded::open(
+                &config.data,
+                std::time::Duration::from_millis(config.checkpoint_ms),
+            )
+            .map_err(|e| StartError::OpenStore("--data", e))?,
         ),
     })
 }

@@ -88,6 +88,9 @@ flags! {
     PORT, "port", number(8000, 0, 65_535), "HTTP and WebSocket port";
     BIND, "bind", text("0.0.0.0"), "listen address";
     DATA, "data", text("./poulpe-data"), "directory of the embedded store";
+    CHECKPOINT_MS, "checkpoint_ms", number(2_000, 10, 600_000),
+        "longest time (ms) a write stays only in the embedded store's journal before it is \
+         copied into its database file";
     REDIS, "redis", optional(),
         "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store";
     REDIS_PREFIX, "redis_prefix", text("poulpe:"), "prefix of every Redis key";

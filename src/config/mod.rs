@@ -68,6 +68,8 @@ pub struct Config {
     pub result_ttl: u64,
     /// Most finished results kept (`--result_max`); beyond it the oldest are dropped first.
     pub result_max: usize,
+    /// Longest time a write stays only in the embedded store's journal (`--checkpoint_ms`).
+    pub checkpoint_ms: u64,
     /// Which programs EXEC tasks from the network may run (`--exec_dir`, `--exec_any`).
     pub exec: ExecPolicy,
     /// Bearer token required on every endpoint but `/health` (`--token`).
@@ -319,6 +321,7 @@ impl Config {
         let task_timeout = raw.number(&TASK_TIMEOUT)?;
         let result_ttl = raw.number(&RESULT_TTL)?;
         let result_max = raw.number(&RESULT_MAX)?;
+        let checkpoint_ms = raw.number(&CHECKPOINT_MS)?;
         let max_body = raw.number(&MAX_BODY)?;
         let max_ws = raw.number(&MAX_WS)?;
         let ws_idle = raw.number(&WS_IDLE)?;
@@ -358,6 +361,7 @@ impl Config {
             task_timeout,
             result_ttl,
             result_max,
+            checkpoint_ms,
             exec,
             token: raw.get(&TOKEN).map(str::to_string),
             max_body,

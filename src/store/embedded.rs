@@ -3,7 +3,7 @@
 //!
 //! Every durable write is one append and one `fdatasync` of the journal, folding every write
 //! waiting at that moment. What the journal holds and the redb file does not yet is kept in
-//! memory (`Pending`) and read first. Every `CHECKPOINT_EVERY` (or sooner when much is
+//! memory (`Pending`) and read first. Every `--checkpoint_ms` (or sooner when much is
 //! pending) the writer writes that state into the redb file in one durable transaction, with
 //! the sequence number of the last journal record it holds, and empties the journal. At open,
 //! the journal's records after that number are applied again (a torn last record is dropped).
@@ -53,8 +53,9 @@ const COMPACT_FROM_BYTES: u64 = 16 * 1024 * 1024;
 /// Most writes folded into one journal record.
 const MAX_BATCH: usize = 4096;
 
-/// Longest time a write stays only in the journal (and in memory).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// Longest time a write stays only in the journal (and in memory), unless told otherwise
+/// (`--checkpoint_ms`).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// A checkpoint comes sooner once this many writes are pending...
 const CHECKPOINT_OPS: usize = 50_000;
 /// ... or this many bytes.
@@ -146,7 +147,9 @@ impl Shared {
         let was_up = self.up.swap(false, Ordering::AcqRel);
         if was_up {
             *self.why.lock() = format!("the disk refused a write or read ({e})");
-            log::error!("store: I/O error on the {what}: {e}; the store is down until it can be reopened");
+            log::error!(
+                "store: I/O error on the {what}: {e}; the store is down until it can be reopened"
+            );
         }
         was_up
     }
@@ -286,8 +289,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Opens (or creates) `<dir>/poulpe.redb` and `<dir>/poulpe.journal`, applies the journal and
-/// starts the writer thread.
-pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+/// starts the writer thread. A write stays only in the journal for at most `checkpoint_every`.
+pub fn open(dir: &Path, checkpoint_every: Duration) -> Result<EmbeddedStore, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join(FILE);
@@ -307,7 +310,12 @@ pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
     let jpath = dir.join(JOURNAL);
     let journal = FileJournal::open(&jpath)
         .map_err(|e| unavailable(format!("cannot open {}: {e}", jpath.display())))?;
-    start(Box::new(open_file), Box::new(journal), Some(dir.to_path_buf()))
+    start(
+        Box::new(open_file),
+        Box::new(journal),
+        Some(dir.to_path_buf()),
+        checkpoint_every,
+    )
 }
 
 /// The file does not shrink by itself: space freed by expired results is reused, not given
@@ -413,6 +421,7 @@ fn start(
     open: Box<OpenFn>,
     journal: Box<dyn JournalIo>,
     dir: Option<PathBuf>,
+    checkpoint_every: Duration,
 ) -> Result<EmbeddedStore, StoreError> {
     let db = open()?;
     let journal = replay(&db, journal)?;
@@ -432,6 +441,7 @@ fn start(
         shared: writer_shared,
         journal,
         pending_since: Instant::now(),
+        checkpoint_every,
         marks: Vec::new(),
         reopen_at: None,
         failed_reopens: 0,
@@ -481,7 +491,8 @@ impl Sink for Tables<'_> {
         v.extend_from_slice(&(expires_ms.max(0) as u64).to_be_bytes());
         v.extend_from_slice(bytes);
         self.results.insert(id, v.as_slice())?;
-        self.expiry.insert(expiry_key(expires_ms, id).as_slice(), ())?;
+        self.expiry
+            .insert(expiry_key(expires_ms, id).as_slice(), ())?;
         Ok(())
     }
     fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
@@ -523,6 +534,8 @@ struct Writer {
     journal: Journal,
     /// When the oldest write not yet in the redb file was made.
     pending_since: Instant,
+    /// Longest time a write stays only in the journal.
+    checkpoint_every: Duration,
     /// State marks (`write_later`) waiting to ride with the next journal record.
     marks: Vec<Op>,
     /// Set while the store is down: when to try reopening next.
@@ -574,7 +587,7 @@ impl Writer {
             let wake = match self.reopen_at {
                 Some(at) => Some(at),
                 None if self.shared.overlay.lock().current.is_empty() => None,
-                None => Some(self.pending_since + CHECKPOINT_EVERY),
+                None => Some(self.pending_since + self.checkpoint_every),
             };
             let got = match wake {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -603,7 +616,7 @@ impl Writer {
         !o.current.is_empty()
             && (o.current.ops() >= CHECKPOINT_OPS
                 || o.current.bytes() >= CHECKPOINT_BYTES
-                || self.pending_since.elapsed() >= CHECKPOINT_EVERY)
+                || self.pending_since.elapsed() >= self.checkpoint_every)
     }
 
     /// Appends the group's ops (after the state marks waiting for a ride) to the journal and
@@ -630,7 +643,11 @@ impl Writer {
             return Err(self.shared.down_error());
         }
         let marks = std::mem::take(&mut self.marks);
-        self.fold(marks.into_iter().chain(batches.iter_mut().flat_map(|b| b.ops.drain(..))));
+        self.fold(
+            marks
+                .into_iter()
+                .chain(batches.iter_mut().flat_map(|b| b.ops.drain(..))),
+        );
         Ok(())
     }
 
@@ -643,10 +660,13 @@ impl Writer {
         }
         let Overlay { current, flushing } = &mut *o;
         for op in ops {
-            current.apply(op, &mut |id| match flushing.as_deref().and_then(|f| f.result(id)) {
-                Some(r) => r.map(|(e, _)| e),
-                None => db.as_ref().and_then(|db| stored_expiry(db, id)),
-            });
+            current.apply(
+                op,
+                &mut |id| match flushing.as_deref().and_then(|f| f.result(id)) {
+                    Some(r) => r.map(|(e, _)| e),
+                    None => db.as_ref().and_then(|db| stored_expiry(db, id)),
+                },
+            );
         }
     }
 
@@ -966,11 +986,11 @@ mod tests {
     #[test]
     fn embedded_store_meets_the_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
-        run(&open(dir.path()).expect("open"));
+        run(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::store::contract::expiry(&open(dir.path()).expect("open"), true);
+        crate::store::contract::expiry(&open(dir.path(), CHECKPOINT_EVERY).expect("open"), true);
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::store::contract::result_cap(&open(dir.path()).expect("open"));
+        crate::store::contract::result_cap(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]
@@ -979,7 +999,7 @@ mod tests {
         let file = dir.path().join(FILE);
         let now = crate::clock::now_ms();
         {
-            let s = open(dir.path()).expect("open");
+            let s = open(dir.path(), CHECKPOINT_EVERY).expect("open");
             let mut big = result("big");
             big.output = "x".repeat(16 * 1024);
             for chunk in 0..20 {
@@ -1006,7 +1026,7 @@ mod tests {
         }
         let before = std::fs::metadata(&file).expect("file").len();
         assert!(before > 2 * COMPACT_FROM_BYTES, "{before} bytes written");
-        let s = open(dir.path()).expect("reopen");
+        let s = open(dir.path(), CHECKPOINT_EVERY).expect("reopen");
         let after = std::fs::metadata(&file).expect("file").len();
         assert!(after * 2 < before, "compacted: {before} -> {after} bytes");
         assert_eq!(s.result("kept").expect("result"), Some(result("kept")));
@@ -1017,7 +1037,7 @@ mod tests {
     fn unfinished_tasks_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let s = open(dir.path()).expect("open");
+            let s = open(dir.path(), CHECKPOINT_EVERY).expect("open");
             s.insert(&[task("r", State::Ready, 1), task("d", State::Delayed, 99)])
                 .expect("insert");
             assert!(s.claim(&task("r", State::Ready, 1)).expect("claim"));
@@ -1026,7 +1046,7 @@ mod tests {
         }
         // redb allows one open handle per file; wait for the old writer to let go.
         let s = loop {
-            match open(dir.path()) {
+            match open(dir.path(), CHECKPOINT_EVERY) {
                 Ok(s) => break s,
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
             }
@@ -1125,7 +1145,13 @@ mod tests {
                 .map_err(unavailable)?;
             create_tables(db)
         };
-        start(Box::new(open_db), Box::new(disk.journal.clone()), None).expect("open")
+        start(
+            Box::new(open_db),
+            Box::new(disk.journal.clone()),
+            None,
+            CHECKPOINT_EVERY,
+        )
+        .expect("open")
     }
 
     #[test]
@@ -1237,7 +1263,7 @@ mod tests {
     #[test]
     fn close_writes_queued_marks_refuses_later_calls_and_frees_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(dir.path()).expect("open");
+        let s = open(dir.path(), CHECKPOINT_EVERY).expect("open");
         s.insert(&[task("a", State::Ready, 1)]).expect("insert");
         // The running mark is written asynchronously; close must still persist it.
         assert!(s.claim(&task("a", State::Ready, 1)).expect("claim"));
@@ -1251,7 +1277,7 @@ mod tests {
             Err(StoreError::Unavailable(_))
         ));
         // The file is released at once: no retry loop needed to open it again.
-        let again = open(dir.path()).expect("reopen right after close");
+        let again = open(dir.path(), CHECKPOINT_EVERY).expect("reopen right after close");
         let rec = again.recover().expect("recover");
         let got: Vec<(&str, bool)> = rec.iter().map(|r| (&*r.id, r.was_running)).collect();
         assert_eq!(got, vec![("a", true)]);

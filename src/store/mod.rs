@@ -7,9 +7,9 @@ pub mod embedded;
 pub mod journal;
 pub mod live;
 pub mod local;
-pub mod pending;
 #[cfg(test)]
 pub mod memory;
+pub mod pending;
 pub mod redis;
 
 use crate::task::TaskResult;

@@ -123,5 +123,4 @@ impl Pending {
         }
         Ok(())
     }
-
 }
