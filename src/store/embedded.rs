@@ -392,8 +392,8 @@ fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreErr
     let found = Journal::read(io.as_mut(), done)
         .map_err(|e| unavailable(format!("cannot read {JOURNAL}: {e}")))?;
     if found.dropped > 0 {
-        log::warn!(
-            "store: the last {} bytes of {JOURNAL} are not a whole record (a write torn by a crash); dropped",
+        log::info!(
+            "store: {JOURNAL} ends with {} bytes that are not a record to apply (older records, or a write torn by a crash); ignored",
             found.dropped
         );
     }
@@ -407,9 +407,7 @@ fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreErr
     }
     let mut journal = Journal::new(io, last + 1);
     checkpoint(db, &pending, last).map_err(unavailable)?;
-    journal
-        .reset()
-        .map_err(|e| unavailable(format!("cannot empty {JOURNAL}: {e}")))?;
+    journal.reset();
     if n > 0 {
         log::info!("store: {n} journal records applied to {FILE}");
     }
@@ -704,11 +702,7 @@ impl Writer {
         }
         match res {
             Ok(()) => {
-                if let Err(e) = self.journal.reset() {
-                    log::error!("store: cannot empty {JOURNAL}: {e}");
-                    self.go_down(JOURNAL, &e);
-                    return Err(self.shared.down_error());
-                }
+                self.journal.reset();
                 Ok(())
             }
             Err(e) if broken(&e) => {
