@@ -108,8 +108,7 @@ fn kill9_during_submission_and_execution_loses_no_acknowledged_task() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &["--workers", "4"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--workers", "4"]).start();
     let submit_url = s.url("/task_in_queue");
 
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::new(Mutex::new(Vec::new()));
@@ -216,7 +215,7 @@ fn kill9_during_submission_and_execution_loses_no_acknowledged_task() {
         delayed_pending
     );
 
-    let s2 = Server::start_in(&data, &["--workers", "4"]);
+    let s2 = Server::builder(&dir).args(&["--workers", "4"]).start();
     let want: HashSet<String> = acked.iter().map(|a| a.id.clone()).collect();
     wait_all_hit(&sink, &want, Duration::from_secs(60), "after the restart");
     assert_never_early(&sink, &acked);
@@ -247,8 +246,7 @@ fn kill9_with_only_delayed_tasks_pending_loses_none() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &["--workers", "4"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--workers", "4"]).start();
     let late = sink.url("/late");
 
     let acked: Vec<Acked> = thread::scope(|scope| {
@@ -297,7 +295,7 @@ fn kill9_with_only_delayed_tasks_pending_loses_none() {
         "nothing runs while the server is down"
     );
     let restarted_us = now_us();
-    let s2 = Server::start_in(&data, &["--workers", "4"]);
+    let s2 = Server::builder(&dir).args(&["--workers", "4"]).start();
 
     let want: HashSet<String> = acked.iter().map(|a| a.id.clone()).collect();
     wait_all_hit(

@@ -15,7 +15,7 @@ fn start(dir: &Path, redis: &RedisServer, extra: &[&str]) -> Server {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];
     args.extend_from_slice(extra);
-    Server::start_in(&dir.join("data"), &args)
+    Server::builder(dir).args(&args).start()
 }
 
 fn get_task(sink: &Sink, id: &str) -> Value {

@@ -1,6 +1,9 @@
-//! Test harness: the real `poulpe` binary on a free port with its own data directory, a real
-//! local HTTP sink that records every hit, and a small JSON client.
-#![allow(dead_code)]
+//! Test harness: the real `poulpe` binary on a free port with its own data directory
+//! (`Server::builder(&dir).args(..).env(..).start()`), a real local HTTP sink that records every
+//! hit, and a small JSON client.
+//!
+//! Each `tests/*.rs` file compiles this module on its own and uses a part of it, so what only
+//! some of them use carries `#[allow(dead_code)]`; the rest is checked by the compiler.
 
 pub mod ws;
 
@@ -25,6 +28,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Unix time in microseconds.
+#[allow(dead_code)]
 pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -41,6 +45,7 @@ pub fn binary() -> PathBuf {
 }
 
 /// A running poulpe process; killed when dropped.
+#[allow(dead_code)]
 pub struct Server {
     pub child: Option<Child>,
     pub port: u16,
@@ -49,30 +54,41 @@ pub struct Server {
     pub base: String,
 }
 
-impl Server {
-    /// Starts poulpe with `args` on a fresh port, data in `data`, and waits for `/health`.
-    pub fn start_in(data: &Path, args: &[&str]) -> Server {
-        Server::start_in_with_env(data, args, &[])
+/// How a test starts poulpe: `Server::builder(&dir).args(&["--workers", "2"]).start()`.
+#[allow(dead_code)]
+pub struct Builder {
+    data: PathBuf,
+    log_dir: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+#[allow(dead_code)]
+impl Builder {
+    /// Adds command-line arguments (after `--port`, `--bind` and `--data`).
+    pub fn args(mut self, args: &[&str]) -> Builder {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    /// Starts poulpe in a new temporary data directory with extra environment variables.
-    pub fn start_with_env(dir: &tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_in_with_env(&dir.path().join("data"), args, env)
+    /// Sets an environment variable for the server (on top of the test's own environment and
+    /// `POULPE_LOG=debug`).
+    pub fn env(mut self, name: &str, value: &str) -> Builder {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
-    /// `start_in` with extra environment variables.
-    pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_logged(data, data, args, env)
+    /// Writes the log file in `dir` rather than in the data directory (for a data directory on a
+    /// small filesystem that the test fills up).
+    pub fn log_dir(mut self, dir: &Path) -> Builder {
+        self.log_dir = Some(dir.to_path_buf());
+        self
     }
 
-    /// `start_in_with_env` with the log file in `log_dir` rather than in the data directory
-    /// (for a data directory on a small filesystem that the test fills up).
-    pub fn start_logged(
-        data: &Path,
-        log_dir: &Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Server {
+    /// Starts poulpe on a fresh port and waits for `/health` (up to five ports are tried).
+    pub fn start(self) -> Server {
+        let data = &self.data;
+        let log_dir = self.log_dir.as_ref().unwrap_or(data);
         for _ in 0..5 {
             let port = free_port();
             let log = log_dir.join(format!("poulpe-{port}.log"));
@@ -86,9 +102,9 @@ impl Server {
                 .arg("127.0.0.1")
                 .arg("--data")
                 .arg(data)
-                .args(args)
+                .args(&self.args)
                 .env("POULPE_LOG", "debug")
-                .envs(env.iter().copied())
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(logf)
                 .spawn()
@@ -96,7 +112,7 @@ impl Server {
             let mut s = Server {
                 child: Some(child),
                 port,
-                data: data.to_path_buf(),
+                data: data.clone(),
                 log,
                 base: format!("http://127.0.0.1:{port}"),
             };
@@ -108,10 +124,19 @@ impl Server {
         }
         panic!("poulpe did not start");
     }
+}
 
-    /// Starts poulpe in a new temporary data directory (kept in `dir`).
-    pub fn start(dir: &tempfile::TempDir, args: &[&str]) -> Server {
-        Server::start_in(&dir.path().join("data"), args)
+#[allow(dead_code)]
+impl Server {
+    /// How to start poulpe with its data in `<dir>/data`, `dir` being the test's (temporary)
+    /// directory; starting again with the same `dir` restarts on the same data.
+    pub fn builder(dir: impl AsRef<Path>) -> Builder {
+        Builder {
+            data: dir.as_ref().join("data"),
+            log_dir: None,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     fn wait_healthy(&mut self, limit: Duration) -> bool {
@@ -192,15 +217,18 @@ pub fn try_get(url: &str) -> Result<(u16, Value), ureq::Error> {
     agent().get(url).call().map(to_json)
 }
 
+#[allow(dead_code)]
 pub fn get(url: &str) -> (u16, Value) {
     try_get(url).expect("GET")
 }
 
+#[allow(dead_code)]
 pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
     post_raw(url, body.to_string().as_bytes(), &[])
 }
 
 /// POST of raw bytes with extra headers.
+#[allow(dead_code)]
 pub fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = agent().post(url).content_type("application/json");
     for (k, v) in headers {
@@ -210,6 +238,7 @@ pub fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value
 }
 
 /// Any request with headers.
+#[allow(dead_code)]
 pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut b = ureq::http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -221,6 +250,7 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Value
 
 /// One request seen by the sink.
 #[derive(Clone, Debug)]
+#[allow(dead_code)]
 pub struct Hit {
     pub method: String,
     pub path: String,
@@ -235,6 +265,7 @@ pub struct Hit {
 /// - `/slow?ms=N...` answers after N ms (and counts how many run at once),
 /// - `/status/N...` answers with status N,
 /// - anything else answers 200 `ok`.
+#[allow(dead_code)]
 pub struct Sink {
     pub port: u16,
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -243,6 +274,7 @@ pub struct Sink {
     server: poulpe::http::Listening,
 }
 
+#[allow(dead_code)]
 impl Sink {
     pub fn start() -> Sink {
         use poulpe::http::{Reply, Request, Response};
@@ -343,6 +375,7 @@ impl Drop for Sink {
 }
 
 /// Polls until `f` returns Some, or panics after `limit`.
+#[allow(dead_code)]
 pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + limit;
     loop {
@@ -359,6 +392,7 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
 // ---- Added for the crash, shutdown and command-line tests. ----
 
 /// POST of JSON that reports transport errors (connection refused, reset) instead of panicking.
+#[allow(dead_code)]
 pub fn try_post_json(url: &str, body: &Value) -> Result<(u16, Value), ureq::Error> {
     agent()
         .post(url)
@@ -367,6 +401,7 @@ pub fn try_post_json(url: &str, body: &Value) -> Result<(u16, Value), ureq::Erro
         .map(to_json)
 }
 
+#[allow(dead_code)]
 impl Server {
     /// Submits a task, reporting transport errors instead of panicking.
     pub fn try_submit(&self, task: &Value) -> Result<(u16, Value), ureq::Error> {
@@ -406,12 +441,14 @@ impl Server {
 // ---- Redis ----
 
 /// A private redis-server on a free port, stopped (SIGKILL) when dropped.
+#[allow(dead_code)]
 pub struct RedisServer {
     pub child: Option<Child>,
     pub port: u16,
     pub dir: PathBuf,
 }
 
+#[allow(dead_code)]
 impl RedisServer {
     /// Starts redis-server with no persistence.
     pub fn start(dir: &Path) -> RedisServer {
@@ -478,11 +515,13 @@ impl Drop for RedisServer {
 // ---- Sink hits by task id (tasks carry `id=<id>` in their query). ----
 
 /// The `id` query parameter of a sink hit (every task here carries `id=<id>` in its params).
+#[allow(dead_code)]
 pub fn hit_id(h: &Hit) -> Option<&str> {
     h.query.split('&').find_map(|kv| kv.strip_prefix("id="))
 }
 
 /// Hits per id.
+#[allow(dead_code)]
 pub fn hits_by_id(hits: &[Hit]) -> HashMap<String, Vec<u64>> {
     let mut m: HashMap<String, Vec<u64>> = HashMap::new();
     for h in hits {
@@ -495,6 +534,7 @@ pub fn hits_by_id(hits: &[Hit]) -> HashMap<String, Vec<u64>> {
 
 /// Waits (up to `limit`) until every id in `want` has reached the sink; panics naming the
 /// missing ones otherwise.
+#[allow(dead_code)]
 pub fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: &str) {
     let end = Instant::now() + limit;
     loop {
@@ -519,6 +559,7 @@ pub fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: 
 // ---- Raw HTTP over a socket (connection and framing tests). ----
 
 /// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
+#[allow(dead_code)]
 pub fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -554,6 +595,7 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
 
 /// Sends `request` on a new connection and reads the answer, waiting at most `wait` for each
 /// read; gives back the connection for later use.
+#[allow(dead_code)]
 pub fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStream, u16, String)> {
     let mut c = TcpStream::connect(("127.0.0.1", port))?;
     c.set_read_timeout(Some(wait))?;
@@ -563,6 +605,7 @@ pub fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStr
 }
 
 /// The status code and `Content-Length` (0 when absent) of an answer's head.
+#[allow(dead_code)]
 fn status_and_length(head: &str) -> (u16, usize) {
     let status = head
         .split(' ')
@@ -581,24 +624,28 @@ fn status_and_length(head: &str) -> (u16, usize) {
 }
 
 /// A raw HTTP/1.1 client connection that keeps what it read past one answer, for pipelining.
+#[allow(dead_code)]
 pub struct Raw {
     pub reader: std::io::BufReader<TcpStream>,
 }
 
 /// One answer read by [`Raw`].
 #[derive(Debug)]
+#[allow(dead_code)]
 pub struct RawAnswer {
     pub code: u16,
     pub head: String,
     pub body: String,
 }
 
+#[allow(dead_code)]
 impl RawAnswer {
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::String(self.body.clone()))
     }
 }
 
+#[allow(dead_code)]
 impl Raw {
     /// Connects to 127.0.0.1:`port`; reads wait at most `wait`.
     pub fn connect(port: u16, wait: Duration) -> Raw {
@@ -667,6 +714,7 @@ impl Raw {
 
 /// Submits 3,000 tasks to a server started with `--result_max 1000` and checks that the oldest
 /// results are dropped (404), the newest stay readable, and at most 1,000 stay stored.
+#[allow(dead_code)]
 pub fn check_result_max(s: &Server, sink: &Sink) {
     for chunk in 0..30 {
         let tasks: Vec<Value> = (chunk * 100..chunk * 100 + 100)
@@ -713,6 +761,7 @@ pub fn check_result_max(s: &Server, sink: &Sink) {
 /// Submits `task` (with `wait`) on `s`, which runs with `--result_ttl ttl_s`, and checks that its
 /// result is readable on `/task_resp` until `ttl_s` after the submit was sent (the result
 /// finished after that, so it cannot expire sooner), then 404 (polled, up to a generous deadline).
+#[allow(dead_code)]
 pub fn check_result_expires(s: &Server, task: &Value, ttl_s: u64) {
     let id = task["id"].as_str().expect("the task's id").to_string();
     let sent_us = now_us();
