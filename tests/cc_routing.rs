@@ -84,13 +84,13 @@ fn an_idle_worker_never_takes_a_task_whose_cc_excludes_it() {
                       "params":"ms=4000&id=long0","cc":"0"});
     assert_eq!(s.submit(&long).0, 200);
     sink.wait_until(Duration::from_secs(10), "the long task", |h| {
-        h.iter().any(|h| common::hit_id(h) == Some("long0"))
+        h.iter().any(|h| common::hits::hit_id(h) == Some("long0"))
     });
     let medium = json!({"id":"medium1","method":"GET","name":sink.url("/slow"),
                         "params":"ms=1000&id=medium1","cc":"1"});
     assert_eq!(s.submit(&medium).0, 200);
     sink.wait_until(Duration::from_secs(10), "the task on worker 1", |h| {
-        h.iter().any(|h| common::hit_id(h) == Some("medium1"))
+        h.iter().any(|h| common::hits::hit_id(h) == Some("medium1"))
     });
     let ids: Vec<String> = (0..4).map(|i| format!("only0-{i}")).collect();
     for id in &ids {

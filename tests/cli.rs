@@ -2,7 +2,7 @@
 //! flag), both flag spellings, `POULPE_*` environment variables, a locked data dir, a busy port.
 
 mod common;
-use common::{free_port, get, hits_by_id, now_us, try_get, Server, Sink};
+use common::{free_port, get, hits::hits_by_id, now_us, try_get, Server, Sink};
 use serde_json::json;
 use std::net::TcpListener;
 use std::path::Path;

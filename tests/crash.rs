@@ -2,7 +2,7 @@
 //! crash while only delayed tasks are pending, both followed by a restart on the same data dir.
 
 mod common;
-use common::{hit_id, hits_by_id, now_us, wait_all_hit, Server, Sink};
+use common::{hits::hit_id, hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
 use parking_lot::Mutex;
 use serde_json::json;
 use std::collections::HashSet;

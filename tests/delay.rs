@@ -1,7 +1,7 @@
 //! Delayed tasks run, and never before their due time (submit time + delay).
 
 mod common;
-use common::{hits_by_id, now_us, wait_all_hit, Server, Sink};
+use common::{hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;

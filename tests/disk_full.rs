@@ -7,7 +7,7 @@
 //! Mounting the tmpfs needs root (CAP_SYS_ADMIN); without it the test fails and says so.
 
 mod common;
-use common::{eventually, hit_id, hits_by_id, wait_all_hit, Server, Sink};
+use common::{eventually, hits::hit_id, hits::hits_by_id, hits::wait_all_hit, Server, Sink};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::fs::File;

@@ -2,7 +2,7 @@
 //! are all served, and each connection keeps working for later requests.
 
 mod common;
-use common::{ask, read_response, Server};
+use common::{raw::ask, raw::read_response, Server};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! head sizes and arrival times are bounded.
 
 mod common;
-use common::{Raw, Server, Sink};
+use common::{raw::Raw, Server, Sink};
 use serde_json::{json, Value};
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;

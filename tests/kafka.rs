@@ -842,7 +842,7 @@ fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
 /// during the outage, and once Redis is back its task runs once and the offset moves past it.
 #[test]
 fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() {
-    use common::RedisServer;
+    use common::redis::RedisServer;
     let dir = tempfile::tempdir().expect("tempdir");
     let rdir = dir.path().join("redis");
     let rport = free_port();

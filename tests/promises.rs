@@ -3,7 +3,7 @@
 //! and `DELETE /task/{id}` of running, finished, unknown and delayed tasks.
 
 mod common;
-use common::{binary, free_port, request, RedisServer, Server, Sink};
+use common::{binary, free_port, redis::RedisServer, request, Server, Sink};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -3,7 +3,10 @@
 //! in the middle of a run, an unreachable Redis at start-up, and the key prefix with result TTLs.
 
 mod common;
-use common::{eventually, free_port, hits_by_id, now_us, wait_all_hit, RedisServer, Server, Sink};
+use common::{
+    eventually, free_port, hits::hits_by_id, hits::wait_all_hit, now_us, redis::RedisServer,
+    Server, Sink,
+};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -320,7 +323,7 @@ fn results_beyond_result_max_are_dropped_oldest_first_on_redis() {
     let redis = RedisServer::start(&dir.path().join("redis"));
     let sink = Sink::start();
     let s = start(dir.path(), &redis, &["--result_max", "1000"]);
-    common::check_result_max(&s, &sink);
+    common::results::check_result_max(&s, &sink);
     let (_, info) = s.get("/sys_info");
     assert_eq!(
         info["data_bytes"],
@@ -337,5 +340,5 @@ fn a_result_is_readable_until_result_ttl_then_404_on_redis() {
     let s = start(dir.path(), &redis, &["--result_ttl", "3"]);
     let mut t = get_task(&sink, "ttl-r");
     t["wait"] = json!(10);
-    common::check_result_expires(&s, &t, 3);
+    common::results::check_result_expires(&s, &t, 3);
 }

@@ -139,7 +139,7 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
     let s = Server::builder(&dir)
         .args(&["--result_max", "1000"])
         .start();
-    common::check_result_max(&s, &sink);
+    common::results::check_result_max(&s, &sink);
     let (_, info) = s.get("/sys_info");
     assert!(
         info["data_bytes"].as_u64() > Some(0),
@@ -153,5 +153,5 @@ fn a_result_is_readable_until_result_ttl_then_404() {
     let sink = Sink::start();
     let s = Server::builder(&dir).args(&["--result_ttl", "3"]).start();
     let t = json!({"id":"ttl-1","method":"GET","name":sink.url("/t"),"wait":10});
-    common::check_result_expires(&s, &t, 3);
+    common::results::check_result_expires(&s, &t, 3);
 }

@@ -6,10 +6,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 use tungstenite::{client::IntoClientRequest, Message, WebSocket};
 
-#[allow(dead_code)]
 pub type Ws = WebSocket<TcpStream>;
 
-#[allow(dead_code)]
 pub fn connect(
     s: &Server,
     query: &str,
@@ -34,13 +32,11 @@ pub fn connect(
     }
 }
 
-#[allow(dead_code)]
 pub fn send(ws: &mut Ws, v: &Value) {
     ws.send(Message::text(v.to_string())).expect("send");
 }
 
 /// Next text frame as JSON (pongs and pings skipped).
-#[allow(dead_code)]
 pub fn next(ws: &mut Ws) -> Value {
     loop {
         match ws.read().expect("read a frame") {
