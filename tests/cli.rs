@@ -10,11 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_poulpe");
-
 /// A command for the binary with a clean environment (no inherited `POULPE_*` or `TZ`).
 fn poulpe(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(common::binary());
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().copied())

@@ -234,7 +234,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
         "# nightly\n0 30 2 * * * * /opt/backup.sh EXEC --full\n0 0 12 * * * * http://svc/x GET a=1\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args([
             "cron-check",
             good.to_str().expect("utf8"),
@@ -260,7 +260,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
 
     let bad = dir.path().join("bad");
     std::fs::write(&bad, "\n\n* * * * * * * http://x FETCH\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["cron-check", bad.to_str().expect("utf8")])
         .output()
         .expect("run cron-check");
@@ -272,7 +272,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
     );
 
     // The server refuses the same file at start, with exit code 2.
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["--cron", bad.to_str().expect("utf8"), "--data"])
         .arg(dir.path().join("data"))
         .output()

@@ -241,7 +241,7 @@ fn unreachable_redis_at_start_exits_2_without_leaking_the_password() {
     let port = free_port();
     let url = format!("redis://:s3cret-pw@127.0.0.1:{port}/0");
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["--port", &free_port().to_string(), "--bind", "127.0.0.1"])
         .args(["--redis", &url])
         .arg("--data")
