@@ -300,7 +300,7 @@ fn recover(store: &dyn Store, timer: &Timer) -> Result<(), StartError> {
 mod kafka {
     use super::*;
 
-    pub struct Kafka {
+    pub(crate) struct Kafka {
         #[cfg(feature = "kafka")]
         parts: Option<(
             crate::config::KafkaConfig,
@@ -312,7 +312,10 @@ mod kafka {
     impl Kafka {
         /// Creates the result producer (when a result topic is set).
         #[cfg(feature = "kafka")]
-        pub fn new(config: &Config, status: Option<Arc<KafkaStatus>>) -> Result<Kafka, StartError> {
+        pub(crate) fn new(
+            config: &Config,
+            status: Option<Arc<KafkaStatus>>,
+        ) -> Result<Kafka, StartError> {
             let parts = match (&config.kafka, status) {
                 (Some(k), Some(st)) => {
                     let replier = crate::intake::kafka::Replier::start(k, st.clone())
@@ -325,12 +328,12 @@ mod kafka {
         }
 
         #[cfg(not(feature = "kafka"))]
-        pub fn new(_: &Config, _: Option<Arc<KafkaStatus>>) -> Result<Kafka, StartError> {
+        pub(crate) fn new(_: &Config, _: Option<Arc<KafkaStatus>>) -> Result<Kafka, StartError> {
             Ok(Kafka {})
         }
 
         /// Where results of Kafka tasks also go.
-        pub fn forward(&self) -> Option<Arc<dyn crate::results::Forward>> {
+        pub(crate) fn forward(&self) -> Option<Arc<dyn crate::results::Forward>> {
             #[cfg(feature = "kafka")]
             if let Some((_, _, Some(r))) = &self.parts {
                 return Some(r.clone() as Arc<dyn crate::results::Forward>);
@@ -339,7 +342,7 @@ mod kafka {
         }
 
         /// The result producer's stage, when there is one.
-        pub fn producer_stage(&self) -> Option<Stage> {
+        pub(crate) fn producer_stage(&self) -> Option<Stage> {
             #[cfg(feature = "kafka")]
             if let Some((_, _, Some(r))) = &self.parts {
                 return Some(r.stage());
@@ -349,7 +352,7 @@ mod kafka {
 
         /// Starts the consumer; its stage.
         #[cfg(feature = "kafka")]
-        pub fn start(
+        pub(crate) fn start(
             self,
             config: &Config,
             submitter: &Submitter,
@@ -379,7 +382,7 @@ mod kafka {
         }
 
         #[cfg(not(feature = "kafka"))]
-        pub fn start(self, _: &Config, _: &Submitter) -> Result<Vec<Stage>, StartError> {
+        pub(crate) fn start(self, _: &Config, _: &Submitter) -> Result<Vec<Stage>, StartError> {
             Ok(Vec::new())
         }
     }

@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix time in microseconds.
-pub fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -23,7 +23,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
 }
 
 /// The UTC date `YYYY-MM-DD` of a unix time in ms (dead-letter folders).
-pub fn date_utc(ms: i64) -> String {
+pub(crate) fn date_utc(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d").to_string())
         .unwrap_or_else(|| "1970-01-01".to_string())

@@ -16,7 +16,7 @@ struct Record<'a> {
 }
 
 /// Writes `<dir>/<YYYY-MM-DD>/task-<id>.json` (UTC date of `finished_ms`) and returns its path.
-pub fn write(
+pub(crate) fn write(
     dir: &Path,
     task: &Task,
     result: &TaskResult,
@@ -32,7 +32,7 @@ pub fn write(
 }
 
 /// Writes `<folder>/<name>` atomically: temporary file, fsync, rename, fsync of the folder.
-pub fn write_atomic(folder: &Path, name: &str, body: &[u8]) -> io::Result<PathBuf> {
+pub(crate) fn write_atomic(folder: &Path, name: &str, body: &[u8]) -> io::Result<PathBuf> {
     fs::create_dir_all(folder)?;
     let path = folder.join(name);
     let tmp = folder.join(format!(".{name}.tmp"));

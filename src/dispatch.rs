@@ -21,14 +21,14 @@ struct State {
 
 /// Per-worker load, for `/sys_info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Load {
-    pub id: usize,
-    pub queued: usize,
-    pub running: Option<String>,
+pub(crate) struct Load {
+    pub(crate) id: usize,
+    pub(crate) queued: usize,
+    pub(crate) running: Option<String>,
 }
 
 /// The worker queues and their wake-ups.
-pub struct Pool {
+pub(crate) struct Pool {
     state: Mutex<State>,
     wake: Vec<Condvar>,
 }
@@ -38,7 +38,7 @@ fn allowed(task: &Task, worker: usize) -> bool {
 }
 
 impl Pool {
-    pub fn new(workers: usize) -> Pool {
+    pub(crate) fn new(workers: usize) -> Pool {
         Pool {
             state: Mutex::new(State {
                 slots: (0..workers).map(|_| Slot::default()).collect(),
@@ -49,7 +49,7 @@ impl Pool {
     }
 
     /// Queues a ready task on the allowed worker with the least work; returns that worker.
-    pub fn dispatch(&self, task: Arc<Task>) -> usize {
+    pub(crate) fn dispatch(&self, task: Arc<Task>) -> usize {
         let mut st = self.state.lock();
         let n = st.slots.len();
         let load = |s: &Slot| s.queue.len() + usize::from(s.running.is_some());
@@ -72,7 +72,7 @@ impl Pool {
 
     /// Blocks until worker `w` has a task to run (its own, or one it may take from another
     /// queue), and marks it running. `None` once the pool is stopping.
-    pub fn next(&self, w: usize) -> Option<Arc<Task>> {
+    pub(crate) fn next(&self, w: usize) -> Option<Arc<Task>> {
         let mut st = self.state.lock();
         loop {
             if st.stopping {
@@ -104,12 +104,12 @@ impl Pool {
     }
 
     /// Worker `w` finished its attempt.
-    pub fn done(&self, w: usize) {
+    pub(crate) fn done(&self, w: usize) {
         self.state.lock().slots[w].running = None;
     }
 
     /// Drops a queued task (cancelled); true when it was queued.
-    pub fn remove(&self, id: &str) -> bool {
+    pub(crate) fn remove(&self, id: &str) -> bool {
         let mut st = self.state.lock();
         for s in st.slots.iter_mut() {
             if let Some(pos) = s.queue.iter().position(|t| t.id == id) {
@@ -121,7 +121,7 @@ impl Pool {
     }
 
     /// Queue length and running id per worker.
-    pub fn loads(&self) -> Vec<Load> {
+    pub(crate) fn loads(&self) -> Vec<Load> {
         let st = self.state.lock();
         st.slots
             .iter()
@@ -135,7 +135,7 @@ impl Pool {
     }
 
     /// Stops handing out tasks; queued ones stay in the store for the next start.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.state.lock().stopping = true;
         for c in &self.wake {
             c.notify_all();
@@ -143,7 +143,7 @@ impl Pool {
     }
 
     /// Number of workers running an attempt.
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.state
             .lock()
             .slots

@@ -21,21 +21,29 @@
 //! | probe | [`probe`] | `poulpe health`, the container health check |
 //!
 //! `docs/ARCHITECTURE.md` tells the life of a task through these modules and which thread does what.
+//!
+//! The library has two users outside itself: the binary (`main.rs`: [`config`], [`app`],
+//! [`intake::http`], [`intake::ws`], [`probe`], [`schedule::check`], [`clock`] and the Redis URL
+//! shown in the log) and the HTTP server of the tests' sink and the bench tool ([`http`]). Only
+//! what they use is `pub` (with the types its signatures name); the rest is `pub(crate)`, so the
+//! compiler reports what nothing uses.
+//! These docs are for the crate's developers: `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod app;
 pub mod clock;
 pub mod config;
-pub mod deadletter;
-pub mod dispatch;
-pub mod exec;
+mod deadletter;
+mod dispatch;
+mod exec;
 pub mod http;
 pub mod intake;
-pub mod outcome;
+mod outcome;
 pub mod probe;
-pub mod results;
+mod results;
 pub mod schedule;
-pub mod stage;
-pub mod status;
+mod stage;
+mod status;
 pub mod store;
-pub mod task;
-pub mod worker;
+mod task;
+mod worker;

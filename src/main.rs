@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         c.bind,
         c.port,
         c.workers,
-        server.sys_info.store.name(),
+        server.sys_info.store_name(),
     );
     for sig in signals.forever() {
         if sig == SIGHUP {

@@ -18,29 +18,29 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// What a worker reports after one attempt.
-pub struct Outcome {
-    pub task: Arc<Task>,
-    pub worker: usize,
-    pub started_ms: i64,
-    pub finished_ms: i64,
-    pub run: RunResult,
+pub(crate) struct Outcome {
+    pub(crate) task: Arc<Task>,
+    pub(crate) worker: usize,
+    pub(crate) started_ms: i64,
+    pub(crate) finished_ms: i64,
+    pub(crate) run: RunResult,
 }
 
 /// Server-wide retry rules (tasks may override interval and count).
 #[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub interval_s: u64,
-    pub max_retry: u32,
-    pub backoff: Backoff,
-    pub result_ttl_s: u64,
-    pub dead_dir: PathBuf,
+pub(crate) struct RetryPolicy {
+    pub(crate) interval_s: u64,
+    pub(crate) max_retry: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) result_ttl_s: u64,
+    pub(crate) dead_dir: PathBuf,
 }
 
 /// Most outcomes folded into one store write.
 const MAX_BATCH: usize = 1024;
 
 /// Seconds to wait before retry number `n` (1-based); `jitter` in [0, 1).
-pub fn retry_delay(interval_s: u64, n: u32, backoff: Backoff, jitter: f64) -> Duration {
+pub(crate) fn retry_delay(interval_s: u64, n: u32, backoff: Backoff, jitter: f64) -> Duration {
     match backoff {
         Backoff::Fixed => Duration::from_secs(interval_s),
         Backoff::Exponential => {
@@ -87,19 +87,19 @@ struct DeadPending {
 const DEAD_RETRY: Duration = Duration::from_secs(5);
 
 /// The outcome thread and what it needs.
-pub struct OutcomeStage {
-    pub store: Arc<dyn Store>,
-    pub timer: Timer,
-    pub results: Arc<Results>,
-    pub status: Arc<Status>,
-    pub policy: RetryPolicy,
+pub(crate) struct OutcomeStage {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) timer: Timer,
+    pub(crate) results: Arc<Results>,
+    pub(crate) status: Arc<Status>,
+    pub(crate) policy: RetryPolicy,
     /// Where results of Kafka tasks are also sent.
-    pub forward: Option<Arc<dyn Forward>>,
+    pub(crate) forward: Option<Arc<dyn Forward>>,
 }
 
 impl OutcomeStage {
     /// Starts the thread; it ends when every worker has dropped its sender.
-    pub fn start(self, rx: Receiver<Outcome>) -> std::io::Result<JoinHandle<()>> {
+    pub(crate) fn start(self, rx: Receiver<Outcome>) -> std::io::Result<JoinHandle<()>> {
         crate::stage::spawn_critical("outcome", move || self.run(&rx))
     }
 

@@ -12,12 +12,12 @@ pub fn run(args: Vec<OsString>) -> u8 {
 
 /// [`run`] with an explicit environment lookup. The port is the server's: `--port`, else
 /// `POULPE_PORT` (ignored when it is not a valid port), else the flag table's default.
-pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
+pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let mut pargs = pico_args::Arguments::from_vec(args);
     let port: Result<u16, _> = match pargs.opt_value_from_str(flags::PORT.key) {
         Ok(Some(p)) => Ok(p),
         Ok(None) => {
-            let from_env = flags::PORT.from_env(env);
+            let from_env = flags::PORT.env_value(env);
             flags::PORT
                 .number(from_env.as_deref())
                 .or_else(|_| flags::PORT.number(None))

@@ -5,7 +5,7 @@
 
 use crate::store::{Store, StoreError};
 use crate::task::State;
-pub use crate::task::TaskResult;
+pub(crate) use crate::task::TaskResult;
 use crossbeam_channel::{bounded, Receiver};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BinaryHeap, HashMap};
@@ -14,13 +14,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Somewhere else final results go (the Kafka result topic), for tasks that asked for it.
-pub trait Forward: Send + Sync {
+pub(crate) trait Forward: Send + Sync {
     fn forward(&self, r: &TaskResult);
 }
 
 /// Called once with the results of the awaited ids (in their order); `None` where the wait ran
 /// out before that task finished.
-pub type Responder = Box<dyn FnOnce(Vec<Option<TaskResult>>) + Send>;
+pub(crate) type Responder = Box<dyn FnOnce(Vec<Option<TaskResult>>) + Send>;
 
 /// A group of ids one client waits for.
 struct Waiter {
@@ -90,14 +90,14 @@ struct Inner {
 }
 
 /// The registry of parked clients.
-pub struct Results {
+pub(crate) struct Results {
     inner: Mutex<Inner>,
     wake: Condvar,
 }
 
 impl Results {
     /// Makes the registry and starts its expiry thread (it ends with [`Results::stop`]).
-    pub fn start() -> std::io::Result<(Arc<Results>, JoinHandle<()>)> {
+    pub(crate) fn start() -> std::io::Result<(Arc<Results>, JoinHandle<()>)> {
         let r = Arc::new(Results {
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
@@ -109,7 +109,7 @@ impl Results {
 
     /// Parks a client until every id has a result or `timeout` passes. Call before the tasks
     /// can finish (or check the store afterwards), so no result slips by.
-    pub fn wait_for(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
+    pub(crate) fn wait_for(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
         let n = ids.len();
         let w = Arc::new(Waiter {
             ids,
@@ -134,20 +134,21 @@ impl Results {
     }
 
     /// Hands a final result to every client waiting for it.
-    pub fn publish(&self, r: &TaskResult) {
+    pub(crate) fn publish(&self, r: &TaskResult) {
         let waiters = self.inner.lock().by_id.remove(&r.id);
         for w in waiters.into_iter().flatten() {
             w.deliver(r);
         }
     }
 
-    /// Number of ids with parked clients (for tests).
-    pub fn waiting(&self) -> usize {
+    /// Number of ids with parked clients.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
         self.inner.lock().by_id.len()
     }
 
     /// Answers every parked client now (shutdown).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let mut inner = self.inner.lock();
         inner.stopped = true;
         let all: Vec<Arc<Waiter>> = inner.deadlines.drain().map(|d| d.1).collect();
@@ -197,7 +198,7 @@ impl Results {
 
 /// What a client asked about.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
+pub(crate) enum Found {
     Finished(TaskResult),
     /// Not finished: its id (the short form when `task-<id>` was asked) and state.
     Pending(String, State),
@@ -214,12 +215,12 @@ pub struct Answers {
 }
 
 impl Answers {
-    pub fn new(results: Arc<Results>, store: Arc<dyn Store>) -> Answers {
+    pub(crate) fn new(results: Arc<Results>, store: Arc<dyn Store>) -> Answers {
         Answers { results, store }
     }
 
     /// The result or state of `asked`; `task-<id>` is accepted for `<id>`.
-    pub fn find(&self, asked: &str) -> Result<Found, StoreError> {
+    pub(crate) fn find(&self, asked: &str) -> Result<Found, StoreError> {
         let found = self.find_exact(asked)?;
         if found == Found::Unknown {
             if let Some(short) = asked.strip_prefix("task-") {
@@ -242,14 +243,18 @@ impl Answers {
     }
 
     /// The state of an unfinished task.
-    pub fn state(&self, id: &str) -> Result<Option<State>, StoreError> {
+    pub(crate) fn state(&self, id: &str) -> Result<Option<State>, StoreError> {
         self.store.status(id)
     }
 
     /// Registers a wait for `ids`, which must not be able to finish before this call (call it
     /// once they are durable, before they are dispatched). The answer comes through the
     /// channel, within `timeout`: the finishing thread's send never blocks.
-    pub fn watch(&self, ids: Vec<String>, timeout: Duration) -> Receiver<Vec<Option<TaskResult>>> {
+    pub(crate) fn watch(
+        &self,
+        ids: Vec<String>,
+        timeout: Duration,
+    ) -> Receiver<Vec<Option<TaskResult>>> {
         let (tx, rx) = bounded(1);
         self.results.wait_for(
             ids,
@@ -263,7 +268,7 @@ impl Answers {
 
     /// Waits up to `timeout` for the result of a task that may already be running (a long
     /// poll); `None` when it has not finished by then.
-    pub fn wait_one(&self, id: &str, timeout: Duration) -> Option<TaskResult> {
+    pub(crate) fn wait_one(&self, id: &str, timeout: Duration) -> Option<TaskResult> {
         let rx = self.watch(vec![id.to_string()], timeout);
         // It may have finished between the caller's lookup and the registration.
         if let Ok(Some(r)) = self.store.result(id) {
@@ -275,14 +280,14 @@ impl Answers {
     }
 
     /// Calls `respond` with each id's result as it finishes (or `None` after `timeout`).
-    pub fn on_results(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
+    pub(crate) fn on_results(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
         self.results.wait_for(ids, timeout, respond);
     }
 }
 
 /// How long past its own deadline a wait waits for the registry's answer (which always comes;
 /// this is a backstop).
-pub const WAIT_SLACK: Duration = Duration::from_secs(5);
+pub(crate) const WAIT_SLACK: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 /// Exit code when a critical thread panicked (EX_SOFTWARE): a supervisor restarts the process,
 /// which recovers every unfinished task from the store.
-pub const PANIC_EXIT: i32 = 70;
+pub(crate) const PANIC_EXIT: i32 = 70;
 
 /// A thread owner: how to stop it and what to join.
-pub struct Stage {
+pub(crate) struct Stage {
     name: &'static str,
     stop: Option<Box<dyn FnOnce() + Send>>,
     threads: Vec<JoinHandle<()>>,
@@ -23,7 +23,7 @@ pub struct Stage {
 
 impl Stage {
     /// A stage whose `stop` asks its `threads` to end (without waiting for them).
-    pub fn new(
+    pub(crate) fn new(
         name: &'static str,
         stop: impl FnOnce() + Send + 'static,
         threads: Vec<JoinHandle<()>>,
@@ -37,18 +37,18 @@ impl Stage {
     }
 
     /// Marks a stage whose threads may use the whole shutdown grace (the workers).
-    pub fn taking_grace(mut self) -> Stage {
+    pub(crate) fn taking_grace(mut self) -> Stage {
         self.takes_grace = true;
         self
     }
 
     /// True for a stage marked with [`Stage::taking_grace`].
-    pub fn takes_grace(&self) -> bool {
+    pub(crate) fn takes_grace(&self) -> bool {
         self.takes_grace
     }
 
     /// A stage with threads that end by themselves once an earlier stage has stopped.
-    pub fn joined(name: &'static str, threads: Vec<JoinHandle<()>>) -> Stage {
+    pub(crate) fn joined(name: &'static str, threads: Vec<JoinHandle<()>>) -> Stage {
         Stage {
             name,
             stop: None,
@@ -57,13 +57,9 @@ impl Stage {
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     /// Asks the stage to stop, then waits for its threads until `within` has passed; true when
     /// every thread ended in time (the others are left running, and logged).
-    pub fn stop_and_join(mut self, within: Duration) -> bool {
+    pub(crate) fn stop_and_join(mut self, within: Duration) -> bool {
         if let Some(stop) = self.stop.take() {
             stop();
         }
@@ -94,7 +90,7 @@ impl Stage {
 /// Starts a named thread whose panic ends the process with [`PANIC_EXIT`] after logging it: a
 /// dead outcome, timer or expiry thread would otherwise leave a server that accepts tasks and
 /// never finishes them.
-pub fn spawn_critical(
+pub(crate) fn spawn_critical(
     name: &str,
     f: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -116,7 +112,7 @@ fn spawn_boxed(name: &str, body: Box<dyn FnOnce() + Send>) -> std::io::Result<Jo
 }
 
 /// The message of a panic payload.
-pub fn panic_message(p: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

@@ -12,20 +12,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Most ids listed per key in `/sys_info`.
-pub const LIST_CAP: usize = 1000;
+pub(crate) const LIST_CAP: usize = 1000;
 
 /// The Kafka adapter's state for `/sys_info`.
 #[derive(Default)]
-pub struct KafkaStatus {
-    pub connected: std::sync::atomic::AtomicBool,
-    pub consumed: AtomicU64,
-    pub produced: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
+pub(crate) struct KafkaStatus {
+    pub(crate) connected: std::sync::atomic::AtomicBool,
+    pub(crate) consumed: AtomicU64,
+    pub(crate) produced: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
 }
 
 impl KafkaStatus {
     /// Records a client error (shown as `last_error`).
-    pub fn error(&self, e: impl std::fmt::Display) {
+    #[cfg(feature = "kafka")]
+    pub(crate) fn error(&self, e: impl std::fmt::Display) {
         *self.last_error.lock() = Some(e.to_string());
     }
 
@@ -40,7 +41,7 @@ impl KafkaStatus {
 }
 
 /// Server-wide counters since start.
-pub struct Status {
+pub(crate) struct Status {
     started: Instant,
     accepted: AtomicU64,
     succeeded: AtomicU64,
@@ -64,11 +65,11 @@ impl Default for Status {
 }
 
 impl Status {
-    pub fn accepted(&self, n: usize) {
+    pub(crate) fn accepted(&self, n: usize) {
         self.accepted.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn attempt_failed(&self, id: &str) {
+    pub(crate) fn attempt_failed(&self, id: &str) {
         self.failed_attempts.fetch_add(1, Relaxed);
         let mut w = self.wronging.lock();
         if let Some(pos) = w.iter().position(|x| x == id) {
@@ -80,7 +81,7 @@ impl Status {
         w.push_back(id.to_string());
     }
 
-    pub fn finished(&self, ok: bool) {
+    pub(crate) fn finished(&self, ok: bool) {
         if ok {
             self.succeeded.fetch_add(1, Relaxed);
         } else {
@@ -92,18 +93,23 @@ impl Status {
 /// Builds the `/sys_info` document from read-only views of the stages.
 #[derive(Clone)]
 pub struct SysInfo {
-    pub status: Arc<Status>,
-    pub pool: Arc<Pool>,
-    pub store: Arc<dyn Store>,
+    pub(crate) status: Arc<Status>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) store: Arc<dyn Store>,
     /// The cron schedule (empty without `--cron`).
-    pub cron: CronStatus,
+    pub(crate) cron: CronStatus,
     /// The Kafka adapter's state, when Kafka is configured.
-    pub kafka: Option<Arc<KafkaStatus>>,
+    pub(crate) kafka: Option<Arc<KafkaStatus>>,
 }
 
 impl SysInfo {
+    /// The store's name (`embedded` or `redis`), for the start-up log line.
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
     /// The `/sys_info` document.
-    pub fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         let (pool, store, st) = (&*self.pool, &*self.store, &*self.status);
         let loads = pool.loads();
         let (summary, store_ok) = match store.summary(LIST_CAP) {

@@ -13,7 +13,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 /// Starts worker `w`.
-pub fn start(
+pub(crate) fn start(
     w: usize,
     pool: Arc<Pool>,
     store: Arc<dyn Store>,

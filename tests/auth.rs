@@ -8,7 +8,7 @@ use serde_json::json;
 fn the_token_is_required_everywhere_but_health() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--token", "s3cret"]);
+    let s = Server::builder(&dir).args(&["--token", "s3cret"]).start();
     let task = json!({"id":"au-1","method":"GET","name":sink.url("/x")}).to_string();
     let url = s.url("/task_in_queue");
 

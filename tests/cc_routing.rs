@@ -9,7 +9,7 @@ use std::time::Duration;
 fn cc_limits_parallelism_to_the_listed_workers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "4"]);
+    let s = Server::builder(&dir).args(&["--workers", "4"]).start();
     for i in 0..8 {
         let t = json!({"id": format!("cc-{i}"), "method":"GET", "name": sink.url("/slow"),
                        "params": "ms=300", "cc": "0,1"});
@@ -29,7 +29,7 @@ fn cc_limits_parallelism_to_the_listed_workers() {
 fn tasks_without_cc_use_every_worker() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "4"]);
+    let s = Server::builder(&dir).args(&["--workers", "4"]).start();
     for i in 0..8 {
         let t = json!({"id": format!("free-{i}"), "method":"GET", "name": sink.url("/slow"),
                        "params": "ms=500"});
@@ -43,7 +43,7 @@ fn tasks_without_cc_use_every_worker() {
 fn a_slow_task_does_not_block_a_task_allowed_on_an_idle_worker() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     // A long task on worker 0, then quick tasks allowed on 0 or 1: they must not wait behind it.
     let long =
         json!({"id":"long","method":"GET","name":sink.url("/slow"),"params":"ms=4000","cc":[0]});
@@ -75,7 +75,7 @@ fn dead_record(s: &Server, id: &str) -> serde_json::Value {
 fn an_idle_worker_never_takes_a_task_whose_cc_excludes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     // Worker 0 runs a long task and worker 1 a shorter one; tasks allowed only on worker 0
     // queue behind the long one. When worker 1 finishes and looks for work in other queues, it
     // must leave them there. Each runs once and fails, so its dead-letter record names the
@@ -84,13 +84,13 @@ fn an_idle_worker_never_takes_a_task_whose_cc_excludes_it() {
                       "params":"ms=4000&id=long0","cc":"0"});
     assert_eq!(s.submit(&long).0, 200);
     sink.wait_until(Duration::from_secs(10), "the long task", |h| {
-        h.iter().any(|h| common::hit_id(h) == Some("long0"))
+        h.iter().any(|h| common::hits::hit_id(h) == Some("long0"))
     });
     let medium = json!({"id":"medium1","method":"GET","name":sink.url("/slow"),
                         "params":"ms=1000&id=medium1","cc":"1"});
     assert_eq!(s.submit(&medium).0, 200);
     sink.wait_until(Duration::from_secs(10), "the task on worker 1", |h| {
-        h.iter().any(|h| common::hit_id(h) == Some("medium1"))
+        h.iter().any(|h| common::hits::hit_id(h) == Some("medium1"))
     });
     let ids: Vec<String> = (0..4).map(|i| format!("only0-{i}")).collect();
     for id in &ids {
@@ -128,7 +128,7 @@ fn an_idle_worker_never_takes_a_task_whose_cc_excludes_it() {
 #[test]
 fn out_of_range_cc_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     for cc in [json!("2"), json!("0,5"), json!("x"), json!([-1])] {
         let (code, r) =
             s.submit(&json!({"method":"GET","name":"http://127.0.0.1:9/","cc":cc.clone()}));

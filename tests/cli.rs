@@ -2,7 +2,7 @@
 //! flag), both flag spellings, `POULPE_*` environment variables, a locked data dir, a busy port.
 
 mod common;
-use common::{free_port, get, hits_by_id, now_us, try_get, Server, Sink};
+use common::{free_port, get, hits::hits_by_id, now_us, try_get, Server, Sink};
 use serde_json::json;
 use std::net::TcpListener;
 use std::path::Path;
@@ -10,11 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_poulpe");
-
 /// A command for the binary with a clean environment (no inherited `POULPE_*` or `TZ`).
 fn poulpe(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(common::binary());
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().copied())
@@ -236,7 +234,7 @@ fn kebab_and_snake_case_flags_both_take_effect() {
     .enumerate()
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Server::start(&dir, args);
+        let s = Server::builder(&dir).args(args).start();
         let (code, info) = s.get("/sys_info");
         assert_eq!(code, 200);
         assert_eq!(info["workers"].as_array().map(Vec::len), Some(3), "{info}");
@@ -304,7 +302,7 @@ fn environment_sets_flags_and_the_command_line_wins() {
 fn second_server_on_the_same_data_dir_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let first = Server::start(&dir, &[]);
+    let first = Server::builder(&dir).start();
     let data = first.data.to_str().expect("UTF-8").to_string();
     let port = free_port().to_string();
     let out = run(poulpe(
@@ -330,7 +328,7 @@ fn second_server_on_the_same_data_dir_exits_2() {
 fn busy_port_exits_2_naming_port_and_runs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &[]);
+    let mut s = Server::builder(&dir).start();
     let data = s.data.clone();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -373,7 +371,7 @@ fn busy_port_exits_2_naming_port_and_runs_nothing() {
 
     // The tasks are intact and run once the server can start, each exactly once.
     let started_us = now_us();
-    let s2 = Server::start_in(&data, &[]);
+    let s2 = Server::builder(&dir).start();
     for i in 0..200 {
         let (code, r) = s2.get(&format!("/task_resp/p{i}?timeout=30"));
         assert_eq!(code, 200, "p{i}: {r}");

@@ -3,7 +3,7 @@
 //! store's journal and checkpoints), each followed by a restart on the same data dir.
 
 mod common;
-use common::{hit_id, hits_by_id, now_us, wait_all_hit, Server, Sink};
+use common::{hits::hit_id, hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
 use parking_lot::Mutex;
 use serde_json::json;
 use std::collections::HashSet;
@@ -109,8 +109,7 @@ fn kill9_during_submission_and_execution_loses_no_acknowledged_task() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &["--workers", "4"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--workers", "4"]).start();
     let submit_url = s.url("/task_in_queue");
 
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::new(Mutex::new(Vec::new()));
@@ -217,7 +216,7 @@ fn kill9_during_submission_and_execution_loses_no_acknowledged_task() {
         delayed_pending
     );
 
-    let s2 = Server::start_in(&data, &["--workers", "4"]);
+    let s2 = Server::builder(&dir).args(&["--workers", "4"]).start();
     let want: HashSet<String> = acked.iter().map(|a| a.id.clone()).collect();
     wait_all_hit(&sink, &want, Duration::from_secs(60), "after the restart");
     assert_never_early(&sink, &acked);
@@ -248,8 +247,7 @@ fn kill9_with_only_delayed_tasks_pending_loses_none() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &["--workers", "4"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--workers", "4"]).start();
     let late = sink.url("/late");
 
     let acked: Vec<Acked> = thread::scope(|scope| {
@@ -298,7 +296,7 @@ fn kill9_with_only_delayed_tasks_pending_loses_none() {
         "nothing runs while the server is down"
     );
     let restarted_us = now_us();
-    let s2 = Server::start_in(&data, &["--workers", "4"]);
+    let s2 = Server::builder(&dir).args(&["--workers", "4"]).start();
 
     let want: HashSet<String> = acked.iter().map(|a| a.id.clone()).collect();
     wait_all_hit(
@@ -350,13 +348,12 @@ fn kill9_at_thirty_random_moments_loses_no_acknowledged_task() {
     };
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
     let sink = Sink::start();
     let args = ["--workers", "4", "--checkpoint_ms", "100"];
     let mut acked: Vec<Acked> = Vec::new();
     let mut attempted: HashSet<String> = HashSet::new();
     for round in 0..ROUNDS {
-        let mut s = Server::start_in(&data, &args);
+        let mut s = Server::builder(&dir).args(&args).start();
         // A third of the kills come within 30 ms of the start, the others within 1.2 s.
         let after_ms = if next(3) == 0 { next(30) } else { next(1200) };
         let url = s.url("/task_in_queue");
@@ -403,7 +400,7 @@ fn kill9_at_thirty_random_moments_loses_no_acknowledged_task() {
         "the clients got few acknowledgements ({}): the kills did not land under load",
         acked.len()
     );
-    let s = Server::start_in(&data, &args);
+    let s = Server::builder(&dir).args(&args).start();
     let want: HashSet<String> = acked.iter().map(|a| a.id.clone()).collect();
     wait_all_hit(
         &sink,

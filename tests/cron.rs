@@ -28,7 +28,9 @@ fn every_second_line_fires_once_per_second_never_early() {
             sink.url("/beat")
         ),
     );
-    let s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    let s = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
     sink.wait_until(Duration::from_secs(10), "4 beats", |h| {
         h.iter().filter(|h| h.path == "/beat").count() >= 4
     });
@@ -71,7 +73,9 @@ fn each_firing_reaches_the_sink_no_earlier_than_the_time_in_its_id() {
         &cron,
         &format!("*/4 * * * * * *  {}  GET  src=e\n", sink.url("/e")),
     );
-    let s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    let s = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
     sink.wait_until(Duration::from_secs(30), "3 firings", |h| {
         h.iter().filter(|h| h.path == "/e").count() >= 3
     });
@@ -115,7 +119,9 @@ fn changed_and_broken_files_are_reloaded_safely() {
         &cron,
         &format!("* * * * * * * {} GET v=1\n", sink.url("/r")),
     );
-    let mut s = Server::start(&dir, &["--cron", cron.to_str().expect("utf8")]);
+    let mut s = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
     sink.wait_until(Duration::from_secs(10), "a v=1 hit", |h| {
         h.iter().any(|h| h.query == "v=1")
     });
@@ -171,21 +177,20 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
         &cron,
         &format!("*/2 * * * * * * {} GET c=1\n", sink.url("/c")),
     );
-    let data = dir.path().join("data");
     let args = [
         "--cron",
         cron.to_str().expect("utf8"),
         "--cron_catchup",
         "last",
     ];
-    let mut s = Server::start_in(&data, &args);
+    let mut s = Server::builder(&dir).args(&args).start();
     sink.wait_until(Duration::from_secs(10), "a firing", |h| !h.is_empty());
     assert!(s.term().success());
     let stopped_us = common::now_us();
     // Down long enough to miss at least two firings.
     sleep(Duration::from_millis(4500));
     let before = sink.hits_on("/c").len();
-    let s2 = Server::start_in(&data, &args);
+    let s2 = Server::builder(&dir).args(&args).start();
     sink.wait_until(Duration::from_secs(5), "the catch-up firing", |h| {
         h.len() > before
     });
@@ -206,7 +211,9 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
     // Without the flag, nothing is caught up.
     sleep(Duration::from_millis(4500));
     let before = sink.hits_on("/c").len();
-    let s3 = Server::start_in(&data, &["--cron", cron.to_str().expect("utf8")]);
+    let s3 = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
     // Catch-up happens before the first scheduled firing: once that has run, it is too late.
     sink.wait_until(Duration::from_secs(10), "a scheduled firing", |h| {
         h.len() > before
@@ -227,7 +234,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
         "# nightly\n0 30 2 * * * * /opt/backup.sh EXEC --full\n0 0 12 * * * * http://svc/x GET a=1\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args([
             "cron-check",
             good.to_str().expect("utf8"),
@@ -253,7 +260,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
 
     let bad = dir.path().join("bad");
     std::fs::write(&bad, "\n\n* * * * * * * http://x FETCH\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["cron-check", bad.to_str().expect("utf8")])
         .output()
         .expect("run cron-check");
@@ -265,7 +272,7 @@ fn cron_check_prints_fire_times_and_refuses_bad_files() {
     );
 
     // The server refuses the same file at start, with exit code 2.
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["--cron", bad.to_str().expect("utf8"), "--data"])
         .arg(dir.path().join("data"))
         .output()
@@ -299,15 +306,14 @@ fn exec_from_the_cron_file_runs_without_exec_dir_but_not_from_the_network() {
         &cron,
         &format!("* * * * * * *  {}  EXEC  from-cron\n", script.display()),
     );
-    let s = Server::start(
-        &dir,
-        &[
+    let s = Server::builder(&dir)
+        .args(&[
             "--cron",
             cron.to_str().expect("utf8"),
             "--retry_interval",
             "1",
-        ],
-    );
+        ])
+        .start();
     let lines = eventually(Duration::from_secs(20), "3 runs of the cron EXEC", || {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         let n = text.lines().count();

@@ -1,7 +1,7 @@
 //! Delayed tasks run, and never before their due time (submit time + delay).
 
 mod common;
-use common::{hits_by_id, now_us, wait_all_hit, Server, Sink};
+use common::{hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 fn delayed_tasks_are_never_early() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let mut sent = Vec::new();
     for i in 0..60 {
         let id = format!("dl-{i}");
@@ -40,7 +40,7 @@ fn delayed_tasks_are_never_early() {
 fn delay_as_a_string_of_digits_works() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let before = now_us();
     let t = json!({"id":"ds","method":"GET","name":sink.url("/d"),"params":"id=ds","delay":"1"});
     assert_eq!(s.submit(&t).0, 200);
@@ -65,7 +65,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn a_waiting_delayed_task_does_not_keep_the_cpu_busy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let t = json!({"id": "later", "method":"GET", "name": sink.url("/later"), "delay": 3600});
     let (code, r) = s.submit(&t);
     assert_eq!(code, 200, "{r}");

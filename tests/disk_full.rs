@@ -7,7 +7,7 @@
 //! Mounting the tmpfs needs root (CAP_SYS_ADMIN); without it the test fails and says so.
 
 mod common;
-use common::{eventually, hit_id, hits_by_id, wait_all_hit, Server, Sink};
+use common::{eventually, hits::hit_id, hits::hits_by_id, hits::wait_all_hit, Server, Sink};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::fs::File;
@@ -99,13 +99,12 @@ fn a_full_disk_is_an_outage_the_embedded_store_heals_from() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mnt = dir.path().join("small");
     let fs = Tmpfs::mount(&mnt, "8m");
-    let data = fs.path.join("data");
     let logs = dir.path().join("logs");
     let dead = dir.path().join("dead");
     let dead_arg = dead.to_string_lossy().into_owned();
     let args = ["--workers", "4", "--dead", &dead_arg];
     let sink = Sink::start();
-    let mut s = Server::start_logged(&data, &logs, &args, &[]);
+    let mut s = Server::builder(&fs.path).log_dir(&logs).args(&args).start();
     let mut want: HashSet<String> = HashSet::new();
 
     // Before the outage: tasks run and their results are stored.
@@ -251,7 +250,7 @@ fn a_full_disk_is_an_outage_the_embedded_store_heals_from() {
 
     // A crash now: nothing that finished runs again, every result is still there.
     s.kill9();
-    let s = Server::start_logged(&data, &logs, &args, &[]);
+    let s = Server::builder(&fs.path).log_dir(&logs).args(&args).start();
     assert_eq!(s.submit(&get_task(&sink, "marker")).0, 200);
     let (code, r) = s.get("/task_resp/marker?timeout=30");
     assert_eq!(code, 200, "marker: {r}");

@@ -18,7 +18,7 @@ fn exec_server(dir: &tempfile::TempDir) -> (Server, std::path::PathBuf) {
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).expect("bin dir");
     let bin_s = bin.to_string_lossy().into_owned();
-    let s = Server::start(dir, &["--exec_dir", &bin_s]);
+    let s = Server::builder(dir).args(&["--exec_dir", &bin_s]).start();
     (s, bin)
 }
 
@@ -111,7 +111,7 @@ fn names_that_leave_the_exec_dir_are_refused() {
 #[test]
 fn exec_from_the_network_is_off_without_exec_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let (code, r) = s.submit(&json!({"method":"EXEC","name":"true"}));
     assert_eq!(code, 400, "{r}");
     assert!(r["reason"].as_str().unwrap_or("").contains("exec"), "{r}");
@@ -184,7 +184,7 @@ fn symlinks_cannot_lead_out_of_the_exec_dir() {
 #[test]
 fn exec_any_runs_any_program_on_path() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--exec_any"]);
+    let s = Server::builder(&dir).args(&["--exec_any"]).start();
     let (code, r) = s.submit(&json!({"id":"any-echo","method":"EXEC","name":"echo",
                                       "params":"hi","wait":10}));
     assert_eq!(code, 200, "{r}");
@@ -199,7 +199,7 @@ fn exec_any_runs_any_program_on_path() {
 fn output_beyond_64_kib_is_cut_and_marked() {
     const MARKER: &str = "[output cut at 65536 bytes]";
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--exec_any"]);
+    let s = Server::builder(&dir).args(&["--exec_any"]).start();
     let full: String = (1..=30000).map(|i| format!("{i}\n")).collect();
     assert!(full.len() > 65536, "the program writes more than 64 KiB");
     let (code, r) = s.submit(&json!({"id":"long-out","method":"EXEC","name":"seq",

@@ -10,7 +10,7 @@ use std::time::Duration;
 fn bad_tasks_get_400_naming_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     let good = sink.url("/x");
     let cases = [
         (json!({"method":"FETCH","name":good}), "method"),
@@ -86,7 +86,7 @@ fn bad_tasks_get_400_naming_the_field() {
 fn malformed_requests_get_4xx() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--max_body", "2048"]);
+    let s = Server::builder(&dir).args(&["--max_body", "2048"]).start();
     let url = s.url("/task_in_queue");
     let (code, r) = post_raw(&url, b"{\"method\":", &[]);
     assert_eq!(code, 400, "{r}");

@@ -2,7 +2,7 @@
 //! are all served, and each connection keeps working for later requests.
 
 mod common;
-use common::{ask, read_response, Server};
+use common::{raw::ask, raw::read_response, Server};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -44,7 +44,7 @@ fn burst(port: u16, n: usize, round: usize, conns: &mut Vec<TcpStream>) {
 #[test]
 fn keep_alive_clients_connecting_together_are_all_served() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     // Right after start the HTTP pool has a few idle threads: a burst larger than that once
     // left the surplus connections unread until another connection closed.
     let mut conns = Vec::new();
@@ -80,7 +80,7 @@ fn limit_open_files(pid: u32, n: u64) {
 #[test]
 fn running_out_of_file_descriptors_does_not_stop_the_server_accepting() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     let pid = s.pid().expect("pid");
     let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
@@ -113,7 +113,9 @@ fn running_out_of_file_descriptors_does_not_stop_the_server_accepting() {
 fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = common::Sink::start();
-    let s = Server::start(&dir, &["--workers", "2", "--http_idle", "1"]);
+    let s = Server::builder(&dir)
+        .args(&["--workers", "2", "--http_idle", "1"])
+        .start();
 
     // An idle keep-alive connection is closed by the server after --http_idle.
     let (mut idle, code, _) = ask(s.port, HEALTH, Duration::from_secs(10)).expect("answer");
@@ -138,7 +140,9 @@ fn idle_connections_are_closed_but_long_polls_still_get_their_answer() {
 #[test]
 fn connections_beyond_max_conns_get_503_and_freed_slots_serve_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "2", "--max_conns", "6"]);
+    let s = Server::builder(&dir)
+        .args(&["--workers", "2", "--max_conns", "6"])
+        .start();
     // The harness's own health checks may still hold a pooled connection: fill the remaining
     // slots, each proven live by an answer.
     let mut held: Vec<TcpStream> = Vec::new();

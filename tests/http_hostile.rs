@@ -3,7 +3,7 @@
 //! head sizes and arrival times are bounded.
 
 mod common;
-use common::{Raw, Server, Sink};
+use common::{raw::Raw, Server, Sink};
 use serde_json::{json, Value};
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;
@@ -55,7 +55,7 @@ fn pipeline_waits(s: &Server, sink: &Sink, prefix: &str) -> Raw {
 fn pipelined_waits_do_not_stop_result_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     let mut c = pipeline_waits(&s, &sink, "p");
     // Every pipelined request is answered, in order, with its own result.
     for i in 0..10 {
@@ -75,7 +75,7 @@ fn pipelined_waits_do_not_stop_result_delivery() {
 fn pipelined_waits_from_a_client_that_leaves_do_not_stop_result_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     let c = pipeline_waits(&s, &sink, "gone");
     sink.wait_until(Duration::from_secs(20), "the pipelined tasks to run", |h| {
         h.len() >= 10
@@ -126,7 +126,9 @@ fn small_window_connect(port: u16, rcvbuf: i32) -> TcpStream {
 fn a_client_that_never_reads_stalls_no_one_and_its_results_stay_readable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "4", "--exec_any", "--http_idle", "3"]);
+    let s = Server::builder(&dir)
+        .args(&["--workers", "4", "--exec_any", "--http_idle", "3"])
+        .start();
     // 100 waited tasks, each with ~64 KiB of output: the answer (megabytes) cannot fit in the
     // socket buffers of a client that does not read.
     let tasks: Vec<Value> = (0..100)
@@ -153,7 +155,7 @@ fn a_client_that_never_reads_stalls_no_one_and_its_results_stay_readable() {
 fn pipelined_long_polls_do_not_take_the_api_down() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "2"]);
+    let s = Server::builder(&dir).args(&["--workers", "2"]).start();
     let (code, r) =
         s.submit(&json!({"id": "later", "method": "GET", "name": sink.url("/later"), "delay": 60}));
     assert_eq!(code, 200, "{r}");
@@ -187,7 +189,9 @@ fn pipelined_long_polls_do_not_take_the_api_down() {
 #[test]
 fn oversized_heads_are_refused_while_reading_and_before_the_token() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "1", "--token", "secret"]);
+    let s = Server::builder(&dir)
+        .args(&["--workers", "1", "--token", "secret"])
+        .start();
     let long_line = format!(
         "GET /sys_info?{} HTTP/1.1\r\nHost: poulpe\r\n\r\n",
         "a".repeat(9 * 1024)
@@ -245,7 +249,7 @@ fn oversized_heads_are_refused_while_reading_and_before_the_token() {
 #[test]
 fn ambiguous_framing_is_refused_and_closes_the_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--workers", "1"]);
+    let s = Server::builder(&dir).args(&["--workers", "1"]).start();
     let task = r#"{"id":"smuggled","method":"EXEC","name":"true"}"#;
     let hidden = format!(
         "POST /task_in_queue HTTP/1.1\r\nHost: poulpe\r\nContent-Length: {}\r\n\r\n{task}",
@@ -314,7 +318,7 @@ fn ambiguous_framing_is_refused_and_closes_the_connection() {
 fn chunked_bodies_expect_continue_and_pipelining_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "1"]);
+    let s = Server::builder(&dir).args(&["--workers", "1"]).start();
     let task = sink_task(&sink, "chunky", 0).to_string();
     let (a, b) = task.split_at(10);
     let chunked = format!(
@@ -370,10 +374,9 @@ fn chunked_bodies_expect_continue_and_pipelining_work() {
 #[test]
 fn slow_heads_and_bodies_are_cut_and_surplus_clients_get_503_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(
-        &dir,
-        &["--workers", "1", "--http_idle", "2", "--max_conns", "6"],
-    );
+    let s = Server::builder(&dir)
+        .args(&["--workers", "1", "--http_idle", "2", "--max_conns", "6"])
+        .start();
     // A head sent one byte every 500 ms: each byte comes well within --http_idle, but the head
     // must be complete within 10 s of its first byte.
     let mut slow = Raw::connect(s.port, Duration::from_secs(20));

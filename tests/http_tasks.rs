@@ -9,7 +9,7 @@ use std::time::Duration;
 fn immediate_get_reaches_the_sink_with_its_query() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let (code, body) =
         s.submit(&json!({"id":"g-1","method":"GET","name":sink.url("/hit"),"params":"a=1&b=two"}));
     assert_eq!(code, 200, "{body}");
@@ -27,7 +27,7 @@ fn immediate_get_reaches_the_sink_with_its_query() {
 fn post_sends_json_bodies_given_as_string_or_value() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let as_value =
         json!({"id":"p-v","method":"POST","name":sink.url("/v"),"params":{"k":1,"s":"é"}});
     let as_string =
@@ -52,7 +52,7 @@ fn post_sends_json_bodies_given_as_string_or_value() {
 fn get_params_are_appended_to_an_existing_query() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let t = json!({"id":"q-1","method":"GET","name":sink.url("/q?x=1"),"params":"y=2"});
     assert_eq!(s.submit(&t).0, 200);
     sink.wait_until(Duration::from_secs(10), "the GET", |h| !h.is_empty());
@@ -63,7 +63,7 @@ fn get_params_are_appended_to_an_existing_query() {
 fn a_non_2xx_answer_is_a_failed_attempt_with_its_status() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let t =
         json!({"id":"n-1","method":"GET","name":sink.url("/status/404"),"max_retry":0,"wait":10});
     let (code, r) = s.submit(&t);
@@ -78,7 +78,7 @@ fn a_non_2xx_answer_is_a_failed_attempt_with_its_status() {
 fn delete_cancels_a_delayed_task_before_it_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let t = json!({"id":"d-1","method":"GET","name":sink.url("/never"),"delay":2});
     assert_eq!(s.submit(&t).0, 200);
     // Due after d-1: once it has run, d-1's time has passed too.

@@ -218,7 +218,9 @@ fn produced_tasks_run_and_results_reach_the_result_topic() {
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = broker.servers();
-    let s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g1"));
+    let s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g1"))
+        .start();
 
     let mut payloads: Vec<String> = (0..5)
         .map(|i| {
@@ -296,7 +298,9 @@ fn invalid_messages_are_kept_answered_and_skipped() {
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = broker.servers();
-    let _s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g2"));
+    let _s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g2"))
+        .start();
 
     let payloads = vec![
         "{not json".to_string(),
@@ -382,7 +386,7 @@ fn kill_9_and_restart_skips_no_message() {
         "--workers",
         "2",
     ];
-    let mut s = Server::start(&dir, &args);
+    let mut s = Server::builder(&dir).args(&args).start();
 
     let n = 150;
     let payloads: Vec<String> = (0..n)
@@ -407,7 +411,7 @@ fn kill_9_and_restart_skips_no_message() {
         "all {n} tasks ran before the kill; the test proves nothing"
     );
 
-    let s2 = Server::start_in(&dir.path().join("data"), &args);
+    let s2 = Server::builder(&dir).args(&args).start();
     let want: HashSet<String> = (0..n).map(|i| format!("c-{i}")).collect();
     let end = Instant::now() + Duration::from_secs(90);
     loop {
@@ -435,7 +439,9 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
     let servers = format!("127.0.0.1:{port}");
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &kafka_args(&servers, "tasks", "results", "g4"));
+    let s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g4"))
+        .start();
 
     // HTTP keeps working while the broker is away, and /sys_info says it is away.
     let (code, body) = s.submit(
@@ -487,17 +493,16 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = broker.servers();
-    let s = Server::start(
-        &dir,
-        &[
+    let s = Server::builder(&dir)
+        .args(&[
             "--kafka_servers",
             &servers,
             "--kafka_topic",
             "tasks",
             "--kafka_group",
             "g5",
-        ],
-    );
+        ])
+        .start();
     // "pending" is already stored and unfinished (as after a crash before the commit).
     let (code, r) = s.submit(
         &json!({"id": "pending", "method": "GET", "name": sink.url("/hit"),
@@ -551,7 +556,7 @@ fn committed_offsets_only_cover_durable_tasks() {
         "--kafka_group",
         "g-off",
     ];
-    let mut s = Server::start(&dir, &args);
+    let mut s = Server::builder(&dir).args(&args).start();
     let at_kill = eventually(
         Duration::from_secs(60),
         "the committed offset to move",
@@ -563,7 +568,7 @@ fn committed_offsets_only_cover_durable_tasks() {
     s.kill9();
     assert!(at_kill <= n, "{at_kill}");
 
-    let s2 = Server::start_in(&dir.path().join("data"), &[]);
+    let s2 = Server::builder(&dir).start();
     let mut lost = Vec::new();
     for i in 0..at_kill {
         let (code, r) = s2.get(&format!("/task_resp/o-{i}?timeout=0"));
@@ -639,7 +644,7 @@ fn consuming(broker: &Broker, dir: &tempfile::TempDir, group: &str, sink: &Sink)
         "--kafka_group",
         group,
     ];
-    let s = Server::start(dir, &args);
+    let s = Server::builder(dir).args(&args).start();
     broker.produce("tasks", &[hit_task(sink, "before")]);
     sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
         hit_ids(h, "/hit").contains_key("before")
@@ -837,7 +842,7 @@ fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
 /// during the outage, and once Redis is back its task runs once and the offset moves past it.
 #[test]
 fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() {
-    use common::RedisServer;
+    use common::redis::RedisServer;
     let dir = tempfile::tempdir().expect("tempdir");
     let rdir = dir.path().join("redis");
     let rport = free_port();
@@ -854,9 +859,8 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
     let sink = Sink::start();
     let servers = broker.servers();
     let url = redis.url();
-    let s = Server::start(
-        &dir,
-        &[
+    let s = Server::builder(&dir)
+        .args(&[
             "--redis",
             &url,
             "--kafka_servers",
@@ -865,8 +869,8 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
             "tasks",
             "--kafka_group",
             "g-redis",
-        ],
-    );
+        ])
+        .start();
     let task = |id: &str| {
         json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
             .to_string()

@@ -109,7 +109,7 @@ fn start_with_relay(dir: &tempfile::TempDir, port: u16, extra: &[&str]) -> Serve
         "f@example.org",
     ];
     args.extend_from_slice(extra);
-    Server::start(dir, &args)
+    Server::builder(dir).args(&args).start()
 }
 
 #[test]
@@ -117,17 +117,16 @@ fn plain_mail_arrives_with_recipients_subject_and_body() {
     let dir = tempfile::tempdir().expect("tempdir");
     let smtp = Smtp::start(dir.path(), &[]);
     let port = smtp.port.to_string();
-    let s = Server::start(
-        &dir,
-        &[
+    let s = Server::builder(&dir)
+        .args(&[
             "--smtp_server",
             "127.0.0.1",
             "--smtp_port",
             &port,
             "--smtp_from",
             "poulpe@example.org",
-        ],
-    );
+        ])
+        .start();
     let (code, body) = s.submit(&json!({
         "id": "m1", "method": "MAIL_TO", "name": "ignored@example.org",
         "params": {"to_addr": "a@example.org, b@example.net", "title": "Réunion à 10 h ☕", "body": "Bonjour,\nà demain.\n"},
@@ -216,7 +215,10 @@ fn starttls_with_auth_and_a_trusted_ca_file() {
     };
     let a = args("mailer");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let s = Server::start_with_env(&dir, &a, &[("POULPE_SMTP_PWD", "s3cret-pw")]);
+    let s = Server::builder(&dir)
+        .args(&a)
+        .env("POULPE_SMTP_PWD", "s3cret-pw")
+        .start();
     let (code, body) = s.submit(&json!({
         "method":"MAIL_TO","name":"to@example.org",
         "params":{"from_addr":"f@example.org","title":"secure","body":"over TLS"},"wait":20}));
@@ -236,7 +238,10 @@ fn starttls_with_auth_and_a_trusted_ca_file() {
 
     // A wrong password is a permanent failure: dead after one attempt.
     let dir2 = tempfile::tempdir().expect("tempdir");
-    let s = Server::start_with_env(&dir2, &a, &[("POULPE_SMTP_PWD", "wrong")]);
+    let s = Server::builder(&dir2)
+        .args(&a)
+        .env("POULPE_SMTP_PWD", "wrong")
+        .start();
     let (code, body) = s.submit(&json!({
         "method":"MAIL_TO","name":"to@example.org",
         "params":{"from_addr":"f@example.org","title":"x","body":"y"},"wait":20}));

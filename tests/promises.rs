@@ -3,7 +3,7 @@
 //! and `DELETE /task/{id}` of running, finished, unknown and delayed tasks.
 
 mod common;
-use common::{binary, free_port, request, RedisServer, Server, Sink};
+use common::{binary, free_port, redis::RedisServer, request, Server, Sink};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -26,7 +26,7 @@ fn health(args: &[&str], env: &[(&str, &str)]) -> Output {
 #[test]
 fn health_exits_0_when_the_server_answers_and_1_otherwise() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--token", "t0k"]);
+    let s = Server::builder(&dir).args(&["--token", "t0k"]).start();
     let port = s.port.to_string();
 
     let out = health(&["--port", &port], &[]);
@@ -72,7 +72,9 @@ fn health_exits_0_when_the_server_answers_and_1_otherwise() {
 fn poulpe_token_from_the_environment_is_required() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start_with_env(&dir, &[], &[("POULPE_TOKEN", "from-env")]);
+    let s = Server::builder(&dir)
+        .env("POULPE_TOKEN", "from-env")
+        .start();
     let task = json!({"id":"env-tok","method":"GET","name":sink.url("/tok"),"wait":10});
     let body = task.to_string();
     let url = s.url("/task_in_queue");
@@ -97,7 +99,9 @@ fn poulpe_token_from_the_environment_is_required() {
 fn poulpe_redis_from_the_environment_makes_redis_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(&dir.path().join("redis"));
-    let s = Server::start_with_env(&dir, &[], &[("POULPE_REDIS", &redis.url())]);
+    let s = Server::builder(&dir)
+        .env("POULPE_REDIS", &redis.url())
+        .start();
     let (code, info) = s.get("/sys_info");
     assert_eq!(code, 200, "{info}");
     assert_eq!(info["store"], json!({"kind":"redis","up":true}), "{info}");
@@ -127,7 +131,7 @@ fn poulpe_redis_from_the_environment_makes_redis_the_store() {
 fn a_wait_array_with_an_unfinished_task_answers_202() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let (code, r) = s.submit(&json!([
         {"id":"wa-done","method":"GET","name":sink.url("/done"),"wait":2},
         {"id":"wa-later","method":"GET","name":sink.url("/later"),"delay":600,"wait":2}
@@ -153,7 +157,7 @@ fn a_wait_array_with_an_unfinished_task_answers_202() {
 fn delete_running_finished_unknown_and_delayed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let del = |id: &str| request("DELETE", &s.url(&format!("/task/{id}")), &[]);
 
     // Running.

@@ -3,7 +3,10 @@
 //! in the middle of a run, an unreachable Redis at start-up, and the key prefix with result TTLs.
 
 mod common;
-use common::{eventually, free_port, hits_by_id, now_us, wait_all_hit, RedisServer, Server, Sink};
+use common::{
+    eventually, free_port, hits::hits_by_id, hits::wait_all_hit, now_us, redis::RedisServer,
+    Server, Sink,
+};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,7 +18,7 @@ fn start(dir: &Path, redis: &RedisServer, extra: &[&str]) -> Server {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];
     args.extend_from_slice(extra);
-    Server::start_in(&dir.join("data"), &args)
+    Server::builder(dir).args(&args).start()
 }
 
 fn get_task(sink: &Sink, id: &str) -> Value {
@@ -238,7 +241,7 @@ fn unreachable_redis_at_start_exits_2_without_leaking_the_password() {
     let port = free_port();
     let url = format!("redis://:s3cret-pw@127.0.0.1:{port}/0");
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_poulpe"))
+    let out = Command::new(common::binary())
         .args(["--port", &free_port().to_string(), "--bind", "127.0.0.1"])
         .args(["--redis", &url])
         .arg("--data")
@@ -320,7 +323,7 @@ fn results_beyond_result_max_are_dropped_oldest_first_on_redis() {
     let redis = RedisServer::start(&dir.path().join("redis"));
     let sink = Sink::start();
     let s = start(dir.path(), &redis, &["--result_max", "1000"]);
-    common::check_result_max(&s, &sink);
+    common::results::check_result_max(&s, &sink);
     let (_, info) = s.get("/sys_info");
     assert_eq!(
         info["data_bytes"],
@@ -337,5 +340,5 @@ fn a_result_is_readable_until_result_ttl_then_404_on_redis() {
     let s = start(dir.path(), &redis, &["--result_ttl", "3"]);
     let mut t = get_task(&sink, "ttl-r");
     t["wait"] = json!(10);
-    common::check_result_expires(&s, &t, 3);
+    common::results::check_result_expires(&s, &t, 3);
 }

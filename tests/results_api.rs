@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 fn wait_returns_the_final_result_or_202_when_it_runs_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let (code, r) = s.submit(&json!({"id":"w-1","method":"GET","name":sink.url("/x"),"wait":10}));
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["id"], "w-1");
@@ -51,7 +51,7 @@ fn wait_returns_the_final_result_or_202_when_it_runs_out() {
 fn long_poll_pending_then_final_and_not_consumed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     assert_eq!(
         s.submit(&json!({"id":"lp-1","method":"GET","name":sink.url("/lp"),"delay":2}))
             .0,
@@ -90,7 +90,7 @@ fn long_poll_pending_then_final_and_not_consumed() {
 fn sys_info_and_health() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--workers", "3"]);
+    let s = Server::builder(&dir).args(&["--workers", "3"]).start();
     assert_eq!(
         s.submit(&json!({"id":"si-1","method":"GET","name":sink.url("/slow"),"params":"ms=1500"}))
             .0,
@@ -136,8 +136,10 @@ fn sys_info_and_health() {
 fn results_beyond_result_max_are_dropped_oldest_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--result_max", "1000"]);
-    common::check_result_max(&s, &sink);
+    let s = Server::builder(&dir)
+        .args(&["--result_max", "1000"])
+        .start();
+    common::results::check_result_max(&s, &sink);
     let (_, info) = s.get("/sys_info");
     assert!(
         info["data_bytes"].as_u64() > Some(0),
@@ -149,7 +151,7 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
 fn a_result_is_readable_until_result_ttl_then_404() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--result_ttl", "3"]);
+    let s = Server::builder(&dir).args(&["--result_ttl", "3"]).start();
     let t = json!({"id":"ttl-1","method":"GET","name":sink.url("/t"),"wait":10});
-    common::check_result_expires(&s, &t, 3);
+    common::results::check_result_expires(&s, &t, 3);
 }

@@ -28,7 +28,7 @@ fn dead_letter(dir: &tempfile::TempDir, id: &str) -> Value {
 fn fixed_retries_then_dead_letter_with_every_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let t = json!({"id":"rd-1","method":"GET","name":sink.url("/status/500"),
                    "max_retry":3,"retry_interval":1});
     assert_eq!(s.submit(&t).0, 200);
@@ -69,7 +69,9 @@ fn fixed_retries_then_dead_letter_with_every_error() {
 fn exponential_backoff_doubles_the_interval() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--backoff", "exponential"]);
+    let s = Server::builder(&dir)
+        .args(&["--backoff", "exponential"])
+        .start();
     let t = json!({"id":"rx-1","method":"GET","name":sink.url("/status/503"),
                    "max_retry":2,"retry_interval":1});
     assert_eq!(s.submit(&t).0, 200);
@@ -89,10 +91,9 @@ fn exponential_backoff_doubles_the_interval() {
 #[test]
 fn a_task_that_recovers_on_retry_succeeds_without_a_dead_letter() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(
-        &dir,
-        &["--exec_dir", dir.path().to_str().expect("utf-8 path")],
-    );
+    let s = Server::builder(&dir)
+        .args(&["--exec_dir", dir.path().to_str().expect("utf-8 path")])
+        .start();
     // Fails the first time, succeeds the second (a marker file remembers the first run).
     let marker = dir.path().join("ran-once");
     let prog = dir.path().join("flaky");
@@ -144,7 +145,9 @@ fn with_unwritable_dead_dir(
     let parent = dir.path().join("deadparent");
     let dead = parent.join("dead");
     let dead_s = dead.to_string_lossy().into_owned();
-    let s = Server::start(dir, &["--exec_any", "--dead", &dead_s]);
+    let s = Server::builder(dir)
+        .args(&["--exec_any", "--dead", &dead_s])
+        .start();
     std::fs::remove_dir_all(&parent).expect("remove the dead dir");
     std::fs::write(&parent, "not a folder").expect("file in the way");
     (s, parent, dead)

@@ -15,8 +15,7 @@ fn query_id(q: &str) -> Option<&str> {
 fn sigterm_finishes_the_running_attempt_refuses_intake_and_keeps_delayed_tasks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &["--workers", "2"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--workers", "2"]).start();
 
     let (code, body) = s.submit(&json!({"id": "run-1", "method": "GET",
         "name": sink.url("/slow"), "params": "ms=1500&id=run-1"}));
@@ -82,7 +81,7 @@ fn sigterm_finishes_the_running_attempt_refuses_intake_and_keeps_delayed_tasks()
         "delayed tasks do not run before their time"
     );
 
-    let s2 = Server::start_in(&data, &["--workers", "2"]);
+    let s2 = Server::builder(&dir).args(&["--workers", "2"]).start();
     // The attempt that was running at SIGTERM finished and was recorded before the exit: the
     // result is there at once, and it is not run again.
     let (code, r) = s2.get("/task_resp/run-1?timeout=0");
@@ -125,8 +124,7 @@ fn sigterm_finishes_the_running_attempt_refuses_intake_and_keeps_delayed_tasks()
 fn sigint_exits_0_and_keeps_pending_tasks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let mut s = Server::start(&dir, &[]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).start();
     let sent_us = now_us();
     let (code, body) = s.submit(&json!({"id": "after-int", "method": "GET",
         "name": sink.url("/late"), "params": "id=after-int", "delay": 2}));
@@ -142,7 +140,7 @@ fn sigint_exits_0_and_keeps_pending_tasks() {
         "the delayed task waits for its time"
     );
 
-    let s2 = Server::start_in(&data, &[]);
+    let s2 = Server::builder(&dir).start();
     let (code, r) = s2.get("/task_resp/after-int?timeout=30");
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["status"], "succeeded", "{r}");
@@ -154,12 +152,11 @@ fn sigint_exits_0_and_keeps_pending_tasks() {
 #[test]
 fn sigterm_on_an_idle_server_exits_0_and_frees_the_data_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = Server::start(&dir, &[]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).start();
     let status = s.term();
     assert_eq!(status.code(), Some(0), "{status:?}");
     // The store lock is released: a new server opens the same directory at once.
-    let s2 = Server::start_in(&data, &[]);
+    let s2 = Server::builder(&dir).start();
     let (code, _) = s2.get("/health");
     assert_eq!(code, 200);
 }

@@ -37,8 +37,7 @@ fn sigterm_waits_at_most_30_s_for_a_long_attempt_which_runs_again_at_the_next_st
     let dir = tempfile::tempdir().expect("tempdir");
     let marks = dir.path().join("runs");
     let marks_s = marks.to_str().expect("UTF-8 path");
-    let mut s = Server::start(&dir, &["--exec_any"]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).args(&["--exec_any"]).start();
     let _reaper = Reaper(&marks);
     let script = format!("echo $$ >> {marks_s}; exec sleep 100");
     let (code, r) = s.submit(&json!({"id":"long-run","method":"EXEC","name":"sh",
@@ -67,7 +66,7 @@ fn sigterm_waits_at_most_30_s_for_a_long_attempt_which_runs_again_at_the_next_st
     );
 
     // The attempt did not finish: the task is still in the store, and runs again.
-    let s2 = Server::start_in(&data, &["--exec_any"]);
+    let s2 = Server::builder(&dir).args(&["--exec_any"]).start();
     eventually(Duration::from_secs(20), "the task to run again", || {
         (runs(&marks).len() == 2).then_some(())
     });

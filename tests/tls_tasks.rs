@@ -118,11 +118,10 @@ fn ca_file_makes_a_private_ca_trusted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let https = Https::start(dir.path());
     // SSL_CERT_FILE empty: the system bundle, which does not hold the test CA.
-    let s = Server::start_with_env(
-        &dir,
-        &["--ca_file", path_str(&https.ca)],
-        &[("SSL_CERT_FILE", "")],
-    );
+    let s = Server::builder(&dir)
+        .args(&["--ca_file", path_str(&https.ca)])
+        .env("SSL_CERT_FILE", "")
+        .start();
     let r = get_once(&s, "tls-ca-file", &https.url("/ca-file"));
     assert_succeeded(&r, "/ca-file");
 }
@@ -131,7 +130,7 @@ fn ca_file_makes_a_private_ca_trusted() {
 fn an_unknown_issuer_fails_the_attempt_with_a_certificate_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let https = Https::start(dir.path());
-    let s = Server::start_with_env(&dir, &[], &[("SSL_CERT_FILE", "")]);
+    let s = Server::builder(&dir).env("SSL_CERT_FILE", "").start();
     let r = get_once(&s, "tls-system", &https.url("/system"));
     assert_certificate_error(&r);
 }
@@ -140,7 +139,9 @@ fn an_unknown_issuer_fails_the_attempt_with_a_certificate_error() {
 fn ssl_cert_file_names_the_trusted_bundle() {
     let dir = tempfile::tempdir().expect("tempdir");
     let https = Https::start(dir.path());
-    let s = Server::start_with_env(&dir, &[], &[("SSL_CERT_FILE", path_str(&https.ca))]);
+    let s = Server::builder(&dir)
+        .env("SSL_CERT_FILE", path_str(&https.ca))
+        .start();
     let r = get_once(&s, "tls-env", &https.url("/env"));
     assert_succeeded(&r, "/env");
 }
@@ -151,11 +152,10 @@ fn ssl_cert_file_names_the_trusted_bundle() {
 fn ca_file_replaces_ssl_cert_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let https = Https::start(dir.path());
-    let s = Server::start_with_env(
-        &dir,
-        &["--ca_file", path_str(&https.other_ca)],
-        &[("SSL_CERT_FILE", path_str(&https.ca))],
-    );
+    let s = Server::builder(&dir)
+        .args(&["--ca_file", path_str(&https.other_ca)])
+        .env("SSL_CERT_FILE", path_str(&https.ca))
+        .start();
     let r = get_once(&s, "tls-replaced", &https.url("/replaced"));
     assert_certificate_error(&r);
 }

@@ -13,7 +13,9 @@ use tungstenite::Message;
 fn acks_then_results_for_tasks_in_flight() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--retry_interval", "1", "--max_retry", "1"]);
+    let s = Server::builder(&dir)
+        .args(&["--retry_interval", "1", "--max_retry", "1"])
+        .start();
     let mut ws = connect(&s, "", &[]).expect("connect");
     send(
         &mut ws,
@@ -78,7 +80,7 @@ fn acks_then_results_for_tasks_in_flight() {
 fn bad_frames_pings_and_dropped_clients() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &["--max_body", "2048"]);
+    let s = Server::builder(&dir).args(&["--max_body", "2048"]).start();
     let mut ws = connect(&s, "", &[]).expect("connect");
     ws.send(Message::text("{not json")).expect("send");
     let f = next(&mut ws);
@@ -136,7 +138,9 @@ fn bad_frames_pings_and_dropped_clients() {
 #[test]
 fn token_and_connection_cap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--token", "tok3n", "--max_ws", "2"]);
+    let s = Server::builder(&dir)
+        .args(&["--token", "tok3n", "--max_ws", "2"])
+        .start();
     match connect(&s, "", &[]) {
         Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
         other => panic!("expected 401, got {other:?}"),
@@ -164,7 +168,7 @@ fn token_and_connection_cap() {
 #[test]
 fn idle_connections_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--ws_idle", "1"]);
+    let s = Server::builder(&dir).args(&["--ws_idle", "1"]).start();
     let mut ws = connect(&s, "", &[]).expect("connect");
     let start = Instant::now();
     // The server closes it: a close frame, or the end of the stream. The client's own read
@@ -191,7 +195,9 @@ fn idle_connections_are_closed() {
 #[test]
 fn websocket_connections_do_not_use_up_max_conns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--max_conns", "3", "--exec_any"]);
+    let s = Server::builder(&dir)
+        .args(&["--max_conns", "3", "--exec_any"])
+        .start();
     // Five WebSocket connections, more than --max_conns: each leaves the HTTP count once
     // upgraded (they are capped by --max_ws instead).
     let mut open = Vec::new();
@@ -233,7 +239,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn idle_connections_cost_no_cpu() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &["--max_ws", "200"]);
+    let s = Server::builder(&dir).args(&["--max_ws", "200"]).start();
     let mut open = Vec::new();
     for i in 0..100 {
         open.push(connect(&s, "", &[]).unwrap_or_else(|e| panic!("connection {i}: {e}")));
@@ -264,7 +270,7 @@ fn idle_connections_cost_no_cpu() {
 fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let mut ws = connect(&s, "", &[]).expect("connect");
     let mut tasks: Vec<serde_json::Value> = (0..50)
         .map(|i| {

@@ -14,8 +14,7 @@ fn delayed(id: &str) -> Value {
 #[test]
 fn every_acked_task_survives_a_kill_9_right_after_its_ack() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = Server::start(&dir, &[]);
-    let data = s.data.clone();
+    let mut s = Server::builder(&dir).start();
     let mut ws = connect(&s, "", &[]).expect("WebSocket handshake");
     // 300 tasks: single-task frames and arrays, all sent before any ack is read.
     let mut sent = Vec::new();
@@ -39,7 +38,7 @@ fn every_acked_task_survives_a_kill_9_right_after_its_ack() {
     s.kill9();
     assert_eq!(acked, sent, "one ack per task, in order");
 
-    let s2 = Server::start_in(&data, &[]);
+    let s2 = Server::builder(&dir).start();
     let mut lost = Vec::new();
     for id in &acked {
         let (code, r) = s2.get(&format!("/task_resp/{id}?timeout=0"));
@@ -61,7 +60,7 @@ fn every_acked_task_survives_a_kill_9_right_after_its_ack() {
 #[test]
 fn a_duplicate_id_gets_a_fail_ack_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::start(&dir, &[]);
+    let s = Server::builder(&dir).start();
     let mut ws = connect(&s, "", &[]).expect("WebSocket handshake");
     // Sent back to back, and twice in one array: the first is stored, every repeat refused.
     send(&mut ws, &delayed("ws-dup"));

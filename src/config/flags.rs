@@ -6,7 +6,7 @@ use std::ffi::OsString;
 
 /// What a flag takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// No value: on when given (`--exec_any`), or from the environment as true or false.
     Switch,
     /// Text, checked where it is used.
@@ -17,7 +17,7 @@ pub enum Kind {
 
 /// What a flag is when it is not given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DefaultValue {
+pub(crate) enum DefaultValue {
     /// Nothing: the setting is absent (`--redis`, `--token`) or, for a switch, off.
     None,
     /// This text (`--data ./poulpe-data`).
@@ -30,17 +30,17 @@ pub enum DefaultValue {
 
 /// One flag of the table.
 #[derive(Clone, Copy, Debug)]
-pub struct Flag {
+pub(crate) struct Flag {
     /// snake_case name: `--name`, `--kebab-name` and `POULPE_NAME` all set it.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// `--name`, the key looked for on the command line (after kebab-case is normalised).
-    pub key: &'static str,
+    pub(crate) key: &'static str,
     /// What it takes.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// What it is when not given.
-    pub default: DefaultValue,
+    pub(crate) default: DefaultValue,
     /// One line for `--help`.
-    pub help: &'static str,
+    pub(crate) help: &'static str,
 }
 
 // Shorthands for the rows of the table below.
@@ -68,7 +68,7 @@ macro_rules! flags {
     ($($id:ident, $name:literal, $spec:expr, $help:literal;)*) => {
         $(
             #[doc = concat!("`--", $name, "` (help: `", $help, "`).")]
-            pub const $id: Flag = Flag {
+            pub(crate) const $id: Flag = Flag {
                 name: $name,
                 key: concat!("--", $name),
                 kind: $spec.0,
@@ -77,7 +77,7 @@ macro_rules! flags {
             };
         )*
         /// Every flag, in `--help` order.
-        pub const ALL: &[&Flag] = &[$(&$id),*];
+        pub(crate) const ALL: &[&Flag] = &[$(&$id),*];
     };
 }
 
@@ -148,21 +148,22 @@ flags! {
 }
 
 /// Flags whose value is never shown in an error message.
-pub const SECRET: &[&Flag] = &[&TOKEN, &SMTP_PWD];
+pub(crate) const SECRET: &[&Flag] = &[&TOKEN, &SMTP_PWD];
 
 impl Flag {
     /// `POULPE_<NAME>`, the environment variable that sets this flag.
-    pub fn env_name(&self) -> String {
+    pub(crate) fn env_name(&self) -> String {
         format!("POULPE_{}", self.name.to_ascii_uppercase())
     }
 
     /// The kebab-case spelling, `--retry-interval` for `--retry_interval`.
-    pub fn kebab_key(&self) -> String {
+    #[cfg(test)]
+    pub(crate) fn kebab_key(&self) -> String {
         self.key.replace('_', "-")
     }
 
     /// The default as `--help` shows it; empty when there is none.
-    pub fn shown_default(&self) -> String {
+    pub(crate) fn shown_default(&self) -> String {
         match (self.kind, self.default) {
             (Kind::Switch, _) => "off".to_string(),
             (_, DefaultValue::None) => String::new(),
@@ -172,12 +173,12 @@ impl Flag {
     }
 
     /// The value from the environment: `POULPE_<NAME>`, an empty one counting as unset.
-    pub fn from_env(&self, env: Env<'_>) -> Option<String> {
+    pub(crate) fn env_value(&self, env: Env<'_>) -> Option<String> {
         env(&self.env_name()).filter(|v| !v.is_empty())
     }
 
     /// `value` as a number within this flag's range, or the table's default when `None`.
-    pub fn number<T>(&self, value: Option<&str>) -> Result<T, ConfigError>
+    pub(crate) fn number<T>(&self, value: Option<&str>) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + TryFrom<u64> + TryInto<u64> + Copy,
     {
@@ -190,7 +191,7 @@ impl Flag {
     }
 
     /// `value` as a number within this flag's range, or `default` when `None`.
-    pub fn number_or<T>(&self, value: Option<&str>, default: T) -> Result<T, ConfigError>
+    pub(crate) fn number_or<T>(&self, value: Option<&str>, default: T) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + TryInto<u64> + Copy,
     {
@@ -220,7 +221,7 @@ impl Flag {
 }
 
 /// The `--help` text: every flag with its default.
-pub fn help_text() -> String {
+pub(crate) fn help_text() -> String {
     let mut s = format!(
         "poulpe {} - a lightweight job server\n\nUSAGE:\n  poulpe [FLAGS]\n\n\
          Every flag may also be set as POULPE_<FLAG> in the environment (POULPE_PORT=8000);\n\

@@ -1,13 +1,13 @@
 //! Command-line flags and `POULPE_*` environment variables, turned into one checked `Config`.
 //! The flags themselves (names, defaults, ranges, help) are one table, in [`flags`].
 
-pub mod flags;
-pub mod smtp;
+pub(crate) mod flags;
+pub(crate) mod smtp;
 
 use crate::task::ExecPolicy;
-pub use flags::help_text;
+pub(crate) use flags::help_text;
 use flags::{bad, Raw};
-pub use smtp::{Security, SmtpConfig};
+pub(crate) use smtp::{Security, SmtpConfig};
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 /// How the wait before a retry grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backoff {
+pub(crate) enum Backoff {
     /// Always `retry_interval`.
     Fixed,
     /// `retry_interval × 2^(n-1)`, capped at one hour, ±10 % jitter.
@@ -24,15 +24,17 @@ pub enum Backoff {
 
 /// Kafka brokers, topics and group.
 #[derive(Clone, Debug)]
-pub struct KafkaConfig {
+// Without the `kafka` feature the flags are refused before this is built, and nothing reads it.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+pub(crate) struct KafkaConfig {
     /// Bootstrap brokers, comma separated (`--kafka_servers`).
-    pub servers: String,
+    pub(crate) servers: String,
     /// Topic of task messages (`--kafka_topic`).
-    pub topic: String,
+    pub(crate) topic: String,
     /// Topic where final results of Kafka tasks are produced (`--kafka_resp_topic`).
-    pub resp_topic: Option<String>,
+    pub(crate) resp_topic: Option<String>,
     /// Consumer group (`--kafka_group`).
-    pub group: String,
+    pub(crate) group: String,
 }
 
 /// Everything the server needs to know, checked once at start-up.
@@ -47,31 +49,31 @@ pub struct Config {
     /// Redis URL; when given, Redis is the store (`--redis`).
     pub redis: Option<String>,
     /// Prefix of every Redis key.
-    pub redis_prefix: String,
+    pub(crate) redis_prefix: String,
     /// Cron file (`--cron`).
-    pub cron: Option<PathBuf>,
+    pub(crate) cron: Option<PathBuf>,
     /// Run each cron line's missed firing once at start (`--cron_catchup last`).
-    pub cron_catchup: bool,
+    pub(crate) cron_catchup: bool,
     /// Dead-letter directory (`--dead`, else `<data>/dead`).
-    pub dead: PathBuf,
+    pub(crate) dead: PathBuf,
     /// Number of worker threads (`--workers`).
     pub workers: usize,
     /// Seconds before a retry (`--retry_interval`).
-    pub retry_interval: u64,
+    pub(crate) retry_interval: u64,
     /// Retries after the first attempt (`--max_retry`).
-    pub max_retry: u32,
+    pub(crate) max_retry: u32,
     /// How the wait before a retry grows (`--backoff`).
-    pub backoff: Backoff,
+    pub(crate) backoff: Backoff,
     /// Default seconds one attempt may run (`--task_timeout`).
-    pub task_timeout: u64,
+    pub(crate) task_timeout: u64,
     /// Seconds results and dead records stay queryable (`--result_ttl`).
-    pub result_ttl: u64,
+    pub(crate) result_ttl: u64,
     /// Most finished results kept (`--result_max`); beyond it the oldest are dropped first.
-    pub result_max: usize,
+    pub(crate) result_max: usize,
     /// Longest time a write stays only in the embedded store's journal (`--checkpoint_ms`).
-    pub checkpoint_ms: u64,
+    pub(crate) checkpoint_ms: u64,
     /// Which programs EXEC tasks from the network may run (`--exec_dir`, `--exec_any`).
-    pub exec: ExecPolicy,
+    pub(crate) exec: ExecPolicy,
     /// Bearer token required on every endpoint but `/health` (`--token`).
     pub token: Option<String>,
     /// Request body (and WebSocket frame) limit in bytes (`--max_body`).
@@ -81,17 +83,17 @@ pub struct Config {
     /// Seconds without input before a WebSocket connection is closed.
     pub ws_idle: u64,
     /// Seconds without input before an HTTP connection is closed.
-    pub http_idle: u64,
+    pub(crate) http_idle: u64,
     /// Most HTTP connections served at once (each holds a thread).
-    pub max_conns: usize,
+    pub(crate) max_conns: usize,
     /// PEM bundle of CA certificates for HTTPS tasks, instead of the system or bundled roots.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// The SMTP relay for MAIL_TO, when `--smtp_server` is given.
-    pub smtp: Option<SmtpConfig>,
+    pub(crate) smtp: Option<SmtpConfig>,
     /// The Kafka intake, when `--kafka_servers` and `--kafka_topic` are given.
-    pub kafka: Option<KafkaConfig>,
+    pub(crate) kafka: Option<KafkaConfig>,
     /// Zone of the cron schedule (`--tz`, else `TZ`, else UTC).
-    pub tz: chrono_tz::Tz,
+    pub(crate) tz: chrono_tz::Tz,
     /// Log level (`--log`).
     pub log: log::LevelFilter,
 }
@@ -152,16 +154,16 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// An environment lookup: the process's own ([`process_env`]) or one given by a test.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// The process's environment, for [`Env`].
-pub fn process_env(name: &str) -> Option<String> {
+pub(crate) fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
 /// The cron time zone: `given` (from `--tz` or `POULPE_TZ`), else `TZ` from `env`, else UTC; a
 /// leading `:` (`TZ=:Europe/Paris`) is ignored. The error is the name that is not a zone.
-pub fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::Tz, String> {
+pub(crate) fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::Tz, String> {
     let name = given
         .map(str::to_string)
         .or_else(|| env("TZ").filter(|s| !s.is_empty()))
@@ -292,7 +294,7 @@ impl Config {
     }
 
     /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too.
-    pub fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
         use flags::*;
         let raw = Raw::collect(args, env)?;
         // Checked in this order, so the first bad value named is always the same one.

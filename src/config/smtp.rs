@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// How the connection to the relay is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Security {
+pub(crate) enum Security {
     /// No TLS (`--starttls` and `--smtp_tls` absent).
     Plain,
     /// STARTTLS required (`--starttls`).
@@ -15,19 +15,19 @@ pub enum Security {
 
 /// The relay settings from the flags.
 #[derive(Clone)]
-pub struct SmtpConfig {
+pub(crate) struct SmtpConfig {
     /// Relay host name (`--smtp_server`), also the name its certificate must match.
-    pub server: String,
+    pub(crate) server: String,
     /// Relay port (`--smtp_port`, or the default of the security mode).
-    pub port: u16,
+    pub(crate) port: u16,
     /// AUTH user and password, when a name is given.
-    pub auth: Option<(String, String)>,
+    pub(crate) auth: Option<(String, String)>,
     /// Plain, STARTTLS or implicit TLS.
-    pub security: Security,
+    pub(crate) security: Security,
     /// Default sender when a task gives no `from_addr`.
-    pub from: Option<String>,
+    pub(crate) from: Option<String>,
     /// Extra CA certificates (PEM) trusted for the relay.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SmtpConfig {

@@ -17,7 +17,7 @@ const SYSTEM_BUNDLES: &[&str] = &[
 ];
 
 /// The HTTP executor.
-pub struct HttpExec {
+pub(crate) struct HttpExec {
     agent: Agent,
 }
 
@@ -52,7 +52,7 @@ fn root_certs(ca_file: Option<&Path>) -> RootCerts {
 
 impl HttpExec {
     /// Builds the agent; `workers` bounds the idle connections kept per host.
-    pub fn new(workers: usize, ca_file: Option<&Path>) -> HttpExec {
+    pub(crate) fn new(workers: usize, ca_file: Option<&Path>) -> HttpExec {
         let config = Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
@@ -71,7 +71,7 @@ impl HttpExec {
     }
 
     /// One GET or POST attempt; 2xx is success and the body is the output.
-    pub fn run(&self, task: &Task, timeout: Duration) -> RunResult {
+    pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
         let sent = match task.method {
             Method::Post => self
                 .agent

@@ -57,7 +57,7 @@ const MAX_TIMEOUT_POOLS: usize = 8;
 
 /// The MAIL_TO executor: one pooled SMTP transport shared by all workers, plus one per distinct
 /// per-task `timeout` (lettre sets timeouts per transport, not per mail).
-pub struct MailExec {
+pub(crate) struct MailExec {
     transport: SmtpTransport,
     default_timeout: Duration,
     builder: SmtpTransportBuilder,
@@ -66,7 +66,11 @@ pub struct MailExec {
 
 impl MailExec {
     /// Builds the transport; fails on an unreadable CA file.
-    pub fn new(cfg: &SmtpConfig, workers: usize, timeout: Duration) -> Result<MailExec, MailError> {
+    pub(crate) fn new(
+        cfg: &SmtpConfig,
+        workers: usize,
+        timeout: Duration,
+    ) -> Result<MailExec, MailError> {
         let mut b = SmtpTransport::builder_dangerous(cfg.server.as_str())
             .port(cfg.port)
             .timeout(Some(timeout))
@@ -117,7 +121,7 @@ impl MailExec {
 
     /// Sends one mail; a 5xx answer is permanent (dead at once), anything else may be retried.
     /// `timeout` bounds each network step (connect, each read and write).
-    pub fn run(&self, task: &Task, timeout: Duration) -> RunResult {
+    pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
         let params: MailParams = match serde_json::from_str(&task.params) {
             Ok(p) => p,
             Err(e) => {

@@ -1,35 +1,35 @@
 //! Executors: run one attempt of a task and say how it went. They never panic and never retry;
 //! the outcome stage decides what happens next.
 
-pub mod http;
-pub mod mail;
-pub mod program;
-pub mod resolve;
+pub(crate) mod http;
+pub(crate) mod mail;
+pub(crate) mod program;
+pub(crate) mod resolve;
 
 use crate::task::{ExecPolicy, Method, Task};
 use std::time::Duration;
 
 /// Most output kept from one attempt.
-pub const MAX_OUTPUT: usize = 64 * 1024;
+pub(crate) const MAX_OUTPUT: usize = 64 * 1024;
 /// Most output kept per attempt in the attempt history (dead-letter records).
-pub const EXCERPT_LEN: usize = 1024;
+pub(crate) const EXCERPT_LEN: usize = 1024;
 
 /// What one attempt produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunResult {
-    pub ok: bool,
+pub(crate) struct RunResult {
+    pub(crate) ok: bool,
     /// HTTP status or exit code.
-    pub code: Option<i64>,
-    pub output: String,
+    pub(crate) code: Option<i64>,
+    pub(crate) output: String,
     /// Why it failed; empty on success.
-    pub error: String,
+    pub(crate) error: String,
     /// A failure that no retry can fix (e.g. a mail server's 5xx): dead at once.
-    pub permanent: bool,
+    pub(crate) permanent: bool,
 }
 
 impl RunResult {
     /// A failed attempt with no output.
-    pub fn failed(error: impl Into<String>) -> RunResult {
+    pub(crate) fn failed(error: impl Into<String>) -> RunResult {
         RunResult {
             ok: false,
             code: None,
@@ -41,17 +41,17 @@ impl RunResult {
 }
 
 /// What executors share: the HTTP agent and the EXEC rules.
-pub struct Executors {
-    pub http: http::HttpExec,
+pub(crate) struct Executors {
+    pub(crate) http: http::HttpExec,
     /// Present when `--smtp_server` is set.
-    pub mail: Option<mail::MailExec>,
-    pub exec: ExecPolicy,
-    pub default_timeout: Duration,
+    pub(crate) mail: Option<mail::MailExec>,
+    pub(crate) exec: ExecPolicy,
+    pub(crate) default_timeout: Duration,
 }
 
 impl Executors {
     /// Runs one attempt.
-    pub fn run(&self, task: &Task) -> RunResult {
+    pub(crate) fn run(&self, task: &Task) -> RunResult {
         let timeout = task
             .timeout
             .map(Duration::from_secs)
@@ -71,7 +71,7 @@ impl Executors {
 }
 
 /// Keeps at most `max` bytes (on a character boundary), marking the cut.
-pub fn cap_text(bytes: &[u8], max: usize, cut: bool) -> String {
+pub(crate) fn cap_text(bytes: &[u8], max: usize, cut: bool) -> String {
     let text = String::from_utf8_lossy(bytes);
     if text.len() <= max && !cut {
         return text.into_owned();

@@ -79,7 +79,7 @@ impl Drop for Registered {
 
 /// Kills the process groups of every program still running (at the end of a shutdown whose
 /// grace ran out: their tasks run again at the next start). Returns how many.
-pub fn kill_running() -> usize {
+pub(crate) fn kill_running() -> usize {
     let groups = RUNNING.lock().clone();
     for &g in &groups {
         kill_group(g);
@@ -96,7 +96,7 @@ fn kill_group(pgid: u32) {
 }
 
 /// One EXEC attempt: exit code 0 is success; stdout then stderr is the output.
-pub fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
+pub(crate) fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
     let (path, arg0) = match program(task, policy) {
         Ok(p) => p,
         Err(e) => {

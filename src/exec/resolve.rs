@@ -18,7 +18,7 @@ const MAX_NAMES: usize = 1024;
 
 /// Resolves IP literals directly and caches host names for [`TTL`].
 #[derive(Debug, Default)]
-pub struct CachingResolver {
+pub(crate) struct CachingResolver {
     inner: DefaultResolver,
     names: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
 }

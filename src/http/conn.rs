@@ -23,7 +23,7 @@ const LINGER_BYTES: usize = 4 << 20;
 /// closes; the others close it without a word.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum RequestError {
+pub(crate) enum RequestError {
     /// The client closed the connection, or it broke.
     Closed,
     /// Nothing arrived between requests within the idle time.
@@ -62,7 +62,7 @@ pub enum RequestError {
 
 impl RequestError {
     /// The status to answer with, or `None` to close without an answer.
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         Some(match self {
             RequestError::Closed | RequestError::Idle => return None,
             RequestError::HeadTimeout | RequestError::BodyTimeout => 408,
@@ -153,7 +153,7 @@ enum Until {
 }
 
 /// A connection and the bytes read from it but not used yet (pipelined requests).
-pub struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
@@ -165,7 +165,7 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps an accepted connection: write timeout and receive timeout set to the idle time.
-    pub fn new(stream: TcpStream, limits: Limits) -> Conn {
+    pub(crate) fn new(stream: TcpStream, limits: Limits) -> Conn {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(limits.idle));
         let peer = stream.peer_addr().ok();
@@ -181,7 +181,7 @@ impl Conn {
 
     /// Serves requests until the connection ends (or is handed over by an upgrade). `on_upgrade`
     /// runs before the handover: the connection no longer counts as an HTTP one.
-    pub fn serve(mut self, handler: &dyn Handler, on_upgrade: impl FnOnce()) {
+    pub(crate) fn serve(mut self, handler: &dyn Handler, on_upgrade: impl FnOnce()) {
         loop {
             let req = match self.read_request() {
                 Ok(r) => r,
@@ -251,7 +251,7 @@ impl Conn {
     }
 
     /// Reads one whole request.
-    pub fn read_request(&mut self) -> Result<Request, RequestError> {
+    pub(crate) fn read_request(&mut self) -> Result<Request, RequestError> {
         let mut req = self.read_head()?;
         let framing = framing(&req)?;
         if let Some(expect) = req.header("expect") {
@@ -356,7 +356,6 @@ impl Conn {
                 })
                 .collect(),
             body: Vec::new(),
-            peer: self.peer,
         };
         self.consume(used);
         if req.version == 1

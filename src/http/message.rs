@@ -2,10 +2,10 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 
 /// Decodes `%XX` escapes; `None` for bad escapes or bad UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -23,7 +23,7 @@ pub fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// The value of `name` in a query string (`a=1&b=2`), undecoded.
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -37,13 +37,12 @@ pub struct Request {
     /// As sent (`GET`, `POST`, ...): methods are case-sensitive.
     pub method: String,
     /// The request target as sent: path and query.
-    pub target: String,
+    pub(crate) target: String,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub version: u8,
+    pub(crate) version: u8,
     /// Header fields in order; names as sent (compare without case), values lossily UTF-8.
-    pub headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    pub peer: Option<SocketAddr>,
 }
 
 impl Request {
@@ -66,7 +65,7 @@ impl Request {
     }
 
     /// True when a `Connection` field lists `token` (any case).
-    pub fn connection_has(&self, token: &str) -> bool {
+    pub(crate) fn connection_has(&self, token: &str) -> bool {
         self.headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
@@ -75,14 +74,14 @@ impl Request {
     }
 
     /// True for a WebSocket upgrade request (`Upgrade: websocket` and `Connection: upgrade`).
-    pub fn is_websocket_upgrade(&self) -> bool {
+    pub(crate) fn is_websocket_upgrade(&self) -> bool {
         self.header("upgrade")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
             && self.connection_has("upgrade")
     }
 
     /// Whether the client keeps the connection open after this exchange (RFC 9112 §9.3).
-    pub fn keep_alive(&self) -> bool {
+    pub(crate) fn keep_alive(&self) -> bool {
         if self.version == 0 {
             self.connection_has("keep-alive")
         } else {
@@ -95,16 +94,16 @@ impl Request {
 /// `Connection` are added when it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    pub code: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
+    pub(crate) code: u16,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: Vec<u8>,
     /// Close the connection after this answer.
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 impl Response {
     /// A JSON answer.
-    pub fn json(code: u16, body: &serde_json::Value) -> Response {
+    pub(crate) fn json(code: u16, body: &serde_json::Value) -> Response {
         Response {
             code,
             headers: vec![("Content-Type", "application/json".to_string())],
@@ -114,7 +113,7 @@ impl Response {
     }
 
     /// poulpe's error answer: `{"result":"Fail","reason":...}` with `code`.
-    pub fn fail(code: u16, reason: impl fmt::Display) -> Response {
+    pub(crate) fn fail(code: u16, reason: impl fmt::Display) -> Response {
         Response::json(
             code,
             &serde_json::json!({"result": "Fail", "reason": reason.to_string()}),
@@ -132,20 +131,14 @@ impl Response {
     }
 
     /// Adds a header field.
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
-        self
-    }
-
-    /// Marks the answer as the connection's last.
-    pub fn closing(mut self) -> Response {
-        self.close = true;
         self
     }
 
     /// The bytes on the wire. `head_only` leaves the body out (an answer to `HEAD`); `close`
     /// adds `Connection: close`, `keep_alive_10` adds `Connection: keep-alive` (HTTP/1.0).
-    pub fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
+    pub(crate) fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(self.code.to_string().as_bytes());
@@ -183,7 +176,7 @@ impl Response {
 
 /// Takes over an upgraded connection (a WebSocket): the socket and any bytes the client sent
 /// after the request head.
-pub type Upgrade = Box<dyn FnOnce(TcpStream, Vec<u8>) + Send>;
+pub(crate) type Upgrade = Box<dyn FnOnce(TcpStream, Vec<u8>) + Send>;
 
 /// What a handler gives back.
 pub enum Reply {
@@ -262,7 +255,6 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             body: Vec::new(),
-            peer: None,
         }
     }
 

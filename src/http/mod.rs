@@ -15,23 +15,24 @@
 //! | [`conn`] | one connection: request heads and bodies off the wire, answers onto it |
 //! | [`message`] | the [`Request`], [`Response`] and [`Reply`] types |
 
-pub mod conn;
-pub mod message;
-pub mod server;
+pub(crate) mod conn;
+pub(crate) mod message;
+pub(crate) mod server;
 
-pub use message::{percent_decode, query_param, Reply, Request, Response, Upgrade};
+pub(crate) use message::{percent_decode, query_param};
+pub use message::{Reply, Request, Response};
 pub use server::{listen, Listening};
 
 use std::time::Duration;
 
 /// How long a request head (request line and headers) may take to arrive from its first byte.
-pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest request line (the method, target and version), in bytes; longer gets 414.
-pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+pub(crate) const MAX_REQUEST_LINE: usize = 8 * 1024;
 /// Most bytes of header fields in one request; more gets 431.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Most header fields in one request; more gets 431.
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// What a connection may send and how long it may take.
 #[derive(Clone, Copy, Debug)]

@@ -100,7 +100,7 @@ impl ProducerContext for Ctx {
 }
 
 /// Produces final results to the result topic.
-pub struct Replier {
+pub(crate) struct Replier {
     producer: BaseProducer<Ctx>,
     topic: String,
     /// Set at shutdown: the poll thread ends.
@@ -117,7 +117,7 @@ fn base_config(cfg: &KafkaConfig) -> ClientConfig {
 
 impl Replier {
     /// Creates the producer and its poll thread; `None` without a result topic.
-    pub fn start(
+    pub(crate) fn start(
         cfg: &KafkaConfig,
         status: Arc<KafkaStatus>,
     ) -> Result<Option<Arc<Replier>>, KafkaError> {
@@ -149,7 +149,7 @@ impl Replier {
     }
 
     /// The producer's poll thread as a stage: stopping it flushes queued results first.
-    pub fn stage(self: &Arc<Self>) -> crate::stage::Stage {
+    pub(crate) fn stage(self: &Arc<Self>) -> crate::stage::Stage {
         let r = self.clone();
         let threads = self.thread.lock().take().into_iter().collect();
         crate::stage::Stage::new(
@@ -182,7 +182,7 @@ impl Replier {
     }
 
     /// Waits (bounded) for queued results to leave, at shutdown.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             log::warn!("kafka: results still queued at shutdown: {e}");
         }
@@ -198,14 +198,14 @@ impl Forward for Replier {
 }
 
 /// What the poll thread submits through and where invalid messages go.
-pub struct Feed {
-    pub submitter: Submitter,
+pub(crate) struct Feed {
+    pub(crate) submitter: Submitter,
     /// `<dead>/invalid`.
-    pub invalid_dir: std::path::PathBuf,
+    pub(crate) invalid_dir: std::path::PathBuf,
 }
 
 /// Starts the poll thread.
-pub fn start(
+pub(crate) fn start(
     feed: Feed,
     cfg: KafkaConfig,
     status: Arc<KafkaStatus>,

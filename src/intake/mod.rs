@@ -3,7 +3,7 @@
 
 pub mod http;
 #[cfg(feature = "kafka")]
-pub mod kafka;
+pub(crate) mod kafka;
 pub mod ws;
 
 use crate::clock::now_us;
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 /// Why nothing was accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     /// A task failed validation; `index` is its place in an array submission.
     Invalid {
         index: Option<usize>,
@@ -62,7 +62,7 @@ impl std::error::Error for SubmitError {}
 
 /// Where a submission comes from; decides trust and where results also go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// HTTP or WebSocket clients.
     Network,
     /// The operator's cron file: EXEC needs no `--exec_dir`.
@@ -73,9 +73,9 @@ pub enum Origin {
 
 /// What was accepted: the ids in submission order and the longest `wait` asked for.
 #[derive(Debug, Clone)]
-pub struct Accepted {
-    pub ids: Vec<String>,
-    pub wait: u64,
+pub(crate) struct Accepted {
+    pub(crate) ids: Vec<String>,
+    pub(crate) wait: u64,
 }
 
 /// The one way in, and the one way out before a task starts (cancel), as a cheap cloneable
@@ -108,7 +108,7 @@ impl Gate {
 }
 
 impl Submitter {
-    pub fn new(
+    pub(crate) fn new(
         limits: Limits,
         store: Arc<dyn Store>,
         pool: Arc<Pool>,
@@ -126,24 +126,24 @@ impl Submitter {
     }
 
     /// The validation limits (the cron file is checked against them too).
-    pub fn limits(&self) -> &Limits {
+    pub(crate) fn limits(&self) -> &Limits {
         &self.0.limits
     }
 
     /// False once shutdown has begun.
-    pub fn accepting(&self) -> bool {
+    pub(crate) fn accepting(&self) -> bool {
         self.0.accepting.load(Ordering::Acquire)
     }
 
     /// Refuses every later submit (shutdown).
-    pub fn refuse_new(&self) {
+    pub(crate) fn refuse_new(&self) {
         self.0.accepting.store(false, Ordering::Release);
     }
 
     /// Validates all tasks (all or nothing), stores them durably, calls `on_durable` with the
     /// accepted ids (so a caller can register for results before any can finish), then hands
     /// them to the dispatcher or the timer.
-    pub fn submit(
+    pub(crate) fn submit(
         &self,
         values: &[Value],
         origin: Origin,
@@ -192,7 +192,7 @@ impl Submitter {
     /// free is accepted, the others are refused alone (a WebSocket frame acks each task).
     /// `on_durable` gets the accepted ids before any can finish. One answer per value, in order:
     /// the task's id, or why it was refused.
-    pub fn submit_each(
+    pub(crate) fn submit_each(
         &self,
         values: &[Value],
         origin: Origin,
@@ -262,7 +262,7 @@ impl Submitter {
     }
 
     /// Cancels a task that has not started: out of the store, then out of its worker's queue.
-    pub fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
+    pub(crate) fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
         let answer = self.0.store.cancel(id)?;
         if answer == Cancel::Cancelled {
             self.0.pool.remove(id);
@@ -273,7 +273,7 @@ impl Submitter {
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
     for i in 0..a.len().max(b.len()) {
         diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);

@@ -30,18 +30,18 @@ fn refuse(code: u16, reason: &str) -> Reply {
 
 /// The WebSocket endpoint: what its connections need, and how many are open.
 pub struct WebSockets {
-    pub submitter: Submitter,
-    pub answers: Answers,
+    pub(crate) submitter: Submitter,
+    pub(crate) answers: Answers,
     /// `--token` (header or `?token=`).
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// `--max_ws`: most open connections.
-    pub max_open: usize,
+    pub(crate) max_open: usize,
     /// `--max_body`: largest frame.
-    pub max_frame: usize,
+    pub(crate) max_frame: usize,
     /// `--ws_idle`: a connection with no input for this long is closed.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Connections open now.
-    pub open: AtomicUsize,
+    pub(crate) open: AtomicUsize,
     /// Rings once at shutdown: every connection says goodbye and closes.
     stopping: Bell,
 }
@@ -58,7 +58,7 @@ impl Drop for Open {
 impl WebSockets {
     /// Checks the token (header or `?token=`), the connection cap and the handshake; the
     /// answer is the `101` and the connection's session.
-    pub fn accept(self: &Arc<Self>, req: &Request, query: &str) -> Reply {
+    pub(crate) fn accept(self: &Arc<Self>, req: &Request, query: &str) -> Reply {
         if let Some(token) = &self.token {
             let from_header = req
                 .header("authorization")

@@ -14,7 +14,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
 
 /// [`run`] with an explicit environment lookup. The zone is found as the server finds it:
 /// `--tz`, else `POULPE_TZ`, else `TZ`, else UTC.
-pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
+pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let mut pargs = pico_args::Arguments::from_vec(args);
     let tz_name: Option<String> = match pargs.opt_value_from_str(flags::TZ.key) {
         Ok(v) => v,
@@ -35,7 +35,7 @@ pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         eprintln!("usage: poulpe cron-check FILE [--tz ZONE] [-n N]");
         return 2;
     };
-    let tz_name = tz_name.or_else(|| flags::TZ.from_env(env));
+    let tz_name = tz_name.or_else(|| flags::TZ.env_value(env));
     let tz = match time_zone(tz_name.as_deref(), env) {
         Ok(z) => z,
         Err(tz_name) => {
@@ -48,7 +48,7 @@ pub fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         workers: usize::MAX,
         exec: ExecPolicy::Any,
         mail_enabled: true,
-        mail_from: flags::SMTP_FROM.from_env(env),
+        mail_from: flags::SMTP_FROM.env_value(env),
     };
     let path = PathBuf::from(file);
     match parse_file(&path, &limits, tz) {

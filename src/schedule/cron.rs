@@ -19,25 +19,25 @@ const TIME_FIELDS: usize = 7;
 
 /// One scheduled line.
 #[derive(Clone, Debug)]
-pub struct CronLine {
+pub(crate) struct CronLine {
     /// 1-based line number in the file.
-    pub line: usize,
+    pub(crate) line: usize,
     /// Stable for an unchanged line: part of every firing's task id.
-    pub key: String,
+    pub(crate) key: String,
     /// The seven time fields as written (single spaces).
-    pub expr: String,
-    pub schedule: Schedule,
-    pub name: String,
-    pub method: Method,
-    pub params: String,
+    pub(crate) expr: String,
+    pub(crate) schedule: Schedule,
+    pub(crate) name: String,
+    pub(crate) method: Method,
+    pub(crate) params: String,
 }
 
 /// A bad line (or an unreadable file): `FILE:LINE: reason`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CronError {
-    pub file: String,
-    pub line: usize,
-    pub reason: String,
+    pub(crate) file: String,
+    pub(crate) line: usize,
+    pub(crate) reason: String,
 }
 
 impl fmt::Display for CronError {
@@ -60,7 +60,7 @@ fn stable_key(text: &str) -> String {
 
 impl CronLine {
     /// The task JSON of the firing at unix second `at`.
-    pub fn task_json(&self, at: i64) -> Value {
+    pub(crate) fn task_json(&self, at: i64) -> Value {
         json!({
             "id": self.firing_id(at),
             "method": self.method.as_str(),
@@ -70,18 +70,18 @@ impl CronLine {
     }
 
     /// `cron-<line key>-<unix time>`: the same firing always has the same id.
-    pub fn firing_id(&self, at: i64) -> String {
+    pub(crate) fn firing_id(&self, at: i64) -> String {
         format!("cron-{}-{at}", self.key)
     }
 
     /// The first fire time strictly after unix second `after`, in zone `tz`.
-    pub fn next_after(&self, after: i64, tz: Tz) -> Option<i64> {
+    pub(crate) fn next_after(&self, after: i64, tz: Tz) -> Option<i64> {
         let from = tz.timestamp_opt(after, 0).single()?;
         self.schedule.after(&from).next().map(|t| t.timestamp())
     }
 
     /// The next `n` fire times after `after`.
-    pub fn upcoming(&self, after: DateTime<Utc>, tz: Tz, n: usize) -> Vec<DateTime<Tz>> {
+    pub(crate) fn upcoming(&self, after: DateTime<Utc>, tz: Tz, n: usize) -> Vec<DateTime<Tz>> {
         self.schedule
             .after(&after.with_timezone(&tz))
             .take(n)
@@ -89,7 +89,7 @@ impl CronLine {
     }
 
     /// The last fire time in `(after, until]`, scanning at most `limit` fire times.
-    pub fn last_between(&self, after: i64, until: i64, tz: Tz, limit: usize) -> Option<i64> {
+    pub(crate) fn last_between(&self, after: i64, until: i64, tz: Tz, limit: usize) -> Option<i64> {
         let from = tz.timestamp_opt(after, 0).single()?;
         let mut last = None;
         for t in self.schedule.after(&from).take(limit) {
@@ -139,7 +139,7 @@ fn check_ranges(fields: &[&str]) -> Result<(), String> {
 }
 
 /// Reads and checks a cron file.
-pub fn parse_file(path: &Path, limits: &Limits, tz: Tz) -> Result<Vec<CronLine>, CronError> {
+pub(crate) fn parse_file(path: &Path, limits: &Limits, tz: Tz) -> Result<Vec<CronLine>, CronError> {
     let label = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| CronError {
         file: label.clone(),
@@ -150,7 +150,7 @@ pub fn parse_file(path: &Path, limits: &Limits, tz: Tz) -> Result<Vec<CronLine>,
 }
 
 /// Checks every line; the first bad one is the error.
-pub fn parse_text(
+pub(crate) fn parse_text(
     file: &str,
     text: &str,
     limits: &Limits,

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 /// Commands for the cron thread.
-pub enum CronCmd {
+pub(crate) enum CronCmd {
     Reload,
     Stop,
 }
@@ -27,21 +27,21 @@ const CATCHUP_SCAN: usize = 10_000_000;
 
 /// One line as `/sys_info` shows it.
 #[derive(Clone, Debug, Serialize)]
-pub struct LineStatus {
-    pub line: usize,
-    pub expr: String,
-    pub name: String,
-    pub method: String,
+pub(crate) struct LineStatus {
+    pub(crate) line: usize,
+    pub(crate) expr: String,
+    pub(crate) name: String,
+    pub(crate) method: String,
     /// Unix seconds of the next firing.
-    pub next: Option<i64>,
+    pub(crate) next: Option<i64>,
     /// Unix seconds of the last firing by this process (or caught up).
-    pub last: Option<i64>,
+    pub(crate) last: Option<i64>,
     /// Task id of the last firing.
-    pub last_id: Option<String>,
+    pub(crate) last_id: Option<String>,
 }
 
 /// Shared view of the schedule for `/sys_info`.
-pub type CronStatus = Arc<Mutex<Vec<LineStatus>>>;
+pub(crate) type CronStatus = Arc<Mutex<Vec<LineStatus>>>;
 
 struct Entry {
     line: CronLine,
@@ -51,16 +51,16 @@ struct Entry {
 
 /// What the cron thread needs: where firings go, where fire times are kept, the zone of the
 /// schedule and where it shows it.
-pub struct CronDeps {
-    pub submitter: Submitter,
+pub(crate) struct CronDeps {
+    pub(crate) submitter: Submitter,
     /// Last fire times (catch-up) and finished firings (never twice).
-    pub store: Arc<dyn Store>,
-    pub tz: Tz,
-    pub status: CronStatus,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) tz: Tz,
+    pub(crate) status: CronStatus,
 }
 
 /// Starts the cron thread for the already-checked `lines`.
-pub fn start(
+pub(crate) fn start(
     app: CronDeps,
     path: PathBuf,
     lines: Vec<CronLine>,

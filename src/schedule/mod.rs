@@ -1,6 +1,6 @@
 //! Time-driven stages: the timer that releases delayed and retry-waiting tasks, and cron.
 
 pub mod check;
-pub mod cron;
-pub mod cron_runner;
-pub mod timer;
+pub(crate) mod cron;
+pub(crate) mod cron_runner;
+pub(crate) mod timer;

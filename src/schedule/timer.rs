@@ -22,13 +22,13 @@ enum Cmd {
 
 /// Handle to the timer thread.
 #[derive(Clone)]
-pub struct Timer {
+pub(crate) struct Timer {
     tx: Sender<Cmd>,
 }
 
 impl Timer {
     /// Starts the timer thread.
-    pub fn start(
+    pub(crate) fn start(
         store: Arc<dyn Store>,
         pool: Arc<Pool>,
     ) -> std::io::Result<(Timer, JoinHandle<()>)> {
@@ -38,7 +38,7 @@ impl Timer {
     }
 
     /// Releases task `id` at unix time `due_us` (at once if that has passed).
-    pub fn schedule(&self, id: Arc<str>, due_us: u64) {
+    pub(crate) fn schedule(&self, id: Arc<str>, due_us: u64) {
         if self.tx.send(Cmd::At(due_us, id)).is_err() {
             log::warn!("timer: stopped; a waiting task stays in the store for the next start");
         }
@@ -46,14 +46,14 @@ impl Timer {
 
     /// Releases many tasks at their times: one message, and the heap built in one go
     /// (recovery hands over a million at start).
-    pub fn schedule_all(&self, items: Vec<(Arc<str>, u64)>) {
+    pub(crate) fn schedule_all(&self, items: Vec<(Arc<str>, u64)>) {
         if self.tx.send(Cmd::Many(items)).is_err() {
             log::warn!("timer: stopped; waiting tasks stay in the store for the next start");
         }
     }
 
     /// Stops the thread; waiting tasks stay in the store.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let _ = self.tx.send(Cmd::Stop);
     }
 }

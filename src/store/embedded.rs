@@ -53,9 +53,9 @@ const COMPACT_FROM_BYTES: u64 = 16 * 1024 * 1024;
 /// Most writes folded into one journal record.
 const MAX_BATCH: usize = 4096;
 
-/// Longest time a write stays only in the journal (and in memory), unless told otherwise
-/// (`--checkpoint_ms`).
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// The tests' `--checkpoint_ms`.
+#[cfg(test)]
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// A checkpoint comes sooner once this many writes are pending...
 const CHECKPOINT_OPS: usize = 50_000;
 /// ... or this many bytes.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 /// An id that [`LiveIndex::reserve`] refused: already taken, or repeated in the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DuplicateId(pub String);
+pub(crate) struct DuplicateId(pub String);
 
 /// State of an entry; `Reserved` while its insert is being made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,13 +22,13 @@ enum Entry {
 /// than SipHash on ids (the index is rebuilt with every unfinished task at start) and still
 /// seeded, so clients cannot precompute colliding ids.
 #[derive(Default)]
-pub struct LiveIndex {
+pub(crate) struct LiveIndex {
     map: Mutex<HashMap<Arc<str>, Entry, foldhash::fast::RandomState>>,
 }
 
 impl LiveIndex {
     /// Reserves new ids (all or none); the error names the first one already taken or repeated.
-    pub fn reserve(&self, items: &[(&str, State)]) -> Result<(), DuplicateId> {
+    pub(crate) fn reserve(&self, items: &[(&str, State)]) -> Result<(), DuplicateId> {
         let mut map = self.map.lock();
         for (i, (id, _)) in items.iter().enumerate() {
             if map.contains_key(*id) || items[..i].iter().any(|(other, _)| other == id) {
@@ -42,7 +42,7 @@ impl LiveIndex {
     }
 
     /// Makes reserved ids live once they are durable.
-    pub fn commit(&self, ids: &[&str]) {
+    pub(crate) fn commit(&self, ids: &[&str]) {
         let mut map = self.map.lock();
         for id in ids {
             if let Some(e) = map.get_mut(*id) {
@@ -54,7 +54,7 @@ impl LiveIndex {
     }
 
     /// Drops reservations whose insert failed.
-    pub fn release(&self, ids: &[&str]) {
+    pub(crate) fn release(&self, ids: &[&str]) {
         let mut map = self.map.lock();
         for id in ids {
             if matches!(map.get(*id), Some(Entry::Reserved(_))) {
@@ -65,7 +65,7 @@ impl LiveIndex {
 
     /// Inserts recovered ids directly as live, under one lock and with room made once
     /// (a million recovered tasks would otherwise rehash the map twenty times).
-    pub fn restore(&self, items: impl ExactSizeIterator<Item = (Arc<str>, State)>) {
+    pub(crate) fn restore(&self, items: impl ExactSizeIterator<Item = (Arc<str>, State)>) {
         let mut map = self.map.lock();
         map.reserve(items.len());
         for (id, state) in items {
@@ -74,7 +74,7 @@ impl LiveIndex {
     }
 
     /// Moves `id` from one of `from` to `to`; false when it is not in one of them.
-    pub fn transition(&self, id: &str, from: &[State], to: State) -> bool {
+    pub(crate) fn transition(&self, id: &str, from: &[State], to: State) -> bool {
         let mut map = self.map.lock();
         match map.get_mut(id) {
             Some(e @ Entry::Live(_)) => {
@@ -91,19 +91,19 @@ impl LiveIndex {
     }
 
     /// Sets the state of a live id (no-op when it is gone).
-    pub fn set(&self, id: &str, state: State) {
+    pub(crate) fn set(&self, id: &str, state: State) {
         if let Some(e) = self.map.lock().get_mut(id) {
             *e = Entry::Live(state);
         }
     }
 
     /// Forgets a finished id.
-    pub fn remove(&self, id: &str) {
+    pub(crate) fn remove(&self, id: &str) {
         self.map.lock().remove(id);
     }
 
     /// Removes a task that has not started; returns its state to put back if the delete fails.
-    pub fn cancel(&self, id: &str) -> Result<State, Cancel> {
+    pub(crate) fn cancel(&self, id: &str) -> Result<State, Cancel> {
         let mut map = self.map.lock();
         match map.get(id) {
             Some(Entry::Live(State::Running)) => Err(Cancel::Running),
@@ -118,12 +118,12 @@ impl LiveIndex {
     }
 
     /// Puts back an entry whose cancel could not be made durable.
-    pub fn uncancel(&self, id: &str, state: State) {
+    pub(crate) fn uncancel(&self, id: &str, state: State) {
         self.map.lock().insert(Arc::from(id), Entry::Live(state));
     }
 
     /// The state of a live id.
-    pub fn status(&self, id: &str) -> Option<State> {
+    pub(crate) fn status(&self, id: &str) -> Option<State> {
         match self.map.lock().get(id) {
             Some(Entry::Live(s)) => Some(*s),
             _ => None,
@@ -131,7 +131,7 @@ impl LiveIndex {
     }
 
     /// Ids per state, lists capped at `cap`.
-    pub fn summary(&self, cap: usize) -> Summary {
+    pub(crate) fn summary(&self, cap: usize) -> Summary {
         let map = self.map.lock();
         let mut s = Summary::default();
         for (id, e) in map.iter() {

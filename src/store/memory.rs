@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Plain maps behind one lock.
 #[derive(Default)]
-pub struct MemoryBackend {
+pub(crate) struct MemoryBackend {
     inner: Mutex<Tables>,
 }
 
@@ -20,10 +20,10 @@ struct Tables {
 }
 
 /// A store that forgets everything when dropped.
-pub type MemoryStore = LocalStore<MemoryBackend>;
+pub(crate) type MemoryStore = LocalStore<MemoryBackend>;
 
 /// Makes an empty in-memory store.
-pub fn open() -> MemoryStore {
+pub(crate) fn open() -> MemoryStore {
     LocalStore::new(MemoryBackend::default())
 }
 

@@ -3,13 +3,13 @@
 //! A store keeps unfinished tasks and final results. It answers the questions two threads (or,
 //! later, two nodes) could race on — is this id taken, who claims this task — with a yes or no.
 
-pub mod embedded;
-pub mod journal;
-pub mod live;
-pub mod local;
+pub(crate) mod embedded;
+pub(crate) mod journal;
+pub(crate) mod live;
+pub(crate) mod local;
 #[cfg(test)]
-pub mod memory;
-pub mod pending;
+pub(crate) mod memory;
+pub(crate) mod pending;
 pub mod redis;
 
 use crate::task::TaskResult;
@@ -42,7 +42,7 @@ impl std::error::Error for StoreError {}
 
 /// What `cancel` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cancel {
+pub(crate) enum Cancel {
     /// Removed before it started.
     Cancelled,
     /// An attempt is running.
@@ -55,7 +55,7 @@ pub enum Cancel {
 
 /// One change decided after an attempt, written with others in one batch.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub(crate) enum Change {
     /// The task waits for a retry (its `attempts` and `due_us` are updated).
     Retry(Task),
     /// The task is finished; its result stays until `expires_ms`.
@@ -64,25 +64,25 @@ pub enum Change {
 
 /// Ids per state for `/sys_info`, each list capped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Summary {
-    pub running: Vec<String>,
-    pub running_total: usize,
-    pub waiting: Vec<String>,
-    pub waiting_total: usize,
-    pub ready_total: usize,
+pub(crate) struct Summary {
+    pub(crate) running: Vec<String>,
+    pub(crate) running_total: usize,
+    pub(crate) waiting: Vec<String>,
+    pub(crate) waiting_total: usize,
+    pub(crate) ready_total: usize,
 }
 
 /// A task found unfinished at start-up: it is handed to the timer, due at `due_us`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovered {
-    pub id: Arc<str>,
-    pub due_us: u64,
+pub(crate) struct Recovered {
+    pub(crate) id: Arc<str>,
+    pub(crate) due_us: u64,
     /// It was running when the process stopped (it runs again: at least once).
-    pub was_running: bool,
+    pub(crate) was_running: bool,
 }
 
 /// Durable home of tasks and results. Every method is safe to call from any thread.
-pub trait Store: Send + Sync {
+pub(crate) trait Store: Send + Sync {
     /// Short name for `/sys_info` and logs.
     fn name(&self) -> &'static str;
 
@@ -92,6 +92,8 @@ pub trait Store: Send + Sync {
 
     /// Moves a waiting task (delayed or retry-waiting) to ready and returns it, or `None` when
     /// it is no longer waiting (cancelled, or claimed elsewhere): `take_due_many` for one id.
+    /// The server always asks for several (the timer); the tests ask for one.
+    #[cfg(test)]
     fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
         self.take_due_many(&[Arc::from(id)], false)
             .pop()
@@ -159,11 +161,11 @@ pub trait Store: Send + Sync {
 }
 
 /// Most results one `gc` call deletes of each kind (expired, and beyond the count).
-pub const GC_PASS: usize = 10_000;
+pub(crate) const GC_PASS: usize = 10_000;
 
 /// Starts the thread that, every `every`, deletes expired results and keeps at most `keep`.
 /// A pass that found a full batch to delete is followed by another at once.
-pub fn start_gc(
+pub(crate) fn start_gc(
     store: Arc<dyn Store>,
     every: std::time::Duration,
     keep: usize,
@@ -201,11 +203,11 @@ pub fn start_gc(
 
 /// The shared contract tests, run against every implementation.
 #[cfg(test)]
-pub mod contract {
+pub(crate) mod contract {
     use super::*;
     use crate::task::{Method, State, Task};
 
-    pub fn task(id: &str, state: State, due_us: u64) -> Task {
+    pub(crate) fn task(id: &str, state: State, due_us: u64) -> Task {
         Task {
             id: id.to_string(),
             method: Method::Get,
@@ -226,7 +228,7 @@ pub mod contract {
         }
     }
 
-    pub fn result(id: &str) -> TaskResult {
+    pub(crate) fn result(id: &str) -> TaskResult {
         TaskResult {
             id: id.to_string(),
             result: crate::task::Verdict::Ok,
@@ -241,7 +243,7 @@ pub mod contract {
     }
 
     /// Insert, duplicates, claim races, outcomes, cancel, recovery and expiry.
-    pub fn run(store: &dyn Store) {
+    pub(crate) fn run(store: &dyn Store) {
         let now = crate::clock::now_ms();
         store
             .insert(&[task("a", State::Ready, 0), task("b", State::Delayed, 5)])
@@ -362,7 +364,7 @@ pub mod contract {
     }
 
     /// At most `keep` results stay: `gc` drops the oldest beyond it, newest kept.
-    pub fn result_cap(store: &dyn Store) {
+    pub(crate) fn result_cap(store: &dyn Store) {
         let now = crate::clock::now_ms();
         for i in 0..25 {
             let id = format!("cap{i}");
@@ -393,7 +395,7 @@ pub mod contract {
     }
 
     /// Results expire: by `gc` (single-node stores) or by the store itself (`by_gc` false).
-    pub fn expiry(store: &dyn Store, by_gc: bool) {
+    pub(crate) fn expiry(store: &dyn Store, by_gc: bool) {
         let now = crate::clock::now_ms();
         store
             .insert(&[task("x1", State::Ready, 0)])

@@ -111,8 +111,8 @@ end
 return 'unknown'
 ";
 
-/// Forgets results that expired (Redis deleted their keys by itself) and, beyond ARGV[3]
-/// results, deletes the ones closest to expiry, at most ARGV[4] of them; answers how many
+/// Forgets results that expired (Redis deleted their keys by itself) and, beyond `ARGV[3]`
+/// results, deletes the ones closest to expiry, at most `ARGV[4]` of them; answers how many
 /// index entries went.
 const TRIM_RESULTS: &str = r"
 local p, now, keep, pass = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -170,7 +170,7 @@ struct Group {
 }
 
 /// The Redis store.
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     pool: r2d2::Pool<Client>,
     prefix: String,
     inserts: Sender<Group>,
@@ -224,7 +224,7 @@ pub fn redacted(url: &str) -> String {
 impl RedisStore {
     /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
     /// threads.
-    pub fn open(url: &str, prefix: &str, wait: Duration) -> Result<RedisStore, StoreError> {
+    pub(crate) fn open(url: &str, prefix: &str, wait: Duration) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(|e| {
             StoreError::Unavailable(format!("bad Redis URL {}: {e}", redacted(url)))
         })?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// How EXEC tasks that come from the network are allowed to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExecPolicy {
+pub(crate) enum ExecPolicy {
     /// Neither `--exec_dir` nor `--exec_any`: refused.
     Disabled,
     /// Only programs directly inside this directory.
@@ -18,7 +18,7 @@ pub enum ExecPolicy {
 
 /// Why a program may not run: EXEC is disabled, or the name is refused under `--exec_dir`.
 #[derive(Debug)]
-pub enum ProgramError {
+pub(crate) enum ProgramError {
     /// Neither `--exec_dir` nor `--exec_any` is set and the task is not trusted.
     Disabled,
     /// The name holds a NUL byte.
@@ -68,7 +68,7 @@ impl std::error::Error for ProgramError {}
 /// The real path (symlinks resolved) of program `name` in the exec directory `dir`, refused
 /// unless it is a regular file inside the real path of `dir`. Checked at submit and again just
 /// before each run, since a link may change in between.
-pub fn resolve_in_dir(dir: &Path, name: &str) -> Result<PathBuf, ProgramError> {
+pub(crate) fn resolve_in_dir(dir: &Path, name: &str) -> Result<PathBuf, ProgramError> {
     if name.contains('\0') {
         return Err(ProgramError::Nul);
     }

@@ -12,15 +12,15 @@ const MAX_RECIPIENTS: usize = 100;
 
 /// Mail params as stored with the task (sender resolved at submit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailParams {
+pub(crate) struct MailParams {
     /// The sender (the task's, or `--smtp_from`).
-    pub from_addr: String,
+    pub(crate) from_addr: String,
     /// Comma-separated recipients.
-    pub to_addr: String,
+    pub(crate) to_addr: String,
     /// The subject: one line.
-    pub title: String,
+    pub(crate) title: String,
     /// The plain-text body.
-    pub body: String,
+    pub(crate) body: String,
 }
 
 /// What MAIL_TO params must be.
@@ -28,7 +28,7 @@ const SHAPE: &str = "for MAIL_TO must be a JSON object {from_addr,to_addr,title,
 
 /// Validates MAIL_TO params (a JSON object or a JSON string holding one) into stored params.
 /// Errors name the field at fault.
-pub fn parse_params(
+pub(crate) fn parse_params(
     name: &str,
     raw: Option<&Value>,
     default_from: Option<&str>,
@@ -91,7 +91,7 @@ pub fn parse_params(
 }
 
 /// Parses a comma-separated recipient list (at submit, and again when the mail is built).
-pub fn recipients(list: &str) -> Result<Vec<Mailbox>, String> {
+pub(crate) fn recipients(list: &str) -> Result<Vec<Mailbox>, String> {
     let out: Vec<Mailbox> = list
         .split(',')
         .map(str::trim)

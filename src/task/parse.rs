@@ -8,34 +8,34 @@ use serde_json::{Map, Value};
 use std::fmt;
 
 /// Longest accepted id, in bytes.
-pub const MAX_ID_LEN: usize = 200;
+pub(crate) const MAX_ID_LEN: usize = 200;
 /// Longest accepted delay: ten years, so due times never overflow.
-pub const MAX_DELAY_S: u64 = 10 * 365 * 86_400;
+pub(crate) const MAX_DELAY_S: u64 = 10 * 365 * 86_400;
 /// Longest a submit call may block for its result.
-pub const MAX_WAIT_S: u64 = 300;
+pub(crate) const MAX_WAIT_S: u64 = 300;
 /// Longest per-task timeout.
-pub const MAX_TIMEOUT_S: u64 = 86_400;
+pub(crate) const MAX_TIMEOUT_S: u64 = 86_400;
 /// Most retries a task may ask for.
-pub const MAX_RETRY_LIMIT: u32 = 100;
+pub(crate) const MAX_RETRY_LIMIT: u32 = 100;
 /// Longest per-task retry interval.
-pub const MAX_RETRY_INTERVAL_S: u64 = 86_400;
+pub(crate) const MAX_RETRY_INTERVAL_S: u64 = 86_400;
 
 /// What validation needs to know about the server.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Number of workers (`cc` names workers 0 to `workers - 1`).
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Which programs EXEC tasks from the network may run.
-    pub exec: ExecPolicy,
+    pub(crate) exec: ExecPolicy,
     /// MAIL_TO needs a configured relay.
-    pub mail_enabled: bool,
+    pub(crate) mail_enabled: bool,
     /// Sender used when a MAIL_TO task gives none (`--smtp_from`).
-    pub mail_from: Option<String>,
+    pub(crate) mail_from: Option<String>,
 }
 
 /// A submitted task that failed validation; names the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TaskError {
+pub(crate) enum TaskError {
     /// The task is not a JSON object.
     NotAnObject,
     /// A field is missing or wrong.
@@ -70,16 +70,16 @@ impl std::error::Error for TaskError {}
 
 /// A validated submission: the task plus how long the caller waits for its result.
 #[derive(Clone, Debug)]
-pub struct Submission {
+pub(crate) struct Submission {
     /// The task to store.
-    pub task: Task,
+    pub(crate) task: Task,
     /// Seconds the submit call blocks for the final result (0: no wait).
-    pub wait: u64,
+    pub(crate) wait: u64,
 }
 
 /// Checks an id against the rules in the README (1–200 bytes, no whitespace, control characters
 /// or `/`).
-pub fn check_id(id: &str) -> Result<(), TaskError> {
+pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(TaskError::field(
             "id",
@@ -100,7 +100,7 @@ pub fn check_id(id: &str) -> Result<(), TaskError> {
 
 /// Validates one submitted JSON task. `now_us` is the submit time (Unix microseconds);
 /// `trusted` is set for the operator's own tasks (cron file), which EXEC rules do not restrict.
-pub fn parse_task(
+pub(crate) fn parse_task(
     v: &Value,
     limits: &Limits,
     trusted: bool,
@@ -366,7 +366,7 @@ fn whole(
 }
 
 /// Parses `cc`: worker numbers separated by spaces or commas (or a JSON array / number).
-pub fn parse_cc(v: Option<&Value>, workers: usize) -> Result<Vec<usize>, TaskError> {
+pub(crate) fn parse_cc(v: Option<&Value>, workers: usize) -> Result<Vec<usize>, TaskError> {
     let mut out: Vec<usize> = Vec::new();
     let mut push = |n: u64| -> Result<(), TaskError> {
         if n >= workers as u64 {

@@ -1,14 +1,27 @@
-//! Test harness: the real `poulpe` binary on a free port with its own data directory, a real
-//! local HTTP sink that records every hit, and a small JSON client.
-#![allow(dead_code)]
+//! Test harness: the real `poulpe` binary on a free port with its own data directory
+//! (`Server::builder(&dir).args(..).env(..).start()`), a real local HTTP sink that records every
+//! hit, and a small JSON client. What only some tests need is in the submodules: sink hits by task
+//! id ([`hits`]), raw HTTP over a socket ([`raw`]), a private redis-server ([`redis`]), result
+//! retention checks ([`results`]) and a WebSocket client ([`ws`]).
+//!
+//! Each `tests/*.rs` file compiles this module on its own and uses a part of it, so an item (or
+//! submodule) that only some of them use carries `#[allow(dead_code)]`; the others are checked by
+//! the compiler in every test file.
 
+#[allow(dead_code)]
+pub mod hits;
+#[allow(dead_code)]
+pub mod raw;
+#[allow(dead_code)]
+pub mod redis;
+#[allow(dead_code)]
+pub mod results;
+#[allow(dead_code)]
 pub mod ws;
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +38,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Unix time in microseconds.
+#[allow(dead_code)]
 pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -41,6 +55,7 @@ pub fn binary() -> PathBuf {
 }
 
 /// A running poulpe process; killed when dropped.
+#[allow(dead_code)]
 pub struct Server {
     pub child: Option<Child>,
     pub port: u16,
@@ -49,30 +64,41 @@ pub struct Server {
     pub base: String,
 }
 
-impl Server {
-    /// Starts poulpe with `args` on a fresh port, data in `data`, and waits for `/health`.
-    pub fn start_in(data: &Path, args: &[&str]) -> Server {
-        Server::start_in_with_env(data, args, &[])
+/// How a test starts poulpe: `Server::builder(&dir).args(&["--workers", "2"]).start()`.
+#[allow(dead_code)]
+pub struct Builder {
+    data: PathBuf,
+    log_dir: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+#[allow(dead_code)]
+impl Builder {
+    /// Adds command-line arguments (after `--port`, `--bind` and `--data`).
+    pub fn args(mut self, args: &[&str]) -> Builder {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    /// Starts poulpe in a new temporary data directory with extra environment variables.
-    pub fn start_with_env(dir: &tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_in_with_env(&dir.path().join("data"), args, env)
+    /// Sets an environment variable for the server (on top of the test's own environment and
+    /// `POULPE_LOG=debug`).
+    pub fn env(mut self, name: &str, value: &str) -> Builder {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
-    /// `start_in` with extra environment variables.
-    pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_logged(data, data, args, env)
+    /// Writes the log file in `dir` rather than in the data directory (for a data directory on a
+    /// small filesystem that the test fills up).
+    pub fn log_dir(mut self, dir: &Path) -> Builder {
+        self.log_dir = Some(dir.to_path_buf());
+        self
     }
 
-    /// `start_in_with_env` with the log file in `log_dir` rather than in the data directory
-    /// (for a data directory on a small filesystem that the test fills up).
-    pub fn start_logged(
-        data: &Path,
-        log_dir: &Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Server {
+    /// Starts poulpe on a fresh port and waits for `/health` (up to five ports are tried).
+    pub fn start(self) -> Server {
+        let data = &self.data;
+        let log_dir = self.log_dir.as_ref().unwrap_or(data);
         for _ in 0..5 {
             let port = free_port();
             let log = log_dir.join(format!("poulpe-{port}.log"));
@@ -86,9 +112,9 @@ impl Server {
                 .arg("127.0.0.1")
                 .arg("--data")
                 .arg(data)
-                .args(args)
+                .args(&self.args)
                 .env("POULPE_LOG", "debug")
-                .envs(env.iter().copied())
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(logf)
                 .spawn()
@@ -96,7 +122,7 @@ impl Server {
             let mut s = Server {
                 child: Some(child),
                 port,
-                data: data.to_path_buf(),
+                data: data.clone(),
                 log,
                 base: format!("http://127.0.0.1:{port}"),
             };
@@ -108,10 +134,19 @@ impl Server {
         }
         panic!("poulpe did not start");
     }
+}
 
-    /// Starts poulpe in a new temporary data directory (kept in `dir`).
-    pub fn start(dir: &tempfile::TempDir, args: &[&str]) -> Server {
-        Server::start_in(&dir.path().join("data"), args)
+#[allow(dead_code)]
+impl Server {
+    /// How to start poulpe with its data in `<dir>/data`, `dir` being the test's (temporary)
+    /// directory; starting again with the same `dir` restarts on the same data.
+    pub fn builder(dir: impl AsRef<Path>) -> Builder {
+        Builder {
+            data: dir.as_ref().join("data"),
+            log_dir: None,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     fn wait_healthy(&mut self, limit: Duration) -> bool {
@@ -192,15 +227,18 @@ pub fn try_get(url: &str) -> Result<(u16, Value), ureq::Error> {
     agent().get(url).call().map(to_json)
 }
 
+#[allow(dead_code)]
 pub fn get(url: &str) -> (u16, Value) {
     try_get(url).expect("GET")
 }
 
+#[allow(dead_code)]
 pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
     post_raw(url, body.to_string().as_bytes(), &[])
 }
 
 /// POST of raw bytes with extra headers.
+#[allow(dead_code)]
 pub fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = agent().post(url).content_type("application/json");
     for (k, v) in headers {
@@ -210,6 +248,7 @@ pub fn post_raw(url: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value
 }
 
 /// Any request with headers.
+#[allow(dead_code)]
 pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut b = ureq::http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -221,6 +260,7 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, Value
 
 /// One request seen by the sink.
 #[derive(Clone, Debug)]
+#[allow(dead_code)]
 pub struct Hit {
     pub method: String,
     pub path: String,
@@ -235,6 +275,7 @@ pub struct Hit {
 /// - `/slow?ms=N...` answers after N ms (and counts how many run at once),
 /// - `/status/N...` answers with status N,
 /// - anything else answers 200 `ok`.
+#[allow(dead_code)]
 pub struct Sink {
     pub port: u16,
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -243,6 +284,7 @@ pub struct Sink {
     server: poulpe::http::Listening,
 }
 
+#[allow(dead_code)]
 impl Sink {
     pub fn start() -> Sink {
         use poulpe::http::{Reply, Request, Response};
@@ -343,6 +385,7 @@ impl Drop for Sink {
 }
 
 /// Polls until `f` returns Some, or panics after `limit`.
+#[allow(dead_code)]
 pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + limit;
     loop {
@@ -356,9 +399,8 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-// ---- Added for the crash, shutdown and command-line tests. ----
-
 /// POST of JSON that reports transport errors (connection refused, reset) instead of panicking.
+#[allow(dead_code)]
 pub fn try_post_json(url: &str, body: &Value) -> Result<(u16, Value), ureq::Error> {
     agent()
         .post(url)
@@ -367,6 +409,7 @@ pub fn try_post_json(url: &str, body: &Value) -> Result<(u16, Value), ureq::Erro
         .map(to_json)
 }
 
+#[allow(dead_code)]
 impl Server {
     /// Submits a task, reporting transport errors instead of panicking.
     pub fn try_submit(&self, task: &Value) -> Result<(u16, Value), ureq::Error> {
@@ -401,350 +444,4 @@ impl Server {
             thread::sleep(Duration::from_millis(5));
         }
     }
-}
-
-// ---- Redis ----
-
-/// A private redis-server on a free port, stopped (SIGKILL) when dropped.
-pub struct RedisServer {
-    pub child: Option<Child>,
-    pub port: u16,
-    pub dir: PathBuf,
-}
-
-impl RedisServer {
-    /// Starts redis-server with no persistence.
-    pub fn start(dir: &Path) -> RedisServer {
-        RedisServer::start_on(dir, free_port(), &["--save", "", "--appendonly", "no"])
-    }
-
-    /// Starts redis-server on `port` with its files in `dir` and extra arguments
-    /// (e.g. `["--appendonly", "yes"]` so it can come back with its data).
-    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
-        std::fs::create_dir_all(dir).expect("redis dir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
-            .arg(dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server is needed ({e}): run scripts/test.sh, which installs it (apt-get install redis-server)")
-            });
-        let mut r = RedisServer {
-            child: Some(child),
-            port,
-            dir: dir.to_path_buf(),
-        };
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < end,
-                "redis-server did not start on port {port}"
-            );
-            if let Some(Ok(Some(st))) = r.child.as_mut().map(|c| c.try_wait()) {
-                panic!("redis-server exited at start: {st}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    /// `redis://127.0.0.1:<port>/0`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Stops the server (SIGTERM: with appendonly it keeps its data) and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-// ---- Sink hits by task id (tasks carry `id=<id>` in their query). ----
-
-/// The `id` query parameter of a sink hit (every task here carries `id=<id>` in its params).
-pub fn hit_id(h: &Hit) -> Option<&str> {
-    h.query.split('&').find_map(|kv| kv.strip_prefix("id="))
-}
-
-/// Hits per id.
-pub fn hits_by_id(hits: &[Hit]) -> HashMap<String, Vec<u64>> {
-    let mut m: HashMap<String, Vec<u64>> = HashMap::new();
-    for h in hits {
-        if let Some(id) = hit_id(h) {
-            m.entry(id.to_string()).or_default().push(h.at_us);
-        }
-    }
-    m
-}
-
-/// Waits (up to `limit`) until every id in `want` has reached the sink; panics naming the
-/// missing ones otherwise.
-pub fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: &str) {
-    let end = Instant::now() + limit;
-    loop {
-        let seen = hits_by_id(&sink.hits());
-        let mut missing: Vec<&String> = want.iter().filter(|id| !seen.contains_key(*id)).collect();
-        if missing.is_empty() {
-            return;
-        }
-        if Instant::now() > end {
-            missing.sort();
-            panic!(
-                "{what}: {} of {} acknowledged tasks never reached the sink, e.g. {:?}",
-                missing.len(),
-                want.len(),
-                &missing[..missing.len().min(20)]
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-// ---- Raw HTTP over a socket (connection and framing tests). ----
-
-/// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
-pub fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            // An interim answer (100 Continue) comes before the real one.
-            if buf.starts_with(b"HTTP/1.1 1") {
-                buf.drain(..p + 4);
-                continue;
-            }
-            break p + 4;
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let (status, len) = status_and_length(&head);
-    while buf.len() < head_end + len {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok((
-        status,
-        String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string(),
-    ))
-}
-
-/// Sends `request` on a new connection and reads the answer, waiting at most `wait` for each
-/// read; gives back the connection for later use.
-pub fn ask(port: u16, request: &[u8], wait: Duration) -> std::io::Result<(TcpStream, u16, String)> {
-    let mut c = TcpStream::connect(("127.0.0.1", port))?;
-    c.set_read_timeout(Some(wait))?;
-    c.write_all(request)?;
-    let (code, body) = read_response(&mut c)?;
-    Ok((c, code, body))
-}
-
-/// The status code and `Content-Length` (0 when absent) of an answer's head.
-fn status_and_length(head: &str) -> (u16, usize) {
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    (status, len)
-}
-
-/// A raw HTTP/1.1 client connection that keeps what it read past one answer, for pipelining.
-pub struct Raw {
-    pub reader: std::io::BufReader<TcpStream>,
-}
-
-/// One answer read by [`Raw`].
-#[derive(Debug)]
-pub struct RawAnswer {
-    pub code: u16,
-    pub head: String,
-    pub body: String,
-}
-
-impl RawAnswer {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::String(self.body.clone()))
-    }
-}
-
-impl Raw {
-    /// Connects to 127.0.0.1:`port`; reads wait at most `wait`.
-    pub fn connect(port: u16, wait: Duration) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        Raw::from_stream(s, wait)
-    }
-
-    pub fn from_stream(s: TcpStream, wait: Duration) -> Raw {
-        s.set_read_timeout(Some(wait)).expect("read timeout");
-        Raw {
-            reader: std::io::BufReader::new(s),
-        }
-    }
-
-    pub fn stream(&mut self) -> &mut TcpStream {
-        self.reader.get_mut()
-    }
-
-    /// Writes `bytes`.
-    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream().write_all(bytes)
-    }
-
-    /// Reads the next final answer (interim 1xx answers are skipped); the body by
-    /// Content-Length.
-    pub fn answer(&mut self) -> std::io::Result<RawAnswer> {
-        use std::io::BufRead;
-        loop {
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                if self.reader.read_line(&mut line)? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                let end = line == "\r\n";
-                head.push_str(&line);
-                if end {
-                    break;
-                }
-            }
-            let (code, len) = status_and_length(&head);
-            if (100..200).contains(&code) {
-                continue;
-            }
-            let mut body = vec![0u8; len];
-            self.reader.read_exact(&mut body)?;
-            return Ok(RawAnswer {
-                code,
-                head,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-    }
-
-    /// True when the server has closed the connection (end of stream or reset) within the
-    /// read timeout; false when it is still open (the read timed out) or sent more.
-    pub fn closed_by_server(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        match self.reader.read(&mut b) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        }
-    }
-}
-
-/// Submits 3,000 tasks to a server started with `--result_max 1000` and checks that the oldest
-/// results are dropped (404), the newest stay readable, and at most 1,000 stay stored.
-pub fn check_result_max(s: &Server, sink: &Sink) {
-    for chunk in 0..30 {
-        let tasks: Vec<Value> = (chunk * 100..chunk * 100 + 100)
-            .map(|i| {
-                serde_json::json!({"id": format!("r{i}"), "method": "GET",
-                    "name": sink.url("/r"), "params": format!("id=r{i}")})
-            })
-            .collect();
-        let (code, r) = s.submit(&Value::Array(tasks));
-        assert_eq!(code, 200, "{r}");
-    }
-    eventually(Duration::from_secs(60), "3,000 tasks finished", || {
-        let (_, info) = s.get("/sys_info");
-        (info["counts"]["succeeded"] == 3000).then_some(())
-    });
-    let stored = eventually(Duration::from_secs(30), "results_stored <= 1000", || {
-        let (_, info) = s.get("/sys_info");
-        let n = info["results_stored"].as_u64()?;
-        (n <= 1000).then_some(n)
-    });
-    assert!(
-        stored >= 990,
-        "the newest results are kept, not more dropped: {stored}"
-    );
-    for i in 0..20 {
-        let (code, r) = s.get(&format!("/task_resp/r{i}?timeout=0"));
-        assert_eq!(
-            code, 404,
-            "an old result beyond --result_max is dropped: r{i}: {r}"
-        );
-    }
-    for i in 2980..3000 {
-        let (code, r) = s.get(&format!("/task_resp/r{i}?timeout=0"));
-        assert_eq!(
-            (code, &r["status"]),
-            (200, &serde_json::json!("succeeded")),
-            "r{i}: {r}"
-        );
-    }
-}
-
-// ---- Result expiry (`--result_ttl`). ----
-
-/// Submits `task` (with `wait`) on `s`, which runs with `--result_ttl ttl_s`, and checks that its
-/// result is readable on `/task_resp` until `ttl_s` after the submit was sent (the result
-/// finished after that, so it cannot expire sooner), then 404 (polled, up to a generous deadline).
-pub fn check_result_expires(s: &Server, task: &Value, ttl_s: u64) {
-    let id = task["id"].as_str().expect("the task's id").to_string();
-    let sent_us = now_us();
-    let (code, r) = s.submit(task);
-    assert_eq!(code, 200, "{r}");
-    assert_eq!(r["result"], "OK", "{r}");
-    let not_before_us = sent_us + ttl_s * 1_000_000;
-    let mut readable = 0;
-    let deadline = Instant::now() + Duration::from_secs(ttl_s + 60);
-    loop {
-        let (code, body) = s.get(&format!("/task_resp/{id}?timeout=0"));
-        let answered_us = now_us();
-        if answered_us < not_before_us {
-            assert_eq!(
-                code,
-                200,
-                "{id}: the result was gone {} ms before --result_ttl {ttl_s} s ran out (after \
-                 {readable} readable answers): {body}",
-                (not_before_us - answered_us) / 1000
-            );
-            assert_eq!(body["id"], id.as_str(), "{body}");
-            readable += 1;
-        } else if code == 404 {
-            break;
-        } else {
-            assert_eq!(code, 200, "{id}: neither the result nor 404: {body}");
-            assert!(
-                Instant::now() < deadline,
-                "{id}: the result is still readable long after --result_ttl {ttl_s} s: {body}"
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert!(readable > 0, "{id}: no read happened within the TTL");
 }
