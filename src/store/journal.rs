@@ -145,7 +145,7 @@ impl Journal {
             self.allocated
         };
         let res = self.io.write_at(self.len, &self.buf).and_then(|()| {
-            if grow_to > end {
+            if end > self.allocated {
                 self.io.write_at(end, &vec![0; (grow_to - end) as usize])?;
             }
             self.io.sync()
@@ -367,6 +367,8 @@ pub mod tests {
         pub full: Arc<std::sync::atomic::AtomicBool>,
         /// Only syncs fail (the bytes are written), as with EIO.
         pub sync_fails: Arc<std::sync::atomic::AtomicBool>,
+        /// Bytes written so far.
+        pub written: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl JournalIo for MemJournal {
@@ -374,6 +376,8 @@ pub mod tests {
             if self.full.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
+            self.written
+                .fetch_add(buf.len(), std::sync::atomic::Ordering::SeqCst);
             let mut b = self.bytes.lock();
             let end = offset as usize + buf.len();
             if b.len() < end {
@@ -535,8 +539,11 @@ pub mod tests {
         assert!(size as u64 >= GROW, "grown in one zero-filled step: {size}");
         j.reset();
         let ops = [Op::DelTask("new".into())];
+        let before = mem.written.load(std::sync::atomic::Ordering::SeqCst);
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        let wrote = mem.written.load(std::sync::atomic::Ordering::SeqCst) - before;
         assert_eq!(mem.bytes.lock().len(), size, "written in place, not grown");
+        assert!(wrote < 64, "one small record, no zeros: {wrote} bytes written");
         let mut m = mem.clone();
         let r = Journal::read(&mut m, 5).expect("read");
         let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
