@@ -232,12 +232,15 @@ impl Answers {
         Ok(found)
     }
 
+    /// The state first, then the result: a task's result is stored before it leaves the
+    /// unfinished tasks, so a task finishing between the two reads is still found. (The other
+    /// order answered "unknown" for a task that finished between the reads.)
     fn find_exact(&self, id: &str) -> Result<Found, StoreError> {
-        if let Some(r) = self.store.result(id)? {
-            return Ok(Found::Finished(r));
+        if let Some(state) = self.store.status(id)? {
+            return Ok(Found::Pending(id.to_string(), state));
         }
-        Ok(match self.store.status(id)? {
-            Some(state) => Found::Pending(id.to_string(), state),
+        Ok(match self.store.result(id)? {
+            Some(r) => Found::Finished(r),
             None => Found::Unknown,
         })
     }

@@ -694,10 +694,9 @@ impl Writer {
             let mut o = self.shared.overlay.lock();
             o.flushing = None;
             if res.is_err() {
-                // Nothing was written since (this thread is the only writer): put them back.
-                drop(o);
-                let back = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
-                self.shared.overlay.lock().current = back;
+                // Nothing was written since (this thread is the only writer): put them back,
+                // under the same lock, so that no read misses them.
+                o.current = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
             }
         }
         match res {
