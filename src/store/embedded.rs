@@ -82,7 +82,7 @@ pub struct EmbeddedBackend {
 struct Shared {
     db: RwLock<Slot>,
     /// Durable in the journal, not yet in the redb file: read first.
-    overlay: Mutex<Overlay>,
+    overlay: RwLock<Overlay>,
     /// False from an I/O error until the database is open again.
     up: AtomicBool,
     /// Why the store is down, for the callers' errors.
@@ -99,16 +99,16 @@ struct Shared {
 }
 
 /// What reads see before the redb file: the writes since the last checkpoint, and those of the
-/// checkpoint being written (the writer holds no lock while it writes the file).
+/// checkpoint being written (which the writer reads under a read lock, beside the readers).
 #[derive(Default)]
 struct Overlay {
     current: Pending,
-    flushing: Option<Arc<Pending>>,
+    flushing: Option<Pending>,
 }
 
 impl Overlay {
     fn find<T>(&self, f: impl Fn(&Pending) -> Option<T>) -> Option<T> {
-        f(&self.current).or_else(|| self.flushing.as_deref().and_then(&f))
+        f(&self.current).or_else(|| self.flushing.as_ref().and_then(&f))
     }
 }
 
@@ -425,7 +425,7 @@ fn start(
     let journal = replay(&db, journal)?;
     let shared = Arc::new(Shared {
         db: RwLock::new(Slot::Open(Arc::new(db))),
-        overlay: Mutex::new(Overlay::default()),
+        overlay: RwLock::new(Overlay::default()),
         up: AtomicBool::new(true),
         why: Mutex::new(String::new()),
         closed: AtomicBool::new(false),
@@ -584,7 +584,7 @@ impl Writer {
         loop {
             let wake = match self.reopen_at {
                 Some(at) => Some(at),
-                None if self.shared.overlay.lock().current.is_empty() => None,
+                None if self.shared.overlay.read().current.is_empty() => None,
                 None => Some(self.pending_since + self.checkpoint_every),
             };
             let got = match wake {
@@ -610,7 +610,7 @@ impl Writer {
         if self.reopen_at.is_some() {
             return false;
         }
-        let o = self.shared.overlay.lock();
+        let o = self.shared.overlay.read();
         !o.current.is_empty()
             && (o.current.ops() >= CHECKPOINT_OPS
                 || o.current.bytes() >= CHECKPOINT_BYTES
@@ -652,7 +652,7 @@ impl Writer {
     /// Folds written ops into the overlay, where reads find them.
     fn fold(&mut self, ops: impl Iterator<Item = Op>) {
         let db = self.shared.current().ok();
-        let mut o = self.shared.overlay.lock();
+        let mut o = self.shared.overlay.write();
         if o.current.is_empty() {
             self.pending_since = Instant::now();
         }
@@ -660,7 +660,7 @@ impl Writer {
         for op in ops {
             current.apply(
                 op,
-                &mut |id| match flushing.as_deref().and_then(|f| f.result(id)) {
+                &mut |id| match flushing.as_ref().and_then(|f| f.result(id)) {
                     Some(r) => r.map(|(e, _)| e),
                     None => db.as_ref().and_then(|db| stored_expiry(db, id)),
                 },
@@ -677,26 +677,31 @@ impl Writer {
             let marks = std::mem::take(&mut self.marks);
             self.fold(marks.into_iter());
         }
-        if self.shared.overlay.lock().current.is_empty() && self.journal.len() == 0 {
+        if self.shared.overlay.read().current.is_empty() && self.journal.len() == 0 {
             return Ok(());
         }
         let db = self.shared.current()?;
         // Readers keep seeing these writes (as `flushing`) until the file holds them.
-        let snapshot = {
-            let mut o = self.shared.overlay.lock();
-            let p = Arc::new(std::mem::take(&mut o.current));
-            o.flushing = Some(p.clone());
-            p
+        {
+            let mut o = self.shared.overlay.write();
+            let current = std::mem::take(&mut o.current);
+            o.flushing = Some(current);
+        }
+        let res = {
+            let o = self.shared.overlay.read();
+            match o.flushing.as_ref() {
+                Some(snapshot) => checkpoint(&db, snapshot, self.journal.last_seq()),
+                None => Ok(()),
+            }
         };
-        let res = checkpoint(&db, &snapshot, self.journal.last_seq());
         drop(db);
         {
-            let mut o = self.shared.overlay.lock();
-            o.flushing = None;
+            let mut o = self.shared.overlay.write();
+            let flushed = o.flushing.take();
             if res.is_err() {
                 // Nothing was written since (this thread is the only writer): put them back,
                 // under the same lock, so that no read misses them.
-                o.current = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
+                o.current = flushed.unwrap_or_default();
             }
         }
         match res {
@@ -890,7 +895,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(t) = self.shared.overlay.lock().find(|p| p.task(id)) {
+        if let Some(t) = self.shared.overlay.read().find(|p| p.task(id)) {
             return Ok(t);
         }
         self.read(|txn| {
@@ -900,7 +905,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        if let Some(r) = self.shared.overlay.lock().find(|p| p.result(id)) {
+        if let Some(r) = self.shared.overlay.read().find(|p| p.result(id)) {
             return Ok(r);
         }
         let raw = self.read(|txn| {
@@ -927,7 +932,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        if let Some(v) = self.shared.overlay.lock().find(|p| p.meta(key)) {
+        if let Some(v) = self.shared.overlay.read().find(|p| p.meta(key)) {
             return Ok(Some(v));
         }
         self.read(|txn| {

@@ -6,14 +6,19 @@
 use super::local::Op;
 use std::collections::HashMap;
 
-/// The state of every key written since the last checkpoint (`None`: deleted).
-#[derive(Default, Clone)]
-pub struct Pending {
-    tasks: HashMap<String, Option<Vec<u8>>>,
-    results: HashMap<String, Option<(i64, Vec<u8>)>>,
+/// A key's value since the last checkpoint: `None` when deleted. Tasks and meta values use the
+/// same map type as results (their expiry is unused) so that the binary holds one copy of the
+/// hash table's code.
+type Map = HashMap<String, Option<(i64, Vec<u8>)>>;
+
+/// The state of every key written since the last checkpoint.
+#[derive(Default)]
+pub(crate) struct Pending {
+    tasks: Map,
+    results: Map,
+    meta: Map,
     /// Entries of the expiry index to delete: (expires_ms, id).
     expiry_del: Vec<(i64, String)>,
-    meta: HashMap<String, String>,
     /// Ops folded in since the last checkpoint.
     ops: usize,
     /// Rough bytes held.
@@ -21,7 +26,7 @@ pub struct Pending {
 }
 
 /// What a checkpoint writes into the redb file.
-pub trait Sink {
+pub(crate) trait Sink {
     fn put_task(&mut self, id: &str, bytes: &[u8]) -> Result<(), redb::Error>;
     fn del_task(&mut self, id: &str) -> Result<(), redb::Error>;
     fn put_result(&mut self, id: &str, expires_ms: i64, bytes: &[u8]) -> Result<(), redb::Error>;
@@ -33,27 +38,17 @@ pub trait Sink {
 impl Pending {
     /// Folds one durable write in. `stored_expiry` gives the expiry of the result in the redb
     /// file (for `Expire`, which deletes a result only if it still has that expiry).
-    pub fn apply(&mut self, op: Op, stored_expiry: &mut dyn FnMut(&str) -> Option<i64>) {
+    pub(crate) fn apply(&mut self, op: Op, stored_expiry: &mut dyn FnMut(&str) -> Option<i64>) {
         self.ops += 1;
-        match op {
-            Op::PutTask(id, b) | Op::InsertTask(id, b) => {
-                self.bytes += id.len() + b.len();
-                self.tasks.insert(id, Some(b));
-            }
-            Op::DelTask(id) => {
-                self.tasks.insert(id, None);
-            }
+        let (map, key, value) = match op {
+            Op::PutTask(id, b) | Op::InsertTask(id, b) => (&mut self.tasks, id, Some((0, b))),
+            Op::DelTask(id) => (&mut self.tasks, id, None),
             Op::PutResult {
                 id,
                 expires_ms,
                 bytes,
-            } => {
-                self.bytes += id.len() + bytes.len();
-                self.results.insert(id, Some((expires_ms, bytes)));
-            }
-            Op::DelResult(id) => {
-                self.results.insert(id, None);
-            }
+            } => (&mut self.results, id, Some((expires_ms, bytes))),
+            Op::DelResult(id) => (&mut self.results, id, None),
             Op::Expire { id, expires_ms } => {
                 let current = match self.results.get(&id) {
                     Some(r) => r.as_ref().map(|(e, _)| *e),
@@ -64,48 +59,49 @@ impl Pending {
                 }
                 self.bytes += id.len();
                 self.expiry_del.push((expires_ms, id));
+                return;
             }
-            Op::PutMeta(k, v) => {
-                self.bytes += k.len() + v.len();
-                self.meta.insert(k, v);
-            }
-        }
+            Op::PutMeta(k, v) => (&mut self.meta, k, Some((0, v.into_bytes()))),
+        };
+        self.bytes += key.len() + value.as_ref().map_or(0, |(_, b)| b.len());
+        map.insert(key, value);
     }
 
     /// The task's bytes if it was written since the last checkpoint (`Some(None)`: deleted).
-    pub fn task(&self, id: &str) -> Option<Option<Vec<u8>>> {
-        self.tasks.get(id).cloned()
+    pub(crate) fn task(&self, id: &str) -> Option<Option<Vec<u8>>> {
+        self.tasks.get(id).map(|t| t.as_ref().map(|(_, b)| b.clone()))
     }
 
     /// The result if it was written since the last checkpoint (`Some(None)`: deleted).
-    pub fn result(&self, id: &str) -> Option<Option<(i64, Vec<u8>)>> {
+    pub(crate) fn result(&self, id: &str) -> Option<Option<(i64, Vec<u8>)>> {
         self.results.get(id).cloned()
     }
 
-    pub fn meta(&self, key: &str) -> Option<String> {
-        self.meta.get(key).cloned()
+    pub(crate) fn meta(&self, key: &str) -> Option<String> {
+        let (_, v) = self.meta.get(key)?.as_ref()?;
+        Some(String::from_utf8_lossy(v).into_owned())
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ops == 0
     }
 
     /// Ops folded in since the last checkpoint.
-    pub fn ops(&self) -> usize {
+    pub(crate) fn ops(&self) -> usize {
         self.ops
     }
 
     /// Rough bytes held in memory.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Writes the final state of every key. Expiry entries are deleted before results are
     /// written, so a result written again with the same expiry keeps its entry.
-    pub fn write_to(&self, sink: &mut dyn Sink) -> Result<(), redb::Error> {
+    pub(crate) fn write_to(&self, sink: &mut dyn Sink) -> Result<(), redb::Error> {
         for (id, t) in &self.tasks {
             match t {
-                Some(b) => sink.put_task(id, b)?,
+                Some((_, b)) => sink.put_task(id, b)?,
                 None => sink.del_task(id)?,
             }
         }
@@ -119,7 +115,9 @@ impl Pending {
             }
         }
         for (k, v) in &self.meta {
-            sink.put_meta(k, v)?;
+            if let Some((_, v)) = v {
+                sink.put_meta(k, &String::from_utf8_lossy(v))?;
+            }
         }
         Ok(())
     }
