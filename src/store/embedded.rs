@@ -1031,6 +1031,45 @@ mod tests {
         s.close();
     }
 
+    /// A data directory of the releases before the journal (a redb file with the same tables,
+    /// no journal, no checkpointed sequence number) opens with everything in it.
+    #[test]
+    fn a_data_directory_from_before_the_journal_opens_with_its_tasks_and_results() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expires = crate::clock::now_ms() + 60_000;
+        {
+            let db = create_tables(Database::create(dir.path().join(FILE)).expect("create"))
+                .expect("tables");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut t = Tables {
+                    tasks: txn.open_table(TASKS).expect("tasks"),
+                    results: txn.open_table(RESULTS).expect("results"),
+                    expiry: txn.open_table(EXPIRY).expect("expiry"),
+                    meta: txn.open_table(META).expect("meta"),
+                };
+                let old = serde_json::to_vec(&task("old", State::Delayed, 7)).expect("json");
+                t.put_task("old", &old).expect("task");
+                let done = serde_json::to_vec(&result("done")).expect("json");
+                t.put_result("done", expires, &done).expect("result");
+                t.put_meta("cron.k", "42").expect("meta");
+            }
+            txn.commit().expect("commit");
+        }
+        assert!(!dir.path().join(JOURNAL).exists());
+        let s = open(dir.path(), CHECKPOINT_EVERY).expect("open");
+        let rec: Vec<(String, u64)> = s
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| (r.id.to_string(), r.due_us))
+            .collect();
+        assert_eq!(rec, vec![("old".to_string(), 7)]);
+        assert_eq!(s.result("done").expect("result"), Some(result("done")));
+        assert_eq!(s.get_meta("cron.k").expect("meta"), Some("42".into()));
+        s.close();
+    }
+
     #[test]
     fn unfinished_tasks_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");

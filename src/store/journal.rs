@@ -543,7 +543,10 @@ pub mod tests {
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
         let wrote = mem.written.load(std::sync::atomic::Ordering::SeqCst) - before;
         assert_eq!(mem.bytes.lock().len(), size, "written in place, not grown");
-        assert!(wrote < 64, "one small record, no zeros: {wrote} bytes written");
+        assert!(
+            wrote < 64,
+            "one small record, no zeros: {wrote} bytes written"
+        );
         let mut m = mem.clone();
         let r = Journal::read(&mut m, 5).expect("read");
         let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();

@@ -69,7 +69,9 @@ impl Pending {
 
     /// The task's bytes if it was written since the last checkpoint (`Some(None)`: deleted).
     pub(crate) fn task(&self, id: &str) -> Option<Option<Vec<u8>>> {
-        self.tasks.get(id).map(|t| t.as_ref().map(|(_, b)| b.clone()))
+        self.tasks
+            .get(id)
+            .map(|t| t.as_ref().map(|(_, b)| b.clone()))
     }
 
     /// The result if it was written since the last checkpoint (`Some(None)`: deleted).
