@@ -11,8 +11,24 @@ pub(crate) use parse::{parse_task, Limits, TaskError};
 
 use serde::{Deserialize, Serialize};
 
+/// Deserializes a unit enum from its wire name, by hand: serde's derived code is several KB per
+/// enum, and the static binary has a size budget. Errors read as the derived ones.
+macro_rules! deserialize_by_name {
+    ($t:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                match s.as_str() {
+                    $($name => Ok($v),)+
+                    other => Err(serde::de::Error::unknown_variant(other, &[$($name),+])),
+                }
+            }
+        }
+    };
+}
+
 /// Whether the task succeeded, as the API says it (`OK` or `Fail`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub(crate) enum Verdict {
     #[serde(rename = "OK")]
     Ok,
@@ -20,12 +36,18 @@ pub(crate) enum Verdict {
 }
 
 /// How a task ended (`succeeded`, or `dead` once its retries are spent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum FinalStatus {
     Succeeded,
     Dead,
 }
+
+deserialize_by_name!(Verdict { "OK" => Verdict::Ok, "Fail" => Verdict::Fail });
+deserialize_by_name!(FinalStatus {
+    "succeeded" => FinalStatus::Succeeded,
+    "dead" => FinalStatus::Dead,
+});
 
 impl FinalStatus {
     /// As the API writes it.
@@ -52,7 +74,7 @@ pub(crate) struct TaskResult {
 }
 
 /// What a task does when it runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub(crate) enum Method {
     #[serde(rename = "GET")]
     Get,
@@ -63,6 +85,13 @@ pub(crate) enum Method {
     #[serde(rename = "MAIL_TO")]
     MailTo,
 }
+
+deserialize_by_name!(Method {
+    "GET" => Method::Get,
+    "POST" => Method::Post,
+    "EXEC" => Method::Exec,
+    "MAIL_TO" => Method::MailTo,
+});
 
 impl Method {
     /// Parses the wire spelling (case-insensitive).
@@ -88,7 +117,7 @@ impl Method {
 }
 
 /// Where a task is in its life; persisted with the task so a restart knows what to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum State {
     /// Waiting for its delay to pass.
@@ -100,6 +129,13 @@ pub(crate) enum State {
     /// A failed attempt waits for its retry time.
     RetryWait,
 }
+
+deserialize_by_name!(State {
+    "delayed" => State::Delayed,
+    "ready" => State::Ready,
+    "running" => State::Running,
+    "retry_wait" => State::RetryWait,
+});
 
 impl State {
     /// The name shown to users in status answers.
@@ -172,4 +208,43 @@ pub(crate) struct Task {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(v: T) {
+        let json = serde_json::to_string(&v).expect("serialize");
+        let back: T = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, v, "{json}");
+    }
+
+    #[test]
+    fn unit_enums_read_back_what_they_write_and_refuse_other_names() {
+        for v in [Verdict::Ok, Verdict::Fail] {
+            round_trip(v);
+        }
+        for v in [FinalStatus::Succeeded, FinalStatus::Dead] {
+            round_trip(v);
+        }
+        for v in [Method::Get, Method::Post, Method::Exec, Method::MailTo] {
+            round_trip(v);
+        }
+        for v in [
+            State::Delayed,
+            State::Ready,
+            State::Running,
+            State::RetryWait,
+        ] {
+            round_trip(v);
+        }
+        assert_eq!(
+            serde_json::to_string(&State::RetryWait).ok(),
+            Some("\"retry_wait\"".into())
+        );
+        let e = serde_json::from_str::<State>("\"queued\"").expect_err("not a stored name");
+        assert!(e.to_string().contains("unknown variant `queued`"), "{e}");
+        assert!(serde_json::from_str::<Method>("3").is_err());
+    }
 }
