@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 /// A key's value since the last checkpoint: `None` when deleted. Tasks and meta values use the
 /// same map type as results (their expiry is unused) so that the binary holds one copy of the
-/// hash table's code.
-type Map = HashMap<String, Option<(i64, Vec<u8>)>>;
+/// hash table's code. foldhash, as in the live index: much cheaper than SipHash on short ids.
+type Map = HashMap<String, Option<(i64, Vec<u8>)>, foldhash::fast::RandomState>;
 
 /// The state of every key written since the last checkpoint.
 #[derive(Default)]
