@@ -83,6 +83,9 @@ struct Shared {
     db: RwLock<Slot>,
     /// Durable in the journal, not yet in the redb file: read first.
     overlay: RwLock<Overlay>,
+    /// State marks (`write_later`) waiting to ride with the next journal record: left here
+    /// without waking the writer.
+    marks: Mutex<Vec<Op>>,
     /// False from an I/O error until the database is open again.
     up: AtomicBool,
     /// Why the store is down, for the callers' errors.
@@ -219,8 +222,6 @@ struct Batch {
     ops: Vec<Op>,
     /// Told when the ops are durable (or, with `checkpoint`, once they are in the redb file).
     done: Option<Reply>,
-    /// Must reach the journal (false: a state mark that only rides along, see `write_later`).
-    durable: bool,
     /// Write everything pending into the redb file before answering.
     checkpoint: bool,
     /// Ends the writer after everything queued before it.
@@ -232,7 +233,6 @@ impl Batch {
         Batch {
             ops: Vec::new(),
             done,
-            durable: false,
             checkpoint,
             close,
         }
@@ -426,6 +426,7 @@ fn start(
     let shared = Arc::new(Shared {
         db: RwLock::new(Slot::Open(Arc::new(db))),
         overlay: RwLock::new(Overlay::default()),
+        marks: Mutex::new(Vec::new()),
         up: AtomicBool::new(true),
         why: Mutex::new(String::new()),
         closed: AtomicBool::new(false),
@@ -534,7 +535,7 @@ struct Writer {
     pending_since: Instant,
     /// Longest time a write stays only in the journal.
     checkpoint_every: Duration,
-    /// State marks (`write_later`) waiting to ride with the next journal record.
+    /// State marks taken from `Shared::marks`, to ride with the next journal record.
     marks: Vec<Op>,
     /// Set while the store is down: when to try reopening next.
     reopen_at: Option<Instant>,
@@ -618,15 +619,15 @@ impl Writer {
     }
 
     /// Appends the group's ops (after the state marks waiting for a ride) to the journal and
-    /// folds them into the overlay. A group of state marks alone waits for the next append.
+    /// folds them into the overlay. A mark only ever precedes ops sent before it that concern
+    /// other tasks: a task is claimed only once every earlier write about it is done.
     fn commit(&mut self, batches: &mut [Batch]) -> Result<(), StoreError> {
+        self.marks.append(&mut self.shared.marks.lock());
         if self.reopen_at.is_some() {
             self.marks.clear();
             return Err(self.shared.down_error());
         }
-        if !batches.iter().any(|b| b.durable && !b.ops.is_empty()) {
-            self.marks
-                .extend(batches.iter_mut().flat_map(|b| b.ops.drain(..)));
+        if !batches.iter().any(|b| !b.ops.is_empty()) {
             return Ok(());
         }
         let all: Vec<&Op> = self
@@ -673,6 +674,7 @@ impl Writer {
         if self.reopen_at.is_some() {
             return Err(self.shared.down_error());
         }
+        self.marks.append(&mut self.shared.marks.lock());
         if !self.marks.is_empty() {
             let marks = std::mem::take(&mut self.marks);
             self.fold(marks.into_iter());
@@ -864,23 +866,13 @@ impl Backend for EmbeddedBackend {
         self.send_and_wait(Batch {
             ops,
             done: None,
-            durable: true,
             checkpoint: false,
             close: false,
         })
     }
 
     fn write_later(&self, ops: Vec<Op>) {
-        let later = Batch {
-            ops,
-            done: None,
-            durable: false,
-            checkpoint: false,
-            close: false,
-        };
-        if self.tx.send(later).is_err() {
-            log::warn!("store: the writer thread has stopped; a state mark was not written");
-        }
+        self.shared.marks.lock().extend(ops);
     }
 
     fn close(&self) {
