@@ -512,6 +512,7 @@ fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
     while (sink.unique.load(Relaxed) as usize) < s.accepted && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(2));
     }
+    let lag = outcome_lag(&plan.server, s.accepted, sink.last_us.load(Relaxed));
     // A short grace to catch duplicates that would follow the last arrival.
     thread::sleep(Duration::from_millis(50));
     let executed = sink.unique.load(Relaxed) as usize;
@@ -543,6 +544,10 @@ fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
         lat.first().copied().unwrap_or(0) as f64 / 1e3
     );
     println!("early {early}");
+    if let Some((pct, drain_ms)) = lag {
+        println!("recorded_at_last_hit_pct {pct:.1}");
+        println!("outcome_drain_ms {drain_ms:.1}");
+    }
     let mut ok = true;
     let mut bad = |what: String| {
         eprintln!("error: {what}");
@@ -566,6 +571,28 @@ fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
         bad(format!("{early} delayed tasks ran before their due time"));
     }
     Ok(ok)
+}
+
+/// Outcome lag: the share of `n` finished tasks whose outcome the server had recorded (its
+/// `/sys_info` counts: succeeded + dead, counted once the outcome is durable) when the last one
+/// reached the sink at `last_us`, and the ms from that arrival until all were recorded. A crash
+/// in between runs the unrecorded ones again.
+fn outcome_lag(server: &str, n: usize, last_us: u64) -> Option<(f64, f64)> {
+    let mut c = Client::new(server, Duration::from_secs(5));
+    let mut recorded = || -> Option<u64> {
+        let (code, body) = c.call("GET", "/sys_info", b"").ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok().filter(|_| code == 200)?;
+        Some(v["counts"]["succeeded"].as_u64()? + v["counts"]["dead"].as_u64()?)
+    };
+    let first = recorded()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut now = first;
+    while (now as usize) < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+        now = recorded()?;
+    }
+    let drain_ms = now_us().saturating_sub(last_us) as f64 / 1e3;
+    Some((first as f64 * 100.0 / n.max(1) as f64, drain_ms))
 }
 
 fn fill(o: &Opts) -> Result<bool, String> {

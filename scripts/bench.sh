@@ -187,7 +187,8 @@ record() {
   return 0
 }
 SINK_KEYS=(submits_per_s executed_per_s ack_rtt_p50_ms ack_rtt_p99_ms lateness_p50_ms
-  lateness_p99_ms lateness_max_ms early missing duplicates refused)
+  lateness_p99_ms lateness_max_ms early missing duplicates refused recorded_at_last_hit_pct
+  outcome_drain_ms)
 
 # cpu_start N / cpu_stop STORE PREFIX: server CPU per task, per thread group, while the load
 # runs (scripts/cpusample.py reads /proc/<pid>/task/*/stat); skipped without python3.
@@ -405,6 +406,10 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     "$(cell w1b_submits_per_s embedded r)" "$(cell w1b_submits_per_s redis r)"
   row "W1b executed tasks/s (arrays of $W1B_BATCH)" "≥ 15,000" \
     "$(cell w1b_executed_per_s embedded r)" "$(cell w1b_executed_per_s redis r)"
+  row "W1 / W1b outcomes recorded when the last task hit the sink %; then all recorded after ms" \
+    "— (unrecorded ones run again after a crash)" \
+    "$(cell w1_recorded_at_last_hit_pct embedded); $(cell w1_outcome_drain_ms embedded) / $(cell w1b_recorded_at_last_hit_pct embedded); $(cell w1b_outcome_drain_ms embedded)" \
+    "$(cell w1_recorded_at_last_hit_pct redis); $(cell w1_outcome_drain_ms redis) / $(cell w1b_recorded_at_last_hit_pct redis); $(cell w1b_outcome_drain_ms redis)"
   cpu_row() { # cpu_row PREFIX STORE: total (store-writer / workers / http / outcome)
     echo "$(cell "$1_cpu_us_per_task" "$2") ($(cell "$1_cpu_store_writer_us_per_task" "$2") / $(cell "$1_cpu_worker_us_per_task" "$2") / $(cell "$1_cpu_http_us_per_task" "$2") / $(cell "$1_cpu_outcome_us_per_task" "$2"))"
   }

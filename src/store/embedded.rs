@@ -941,8 +941,16 @@ impl Backend for EmbeddedBackend {
     }
 
     fn results_len(&self) -> Result<usize, StoreError> {
-        self.flush()?;
-        self.read(|txn| Ok(txn.open_table(RESULTS)?.len()? as usize))
+        let pending = {
+            let o = self.shared.overlay.read();
+            o.current.results_written() + o.flushing.as_ref().map_or(0, Pending::results_written)
+        };
+        let stored = self.read(|txn| Ok(txn.open_table(RESULTS)?.len()? as usize))?;
+        Ok(stored + pending)
+    }
+
+    fn settle(&self) -> Result<(), StoreError> {
+        self.flush()
     }
 
     fn data_bytes(&self) -> Option<u64> {
@@ -952,8 +960,7 @@ impl Backend for EmbeddedBackend {
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
-        self.flush()?;
-        self.read(|txn| {
+        let mut out = self.read(|txn| {
             let t = txn.open_table(EXPIRY)?;
             let upper = (now_ms.max(0) as u64).to_be_bytes();
             let mut out = Vec::new();
@@ -968,7 +975,14 @@ impl Backend for EmbeddedBackend {
                 }
             }
             Ok(out)
-        })
+        })?;
+        // Results not in the file yet (the gc runs every second; checkpoints are rarer).
+        let o = self.shared.overlay.read();
+        o.current.expired(now_ms, limit, &mut out);
+        if let Some(f) = &o.flushing {
+            f.expired(now_ms, limit, &mut out);
+        }
+        Ok(out)
     }
 }
 

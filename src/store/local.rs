@@ -40,11 +40,18 @@ pub trait Backend: Send + Sync {
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
-    /// Expiry entries due before `now_ms`, at most `limit`.
+    /// Expiry entries due before `now_ms`, at most `limit`; oldest first, except that results
+    /// written since the last `settle` may come after the others.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
-    /// Number of stored results.
+    /// Number of stored results; exact after `settle`, an estimate otherwise (results written
+    /// since may be counted twice or deleted ones still counted).
     fn results_len(&self) -> Result<usize, StoreError>;
+    /// Makes every write so far visible to `expired` in expiry order and to an exact
+    /// `results_len` (the embedded store writes a checkpoint).
+    fn settle(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Size of the data on disk, when there is a file.
     fn data_bytes(&self) -> Option<u64> {
         None
@@ -313,10 +320,14 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn gc(&self, now_ms: i64, keep: usize) -> Result<usize, StoreError> {
         let mut done = self.expire(self.backend.expired(now_ms, GC_PASS)?)?;
+        if self.backend.results_len()? <= keep {
+            return Ok(done);
+        }
         // Beyond `keep`, the results closest to expiry go first (with one `--result_ttl`, the
         // oldest). An index entry whose result was replaced deletes nothing, hence the recount.
         let mut budget = GC_PASS;
         while budget > 0 {
+            self.backend.settle()?;
             let stored = self.backend.results_len()?;
             if stored <= keep {
                 break;

@@ -84,6 +84,25 @@ impl Pending {
         Some(String::from_utf8_lossy(v).into_owned())
     }
 
+    /// Results written since the last checkpoint that expire before `now_ms`, up to `limit`.
+    pub(crate) fn expired(&self, now_ms: i64, limit: usize, out: &mut Vec<(String, i64)>) {
+        for (id, r) in &self.results {
+            if out.len() >= limit {
+                return;
+            }
+            if let Some((e, _)) = r {
+                if *e < now_ms {
+                    out.push((id.clone(), *e));
+                }
+            }
+        }
+    }
+
+    /// Results written (not deleted) since the last checkpoint.
+    pub(crate) fn results_written(&self) -> usize {
+        self.results.values().filter(|r| r.is_some()).count()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.ops == 0
     }
