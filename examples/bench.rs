@@ -10,9 +10,10 @@
 //! - `immediate --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--timeout 120] [--rate R]`:
 //!   starts a sink, submits `n` GET tasks to it over `c` connections (`batch` > 1: JSON arrays;
 //!   `rate` > 0: paced at R tasks/s in all), waits for every one to arrive; submits/s,
-//!   executed/s (first submit to last arrival), ack round trips.
-//! - `delayed --server HOST:PORT [-n 2000] [--delay 3] [-c 8] [--batch 1] [--timeout 60]`: the
-//!   same with a delay; each task's URL carries its intended due time (`due=`, unix µs, taken just
+//!   executed/s (first submit to last arrival), ack round trips, and the outcome lag: the share
+//!   of outcomes the server had recorded when the last task arrived, and the ms until all were.
+//! - `delayed --server HOST:PORT [-n 2000] [--delay 3] [-c 8] [--batch 1] [--timeout 60]
+//!   [--rate R]`: the same with a delay; each task's URL carries its intended due time (`due=`, unix µs, taken just
 //!   before the request is sent, so the server's own due time is never earlier), and the sink
 //!   reports lateness = arrival − due, and how many arrived early.
 //! - `fill --server HOST:PORT [-n 1000000] [-c 8] [--batch 500] [--delay 3600]`: submits delayed
@@ -731,7 +732,15 @@ fn main() -> ExitCode {
         "port" => &[],
         "fsync" => &["--dir", "--n"],
         "immediate" => &["--server", "-n", "-c", "--batch", "--timeout", "--rate"],
-        "delayed" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
+        "delayed" => &[
+            "--server",
+            "-n",
+            "-c",
+            "--batch",
+            "--timeout",
+            "--delay",
+            "--rate",
+        ],
         "fill" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
         "ready" => &["--server", "--since-ns", "--expect", "--timeout", "--pid"],
         other => {

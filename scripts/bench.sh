@@ -20,6 +20,8 @@
 #   W1   immediate GET tasks to a local keep-alive sink, 8 connections, 1 task per request;
 #        W1b the same with JSON arrays of 50 tasks per request (--w1b-batch)
 #   W2   delayed tasks (3 s) in one burst; lateness = sink arrival − due time in the task URL
+#        (the burst is as dense as the intake is fast, so it also measures how fast 4 workers
+#        drain it); W2p the same paced at 4,000 tasks/s, below what the workers run: the timer
 #   W3   idle RSS after start (VmRSS) and peak RSS during W1 (VmHWM)
 #   W4   N tasks delayed one hour in arrays of 500; RSS; SIGTERM; restart on the same data:
 #        time to /health and until /sys_info's delaying_total shows all N again
@@ -239,14 +241,14 @@ w1b() {
   stop_poulpe
 }
 
-# w2 STORE ARGS...: delayed tasks in one burst.
+# w2 STORE PREFIX RATE ARGS...: delayed tasks in one burst (RATE 0) or paced at RATE tasks/s.
 w2() {
-  local store=$1; shift
-  say "run $RUN $store: W2 $W2_N tasks delayed ${W2_DELAY} s, one burst on 8 connections"
+  local store=$1 prefix=$2 rate=$3; shift 3
+  say "run $RUN $store: $prefix $W2_N tasks delayed ${W2_DELAY} s on 8 connections (rate $rate)"
   start_poulpe 0 "$@" || return 0
-  tool "$WORK/w2.out" 300 delayed --server "127.0.0.1:$PORT" -n "$W2_N" -c 8 \
-    --delay "$W2_DELAY" --timeout 60
-  record "$WORK/w2.out" "$store" w2 "${SINK_KEYS[@]}"
+  tool "$WORK/$prefix.out" 300 delayed --server "127.0.0.1:$PORT" -n "$W2_N" -c 8 \
+    --delay "$W2_DELAY" --timeout 60 --rate "$rate"
+  record "$WORK/$prefix.out" "$store" "$prefix" "${SINK_KEYS[@]}"
   stop_poulpe
 }
 
@@ -345,14 +347,16 @@ record "$WORK/fsync.out" fs fsync fsync_append_p50_us fsync_append_p99_us \
 for ((RUN = 1; RUN <= RUNS; RUN++)); do
   w1 embedded --data "$WORK/r$RUN-w1"
   w1b embedded --data "$WORK/r$RUN-w1b"
-  w2 embedded --data "$WORK/r$RUN-w2"
+  w2 embedded w2 0 --data "$WORK/r$RUN-w2"
+  w2 embedded w2p 4000 --data "$WORK/r$RUN-w2p"
   w4 "$WORK/r$RUN-w4"
   rm -rf "$WORK"/r"$RUN"-*
   if [ "$REDIS" = 1 ] && start_redis; then
     R=(--redis "redis://127.0.0.1:$REDIS_PORT/0")
     w1 redis "${R[@]}" --redis_prefix "b$RUN.w1:"
     w1b redis "${R[@]}" --redis_prefix "b$RUN.w1b:"
-    w2 redis "${R[@]}" --redis_prefix "b$RUN.w2:"
+    w2 redis w2 0 "${R[@]}" --redis_prefix "b$RUN.w2:"
+    w2 redis w2p 4000 "${R[@]}" --redis_prefix "b$RUN.w2p:"
     kill -TERM "$REDIS_PID" 2>/dev/null || true
     wait "$REDIS_PID" 2>/dev/null || true
     forget "$REDIS_PID"
@@ -420,7 +424,11 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
   row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
     "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
     "$(trio w2_lateness_p50_ms redis w2_lateness_p99_ms w2_lateness_max_ms)"
-  row "W2 early tasks" "0" "$(cell w2_early embedded)" "$(cell w2_early redis)"
+  row "W2p lateness p50 / p99 / max ms (the same paced at 4,000 tasks/s)" "p99 ≤ 2" \
+    "$(trio w2p_lateness_p50_ms embedded w2p_lateness_p99_ms w2p_lateness_max_ms)" \
+    "$(trio w2p_lateness_p50_ms redis w2p_lateness_p99_ms w2p_lateness_max_ms)"
+  row "W2, W2p early tasks" "0" "$(cell w2_early embedded), $(cell w2p_early embedded)" \
+    "$(cell w2_early redis), $(cell w2p_early redis)"
   row "W3 idle RSS MB (VmRSS after start)" "≤ 5" \
     "$(cell idle_rss_mb embedded r)" "$(cell idle_rss_mb redis r)"
   row "W3 peak RSS MB during W1 (VmHWM)" "≤ 50" \
