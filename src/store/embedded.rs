@@ -310,6 +310,10 @@ pub fn open(dir: &Path, checkpoint_every: Duration) -> Result<EmbeddedStore, Sto
     let jpath = dir.join(JOURNAL);
     let journal = FileJournal::open(&jpath)
         .map_err(|e| unavailable(format!("cannot open {}: {e}", jpath.display())))?;
+    // A new journal's name must be durable before its records are: sync the folder.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| unavailable(format!("cannot sync {}: {e}", dir.display())))?;
     start(
         Box::new(open_file),
         Box::new(journal),
