@@ -262,9 +262,9 @@ fn a_submit_is_fsynced_before_its_200_is_written() {
         )
     });
     // The journal's name is durable before any record in it: its folder was synced at start.
-    let folder_synced = calls.iter().any(|c| {
-        is_sync(c) && c.text.contains("/data>") && c.ret == "0" && c.end < written.start
-    });
+    let folder_synced = calls
+        .iter()
+        .any(|c| is_sync(c) && c.text.contains("/data>") && c.ret == "0" && c.end < written.start);
     assert!(
         folder_synced,
         "the data folder was not synced before the first journal record was written"
