@@ -324,3 +324,35 @@ fn kill9_with_only_delayed_tasks_pending_loses_none() {
         "tasks that never started before the crash run exactly once after it: {per_id:?}"
     );
 }
+
+/// A restart rebuilds each unfinished task's state from the store: a task waiting for its retry
+/// still reads `retry_wait` on `/task_resp`, a delayed one `delayed`.
+#[test]
+fn waiting_tasks_read_the_same_status_after_a_kill9_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let sink = Sink::start();
+    let mut s = Server::start_in(&data, &[]);
+    let (code, r) = s.submit(
+        &json!({"id": "rw", "method": "GET", "name": sink.url("/status/500"),
+        "max_retry": 3, "retry_interval": 3600}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = s.submit(&json!({"id": "dl", "method": "GET", "name": sink.url("/d"),
+        "delay": 3600}));
+    assert_eq!(code, 200, "{r}");
+    common::eventually(Duration::from_secs(30), "rw waiting for its retry", || {
+        let (code, r) = s.get("/task_resp/rw?timeout=0");
+        (code == 202 && r["status"] == "retry_wait").then_some(())
+    });
+    s.kill9();
+    let s = Server::start_in(&data, &[]);
+    for (id, want) in [("rw", "retry_wait"), ("dl", "delayed")] {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=0"));
+        assert_eq!(
+            (code, r["status"].as_str()),
+            (202, Some(want)),
+            "{id} after the restart: {r}"
+        );
+    }
+}

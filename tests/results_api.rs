@@ -138,10 +138,15 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
     let sink = Sink::start();
     let s = Server::start(&dir, &["--result_max", "1000"]);
     common::check_result_max(&s, &sink);
-    let (_, info) = s.get("/sys_info");
-    assert!(
-        info["data_bytes"].as_u64() > Some(0),
-        "the file size is shown: {info}"
+    let file = s.data.join("poulpe.redb");
+    common::eventually(
+        Duration::from_secs(10),
+        "data_bytes equal to the size of data/poulpe.redb",
+        || {
+            let (_, info) = s.get("/sys_info");
+            let len = std::fs::metadata(&file).expect("the store's file").len();
+            (info["data_bytes"].as_u64() == Some(len)).then_some(())
+        },
     );
 }
 

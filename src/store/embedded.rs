@@ -690,6 +690,8 @@ mod tests {
         crate::store::contract::expiry(&open(dir.path()).expect("open"), true);
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::result_cap(&open(dir.path()).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::summary_counts(&open(dir.path()).expect("open"));
     }
 
     #[test]
