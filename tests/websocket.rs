@@ -4,7 +4,7 @@
 
 mod common;
 use common::ws::{connect, next, send};
-use common::{eventually, Server, Sink};
+use common::{cpu_ticks, eventually, Server, Sink};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -220,14 +220,6 @@ fn websocket_connections_do_not_use_up_max_conns() {
     }
     let (code, _) = s.get("/health");
     assert_eq!(code, 200);
-}
-
-/// CPU time (user + system) the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
 }
 
 #[test]
