@@ -308,3 +308,27 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
     let (_, info) = s.get("/sys_info");
     assert_eq!(info["counts"]["accepted"], 48, "{info}");
 }
+
+/// The WebSocket is a network intake like HTTP: without `--exec_dir` an EXEC task is refused
+/// in its ack, and nothing is stored.
+#[test]
+fn exec_over_the_websocket_is_off_without_exec_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &[]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"ws-exec","method":"EXEC","name":"true"}),
+    );
+    let ack = next(&mut ws);
+    assert_eq!(
+        (&ack["id"], &ack["result"]),
+        (&json!("ws-exec"), &json!("Fail")),
+        "{ack}"
+    );
+    assert!(
+        ack["reason"].as_str().unwrap_or("").contains("exec"),
+        "{ack}"
+    );
+    assert_eq!(s.get("/task_resp/ws-exec?timeout=0").0, 404);
+}
