@@ -332,3 +332,35 @@ fn exec_over_the_websocket_is_off_without_exec_dir() {
     );
     assert_eq!(s.get("/task_resp/ws-exec?timeout=0").0, 404);
 }
+
+/// At a graceful stop every open WebSocket is told so with a close frame (1001, "server
+/// shutting down") before poulpe exits.
+#[test]
+fn a_graceful_stop_closes_open_websockets_with_a_close_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::start(&dir, &[]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"ws-stop","method":"GET","name":sink.url("/x")}),
+    );
+    assert_eq!(next(&mut ws)["result"], "OK", "the connection is served");
+    // Its result too: nothing is left to wake the connection but the stop.
+    assert_eq!(next(&mut ws)["status"], "succeeded");
+    s.signal(libc::SIGTERM);
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => break c,
+            Ok(_) => continue,
+            Err(e) => panic!("the connection ended without a close frame: {e}"),
+        }
+    };
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (1001, "server shutting down")
+    );
+    let exit = s.wait_exit(Duration::from_secs(30));
+    assert!(exit.is_some_and(|st| st.success()), "{exit:?}");
+}
