@@ -364,3 +364,53 @@ fn a_graceful_stop_closes_open_websockets_with_a_close_frame() {
     let exit = s.wait_exit(Duration::from_secs(30));
     assert!(exit.is_some_and(|st| st.success()), "{exit:?}");
 }
+
+/// Once a result has been pushed, the connection goes back to sleep: pushing a result does not
+/// leave it polling.
+#[test]
+fn a_connection_idle_after_a_pushed_result_costs_no_cpu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"pushed","method":"GET","name":sink.url("/p")}),
+    );
+    assert_eq!(next(&mut ws)["result"], "OK");
+    assert_eq!(next(&mut ws)["status"], "succeeded", "its result is pushed");
+    let pid = s.pid().expect("pid");
+    let before = cpu_ticks(pid);
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    let elapsed = wall.elapsed().as_secs_f64();
+    // As in tests/delay.rs: a spinning thread uses about half the wall time or more, an idle
+    // poulpe next to none. A tenth (USER_HZ is 100).
+    assert!(
+        (used as f64) < elapsed * 100.0 / 10.0,
+        "{used} ticks of CPU in {elapsed:.1} s on a connection with nothing to do"
+    );
+}
+
+/// A frame holding an empty array gets a Fail frame (as the HTTP submit refuses one), in its
+/// place among the answers.
+#[test]
+fn an_empty_array_frame_gets_a_fail_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::start(&dir, &[]);
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(&mut ws, &json!([]));
+    send(
+        &mut ws,
+        &json!({"id":"after-empty","method":"GET","name":sink.url("/e")}),
+    );
+    let first = next(&mut ws);
+    assert_eq!(first["result"], "Fail", "{first}");
+    assert!(
+        first["reason"].as_str().unwrap_or("").contains("empty"),
+        "{first}"
+    );
+    assert_eq!(next(&mut ws)["id"], "after-empty");
+}
