@@ -414,3 +414,20 @@ fn an_empty_array_frame_gets_a_fail_frame() {
     );
     assert_eq!(next(&mut ws)["id"], "after-empty");
 }
+
+/// Only `/ws_task` upgrades to a WebSocket: an upgrade request on another path is answered as
+/// any request there.
+#[test]
+fn an_upgrade_on_another_path_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir, &[]);
+    for path in ["/elsewhere", "/sys_info"] {
+        match tungstenite::connect(format!("ws://127.0.0.1:{}{path}", s.port)) {
+            Err(tungstenite::Error::Http(r)) => {
+                assert_ne!(r.status().as_u16(), 101, "{path}");
+            }
+            Err(e) => panic!("{path}: {e}"),
+            Ok(_) => panic!("{path}: upgraded to a WebSocket"),
+        }
+    }
+}
