@@ -426,3 +426,34 @@ fn kill9_at_thirty_random_moments_loses_no_acknowledged_task() {
     );
     report_duplicates(&sink, "30 kills");
 }
+
+/// A restart rebuilds each unfinished task's state from the store: a task waiting for its retry
+/// still reads `retry_wait` on `/task_resp`, a delayed one `delayed`.
+#[test]
+fn waiting_tasks_read_the_same_status_after_a_kill9_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::builder(&dir).start();
+    let (code, r) = s.submit(
+        &json!({"id": "rw", "method": "GET", "name": sink.url("/status/500"),
+        "max_retry": 3, "retry_interval": 3600}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = s.submit(&json!({"id": "dl", "method": "GET", "name": sink.url("/d"),
+        "delay": 3600}));
+    assert_eq!(code, 200, "{r}");
+    common::eventually(Duration::from_secs(30), "rw waiting for its retry", || {
+        let (code, r) = s.get("/task_resp/rw?timeout=0");
+        (code == 202 && r["status"] == "retry_wait").then_some(())
+    });
+    s.kill9();
+    let s = Server::builder(&dir).start();
+    for (id, want) in [("rw", "retry_wait"), ("dl", "delayed")] {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=0"));
+        assert_eq!(
+            (code, r["status"].as_str()),
+            (202, Some(want)),
+            "{id} after the restart: {r}"
+        );
+    }
+}

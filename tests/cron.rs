@@ -3,7 +3,7 @@
 //! and `poulpe cron-check`.
 
 mod common;
-use common::{eventually, Server, Sink};
+use common::{cpu_ticks, eventually, Server, Sink};
 use std::collections::HashSet;
 use std::process::Command;
 use std::thread::sleep;
@@ -187,24 +187,42 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
     sink.wait_until(Duration::from_secs(10), "a firing", |h| !h.is_empty());
     assert!(s.term().success());
     let stopped_us = common::now_us();
+    // A line added while poulpe is down (here before the other) has never fired: it has
+    // nothing to catch up.
+    write(
+        &cron,
+        &format!(
+            "*/2 * * * * * * {} GET n=1\n*/2 * * * * * * {} GET c=1\n",
+            sink.url("/n"),
+            sink.url("/c")
+        ),
+    );
     // Down long enough to miss at least two firings.
     sleep(Duration::from_millis(4500));
     let before = sink.hits_on("/c").len();
     let s2 = Server::builder(&dir).args(&args).start();
     sink.wait_until(Duration::from_secs(5), "the catch-up firing", |h| {
-        h.len() > before
+        h.iter().filter(|h| h.path == "/c").count() > before
     });
     let caught = &sink.hits_on("/c")[before];
     assert!(caught.at_us > stopped_us);
+    // Catch-up happens before the first scheduled firing: once the new line has fired, it is
+    // over.
+    sink.wait_until(
+        Duration::from_secs(10),
+        "the new line's first firing",
+        |h| h.iter().any(|h| h.path == "/n"),
+    );
     assert!(
-        s2.log_text().contains("missed its firing"),
+        s2.log_text().contains("line 2 missed its firing"),
         "{}",
         s2.log_text()
     );
     assert_eq!(
         s2.log_text().matches("missed its firing").count(),
         1,
-        "one catch-up per line"
+        "one catch-up per line, none for the new line: {}",
+        s2.log_text()
     );
     drop(s2);
 
@@ -216,7 +234,7 @@ fn catchup_last_runs_a_missed_firing_once_at_start() {
         .start();
     // Catch-up happens before the first scheduled firing: once that has run, it is too late.
     sink.wait_until(Duration::from_secs(10), "a scheduled firing", |h| {
-        h.len() > before
+        h.iter().filter(|h| h.path == "/c").count() > before
     });
     assert!(
         !s3.log_text().contains("missed its firing"),
@@ -348,4 +366,80 @@ fn exec_from_the_cron_file_runs_without_exec_dir_but_not_from_the_network() {
     );
     let (code, _) = s.get("/task_resp/net-exec?timeout=0");
     assert_eq!(code, 404, "the refused task was not stored");
+}
+
+/// The cron thread sleeps until the next firing (waking once a second to look at the file): a
+/// line that fires once a year costs next to no CPU.
+#[test]
+fn a_line_that_fires_rarely_does_not_keep_the_cpu_busy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("0 0 0 1 1 * *  {}  GET  src=y\n", sink.url("/yearly")),
+    );
+    let s = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
+    // The line is with the cron thread before the measure starts.
+    let (_, info) = s.get("/sys_info");
+    assert!(info["cron"][0]["next"].is_string(), "{info}");
+    let pid = s.pid().expect("running");
+    let ticks = 100; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    let wall = std::time::Instant::now();
+    sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    let elapsed = wall.elapsed().as_secs_f64();
+    // As for a delayed task (tests/delay.rs): a spinning thread uses about half the wall time
+    // or more, an idle poulpe next to none. A tenth.
+    assert!(
+        (used as f64) < elapsed * ticks as f64 / 10.0,
+        "{used} ticks of CPU in {elapsed:.1} s while the only cron line waits for next year"
+    );
+}
+
+/// Firings missed while the process could not run (stopped by SIGSTOP for 4.5 s) are not made
+/// up one per missed second when it resumes: the first of them runs, then the line goes on
+/// from the next second.
+#[test]
+fn firings_missed_while_stopped_run_once_not_once_per_missed_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    write(
+        &cron,
+        &format!("* * * * * * *  {}  GET  src=st\n", sink.url("/st")),
+    );
+    let s = Server::builder(&dir)
+        .args(&["--cron", cron.to_str().expect("utf8")])
+        .start();
+    let key = eventually(Duration::from_secs(10), "a first firing", || {
+        let (_, info) = s.get("/sys_info");
+        let last = info["cron"][0]["last_id"].as_str()?.to_string();
+        let key = last.strip_prefix("cron-")?.rsplit_once('-')?.0.to_string();
+        Some(key)
+    });
+    s.signal(libc::SIGSTOP);
+    let stopped_us = common::now_us();
+    sleep(Duration::from_millis(4500));
+    let resumed_us = common::now_us();
+    s.signal(libc::SIGCONT);
+    let found = |t: u64| {
+        let (code, _) = s.get(&format!("/task_resp/cron-{key}-{t}?timeout=0"));
+        code != 404
+    };
+    // A firing two seconds after the resume has run: any made-up firing came before it.
+    let later = resumed_us / 1_000_000 + 2;
+    eventually(Duration::from_secs(15), "a firing after the resume", || {
+        found(later).then_some(())
+    });
+    let missed: Vec<u64> = (stopped_us / 1_000_000 + 1..resumed_us / 1_000_000).collect();
+    assert!(missed.len() >= 3, "{missed:?}");
+    let ran: Vec<u64> = missed.iter().copied().filter(|&t| found(t)).collect();
+    assert!(
+        ran.len() <= 1,
+        "firings due while the process was stopped ran for {ran:?} of the missed seconds {missed:?}"
+    );
 }

@@ -1,7 +1,7 @@
 //! Delayed tasks run, and never before their due time (submit time + delay).
 
 mod common;
-use common::{hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
+use common::{cpu_ticks, hits::hits_by_id, hits::wait_all_hit, now_us, Server, Sink};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -47,16 +47,6 @@ fn delay_as_a_string_of_digits_works() {
     let (code, r) = s.get("/task_resp/ds?timeout=10");
     assert_eq!(code, 200, "{r}");
     assert!(sink.hits()[0].at_us >= before + 1_000_000, "early");
-}
-
-/// CPU time (user + system, in clock ticks) that process `pid` has used so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
-    // are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
 }
 
 /// While a delayed task waits, the timer sleeps until its due time: an idle server with a

@@ -52,6 +52,11 @@ fn bad_tasks_get_400_naming_the_field() {
             reason.to_lowercase().contains(&word.to_lowercase()),
             "{task}: the reason should name {word:?}: {reason}"
         );
+        // Only a task in an array of several is named by its place.
+        assert!(
+            task.is_array() || !reason.starts_with("task 0"),
+            "{task}: a task sent alone is not numbered: {reason}"
+        );
     }
     // Nothing was accepted.
     let (_, info) = s.get("/sys_info");
@@ -64,7 +69,10 @@ fn bad_tasks_get_400_naming_the_field() {
     ]);
     let (code, r) = s.submit(&arr);
     assert_eq!(code, 400, "{r}");
-    assert!(r["reason"].as_str().unwrap_or("").contains("task 1"), "{r}");
+    assert!(
+        r["reason"].as_str().unwrap_or("").starts_with("task 1: "),
+        "{r}"
+    );
     assert_eq!(
         s.get("/task_resp/arr-ok?timeout=0").0,
         404,
@@ -128,6 +136,25 @@ fn malformed_requests_get_4xx() {
     assert_eq!(request("GET", &s.url("/no/such/thing"), &[]).0, 404);
     assert_eq!(request("GET", &url, &[]).0, 405);
     assert_eq!(request("PUT", &s.url("/sys_info"), &[]).0, 405);
+    assert_eq!(request("DELETE", &s.url("/sys_info"), &[]).0, 405);
+    assert_eq!(request("POST", &s.url("/task_resp/x"), &[]).0, 405);
+    assert_eq!(request("GET", &s.url("/task/x"), &[]).0, 405);
+    let (code, r) = request("DELETE", &s.url("/task/"), &[]);
+    assert_eq!(code, 400, "a cancel without an id: {r}");
+    let (code, r) = request("GET", &s.url("/task_resp/"), &[]);
+    assert_eq!(code, 400, "a long poll without an id: {r}");
+    // A long poll of at most 300 s.
+    let (code, r) = request("GET", &s.url("/task_resp/x?timeout=301"), &[]);
+    assert_eq!(code, 400, "a long poll beyond 300 s: {r}");
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("timeout"),
+        "{r}"
+    );
+    let (code, r) = request("GET", &s.url("/task_resp/x?timeout=300"), &[]);
+    assert_eq!(
+        code, 404,
+        "300 s is allowed (an unknown id answers at once): {r}"
+    );
     let (code, r) = request("GET", &s.url("/task_resp/%ff%fe"), &[]);
     assert_eq!(code, 400, "a bad id in the path: {r}");
     assert!(r["reason"].as_str().unwrap_or("").contains("id"), "{r}");

@@ -74,6 +74,41 @@ fn a_non_2xx_answer_is_a_failed_attempt_with_its_status() {
     assert!(r["reason"].as_str().unwrap_or("").contains("404"), "{r}");
 }
 
+/// A task cancelled while it waits in its worker's queue leaves the queue at once (it does not
+/// hold its place until the worker reaches it), and never runs.
+#[test]
+fn delete_takes_a_queued_task_out_of_its_workers_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).args(&["--workers", "1"]).start();
+    let busy = json!({"id":"q-busy","method":"GET","name":sink.url("/slow?ms=5000")});
+    assert_eq!(s.submit(&busy).0, 200);
+    sink.wait_until(Duration::from_secs(10), "the slow task", |h| !h.is_empty());
+    let queued = json!({"id":"q-1","method":"GET","name":sink.url("/never")});
+    assert_eq!(s.submit(&queued).0, 200);
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["channel_sizes"], json!([1]), "q-1 queued: {info}");
+    let (code, r) = common::request("DELETE", &s.url("/task/q-1"), &[]);
+    assert_eq!((code, &r["reason"]), (200, &json!("cancelled")), "{r}");
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(
+        info["working_keys"],
+        json!(["q-busy"]),
+        "still running: {info}"
+    );
+    assert_eq!(
+        info["channel_sizes"],
+        json!([0]),
+        "the cancelled task is out of the queue while q-busy runs: {info}"
+    );
+    // Once a task queued after it has run, the cancelled one would have too.
+    let marker = json!({"id":"q-marker","method":"GET","name":sink.url("/marker")});
+    assert_eq!(s.submit(&marker).0, 200);
+    let (code, r) = s.get("/task_resp/q-marker?timeout=30");
+    assert_eq!((code, &r["result"]), (200, &json!("OK")), "{r}");
+    assert!(sink.hits_on("/never").is_empty(), "the cancelled task ran");
+}
+
 #[test]
 fn delete_cancels_a_delayed_task_before_it_runs() {
     let dir = tempfile::tempdir().expect("tempdir");

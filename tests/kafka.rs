@@ -932,3 +932,49 @@ fn a_message_met_by_a_redis_outage_is_retried_then_runs_once_and_is_committed() 
     assert_eq!(ids.get("during"), Some(&1), "ran exactly once: {ids:?}");
     assert_eq!(ids.get("warm"), Some(&1), "{ids:?}");
 }
+
+/// Only a task that came from the task topic has its result produced to the result topic: the
+/// same server's HTTP and WebSocket tasks do not.
+#[test]
+fn only_tasks_from_the_topic_have_their_results_produced() {
+    let broker = Broker::start(&["tasks", "results"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g1"))
+        .start();
+    let (code, r) =
+        s.submit(&json!({"id": "via-http", "method": "GET", "name": sink.url("/hit"), "wait": 20}));
+    assert_eq!(
+        (code, &r["status"]),
+        (200, &json!("succeeded")),
+        "finished: {r}"
+    );
+    let mut ws = common::ws::connect(&s, "", &[]).expect("connect");
+    common::ws::send(
+        &mut ws,
+        &json!({"id": "via-ws", "method": "GET", "name": sink.url("/hit")}),
+    );
+    let ack = common::ws::next(&mut ws);
+    assert_eq!(ack["result"], "OK", "{ack}");
+    let done = common::ws::next(&mut ws);
+    assert_eq!(done["status"], "succeeded", "finished: {done}");
+    // Results go out in the order tasks finish: once this one is on the topic, any result of
+    // the two before it would be too.
+    broker.produce(
+        "tasks",
+        &[json!({"id": "via-kafka", "method": "GET", "name": sink.url("/hit")}).to_string()],
+    );
+    let mut results = broker.results("results");
+    results.wait_for(Duration::from_secs(60), "the Kafka task's result", |m| {
+        m.contains_key("via-kafka")
+    });
+    let keys: Vec<&String> = results.by_key.keys().collect();
+    assert_eq!(keys, vec!["via-kafka"], "only the Kafka task's result");
+    let produced = eventually(Duration::from_secs(10), "the produced count", || {
+        let (_, info) = s.get("/sys_info");
+        info["kafka"]["produced"].as_u64().filter(|n| *n >= 1)
+    });
+    assert_eq!(produced, 1, "one result produced");
+}

@@ -140,10 +140,18 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
         .args(&["--result_max", "1000"])
         .start();
     common::results::check_result_max(&s, &sink);
-    let (_, info) = s.get("/sys_info");
-    assert!(
-        info["data_bytes"].as_u64() > Some(0),
-        "the file size is shown: {info}"
+    let files = [s.data.join("poulpe.redb"), s.data.join("poulpe.journal")];
+    common::eventually(
+        Duration::from_secs(10),
+        "data_bytes equal to the sizes of data/poulpe.redb and data/poulpe.journal",
+        || {
+            let (_, info) = s.get("/sys_info");
+            let len: u64 = files
+                .iter()
+                .map(|f| std::fs::metadata(f).expect("the store's files").len())
+                .sum();
+            (info["data_bytes"].as_u64() == Some(len)).then_some(())
+        },
     );
 }
 

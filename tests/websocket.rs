@@ -4,7 +4,7 @@
 
 mod common;
 use common::ws::{connect, next, send};
-use common::{eventually, Server, Sink};
+use common::{cpu_ticks, eventually, Server, Sink};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -228,14 +228,6 @@ fn websocket_connections_do_not_use_up_max_conns() {
     assert_eq!(code, 200);
 }
 
-/// CPU time (user + system) the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-}
-
 #[test]
 fn idle_connections_cost_no_cpu() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -321,4 +313,127 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
     assert_eq!(hits.len(), 48, "each accepted task ran once");
     let (_, info) = s.get("/sys_info");
     assert_eq!(info["counts"]["accepted"], 48, "{info}");
+}
+
+/// The WebSocket is a network intake like HTTP: without `--exec_dir` an EXEC task is refused
+/// in its ack, and nothing is stored.
+#[test]
+fn exec_over_the_websocket_is_off_without_exec_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir).start();
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"ws-exec","method":"EXEC","name":"true"}),
+    );
+    let ack = next(&mut ws);
+    assert_eq!(
+        (&ack["id"], &ack["result"]),
+        (&json!("ws-exec"), &json!("Fail")),
+        "{ack}"
+    );
+    assert!(
+        ack["reason"].as_str().unwrap_or("").contains("exec"),
+        "{ack}"
+    );
+    assert_eq!(s.get("/task_resp/ws-exec?timeout=0").0, 404);
+}
+
+/// At a graceful stop every open WebSocket is told so with a close frame (1001, "server
+/// shutting down") before poulpe exits.
+#[test]
+fn a_graceful_stop_closes_open_websockets_with_a_close_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::builder(&dir).start();
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"ws-stop","method":"GET","name":sink.url("/x")}),
+    );
+    assert_eq!(next(&mut ws)["result"], "OK", "the connection is served");
+    // Its result too: nothing is left to wake the connection but the stop.
+    assert_eq!(next(&mut ws)["status"], "succeeded");
+    s.signal(libc::SIGTERM);
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => break c,
+            Ok(_) => continue,
+            Err(e) => panic!("the connection ended without a close frame: {e}"),
+        }
+    };
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (1001, "server shutting down")
+    );
+    let exit = s.wait_exit(Duration::from_secs(30));
+    assert!(exit.is_some_and(|st| st.success()), "{exit:?}");
+}
+
+/// Once a result has been pushed, the connection goes back to sleep: pushing a result does not
+/// leave it polling.
+#[test]
+fn a_connection_idle_after_a_pushed_result_costs_no_cpu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).start();
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(
+        &mut ws,
+        &json!({"id":"pushed","method":"GET","name":sink.url("/p")}),
+    );
+    assert_eq!(next(&mut ws)["result"], "OK");
+    assert_eq!(next(&mut ws)["status"], "succeeded", "its result is pushed");
+    let pid = s.pid().expect("pid");
+    let before = cpu_ticks(pid);
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    let elapsed = wall.elapsed().as_secs_f64();
+    // As in tests/delay.rs: a spinning thread uses about half the wall time or more, an idle
+    // poulpe next to none. A tenth (USER_HZ is 100).
+    assert!(
+        (used as f64) < elapsed * 100.0 / 10.0,
+        "{used} ticks of CPU in {elapsed:.1} s on a connection with nothing to do"
+    );
+}
+
+/// A frame holding an empty array gets a Fail frame (as the HTTP submit refuses one), in its
+/// place among the answers.
+#[test]
+fn an_empty_array_frame_gets_a_fail_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).start();
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    send(&mut ws, &json!([]));
+    send(
+        &mut ws,
+        &json!({"id":"after-empty","method":"GET","name":sink.url("/e")}),
+    );
+    let first = next(&mut ws);
+    assert_eq!(first["result"], "Fail", "{first}");
+    assert!(
+        first["reason"].as_str().unwrap_or("").contains("empty"),
+        "{first}"
+    );
+    assert_eq!(next(&mut ws)["id"], "after-empty");
+}
+
+/// Only `/ws_task` upgrades to a WebSocket: an upgrade request on another path is answered as
+/// any request there.
+#[test]
+fn an_upgrade_on_another_path_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir).start();
+    for path in ["/elsewhere", "/sys_info"] {
+        match tungstenite::connect(format!("ws://127.0.0.1:{}{path}", s.port)) {
+            Err(tungstenite::Error::Http(r)) => {
+                assert_ne!(r.status().as_u16(), 101, "{path}");
+            }
+            Err(e) => panic!("{path}: {e}"),
+            Ok(_) => panic!("{path}: upgraded to a WebSocket"),
+        }
+    }
 }

@@ -291,5 +291,9 @@ mod tests {
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"abcd"));
         assert!(!same_secret(b"", b"a"));
+        // A longer value that only adds zero bytes differs too, whatever the lengths.
+        assert!(!same_secret(b"ab", b"ab\0"));
+        assert!(!same_secret(b"ab", b"ab\0\0"));
+        assert!(!same_secret(&[0; 256], b""));
     }
 }

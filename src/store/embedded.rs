@@ -1006,6 +1006,8 @@ mod tests {
         crate::store::contract::expiry(&open(dir.path(), CHECKPOINT_EVERY).expect("open"), true);
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::result_cap(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::summary_counts(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]

@@ -201,6 +201,40 @@ pub(crate) fn start_gc(
     ))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// More expired results than one pass deletes: the gc thread goes on at once until they are
+    /// all gone, not one pass per period.
+    #[test]
+    fn gc_passes_follow_each_other_at_once_while_a_pass_is_full() {
+        let store = Arc::new(memory::open());
+        let expired = crate::clock::now_ms() - 1;
+        let changes: Vec<Change> = (0..2 * GC_PASS + GC_PASS / 2)
+            .map(|i| Change::Finish {
+                result: contract::result(&format!("old{i}")),
+                expires_ms: expired,
+            })
+            .collect();
+        store.record(&changes).expect("record");
+        let gc = start_gc(store.clone(), Duration::from_secs(3600), usize::MAX).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut left = store.results_stored().expect("count");
+        while left > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            left = store.results_stored().expect("count");
+        }
+        let stopped = gc.stop_and_join(Duration::from_secs(5));
+        assert_eq!(
+            left, 0,
+            "expired results left after 30 s with a gc period of an hour"
+        );
+        assert!(stopped, "the gc thread stops");
+    }
+}
+
 /// The shared contract tests, run against every implementation.
 #[cfg(test)]
 pub(crate) mod contract {
@@ -395,6 +429,7 @@ pub(crate) mod contract {
     }
 
     /// Results expire: by `gc` (single-node stores) or by the store itself (`by_gc` false).
+    /// Either way an expired result is never read, even before `gc` has deleted it.
     pub(crate) fn expiry(store: &dyn Store, by_gc: bool) {
         let now = crate::clock::now_ms();
         store
@@ -409,9 +444,56 @@ pub(crate) mod contract {
         assert_eq!(store.result("x1").expect("result"), Some(result("x1")));
         if by_gc {
             assert_eq!(store.gc(now + 100, usize::MAX).expect("gc"), 0);
-            assert_eq!(store.gc(now + 400, usize::MAX).expect("gc"), 1);
         }
         std::thread::sleep(std::time::Duration::from_millis(400));
-        assert_eq!(store.result("x1").expect("result"), None, "expired");
+        assert_eq!(
+            store.result("x1").expect("result"),
+            None,
+            "expired, and not read although gc has not deleted it yet"
+        );
+        if by_gc {
+            assert_eq!(store.gc(now + 400, usize::MAX).expect("gc"), 1);
+        }
+    }
+
+    /// `/sys_info`'s lists and totals: ids per state, each list at most `cap` ids (sorted), the
+    /// totals counting every id.
+    pub(crate) fn summary_counts(store: &dyn Store) {
+        store
+            .insert(&[
+                task("w1", State::Delayed, 5),
+                task("w2", State::RetryWait, 5),
+                task("w3", State::Delayed, 5),
+                task("r1", State::Ready, 0),
+                task("r2", State::Ready, 0),
+                task("r3", State::Ready, 0),
+            ])
+            .expect("insert");
+        for id in ["r1", "r2"] {
+            assert!(store.claim(&task(id, State::Ready, 0)).expect("claim"));
+        }
+        let all = store.summary(10).expect("summary");
+        assert_eq!(
+            all,
+            Summary {
+                running: vec!["r1".to_string(), "r2".to_string()],
+                running_total: 2,
+                waiting: vec!["w1".to_string(), "w2".to_string(), "w3".to_string()],
+                waiting_total: 3,
+                ready_total: 1,
+            }
+        );
+        let capped = store.summary(1).expect("summary");
+        assert_eq!(
+            (capped.running.len(), capped.running_total),
+            (1, 2),
+            "{capped:?}"
+        );
+        assert_eq!(
+            (capped.waiting.len(), capped.waiting_total),
+            (1, 3),
+            "{capped:?}"
+        );
+        assert_eq!(capped.ready_total, 1, "{capped:?}");
     }
 }

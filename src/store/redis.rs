@@ -688,6 +688,8 @@ mod tests {
         let s = redis_server();
         contract::run(&store(&s));
         contract::expiry(&store(&s), false);
+        let s = redis_server();
+        contract::summary_counts(&store(&s));
     }
 
     #[test]
