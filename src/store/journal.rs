@@ -19,8 +19,10 @@ use std::io;
 /// Bytes before a record's ops: length, CRC, sequence number.
 const HEAD: usize = 16;
 
-/// Largest record accepted when reading: a corrupt length must not allocate gigabytes.
-const MAX_RECORD: usize = 1 << 30;
+/// A group's ops are split into records of about this size, so that a record's length always
+/// fits its u32 (one op is at most `--max_body`, 1 GiB). A corrupt length needs no cap: the
+/// whole file is in memory, and a length past its end just ends the replay.
+const RECORD_SPLIT: usize = 256 << 20;
 
 /// The file grows by at least this many zero bytes at a time.
 const GROW: u64 = 1 << 20;
@@ -75,6 +77,8 @@ pub struct Journal {
     io: Box<dyn JournalIo>,
     /// Bytes of whole, synced records since the last checkpoint; the next record goes here.
     len: u64,
+    /// Size at which a group is split into another record (`RECORD_SPLIT`; smaller in tests).
+    split: usize,
     /// The file's length: bytes up to it are written (old records or zeros).
     allocated: u64,
     /// Sequence number of the next record.
@@ -100,6 +104,7 @@ impl Journal {
         Journal {
             io,
             len: 0,
+            split: RECORD_SPLIT,
             allocated,
             next_seq,
             buf: Vec::new(),
@@ -129,15 +134,19 @@ impl Journal {
     /// treats the store as down.
     pub fn append(&mut self, ops: &[&Op]) -> io::Result<()> {
         self.buf.clear();
+        let mut seq = self.next_seq;
+        let mut start = 0;
         self.buf.extend_from_slice(&[0; HEAD]);
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             encode_op(op, &mut self.buf);
+            if self.buf.len() - start >= self.split && i + 1 < ops.len() {
+                seal(&mut self.buf, start, seq);
+                seq += 1;
+                start = self.buf.len();
+                self.buf.extend_from_slice(&[0; HEAD]);
+            }
         }
-        let len = (self.buf.len() - HEAD) as u32;
-        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
-        self.buf[8..16].copy_from_slice(&self.next_seq.to_le_bytes());
-        let crc = crc32(&self.buf[8..]);
-        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        seal(&mut self.buf, start, seq);
         let end = self.len + self.buf.len() as u64;
         let grow_to = if end > self.allocated {
             end.max(self.allocated + GROW)
@@ -154,7 +163,7 @@ impl Journal {
             Ok(()) => {
                 self.allocated = self.allocated.max(grow_to);
                 self.len = end;
-                self.next_seq += 1;
+                self.next_seq = seq + 1;
                 if self.buf.capacity() > 1 << 20 {
                     self.buf = Vec::new();
                 }
@@ -182,6 +191,15 @@ impl Journal {
     }
 }
 
+/// Fills in the head of the record that starts at `start` and runs to the end of `buf`.
+fn seal(buf: &mut [u8], start: usize, seq: u64) {
+    let len = (buf.len() - start - HEAD) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 8..start + 16].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32(&buf[start + 8..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
 fn parse(bytes: &[u8], checkpointed: u64) -> Replay {
     let mut out = Replay::default();
     let mut at = 0usize;
@@ -195,9 +213,6 @@ fn parse(bytes: &[u8], checkpointed: u64) -> Replay {
         let mut seq_bytes = [0u8; 8];
         seq_bytes.copy_from_slice(&head[8..16]);
         let seq = u64::from_le_bytes(seq_bytes);
-        if len > MAX_RECORD {
-            break;
-        }
         let Some(body) = bytes.get(at + HEAD..at + HEAD + len) else {
             break;
         };
@@ -552,6 +567,28 @@ pub mod tests {
         let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![6]);
         assert!(same(&r.records[0].1, &ops));
+    }
+
+    /// A big group becomes several records with consecutive numbers, written and synced
+    /// together, all read back (a record's length must fit its u32).
+    #[test]
+    fn a_big_group_is_split_into_records_that_all_read_back() {
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        j.split = 100;
+        let ops: Vec<Op> = (0..10).flat_map(sample).collect();
+        j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        assert!(j.last_seq() > 3, "split into {} records", j.last_seq());
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=j.last_seq()).collect::<Vec<_>>());
+        let back: Vec<Op> = r.records.into_iter().flat_map(|(_, o)| o).collect();
+        assert!(same(&back, &ops));
+        let one = [Op::DelTask("next".into())];
+        j.append(&one.iter().collect::<Vec<_>>()).expect("append");
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.last().map(|(s, _)| *s), Some(j.last_seq()));
     }
 
     #[test]
