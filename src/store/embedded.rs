@@ -381,14 +381,6 @@ fn checkpointed_seq(db: &Database) -> Result<u64, redb::Error> {
     Ok(v.and_then(|g| g.value().parse().ok()).unwrap_or(0))
 }
 
-/// The expiry of `id`'s result in the redb file.
-fn stored_expiry(db: &Database, id: &str) -> Option<i64> {
-    let txn = db.begin_read().ok()?;
-    let t = txn.open_table(RESULTS).ok()?;
-    let g = t.get(id).ok()??;
-    split_result(g.value()).map(|(e, _)| e)
-}
-
 /// Applies the journal's records that the redb file does not hold yet, writes them into it
 /// and empties the journal; returns the journal, ready for the next record.
 fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreError> {
@@ -406,7 +398,7 @@ fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreErr
     let mut pending = Pending::default();
     for (_, ops) in found.records {
         for op in ops {
-            pending.apply(op, &mut |id| stored_expiry(db, id));
+            pending.apply(op, &|_| None);
         }
     }
     let mut journal = Journal::new(io, last + 1);
@@ -500,6 +492,17 @@ impl Sink for Tables<'_> {
     }
     fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
         self.results.remove(id)?;
+        Ok(())
+    }
+    fn del_result_if(&mut self, id: &str, expires_ms: i64) -> Result<(), redb::Error> {
+        let same = self
+            .results
+            .get(id)?
+            .and_then(|g| split_result(g.value()).map(|(e, _)| e == expires_ms))
+            .unwrap_or(false);
+        if same {
+            self.results.remove(id)?;
+        }
         Ok(())
     }
     fn del_expiry(&mut self, expires_ms: i64, id: &str) -> Result<(), redb::Error> {
@@ -656,20 +659,18 @@ impl Writer {
 
     /// Folds written ops into the overlay, where reads find them.
     fn fold(&mut self, ops: impl Iterator<Item = Op>) {
-        let db = self.shared.current().ok();
         let mut o = self.shared.overlay.write();
         if o.current.is_empty() {
             self.pending_since = Instant::now();
         }
         let Overlay { current, flushing } = &mut *o;
         for op in ops {
-            current.apply(
-                op,
-                &mut |id| match flushing.as_ref().and_then(|f| f.result(id)) {
-                    Some(r) => r.map(|(e, _)| e),
-                    None => db.as_ref().and_then(|db| stored_expiry(db, id)),
-                },
-            );
+            current.apply(op, &|id| {
+                flushing
+                    .as_ref()
+                    .and_then(|f| f.result(id))
+                    .map(|r| r.map(|(e, _)| e))
+            });
         }
     }
 
@@ -995,6 +996,7 @@ mod tests {
     use super::*;
     use crate::store::contract::{result, run, task};
     use crate::store::journal::tests::MemJournal;
+    use crate::store::pending::{Pending, Sink};
     use crate::store::{Change, Store};
     use crate::task::State;
 
@@ -1087,6 +1089,88 @@ mod tests {
         assert_eq!(s.result("done").expect("result"), Some(result("done")));
         assert_eq!(s.get_meta("cron.k").expect("meta"), Some("42".into()));
         s.close();
+    }
+
+    /// Records what a checkpoint would write.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Sink for Recorder {
+        fn put_task(&mut self, id: &str, _: &[u8]) -> Result<(), redb::Error> {
+            self.0.push(format!("put_task {id}"));
+            Ok(())
+        }
+        fn del_task(&mut self, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_task {id}"));
+            Ok(())
+        }
+        fn put_result(&mut self, id: &str, e: i64, _: &[u8]) -> Result<(), redb::Error> {
+            self.0.push(format!("put_result {id} {e}"));
+            Ok(())
+        }
+        fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_result {id}"));
+            Ok(())
+        }
+        fn del_result_if(&mut self, id: &str, e: i64) -> Result<(), redb::Error> {
+            self.0.push(format!("del_result_if {id} {e}"));
+            Ok(())
+        }
+        fn del_expiry(&mut self, e: i64, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_expiry {id} {e}"));
+            Ok(())
+        }
+        fn put_meta(&mut self, k: &str, v: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("put_meta {k} {v}"));
+            Ok(())
+        }
+    }
+
+    /// An `Expire` of a result the overlay does not hold is decided at the checkpoint, against
+    /// the file; one the overlay holds (or a checkpoint being written holds) is decided at once;
+    /// a result written again after the `Expire` is kept.
+    #[test]
+    fn an_expire_is_decided_where_the_result_is_known() {
+        let expire = |id: &str, e| Op::Expire {
+            id: id.into(),
+            expires_ms: e,
+        };
+        let put = |id: &str, e| Op::PutResult {
+            id: id.into(),
+            expires_ms: e,
+            bytes: b"{}".to_vec(),
+        };
+        let mut p = Pending::default();
+        p.apply(expire("in-file", 5), &|_| None);
+        p.apply(put("here", 7), &|_| None);
+        p.apply(expire("here", 7), &|_| None);
+        p.apply(expire("flushing", 9), &|id| {
+            (id == "flushing").then_some(Some(9))
+        });
+        p.apply(expire("again", 3), &|_| None);
+        p.apply(put("again", 4), &|_| None);
+        assert_eq!(p.result("here"), Some(None), "decided at once");
+        assert_eq!(
+            p.result("flushing"),
+            Some(None),
+            "decided against the older overlay"
+        );
+        assert_eq!(p.result("in-file"), None, "left to the checkpoint");
+        let mut r = Recorder::default();
+        p.write_to(&mut r).expect("write");
+        let has = |line: &str| r.0.iter().any(|l| l == line);
+        assert!(has("del_result_if in-file 5"), "{:?}", r.0);
+        assert!(has("put_result again 4"), "{:?}", r.0);
+        assert!(
+            !has("del_result_if again 3"),
+            "the newer result decides: {:?}",
+            r.0
+        );
+        assert!(
+            has("del_expiry here 7") && has("del_result here"),
+            "{:?}",
+            r.0
+        );
     }
 
     #[test]

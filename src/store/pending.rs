@@ -19,6 +19,9 @@ pub(crate) struct Pending {
     meta: Map,
     /// Entries of the expiry index to delete: (expires_ms, id).
     expiry_del: Vec<(i64, String)>,
+    /// Results to delete at the checkpoint if the file's copy still has this expiry (an
+    /// `Expire` of a result this overlay did not hold): (expires_ms, id).
+    expire_if: Vec<(i64, String)>,
     /// Ops folded in since the last checkpoint.
     ops: usize,
     /// Rough bytes held.
@@ -31,14 +34,18 @@ pub(crate) trait Sink {
     fn del_task(&mut self, id: &str) -> Result<(), redb::Error>;
     fn put_result(&mut self, id: &str, expires_ms: i64, bytes: &[u8]) -> Result<(), redb::Error>;
     fn del_result(&mut self, id: &str) -> Result<(), redb::Error>;
+    /// Deletes the result if it has this expiry.
+    fn del_result_if(&mut self, id: &str, expires_ms: i64) -> Result<(), redb::Error>;
     fn del_expiry(&mut self, expires_ms: i64, id: &str) -> Result<(), redb::Error>;
     fn put_meta(&mut self, key: &str, value: &str) -> Result<(), redb::Error>;
 }
 
 impl Pending {
-    /// Folds one durable write in. `stored_expiry` gives the expiry of the result in the redb
-    /// file (for `Expire`, which deletes a result only if it still has that expiry).
-    pub(crate) fn apply(&mut self, op: Op, stored_expiry: &mut dyn FnMut(&str) -> Option<i64>) {
+    /// Folds one durable write in. `earlier` gives the expiry of a result an older overlay (a
+    /// checkpoint being written) holds, `Some(None)` if it deletes it: `Expire` deletes a result
+    /// only if it still has that expiry, decided here when an overlay knows the result, else at
+    /// the checkpoint against the file.
+    pub(crate) fn apply(&mut self, op: Op, earlier: &dyn Fn(&str) -> Option<Option<i64>>) {
         self.ops += 1;
         let (map, key, value) = match op {
             Op::PutTask(id, b) | Op::InsertTask(id, b) => (&mut self.tasks, id, Some((0, b))),
@@ -50,14 +57,18 @@ impl Pending {
             } => (&mut self.results, id, Some((expires_ms, bytes))),
             Op::DelResult(id) => (&mut self.results, id, None),
             Op::Expire { id, expires_ms } => {
-                let current = match self.results.get(&id) {
-                    Some(r) => r.as_ref().map(|(e, _)| *e),
-                    None => stored_expiry(&id),
+                let known = match self.results.get(&id) {
+                    Some(r) => Some(r.as_ref().map(|(e, _)| *e)),
+                    None => earlier(&id),
                 };
-                if current == Some(expires_ms) {
-                    self.results.insert(id.clone(), None);
+                match known {
+                    Some(current) if current == Some(expires_ms) => {
+                        self.results.insert(id.clone(), None);
+                    }
+                    Some(_) => {}
+                    None => self.expire_if.push((expires_ms, id.clone())),
                 }
-                self.bytes += id.len();
+                self.bytes += 2 * id.len();
                 self.expiry_del.push((expires_ms, id));
                 return;
             }
@@ -128,6 +139,12 @@ impl Pending {
         }
         for (e, id) in &self.expiry_del {
             sink.del_expiry(*e, id)?;
+        }
+        for (e, id) in &self.expire_if {
+            // A result written or deleted after the `Expire` is decided by the map below.
+            if !self.results.contains_key(id) {
+                sink.del_result_if(id, *e)?;
+            }
         }
         for (id, r) in &self.results {
             match r {
