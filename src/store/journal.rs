@@ -595,4 +595,140 @@ pub mod tests {
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
+
+    /// The file grows in zero-filled steps of `GROW` also when a record ends exactly at its
+    /// length: the next record past it grows it by a whole step, not just by its own size.
+    #[test]
+    fn a_record_ending_at_the_files_length_is_followed_by_a_whole_step() {
+        let ops = [Op::DelTask("x".into())];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let (probe, ends) = {
+            let mem = MemJournal::default();
+            let mut j = Journal::new(Box::new(mem.clone()), 1);
+            j.append(&refs).expect("append");
+            (mem, j.len())
+        };
+        drop(probe);
+        // A file exactly one record long: the record fills it.
+        let mem = MemJournal::default();
+        *mem.bytes.lock() = vec![0; ends as usize];
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        j.append(&refs).expect("append");
+        assert_eq!(
+            mem.bytes.lock().len() as u64,
+            ends,
+            "the record fills the file"
+        );
+        j.append(&refs).expect("append");
+        assert_eq!(
+            mem.bytes.lock().len() as u64,
+            ends + GROW,
+            "the next record grows the file by a zero-filled step"
+        );
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 2);
+        assert_eq!(r.dropped, 0);
+    }
+
+    /// The record buffer is reused between appends, and dropped after a record of more than
+    /// 1 MiB so that one big write does not keep its memory for ever.
+    #[test]
+    fn the_record_buffer_is_kept_unless_it_grew_beyond_1_mib() {
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        let small = [Op::DelTask("x".into())];
+        j.append(&small.iter().collect::<Vec<_>>()).expect("append");
+        assert!(j.buf.capacity() > 0, "kept for the next record");
+        let big = [Op::PutTask("b".into(), vec![1; 3 << 20])];
+        j.append(&big.iter().collect::<Vec<_>>()).expect("append");
+        assert!(
+            j.buf.capacity() <= 1 << 20,
+            "a buffer of {} bytes kept",
+            j.buf.capacity()
+        );
+    }
+
+    /// A sync error that also makes the writes fail (a disk gone bad): `append` cannot zero the
+    /// refused record, so `cut_to_good` must, before anything else is written.
+    #[test]
+    fn cut_to_good_makes_a_refused_record_unreadable() {
+        struct SyncBreaksDisk(MemJournal);
+        impl JournalIo for SyncBreaksDisk {
+            fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+                self.0.write_at(offset, buf)
+            }
+            fn sync(&mut self) -> io::Result<()> {
+                if self.0.sync_fails.load(std::sync::atomic::Ordering::SeqCst) {
+                    self.0.full.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                self.0.sync()
+            }
+            fn size(&mut self) -> io::Result<u64> {
+                self.0.size()
+            }
+            fn read_all(&mut self) -> io::Result<Vec<u8>> {
+                self.0.read_all()
+            }
+        }
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(SyncBreaksDisk(mem.clone())), 1);
+        let ops = sample(1);
+        let refs: Vec<&Op> = ops.iter().collect();
+        j.append(&refs).expect("append");
+        mem.sync_fails
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(j.append(&refs).is_err());
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 2, "the refused record is still there");
+        mem.sync_fails
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        mem.full.store(false, std::sync::atomic::Ordering::SeqCst);
+        j.cut_to_good().expect("cut_to_good");
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 1, "the refused record is gone");
+    }
+
+    /// `cut_to_good` at the very end of the file extends it by a zeroed head, and the journal
+    /// counts those bytes as the file's: the next record grows it by one step past them.
+    #[test]
+    fn cut_to_good_keeps_the_files_length_known() {
+        let ops = [Op::DelTask("x".into())];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let one = {
+            let mut j = Journal::new(Box::new(MemJournal::default()), 1);
+            j.append(&refs).expect("append");
+            j.len()
+        };
+        let mem = MemJournal::default();
+        *mem.bytes.lock() = vec![0; one as usize];
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        j.append(&refs).expect("append");
+        j.cut_to_good().expect("cut_to_good");
+        assert_eq!(mem.bytes.lock().len() as u64, one + HEAD as u64);
+        assert_eq!(j.allocated, one + HEAD as u64);
+        j.append(&refs).expect("append");
+        assert_eq!(mem.bytes.lock().len() as u64, one + HEAD as u64 + GROW);
+    }
+
+    /// After `reset` the next record goes to the start of the file: reading the whole journal
+    /// (nothing checkpointed) finds only it, not the records it left behind.
+    #[test]
+    fn reset_writes_the_next_record_at_the_start() {
+        let mem = MemJournal::default();
+        let mut j = Journal::new(Box::new(mem.clone()), 1);
+        for i in 0..3 {
+            let ops = sample(i);
+            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        }
+        j.reset();
+        let ops = [Op::DelTask("new".into())];
+        j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![4]);
+        assert!(r.dropped > 0, "the old records are left behind, unread");
+    }
 }

@@ -160,3 +160,190 @@ impl Pending {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what a checkpoint writes, in order.
+    #[derive(Default)]
+    struct Rec(Vec<String>);
+
+    impl Sink for Rec {
+        fn put_task(&mut self, id: &str, bytes: &[u8]) -> Result<(), redb::Error> {
+            self.0.push(format!("put_task {id} {bytes:?}"));
+            Ok(())
+        }
+        fn del_task(&mut self, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_task {id}"));
+            Ok(())
+        }
+        fn put_result(&mut self, id: &str, e: i64, bytes: &[u8]) -> Result<(), redb::Error> {
+            self.0.push(format!("put_result {id} {e} {bytes:?}"));
+            Ok(())
+        }
+        fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_result {id}"));
+            Ok(())
+        }
+        fn del_expiry(&mut self, e: i64, id: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("del_expiry {e} {id}"));
+            Ok(())
+        }
+        fn put_meta(&mut self, key: &str, value: &str) -> Result<(), redb::Error> {
+            self.0.push(format!("put_meta {key} {value}"));
+            Ok(())
+        }
+    }
+
+    fn put_result(id: &str, expires_ms: i64, bytes: &[u8]) -> Op {
+        Op::PutResult {
+            id: id.into(),
+            expires_ms,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    /// The checkpoint thresholds read `ops` and `bytes`: each op counts once, and its key and
+    /// value bytes (an `Expire` its id).
+    #[test]
+    fn ops_and_bytes_count_what_was_folded_in() {
+        let mut p = Pending::default();
+        let mut none = |_: &str| None;
+        assert!(p.is_empty());
+        assert_eq!((p.ops(), p.bytes()), (0, 0));
+        p.apply(Op::PutTask("abc".into(), vec![7; 10]), &mut none);
+        assert!(!p.is_empty());
+        assert_eq!((p.ops(), p.bytes()), (1, 13));
+        p.apply(put_result("r", 5, &[1, 2]), &mut none);
+        assert_eq!((p.ops(), p.bytes()), (2, 16));
+        p.apply(
+            Op::Expire {
+                id: "xy".into(),
+                expires_ms: 5,
+            },
+            &mut none,
+        );
+        assert_eq!((p.ops(), p.bytes()), (3, 18));
+        p.apply(Op::DelTask("abc".into()), &mut none);
+        assert_eq!((p.ops(), p.bytes()), (4, 21));
+    }
+
+    /// `Expire` deletes the result only while it still has that expiry (pending or stored).
+    #[test]
+    fn expire_deletes_a_result_only_with_the_same_expiry() {
+        let mut p = Pending::default();
+        let mut stored = |id: &str| (id == "old").then_some(9);
+        p.apply(put_result("r", 5, b"x"), &mut stored);
+        p.apply(
+            Op::Expire {
+                id: "r".into(),
+                expires_ms: 4,
+            },
+            &mut stored,
+        );
+        assert_eq!(
+            p.result("r"),
+            Some(Some((5, b"x".to_vec()))),
+            "rewritten since"
+        );
+        p.apply(
+            Op::Expire {
+                id: "r".into(),
+                expires_ms: 5,
+            },
+            &mut stored,
+        );
+        assert_eq!(p.result("r"), Some(None));
+        p.apply(
+            Op::Expire {
+                id: "old".into(),
+                expires_ms: 8,
+            },
+            &mut stored,
+        );
+        assert_eq!(
+            p.result("old"),
+            None,
+            "the stored result has another expiry"
+        );
+        p.apply(
+            Op::Expire {
+                id: "old".into(),
+                expires_ms: 9,
+            },
+            &mut stored,
+        );
+        assert_eq!(p.result("old"), Some(None));
+    }
+
+    /// As the redb file's expiry index (a range up to `now_ms`, excluded): a result is listed
+    /// once its expiry is strictly before `now_ms`, at most `limit` in all.
+    #[test]
+    fn expired_lists_results_strictly_before_now_up_to_the_limit() {
+        let mut p = Pending::default();
+        let mut none = |_: &str| None;
+        for (id, e) in [("a", 10), ("b", 20), ("c", 30)] {
+            p.apply(put_result(id, e, b""), &mut none);
+        }
+        let ids = |now, limit| {
+            let mut out = Vec::new();
+            p.expired(now, limit, &mut out);
+            out.sort();
+            out
+        };
+        assert_eq!(ids(20, 10), vec![("a".to_string(), 10)]);
+        assert_eq!(ids(21, 10).len(), 2);
+        assert_eq!(ids(31, 2).len(), 2);
+        assert_eq!(ids(31, 0).len(), 0);
+        let mut out = vec![("file".to_string(), 1)];
+        p.expired(31, 2, &mut out);
+        assert_eq!(out.len(), 2, "the limit counts what the file gave");
+    }
+
+    /// A checkpoint writes each key's final state once, and deletes expiry entries before it
+    /// writes results.
+    #[test]
+    fn write_to_writes_the_final_state_of_each_key() {
+        let mut p = Pending::default();
+        let mut none = |_: &str| None;
+        p.apply(Op::InsertTask("t".into(), b"1".to_vec()), &mut none);
+        p.apply(Op::PutTask("t".into(), b"2".to_vec()), &mut none);
+        p.apply(Op::InsertTask("gone".into(), b"1".to_vec()), &mut none);
+        p.apply(Op::DelTask("gone".into()), &mut none);
+        p.apply(put_result("r", 5, b"x"), &mut none);
+        p.apply(
+            Op::Expire {
+                id: "r".into(),
+                expires_ms: 5,
+            },
+            &mut none,
+        );
+        p.apply(put_result("r", 5, b"y"), &mut none);
+        p.apply(Op::DelResult("d".into()), &mut none);
+        p.apply(Op::PutMeta("k".into(), "v".into()), &mut none);
+        let mut rec = Rec::default();
+        p.write_to(&mut rec).expect("write_to");
+        let mut got = rec.0.clone();
+        let expiry_before_result = got.iter().position(|s| s.starts_with("del_expiry"))
+            < got.iter().position(|s| s.starts_with("put_result"));
+        assert!(expiry_before_result, "{got:?}");
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "del_expiry 5 r",
+                "del_result d",
+                "del_task gone",
+                "put_meta k v",
+                "put_result r 5 [121]",
+                "put_task t [50]",
+            ]
+        );
+        assert_eq!(p.results_written(), 1);
+        assert_eq!(p.meta("k").as_deref(), Some("v"));
+        assert_eq!(p.task("t"), Some(Some(b"2".to_vec())));
+        assert_eq!(p.task("gone"), Some(None));
+        assert_eq!(p.task("other"), None);
+    }
+}
