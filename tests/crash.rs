@@ -40,6 +40,18 @@ fn assert_never_early(sink: &Sink, acked: &[Acked]) {
     );
 }
 
+/// Nothing reached the sink that was never submitted.
+fn assert_no_strays(sink: &Sink, attempted: &HashSet<String>) {
+    let strays: Vec<String> = hits_by_id(&sink.hits())
+        .into_keys()
+        .filter(|id| !attempted.contains(id))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "hits for ids never submitted: {strays:?}"
+    );
+}
+
 /// `/task_resp` on `s` reports every id as succeeded (long poll, several client threads).
 fn assert_all_succeeded(s: &Server, ids: &[String]) {
     let bad = Arc::new(Mutex::new(Vec::new()));
@@ -225,16 +237,7 @@ fn kill9_during_submission_and_execution_loses_no_acknowledged_task() {
     wait_idle(&s2);
     assert_never_early(&sink, &acked);
 
-    // Nothing reached the sink that was never submitted.
-    let attempted = attempted.lock();
-    let strays: Vec<String> = hits_by_id(&sink.hits())
-        .into_keys()
-        .filter(|id| !attempted.contains(id))
-        .collect();
-    assert!(
-        strays.is_empty(),
-        "hits for ids never submitted: {strays:?}"
-    );
+    assert_no_strays(&sink, &attempted.lock());
     let no_id = sink.hits().iter().filter(|h| hit_id(h).is_none()).count();
     assert_eq!(no_id, 0, "every hit carries its task's id");
     report_duplicates(&sink, "kill -9 mid-submission");
@@ -412,14 +415,7 @@ fn kill9_at_thirty_random_moments_loses_no_acknowledged_task() {
     let ids: Vec<String> = acked.iter().map(|a| a.id.clone()).collect();
     assert_all_succeeded(&s, &ids);
     wait_idle(&s);
-    let strays: Vec<String> = hits_by_id(&sink.hits())
-        .into_keys()
-        .filter(|id| !attempted.contains(id))
-        .collect();
-    assert!(
-        strays.is_empty(),
-        "hits for ids never submitted: {strays:?}"
-    );
+    assert_no_strays(&sink, &attempted);
     eprintln!(
         "{} acknowledged tasks over {ROUNDS} kills, all ran after the last restart",
         acked.len()

@@ -996,7 +996,8 @@ mod tests {
     use super::*;
     use crate::store::contract::{result, run, task};
     use crate::store::journal::tests::MemJournal;
-    use crate::store::pending::{Pending, Sink};
+    use crate::store::pending::tests::Rec;
+    use crate::store::pending::Pending;
     use crate::store::{Change, Store};
     use crate::task::State;
 
@@ -1091,41 +1092,6 @@ mod tests {
         s.close();
     }
 
-    /// Records what a checkpoint would write.
-    #[derive(Default)]
-    struct Recorder(Vec<String>);
-
-    impl Sink for Recorder {
-        fn put_task(&mut self, id: &str, _: &[u8]) -> Result<(), redb::Error> {
-            self.0.push(format!("put_task {id}"));
-            Ok(())
-        }
-        fn del_task(&mut self, id: &str) -> Result<(), redb::Error> {
-            self.0.push(format!("del_task {id}"));
-            Ok(())
-        }
-        fn put_result(&mut self, id: &str, e: i64, _: &[u8]) -> Result<(), redb::Error> {
-            self.0.push(format!("put_result {id} {e}"));
-            Ok(())
-        }
-        fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
-            self.0.push(format!("del_result {id}"));
-            Ok(())
-        }
-        fn del_result_if(&mut self, id: &str, e: i64) -> Result<(), redb::Error> {
-            self.0.push(format!("del_result_if {id} {e}"));
-            Ok(())
-        }
-        fn del_expiry(&mut self, e: i64, id: &str) -> Result<(), redb::Error> {
-            self.0.push(format!("del_expiry {id} {e}"));
-            Ok(())
-        }
-        fn put_meta(&mut self, k: &str, v: &str) -> Result<(), redb::Error> {
-            self.0.push(format!("put_meta {k} {v}"));
-            Ok(())
-        }
-    }
-
     /// An `Expire` of a result the overlay does not hold is decided at the checkpoint, against
     /// the file; one the overlay holds (or a checkpoint being written holds) is decided at once;
     /// a result written again after the `Expire` is kept.
@@ -1156,18 +1122,18 @@ mod tests {
             "decided against the older overlay"
         );
         assert_eq!(p.result("in-file"), None, "left to the checkpoint");
-        let mut r = Recorder::default();
+        let mut r = Rec::default();
         p.write_to(&mut r).expect("write");
         let has = |line: &str| r.0.iter().any(|l| l == line);
         assert!(has("del_result_if in-file 5"), "{:?}", r.0);
-        assert!(has("put_result again 4"), "{:?}", r.0);
+        assert!(has("put_result again 4 [123, 125]"), "{:?}", r.0);
         assert!(
             !has("del_result_if again 3"),
             "the newer result decides: {:?}",
             r.0
         );
         assert!(
-            has("del_expiry here 7") && has("del_result here"),
+            has("del_expiry 7 here") && has("del_result here"),
             "{:?}",
             r.0
         );

@@ -438,7 +438,8 @@ pub mod tests {
         format!("{a:?}") == format!("{b:?}")
     }
 
-    fn written(n: usize) -> (MemJournal, Vec<usize>) {
+    /// A journal in memory holding `sample(0..n)`, one record each, and where each ends.
+    fn journal_with(n: usize) -> (MemJournal, Journal, Vec<usize>) {
         let mem = MemJournal::default();
         let mut j = Journal::new(Box::new(mem.clone()), 1);
         let mut ends = Vec::new();
@@ -448,6 +449,11 @@ pub mod tests {
             ends.push(j.len() as usize);
         }
         assert_eq!(j.last_seq(), n as u64);
+        (mem, j, ends)
+    }
+
+    fn written(n: usize) -> (MemJournal, Vec<usize>) {
+        let (mem, _, ends) = journal_with(n);
         (mem, ends)
     }
 
@@ -544,12 +550,7 @@ pub mod tests {
     /// the older ones left behind them do not.
     #[test]
     fn after_a_reset_only_the_new_records_are_read() {
-        let mem = MemJournal::default();
-        let mut j = Journal::new(Box::new(mem.clone()), 1);
-        for i in 0..5 {
-            let ops = sample(i);
-            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
-        }
+        let (mem, mut j, _) = journal_with(5);
         let size = mem.bytes.lock().len();
         assert!(size as u64 >= GROW, "grown in one zero-filled step: {size}");
         j.reset();
@@ -716,12 +717,7 @@ pub mod tests {
     /// (nothing checkpointed) finds only it, not the records it left behind.
     #[test]
     fn reset_writes_the_next_record_at_the_start() {
-        let mem = MemJournal::default();
-        let mut j = Journal::new(Box::new(mem.clone()), 1);
-        for i in 0..3 {
-            let ops = sample(i);
-            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
-        }
+        let (mem, mut j, _) = journal_with(3);
         j.reset();
         let ops = [Op::DelTask("new".into())];
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");

@@ -162,12 +162,12 @@ impl Pending {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Records what a checkpoint writes, in order.
     #[derive(Default)]
-    struct Rec(Vec<String>);
+    pub(crate) struct Rec(pub(crate) Vec<String>);
 
     impl Sink for Rec {
         fn put_task(&mut self, id: &str, bytes: &[u8]) -> Result<(), redb::Error> {
