@@ -16,6 +16,14 @@
 //!   [--rate R]`: the same with a delay; each task's URL carries its intended due time (`due=`, unix µs, taken just
 //!   before the request is sent, so the server's own due time is never earlier), and the sink
 //!   reports lateness = arrival − due, and how many arrived early.
+//! - `ws --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--inflight 200] [--timeout 120]`:
+//!   the same as `immediate` over `c` WebSocket connections to `/ws_task` (frames of `batch`
+//!   tasks, arrays when > 1, at most `inflight` unacknowledged tasks per connection); each
+//!   connection reads its acks and its result frames to the end, as a real client would.
+//! - `kafka --server HOST:PORT --brokers B --topic T [-n 20000] [--batch 1] [--timeout 120]`
+//!   (Kafka builds only): the same through a Kafka topic the server consumes: one producer
+//!   sends messages of `batch` tasks (arrays when > 1); a warm-up task first waits until the
+//!   server consumes; `submits_per_s` is then the produce rate (the broker's acks).
 //! - `fill --server HOST:PORT [-n 1000000] [-c 8] [--batch 500] [--delay 3600]`: submits delayed
 //!   tasks only (to a URL that is never called during the run); submit rate.
 //! - `ready --server HOST:PORT [--since-ns T] [--expect N] [--timeout 60] [--pid P]`: waits for
@@ -238,6 +246,8 @@ struct SinkState {
     dups: AtomicU64,
     strays: AtomicU64,
     last_us: AtomicU64,
+    /// Hits on `/warm` (the Kafka warm-up task), not counted as tasks.
+    warm: AtomicU64,
 }
 
 const SINK_REPLY: &[u8] =
@@ -253,6 +263,7 @@ fn start_sink(n: usize) -> io::Result<(u16, Arc<SinkState>)> {
         dups: AtomicU64::new(0),
         strays: AtomicU64::new(0),
         last_us: AtomicU64::new(0),
+        warm: AtomicU64::new(0),
     });
     let st2 = st.clone();
     thread::Builder::new()
@@ -294,6 +305,10 @@ fn sink_conn(mut s: TcpStream, st: &SinkState) {
 }
 
 fn record(st: &SinkState, target: &str, now: u64) {
+    if target.starts_with("/warm") {
+        st.warm.fetch_add(1, Relaxed);
+        return;
+    }
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
     let (mut idx, mut due) = (None, 0u64);
     for kv in query.split('&') {
@@ -357,6 +372,24 @@ fn task_json(out: &mut String, plan: &Plan, i: usize, due: u64) {
     );
 }
 
+/// The body of one submit of tasks `i..i + k`: one task, or a JSON array when `batch` > 1.
+fn frame(body: &mut String, plan: &Plan, i: usize, k: usize) {
+    body.clear();
+    let due = now_us() + plan.delay_s * 1_000_000;
+    if plan.batch > 1 {
+        body.push('[');
+    }
+    for j in i..i + k {
+        if j > i {
+            body.push(',');
+        }
+        task_json(body, plan, j, due);
+    }
+    if plan.batch > 1 {
+        body.push(']');
+    }
+}
+
 /// Submits tasks 0..n over `conns` connections, each sending its own contiguous range in
 /// requests of `batch` tasks (JSON arrays when `batch` > 1).
 fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
@@ -391,21 +424,8 @@ fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
                             thread::sleep(wait);
                         }
                     }
-                    body.clear();
                     let t0 = Instant::now();
-                    let due = now_us() + plan.delay_s * 1_000_000;
-                    if plan.batch > 1 {
-                        body.push('[');
-                    }
-                    for j in i..i + k {
-                        if j > i {
-                            body.push(',');
-                        }
-                        task_json(&mut body, plan, j, due);
-                    }
-                    if plan.batch > 1 {
-                        body.push(']');
-                    }
+                    frame(&mut body, plan, i, k);
                     match client.call("POST", "/task_in_queue", body.as_bytes()) {
                         Ok((200, _)) => accepted += k,
                         Ok((code, b)) => {
@@ -440,6 +460,226 @@ fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
     let mut s = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
     s.end_us = now_us();
     s
+}
+
+/// What one WebSocket connection saw.
+#[derive(Default)]
+struct WsTally {
+    accepted: usize,
+    refused: usize,
+    rtt_us: Vec<u64>,
+    errors: Vec<String>,
+    last_ack_us: u64,
+}
+
+/// Submits tasks 0..n over `conns` WebSocket connections, each sending its own contiguous
+/// range in frames of `batch` tasks with at most `inflight` tasks unacknowledged; each reads
+/// its acks and then its result frames. `end_us` is the last ack.
+fn submit_ws(plan: &Plan, timeout: Duration, inflight: usize) -> Submitted {
+    let conns = plan.conns.max(1);
+    let per = plan.n.div_ceil(conns);
+    let gate = Arc::new(Barrier::new(conns + 1));
+    let out = Arc::new(Mutex::new(Submitted::default()));
+    thread::scope(|scope| {
+        for c in 0..conns {
+            let (gate, out) = (gate.clone(), out.clone());
+            let range = (c * per).min(plan.n)..((c + 1) * per).min(plan.n);
+            scope.spawn(move || {
+                let mut t = WsTally::default();
+                let ws = ws_connect(&plan.server, timeout);
+                gate.wait();
+                let sent = match ws {
+                    Ok(mut ws) => {
+                        let r = ws_conn(&mut ws, plan, range.clone(), inflight, timeout, &mut t);
+                        let _ = ws.close(None);
+                        let _ = ws.flush();
+                        r
+                    }
+                    Err(e) => Err(format!("connect to {}: {e}", plan.server)),
+                };
+                if let Err(e) = sent {
+                    t.errors.push(e);
+                    t.refused = range.len() - t.accepted;
+                }
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                o.accepted += t.accepted;
+                o.refused += t.refused;
+                o.rtt_us.extend(t.rtt_us);
+                o.errors.extend(t.errors.into_iter().take(3));
+                o.end_us = o.end_us.max(t.last_ack_us);
+            });
+        }
+        gate.wait();
+        out.lock().unwrap_or_else(|p| p.into_inner()).start_us = now_us();
+    });
+    let s = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
+    s
+}
+
+type Ws = tungstenite::WebSocket<TcpStream>;
+
+fn ws_connect(server: &str, timeout: Duration) -> Result<Ws, String> {
+    let stream = TcpStream::connect(server).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    // Short reads, so that the deadline is checked while the server is quiet.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    match tungstenite::client(format!("ws://{server}/ws_task"), stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(e) => Err(format!("WebSocket handshake: {e}")),
+    }
+}
+
+/// One connection's tasks `range`: frames sent while fewer than `inflight` tasks wait for
+/// their ack, acks and result frames read until every task has both (or the deadline).
+fn ws_conn(
+    ws: &mut Ws,
+    plan: &Plan,
+    range: std::ops::Range<usize>,
+    inflight: usize,
+    timeout: Duration,
+    t: &mut WsTally,
+) -> Result<(), String> {
+    use std::collections::VecDeque;
+    use tungstenite::Message;
+    let deadline = Instant::now() + timeout;
+    let mut waiting: VecDeque<Instant> = VecDeque::new();
+    let mut body = String::with_capacity(plan.batch.max(1) * 160);
+    let (mut i, mut results) = (range.start, 0usize);
+    let e = |what: &str, err: tungstenite::Error| format!("{what}: {err}");
+    while t.accepted + t.refused < range.len() || results < t.accepted {
+        let mut wrote = false;
+        while i < range.end {
+            let k = plan.batch.max(1).min(range.end - i);
+            if !waiting.is_empty() && waiting.len() + k > inflight.max(1) {
+                break;
+            }
+            frame(&mut body, plan, i, k);
+            ws.write(Message::text(body.as_str()))
+                .map_err(|err| e("send", err))?;
+            let now = Instant::now();
+            waiting.extend(std::iter::repeat_n(now, k));
+            i += k;
+            wrote = true;
+        }
+        if wrote {
+            ws.flush().map_err(|err| e("send", err))?;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} acks and {results} results of {} tasks after {timeout:?}",
+                t.accepted + t.refused,
+                range.len()
+            ));
+        }
+        let text = match ws.read() {
+            Ok(Message::Text(text)) => text,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(err))
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(err) => return Err(e("read", err)),
+        };
+        let v: serde_json::Value = serde_json::from_str(text.as_str())
+            .map_err(|err| format!("a frame that is not JSON ({err}): {text}"))?;
+        if v.get("status").is_some() {
+            results += 1;
+            continue;
+        }
+        if let Some(t0) = waiting.pop_front() {
+            t.rtt_us.push(t0.elapsed().as_micros() as u64);
+        }
+        t.last_ack_us = now_us();
+        if v["result"] == "OK" {
+            t.accepted += 1;
+        } else {
+            t.refused += 1;
+            if t.errors.len() < 3 {
+                t.errors.push(format!("Fail ack: {text}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Produces tasks 0..n to `topic`, `batch` per message, after a warm-up task has reached the
+/// sink (so the server has joined the group); `start_us` is the first task message.
+#[cfg(feature = "kafka")]
+fn submit_kafka(
+    plan: &Plan,
+    sink: &SinkState,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Submitted, String> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(|e| format!("producer: {e}"))?;
+    let send = |key: &str, body: &str| {
+        let mut rec = BaseRecord::to(topic).key(key).payload(body);
+        loop {
+            match p.send(rec) {
+                Ok(()) => return,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(5));
+                }
+            }
+        }
+    };
+    let warm = format!(
+        r#"{{"id":"{}-warm","method":"GET","name":"{}","params":""}}"#,
+        plan.tag,
+        plan.url.replace("/t", "/warm")
+    );
+    send("warm", &warm);
+    p.flush(timeout)
+        .map_err(|e| format!("warm-up message: {e}"))?;
+    let end = Instant::now() + timeout;
+    while sink.warm.load(Relaxed) == 0 {
+        if Instant::now() > end {
+            return Err(format!(
+                "the warm-up task did not reach the sink within {timeout:?}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut s = Submitted {
+        start_us: now_us(),
+        ..Submitted::default()
+    };
+    let mut body = String::with_capacity(plan.batch.max(1) * 160);
+    let mut i = 0;
+    while i < plan.n {
+        let k = plan.batch.max(1).min(plan.n - i);
+        frame(&mut body, plan, i, k);
+        send(&i.to_string(), &body);
+        i += k;
+    }
+    match p.flush(timeout) {
+        Ok(()) => s.accepted = plan.n,
+        Err(e) => {
+            s.refused = plan.n;
+            s.errors
+                .push(format!("messages not delivered to the broker: {e}"));
+        }
+    }
+    s.end_us = now_us();
+    Ok(s)
 }
 
 /// The value at quantile `q` of sorted `v`.
@@ -486,8 +726,17 @@ fn report_submitted(s: &mut Submitted) -> f64 {
     secs
 }
 
-/// `immediate` and `delayed`: submit to a sink, wait for every accepted task, report.
-fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
+/// How the tasks reach the server.
+enum Via {
+    Http,
+    Ws,
+    #[cfg(feature = "kafka")]
+    Kafka,
+}
+
+/// `immediate`, `delayed`, `ws` and `kafka`: submit to a sink, wait for every accepted task,
+/// report.
+fn run_to_sink(o: &Opts, delayed: bool, via: Via) -> Result<bool, String> {
     let n: usize = o.get("-n", if delayed { 2000 } else { 20000 })?;
     let delay_s: u64 = if delayed { o.get("--delay", 3)? } else { 0 };
     let timeout_s: u64 = o.get("--timeout", if delayed { 60 } else { 120 })?;
@@ -507,13 +756,51 @@ fn run_to_sink(o: &Opts, delayed: bool) -> Result<bool, String> {
             now_us() % 1_000_000_000
         ),
     };
-    let mut s = submit_all(&plan, Duration::from_secs(timeout_s));
+    let timeout = Duration::from_secs(timeout_s);
+    // The outcome lag is taken the moment the last task arrives, whatever the client is doing
+    // then (a WebSocket client is still reading its result frames). The Kafka warm-up task is
+    // one more outcome.
+    let outcomes = match via {
+        #[cfg(feature = "kafka")]
+        Via::Kafka => n + 1,
+        _ => n,
+    };
+    let watcher = {
+        let (sink, server) = (sink.clone(), plan.server.clone());
+        let limit = Instant::now() + timeout * 2 + Duration::from_secs(delay_s);
+        thread::spawn(move || {
+            while (sink.unique.load(Relaxed) as usize) < n {
+                if Instant::now() > limit {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            outcome_lag(&server, outcomes, sink.last_us.load(Relaxed))
+        })
+    };
+    let mut s = match via {
+        Via::Http => submit_all(&plan, timeout),
+        Via::Ws => submit_ws(&plan, timeout, o.get("--inflight", 200)?),
+        #[cfg(feature = "kafka")]
+        Via::Kafka => {
+            let brokers: String = o.get("--brokers", String::new())?;
+            let topic: String = o.get("--topic", String::new())?;
+            if brokers.is_empty() || topic.is_empty() {
+                return Err("--brokers and --topic are required".into());
+            }
+            submit_kafka(&plan, &sink, &brokers, &topic, timeout)?
+        }
+    };
     report_submitted(&mut s);
     let deadline = Instant::now() + Duration::from_secs(timeout_s) + Duration::from_secs(delay_s);
     while (sink.unique.load(Relaxed) as usize) < s.accepted && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(2));
     }
-    let lag = outcome_lag(&plan.server, s.accepted, sink.last_us.load(Relaxed));
+    let lag = if sink.unique.load(Relaxed) as usize >= n {
+        watcher.join().ok().flatten()
+    } else {
+        None
+    };
     // A short grace to catch duplicates that would follow the last arrival.
     thread::sleep(Duration::from_millis(50));
     let executed = sink.unique.load(Relaxed) as usize;
@@ -723,7 +1010,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: bench port|fsync|immediate|delayed|fill|ready [options] (see the source)"
+            "usage: bench port|fsync|immediate|delayed|ws|kafka|fill|ready [options] (see the source)"
         );
         return ExitCode::from(2);
     };
@@ -741,6 +1028,15 @@ fn main() -> ExitCode {
             "--delay",
             "--rate",
         ],
+        "ws" => &["--server", "-n", "-c", "--batch", "--timeout", "--inflight"],
+        "kafka" => &[
+            "--server",
+            "-n",
+            "--batch",
+            "--timeout",
+            "--brokers",
+            "--topic",
+        ],
         "fill" => &["--server", "-n", "-c", "--batch", "--timeout", "--delay"],
         "ready" => &["--server", "--since-ns", "--expect", "--timeout", "--pid"],
         other => {
@@ -757,8 +1053,13 @@ fn main() -> ExitCode {
             })
             .map_err(|e| format!("port: {e}")),
         "fsync" => fsync(&o),
-        "immediate" => run_to_sink(&o, false),
-        "delayed" => run_to_sink(&o, true),
+        "immediate" => run_to_sink(&o, false, Via::Http),
+        "delayed" => run_to_sink(&o, true, Via::Http),
+        "ws" => run_to_sink(&o, false, Via::Ws),
+        #[cfg(feature = "kafka")]
+        "kafka" => run_to_sink(&o, false, Via::Kafka),
+        #[cfg(not(feature = "kafka"))]
+        "kafka" => Err("this bench tool was built without the kafka feature".into()),
         "fill" => fill(&o),
         _ => ready(&o),
     });

@@ -291,6 +291,20 @@ pub(crate) mod contract {
             store.insert(&[task("d", State::Ready, 0), task("d", State::Ready, 0)]),
             Err(StoreError::Duplicate("d".into()))
         );
+        assert_eq!(store.status("d").expect("status"), None, "all or nothing");
+        let repeat_at_the_end: Vec<Task> = (0..200)
+            .map(|i| task(&format!("e{i}"), State::Ready, 0))
+            .chain([task("e7", State::Ready, 0)])
+            .collect();
+        assert_eq!(
+            store.insert(&repeat_at_the_end),
+            Err(StoreError::Duplicate("e7".into()))
+        );
+        assert_eq!(store.status("e0").expect("status"), None, "all or nothing");
+        assert_eq!(store.status("e7").expect("status"), None, "all or nothing");
+        store
+            .insert(&[task("d", State::Ready, 0), task("e7", State::Ready, 0)])
+            .expect("the ids of a refused insert are free again");
         assert_eq!(store.status("a").expect("status"), Some(State::Ready));
         assert_eq!(store.status("b").expect("status"), Some(State::Delayed));
 
