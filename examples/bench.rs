@@ -19,7 +19,9 @@
 //! - `ws --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--inflight 200] [--timeout 120]`:
 //!   the same as `immediate` over `c` WebSocket connections to `/ws_task` (frames of `batch`
 //!   tasks, arrays when > 1, at most `inflight` unacknowledged tasks per connection); each
-//!   connection reads its acks and its result frames to the end, as a real client would.
+//!   connection reads its acks and its result frames to the end, as a real client would; the
+//!   outcome lag per task (result frame arrival − sink arrival; frames are pushed once the
+//!   outcome is durable) is reported as `outcome_lag_p50_ms`/`p99`/`max`.
 //! - `kafka --server HOST:PORT --brokers B --topic T [-n 20000] [--batch 1] [--timeout 120]`
 //!   (Kafka builds only): the same through a Kafka topic the server consumes: one producer
 //!   sends messages of `batch` tasks (arrays when > 1); a warm-up task first waits until the
@@ -361,6 +363,8 @@ struct Submitted {
     refused: usize,
     rtt_us: Vec<u64>,
     errors: Vec<String>,
+    /// WebSocket only: each result frame's task index and arrival (unix µs).
+    results: Vec<(usize, u64)>,
 }
 
 fn task_json(out: &mut String, plan: &Plan, i: usize, due: u64) {
@@ -470,6 +474,7 @@ struct WsTally {
     rtt_us: Vec<u64>,
     errors: Vec<String>,
     last_ack_us: u64,
+    results: Vec<(usize, u64)>,
 }
 
 /// Submits tasks 0..n over `conns` WebSocket connections, each sending its own contiguous
@@ -507,6 +512,7 @@ fn submit_ws(plan: &Plan, timeout: Duration, inflight: usize) -> Submitted {
                 o.rtt_us.extend(t.rtt_us);
                 o.errors.extend(t.errors.into_iter().take(3));
                 o.end_us = o.end_us.max(t.last_ack_us);
+                o.results.extend(t.results);
             });
         }
         gate.wait();
@@ -593,6 +599,13 @@ fn ws_conn(
             .map_err(|err| format!("a frame that is not JSON ({err}): {text}"))?;
         if v.get("status").is_some() {
             results += 1;
+            let index = v["id"]
+                .as_str()
+                .and_then(|id| id.rsplit_once('-'))
+                .and_then(|(_, i)| i.parse().ok());
+            if let Some(i) = index {
+                t.results.push((i, now_us()));
+            }
             continue;
         }
         if let Some(t0) = waiting.pop_front() {
@@ -835,6 +848,31 @@ fn run_to_sink(o: &Opts, delayed: bool, via: Via) -> Result<bool, String> {
     if let Some((pct, drain_ms)) = lag {
         println!("recorded_at_last_hit_pct {pct:.1}");
         println!("outcome_drain_ms {drain_ms:.1}");
+    }
+    if !s.results.is_empty() {
+        // A result frame is pushed once the outcome is durable: its arrival minus the task's
+        // arrival at the sink bounds each task's outcome lag from above.
+        let mut lags: Vec<i64> = s
+            .results
+            .iter()
+            .filter_map(|&(i, at)| {
+                let hit = sink.arrival.get(i)?.load(Relaxed);
+                (hit != 0).then(|| at as i64 - hit as i64)
+            })
+            .collect();
+        lags.sort_unstable();
+        println!(
+            "outcome_lag_p50_ms {:.2}",
+            quantile(&lags, 0.5) as f64 / 1e3
+        );
+        println!(
+            "outcome_lag_p99_ms {:.2}",
+            quantile(&lags, 0.99) as f64 / 1e3
+        );
+        println!(
+            "outcome_lag_max_ms {:.2}",
+            lags.last().copied().unwrap_or(0) as f64 / 1e3
+        );
     }
     let mut ok = true;
     let mut bad = |what: String| {

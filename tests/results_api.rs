@@ -140,10 +140,14 @@ fn results_beyond_result_max_are_dropped_oldest_first() {
         .args(&["--result_max", "1000"])
         .start();
     common::results::check_result_max(&s, &sink);
-    let files = [s.data.join("poulpe.redb"), s.data.join("poulpe.journal")];
+    let files = [
+        s.data.join("poulpe.redb"),
+        s.data.join("poulpe.journal"),
+        s.data.join("poulpe.journal2"),
+    ];
     common::eventually(
         Duration::from_secs(10),
-        "data_bytes equal to the sizes of data/poulpe.redb and data/poulpe.journal",
+        "data_bytes equal to the sizes of data/poulpe.redb and both journal files",
         || {
             let (_, info) = s.get("/sys_info");
             let len: u64 = files

@@ -1,12 +1,15 @@
-//! The embedded store: a write-ahead journal (`poulpe.journal`) in front of one redb file
-//! (`poulpe.redb`) under `--data`, both written by one group-commit thread.
+//! The embedded store: a write-ahead journal (`poulpe.journal`, `poulpe.journal2`) in front of
+//! one redb file (`poulpe.redb`) under `--data`, written by one group-commit thread and one
+//! checkpoint thread.
 //!
 //! Every durable write is one append and one `fdatasync` of the journal, folding every write
 //! waiting at that moment. What the journal holds and the redb file does not yet is kept in
 //! memory (`Pending`) and read first. Every `--checkpoint_ms` (or sooner when much is
-//! pending) the writer writes that state into the redb file in one durable transaction, with
-//! the sequence number of the last journal record it holds, and empties the journal. At open,
-//! the journal's records after that number are applied again (a torn last record is dropped).
+//! pending) the writer hands that state to the checkpoint thread, which writes it into the
+//! redb file in one durable transaction with the sequence number of the last journal record
+//! it holds, and goes on appending to the other journal file meanwhile: acknowledgements never
+//! wait for a checkpoint. At open, the records of both files after that number are applied
+//! again (a torn last record is dropped).
 //!
 //! After an I/O error (a full disk, a failing device) the writer takes the store down —
 //! writes, claims and releases of due tasks fail with `Unavailable`, `healthy()` is false —
@@ -18,7 +21,7 @@ use super::journal::{FileJournal, Journal, JournalIo};
 use super::local::{Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
@@ -43,8 +46,10 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// The database file's name inside `--data`.
 const FILE: &str = "poulpe.redb";
-/// The journal's file name inside `--data`.
+/// The journal's file names inside `--data`: written in turn, one while the other's records
+/// are being checkpointed.
 const JOURNAL: &str = "poulpe.journal";
+const JOURNAL2: &str = "poulpe.journal2";
 /// META key of the last journal record written into the redb file.
 const SEQ_KEY: &str = "poulpe.journal_seq";
 /// Files smaller than this are not worth compacting at start.
@@ -60,6 +65,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 const CHECKPOINT_OPS: usize = 50_000;
 /// ... or this many bytes.
 const CHECKPOINT_BYTES: usize = 32 * 1024 * 1024;
+
+/// How often the writer looks whether the checkpoint thread is done, while it works.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
 
 /// How often a store that is down after an I/O error tries to reopen its file.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
@@ -102,16 +110,17 @@ struct Shared {
 }
 
 /// What reads see before the redb file: the writes since the last checkpoint, and those of the
-/// checkpoint being written (which the writer reads under a read lock, beside the readers).
+/// checkpoint being written (shared with the checkpoint thread, which writes it without a lock;
+/// it stays here, unchanged, until the redb file holds it).
 #[derive(Default)]
 struct Overlay {
     current: Pending,
-    flushing: Option<Pending>,
+    flushing: Option<Arc<Pending>>,
 }
 
 impl Overlay {
     fn find<T>(&self, f: impl Fn(&Pending) -> Option<T>) -> Option<T> {
-        f(&self.current).or_else(|| self.flushing.as_ref().and_then(&f))
+        f(&self.current).or_else(|| self.flushing.as_deref().and_then(&f))
     }
 }
 
@@ -307,16 +316,21 @@ pub fn open(dir: &Path, checkpoint_every: Duration) -> Result<EmbeddedStore, Sto
         }
         create_tables(db)
     };
-    let jpath = dir.join(JOURNAL);
-    let journal = FileJournal::open(&jpath)
-        .map_err(|e| unavailable(format!("cannot open {}: {e}", jpath.display())))?;
+    let journal = |name: &str| -> Result<Box<dyn JournalIo>, StoreError> {
+        let path = dir.join(name);
+        match FileJournal::open(&path) {
+            Ok(j) => Ok(Box::new(j)),
+            Err(e) => Err(unavailable(format!("cannot open {}: {e}", path.display()))),
+        }
+    };
+    let journals = [journal(JOURNAL)?, journal(JOURNAL2)?];
     // A new journal's name must be durable before its records are: sync the folder.
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| unavailable(format!("cannot sync {}: {e}", dir.display())))?;
     start(
         Box::new(open_file),
-        Box::new(journal),
+        journals,
         Some(dir.to_path_buf()),
         checkpoint_every,
     )
@@ -381,44 +395,64 @@ fn checkpointed_seq(db: &Database) -> Result<u64, redb::Error> {
     Ok(v.and_then(|g| g.value().parse().ok()).unwrap_or(0))
 }
 
-/// Applies the journal's records that the redb file does not hold yet, writes them into it
-/// and empties the journal; returns the journal, ready for the next record.
-fn replay(db: &Database, mut io: Box<dyn JournalIo>) -> Result<Journal, StoreError> {
+/// Applies the records of both journal files that the redb file does not hold yet, in
+/// sequence, writes them into it and empties the journals; returns them, ready for the next
+/// record (the first one is written first).
+fn replay(
+    db: &Database,
+    mut ios: [Box<dyn JournalIo>; 2],
+) -> Result<(Journal, Journal), StoreError> {
     let done = checkpointed_seq(db).map_err(unavailable)?;
-    let found = Journal::read(io.as_mut(), done)
-        .map_err(|e| unavailable(format!("cannot read {JOURNAL}: {e}")))?;
-    if found.dropped > 0 {
-        log::info!(
-            "store: {JOURNAL} ends with {} bytes that are not a record to apply (older records, or a write torn by a crash); ignored",
-            found.dropped
-        );
+    let mut records = Vec::new();
+    for (name, io) in [JOURNAL, JOURNAL2].into_iter().zip(ios.iter_mut()) {
+        let found = Journal::read(io.as_mut(), done)
+            .map_err(|e| unavailable(format!("cannot read {name}: {e}")))?;
+        if found.dropped > 0 {
+            log::info!(
+                "store: {name} ends with {} bytes that are not a record to apply (older records, or a write torn by a crash); ignored",
+                found.dropped
+            );
+        }
+        records.extend(found.records);
     }
-    let last = found.records.last().map_or(done, |(seq, _)| *seq);
-    let n = found.records.len();
+    // Each file's records follow each other; the files' records follow the checkpoint and
+    // each other. Nothing after a gap is applied (it cannot be: a torn write ends a file).
+    records.sort_unstable_by_key(|(seq, _)| *seq);
+    let (mut last, mut n) = (done, 0);
     let mut pending = Pending::default();
-    for (_, ops) in found.records {
+    for (seq, ops) in records {
+        if seq != last + 1 {
+            log::warn!("store: journal record {seq} does not follow record {last}; it and the records after it are ignored");
+            break;
+        }
+        last = seq;
+        n += 1;
         for op in ops {
             pending.apply(op, &|_| None);
         }
     }
-    let mut journal = Journal::new(io, last + 1);
+    let [first, second] = ios;
+    let journals = (
+        Journal::new(first, last + 1),
+        Journal::new(second, last + 1),
+    );
     checkpoint(db, &pending, last).map_err(unavailable)?;
-    journal.reset();
     if n > 0 {
         log::info!("store: {n} journal records applied to {FILE}");
     }
-    Ok(journal)
+    Ok(journals)
 }
 
-/// Opens the database with `open`, applies the journal and starts the writer thread.
+/// Opens the database with `open`, applies the journals and starts the writer and checkpoint
+/// threads.
 fn start(
     open: Box<OpenFn>,
-    journal: Box<dyn JournalIo>,
+    journals: [Box<dyn JournalIo>; 2],
     dir: Option<PathBuf>,
     checkpoint_every: Duration,
 ) -> Result<EmbeddedStore, StoreError> {
     let db = open()?;
-    let journal = replay(&db, journal)?;
+    let (journal, spare) = replay(&db, journals)?;
     let shared = Arc::new(Shared {
         db: RwLock::new(Slot::Open(Arc::new(db))),
         overlay: RwLock::new(Overlay::default()),
@@ -431,10 +465,19 @@ fn start(
         dir,
     });
     let (tx, rx) = unbounded();
+    let (jobs, jobs_rx) = unbounded();
+    let (done_tx, done) = unbounded();
+    crate::stage::spawn_critical("store-ckpt", move || checkpointer(&jobs_rx, &done_tx))
+        .map_err(unavailable)?;
     let writer_shared = shared.clone();
     let mut w = Writer {
         shared: writer_shared,
         journal,
+        spare,
+        jobs,
+        done,
+        in_flight: false,
+        flushing_seq: 0,
         pending_since: Instant::now(),
         checkpoint_every,
         marks: Vec::new(),
@@ -533,11 +576,56 @@ fn checkpoint(db: &Database, pending: &Pending, seq: u64) -> Result<(), redb::Er
     Ok(())
 }
 
-/// The writer thread: group commits into the journal, checkpoints into the redb file, and
-/// healing after an I/O error.
+/// One checkpoint for the checkpoint thread: `pending` (the overlay's `flushing`) into `db`,
+/// marked with the journal's sequence number `seq`.
+struct Job {
+    db: Arc<Database>,
+    pending: Arc<Pending>,
+    seq: u64,
+}
+
+/// What the checkpoint thread did with a job.
+struct Done {
+    res: Result<(), redb::Error>,
+    ops: usize,
+    took: Duration,
+}
+
+/// The checkpoint thread: writes each job into the redb file, answers, and lets go of the
+/// database before answering (a reopen after an I/O error needs the file free).
+fn checkpointer(jobs: &Receiver<Job>, done: &Sender<Done>) {
+    for job in jobs {
+        let t0 = Instant::now();
+        let res = checkpoint(&job.db, &job.pending, job.seq);
+        let ops = job.pending.ops();
+        drop(job);
+        if done
+            .send(Done {
+                res,
+                ops,
+                took: t0.elapsed(),
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The writer thread: group commits into the journal, hands checkpoints to the checkpoint
+/// thread, and heals after an I/O error.
 struct Writer {
     shared: Arc<Shared>,
+    /// The journal file new records go to.
     journal: Journal,
+    /// The other one: its records are in the redb file, or in the checkpoint being written.
+    spare: Journal,
+    jobs: Sender<Job>,
+    done: Receiver<Done>,
+    /// A job is with the checkpoint thread.
+    in_flight: bool,
+    /// The sequence number the overlay's `flushing` is written with.
+    flushing_seq: u64,
     /// When the oldest write not yet in the redb file was made.
     pending_since: Instant,
     /// Longest time a write stays only in the journal.
@@ -552,10 +640,12 @@ struct Writer {
 impl Writer {
     fn run(&mut self, rx: &Receiver<Batch>) {
         loop {
+            self.collect_checkpoint(false);
             if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
                 // A read found the file broken.
-                self.shared.close_db();
                 self.reopen_at = Some(Instant::now());
+                self.collect_checkpoint(true);
+                self.shared.close_db();
             }
             self.heal();
             let Some(first) = self.next(rx) else {
@@ -575,11 +665,13 @@ impl Writer {
                     None => {}
                 }
             }
-            if self.due() || checkpoint_now || closing {
-                let r = self.checkpoint();
+            if checkpoint_now || closing {
+                let r = self.checkpoint_now();
                 for done in after_checkpoint {
                     done.send(r.clone());
                 }
+            } else if self.due() {
+                self.start_checkpoint();
             }
             if closing {
                 return;
@@ -592,7 +684,8 @@ impl Writer {
         loop {
             let wake = match self.reopen_at {
                 Some(at) => Some(at),
-                None if self.shared.overlay.read().current.is_empty() => None,
+                None if self.in_flight => Some(Instant::now() + CHECKPOINT_POLL),
+                None if self.nothing_pending() => None,
                 None => Some(self.pending_since + self.checkpoint_every),
             };
             let got = match wake {
@@ -605,20 +698,33 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {
                     if self.reopen_at.is_some() {
                         self.heal();
-                    } else if self.due() {
-                        let _ = self.checkpoint();
+                    } else {
+                        self.collect_checkpoint(false);
+                        if self.due() {
+                            self.start_checkpoint();
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Whether enough is pending (or for long enough) to write a checkpoint.
+    /// Nothing waits to be written into the redb file.
+    fn nothing_pending(&self) -> bool {
+        let o = self.shared.overlay.read();
+        o.current.is_empty() && o.flushing.is_none()
+    }
+
+    /// Whether enough is pending (or for long enough) to start a checkpoint, or a failed one
+    /// is to be tried again.
     fn due(&self) -> bool {
-        if self.reopen_at.is_some() {
+        if self.reopen_at.is_some() || self.in_flight {
             return false;
         }
         let o = self.shared.overlay.read();
+        if o.flushing.is_some() {
+            return self.pending_since.elapsed() >= self.checkpoint_every;
+        }
         !o.current.is_empty()
             && (o.current.ops() >= CHECKPOINT_OPS
                 || o.current.bytes() >= CHECKPOINT_BYTES
@@ -667,80 +773,127 @@ impl Writer {
         for op in ops {
             current.apply(op, &|id| {
                 flushing
-                    .as_ref()
+                    .as_deref()
                     .and_then(|f| f.result(id))
                     .map(|r| r.map(|(e, _)| e))
             });
         }
     }
 
-    /// Writes everything pending into the redb file and empties the journal.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
-        if self.reopen_at.is_some() {
-            return Err(self.shared.down_error());
-        }
+    /// Folds the state marks waiting for a ride into the overlay: a checkpoint writes them.
+    fn take_marks(&mut self) {
         self.marks.append(&mut self.shared.marks.lock());
         if !self.marks.is_empty() {
             let marks = std::mem::take(&mut self.marks);
             self.fold(marks.into_iter());
         }
-        if self.shared.overlay.read().current.is_empty() && self.journal.len() == 0 {
-            return Ok(());
+    }
+
+    /// Hands what is pending to the checkpoint thread and moves on to the other journal file
+    /// (whose records are all in the redb file); or hands a failed checkpoint over again.
+    fn start_checkpoint(&mut self) {
+        if self.in_flight || self.reopen_at.is_some() {
+            return;
         }
-        let db = self.shared.current()?;
-        let t0 = Instant::now();
-        // Readers keep seeing these writes (as `flushing`) until the file holds them.
-        let ops = {
-            let mut o = self.shared.overlay.write();
-            let current = std::mem::take(&mut o.current);
-            let ops = current.ops();
-            o.flushing = Some(current);
-            ops
+        self.take_marks();
+        let Ok(db) = self.shared.current() else {
+            return;
         };
-        let res = {
-            let o = self.shared.overlay.read();
-            match o.flushing.as_ref() {
-                Some(snapshot) => checkpoint(&db, snapshot, self.journal.last_seq()),
-                None => Ok(()),
+        let (pending, seq) = {
+            let mut o = self.shared.overlay.write();
+            match &o.flushing {
+                // Its records are still in the spare file: the files stay as they are.
+                Some(f) => (f.clone(), self.flushing_seq),
+                None if o.current.is_empty() => return,
+                None => {
+                    let f = Arc::new(std::mem::take(&mut o.current));
+                    o.flushing = Some(f.clone());
+                    let seq = self.journal.last_seq();
+                    self.flushing_seq = seq;
+                    std::mem::swap(&mut self.journal, &mut self.spare);
+                    self.journal.restart(seq + 1);
+                    (f, seq)
+                }
             }
         };
-        drop(db);
-        {
-            let mut o = self.shared.overlay.write();
-            let flushed = o.flushing.take();
-            if res.is_err() {
-                // Nothing was written since (this thread is the only writer): put them back,
-                // under the same lock, so that no read misses them.
-                o.current = flushed.unwrap_or_default();
-            }
+        // The thread ends only with this writer: a failed send cannot happen.
+        self.in_flight = self.jobs.send(Job { db, pending, seq }).is_ok();
+    }
+
+    /// Takes the checkpoint thread's answer when there is one (with `wait`, waits for it):
+    /// once the redb file holds the checkpoint, reads stop looking at it in memory. `None`
+    /// when no answer was taken.
+    fn collect_checkpoint(&mut self, wait: bool) -> Option<Result<(), StoreError>> {
+        if !self.in_flight {
+            return None;
         }
+        let done = if wait {
+            self.done.recv().ok()
+        } else {
+            match self.done.try_recv() {
+                Ok(d) => Some(d),
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => None,
+            }
+        };
+        self.in_flight = false;
+        let Some(done) = done else {
+            return Some(Err(unavailable("the checkpoint thread has stopped")));
+        };
         log::debug!(
-            "store: checkpoint of {ops} writes into {FILE} in {} µs",
-            t0.elapsed().as_micros()
+            "store: checkpoint of {} writes into {FILE} in {} µs",
+            done.ops,
+            done.took.as_micros()
         );
-        match res {
+        match done.res {
             Ok(()) => {
-                self.journal.reset();
-                Ok(())
+                self.shared.overlay.write().flushing = None;
+                Some(Ok(()))
             }
             Err(e) if broken(&e) => {
                 log::error!("store: checkpoint into {FILE} failed: {e}");
-                self.go_down(FILE, &e);
-                Err(self.shared.down_error())
+                if self.reopen_at.is_none() {
+                    self.go_down(FILE, &e);
+                }
+                Some(Err(self.shared.down_error()))
             }
             Err(e) => {
                 log::error!("store: checkpoint into {FILE} failed: {e}; tried again later");
                 self.pending_since = Instant::now();
-                Err(unavailable(e))
+                Some(Err(unavailable(e)))
             }
+        }
+    }
+
+    /// Writes everything pending into the redb file before returning: a caller waits for it
+    /// (a flush), or the store is closing or healing.
+    fn checkpoint_now(&mut self) -> Result<(), StoreError> {
+        let mut started = false;
+        loop {
+            let res = self.collect_checkpoint(true);
+            if self.reopen_at.is_some() {
+                return Err(self.shared.down_error());
+            }
+            if let (true, Some(Err(e))) = (started, res) {
+                return Err(e);
+            }
+            self.start_checkpoint();
+            if !self.in_flight {
+                // Nothing pending, or no database to write it into.
+                return self.shared.current().map(drop);
+            }
+            started = true;
         }
     }
 
     /// Takes the store down after an I/O error; `heal` brings it back.
     fn go_down(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.shared.mark_down(what, e);
-        self.shared.close_db();
         self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+        // The checkpoint thread lets go of the file first (a reopen needs it free); what it
+        // could not write stays in memory and is written after the reopen.
+        self.collect_checkpoint(true);
+        self.shared.close_db();
     }
 
     /// While down, once it is time: reopens the file, cuts the journal back to its last good
@@ -757,7 +910,7 @@ impl Writer {
         });
         let res = res.and_then(|()| {
             self.reopen_at = None;
-            let r = self.checkpoint();
+            let r = self.checkpoint_now();
             if r.is_err() && self.reopen_at.is_none() {
                 self.reopen_at = Some(Instant::now());
             }
@@ -948,7 +1101,7 @@ impl Backend for EmbeddedBackend {
     fn results_len(&self) -> Result<usize, StoreError> {
         let pending = {
             let o = self.shared.overlay.read();
-            o.current.results_written() + o.flushing.as_ref().map_or(0, Pending::results_written)
+            o.current.results_written() + o.flushing.as_deref().map_or(0, Pending::results_written)
         };
         let stored = self.read(|txn| Ok(txn.open_table(RESULTS)?.len()? as usize))?;
         Ok(stored + pending)
@@ -961,7 +1114,7 @@ impl Backend for EmbeddedBackend {
     fn data_bytes(&self) -> Option<u64> {
         let dir = self.shared.dir.as_ref()?;
         let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
-        Some(size(FILE) + size(JOURNAL))
+        Some(size(FILE) + size(JOURNAL) + size(JOURNAL2))
     }
 
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
@@ -1173,6 +1326,202 @@ mod tests {
         );
     }
 
+    /// redb's in-memory storage whose writes wait while `closed` is set: a checkpoint stuck
+    /// in the redb file (a slow disk, a huge checkpoint).
+    #[derive(Debug, Default)]
+    struct Gate {
+        closed: Mutex<bool>,
+        opened: parking_lot::Condvar,
+        /// Writes waiting at the gate.
+        waiting: AtomicU64,
+    }
+
+    #[derive(Debug)]
+    struct Gated {
+        inner: Arc<redb::backends::InMemoryBackend>,
+        gate: Arc<Gate>,
+    }
+
+    impl redb::StorageBackend for Gated {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            let mut closed = self.gate.closed.lock();
+            if *closed {
+                self.gate.waiting.fetch_add(1, Ordering::SeqCst);
+                while *closed {
+                    self.gate.opened.wait(&mut closed);
+                }
+                self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            drop(closed);
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// A store on gated redb storage and two journals in memory, checkpointing after 10 ms.
+    fn gated_store(
+        inner: &Arc<redb::backends::InMemoryBackend>,
+        gate: &Arc<Gate>,
+        journals: &[MemJournal; 2],
+    ) -> EmbeddedStore {
+        let (inner, gate) = (inner.clone(), gate.clone());
+        let open_db = move || {
+            let backend = Gated {
+                inner: inner.clone(),
+                gate: gate.clone(),
+            };
+            let db = redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(unavailable)?;
+            create_tables(db)
+        };
+        start(
+            Box::new(open_db),
+            [Box::new(journals[0].clone()), Box::new(journals[1].clone())],
+            None,
+            Duration::from_millis(10),
+        )
+        .expect("open")
+    }
+
+    /// Acknowledgements never wait for a checkpoint: while one is stuck writing the redb file,
+    /// inserts are journaled (into the other journal file) and acknowledged, and read back;
+    /// after a crash at that moment both files replay, in order.
+    #[test]
+    fn writes_are_acknowledged_while_a_checkpoint_is_stuck_and_replay_from_both_files() {
+        let inner = Arc::new(redb::backends::InMemoryBackend::new());
+        let gate = Arc::new(Gate::default());
+        let journals = [MemJournal::default(), MemJournal::default()];
+        let s = gated_store(&inner, &gate, &journals);
+        s.insert(&[task("before", State::Delayed, 1)])
+            .expect("insert");
+        *gate.closed.lock() = true;
+        let end = Instant::now() + Duration::from_secs(10);
+        while gate.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < end,
+                "no checkpoint began writing the redb file"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let s = Arc::new(s);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s2.insert(&[task("during", State::Delayed, 2)]));
+        });
+        let r = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "an insert waited for the checkpoint stuck in the redb file: {r:?}"
+        );
+        assert_eq!(s.status("before").expect("status"), Some(State::Delayed));
+        assert_eq!(s.status("during").expect("status"), Some(State::Delayed));
+        assert!(
+            !journals[1].bytes.lock().iter().all(|&b| b == 0),
+            "the insert went to the second journal file"
+        );
+        // A crash now: the redb file holds neither; the journals hold both, one in each.
+        let crashed = Arc::new(redb::backends::InMemoryBackend::new());
+        let copy = |from: &redb::backends::InMemoryBackend| {
+            let len = redb::StorageBackend::len(from).expect("len");
+            let mut buf = vec![0; len as usize];
+            redb::StorageBackend::read(from, 0, &mut buf).expect("read");
+            redb::StorageBackend::set_len(&*crashed, len).expect("set_len");
+            redb::StorageBackend::write(&*crashed, 0, &buf).expect("write");
+        };
+        copy(&inner);
+        let copies = [MemJournal::default(), MemJournal::default()];
+        for (c, j) in copies.iter().zip(&journals) {
+            *c.bytes.lock() = j.bytes.lock().clone();
+        }
+        *gate.closed.lock() = false;
+        gate.opened.notify_all();
+        s.close();
+        let again = gated_store(&crashed, &Arc::new(Gate::default()), &copies);
+        let mut rec: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        rec.sort();
+        assert_eq!(rec, vec!["before", "during"]);
+        again.close();
+    }
+
+    /// The two files' records are applied in sequence from the checkpointed one; a file's
+    /// older records (left from before its restart) and anything after a gap are not.
+    #[test]
+    fn replay_takes_both_files_records_in_sequence_and_stops_at_a_gap() {
+        let ids = |ops: &[&str]| -> Vec<Op> {
+            ops.iter()
+                .map(|id| Op::InsertTask(id.to_string(), b"{}".to_vec()))
+                .collect()
+        };
+        let write = |j: &mut Journal, ops: &[&str]| {
+            let ops = ids(ops);
+            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        };
+        let (a, b) = (MemJournal::default(), MemJournal::default());
+        let mut ja = Journal::new(Box::new(a.clone()), 1);
+        let mut jb = Journal::new(Box::new(b.clone()), 1);
+        write(&mut jb, &["old-1"]); // seq 1, checkpointed
+        write(&mut jb, &["old-2"]); // seq 2, checkpointed
+        ja.restart(3);
+        write(&mut ja, &["a3"]);
+        write(&mut ja, &["a4"]);
+        jb.restart(5);
+        write(&mut jb, &["b5"]);
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(unavailable)
+            .and_then(create_tables)
+            .expect("db");
+        checkpoint(&db, &Pending::default(), 2).expect("checkpoint at 2");
+        let tasks = |db: &Database| -> Vec<String> {
+            let txn = db.begin_read().expect("read");
+            let t = txn.open_table(TASKS).expect("tasks");
+            t.iter()
+                .expect("iter")
+                .map(|i| i.expect("item").0.value().to_string())
+                .collect()
+        };
+        replay(&db, [Box::new(a.clone()), Box::new(b.clone())]).expect("replay");
+        assert_eq!(
+            tasks(&db),
+            vec!["a3", "a4", "b5"],
+            "old-1 and old-2 were checkpointed"
+        );
+        assert_eq!(checkpointed_seq(&db).expect("seq"), 5);
+
+        // A gap: record 6 is lost (a torn write), 7 must not be applied.
+        let (c, d) = (MemJournal::default(), MemJournal::default());
+        let mut jc = Journal::new(Box::new(c.clone()), 6);
+        write(&mut jc, &["c6"]);
+        let mut jd = Journal::new(Box::new(d.clone()), 7);
+        write(&mut jd, &["d7"]);
+        c.bytes.lock()[20] ^= 0x01;
+        replay(&db, [Box::new(c), Box::new(d)]).expect("replay");
+        assert_eq!(
+            tasks(&db),
+            vec!["a3", "a4", "b5"],
+            "d7 follows a lost record"
+        );
+        assert_eq!(checkpointed_seq(&db).expect("seq"), 5);
+    }
+
     /// redb's in-memory storage, kept across reopens, whose writes fail while `full` is set
     /// (as a full disk's would).
     #[derive(Debug)]
@@ -1223,6 +1572,8 @@ mod tests {
     struct Disk {
         inner: Arc<redb::backends::InMemoryBackend>,
         journal: MemJournal,
+        /// The second journal file's bytes (its writes fail with the first one's).
+        journal2: Arc<Mutex<Vec<u8>>>,
     }
 
     impl Disk {
@@ -1253,7 +1604,13 @@ mod tests {
         };
         start(
             Box::new(open_db),
-            Box::new(disk.journal.clone()),
+            [
+                Box::new(disk.journal.clone()),
+                Box::new(MemJournal {
+                    bytes: disk.journal2.clone(),
+                    ..disk.journal.clone()
+                }),
+            ],
             None,
             CHECKPOINT_EVERY,
         )

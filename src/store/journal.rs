@@ -7,7 +7,10 @@
 //! record that is short, fails its CRC or does not follow the one before it: a write torn by a
 //! crash is dropped, never half-applied, and nothing after it is invented.
 //!
-//! The file is not truncated after a checkpoint: the next records overwrite it from the start
+//! The store keeps two such files and writes into one while the records of the other are being
+//! checkpointed; the sequence numbers run on from one file to the other.
+//!
+//! A file is not truncated after a checkpoint: the next records overwrite it from the start
 //! (the records left behind them are older, so they do not follow in sequence and are never
 //! read), and it grows in zero-filled steps of `GROW`. An `fdatasync` that does not change the
 //! file's length does not wait for a filesystem metadata commit: on ext4 here, 200 µs instead
@@ -117,6 +120,7 @@ impl Journal {
     }
 
     /// Bytes of synced records.
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -184,10 +188,12 @@ impl Journal {
         self.io.sync()
     }
 
-    /// Starts again from the beginning of the file once everything in it is in the redb file
-    /// (the checkpoint is durable; the old records left behind are never read).
-    pub fn reset(&mut self) {
+    /// Starts again from the beginning of the file, numbering the next record `next_seq`: the
+    /// store writes into its two journal files in turn, and the sequence runs on across them.
+    /// Only once this file's records are all in the redb file.
+    pub fn restart(&mut self, next_seq: u64) {
         self.len = 0;
+        self.next_seq = next_seq;
     }
 }
 
@@ -549,11 +555,11 @@ pub mod tests {
     /// After a checkpoint the file is written again from its start: the new records come back,
     /// the older ones left behind them do not.
     #[test]
-    fn after_a_reset_only_the_new_records_are_read() {
+    fn after_a_restart_only_the_new_records_are_read() {
         let (mem, mut j, _) = journal_with(5);
         let size = mem.bytes.lock().len();
         assert!(size as u64 >= GROW, "grown in one zero-filled step: {size}");
-        j.reset();
+        j.restart(j.last_seq() + 1);
         let ops = [Op::DelTask("new".into())];
         let before = mem.written.load(std::sync::atomic::Ordering::SeqCst);
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
@@ -713,12 +719,12 @@ pub mod tests {
         assert_eq!(mem.bytes.lock().len() as u64, one + HEAD as u64 + GROW);
     }
 
-    /// After `reset` the next record goes to the start of the file: reading the whole journal
+    /// After `restart` the next record goes to the start of the file: reading the whole journal
     /// (nothing checkpointed) finds only it, not the records it left behind.
     #[test]
-    fn reset_writes_the_next_record_at_the_start() {
+    fn restart_writes_the_next_record_at_the_start() {
         let (mem, mut j, _) = journal_with(3);
-        j.reset();
+        j.restart(j.last_seq() + 1);
         let ops = [Op::DelTask("new".into())];
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
         let mut m = mem.clone();
