@@ -204,7 +204,7 @@ record() {
 }
 SINK_KEYS=(submits_per_s executed_per_s ack_rtt_p50_ms ack_rtt_p99_ms lateness_p50_ms
   lateness_p99_ms lateness_max_ms early missing duplicates refused recorded_at_last_hit_pct
-  outcome_drain_ms)
+  outcome_drain_ms outcome_lag_p50_ms outcome_lag_p99_ms)
 
 # cpu_start N / cpu_stop STORE PREFIX: server CPU per task, per thread group, while the load
 # runs (scripts/cpusample.py reads /proc/<pid>/task/*/stat); skipped without python3.
@@ -496,6 +496,8 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
       "$(cpu_row "$p" embedded)$([ "${p#w6}" != "$p" ] && echo "; kafka threads $(cell "${p}_cpu_kafka_us_per_task" embedded)")" "—"
     row "${w#*:}: outcomes recorded at the last sink hit %; then all after ms" "—" \
       "$(cell "${p}_recorded_at_last_hit_pct" embedded); $(cell "${p}_outcome_drain_ms" embedded)" "—"
+    [ "${p#w5}" != "$p" ] && row "${w#*:}: outcome lag per task p50 / p99 ms (result frame − sink hit)" \
+      "p99 ≤ 50" "$(cell "${p}_outcome_lag_p50_ms" embedded) / $(cell "${p}_outcome_lag_p99_ms" embedded)" "—"
   done
   row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
     "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
