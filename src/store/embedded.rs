@@ -21,7 +21,7 @@ use super::journal::{FileJournal, Journal, JournalIo};
 use super::local::{Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
@@ -403,7 +403,7 @@ fn replay(
     mut ios: [Box<dyn JournalIo>; 2],
 ) -> Result<(Journal, Journal), StoreError> {
     let done = checkpointed_seq(db).map_err(unavailable)?;
-    let mut records = Vec::new();
+    let mut found_in = Vec::with_capacity(2);
     for (name, io) in [JOURNAL, JOURNAL2].into_iter().zip(ios.iter_mut()) {
         let found = Journal::read(io.as_mut(), done)
             .map_err(|e| unavailable(format!("cannot read {name}: {e}")))?;
@@ -413,14 +413,18 @@ fn replay(
                 found.dropped
             );
         }
-        records.extend(found.records);
+        found_in.push(found.records);
     }
     // Each file's records follow each other; the files' records follow the checkpoint and
-    // each other. Nothing after a gap is applied (it cannot be: a torn write ends a file).
-    records.sort_unstable_by_key(|(seq, _)| *seq);
+    // each other: the file whose first record is older goes first. Nothing after a gap is
+    // applied (there is none unless a file was damaged: a torn write only ends a file).
+    let first_seq = |r: &Vec<(u64, Vec<Op>)>| r.first().map_or(u64::MAX, |(seq, _)| *seq);
+    if first_seq(&found_in[1]) < first_seq(&found_in[0]) {
+        found_in.swap(0, 1);
+    }
     let (mut last, mut n) = (done, 0);
     let mut pending = Pending::default();
-    for (seq, ops) in records {
+    for (seq, ops) in found_in.into_iter().flatten() {
         if seq != last + 1 {
             log::warn!("store: journal record {seq} does not follow record {last}; it and the records after it are ignored");
             break;
@@ -465,17 +469,16 @@ fn start(
         dir,
     });
     let (tx, rx) = unbounded();
-    let (jobs, jobs_rx) = unbounded();
-    let (done_tx, done) = unbounded();
-    crate::stage::spawn_critical("store-ckpt", move || checkpointer(&jobs_rx, &done_tx))
+    let mailbox = Arc::new(Mailbox::default());
+    let thread_box = mailbox.clone();
+    crate::stage::spawn_critical("store-ckpt", move || checkpointer(&thread_box))
         .map_err(unavailable)?;
     let writer_shared = shared.clone();
     let mut w = Writer {
         shared: writer_shared,
         journal,
         spare,
-        jobs,
-        done,
+        mailbox,
         in_flight: false,
         flushing_seq: 0,
         pending_since: Instant::now(),
@@ -591,24 +594,56 @@ struct Done {
     took: Duration,
 }
 
+/// Where the writer and the checkpoint thread meet: one job out at a time, its answer, and
+/// the writer's end (a mutex and a condvar: smaller in the binary than two channels).
+#[derive(Default)]
+struct Mailbox {
+    mail: Mutex<Mail>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Mail {
+    job: Option<Job>,
+    done: Option<Done>,
+    /// The writer has ended: so does the checkpoint thread.
+    stop: bool,
+}
+
+impl Mailbox {
+    fn post(&self, f: impl FnOnce(&mut Mail)) {
+        f(&mut self.mail.lock());
+        self.changed.notify_all();
+    }
+}
+
 /// The checkpoint thread: writes each job into the redb file, answers, and lets go of the
 /// database before answering (a reopen after an I/O error needs the file free).
-fn checkpointer(jobs: &Receiver<Job>, done: &Sender<Done>) {
-    for job in jobs {
+fn checkpointer(mailbox: &Mailbox) {
+    loop {
+        let job = {
+            let mut m = mailbox.mail.lock();
+            loop {
+                if let Some(job) = m.job.take() {
+                    break job;
+                }
+                if m.stop {
+                    return;
+                }
+                mailbox.changed.wait(&mut m);
+            }
+        };
         let t0 = Instant::now();
         let res = checkpoint(&job.db, &job.pending, job.seq);
         let ops = job.pending.ops();
         drop(job);
-        if done
-            .send(Done {
+        mailbox.post(|m| {
+            m.done = Some(Done {
                 res,
                 ops,
                 took: t0.elapsed(),
             })
-            .is_err()
-        {
-            return;
-        }
+        });
     }
 }
 
@@ -620,8 +655,7 @@ struct Writer {
     journal: Journal,
     /// The other one: its records are in the redb file, or in the checkpoint being written.
     spare: Journal,
-    jobs: Sender<Job>,
-    done: Receiver<Done>,
+    mailbox: Arc<Mailbox>,
     /// A job is with the checkpoint thread.
     in_flight: bool,
     /// The sequence number the overlay's `flushing` is written with.
@@ -816,8 +850,8 @@ impl Writer {
                 }
             }
         };
-        // The thread ends only with this writer: a failed send cannot happen.
-        self.in_flight = self.jobs.send(Job { db, pending, seq }).is_ok();
+        self.mailbox.post(|m| m.job = Some(Job { db, pending, seq }));
+        self.in_flight = true;
     }
 
     /// Takes the checkpoint thread's answer when there is one (with `wait`, waits for it):
@@ -827,19 +861,20 @@ impl Writer {
         if !self.in_flight {
             return None;
         }
-        let done = if wait {
-            self.done.recv().ok()
-        } else {
-            match self.done.try_recv() {
-                Ok(d) => Some(d),
-                Err(TryRecvError::Empty) => return None,
-                Err(TryRecvError::Disconnected) => None,
+        let done = {
+            let mut m = self.mailbox.mail.lock();
+            loop {
+                if let Some(done) = m.done.take() {
+                    break done;
+                }
+                if !wait {
+                    return None;
+                }
+                // A panic there ends the process: the answer comes.
+                self.mailbox.changed.wait(&mut m);
             }
         };
         self.in_flight = false;
-        let Some(done) = done else {
-            return Some(Err(unavailable("the checkpoint thread has stopped")));
-        };
         log::debug!(
             "store: checkpoint of {} writes into {FILE} in {} µs",
             done.ops,
@@ -933,6 +968,12 @@ impl Writer {
                 self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
             }
         }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.mailbox.post(|m| m.stop = true);
     }
 }
 
