@@ -850,7 +850,8 @@ impl Writer {
                 }
             }
         };
-        self.mailbox.post(|m| m.job = Some(Job { db, pending, seq }));
+        self.mailbox
+            .post(|m| m.job = Some(Job { db, pending, seq }));
         self.in_flight = true;
     }
 
