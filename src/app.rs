@@ -273,7 +273,7 @@ fn executors(config: &Config) -> Result<Arc<Executors>, StartError> {
         None => None,
     };
     Ok(Arc::new(Executors {
-        http: HttpExec::new(config.workers, config.ca_file.as_deref()),
+        http: HttpExec::new(config.workers, config.ca_file.as_deref(), timeout),
         mail,
         exec: config.exec.clone(),
         default_timeout: timeout,

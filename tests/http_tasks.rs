@@ -142,3 +142,51 @@ fn delete_cancels_a_delayed_task_before_it_runs() {
         h.iter().any(|h| h.path == "/again")
     });
 }
+
+/// An HTTP attempt is cut at its time limit: `--task_timeout` when the task gives none, else
+/// the task's own `timeout`, shorter or longer than the default.
+#[test]
+fn http_attempts_are_cut_at_their_own_or_the_default_time_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir)
+        .args(&["--task_timeout", "2", "--max_retry", "0"])
+        .start();
+    let slow = |id: &str, ms: u64, timeout: Option<u64>| {
+        let mut t = json!({"id": id, "method": "GET", "name": sink.url("/slow"),
+                           "params": format!("ms={ms}")});
+        if let Some(t2) = timeout {
+            t["timeout"] = json!(t2);
+        }
+        let (code, r) = s.submit(&t);
+        assert_eq!(code, 200, "{r}");
+    };
+    slow("to-default", 5000, None);
+    slow("to-shorter", 1500, Some(1));
+    slow("to-longer", 3000, Some(6));
+    let done = |id: &str| {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!(code, 200, "{id}: {r}");
+        r
+    };
+    let r = done("to-default");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 2 s"),
+        "cut at --task_timeout: {r}"
+    );
+    let r = done("to-shorter");
+    assert_eq!(r["status"], "dead", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 1 s"),
+        "cut at its own timeout: {r}"
+    );
+    let r = done("to-longer");
+    assert_eq!(r["status"], "succeeded", "not cut at --task_timeout: {r}");
+}

@@ -19,6 +19,9 @@ const SYSTEM_BUNDLES: &[&str] = &[
 /// The HTTP executor.
 pub(crate) struct HttpExec {
     agent: Agent,
+    /// The agent's own attempt timeout (`--task_timeout`): a task with another one gets a
+    /// request-level configuration, a copy of the agent's, which costs allocations per call.
+    default_timeout: Duration,
 }
 
 /// `--ca_file`, else the system CA bundle (or `SSL_CERT_FILE`), else the bundled Mozilla roots.
@@ -51,10 +54,16 @@ fn root_certs(ca_file: Option<&Path>) -> RootCerts {
 }
 
 impl HttpExec {
-    /// Builds the agent; `workers` bounds the idle connections kept per host.
-    pub(crate) fn new(workers: usize, ca_file: Option<&Path>) -> HttpExec {
+    /// Builds the agent; `workers` bounds the idle connections kept per host, and
+    /// `default_timeout` is an attempt's time limit unless the task sets its own.
+    pub(crate) fn new(
+        workers: usize,
+        ca_file: Option<&Path>,
+        default_timeout: Duration,
+    ) -> HttpExec {
         let config = Agent::config_builder()
             .http_status_as_error(false)
+            .timeout_global(Some(default_timeout))
             .timeout_connect(Some(Duration::from_secs(10)))
             .max_idle_connections((workers * 4).max(16))
             .max_idle_connections_per_host(workers.max(4))
@@ -67,20 +76,24 @@ impl HttpExec {
                 ureq::unversioned::transport::DefaultConnector::new(),
                 super::resolve::CachingResolver::default(),
             ),
+            default_timeout,
         }
     }
 
     /// One GET or POST attempt; 2xx is success and the body is the output.
     pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
+        let own_timeout = timeout != self.default_timeout;
         let sent = match task.method {
-            Method::Post => self
-                .agent
-                .post(&task.name)
-                .config()
-                .timeout_global(Some(timeout))
-                .build()
-                .content_type("application/json")
-                .send(task.params.as_bytes()),
+            Method::Post => {
+                let req = self.agent.post(&task.name);
+                let req = if own_timeout {
+                    req.config().timeout_global(Some(timeout)).build()
+                } else {
+                    req
+                };
+                req.content_type("application/json")
+                    .send(task.params.as_bytes())
+            }
             _ => {
                 let url = if task.params.is_empty() {
                     task.name.clone()
@@ -89,12 +102,12 @@ impl HttpExec {
                 } else {
                     format!("{}?{}", task.name, task.params)
                 };
-                self.agent
-                    .get(&url)
-                    .config()
-                    .timeout_global(Some(timeout))
-                    .build()
-                    .call()
+                let req = self.agent.get(&url);
+                if own_timeout {
+                    req.config().timeout_global(Some(timeout)).build().call()
+                } else {
+                    req.call()
+                }
             }
         };
         let mut resp = match sent {

@@ -114,9 +114,14 @@ impl Response {
 
     /// poulpe's error answer: `{"result":"Fail","reason":...}` with `code`.
     pub(crate) fn fail(code: u16, reason: impl fmt::Display) -> Response {
+        Response::failed(code, reason.to_string())
+    }
+
+    /// `fail` past its one generic step: one copy in the binary for every kind of reason.
+    fn failed(code: u16, reason: String) -> Response {
         Response::json(
             code,
-            &serde_json::json!({"result": "Fail", "reason": reason.to_string()}),
+            &serde_json::json!({"result": "Fail", "reason": reason}),
         )
     }
 

@@ -673,6 +673,12 @@ struct Writer {
 
 impl Writer {
     fn run(&mut self, rx: &Receiver<Batch>) {
+        self.work(rx);
+        // The checkpoint thread ends with the writer.
+        self.mailbox.post(|m| m.stop = true);
+    }
+
+    fn work(&mut self, rx: &Receiver<Batch>) {
         loop {
             self.collect_checkpoint(false);
             if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
@@ -881,24 +887,23 @@ impl Writer {
             done.ops,
             done.took.as_micros()
         );
-        match done.res {
-            Ok(()) => {
-                self.shared.overlay.write().flushing = None;
-                Some(Ok(()))
-            }
-            Err(e) if broken(&e) => {
-                log::error!("store: checkpoint into {FILE} failed: {e}");
-                if self.reopen_at.is_none() {
-                    self.go_down(FILE, &e);
-                }
-                Some(Err(self.shared.down_error()))
-            }
-            Err(e) => {
-                log::error!("store: checkpoint into {FILE} failed: {e}; tried again later");
-                self.pending_since = Instant::now();
-                Some(Err(unavailable(e)))
-            }
+        let Err(e) = done.res else {
+            self.shared.overlay.write().flushing = None;
+            return Some(Ok(()));
+        };
+        let broken = broken(&e);
+        log::error!(
+            "store: checkpoint into {FILE} failed: {e}{}",
+            if broken { "" } else { "; tried again later" }
+        );
+        if !broken {
+            self.pending_since = Instant::now();
+            return Some(Err(unavailable(e)));
         }
+        if self.reopen_at.is_none() {
+            self.go_down(FILE, &e);
+        }
+        Some(Err(self.shared.down_error()))
     }
 
     /// Writes everything pending into the redb file before returning: a caller waits for it
@@ -915,8 +920,8 @@ impl Writer {
             }
             self.start_checkpoint();
             if !self.in_flight {
-                // Nothing pending, or no database to write it into.
-                return self.shared.current().map(drop);
+                // Nothing is pending.
+                return Ok(());
             }
             started = true;
         }
@@ -969,12 +974,6 @@ impl Writer {
                 self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
             }
         }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.mailbox.post(|m| m.stop = true);
     }
 }
 
