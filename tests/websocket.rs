@@ -437,3 +437,43 @@ fn an_upgrade_on_another_path_is_refused() {
         }
     }
 }
+
+/// A client slow to read is not dropped before `--ws_idle`: while megabytes of its results wait
+/// in full socket buffers (a 1 KiB receive window), it pauses; then it reads every ack and every
+/// result.
+#[test]
+fn a_client_slow_to_read_gets_every_result_once_it_reads_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir)
+        .args(&["--exec_any", "--ws_idle", "8"])
+        .start();
+    let stream = common::raw::small_window_connect(s.port, 1024);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let url = format!("ws://127.0.0.1:{}/ws_task", s.port);
+    let (mut ws, _) = tungstenite::client(url, stream).expect("handshake");
+    // ~64 KiB of output each: 6 MB of result frames, far beyond the socket buffers.
+    let tasks: Vec<serde_json::Value> = (0..100)
+        .map(|i| json!({"id": format!("slow{i}"), "method": "EXEC", "name": "seq", "params": "1 20000"}))
+        .collect();
+    send(&mut ws, &json!(tasks));
+    eventually(Duration::from_secs(30), "the 100 results", || {
+        let (_, info) = s.get("/sys_info");
+        (info["counts"]["succeeded"].as_u64()? >= 100).then_some(())
+    });
+    // The client is slow: it reads nothing for a while, well within --ws_idle.
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut acks, mut results) = (0, 0);
+    while acks + results < 200 {
+        let v = next(&mut ws);
+        if v.get("status").is_some() {
+            assert_eq!(v["status"], "succeeded", "{}", v["id"]);
+            results += 1;
+        } else {
+            assert_eq!(v["result"], "OK", "{v}");
+            acks += 1;
+        }
+    }
+    assert_eq!((acks, results), (100, 100));
+}

@@ -3,6 +3,7 @@
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 /// Reads one HTTP/1.1 response with a Content-Length body; returns the status and the body.
@@ -149,5 +150,39 @@ impl Raw {
             Ok(_) => false,
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         }
+    }
+}
+
+/// A connection whose receive buffer is `rcvbuf` bytes, set before connecting so the window
+/// stays small.
+pub fn small_window_connect(port: u16, rcvbuf: i32) -> TcpStream {
+    // SAFETY: a new socket, options set with valid pointers and sizes, connected to a valid
+    // sockaddr_in; the descriptor is handed to TcpStream, which owns it from then on.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&rcvbuf as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF");
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
     }
 }
