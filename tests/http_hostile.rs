@@ -6,7 +6,6 @@ mod common;
 use common::raw::{small_window_connect, Raw};
 use common::{Server, Sink};
 use serde_json::{json, Value};
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
