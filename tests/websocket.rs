@@ -477,3 +477,45 @@ fn a_client_slow_to_read_gets_every_result_once_it_reads_again() {
     }
     assert_eq!((acks, results), (100, 100));
 }
+
+/// A signal that interrupts a connection's wait (poll returns EINTR) does not end it: SIGHUP
+/// (the cron reload) is sent to every HTTP thread, the one holding the WebSocket among them.
+#[test]
+fn a_signal_interrupting_a_connections_wait_does_not_end_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).start();
+    let pid = s.pid().expect("pid") as libc::pid_t;
+    let mut ws = connect(&s, "", &[]).expect("connect");
+    let task = |id: &str| json!({"id": id, "method": "GET", "name": sink.url("/sig")});
+    send(&mut ws, &task("sig-1"));
+    assert_eq!(next(&mut ws)["result"], "OK");
+    assert_eq!(next(&mut ws)["status"], "succeeded");
+    // Now the connection's thread waits in poll for the next frame.
+    let http_threads = || -> Vec<libc::pid_t> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("threads")
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "http")
+            })
+            .filter_map(|t| t.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let threads = http_threads();
+    assert!(!threads.is_empty(), "no http thread found");
+    for _ in 0..20 {
+        for &tid in &threads {
+            // SAFETY: tgkill(2) with plain integers; a thread that has exited gives ESRCH.
+            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGHUP) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send(&mut ws, &task("sig-2"));
+    assert_eq!(
+        next(&mut ws)["result"],
+        "OK",
+        "the connection survived the signals"
+    );
+    assert_eq!(next(&mut ws)["status"], "succeeded");
+}
