@@ -525,6 +525,50 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
     assert!(!hit_ids(&sink.hits(), "/hit").contains_key("pending"));
 }
 
+/// An empty array is an invalid message even when it is read in one batch with valid ones: it is
+/// kept in `<dead>/invalid/` like any other, not dropped with the batch's one durable write.
+#[test]
+fn an_empty_array_read_with_valid_messages_is_kept_as_invalid() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Produced before poulpe starts, so that its first poll reads both in one batch.
+    broker.produce(
+        "tasks",
+        &[
+            "[]".to_string(),
+            hit_task(&sink, "next"),
+            hit_task(&sink, "last"),
+        ],
+    );
+    let servers = broker.servers();
+    let s = Server::builder(&dir)
+        .args(&[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-empty",
+        ])
+        .start();
+    sink.wait_until(Duration::from_secs(60), "the valid messages' tasks", |h| {
+        let ids = hit_ids(h, "/hit");
+        ids.contains_key("next") && ids.contains_key("last")
+    });
+    // Messages are handled in order: the empty array was kept before "next" was submitted.
+    let kept = s.data.join("dead/invalid/tasks-0-0.json");
+    let record: Value = serde_json::from_slice(&std::fs::read(&kept).unwrap_or_else(|e| {
+        panic!(
+            "the empty array is not in {}: {e}\n{}",
+            kept.display(),
+            s.log_text()
+        )
+    }))
+    .expect("JSON record");
+    assert_eq!(record["payload"], "[]", "{record}");
+}
+
 /// The group's committed offset moves only once the messages below it are durable: killed with
 /// `kill -9` as soon as the offset moves, the server comes back (without Kafka) knowing every
 /// task of every message below that offset.

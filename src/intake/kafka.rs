@@ -418,3 +418,39 @@ fn invalid(
         r.send(&key, &body.to_string());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    /// A start-up error names the flag to fix (the line poulpe prints before exiting 2) and keeps
+    /// rdkafka's error as its cause.
+    #[test]
+    fn start_errors_name_the_flag_and_keep_the_cause() {
+        let cases = [
+            (
+                KafkaError::Producer(RdKafkaError::ClientCreation("no".into())),
+                "--kafka_servers: cannot create a producer: ",
+            ),
+            (
+                KafkaError::Consumer(RdKafkaError::ClientCreation("no".into())),
+                "--kafka_servers: cannot create a consumer: ",
+            ),
+            (
+                KafkaError::Subscribe("t".into(), RdKafkaError::Subscription("t".into())),
+                "--kafka_topic: cannot subscribe to \"t\": ",
+            ),
+            (KafkaError::Thread(io::Error::other("no thread")), ""),
+        ];
+        for (e, head) in cases {
+            let text = e.to_string();
+            let cause = e.source().map(ToString::to_string);
+            assert_eq!(
+                Some(text.clone()),
+                cause.map(|c| format!("{head}{c}")),
+                "{e:?}"
+            );
+        }
+    }
+}
