@@ -787,7 +787,14 @@ mod tests {
         let calls: u64 = info
             .lines()
             .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .sum();
         assert!(
             (1..16 * 50).contains(&calls),
@@ -882,7 +889,9 @@ mod tests {
         drop(s);
         wait_until(Duration::from_secs(20), "reported down", || !st.healthy());
         let _s = redis_server_on(port);
-        wait_until(Duration::from_secs(30), "reported up again", || st.healthy());
+        wait_until(Duration::from_secs(30), "reported up again", || {
+            st.healthy()
+        });
         st.close();
     }
 
