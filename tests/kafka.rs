@@ -461,6 +461,13 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
         },
     );
     assert_eq!(info["kafka"]["connected"], false, "{info}");
+    // The clients' error callback logs librdkafka's reason (the result producer's errors come
+    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ...").
+    eventually(
+        Duration::from_secs(20),
+        "the error callback's line in the log",
+        || s.log_text().contains("kafka: Global error: ").then_some(()),
+    );
 
     // The broker comes up: the intake joins by itself and consumes.
     let broker = Broker::start_on(port, &["tasks", "results"]);
