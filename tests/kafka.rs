@@ -532,6 +532,34 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
     assert!(!hit_ids(&sink.hits(), "/hit").contains_key("pending"));
 }
 
+/// With a reachable broker and nothing to consume yet, `/sys_info` says the intake is connected
+/// (from the check of the topic's metadata made at start, not from a first message).
+#[test]
+fn an_idle_intake_reports_connected() {
+    let broker = Broker::start(&["tasks"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let s = Server::builder(&dir)
+        .args(&[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-idle",
+        ])
+        .start();
+    let info = eventually(
+        Duration::from_secs(20),
+        "kafka connected with nothing consumed",
+        || {
+            let (_, info) = s.get("/sys_info");
+            (info["kafka"]["connected"] == true).then_some(info)
+        },
+    );
+    assert_eq!(info["kafka"]["consumed"], 0, "{info}");
+}
+
 /// An empty array is an invalid message even when it is read in one batch with valid ones: it is
 /// kept in `<dead>/invalid/` like any other, not dropped with the batch's one durable write.
 #[test]
