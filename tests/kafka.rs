@@ -461,6 +461,13 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
         },
     );
     assert_eq!(info["kafka"]["connected"], false, "{info}");
+    // The clients' error callback logs librdkafka's reason (the result producer's errors come
+    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ...").
+    eventually(
+        Duration::from_secs(20),
+        "the error callback's line in the log",
+        || s.log_text().contains("kafka: Global error: ").then_some(()),
+    );
 
     // The broker comes up: the intake joins by itself and consumes.
     let broker = Broker::start_on(port, &["tasks", "results"]);
@@ -523,6 +530,78 @@ fn an_array_message_with_a_stored_id_still_submits_the_rest() {
     let (_, info) = s.get("/sys_info");
     assert_eq!(info["delaying_keys"], json!(["pending"]), "{info}");
     assert!(!hit_ids(&sink.hits(), "/hit").contains_key("pending"));
+}
+
+/// With a reachable broker and nothing to consume yet, `/sys_info` says the intake is connected
+/// (from the check of the topic's metadata made at start, not from a first message).
+#[test]
+fn an_idle_intake_reports_connected() {
+    let broker = Broker::start(&["tasks"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = broker.servers();
+    let s = Server::builder(&dir)
+        .args(&[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-idle",
+        ])
+        .start();
+    let info = eventually(
+        Duration::from_secs(20),
+        "kafka connected with nothing consumed",
+        || {
+            let (_, info) = s.get("/sys_info");
+            (info["kafka"]["connected"] == true).then_some(info)
+        },
+    );
+    assert_eq!(info["kafka"]["consumed"], 0, "{info}");
+}
+
+/// An empty array is an invalid message even when it is read in one batch with valid ones: it is
+/// kept in `<dead>/invalid/` like any other, not dropped with the batch's one durable write.
+#[test]
+fn an_empty_array_read_with_valid_messages_is_kept_as_invalid() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Produced before poulpe starts, so that its first poll reads both in one batch.
+    broker.produce(
+        "tasks",
+        &[
+            "[]".to_string(),
+            hit_task(&sink, "next"),
+            hit_task(&sink, "last"),
+        ],
+    );
+    let servers = broker.servers();
+    let s = Server::builder(&dir)
+        .args(&[
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-empty",
+        ])
+        .start();
+    sink.wait_until(Duration::from_secs(60), "the valid messages' tasks", |h| {
+        let ids = hit_ids(h, "/hit");
+        ids.contains_key("next") && ids.contains_key("last")
+    });
+    // Messages are handled in order: the empty array was kept before "next" was submitted.
+    let kept = s.data.join("dead/invalid/tasks-0-0.json");
+    let record: Value = serde_json::from_slice(&std::fs::read(&kept).unwrap_or_else(|e| {
+        panic!(
+            "the empty array is not in {}: {e}\n{}",
+            kept.display(),
+            s.log_text()
+        )
+    }))
+    .expect("JSON record");
+    assert_eq!(record["payload"], "[]", "{record}");
 }
 
 /// The group's committed offset moves only once the messages below it are durable: killed with

@@ -418,3 +418,106 @@ fn invalid(
         r.send(&key, &body.to_string());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    /// A Replier whose producer queue holds one message, towards a broker that is not there
+    /// (nothing is ever delivered: queued results stay queued).
+    fn replier_with_a_queue_of_one() -> Arc<Replier> {
+        let producer: BaseProducer<Ctx> = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("queue.buffering.max.messages", "1")
+            .set("message.timeout.ms", "300000")
+            .create_with_context(Ctx(Arc::new(KafkaStatus::default())))
+            .expect("producer");
+        Arc::new(Replier {
+            producer,
+            topic: "results".into(),
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Whether the producer's queue (of one) is taken: a message offered now is refused.
+    fn full(r: &Replier) -> bool {
+        use rdkafka::types::RDKafkaErrorCode;
+        let probe = BaseRecord::to(&r.topic).key("probe").payload("{}");
+        matches!(
+            r.producer.send(probe),
+            Err((
+                RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                _
+            ))
+        )
+    }
+
+    /// A result met by a full producer queue waits for room (up to 5 s), instead of being
+    /// dropped at once; with no room by then it is dropped, and the caller (the results thread)
+    /// goes on.
+    #[test]
+    fn a_result_met_by_a_full_producer_queue_waits_for_room_then_gives_up() {
+        use rdkafka::producer::PurgeConfig;
+        let r = replier_with_a_queue_of_one();
+        r.send("first", "{}");
+        assert!(full(&r), "the first result is queued");
+        // Room is made half a second after the second send began.
+        let r2 = r.clone();
+        let freer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(500));
+            r2.producer.purge(PurgeConfig::default().queue());
+            // Serves the purged message's delivery report, which frees its place.
+            r2.producer.poll(Duration::from_millis(100));
+        });
+        r.send("second", "{}");
+        freer.join().expect("join");
+        r.producer.poll(Duration::from_millis(100));
+        assert!(
+            full(&r),
+            "the second result was dropped instead of waiting for room"
+        );
+        // The queue stays full: the third send gives up (a generous deadline for its 5 s).
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let r3 = r.clone();
+        thread::spawn(move || {
+            r3.send("third", "{}");
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "a send to a full queue still waits after 60 s"
+        );
+    }
+
+    /// A start-up error names the flag to fix (the line poulpe prints before exiting 2) and keeps
+    /// rdkafka's error as its cause.
+    #[test]
+    fn start_errors_name_the_flag_and_keep_the_cause() {
+        let cases = [
+            (
+                KafkaError::Producer(RdKafkaError::ClientCreation("no".into())),
+                "--kafka_servers: cannot create a producer: ",
+            ),
+            (
+                KafkaError::Consumer(RdKafkaError::ClientCreation("no".into())),
+                "--kafka_servers: cannot create a consumer: ",
+            ),
+            (
+                KafkaError::Subscribe("t".into(), RdKafkaError::Subscription("t".into())),
+                "--kafka_topic: cannot subscribe to \"t\": ",
+            ),
+            (KafkaError::Thread(io::Error::other("no thread")), ""),
+        ];
+        for (e, head) in cases {
+            let text = e.to_string();
+            let cause = e.source().map(ToString::to_string);
+            assert_eq!(
+                Some(text.clone()),
+                cause.map(|c| format!("{head}{c}")),
+                "{e:?}"
+            );
+        }
+    }
+}

@@ -124,7 +124,7 @@ impl Backend for MemoryBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use crate::store::contract::task;
     use crate::store::{Cancel, Store, StoreError};
     use crate::task::State;
@@ -150,8 +150,9 @@ mod tests {
         assert_eq!(store.cancel("u").expect("cancel"), Cancel::Cancelled);
     }
 
-    /// Log lines of the current thread, kept by a logger installed for the test binary.
-    mod capture {
+    /// Log lines of the current thread, kept by a logger installed for the test binary (used by
+    /// the Redis store's tests too).
+    pub(crate) mod capture {
         use parking_lot::Mutex;
         use std::thread::ThreadId;
 

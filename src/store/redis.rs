@@ -287,13 +287,7 @@ impl RedisStore {
                             .ok()
                             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).ok())
                             .is_some();
-                        if up.swap(ok, Ordering::Relaxed) != ok {
-                            if ok {
-                                log::info!("store: Redis is reachable again");
-                            } else {
-                                log::error!("store: Redis is unreachable");
-                            }
-                        }
+                        note_health(&up, ok);
                         thread::sleep(Duration::from_secs(1));
                     }
                 })
@@ -335,6 +329,17 @@ impl RedisStore {
 
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
+    }
+}
+
+/// Notes what the health thread's ping found; logs only a change, not every ping.
+fn note_health(up: &AtomicBool, ok: bool) {
+    if up.swap(ok, Ordering::Relaxed) != ok {
+        if ok {
+            log::info!("store: Redis is reachable again");
+        } else {
+            log::error!("store: Redis is unreachable");
+        }
     }
 }
 
@@ -658,11 +663,18 @@ mod tests {
         }
     }
 
-    fn redis_server() -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
-            .expect("free port");
+            .expect("free port")
+    }
+
+    fn redis_server() -> Server {
+        redis_server_on(free_port())
+    }
+
+    fn redis_server_on(port: u16) -> Server {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -675,12 +687,27 @@ mod tests {
     }
 
     fn store(s: &Server) -> RedisStore {
-        RedisStore::open(
-            &format!("redis://127.0.0.1:{}/0", s.1),
-            "t:",
-            Duration::from_secs(10),
-        )
-        .expect("connect")
+        RedisStore::open(&url(s.1), "t:", Duration::from_secs(10)).expect("connect")
+    }
+
+    fn url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}/0")
+    }
+
+    /// Sends `sig` to the redis-server.
+    fn signal(s: &Server, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(s.0.id()).expect("pid");
+        // SAFETY: kill(2) on a child process this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Polls `cond` until it holds, failing with `what` after `limit`.
+    fn wait_until(limit: Duration, what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + limit;
+        while !cond() {
+            assert!(Instant::now() < end, "{what}: not seen within {limit:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
@@ -753,6 +780,27 @@ mod tests {
         let accepted: usize = handles.into_iter().map(|h| h.join().expect("join")).sum();
         assert_eq!(accepted, 16 * 40);
         assert_eq!(st.summary(0).expect("summary").ready_total, 16 * 40);
+        // The insert script is the only one this test runs: fewer calls than submits.
+        let info: String = st
+            .with(|c| redis::cmd("INFO").arg("commandstats").query(c))
+            .expect("INFO");
+        let calls: u64 = info
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            (1..16 * 50).contains(&calls),
+            "{calls} script calls for {} submits: none shared a round trip\n{info}",
+            16 * 50
+        );
     }
 
     #[test]
@@ -775,6 +823,98 @@ mod tests {
     #[test]
     fn passwords_are_hidden() {
         assert_eq!(redacted("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redacted("redis://:p@ss@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
+        // An '@' only before the scheme's "://" is no password: the text is kept as it is.
+        assert_eq!(redacted("a@b://h:6379"), "a@b://h:6379");
+    }
+
+    /// The store's name in `/sys_info` and the logs.
+    #[test]
+    fn the_store_is_named_redis() {
+        let s = redis_server();
+        assert_eq!(store(&s).name(), "redis");
+    }
+
+    /// At start-up the store waits for a Redis that is not up yet (README: poulpe waits up to
+    /// 5 s for Redis); here Redis starts about 3 s after the first try, so after that try has
+    /// given up (it waits 2 s for a connection).
+    #[test]
+    fn open_waits_for_a_redis_that_comes_up_late() {
+        let port = free_port();
+        let late = thread::spawn(move || {
+            thread::sleep(Duration::from_secs(3));
+            redis_server_on(port)
+        });
+        let st = RedisStore::open(&url(port), "t:", Duration::from_secs(20));
+        let _s = late.join().expect("join");
+        let st = st.unwrap_or_else(|e| panic!("Redis came up about 3 s after the start: {e}"));
+        st.insert(&[contract::task("late", State::Ready, 0)])
+            .expect("insert");
+    }
+
+    /// A Redis that stops answering (SIGSTOP: its socket still accepts, nothing comes back)
+    /// makes a call fail with `Unavailable` once the socket timeouts run out (README: 3 s),
+    /// instead of holding the caller until Redis answers again.
+    #[test]
+    fn a_redis_that_stops_answering_fails_calls_instead_of_hanging() {
+        let s = redis_server();
+        let st = Arc::new(store(&s));
+        st.insert(&[contract::task("h", State::Ready, 0)])
+            .expect("insert");
+        signal(&s, libc::SIGSTOP);
+        let (tx, rx) = bounded(1);
+        let st2 = st.clone();
+        thread::spawn(move || {
+            let _ = tx.send(st2.status("h"));
+        });
+        // A generous deadline: the timeouts are 3 s for the check and 2 s for a new connection.
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        signal(&s, libc::SIGCONT);
+        match got {
+            Ok(Err(StoreError::Unavailable(_))) => {}
+            Ok(other) => panic!("a Redis that answers nothing: {other:?}"),
+            Err(_) => panic!("a call to a Redis that answers nothing still waits after 30 s"),
+        }
+    }
+
+    /// `healthy` (shown in `/sys_info`) turns false when Redis goes away, by the health thread
+    /// alone (no call fails here), and true again once Redis is back on its port.
+    #[test]
+    fn health_follows_redis_going_away_and_coming_back() {
+        let port = free_port();
+        let s = redis_server_on(port);
+        let st = RedisStore::open(&url(port), "t:", Duration::from_secs(10)).expect("connect");
+        assert!(st.healthy(), "up once open");
+        drop(s);
+        wait_until(Duration::from_secs(20), "reported down", || !st.healthy());
+        let _s = redis_server_on(port);
+        wait_until(Duration::from_secs(30), "reported up again", || {
+            st.healthy()
+        });
+        st.close();
+    }
+
+    /// The health thread logs a change of health once, not every ping.
+    #[test]
+    fn health_changes_are_logged_once_each() {
+        use crate::store::memory::tests::capture;
+        capture::install();
+        let up = AtomicBool::new(true);
+        for ok in [true, true, false, false, false, true, true] {
+            note_health(&up, ok);
+        }
+        let lines: Vec<String> = capture::mine()
+            .into_iter()
+            .filter(|l| l.contains("Redis"))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "store: Redis is unreachable".to_string(),
+                "store: Redis is reachable again".to_string()
+            ]
+        );
+        assert!(up.load(Ordering::Relaxed));
     }
 }
