@@ -39,6 +39,15 @@ fn bad_tasks_get_400_naming_the_field() {
             "params",
         ),
         (json!({"method":"MAIL_TO","name":"a@b.c"}), "MAIL_TO"),
+        // A typo must not change the task silently (it would run at once).
+        (
+            json!({"method":"GET","name":good,"dealy":30}),
+            r#"unknown field "dealy" (did you mean "delay"?)"#,
+        ),
+        (
+            json!({"method":"GET","name":good,"priority":1}),
+            r#"unknown field "priority" (known: id,"#,
+        ),
         (json!("just a string"), "object"),
         (json!(42), "object"),
         (json!([]), "empty"),

@@ -272,6 +272,7 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
         .collect();
     tasks[17] = json!({"id": "f-17", "method": "GET", "name": "not a url"});
     tasks[30]["id"] = json!("f-29"); // the same id twice in one frame
+    tasks[40]["dealy"] = json!(30); // a typo: refused, not run at once
     send(&mut ws, &json!(tasks));
     let acks: Vec<serde_json::Value> = (0..50).map(|_| next(&mut ws)).collect();
     for (i, a) in acks.iter().enumerate() {
@@ -292,6 +293,17 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
                 );
                 assert!(a["reason"].as_str().unwrap_or("").contains("f-29"), "{a}");
             }
+            40 => {
+                assert_eq!(
+                    (&a["id"], &a["result"]),
+                    (&json!("f-40"), &json!("Fail")),
+                    "{a}"
+                );
+                assert_eq!(
+                    a["reason"], r#"unknown field "dealy" (did you mean "delay"?)"#,
+                    "{a}"
+                );
+            }
             _ => assert_eq!(
                 (&a["id"], &a["result"]),
                 (&json!(format!("f-{i}")), &json!("OK")),
@@ -299,9 +311,9 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
             ),
         }
     }
-    // The 48 accepted tasks run once each, and their results are pushed.
+    // The 47 accepted tasks run once each, and their results are pushed.
     let mut pushed = std::collections::HashSet::new();
-    while pushed.len() < 48 {
+    while pushed.len() < 47 {
         let r = next(&mut ws);
         assert_eq!(r["status"], "succeeded", "{r}");
         assert!(
@@ -310,9 +322,9 @@ fn a_frame_of_fifty_tasks_is_acked_task_by_task() {
         );
     }
     let hits = sink.hits_on("/f");
-    assert_eq!(hits.len(), 48, "each accepted task ran once");
+    assert_eq!(hits.len(), 47, "each accepted task ran once");
     let (_, info) = s.get("/sys_info");
-    assert_eq!(info["counts"]["accepted"], 48, "{info}");
+    assert_eq!(info["counts"]["accepted"], 47, "{info}");
 }
 
 /// The WebSocket is a network intake like HTTP: without `--exec_dir` an EXEC task is refused

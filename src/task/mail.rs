@@ -116,7 +116,7 @@ mod tests {
     fn field(e: TaskError) -> &'static str {
         match e {
             TaskError::Field { field, .. } => field,
-            TaskError::NotAnObject => "(not an object)",
+            TaskError::NotAnObject | TaskError::Unknown { .. } => "(not a field of params)",
         }
     }
 

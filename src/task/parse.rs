@@ -38,6 +38,14 @@ pub(crate) struct Limits {
 pub(crate) enum TaskError {
     /// The task is not a JSON object.
     NotAnObject,
+    /// A field no task has: a typo would otherwise change the task silently (`dealy` would run
+    /// it at once).
+    Unknown {
+        /// The field as submitted.
+        field: String,
+        /// The known field it resembles, if one does.
+        like: Option<&'static str>,
+    },
     /// A field is missing or wrong.
     Field {
         /// The field's name in the submitted JSON.
@@ -61,6 +69,10 @@ impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TaskError::NotAnObject => write!(f, "a task must be a JSON object"),
+            TaskError::Unknown { field, like } => match like {
+                Some(known) => write!(f, "unknown field {field:?} (did you mean {known:?}?)"),
+                None => write!(f, "unknown field {field:?} (known: {})", FIELDS.join(", ")),
+            },
             TaskError::Field { field, problem } => write!(f, "{field}: {problem}"),
         }
     }
@@ -98,6 +110,67 @@ pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// Every field a task may have.
+const FIELDS: [&str; 10] = [
+    "id",
+    "method",
+    "name",
+    "params",
+    "delay",
+    "wait",
+    "timeout",
+    "max_retry",
+    "retry_interval",
+    "cc",
+];
+
+/// Refuses the first field no task has, naming the known one it is closest to: at most one edit
+/// per three letters of it (one at least, a swap of neighbours counting as one), and fewer
+/// than half its letters.
+fn known_fields(obj: &Map<String, Value>) -> Result<(), TaskError> {
+    let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let lower = field.to_ascii_lowercase();
+    let like = FIELDS
+        .iter()
+        .map(|&known| (edits(&lower, known), known))
+        .filter(|&(d, known)| d <= (known.len() / 3).max(1) && d * 2 < known.len())
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, known)| known);
+    Err(TaskError::Unknown {
+        field: field.clone(),
+        like,
+    })
+}
+
+/// Edits (insert, delete, replace, swap two neighbours) from `a` to `b`: the optimal string
+/// alignment distance, over bytes.
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    // Three rows of the table: two back, one back, current.
+    let mut rows = [
+        vec![0; b.len() + 1],
+        (0..=b.len()).collect::<Vec<_>>(),
+        vec![0; b.len() + 1],
+    ];
+    for i in 1..=a.len() {
+        rows[2][0] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[1][j] + 1)
+                .min(rows[2][j - 1] + 1)
+                .min(rows[1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[0][j - 2] + 1);
+            }
+            rows[2][j] = d;
+        }
+        rows.rotate_left(1);
+    }
+    rows[1][b.len()]
+}
+
 /// Validates one submitted JSON task. `now_us` is the submit time (Unix microseconds);
 /// `trusted` is set for the operator's own tasks (cron file), which EXEC rules do not restrict.
 pub(crate) fn parse_task(
@@ -107,6 +180,7 @@ pub(crate) fn parse_task(
     now_us: u64,
 ) -> Result<Submission, TaskError> {
     let obj = v.as_object().ok_or(TaskError::NotAnObject)?;
+    known_fields(obj)?;
     let common = Common::parse(obj, limits.workers)?;
     let raw = obj.get("params");
     let payload = match common.method {
@@ -506,7 +580,6 @@ mod tests {
             (s.task.timeout, s.task.max_retry, s.task.retry_interval),
             (Some(3), Some(0), Some(1))
         );
-        ok(json!({"method":"GET","name":"http://x","unknown_field":true}));
         ok(json!({"method":"GET","name":"http://x","cc":[0,3]}));
     }
 
@@ -614,6 +687,65 @@ mod tests {
             let got = err(v.clone());
             assert!(got.contains(want), "{v}: got {got:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_the_field_they_resemble() {
+        let task = |extra: &str| {
+            let mut v = json!({"method": "GET", "name": "http://x/"});
+            v[extra] = json!(30);
+            err(v)
+        };
+        assert_eq!(
+            task("dealy"),
+            r#"unknown field "dealy" (did you mean "delay"?)"#
+        );
+        assert_eq!(
+            task("Delay"),
+            r#"unknown field "Delay" (did you mean "delay"?)"#
+        );
+        assert_eq!(
+            task("max_retries"),
+            r#"unknown field "max_retries" (did you mean "max_retry"?)"#
+        );
+        assert_eq!(
+            task("retry_intervall"),
+            r#"unknown field "retry_intervall" (did you mean "retry_interval"?)"#
+        );
+        assert_eq!(
+            task("timout"),
+            r#"unknown field "timout" (did you mean "timeout"?)"#
+        );
+        assert_eq!(
+            task("ic"),
+            r#"unknown field "ic" (known: id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc)"#
+        );
+        assert_eq!(
+            task("priority"),
+            r#"unknown field "priority" (known: id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc)"#
+        );
+        // Every known field is accepted, and the checks on their values still run.
+        let all = json!({"id": "a", "method": "GET", "name": "http://x/", "params": "q=1",
+                         "delay": 0, "wait": 0, "timeout": 5, "max_retry": 1,
+                         "retry_interval": 2, "cc": "0"});
+        assert_eq!(ok(all).task.id, "a");
+    }
+
+    #[test]
+    fn edits_count_inserts_deletes_replacements_and_swaps() {
+        assert_eq!(edits("delay", "delay"), 0);
+        assert_eq!(
+            edits("dealy", "delay"),
+            1,
+            "a swap of neighbours is one edit"
+        );
+        assert_eq!(edits("dely", "delay"), 1);
+        assert_eq!(edits("delays", "delay"), 1);
+        assert_eq!(edits("xelay", "delay"), 1);
+        assert_eq!(edits("", "cc"), 2);
+        assert_eq!(edits("cc", ""), 2);
+        assert_eq!(edits("abcd", "badc"), 2);
+        assert_eq!(edits("kitten", "sitting"), 3);
     }
 
     #[test]
