@@ -103,11 +103,12 @@ impl HttpExec {
                     format!("{}?{}", task.name, task.params)
                 };
                 let req = self.agent.get(&url);
-                if own_timeout {
-                    req.config().timeout_global(Some(timeout)).build().call()
+                let req = if own_timeout {
+                    req.config().timeout_global(Some(timeout)).build()
                 } else {
-                    req.call()
-                }
+                    req
+                };
+                req.call()
             }
         };
         let mut resp = match sent {

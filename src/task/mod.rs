@@ -15,13 +15,21 @@ use serde::{Deserialize, Serialize};
 /// enum, and the static binary has a size budget. Errors read as the derived ones.
 macro_rules! deserialize_by_name {
     ($t:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl $t {
+            /// The value named `s` (one non-generic copy, whatever the deserializer).
+            fn by_name(s: &str) -> Option<$t> {
+                match s {
+                    $($name => Some($v),)+
+                    _ => None,
+                }
+            }
+        }
+
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
-                match s.as_str() {
-                    $($name => Ok($v),)+
-                    other => Err(serde::de::Error::unknown_variant(other, &[$($name),+])),
-                }
+                <$t>::by_name(&s)
+                    .ok_or_else(|| serde::de::Error::unknown_variant(&s, &[$($name),+]))
             }
         }
     };

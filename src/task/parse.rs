@@ -71,7 +71,7 @@ impl fmt::Display for TaskError {
             TaskError::NotAnObject => write!(f, "a task must be a JSON object"),
             TaskError::Unknown { field, like } => match like {
                 Some(known) => write!(f, "unknown field {field:?} (did you mean {known:?}?)"),
-                None => write!(f, "unknown field {field:?} (known: {})", FIELDS.join(", ")),
+                None => write!(f, "unknown field {field:?} (known: {FIELD_LIST})"),
             },
             TaskError::Field { field, problem } => write!(f, "{field}: {problem}"),
         }
@@ -124,6 +124,10 @@ const FIELDS: [&str; 10] = [
     "cc",
 ];
 
+/// `FIELDS` as the error message lists them.
+const FIELD_LIST: &str =
+    "id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc";
+
 /// Refuses the first field no task has, naming the known one it is closest to: at most one edit
 /// per three letters of it (one at least, a swap of neighbours counting as one), and fewer
 /// than half its letters.
@@ -132,8 +136,10 @@ fn known_fields(obj: &Map<String, Value>) -> Result<(), TaskError> {
         return Ok(());
     };
     let lower = field.to_ascii_lowercase();
+    // A key far longer than every known field resembles none (and costs no scan of it).
     let like = FIELDS
         .iter()
+        .filter(|_| lower.len() <= 20)
         .map(|&known| (edits(&lower, known), known))
         .filter(|&(d, known)| d <= (known.len() / 3).max(1) && d * 2 < known.len())
         .min_by_key(|&(d, _)| d)
@@ -729,6 +735,16 @@ mod tests {
                          "delay": 0, "wait": 0, "timeout": 5, "max_retry": 1,
                          "retry_interval": 2, "cc": "0"});
         assert_eq!(ok(all).task.id, "a");
+    }
+
+    #[test]
+    fn the_listed_fields_are_the_known_ones() {
+        assert_eq!(FIELD_LIST, FIELDS.join(", "));
+        let long = "x".repeat(100_000);
+        assert_eq!(
+            err(json!({"method": "GET", "name": "http://x/", long.clone(): 1})),
+            format!("unknown field {long:?} (known: {FIELD_LIST})")
+        );
     }
 
     #[test]
