@@ -560,6 +560,71 @@ fn an_idle_intake_reports_connected() {
     assert_eq!(info["kafka"]["consumed"], 0, "{info}");
 }
 
+/// Messages read together share one durable write: 200 messages already on the topic when poulpe
+/// starts (half of them one-task arrays) take far fewer writes than messages, counted by Redis,
+/// where each write is one call of the insert script.
+#[test]
+fn messages_read_together_share_one_durable_write() {
+    use common::redis::RedisServer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let broker = Broker::start(&["tasks"]);
+    let n = 200;
+    let payloads: Vec<String> = (0..n)
+        .map(|i| {
+            let t = json!({"id": format!("f-{i}"), "method": "GET",
+                           "name": "http://127.0.0.1:9/never", "delay": 3600});
+            if i % 2 == 0 {
+                json!([t]).to_string()
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    broker.produce("tasks", &payloads);
+    let servers = broker.servers();
+    let url = redis.url();
+    let s = Server::builder(&dir)
+        .args(&[
+            "--redis",
+            &url,
+            "--kafka_servers",
+            &servers,
+            "--kafka_topic",
+            "tasks",
+            "--kafka_group",
+            "g-fold",
+        ])
+        .start();
+    eventually(
+        Duration::from_secs(60),
+        "every message's task stored",
+        || {
+            let (_, info) = s.get("/sys_info");
+            (info["delaying_total"] == n).then_some(())
+        },
+    );
+    let out = Command::new("redis-cli")
+        .args(["-u", &url, "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli (installed with redis-server by scripts/test.sh)");
+    let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+    let calls = |cmd: &str| -> u64 {
+        stats
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .filter_map(|l| l.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // Every script call, less the gc's (one a second, each calling ZREMRANGEBYSCORE once).
+    let inserts = (calls("evalsha") + calls("eval")).saturating_sub(calls("zremrangebyscore"));
+    assert!(
+        inserts < n / 4,
+        "{inserts} insert calls for {n} messages: the messages read together did not share a \
+         write\n{stats}"
+    );
+}
+
 /// An empty array is an invalid message even when it is read in one batch with valid ones: it is
 /// kept in `<dead>/invalid/` like any other, not dropped with the batch's one durable write.
 #[test]

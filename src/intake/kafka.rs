@@ -425,12 +425,16 @@ mod tests {
     use std::error::Error as _;
 
     /// A Replier whose producer queue holds one message, towards a broker that is not there
-    /// (nothing is ever delivered: queued results stay queued).
+    /// (nothing is ever delivered: queued results stay queued until they time out).
     fn replier_with_a_queue_of_one() -> Arc<Replier> {
+        replier_timing_out_after("300000")
+    }
+
+    fn replier_timing_out_after(message_timeout_ms: &str) -> Arc<Replier> {
         let producer: BaseProducer<Ctx> = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:1")
             .set("queue.buffering.max.messages", "1")
-            .set("message.timeout.ms", "300000")
+            .set("message.timeout.ms", message_timeout_ms)
             .create_with_context(Ctx(Arc::new(KafkaStatus::default())))
             .expect("producer");
         Arc::new(Replier {
@@ -488,6 +492,20 @@ mod tests {
         assert!(
             rx.recv_timeout(Duration::from_secs(60)).is_ok(),
             "a send to a full queue still waits after 60 s"
+        );
+    }
+
+    /// `flush` (the stop of the produce stage) returns once the queue is empty, its results
+    /// delivered or, as here with no broker, timed out (after 1 s) and reported, not at once.
+    #[test]
+    fn flush_waits_until_queued_results_have_left() {
+        let r = replier_timing_out_after("1000");
+        r.send("queued", "{}");
+        assert!(full(&r), "the result is queued");
+        r.flush();
+        assert!(
+            !full(&r),
+            "the result is still queued after the flush returned"
         );
     }
 
