@@ -178,37 +178,41 @@ impl Flag {
     }
 
     /// `value` as a number within this flag's range, or the table's default when `None`.
-    pub(crate) fn number<T>(&self, value: Option<&str>) -> Result<T, ConfigError>
-    where
-        T: std::str::FromStr + TryFrom<u64> + TryInto<u64> + Copy,
-    {
-        match (value, self.default) {
-            (Some(v), _) => self.check_number(v),
-            (None, DefaultValue::Number(d)) => T::try_from(d)
-                .map_err(|_| bad(self.name, &d.to_string(), "the default does not fit")),
-            (None, _) => Err(bad(self.name, "", "this flag has no default number")),
-        }
+    pub(crate) fn number<T: TryFrom<u64>>(&self, value: Option<&str>) -> Result<T, ConfigError> {
+        let n = match (value, self.default) {
+            (Some(v), _) => self.check_number(v)?,
+            (None, DefaultValue::Number(d)) => d,
+            (None, _) => return Err(bad(self.name, "", "this flag has no default number")),
+        };
+        self.fit(n)
     }
 
     /// `value` as a number within this flag's range, or `default` when `None`.
-    pub(crate) fn number_or<T>(&self, value: Option<&str>, default: T) -> Result<T, ConfigError>
-    where
-        T: std::str::FromStr + TryInto<u64> + Copy,
-    {
-        value.map_or(Ok(default), |v| self.check_number(v))
+    pub(crate) fn number_or<T: TryFrom<u64>>(
+        &self,
+        value: Option<&str>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => self.fit(self.check_number(v)?),
+        }
     }
 
-    fn check_number<T>(&self, v: &str) -> Result<T, ConfigError>
-    where
-        T: std::str::FromStr + TryInto<u64> + Copy,
-    {
-        // Parsed as the field's own type first: too big for it is not a whole number of that kind.
-        let n: T = v
+    /// `n` in the field's own type (the table's ranges fit their fields; a default that would
+    /// not is a mistake in the table).
+    fn fit<T: TryFrom<u64>>(&self, n: u64) -> Result<T, ConfigError> {
+        T::try_from(n).map_err(|_| bad(self.name, &n.to_string(), "does not fit"))
+    }
+
+    /// One copy for every field type: a whole number within the flag's range.
+    fn check_number(&self, v: &str) -> Result<u64, ConfigError> {
+        let n: u64 = v
             .trim()
             .parse()
             .map_err(|_| bad(self.name, v, "expected a whole number"))?;
         if let Kind::Number { min, max } = self.kind {
-            if !n.try_into().is_ok_and(|n: u64| (min..=max).contains(&n)) {
+            if !(min..=max).contains(&n) {
                 return Err(bad(
                     self.name,
                     v,
