@@ -10,12 +10,13 @@
 use super::{same_secret, Origin, Submitter};
 use crate::http::{percent_decode, query_param, Reply, Request, Response};
 use crate::results::Answers;
+use crate::task::TaskResult;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
 use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
@@ -151,7 +152,7 @@ impl WebSockets {
             .max_message_size(Some(self.max_frame))
             .max_frame_size(Some(self.max_frame));
         let mut ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
-        let (push_tx, push_rx): (Sender<String>, Receiver<String>) = unbounded();
+        let (push_tx, push_rx): (Sender<TaskResult>, Receiver<TaskResult>) = unbounded();
         let pusher = Pusher {
             tx: push_tx,
             bell: bell.clone(),
@@ -197,7 +198,9 @@ impl WebSockets {
                 out.extend(self.on_texts(&texts, &pusher));
             }
             bell.quiet();
-            out.extend(push_rx.try_iter());
+            // Results are formatted here, on the connection's thread, not on the outcome
+            // thread that hands them over (one thread for the whole server).
+            out.extend(push_rx.try_iter().map(|r| json!(r).to_string()));
             for frame in out {
                 match ws.write(Message::text(frame)) {
                     Ok(()) => {}
@@ -291,7 +294,7 @@ impl WebSockets {
                         PUSH_WITHIN,
                         Box::new(move |got| {
                             if let Some(Some(r)) = got.into_iter().next() {
-                                p.push(json!(r).to_string());
+                                p.push(r);
                             }
                         }),
                     );
@@ -316,23 +319,23 @@ impl WebSockets {
     }
 }
 
-/// Hands a result frame to its connection and wakes it. Never blocks.
+/// Hands a result to its connection and wakes it. Never blocks.
 #[derive(Clone)]
 struct Pusher {
-    tx: Sender<String>,
+    tx: Sender<TaskResult>,
     bell: Arc<Bell>,
 }
 
 impl Pusher {
-    fn push(&self, frame: String) {
-        if self.tx.send(frame).is_ok() {
+    fn push(&self, result: TaskResult) {
+        if self.tx.send(result).is_ok() {
             self.bell.ring();
         }
     }
 }
 
 /// An eventfd: `ring` makes it readable (poll wakes up) until `quiet` reads it.
-struct Bell(OwnedFd);
+struct Bell(OwnedFd, AtomicBool);
 
 impl Bell {
     fn new() -> std::io::Result<Bell> {
@@ -342,10 +345,17 @@ impl Bell {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and is not owned by anything else.
-        Ok(Bell(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Bell(
+            unsafe { OwnedFd::from_raw_fd(fd) },
+            AtomicBool::new(false),
+        ))
     }
 
+    /// Rings once until the next `quiet`: a burst of results costs one write and one wakeup.
     fn ring(&self) {
+        if self.1.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd (non-blocking; a full counter
         // only means it is readable already).
@@ -354,12 +364,16 @@ impl Bell {
         }
     }
 
+    /// Called before taking what the rings announced. The eventfd is read first, then the
+    /// flag cleared: a ring between the two writes again (a spare wakeup), and one after them
+    /// finds the flag clear, so no ring is ever lost.
     fn quiet(&self) {
         let mut n: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe {
             libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8);
         }
+        self.1.store(false, Ordering::Release);
     }
 
     /// True once rung (and not quieted): read without consuming, with a zero-timeout poll.
