@@ -93,7 +93,9 @@ impl Pool {
     /// Takes the oldest task worker `w` may run from the busiest other queue.
     fn steal(st: &mut State, w: usize) -> Option<Arc<Task>> {
         let mut order: Vec<usize> = (0..st.slots.len()).filter(|&o| o != w).collect();
-        order.sort_by_key(|&o| std::cmp::Reverse(st.slots[o].queue.len()));
+        // Busiest first; equal ones by number (an unstable sort of unique keys: the binary
+        // keeps one sort of these fewer).
+        order.sort_unstable_by_key(|&o| (std::cmp::Reverse(st.slots[o].queue.len()), o));
         for o in order {
             let q = &mut st.slots[o].queue;
             if let Some(pos) = q.iter().position(|t| allowed(t, w)) {

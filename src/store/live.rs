@@ -157,8 +157,8 @@ impl LiveIndex {
                 State::Ready => s.ready_total += 1,
             }
         }
-        s.running.sort();
-        s.waiting.sort();
+        s.running.sort_unstable();
+        s.waiting.sort_unstable();
         s
     }
 }

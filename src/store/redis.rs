@@ -593,7 +593,7 @@ impl Store for RedisStore {
                 .arg(cap)
                 .query(c)
         })?;
-        running.sort();
+        running.sort_unstable();
         Ok(Summary {
             running,
             running_total,
