@@ -598,6 +598,76 @@ pub mod tests {
         assert_eq!(r.records.last().map(|(s, _)| *s), Some(j.last_seq()));
     }
 
+    /// The encoded size of a record holding `ops`, head included.
+    fn record_size(ops: &[Op]) -> usize {
+        let mut b = Vec::new();
+        for op in ops {
+            encode_op(op, &mut b);
+        }
+        HEAD + b.len()
+    }
+
+    /// A group is split only once a record reaches the split size: every record but the last
+    /// is at least that long and was still shorter before its last op; none is empty, also
+    /// when the group's last op is the one that reaches the size.
+    #[test]
+    fn a_group_is_split_where_a_record_reaches_the_split_size_and_nowhere_else() {
+        let ops: Vec<Op> = (0..10).flat_map(sample).collect();
+        // The split size reached exactly by the last op, then at sizes that fall mid-group.
+        let whole = record_size(&ops);
+        for split in [whole, 100, 150, 1000] {
+            let mem = MemJournal::default();
+            let mut j = Journal::new(Box::new(mem.clone()), 1);
+            j.split = split;
+            j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+            let mut m = mem.clone();
+            let r = Journal::read(&mut m, 0).expect("read");
+            let records: Vec<Vec<Op>> = r.records.into_iter().map(|(_, o)| o).collect();
+            assert_eq!(records.len() as u64, j.last_seq(), "split {split}");
+            for (i, rec) in records.iter().enumerate() {
+                assert!(!rec.is_empty(), "split {split}: record {i} is empty");
+                if i + 1 < records.len() {
+                    let size = record_size(rec);
+                    let before = record_size(&rec[..rec.len() - 1]);
+                    assert!(
+                        size >= split && before < split,
+                        "split {split}: record {i} of {size} bytes ({before} before its last op)"
+                    );
+                }
+            }
+            let back: Vec<Op> = records.into_iter().flatten().collect();
+            assert!(same(&back, &ops), "split {split}");
+        }
+    }
+
+    /// The file journal writes at offsets, reports its length, reads back every byte, and
+    /// keeps what it holds when opened again.
+    #[test]
+    fn the_file_journal_writes_at_offsets_and_knows_its_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("poulpe.journal");
+        let mut f = FileJournal::open(&path).expect("open");
+        assert_eq!(f.size().expect("size"), 0);
+        f.write_at(3, b"abc").expect("write");
+        f.write_at(0, b"xy").expect("write");
+        f.sync().expect("sync");
+        assert_eq!(f.size().expect("size"), 6);
+        assert_eq!(f.read_all().expect("read"), b"xy\0abc");
+        drop(f);
+        let mut f = FileJournal::open(&path).expect("open again");
+        assert_eq!(f.size().expect("size"), 6, "not truncated");
+        let mut j = Journal::new(Box::new(f), 1);
+        assert_eq!(j.allocated, 6, "the file's length is known");
+        let ops = sample(2);
+        j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+        drop(j);
+        let mut f = FileJournal::open(&path).expect("open again");
+        assert_eq!(f.size().expect("size"), 6 + GROW, "grown by one step");
+        let r = Journal::read(&mut f, 0).expect("read");
+        assert_eq!(r.records.len(), 1);
+        assert!(same(&r.records[0].1, &ops));
+    }
+
     #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
