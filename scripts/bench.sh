@@ -479,12 +479,12 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     "— (unrecorded ones run again after a crash)" \
     "$(cell w1_recorded_at_last_hit_pct embedded); $(cell w1_outcome_drain_ms embedded) / $(cell w1b_recorded_at_last_hit_pct embedded); $(cell w1b_outcome_drain_ms embedded)" \
     "$(cell w1_recorded_at_last_hit_pct redis); $(cell w1_outcome_drain_ms redis) / $(cell w1b_recorded_at_last_hit_pct redis); $(cell w1b_outcome_drain_ms redis)"
-  cpu_row() { # cpu_row PREFIX STORE: total (store-writer / workers / http / outcome)
+  cpu_row() { # cpu_row PREFIX STORE: total (store writer+checkpoint / workers / http / outcome)
     echo "$(cell "$1_cpu_us_per_task" "$2") ($(cell "$1_cpu_store_writer_us_per_task" "$2") / $(cell "$1_cpu_worker_us_per_task" "$2") / $(cell "$1_cpu_http_us_per_task" "$2") / $(cell "$1_cpu_outcome_us_per_task" "$2"))"
   }
-  row "W1 server CPU µs/task: total (store-writer / workers / http / outcome)" "≤ 40" \
+  row "W1 server CPU µs/task: total (store writer+checkpoint / workers / http / outcome)" "≤ 40" \
     "$(cpu_row w1 embedded)" "$(cpu_row w1 redis)"
-  row "W1b server CPU µs/task: total (store-writer / workers / http / outcome)" "≤ 15" \
+  row "W1b server CPU µs/task: total (store writer+checkpoint / workers / http / outcome)" "≤ 15" \
     "$(cpu_row w1b embedded)" "$(cpu_row w1b redis)"
   for w in "w5:W5 WebSocket, single-task frames" "w5b:W5b WebSocket, 50-task frames" \
     "w6:W6 Kafka, single-task messages" "w6b:W6b Kafka, 50-task messages"; do
@@ -492,7 +492,7 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     [ "$(cell "${p}_executed_per_s" embedded)" = "—" ] && continue
     row "${w#*:}: submits/s / executed/s" "— (HTTP: W1, W1b)" \
       "$(cell "${p}_submits_per_s" embedded r) / $(cell "${p}_executed_per_s" embedded r)" "—"
-    row "${w#*:}: server CPU µs/task: total (store-writer / workers / http / outcome)" "—" \
+    row "${w#*:}: server CPU µs/task: total (store writer+checkpoint / workers / http / outcome)" "—" \
       "$(cpu_row "$p" embedded)$([ "${p#w6}" != "$p" ] && echo "; kafka threads $(cell "${p}_cpu_kafka_us_per_task" embedded)")" "—"
     row "${w#*:}: outcomes recorded at the last sink hit %; then all after ms" "—" \
       "$(cell "${p}_recorded_at_last_hit_pct" embedded); $(cell "${p}_outcome_drain_ms" embedded)" "—"

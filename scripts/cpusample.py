@@ -6,7 +6,7 @@ Reads /proc/PID/task/*/stat (utime + stime) when started (then creates READY), e
 until the file STOP exists, then writes to OUT 'key value' lines: CPU microseconds per task
 (N tasks) in all (from /proc/PID/stat, threads that exited included) and per thread group
 (http: connection, accept and refusal threads, WebSocket connections included; worker;
-store-writer; outcome; timer; kafka: the poll and result threads and librdkafka's; other).
+store-writer (with the checkpoint thread); outcome; timer; kafka: the poll and result threads and librdkafka's; other).
 """
 import os
 import sys
@@ -45,6 +45,8 @@ def group(comm):
         return "http"
     if comm.startswith("worker-"):
         return "worker"
+    if comm == "store-ckpt":
+        return "store-writer"  # the checkpoints it writes were the writer's own work before
     if comm in ("store-writer", "outcome", "timer"):
         return comm
     if comm.startswith("kafka") or comm.startswith("rdk:"):
