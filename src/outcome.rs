@@ -157,7 +157,7 @@ impl OutcomeStage {
         let mut after = Vec::with_capacity(batch.len() + again.len());
         let mut still = Vec::new();
         for o in batch {
-            let (c, a) = self.decide(&o);
+            let (c, a) = self.decide(o);
             changes.push(c);
             after.push(a);
         }
@@ -255,7 +255,23 @@ impl OutcomeStage {
 
     /// Turns a new outcome into a store change and what to do once it is durable. Called once
     /// per attempt, so a failed attempt is counted once.
-    fn decide(&self, o: &Outcome) -> (Change, After) {
+    fn decide(&self, o: Outcome) -> (Change, After) {
+        if o.run.ok {
+            // The task's record goes, so its attempt history is not kept: no copy of the task,
+            // and the attempt's output moves into the result (one thread decides every outcome).
+            let result = TaskResult {
+                id: o.task.id.clone(),
+                result: Verdict::Ok,
+                reason: o.run.error,
+                status: FinalStatus::Succeeded,
+                attempts: o.task.attempts.len() + 1,
+                output: o.run.output,
+                code: o.run.code,
+                submitted_at: rfc3339_ms(o.task.submitted_ms),
+                finished_at: rfc3339_ms(o.finished_ms),
+            };
+            return self.finish(result, true, o.task.kafka);
+        }
         let mut task = (*o.task).clone();
         task.attempts.push(Attempt {
             started_ms: o.started_ms,
