@@ -64,8 +64,8 @@ enum After {
         id: Arc<str>,
         due_us: u64,
     },
+    /// The result is the one in the matching `Change::Finish` (not a second copy of it).
     Final {
-        result: TaskResult,
         ok: bool,
         kafka: bool,
     },
@@ -198,10 +198,16 @@ impl OutcomeStage {
             thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+        // One change per `After`, in the same order: a final one takes its result from there.
+        let mut changes = changes.into_iter();
         for a in after {
+            let change = changes.next();
             match a {
                 After::Retry { id, due_us } => self.timer.schedule(id, due_us),
-                After::Final { result, ok, kafka } => {
+                After::Final { ok, kafka } => {
+                    let Some(Change::Finish { result, .. }) = change else {
+                        continue;
+                    };
                     self.status.finished(ok);
                     self.results.publish(&result);
                     if kafka {
@@ -245,11 +251,8 @@ impl OutcomeStage {
     fn finish(&self, result: TaskResult, ok: bool, kafka: bool) -> (Change, After) {
         let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
         (
-            Change::Finish {
-                result: result.clone(),
-                expires_ms,
-            },
-            After::Final { result, ok, kafka },
+            Change::Finish { result, expires_ms },
+            After::Final { ok, kafka },
         )
     }
 
