@@ -1370,7 +1370,7 @@ mod tests {
     /// redb's in-memory storage whose writes wait while `closed` is set: a checkpoint stuck
     /// in the redb file (a slow disk, a huge checkpoint).
     #[derive(Debug, Default)]
-    struct Gate {
+    struct WriteGate {
         closed: Mutex<bool>,
         opened: parking_lot::Condvar,
         /// Writes waiting at the gate.
@@ -1380,7 +1380,7 @@ mod tests {
     #[derive(Debug)]
     struct Gated {
         inner: Arc<redb::backends::InMemoryBackend>,
-        gate: Arc<Gate>,
+        gate: Arc<WriteGate>,
     }
 
     impl redb::StorageBackend for Gated {
@@ -1413,7 +1413,7 @@ mod tests {
     /// A store on gated redb storage and two journals in memory, checkpointing after 10 ms.
     fn gated_store(
         inner: &Arc<redb::backends::InMemoryBackend>,
-        gate: &Arc<Gate>,
+        gate: &Arc<WriteGate>,
         journals: &[MemJournal; 2],
     ) -> EmbeddedStore {
         let (inner, gate) = (inner.clone(), gate.clone());
@@ -1442,7 +1442,7 @@ mod tests {
     #[test]
     fn writes_are_acknowledged_while_a_checkpoint_is_stuck_and_replay_from_both_files() {
         let inner = Arc::new(redb::backends::InMemoryBackend::new());
-        let gate = Arc::new(Gate::default());
+        let gate = Arc::new(WriteGate::default());
         let journals = [MemJournal::default(), MemJournal::default()];
         let s = gated_store(&inner, &gate, &journals);
         s.insert(&[task("before", State::Delayed, 1)])
@@ -1490,7 +1490,7 @@ mod tests {
         *gate.closed.lock() = false;
         gate.opened.notify_all();
         s.close();
-        let again = gated_store(&crashed, &Arc::new(Gate::default()), &copies);
+        let again = gated_store(&crashed, &Arc::new(WriteGate::default()), &copies);
         let mut rec: Vec<String> = again
             .recover()
             .expect("recover")
@@ -1571,6 +1571,42 @@ mod tests {
         full: Arc<AtomicBool>,
         /// Only fsync fails (the writes themselves go through), as with EIO at the end.
         sync_fails: Arc<AtomicBool>,
+        /// Only this file's fsync fails (not the journal's).
+        db_sync_fails: Arc<AtomicBool>,
+        /// Reads of this file fail.
+        reads_fail: Arc<AtomicBool>,
+        gate: Arc<Gate>,
+    }
+
+    /// Holds the redb file's syncs while closed: a checkpoint stops inside its commit.
+    #[derive(Debug, Default)]
+    struct Gate {
+        closed: Mutex<bool>,
+        opened: Condvar,
+        /// Syncs held so far.
+        held: AtomicU64,
+        /// Syncs so far.
+        syncs: AtomicU64,
+    }
+
+    impl Gate {
+        fn close(&self) {
+            *self.closed.lock() = true;
+        }
+        fn open(&self) {
+            *self.closed.lock() = false;
+            self.opened.notify_all();
+        }
+        fn pass(&self) {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            let mut closed = self.closed.lock();
+            if *closed {
+                self.held.fetch_add(1, Ordering::SeqCst);
+            }
+            while *closed {
+                self.opened.wait(&mut closed);
+            }
+        }
     }
 
     impl Flaky {
@@ -1588,6 +1624,9 @@ mod tests {
             self.inner.len()
         }
         fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            if self.reads_fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
             self.inner.read(offset, out)
         }
         fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
@@ -1595,8 +1634,9 @@ mod tests {
             self.inner.set_len(len)
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.gate.pass();
             self.check()?;
-            if self.sync_fails.load(Ordering::SeqCst) {
+            if self.sync_fails.load(Ordering::SeqCst) || self.db_sync_fails.load(Ordering::SeqCst) {
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             self.inner.sync_data()
@@ -1615,6 +1655,17 @@ mod tests {
         journal: MemJournal,
         /// The second journal file's bytes (its writes fail with the first one's).
         journal2: Arc<Mutex<Vec<u8>>>,
+        /// Only the redb file's syncs fail (the journal's go through).
+        db_sync_fails: Arc<AtomicBool>,
+        /// Opening the redb file fails (the attempt is still counted in `opens`).
+        open_fails: Arc<AtomicBool>,
+        /// When the redb file was opened, or an open was tried.
+        opens: Arc<Mutex<Vec<Instant>>>,
+        gate: Arc<Gate>,
+        /// Reads of the redb file fail.
+        reads_fail: Arc<AtomicBool>,
+        /// No page cache: every read of the redb file reaches the storage.
+        no_cache: bool,
     }
 
     impl Disk {
@@ -1627,20 +1678,29 @@ mod tests {
     }
 
     fn flaky_store(disk: &Disk) -> EmbeddedStore {
-        let (inner, full, sync_fails) = (
-            disk.inner.clone(),
-            disk.journal.full.clone(),
-            disk.journal.sync_fails.clone(),
-        );
+        flaky_store_every(disk, CHECKPOINT_EVERY)
+    }
+
+    fn flaky_store_every(disk: &Disk, checkpoint_every: Duration) -> EmbeddedStore {
+        let d = disk.clone();
         let open_db = move || {
+            d.opens.lock().push(Instant::now());
+            if d.open_fails.load(Ordering::SeqCst) {
+                return Err(unavailable("the test refuses the open"));
+            }
             let backend = Flaky {
-                inner: inner.clone(),
-                full: full.clone(),
-                sync_fails: sync_fails.clone(),
+                inner: d.inner.clone(),
+                full: d.journal.full.clone(),
+                sync_fails: d.journal.sync_fails.clone(),
+                db_sync_fails: d.db_sync_fails.clone(),
+                gate: d.gate.clone(),
+                reads_fail: d.reads_fail.clone(),
             };
-            let db = redb::Builder::new()
-                .create_with_backend(backend)
-                .map_err(unavailable)?;
+            let mut builder = redb::Builder::new();
+            if d.no_cache {
+                builder.set_cache_size(0);
+            }
+            let db = builder.create_with_backend(backend).map_err(unavailable)?;
             create_tables(db)
         };
         start(
@@ -1653,7 +1713,7 @@ mod tests {
                 }),
             ],
             None,
-            CHECKPOINT_EVERY,
+            checkpoint_every,
         )
         .expect("open")
     }
@@ -1785,5 +1845,574 @@ mod tests {
         let rec = again.recover().expect("recover");
         let got: Vec<(&str, bool)> = rec.iter().map(|r| (&*r.id, r.was_running)).collect();
         assert_eq!(got, vec![("a", true)]);
+    }
+
+    /// The sequence numbers of the records the journal holds (after a checkpoint the next
+    /// record is written at its start, so only the records since then read back).
+    /// The sequence numbers of the records in the first journal file, and in the second.
+    fn journal_seqs(disk: &Disk) -> Vec<u64> {
+        let mut m = disk.journal.clone();
+        Journal::read(&mut m, 0)
+            .expect("read")
+            .records
+            .iter()
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    fn journal2_seqs(disk: &Disk) -> Vec<u64> {
+        let mut m = MemJournal {
+            bytes: disk.journal2.clone(),
+            ..disk.journal.clone()
+        };
+        Journal::read(&mut m, 0)
+            .expect("read")
+            .records
+            .iter()
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    fn meta_op(key: &str, value: &str) -> Op {
+        Op::PutMeta(key.into(), value.into())
+    }
+
+    /// Writes stay in the journal (and the overlay) until a checkpoint is due: not after a
+    /// few small writes, nor after 2 MiB, while `checkpoint_every` has not passed.
+    #[test]
+    fn writes_stay_in_the_journal_until_a_checkpoint_is_due() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        b.write(vec![meta_op("a", "1")]).expect("write");
+        b.write(vec![Op::PutResult {
+            id: "big".into(),
+            expires_ms: i64::MAX,
+            bytes: vec![7; 2 << 20],
+        }])
+        .expect("write");
+        b.write(vec![meta_op("b", "2")]).expect("write");
+        // A write's answer comes before the writer decides on a checkpoint, but the next
+        // write is taken only after that decision: the first two records are settled.
+        assert_eq!(journal_seqs(&disk), vec![1, 2, 3], "no checkpoint came");
+        assert_eq!(
+            journal2_seqs(&disk),
+            Vec::<u64>::new(),
+            "no switch to the other file"
+        );
+        assert_eq!(b.shared.overlay.read().current.ops(), 3);
+        s.close();
+    }
+
+    /// 50,000 pending writes bring the checkpoint forward, long before `checkpoint_every`.
+    #[test]
+    fn fifty_thousand_pending_writes_bring_a_checkpoint_forward() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        let many: Vec<Op> = (0..CHECKPOINT_OPS)
+            .map(|i| meta_op(&format!("k{i}"), ""))
+            .collect();
+        b.write(many).expect("write");
+        b.write(vec![meta_op("after", "1")]).expect("write");
+        assert_eq!(
+            (journal_seqs(&disk), journal2_seqs(&disk)),
+            (vec![1], vec![2]),
+            "a checkpoint began after the 50,000 writes: the next record went to the other file"
+        );
+        s.close();
+    }
+
+    /// 32 MiB of pending writes bring the checkpoint forward, long before `checkpoint_every`.
+    #[test]
+    fn thirty_two_mib_of_pending_writes_bring_a_checkpoint_forward() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        b.write(vec![Op::PutResult {
+            id: "big".into(),
+            expires_ms: i64::MAX,
+            bytes: vec![7; CHECKPOINT_BYTES],
+        }])
+        .expect("write");
+        b.write(vec![meta_op("after", "1")]).expect("write");
+        assert_eq!(
+            (journal_seqs(&disk), journal2_seqs(&disk)),
+            (vec![1], vec![2]),
+            "a checkpoint began after 32 MiB: the next record went to the other file"
+        );
+        s.close();
+    }
+
+    /// An idle store writes its pending writes into the redb file once `checkpoint_every` has
+    /// passed, with nothing else to wake its writer.
+    #[test]
+    fn an_idle_store_checkpoints_once_checkpoint_every_has_passed() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_millis(200));
+        s.backend().write(vec![meta_op("a", "1")]).expect("write");
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let o = s.backend().shared.overlay.read();
+                if o.current.is_empty() && o.flushing.is_none() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "no checkpoint within 10 s of a 200 ms period"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.get_meta("a").expect("meta"), Some("1".into()));
+        s.close();
+    }
+
+    /// The writer folds what is waiting into one journal record: up to 4096 ops (a batch is
+    /// never cut), and never past a closing batch.
+    #[test]
+    fn gather_takes_what_waits_up_to_max_batch_ops_or_a_close() {
+        let one = |close: bool| Batch {
+            ops: vec![meta_op("k", "v")],
+            done: None,
+            checkpoint: false,
+            close,
+        };
+        let (tx, rx) = unbounded();
+        for _ in 0..MAX_BATCH + 10 {
+            tx.send(one(false)).expect("send");
+        }
+        let first = rx.recv().expect("recv");
+        assert_eq!(gather(first, &rx).len(), MAX_BATCH, "stops at 4096 ops");
+        let first = rx.recv().expect("recv");
+        assert_eq!(gather(first, &rx).len(), 10, "the rest");
+        tx.send(one(false)).expect("send");
+        tx.send(one(true)).expect("send");
+        tx.send(one(false)).expect("send");
+        let first = rx.recv().expect("recv");
+        let got = gather(first, &rx);
+        assert_eq!(got.len(), 2, "up to the closing batch");
+        assert!(got[1].close);
+        assert_eq!(rx.len(), 1, "the batch after the close is left");
+        assert_eq!(
+            gather(Batch::signal(false, true, None), &rx).len(),
+            1,
+            "a closing batch first takes nothing more"
+        );
+        assert_eq!(rx.len(), 1);
+    }
+
+    /// A reply the writer drops unanswered (it stopped) answers `Unavailable`: no caller waits
+    /// for ever.
+    #[test]
+    fn a_reply_dropped_unanswered_answers_unavailable() {
+        let ack = Arc::new(Ack::default());
+        drop(Reply(Some(ack.clone())));
+        assert_eq!(
+            ack.slot.lock().take(),
+            Some(Err(unavailable("the writer thread has stopped")))
+        );
+        let ack = Arc::new(Ack::default());
+        Reply(Some(ack.clone())).send(Ok(()));
+        assert_eq!(ack.wait(), Ok(()));
+    }
+
+    /// A checkpoint the redb file refuses (its sync fails; the journal is fine) takes the
+    /// store down: the file is closed, reopened once it takes writes again, and the reopen's
+    /// checkpoint writes what was pending. A file left open after the error would refuse every
+    /// later call.
+    #[test]
+    fn a_checkpoint_the_file_refuses_takes_the_store_down_until_the_file_is_reopened() {
+        let disk = Disk::default();
+        let s = flaky_store(&disk);
+        s.insert(&[task("a", State::Delayed, 1)]).expect("insert");
+        disk.db_sync_fails.store(true, Ordering::SeqCst);
+        let r = s.backend().settle();
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(!s.healthy(), "down after the file refused a checkpoint");
+        assert_eq!(s.status("a").expect("status"), Some(State::Delayed));
+        disk.db_sync_fails.store(false, Ordering::SeqCst);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            s.backend().shared.overlay.read().current.is_empty(),
+            "the reopen's checkpoint wrote what was pending"
+        );
+        s.close();
+        let again = flaky_store(&disk);
+        let rec: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(rec, vec!["a"]);
+    }
+
+    /// A store that is down tries to reopen its file once a second, the first time a second
+    /// after the error: never sooner, also when a batch wakes its writer in between. The
+    /// first failed attempt is logged as a warning, the next ones at debug level.
+    #[test]
+    fn a_store_that_is_down_tries_to_reopen_once_a_second() {
+        use crate::store::memory::tests::capture;
+        capture::install();
+        let disk = Disk::default();
+        let s = flaky_store(&disk);
+        let writer = s
+            .backend()
+            .writer
+            .lock()
+            .as_ref()
+            .expect("writer")
+            .thread()
+            .id();
+        disk.open_fails.store(true, Ordering::SeqCst);
+        disk.full(true);
+        let t0 = Instant::now();
+        assert!(s.insert(&[task("x", State::Ready, 1)]).is_err());
+        let attempts = |n: usize| {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                let at = disk.opens.lock().clone();
+                // The first open is the start's.
+                if at.len() > n {
+                    return at[1..].to_vec();
+                }
+                assert!(
+                    Instant::now() < end,
+                    "{} reopen attempts in 20 s",
+                    at.len() - 1
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        attempts(1);
+        // What a write that passed the health check just before the store went down does.
+        s.backend()
+            .tx
+            .send(Batch::signal(false, false, None))
+            .expect("send");
+        // Four: the third's log line is written before the fourth attempt.
+        let at = attempts(4);
+        assert!(
+            at[0] >= t0 + REOPEN_EVERY,
+            "first attempt {:?} after the error",
+            at[0] - t0
+        );
+        for w in at.windows(2) {
+            assert!(
+                w[1] - w[0] >= REOPEN_EVERY,
+                "attempts {:?} apart",
+                w[1] - w[0]
+            );
+        }
+        let lines = capture::of(writer);
+        let count = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(count("cannot reopen the database yet"), 1, "{lines:?}");
+        assert_eq!(count("reopen attempt 2 failed"), 1, "{lines:?}");
+        assert_eq!(count("reopen attempt 3 failed"), 1, "{lines:?}");
+        disk.full(false);
+        disk.open_fails.store(false, Ordering::SeqCst);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.close();
+    }
+
+    /// Opening replays what the journal holds beyond the file's checkpoint and says so, and
+    /// reports bytes after the last good record; a journal with nothing to apply or drop
+    /// logs neither line, nor does a reopen after a clean close.
+    #[test]
+    fn an_open_logs_the_records_it_applied_and_the_bytes_it_dropped_only_when_there_are_some() {
+        use crate::store::memory::tests::capture;
+        capture::install();
+        let lines_since = |n: usize| capture::mine()[n..].to_vec();
+        let has = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
+
+        let fresh = Disk::default();
+        let n = capture::mine().len();
+        flaky_store(&fresh).close();
+        let lines = lines_since(n);
+        assert!(!has(&lines, "journal records applied"), "{lines:?}");
+        assert!(!has(&lines, "not a record to apply"), "{lines:?}");
+
+        // Two records the file does not hold (a crash before their checkpoint), then a torn
+        // write.
+        let disk = Disk::default();
+        let mut j = Journal::new(Box::new(disk.journal.clone()), 1);
+        j.append(&[&meta_op("k", "1")]).expect("append");
+        j.append(&[&meta_op("k", "2")]).expect("append");
+        let mut io = disk.journal.clone();
+        io.write_at(j.len(), &[9; 5]).expect("write");
+        let n = capture::mine().len();
+        let s = flaky_store(&disk);
+        let lines = lines_since(n);
+        assert!(has(&lines, "store: 2 journal records applied"), "{lines:?}");
+        assert!(
+            has(&lines, "ends with 5 bytes that are not a record"),
+            "{lines:?}"
+        );
+        assert_eq!(s.get_meta("k").expect("meta"), Some("2".into()));
+        s.close();
+
+        // Both records are in the file now: not applied again.
+        let n = capture::mine().len();
+        let s = flaky_store(&disk);
+        let lines = lines_since(n);
+        assert!(!has(&lines, "journal records applied"), "{lines:?}");
+        assert_eq!(s.get_meta("k").expect("meta"), Some("2".into()));
+        s.close();
+    }
+
+    /// Writes `chunks` × 100 results of 16 KiB under `dir`, then deletes all but `keep` of
+    /// them (gc with that cap), and closes the store.
+    fn fill_and_trim(dir: &Path, chunks: usize, keep: usize) {
+        let now = crate::clock::now_ms();
+        let s = open(dir, CHECKPOINT_EVERY).expect("open");
+        let mut big = result("big");
+        big.output = "x".repeat(16 * 1024);
+        for chunk in 0..chunks {
+            let changes: Vec<Change> = (0..100)
+                .map(|i| {
+                    let mut r = big.clone();
+                    r.id = format!("b{chunk}-{i}");
+                    Change::Finish {
+                        result: r,
+                        expires_ms: now + 60_000,
+                    }
+                })
+                .collect();
+            s.record(&changes).expect("record");
+        }
+        while s.gc(now, keep).expect("gc") > 0 {}
+        assert_eq!(s.results_stored().expect("count"), keep);
+        s.close();
+    }
+
+    /// Neither a mostly free file smaller than 16 MiB nor a bigger one mostly in use is
+    /// compacted at start (a compaction rewrites the whole file).
+    #[test]
+    fn a_small_or_mostly_used_file_is_not_compacted() {
+        use crate::store::memory::tests::capture;
+        capture::install();
+        for (chunks, keep, what) in [
+            (3, 1, "5 MB of results written, all but one deleted"),
+            (20, 1900, "32 MB of results written, 95 % kept"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            fill_and_trim(dir.path(), chunks, keep);
+            let file = dir.path().join(FILE);
+            let before = std::fs::metadata(&file).expect("file").len();
+            let n = capture::mine().len();
+            let s = open(dir.path(), CHECKPOINT_EVERY).expect("reopen");
+            let lines = capture::mine()[n..].to_vec();
+            assert!(
+                !lines.iter().any(|l| l.contains("compacted")),
+                "{what} ({before} bytes): {lines:?}"
+            );
+            assert_eq!(s.results_stored().expect("count"), keep);
+            s.close();
+        }
+    }
+
+    /// While a checkpoint is being written (held in the file's sync), reads find its writes
+    /// and count its results once, and the flush that asked for it is answered only once the
+    /// file holds them.
+    #[test]
+    fn a_checkpoint_being_written_is_read_and_its_flush_answered_after_it() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        b.write(vec![Op::PutResult {
+            id: "r".into(),
+            expires_ms: i64::MAX,
+            bytes: b"{}".to_vec(),
+        }])
+        .expect("write");
+        assert_eq!(b.results_len().expect("count"), 1);
+        disk.gate.close();
+        let ack = Arc::new(Ack::default());
+        b.tx.send(Batch::signal(true, false, Some(Reply(Some(ack.clone())))))
+            .expect("send");
+        let end = Instant::now() + Duration::from_secs(10);
+        while disk.gate.held.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < end,
+                "no checkpoint reached the file's sync"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(b.shared.overlay.read().flushing.is_some());
+        assert!(
+            ack.slot.lock().is_none(),
+            "the flush was answered before the file held its writes"
+        );
+        assert_eq!(b.results_len().expect("count"), 1, "counted once");
+        assert_eq!(
+            b.result("r").expect("result").map(|(e, _)| e),
+            Some(i64::MAX)
+        );
+        disk.gate.open();
+        assert_eq!(ack.wait(), Ok(()));
+        assert!(b.shared.overlay.read().flushing.is_none());
+        assert_eq!(b.results_len().expect("count"), 1, "now from the file");
+        s.close();
+    }
+
+    /// What `/sys_info` shows of the store: its kind, and `data_bytes`, the sizes of the redb
+    /// file and of the journal.
+    #[test]
+    fn the_store_is_named_embedded_and_counts_the_bytes_of_both_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // No timed checkpoint: the files keep their sizes while they are measured.
+        let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
+        s.insert(&[task("a", State::Delayed, 1)]).expect("insert");
+        assert_eq!(s.name(), "embedded");
+        let size = |f: &str| std::fs::metadata(dir.path().join(f)).expect("file").len();
+        assert!(size(FILE) > 0 && size(JOURNAL) > 0);
+        assert_eq!(s.data_bytes(), Some(size(FILE) + size(JOURNAL)));
+        s.close();
+    }
+
+    /// CPU time the store's writer thread has used so far.
+    fn writer_cpu(s: &EmbeddedStore) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        let writer = s.backend().writer.lock();
+        let thread = writer.as_ref().expect("writer running").as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: the thread is not joined (its handle is held above), and both pointers are
+        // to live locals.
+        unsafe {
+            assert_eq!(libc::pthread_getcpuclockid(thread, &mut clock), 0);
+            assert_eq!(libc::clock_gettime(clock, &mut ts), 0);
+        }
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// The writer sleeps while it waits: for the checkpoint while a write is pending, and for
+    /// the next write once it is checkpointed (a writer that polled would keep a core busy).
+    #[test]
+    fn a_waiting_writer_uses_no_cpu_before_or_after_its_checkpoint() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(2));
+        s.backend().write(vec![meta_op("a", "1")]).expect("write");
+        let idle = |what: &str| {
+            let (cpu, wall) = (writer_cpu(&s), Instant::now());
+            std::thread::sleep(Duration::from_secs(1));
+            let (used, elapsed) = (writer_cpu(&s) - cpu, wall.elapsed());
+            // A polling thread gets a good part of a core (a fifth of one seen on a loaded
+            // machine); a sleeping one next to none. A fiftieth.
+            assert!(
+                used < elapsed / 50,
+                "the writer used {used:?} of CPU in {elapsed:?} {what}"
+            );
+        };
+        idle("while a write waited for its checkpoint");
+        let end = Instant::now() + Duration::from_secs(10);
+        while !s.backend().shared.overlay.read().current.is_empty() {
+            assert!(
+                Instant::now() < end,
+                "no checkpoint within 10 s of a 2 s period"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        idle("after the checkpoint, with nothing to do");
+        s.close();
+    }
+
+    /// A claim's running mark left for the next record rides with the checkpoint at close
+    /// also when nothing else was written since the last checkpoint (the journal is empty).
+    #[test]
+    fn a_running_mark_made_after_a_checkpoint_is_written_at_close() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        s.insert(&[task("a", State::Ready, 1)]).expect("insert");
+        s.backend().settle().expect("checkpoint");
+        assert!(s.backend().shared.overlay.read().current.is_empty());
+        assert!(s.claim(&task("a", State::Ready, 1)).expect("claim"));
+        s.close();
+        let again = flaky_store(&disk);
+        let rec = again.recover().expect("recover");
+        let got: Vec<(&str, bool)> = rec.iter().map(|r| (&*r.id, r.was_running)).collect();
+        assert_eq!(got, vec![("a", true)]);
+    }
+
+    /// A flush with nothing pending writes no checkpoint: no commit of the redb file, no sync.
+    #[test]
+    fn nothing_pending_means_no_checkpoint() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        b.write(vec![meta_op("a", "1")]).expect("write");
+        let syncs = || disk.gate.syncs.load(Ordering::SeqCst);
+        let before = syncs();
+        b.settle().expect("checkpoint");
+        assert!(syncs() > before, "a checkpoint syncs the file");
+        let before = syncs();
+        b.settle().expect("settle");
+        b.settle().expect("settle");
+        assert_eq!(syncs(), before, "no checkpoint of nothing");
+        s.close();
+    }
+
+    /// A read the redb file refuses takes the store down, as a refused write does, and wakes
+    /// the writer, which reopens the file.
+    #[test]
+    fn a_read_the_file_refuses_takes_the_store_down_until_it_is_reopened() {
+        let disk = Disk {
+            no_cache: true,
+            ..Disk::default()
+        };
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        s.insert(&[task("a", State::Delayed, 1)]).expect("insert");
+        s.backend().settle().expect("checkpoint");
+        disk.reads_fail.store(true, Ordering::SeqCst);
+        let r = s.backend().task("a");
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(!s.healthy(), "down after the file refused a read");
+        disk.reads_fail.store(false, Ordering::SeqCst);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !s.healthy() {
+            assert!(Instant::now() < end, "the store did not reopen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(s.backend().task("a").expect("task").is_some());
+        s.close();
+    }
+
+    /// A result deleted once it is in the file (a new task with the same id deletes the old
+    /// one's result) stays deleted after the checkpoint that writes the deletion.
+    #[test]
+    fn a_result_deleted_after_its_checkpoint_stays_deleted_after_the_next() {
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_secs(3600));
+        let b = s.backend();
+        b.write(vec![Op::PutResult {
+            id: "r".into(),
+            expires_ms: i64::MAX,
+            bytes: serde_json::to_vec(&result("r")).expect("json"),
+        }])
+        .expect("write");
+        b.settle().expect("checkpoint");
+        assert_eq!(s.result("r").expect("result"), Some(result("r")));
+        s.insert(&[task("r", State::Delayed, 1)]).expect("insert");
+        assert_eq!(s.result("r").expect("result"), None, "deleted");
+        b.settle().expect("checkpoint");
+        assert_eq!(
+            s.result("r").expect("result"),
+            None,
+            "deleted in the file too"
+        );
+        s.close();
     }
 }

@@ -118,6 +118,12 @@ impl<B: Backend> LocalStore<B> {
         }
     }
 
+    /// The backend, for the unit tests that look inside it.
+    #[cfg(test)]
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// Fails with `Unavailable` while the backend cannot make writes durable.
     fn check_up(&self) -> Result<(), StoreError> {
         if self.backend.healthy() {

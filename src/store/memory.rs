@@ -124,7 +124,7 @@ impl Backend for MemoryBackend {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use crate::store::contract::task;
     use crate::store::{Cancel, Store, StoreError};
     use crate::task::State;
@@ -183,11 +183,15 @@ pub(super) mod tests {
 
         /// The lines this thread logged so far.
         pub fn mine() -> Vec<String> {
-            let me = std::thread::current().id();
+            of(std::thread::current().id())
+        }
+
+        /// The lines `thread` logged so far.
+        pub fn of(thread: ThreadId) -> Vec<String> {
             LINES
                 .lock()
                 .iter()
-                .filter(|(t, _)| *t == me)
+                .filter(|(t, _)| *t == thread)
                 .map(|(_, l)| l.clone())
                 .collect()
         }
