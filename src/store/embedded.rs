@@ -710,8 +710,16 @@ impl Writer {
                 for done in after_checkpoint {
                     done.send(r.clone());
                 }
-            } else if self.due() {
-                self.start_checkpoint();
+            } else {
+                if self.in_flight && self.overfull() {
+                    // Writes come faster than checkpoints go: the writer waits for the one out
+                    // (and so do the writes queued behind it), so that memory and the journal
+                    // files hold at most about two checkpoints' worth.
+                    self.collect_checkpoint(true);
+                }
+                if self.due() {
+                    self.start_checkpoint();
+                }
             }
             if closing {
                 return;
@@ -753,6 +761,12 @@ impl Writer {
     fn nothing_pending(&self) -> bool {
         let o = self.shared.overlay.read();
         o.current.is_empty() && o.flushing.is_none()
+    }
+
+    /// As much is pending since the checkpoint out as brings a checkpoint forward.
+    fn overfull(&self) -> bool {
+        let o = self.shared.overlay.read();
+        o.current.ops() >= CHECKPOINT_OPS || o.current.bytes() >= CHECKPOINT_BYTES
     }
 
     /// Whether enough is pending (or for long enough) to start a checkpoint, or a failed one
@@ -1500,6 +1514,58 @@ mod tests {
         rec.sort();
         assert_eq!(rec, vec!["before", "during"]);
         again.close();
+    }
+
+    /// While a checkpoint is stuck, the writer stops taking writes once as much is pending as
+    /// brings a checkpoint forward: memory (and the journal files) hold about two checkpoints'
+    /// worth, not whatever the clients send meanwhile.
+    #[test]
+    fn writes_wait_for_a_stuck_checkpoint_once_a_checkpoints_worth_is_pending() {
+        let inner = Arc::new(redb::backends::InMemoryBackend::new());
+        let gate = Arc::new(WriteGate::default());
+        let journals = [MemJournal::default(), MemJournal::default()];
+        let s = Arc::new(gated_store(&inner, &gate, &journals));
+        s.backend()
+            .write(vec![Op::PutMeta("first".into(), "1".into())])
+            .expect("write");
+        *gate.closed.lock() = true;
+        let end = Instant::now() + Duration::from_secs(10);
+        while gate.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < end,
+                "no checkpoint began writing the redb file"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // 200,000 writes in groups of 10,000 while the checkpoint is stuck.
+        let s2 = s.clone();
+        let writes = std::thread::spawn(move || {
+            for g in 0..20 {
+                let ops = (0..10_000)
+                    .map(|i| Op::PutMeta(format!("k{g}-{i}"), String::new()))
+                    .collect();
+                s2.backend().write(ops).expect("write");
+            }
+        });
+        let mut most = 0;
+        let watch = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < watch && !writes.is_finished() {
+            most = most.max(s.backend().shared.overlay.read().current.ops());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *gate.closed.lock() = false;
+        gate.opened.notify_all();
+        writes.join().expect("writes");
+        assert!(
+            most >= CHECKPOINT_OPS,
+            "the writes went on until a checkpoint's worth was pending: {most}"
+        );
+        assert!(
+            most <= CHECKPOINT_OPS + 10_000,
+            "{most} writes pending behind a stuck checkpoint: the writer did not wait for it"
+        );
+        assert_eq!(s.get_meta("k19-9999").expect("meta"), Some(String::new()));
+        s.close();
     }
 
     /// The two files' records are applied in sequence from the checkpointed one; a file's
