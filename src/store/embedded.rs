@@ -1381,73 +1381,16 @@ mod tests {
         );
     }
 
-    /// redb's in-memory storage whose writes wait while `closed` is set: a checkpoint stuck
-    /// in the redb file (a slow disk, a huge checkpoint).
-    #[derive(Debug, Default)]
-    struct WriteGate {
-        closed: Mutex<bool>,
-        opened: parking_lot::Condvar,
-        /// Writes waiting at the gate.
-        waiting: AtomicU64,
-    }
-
-    #[derive(Debug)]
-    struct Gated {
-        inner: Arc<redb::backends::InMemoryBackend>,
-        gate: Arc<WriteGate>,
-    }
-
-    impl redb::StorageBackend for Gated {
-        fn len(&self) -> Result<u64, std::io::Error> {
-            self.inner.len()
+    /// Waits until a checkpoint is held at the disk's closed sync gate.
+    fn wait_until_a_checkpoint_is_held(disk: &Disk) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while disk.gate.held.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < end,
+                "no checkpoint reached the redb file's sync"
+            );
+            std::thread::sleep(Duration::from_millis(2));
         }
-        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-            self.inner.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> Result<(), std::io::Error> {
-            self.inner.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            let mut closed = self.gate.closed.lock();
-            if *closed {
-                self.gate.waiting.fetch_add(1, Ordering::SeqCst);
-                while *closed {
-                    self.gate.opened.wait(&mut closed);
-                }
-                self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
-            }
-            drop(closed);
-            self.inner.write(offset, data)
-        }
-    }
-
-    /// A store on gated redb storage and two journals in memory, checkpointing after 10 ms.
-    fn gated_store(
-        inner: &Arc<redb::backends::InMemoryBackend>,
-        gate: &Arc<WriteGate>,
-        journals: &[MemJournal; 2],
-    ) -> EmbeddedStore {
-        let (inner, gate) = (inner.clone(), gate.clone());
-        let open_db = move || {
-            let backend = Gated {
-                inner: inner.clone(),
-                gate: gate.clone(),
-            };
-            let db = redb::Builder::new()
-                .create_with_backend(backend)
-                .map_err(unavailable)?;
-            create_tables(db)
-        };
-        start(
-            Box::new(open_db),
-            [Box::new(journals[0].clone()), Box::new(journals[1].clone())],
-            None,
-            Duration::from_millis(10),
-        )
-        .expect("open")
     }
 
     /// Acknowledgements never wait for a checkpoint: while one is stuck writing the redb file,
@@ -1455,21 +1398,12 @@ mod tests {
     /// after a crash at that moment both files replay, in order.
     #[test]
     fn writes_are_acknowledged_while_a_checkpoint_is_stuck_and_replay_from_both_files() {
-        let inner = Arc::new(redb::backends::InMemoryBackend::new());
-        let gate = Arc::new(WriteGate::default());
-        let journals = [MemJournal::default(), MemJournal::default()];
-        let s = gated_store(&inner, &gate, &journals);
+        let disk = Disk::default();
+        let s = flaky_store_every(&disk, Duration::from_millis(10));
         s.insert(&[task("before", State::Delayed, 1)])
             .expect("insert");
-        *gate.closed.lock() = true;
-        let end = Instant::now() + Duration::from_secs(10);
-        while gate.waiting.load(Ordering::SeqCst) == 0 {
-            assert!(
-                Instant::now() < end,
-                "no checkpoint began writing the redb file"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        disk.gate.close();
+        wait_until_a_checkpoint_is_held(&disk);
         let s = Arc::new(s);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let s2 = s.clone();
@@ -1484,27 +1418,21 @@ mod tests {
         assert_eq!(s.status("before").expect("status"), Some(State::Delayed));
         assert_eq!(s.status("during").expect("status"), Some(State::Delayed));
         assert!(
-            !journals[1].bytes.lock().iter().all(|&b| b == 0),
+            !disk.journal2.lock().iter().all(|&b| b == 0),
             "the insert went to the second journal file"
         );
         // A crash now: the redb file holds neither; the journals hold both, one in each.
-        let crashed = Arc::new(redb::backends::InMemoryBackend::new());
-        let copy = |from: &redb::backends::InMemoryBackend| {
-            let len = redb::StorageBackend::len(from).expect("len");
-            let mut buf = vec![0; len as usize];
-            redb::StorageBackend::read(from, 0, &mut buf).expect("read");
-            redb::StorageBackend::set_len(&*crashed, len).expect("set_len");
-            redb::StorageBackend::write(&*crashed, 0, &buf).expect("write");
-        };
-        copy(&inner);
-        let copies = [MemJournal::default(), MemJournal::default()];
-        for (c, j) in copies.iter().zip(&journals) {
-            *c.bytes.lock() = j.bytes.lock().clone();
-        }
-        *gate.closed.lock() = false;
-        gate.opened.notify_all();
+        let crashed = Disk::default();
+        let len = redb::StorageBackend::len(&*disk.inner).expect("len");
+        let mut buf = vec![0; len as usize];
+        redb::StorageBackend::read(&*disk.inner, 0, &mut buf).expect("read");
+        redb::StorageBackend::set_len(&*crashed.inner, len).expect("set_len");
+        redb::StorageBackend::write(&*crashed.inner, 0, &buf).expect("write");
+        *crashed.journal.bytes.lock() = disk.journal.bytes.lock().clone();
+        *crashed.journal2.lock() = disk.journal2.lock().clone();
+        disk.gate.open();
         s.close();
-        let again = gated_store(&crashed, &Arc::new(WriteGate::default()), &copies);
+        let again = flaky_store(&crashed);
         let mut rec: Vec<String> = again
             .recover()
             .expect("recover")
@@ -1521,22 +1449,13 @@ mod tests {
     /// worth, not whatever the clients send meanwhile.
     #[test]
     fn writes_wait_for_a_stuck_checkpoint_once_a_checkpoints_worth_is_pending() {
-        let inner = Arc::new(redb::backends::InMemoryBackend::new());
-        let gate = Arc::new(WriteGate::default());
-        let journals = [MemJournal::default(), MemJournal::default()];
-        let s = Arc::new(gated_store(&inner, &gate, &journals));
+        let disk = Disk::default();
+        let s = Arc::new(flaky_store_every(&disk, Duration::from_millis(10)));
         s.backend()
             .write(vec![Op::PutMeta("first".into(), "1".into())])
             .expect("write");
-        *gate.closed.lock() = true;
-        let end = Instant::now() + Duration::from_secs(10);
-        while gate.waiting.load(Ordering::SeqCst) == 0 {
-            assert!(
-                Instant::now() < end,
-                "no checkpoint began writing the redb file"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        disk.gate.close();
+        wait_until_a_checkpoint_is_held(&disk);
         // 200,000 writes in groups of 10,000 while the checkpoint is stuck.
         let s2 = s.clone();
         let writes = std::thread::spawn(move || {
@@ -1553,8 +1472,7 @@ mod tests {
             most = most.max(s.backend().shared.overlay.read().current.ops());
             std::thread::sleep(Duration::from_millis(1));
         }
-        *gate.closed.lock() = false;
-        gate.opened.notify_all();
+        disk.gate.open();
         writes.join().expect("writes");
         assert!(
             most >= CHECKPOINT_OPS,
@@ -2306,14 +2224,7 @@ mod tests {
         let ack = Arc::new(Ack::default());
         b.tx.send(Batch::signal(true, false, Some(Reply(Some(ack.clone())))))
             .expect("send");
-        let end = Instant::now() + Duration::from_secs(10);
-        while disk.gate.held.load(Ordering::SeqCst) == 0 {
-            assert!(
-                Instant::now() < end,
-                "no checkpoint reached the file's sync"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_a_checkpoint_is_held(&disk);
         assert!(b.shared.overlay.read().flushing.is_some());
         assert!(
             ack.slot.lock().is_none(),
