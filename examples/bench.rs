@@ -394,132 +394,114 @@ fn frame(body: &mut String, plan: &Plan, i: usize, k: usize) {
     }
 }
 
-/// Submits tasks 0..n over `conns` connections, each sending its own contiguous range in
-/// requests of `batch` tasks (JSON arrays when `batch` > 1).
-fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
+/// Runs `conn` on `plan.conns` threads, each for its own contiguous range of tasks 0..n; each
+/// calls `gate.wait()` once connected, so that all start together (`start_us`). Their tallies
+/// are added up; `end_us` is the latest of theirs.
+fn per_connection(
+    plan: &Plan,
+    conn: impl Fn(std::ops::Range<usize>, &Barrier) -> Submitted + Sync,
+) -> Submitted {
     let conns = plan.conns.max(1);
     let per = plan.n.div_ceil(conns);
-    let gate = Arc::new(Barrier::new(conns + 1));
-    let out = Arc::new(Mutex::new(Submitted::default()));
+    let gate = Barrier::new(conns + 1);
+    let out = Mutex::new(Submitted::default());
     thread::scope(|scope| {
         for c in 0..conns {
-            let (gate, out) = (gate.clone(), out.clone());
             let range = (c * per).min(plan.n)..((c + 1) * per).min(plan.n);
+            let (gate, out, conn) = (&gate, &out, &conn);
             scope.spawn(move || {
-                let mut client = Client::new(&plan.server, timeout);
-                let mut errors = Vec::new();
-                if let Err(e) = client.connect() {
-                    errors.push(format!("connect to {}: {e}", plan.server));
-                }
-                gate.wait();
-                let (mut accepted, mut refused) = (0, 0);
-                let mut rtts = Vec::with_capacity(range.len() / plan.batch.max(1) + 1);
-                let mut body = String::with_capacity(plan.batch.max(1) * 160);
-                let mut i = range.start;
-                let paced_from = Instant::now();
-                while i < range.end {
-                    let k = plan.batch.max(1).min(range.end - i);
-                    if plan.rate > 0.0 {
-                        // This connection's share of the rate: the next request waits its turn.
-                        let due = Duration::from_secs_f64(
-                            (i - range.start) as f64 * conns as f64 / plan.rate,
-                        );
-                        if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
-                            thread::sleep(wait);
-                        }
-                    }
-                    let t0 = Instant::now();
-                    frame(&mut body, plan, i, k);
-                    match client.call("POST", "/task_in_queue", body.as_bytes()) {
-                        Ok((200, _)) => accepted += k,
-                        Ok((code, b)) => {
-                            refused += k;
-                            if errors.len() < 3 {
-                                errors.push(format!(
-                                    "HTTP {code}: {}",
-                                    String::from_utf8_lossy(&b[..b.len().min(300)])
-                                ));
-                            }
-                        }
-                        Err(e) => {
-                            refused += k;
-                            if errors.len() < 3 {
-                                errors.push(format!("request failed: {e}"));
-                            }
-                        }
-                    }
-                    rtts.push(t0.elapsed().as_micros() as u64);
-                    i += k;
-                }
-                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
-                o.accepted += accepted;
-                o.refused += refused;
-                o.rtt_us.extend(rtts);
-                o.errors.extend(errors);
-            });
-        }
-        gate.wait();
-        out.lock().unwrap_or_else(|p| p.into_inner()).start_us = now_us();
-    });
-    let mut s = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
-    s.end_us = now_us();
-    s
-}
-
-/// What one WebSocket connection saw.
-#[derive(Default)]
-struct WsTally {
-    accepted: usize,
-    refused: usize,
-    rtt_us: Vec<u64>,
-    errors: Vec<String>,
-    last_ack_us: u64,
-    results: Vec<(usize, u64)>,
-}
-
-/// Submits tasks 0..n over `conns` WebSocket connections, each sending its own contiguous
-/// range in frames of `batch` tasks with at most `inflight` tasks unacknowledged; each reads
-/// its acks and then its result frames. `end_us` is the last ack.
-fn submit_ws(plan: &Plan, timeout: Duration, inflight: usize) -> Submitted {
-    let conns = plan.conns.max(1);
-    let per = plan.n.div_ceil(conns);
-    let gate = Arc::new(Barrier::new(conns + 1));
-    let out = Arc::new(Mutex::new(Submitted::default()));
-    thread::scope(|scope| {
-        for c in 0..conns {
-            let (gate, out) = (gate.clone(), out.clone());
-            let range = (c * per).min(plan.n)..((c + 1) * per).min(plan.n);
-            scope.spawn(move || {
-                let mut t = WsTally::default();
-                let ws = ws_connect(&plan.server, timeout);
-                gate.wait();
-                let sent = match ws {
-                    Ok(mut ws) => {
-                        let r = ws_conn(&mut ws, plan, range.clone(), inflight, timeout, &mut t);
-                        let _ = ws.close(None);
-                        let _ = ws.flush();
-                        r
-                    }
-                    Err(e) => Err(format!("connect to {}: {e}", plan.server)),
-                };
-                if let Err(e) = sent {
-                    t.errors.push(e);
-                    t.refused = range.len() - t.accepted;
-                }
+                let t = conn(range, gate);
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 o.accepted += t.accepted;
                 o.refused += t.refused;
                 o.rtt_us.extend(t.rtt_us);
-                o.errors.extend(t.errors.into_iter().take(3));
-                o.end_us = o.end_us.max(t.last_ack_us);
+                o.errors.extend(t.errors);
+                o.end_us = o.end_us.max(t.end_us);
                 o.results.extend(t.results);
             });
         }
         gate.wait();
         out.lock().unwrap_or_else(|p| p.into_inner()).start_us = now_us();
     });
-    let s = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
-    s
+    out.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Submits tasks 0..n over `conns` connections, each sending its own contiguous range in
+/// requests of `batch` tasks (JSON arrays when `batch` > 1).
+fn submit_all(plan: &Plan, timeout: Duration) -> Submitted {
+    let conns = plan.conns.max(1);
+    per_connection(plan, |range, gate| {
+        let mut t = Submitted::default();
+        let mut client = Client::new(&plan.server, timeout);
+        if let Err(e) = client.connect() {
+            t.errors.push(format!("connect to {}: {e}", plan.server));
+        }
+        gate.wait();
+        t.rtt_us = Vec::with_capacity(range.len() / plan.batch.max(1) + 1);
+        let mut body = String::with_capacity(plan.batch.max(1) * 160);
+        let mut i = range.start;
+        let paced_from = Instant::now();
+        while i < range.end {
+            let k = plan.batch.max(1).min(range.end - i);
+            if plan.rate > 0.0 {
+                // This connection's share of the rate: the next request waits its turn.
+                let due =
+                    Duration::from_secs_f64((i - range.start) as f64 * conns as f64 / plan.rate);
+                if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
+                    thread::sleep(wait);
+                }
+            }
+            let t0 = Instant::now();
+            frame(&mut body, plan, i, k);
+            match client.call("POST", "/task_in_queue", body.as_bytes()) {
+                Ok((200, _)) => t.accepted += k,
+                Ok((code, b)) => {
+                    t.refused += k;
+                    if t.errors.len() < 3 {
+                        t.errors.push(format!(
+                            "HTTP {code}: {}",
+                            String::from_utf8_lossy(&b[..b.len().min(300)])
+                        ));
+                    }
+                }
+                Err(e) => {
+                    t.refused += k;
+                    if t.errors.len() < 3 {
+                        t.errors.push(format!("request failed: {e}"));
+                    }
+                }
+            }
+            t.rtt_us.push(t0.elapsed().as_micros() as u64);
+            i += k;
+        }
+        t.end_us = now_us();
+        t
+    })
+}
+
+/// Submits tasks 0..n over `conns` WebSocket connections, each sending its own contiguous
+/// range in frames of `batch` tasks with at most `inflight` tasks unacknowledged; each reads
+/// its acks and then its result frames. `end_us` is the last ack.
+fn submit_ws(plan: &Plan, timeout: Duration, inflight: usize) -> Submitted {
+    per_connection(plan, |range, gate| {
+        let mut t = Submitted::default();
+        let ws = ws_connect(&plan.server, timeout);
+        gate.wait();
+        let sent = match ws {
+            Ok(mut ws) => {
+                let r = ws_conn(&mut ws, plan, range.clone(), inflight, timeout, &mut t);
+                let _ = ws.close(None);
+                let _ = ws.flush();
+                r
+            }
+            Err(e) => Err(format!("connect to {}: {e}", plan.server)),
+        };
+        if let Err(e) = sent {
+            t.errors.push(e);
+            t.refused = range.len() - t.accepted;
+        }
+        t
+    })
 }
 
 type Ws = tungstenite::WebSocket<TcpStream>;
@@ -548,7 +530,7 @@ fn ws_conn(
     range: std::ops::Range<usize>,
     inflight: usize,
     timeout: Duration,
-    t: &mut WsTally,
+    t: &mut Submitted,
 ) -> Result<(), String> {
     use std::collections::VecDeque;
     use tungstenite::Message;
@@ -611,7 +593,7 @@ fn ws_conn(
         if let Some(t0) = waiting.pop_front() {
             t.rtt_us.push(t0.elapsed().as_micros() as u64);
         }
-        t.last_ack_us = now_us();
+        t.end_us = now_us();
         if v["result"] == "OK" {
             t.accepted += 1;
         } else {
