@@ -262,19 +262,11 @@ impl OutcomeStage {
         if o.run.ok {
             // The task's record goes, so its attempt history is not kept: no copy of the task,
             // and the attempt's output moves into the result (one thread decides every outcome).
-            let result = TaskResult {
-                id: o.task.id.clone(),
-                result: Verdict::Ok,
-                reason: o.run.error,
-                status: FinalStatus::Succeeded,
-                attempts: o.task.attempts.len() + 1,
-                output: o.run.output,
-                code: o.run.code,
-                submitted_at: rfc3339_ms(o.task.submitted_ms),
-                finished_at: rfc3339_ms(o.finished_ms),
-            };
+            let attempts = o.task.attempts.len() + 1;
+            let result = final_result(&o.task, attempts, o.run, o.finished_ms);
             return self.finish(result, true, o.task.kafka);
         }
+        // A failed attempt from here on.
         let mut task = (*o.task).clone();
         task.attempts.push(Attempt {
             started_ms: o.started_ms,
@@ -286,11 +278,9 @@ impl OutcomeStage {
             output_excerpt: cap_text(o.run.output.as_bytes(), EXCERPT_LEN, false),
         });
         let n = task.attempts.len() as u32;
-        if !o.run.ok {
-            self.status.attempt_failed(&task.id);
-        }
+        self.status.attempt_failed(&task.id);
         let max = task.max_retry.unwrap_or(self.policy.max_retry);
-        if !o.run.ok && !o.run.permanent && n <= max {
+        if !o.run.permanent && n <= max {
             let interval = task.retry_interval.unwrap_or(self.policy.interval_s);
             let wait = retry_delay(interval, n, self.policy.backoff, jitter());
             task.state = State::RetryWait;
@@ -307,22 +297,8 @@ impl OutcomeStage {
             };
             return (Change::Retry(task), after);
         }
-        let result = TaskResult {
-            id: task.id.clone(),
-            result: if o.run.ok { Verdict::Ok } else { Verdict::Fail },
-            reason: o.run.error.clone(),
-            status: if o.run.ok {
-                FinalStatus::Succeeded
-            } else {
-                FinalStatus::Dead
-            },
-            attempts: task.attempts.len(),
-            output: o.run.output.clone(),
-            code: o.run.code,
-            submitted_at: rfc3339_ms(task.submitted_ms),
-            finished_at: rfc3339_ms(o.finished_ms),
-        };
-        if !o.run.ok && !self.write_dead(&task, &result, o.finished_ms) {
+        let result = final_result(&task, task.attempts.len(), o.run, o.finished_ms);
+        if !self.write_dead(&task, &result, o.finished_ms) {
             // Recorded as waiting (its attempt kept) but not armed: this stage retries the
             // write. Due now, so after a restart it runs again at once (at least once).
             task.state = State::RetryWait;
@@ -334,7 +310,26 @@ impl OutcomeStage {
             };
             return (Change::Retry(task), After::DeadPending(Box::new(pending)));
         }
-        self.finish(result, o.run.ok, task.kafka)
+        self.finish(result, false, task.kafka)
+    }
+}
+
+/// The final result of `task` after `attempts` attempts, the last of which was `run`.
+fn final_result(task: &Task, attempts: usize, run: RunResult, finished_ms: i64) -> TaskResult {
+    TaskResult {
+        id: task.id.clone(),
+        result: if run.ok { Verdict::Ok } else { Verdict::Fail },
+        reason: run.error,
+        status: if run.ok {
+            FinalStatus::Succeeded
+        } else {
+            FinalStatus::Dead
+        },
+        attempts,
+        output: run.output,
+        code: run.code,
+        submitted_at: rfc3339_ms(task.submitted_ms),
+        finished_at: rfc3339_ms(finished_ms),
     }
 }
 

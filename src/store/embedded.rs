@@ -765,8 +765,7 @@ impl Writer {
 
     /// As much is pending since the checkpoint out as brings a checkpoint forward.
     fn overfull(&self) -> bool {
-        let o = self.shared.overlay.read();
-        o.current.ops() >= CHECKPOINT_OPS || o.current.bytes() >= CHECKPOINT_BYTES
+        a_checkpoints_worth(&self.shared.overlay.read().current)
     }
 
     /// Whether enough is pending (or for long enough) to start a checkpoint, or a failed one
@@ -780,8 +779,7 @@ impl Writer {
             return self.pending_since.elapsed() >= self.checkpoint_every;
         }
         !o.current.is_empty()
-            && (o.current.ops() >= CHECKPOINT_OPS
-                || o.current.bytes() >= CHECKPOINT_BYTES
+            && (a_checkpoints_worth(&o.current)
                 || self.pending_since.elapsed() >= self.checkpoint_every)
     }
 
@@ -989,6 +987,11 @@ impl Writer {
             }
         }
     }
+}
+
+/// Enough pending writes to bring a checkpoint forward (or to make the writer wait for one).
+fn a_checkpoints_worth(p: &Pending) -> bool {
+    p.ops() >= CHECKPOINT_OPS || p.bytes() >= CHECKPOINT_BYTES
 }
 
 /// Takes `first` and whatever else is waiting, up to `MAX_BATCH` ops or a closing batch.
