@@ -8,7 +8,7 @@ use crate::task::State;
 pub(crate) use crate::task::TaskResult;
 use crossbeam_channel::{bounded, Receiver};
 use parking_lot::{Condvar, Mutex};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,41 +22,82 @@ pub(crate) trait Forward: Send + Sync {
 /// out before that task finished.
 pub(crate) type Responder = Box<dyn FnOnce(Vec<Option<TaskResult>>) + Send>;
 
+/// Called with each awaited result as it comes (a WebSocket's pushes); nothing when the wait
+/// runs out.
+pub(crate) type Pushes = Arc<dyn Fn(TaskResult) + Send + Sync>;
+
+/// How a waiter answers.
+enum Respond {
+    /// Once, with every id's result (`wait` submits, long polls).
+    All(Responder),
+    /// Each result as it comes.
+    Each(Pushes),
+}
+
+/// What `publish` calls once the registry's lock is let go.
+enum Call {
+    All(Responder, Vec<Option<TaskResult>>),
+    Each(Pushes, TaskResult),
+}
+
+impl Call {
+    fn run(self) {
+        match self {
+            Call::All(f, got) => f(got),
+            Call::Each(f, r) => f(r),
+        }
+    }
+}
+
 /// A group of ids one client waits for.
 struct Waiter {
     ids: Vec<String>,
+    /// Its place among the deadlines: removed from there as soon as it is answered.
+    key: (Instant, u64),
     state: Mutex<WaiterState>,
 }
 
 struct WaiterState {
     got: Vec<Option<TaskResult>>,
     missing: usize,
-    respond: Option<Responder>,
+    /// `None` once answered or expired.
+    respond: Option<Respond>,
 }
 
 impl Waiter {
-    /// Records a result; answers when it was the last one missing.
-    fn deliver(&self, r: &TaskResult) {
+    /// Records the result of `self.ids[i]` (each id is delivered at most once: `publish`
+    /// takes its entries). Returns what to call, and whether the wait is now answered.
+    fn deliver(&self, i: usize, r: &TaskResult) -> (Option<Call>, bool) {
         let mut st = self.state.lock();
-        for (i, id) in self.ids.iter().enumerate() {
-            if *id == r.id && st.got[i].is_none() {
-                st.got[i] = Some(r.clone());
-                st.missing -= 1;
+        st.missing = st.missing.saturating_sub(1);
+        let done = st.missing == 0;
+        if let Some(Respond::Each(f)) = &st.respond {
+            let call = Call::Each(f.clone(), r.clone());
+            if done {
+                st.respond = None;
             }
+            return (Some(call), done);
         }
-        if st.missing == 0 {
-            if let Some(f) = st.respond.take() {
-                let got = std::mem::take(&mut st.got);
-                drop(st);
-                f(got);
-            }
+        if st.respond.is_none() {
+            return (None, done);
         }
+        if let Some(slot) = st.got.get_mut(i) {
+            *slot = Some(r.clone());
+        }
+        if !done {
+            return (None, false);
+        }
+        let call = match st.respond.take() {
+            Some(Respond::All(f)) => Some(Call::All(f, std::mem::take(&mut st.got))),
+            _ => None,
+        };
+        (call, true)
     }
 
     /// Answers with what has arrived (timeout or shutdown).
     fn expire(&self) {
         let mut st = self.state.lock();
-        if let Some(f) = st.respond.take() {
+        if let Some(Respond::All(f)) = st.respond.take() {
             let got = std::mem::take(&mut st.got);
             drop(st);
             f(got);
@@ -64,28 +105,13 @@ impl Waiter {
     }
 }
 
-struct Deadline(Instant, Arc<Waiter>);
-impl PartialEq for Deadline {
-    fn eq(&self, o: &Self) -> bool {
-        self.0 == o.0
-    }
-}
-impl Eq for Deadline {}
-impl PartialOrd for Deadline {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Deadline {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        o.0.cmp(&self.0) // min-heap on time
-    }
-}
-
 #[derive(Default)]
 struct Inner {
-    by_id: HashMap<String, Vec<Arc<Waiter>>>,
-    deadlines: BinaryHeap<Deadline>,
+    /// Each awaited id: its waiters, and its place in each one's `ids`.
+    by_id: HashMap<String, Vec<(Arc<Waiter>, usize)>>,
+    /// Every unanswered waiter by deadline (with a sequence number, so keys are unique).
+    deadlines: BTreeMap<(Instant, u64), Arc<Waiter>>,
+    next: u64,
     stopped: bool,
 }
 
@@ -110,34 +136,72 @@ impl Results {
     /// Parks a client until every id has a result or `timeout` passes. Call before the tasks
     /// can finish (or check the store afterwards), so no result slips by.
     pub(crate) fn wait_for(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
+        self.park(ids, timeout, Respond::All(respond));
+    }
+
+    /// Hands each result of `ids` to `push` as it comes, for up to `timeout`; the same rule
+    /// as [`Results::wait_for`] on when to call it. One registration for many ids.
+    pub(crate) fn push_each(&self, ids: Vec<String>, timeout: Duration, push: Pushes) {
+        self.park(ids, timeout, Respond::Each(push));
+    }
+
+    fn park(&self, ids: Vec<String>, timeout: Duration, respond: Respond) {
         let n = ids.len();
+        let mut inner = self.inner.lock();
+        let key = (Instant::now() + timeout, inner.next);
+        inner.next += 1;
+        let all = matches!(respond, Respond::All(_));
         let w = Arc::new(Waiter {
             ids,
+            key,
             state: Mutex::new(WaiterState {
-                got: vec![None; n],
+                got: if all { vec![None; n] } else { Vec::new() },
                 missing: n,
                 respond: Some(respond),
             }),
         });
-        let mut inner = self.inner.lock();
         if inner.stopped {
             drop(inner);
             w.expire();
             return;
         }
-        for id in &w.ids {
-            inner.by_id.entry(id.clone()).or_default().push(w.clone());
+        for (i, id) in w.ids.iter().enumerate() {
+            inner
+                .by_id
+                .entry(id.clone())
+                .or_default()
+                .push((w.clone(), i));
         }
-        inner.deadlines.push(Deadline(Instant::now() + timeout, w));
+        let first = inner
+            .deadlines
+            .first_key_value()
+            .is_none_or(|(k, _)| key < *k);
+        inner.deadlines.insert(key, w);
         drop(inner);
-        self.wake.notify_one();
+        if first {
+            self.wake.notify_one();
+        }
     }
 
-    /// Hands a final result to every client waiting for it.
+    /// Hands a final result to every client waiting for it. Answered waits leave the registry
+    /// at once; the clients are called once its lock is let go.
     pub(crate) fn publish(&self, r: &TaskResult) {
-        let waiters = self.inner.lock().by_id.remove(&r.id);
-        for w in waiters.into_iter().flatten() {
-            w.deliver(r);
+        let mut calls = Vec::new();
+        {
+            let mut inner = self.inner.lock();
+            let Some(list) = inner.by_id.remove(&r.id) else {
+                return;
+            };
+            for (w, i) in list {
+                let (call, done) = w.deliver(i, r);
+                if done {
+                    inner.deadlines.remove(&w.key);
+                }
+                calls.extend(call);
+            }
+        }
+        for c in calls {
+            c.run();
         }
     }
 
@@ -147,15 +211,21 @@ impl Results {
         self.inner.lock().by_id.len()
     }
 
+    /// Number of waits whose deadline the registry still holds.
+    #[cfg(test)]
+    pub(crate) fn deadlines(&self) -> usize {
+        self.inner.lock().deadlines.len()
+    }
+
     /// Answers every parked client now (shutdown).
     pub(crate) fn stop(&self) {
         let mut inner = self.inner.lock();
         inner.stopped = true;
-        let all: Vec<Arc<Waiter>> = inner.deadlines.drain().map(|d| d.1).collect();
+        let all = std::mem::take(&mut inner.deadlines);
         inner.by_id.clear();
         drop(inner);
         self.wake.notify_one();
-        for w in all {
+        for w in all.into_values() {
             w.expire();
         }
     }
@@ -167,14 +237,14 @@ impl Results {
                 return;
             }
             let now = Instant::now();
-            match inner.deadlines.peek() {
-                Some(d) if d.0 <= now => {
-                    let Some(Deadline(_, w)) = inner.deadlines.pop() else {
+            match inner.deadlines.first_key_value().map(|(k, _)| k.0) {
+                Some(at) if at <= now => {
+                    let Some((_, w)) = inner.deadlines.pop_first() else {
                         continue;
                     };
                     for id in &w.ids {
                         if let Some(list) = inner.by_id.get_mut(id) {
-                            list.retain(|o| !Arc::ptr_eq(o, &w));
+                            list.retain(|(o, _)| !Arc::ptr_eq(o, &w));
                             if list.is_empty() {
                                 inner.by_id.remove(id);
                             }
@@ -184,8 +254,7 @@ impl Results {
                     w.expire();
                     inner = self.inner.lock();
                 }
-                Some(d) => {
-                    let at = d.0;
+                Some(at) => {
                     self.wake.wait_until(&mut inner, at);
                 }
                 None => {
@@ -282,9 +351,10 @@ impl Answers {
             .and_then(|g| g.into_iter().next().flatten())
     }
 
-    /// Calls `respond` with each id's result as it finishes (or `None` after `timeout`).
-    pub(crate) fn on_results(&self, ids: Vec<String>, timeout: Duration, respond: Responder) {
-        self.results.wait_for(ids, timeout, respond);
+    /// Calls `push` with each id's result as it finishes, for up to `timeout` (one
+    /// registration for all of `ids`; the same rule as [`Answers::watch`] on when to call it).
+    pub(crate) fn push_each(&self, ids: Vec<String>, timeout: Duration, push: Pushes) {
+        self.results.push_each(ids, timeout, push);
     }
 }
 
@@ -325,10 +395,70 @@ mod tests {
         let got = rx.recv_timeout(Duration::from_secs(2)).expect("timed out");
         assert_eq!(got, vec![None]);
         assert_eq!(r.waiting(), 0, "expired waiters are forgotten");
+        assert_eq!(r.deadlines(), 0, "and so are their deadlines");
         r.publish(&res("c"));
         assert!(
             rx.recv_timeout(Duration::from_millis(50)).is_err(),
             "answered once"
+        );
+    }
+
+    /// A wait that is answered leaves nothing behind: not its ids, and not its deadline (a
+    /// WebSocket's waits last a day; keeping each answered one until then held every task a
+    /// connection ever sent in memory for a day).
+    #[test]
+    fn an_answered_wait_is_forgotten_at_once() {
+        let (r, _) = Results::start().expect("start");
+        let (tx, rx) = bounded(4);
+        r.wait_for(
+            vec!["a".into(), "b".into()],
+            Duration::from_secs(24 * 3600),
+            Box::new(move |got| tx.send(got).expect("send")),
+        );
+        r.publish(&res("a"));
+        assert_eq!((r.waiting(), r.deadlines()), (1, 1), "b still awaited");
+        r.publish(&res("b"));
+        assert_eq!(rx.try_recv().expect("answered").len(), 2);
+        assert_eq!((r.waiting(), r.deadlines()), (0, 0), "nothing left");
+    }
+
+    /// One registration pushes each result as it comes, once, and leaves the registry when the
+    /// last one has gone out; a registration that runs out pushes nothing more.
+    #[test]
+    fn pushes_each_result_as_it_comes_then_is_forgotten() {
+        let (r, _) = Results::start().expect("start");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let push: Pushes = Arc::new(move |got: TaskResult| {
+            let _ = tx.send(got.id);
+        });
+        r.push_each(
+            vec!["a".into(), "b".into()],
+            Duration::from_secs(3600),
+            push.clone(),
+        );
+        r.publish(&res("b"));
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("b"));
+        assert_eq!((r.waiting(), r.deadlines()), (1, 1), "a still awaited");
+        r.publish(&res("b"));
+        assert!(rx.try_recv().is_err(), "b is pushed once");
+        r.publish(&res("a"));
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("a"));
+        assert_eq!((r.waiting(), r.deadlines()), (0, 0), "nothing left");
+
+        r.push_each(vec!["c".into()], Duration::from_millis(50), push);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.deadlines() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            (r.waiting(), r.deadlines()),
+            (0, 0),
+            "expired and forgotten"
+        );
+        r.publish(&res("c"));
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing pushed after the wait ran out"
         );
     }
 }

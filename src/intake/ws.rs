@@ -9,7 +9,7 @@
 
 use super::{same_secret, Origin, Submitter};
 use crate::http::{percent_decode, query_param, Reply, Request, Response};
-use crate::results::Answers;
+use crate::results::{Answers, Pushes};
 use crate::task::TaskResult;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
@@ -157,6 +157,7 @@ impl WebSockets {
             tx: push_tx,
             bell: bell.clone(),
         };
+        let pushes: Pushes = Arc::new(move |r| pusher.push(r));
         let mut last_input = Instant::now();
         let mut stuck_since: Option<Instant> = None;
         loop {
@@ -195,12 +196,12 @@ impl WebSockets {
                 }
             }
             if !texts.is_empty() {
-                out.extend(self.on_texts(&texts, &pusher));
+                out.extend(self.on_texts(&texts, &pushes));
             }
             bell.quiet();
             // Results are formatted here, on the connection's thread, not on the outcome
             // thread that hands them over (one thread for the whole server).
-            out.extend(push_rx.try_iter().map(|r| json!(r).to_string()));
+            out.extend(push_rx.try_iter().map(|r| result_frame(&r)));
             for frame in out {
                 match ws.write(Message::text(frame)) {
                     Ok(()) => {}
@@ -259,7 +260,7 @@ impl WebSockets {
 
     /// The tasks of every frame read together: one durable write, one ack per task (in order),
     /// a Fail frame for each frame that is not JSON or holds an empty array.
-    fn on_texts(&self, texts: &[String], pusher: &Pusher) -> Vec<String> {
+    fn on_texts(&self, texts: &[String], pushes: &Pushes) -> Vec<String> {
         // Per frame: its tasks (as a range in `values`), or its refusal.
         let mut frames: Vec<Result<std::ops::Range<usize>, String>> = Vec::new();
         let mut values: Vec<Value> = Vec::new();
@@ -287,18 +288,8 @@ impl WebSockets {
             Vec::new()
         } else {
             self.submitter.submit_each(&values, Origin::Network, |ids| {
-                for id in ids {
-                    let p = pusher.clone();
-                    self.answers.on_results(
-                        vec![id.clone()],
-                        PUSH_WITHIN,
-                        Box::new(move |got| {
-                            if let Some(Some(r)) = got.into_iter().next() {
-                                p.push(r);
-                            }
-                        }),
-                    );
-                }
+                self.answers
+                    .push_each(ids.to_vec(), PUSH_WITHIN, pushes.clone());
             })
         };
         let mut out = Vec::with_capacity(answers.len() + frames.len());
@@ -308,7 +299,7 @@ impl WebSockets {
                 Ok(range) => {
                     for i in range {
                         out.push(match &answers[i] {
-                            Ok(id) => json!({"id": id, "result": "OK", "reason": ""}).to_string(),
+                            Ok(id) => ok_frame(id),
                             Err(e) => fail_frame(values[i].get("id").and_then(Value::as_str), e),
                         });
                     }
@@ -319,8 +310,28 @@ impl WebSockets {
     }
 }
 
+/// The ack of an accepted task, written straight from its parts (no JSON tree per task).
+fn ok_frame(id: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Ack<'a> {
+        id: &'a str,
+        result: &'static str,
+        reason: &'static str,
+    }
+    let ack = Ack {
+        id,
+        result: "OK",
+        reason: "",
+    };
+    serde_json::to_string(&ack).unwrap_or_default()
+}
+
+/// A final result's frame, written straight from the result.
+fn result_frame(r: &TaskResult) -> String {
+    serde_json::to_string(r).unwrap_or_default()
+}
+
 /// Hands a result to its connection and wakes it. Never blocks.
-#[derive(Clone)]
 struct Pusher {
     tx: Sender<TaskResult>,
     bell: Arc<Bell>,
