@@ -157,6 +157,10 @@ pub(crate) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
+    /// Where each read lands before it joins `buf`: zeroed once per connection, not once per
+    /// read (a `resize` of `buf` before each read zeroed 8 KiB a byte at a time, about a tenth
+    /// of the connection thread's time per request).
+    scratch: Box<[u8]>,
     /// The receive timeout set on the socket now.
     timeout: Option<Duration>,
     limits: Limits,
@@ -173,6 +177,7 @@ impl Conn {
             stream,
             buf: Vec::new(),
             pos: 0,
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             timeout: None,
             limits,
             peer,
@@ -234,14 +239,13 @@ impl Conn {
     fn linger_close(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Write);
         let end = Instant::now() + LINGER;
-        let mut scratch = [0u8; READ_CHUNK];
         let mut seen = 0;
         while seen < LINGER_BYTES {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
                 return;
             }
-            match self.stream.read(&mut scratch) {
+            match self.stream.read(&mut self.scratch) {
                 Ok(0) => return,
                 Ok(n) => seen += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -473,13 +477,13 @@ impl Conn {
                     .map_err(|_| RequestError::Closed)?;
                 self.timeout = Some(wait);
             }
-            let len = self.buf.len();
-            self.buf.resize(len + READ_CHUNK, 0);
-            let got = self.stream.read(&mut self.buf[len..]);
-            self.buf.truncate(len + *got.as_ref().unwrap_or(&0));
-            match got {
+            match self.stream.read(&mut self.scratch) {
                 Ok(0) => return Err(RequestError::Closed),
-                Ok(_) => return Ok(()),
+                Ok(n) => {
+                    self.buf
+                        .extend_from_slice(self.scratch.get(..n).unwrap_or_default());
+                    return Ok(());
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     if matches!(until, Until::Idle) {
                         return Err(late);
