@@ -8,7 +8,8 @@ use crate::task::State;
 pub(crate) use crate::task::TaskResult;
 use crossbeam_channel::{bounded, Receiver};
 use parking_lot::{Condvar, Mutex};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,8 +53,8 @@ impl Call {
 /// A group of ids one client waits for.
 struct Waiter {
     ids: Vec<String>,
-    /// Its place among the deadlines: removed from there as soon as it is answered.
-    key: (Instant, u64),
+    /// Set once it is answered or expired: its deadline entry is then dead weight.
+    answered: AtomicBool,
     state: Mutex<WaiterState>,
 }
 
@@ -75,6 +76,7 @@ impl Waiter {
             let call = Call::Each(f.clone(), r.clone());
             if done {
                 st.respond = None;
+                self.answered.store(true, Ordering::Release);
             }
             return (Some(call), done);
         }
@@ -91,11 +93,13 @@ impl Waiter {
             Some(Respond::All(f)) => Some(Call::All(f, std::mem::take(&mut st.got))),
             _ => None,
         };
+        self.answered.store(true, Ordering::Release);
         (call, true)
     }
 
     /// Answers with what has arrived (timeout or shutdown).
     fn expire(&self) {
+        self.answered.store(true, Ordering::Release);
         let mut st = self.state.lock();
         if let Some(Respond::All(f)) = st.respond.take() {
             let got = std::mem::take(&mut st.got);
@@ -105,13 +109,38 @@ impl Waiter {
     }
 }
 
+/// A waiter's deadline; the heap gives the earliest first.
+struct Deadline(Instant, Arc<Waiter>);
+impl PartialEq for Deadline {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+impl Eq for Deadline {}
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Deadline {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.cmp(&self.0) // min-heap on time
+    }
+}
+
+/// Fewest deadline entries worth a compaction.
+const COMPACT_AT: usize = 64;
+
 #[derive(Default)]
 struct Inner {
     /// Each awaited id: its waiters, and its place in each one's `ids`.
     by_id: HashMap<String, Vec<(Arc<Waiter>, usize)>>,
-    /// Every unanswered waiter by deadline (with a sequence number, so keys are unique).
-    deadlines: BTreeMap<(Instant, u64), Arc<Waiter>>,
-    next: u64,
+    /// Every waiter by deadline. An answered one stays until its deadline or the next
+    /// compaction, which comes once answered ones outnumber the `live` ones (so this holds at
+    /// most about twice what is awaited, not a day of answered WebSocket waits).
+    deadlines: BinaryHeap<Deadline>,
+    /// Waiters not yet answered nor expired.
+    live: usize,
     stopped: bool,
 }
 
@@ -148,12 +177,10 @@ impl Results {
     fn park(&self, ids: Vec<String>, timeout: Duration, respond: Respond) {
         let n = ids.len();
         let mut inner = self.inner.lock();
-        let key = (Instant::now() + timeout, inner.next);
-        inner.next += 1;
         let all = matches!(respond, Respond::All(_));
         let w = Arc::new(Waiter {
             ids,
-            key,
+            answered: AtomicBool::new(false),
             state: Mutex::new(WaiterState {
                 got: if all { vec![None; n] } else { Vec::new() },
                 missing: n,
@@ -172,11 +199,10 @@ impl Results {
                 .or_default()
                 .push((w.clone(), i));
         }
-        let first = inner
-            .deadlines
-            .first_key_value()
-            .is_none_or(|(k, _)| key < *k);
-        inner.deadlines.insert(key, w);
+        let at = Instant::now() + timeout;
+        let first = inner.deadlines.peek().is_none_or(|d| at < d.0);
+        inner.deadlines.push(Deadline(at, w));
+        inner.live += 1;
         drop(inner);
         if first {
             self.wake.notify_one();
@@ -195,9 +221,14 @@ impl Results {
             for (w, i) in list {
                 let (call, done) = w.deliver(i, r);
                 if done {
-                    inner.deadlines.remove(&w.key);
+                    inner.live = inner.live.saturating_sub(1);
                 }
                 calls.extend(call);
+            }
+            if inner.deadlines.len() > COMPACT_AT.max(2 * inner.live) {
+                inner
+                    .deadlines
+                    .retain(|d| !d.1.answered.load(Ordering::Acquire));
             }
         }
         for c in calls {
@@ -211,10 +242,11 @@ impl Results {
         self.inner.lock().by_id.len()
     }
 
-    /// Number of waits whose deadline the registry still holds.
+    /// Waits not answered yet, and deadline entries held (answered ones included).
     #[cfg(test)]
-    pub(crate) fn deadlines(&self) -> usize {
-        self.inner.lock().deadlines.len()
+    fn deadlines(&self) -> (usize, usize) {
+        let inner = self.inner.lock();
+        (inner.live, inner.deadlines.len())
     }
 
     /// Answers every parked client now (shutdown).
@@ -225,7 +257,7 @@ impl Results {
         inner.by_id.clear();
         drop(inner);
         self.wake.notify_one();
-        for w in all.into_values() {
+        for Deadline(_, w) in all {
             w.expire();
         }
     }
@@ -237,11 +269,15 @@ impl Results {
                 return;
             }
             let now = Instant::now();
-            match inner.deadlines.first_key_value().map(|(k, _)| k.0) {
+            match inner.deadlines.peek().map(|d| d.0) {
                 Some(at) if at <= now => {
-                    let Some((_, w)) = inner.deadlines.pop_first() else {
+                    let Some(Deadline(_, w)) = inner.deadlines.pop() else {
                         continue;
                     };
+                    if w.answered.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    inner.live = inner.live.saturating_sub(1);
                     for id in &w.ids {
                         if let Some(list) = inner.by_id.get_mut(id) {
                             list.retain(|(o, _)| !Arc::ptr_eq(o, &w));
@@ -395,7 +431,6 @@ mod tests {
         let got = rx.recv_timeout(Duration::from_secs(2)).expect("timed out");
         assert_eq!(got, vec![None]);
         assert_eq!(r.waiting(), 0, "expired waiters are forgotten");
-        assert_eq!(r.deadlines(), 0, "and so are their deadlines");
         r.publish(&res("c"));
         assert!(
             rx.recv_timeout(Duration::from_millis(50)).is_err(),
@@ -403,27 +438,46 @@ mod tests {
         );
     }
 
-    /// A wait that is answered leaves nothing behind: not its ids, and not its deadline (a
-    /// WebSocket's waits last a day; keeping each answered one until then held every task a
-    /// connection ever sent in memory for a day).
+    /// Answered waits leave the registry: their ids at once, their deadlines by the next
+    /// compaction (a WebSocket's waits last a day; keeping each answered one until then held
+    /// every task a connection ever sent in memory for a day).
     #[test]
-    fn an_answered_wait_is_forgotten_at_once() {
+    fn answered_waits_are_forgotten() {
         let (r, _) = Results::start().expect("start");
-        let (tx, rx) = bounded(4);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let day = Duration::from_secs(24 * 3600);
+        let t2 = tx.clone();
         r.wait_for(
             vec!["a".into(), "b".into()],
-            Duration::from_secs(24 * 3600),
-            Box::new(move |got| tx.send(got).expect("send")),
+            day,
+            Box::new(move |got| t2.send(got).expect("send")),
         );
         r.publish(&res("a"));
-        assert_eq!((r.waiting(), r.deadlines()), (1, 1), "b still awaited");
+        assert_eq!((r.waiting(), r.deadlines().0), (1, 1), "b still awaited");
         r.publish(&res("b"));
         assert_eq!(rx.try_recv().expect("answered").len(), 2);
-        assert_eq!((r.waiting(), r.deadlines()), (0, 0), "nothing left");
+        for i in 0..1000 {
+            let t = tx.clone();
+            r.wait_for(
+                vec![format!("t{i}")],
+                day,
+                Box::new(move |got| t.send(got).expect("send")),
+            );
+        }
+        for i in 0..1000 {
+            r.publish(&res(&format!("t{i}")));
+        }
+        assert_eq!(rx.try_iter().count(), 1000);
+        let (live, held) = r.deadlines();
+        assert_eq!((r.waiting(), live), (0, 0), "nothing awaited");
+        assert!(
+            held <= COMPACT_AT,
+            "{held} deadlines of answered waits still held"
+        );
     }
 
-    /// One registration pushes each result as it comes, once, and leaves the registry when the
-    /// last one has gone out; a registration that runs out pushes nothing more.
+    /// One registration pushes each result as it comes, once, and is forgotten when the last
+    /// one has gone out; a registration that runs out pushes nothing more.
     #[test]
     fn pushes_each_result_as_it_comes_then_is_forgotten() {
         let (r, _) = Results::start().expect("start");
@@ -438,20 +492,20 @@ mod tests {
         );
         r.publish(&res("b"));
         assert_eq!(rx.try_recv().ok().as_deref(), Some("b"));
-        assert_eq!((r.waiting(), r.deadlines()), (1, 1), "a still awaited");
+        assert_eq!((r.waiting(), r.deadlines().0), (1, 1), "a still awaited");
         r.publish(&res("b"));
         assert!(rx.try_recv().is_err(), "b is pushed once");
         r.publish(&res("a"));
         assert_eq!(rx.try_recv().ok().as_deref(), Some("a"));
-        assert_eq!((r.waiting(), r.deadlines()), (0, 0), "nothing left");
+        assert_eq!((r.waiting(), r.deadlines().0), (0, 0), "nothing awaited");
 
         r.push_each(vec!["c".into()], Duration::from_millis(50), push);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while r.deadlines() > 0 && Instant::now() < deadline {
+        while r.waiting() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(
-            (r.waiting(), r.deadlines()),
+            (r.waiting(), r.deadlines().0),
             (0, 0),
             "expired and forgotten"
         );
