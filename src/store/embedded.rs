@@ -25,6 +25,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    TableHandle,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,10 +40,15 @@ const CACHE_BYTES: usize = 48 * 1024 * 1024;
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// id -> 8 bytes of big-endian expiry (unix ms) followed by the result JSON.
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
-/// 8 bytes of big-endian expiry followed by the id -> nothing; ordered by expiry.
-const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
-/// Small named values (cron last fire times, the journal's checkpointed sequence number).
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// 16 hex digits of expiry (unix ms) followed by the id -> nothing; ordered by expiry.
+const EXPIRY: TableDefinition<&str, &[u8]> = TableDefinition::new("expiry_at");
+/// Small named values, UTF-8 (cron last fire times, the journal's checkpointed sequence number).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_kv");
+// Every table has one key and value type: redb's B-tree code is compiled once per type pair
+// (about 19 KB each). Releases before 2026-11-28 had these two instead; `migrate` moves a file
+// written by one of them to the tables above when it opens.
+const OLD_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+const OLD_META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// The database file's name inside `--data`.
 const FILE: &str = "poulpe.redb";
@@ -374,8 +380,10 @@ fn compact_if_sparse(db: &mut Database, path: &Path) {
     }
 }
 
-/// Makes sure every table exists (one small commit).
+/// Makes sure every table exists (one small commit), after moving an older release's tables.
 fn create_tables(db: Database) -> Result<Database, StoreError> {
+    migrate(&db)
+        .map_err(|e| unavailable(format!("cannot move the tables of an older release: {e}")))?;
     let txn = db.begin_write().map_err(unavailable)?;
     {
         txn.open_table(TASKS).map_err(unavailable)?;
@@ -392,7 +400,55 @@ fn checkpointed_seq(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(META)?;
     let v = meta.get(SEQ_KEY)?;
-    Ok(v.and_then(|g| g.value().parse().ok()).unwrap_or(0))
+    Ok(
+        v.and_then(|g| std::str::from_utf8(g.value()).ok()?.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// Moves the tables of a file written by an older release (`OLD_META`, `OLD_EXPIRY`) to
+/// today's, in one transaction: the values as they are, the expiry index rebuilt from the
+/// results (each holds its expiry). Nothing to do on a file without them.
+fn migrate(db: &Database) -> Result<(), redb::Error> {
+    let read = db.begin_read()?;
+    let names: Vec<String> = read.list_tables()?.map(|h| h.name().to_string()).collect();
+    let has = |name: &str| names.iter().any(|n| n == name);
+    let (old_meta, old_expiry) = (has(OLD_META.name()), has(OLD_EXPIRY.name()));
+    if !old_meta && !old_expiry {
+        return Ok(());
+    }
+    let mut values: Vec<(String, String)> = Vec::new();
+    if old_meta {
+        for item in read.open_table(OLD_META)?.iter()? {
+            let (k, v) = item?;
+            values.push((k.value().to_string(), v.value().to_string()));
+        }
+    }
+    drop(read);
+    let txn = db.begin_write()?;
+    let mut indexed = 0;
+    {
+        let mut meta = txn.open_table(META)?;
+        for (k, v) in &values {
+            meta.insert(k.as_str(), v.as_bytes())?;
+        }
+        let mut expiry = txn.open_table(EXPIRY)?;
+        for item in txn.open_table(RESULTS)?.iter()? {
+            let (id, v) = item?;
+            if let Some((e, _)) = split_result(v.value()) {
+                expiry.insert(expiry_key(e, id.value()).as_str(), [].as_slice())?;
+                indexed += 1;
+            }
+        }
+    }
+    txn.delete_table(OLD_META)?;
+    txn.delete_table(OLD_EXPIRY)?;
+    txn.commit()?;
+    log::info!(
+        "store: moved the tables of an older release ({} values, {indexed} result expiries)",
+        values.len()
+    );
+    Ok(())
 }
 
 /// Applies the records of both journal files that the redb file does not hold yet, in
@@ -497,11 +553,16 @@ fn start(
     }))
 }
 
-fn expiry_key(expires_ms: i64, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + id.len());
-    k.extend_from_slice(&(expires_ms.max(0) as u64).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
+/// The expiry index's key: fixed-width hex sorts as the number does.
+fn expiry_key(expires_ms: i64, id: &str) -> String {
+    format!("{:016x}{id}", expires_ms.max(0) as u64)
+}
+
+/// An expiry key's expiry and id.
+fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
+    let (head, id) = k.split_at_checked(16)?;
+    let e = u64::from_str_radix(head, 16).ok()?;
+    Some((e as i64, id))
 }
 
 fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
@@ -514,8 +575,8 @@ fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
 struct Tables<'t> {
     tasks: Table<'t, &'static str, &'static [u8]>,
     results: Table<'t, &'static str, &'static [u8]>,
-    expiry: Table<'t, &'static [u8], ()>,
-    meta: Table<'t, &'static str, &'static str>,
+    expiry: Table<'t, &'static str, &'static [u8]>,
+    meta: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl Sink for Tables<'_> {
@@ -533,7 +594,7 @@ impl Sink for Tables<'_> {
         v.extend_from_slice(bytes);
         self.results.insert(id, v.as_slice())?;
         self.expiry
-            .insert(expiry_key(expires_ms, id).as_slice(), ())?;
+            .insert(expiry_key(expires_ms, id).as_str(), [].as_slice())?;
         Ok(())
     }
     fn del_result(&mut self, id: &str) -> Result<(), redb::Error> {
@@ -552,11 +613,11 @@ impl Sink for Tables<'_> {
         Ok(())
     }
     fn del_expiry(&mut self, expires_ms: i64, id: &str) -> Result<(), redb::Error> {
-        self.expiry.remove(expiry_key(expires_ms, id).as_slice())?;
+        self.expiry.remove(expiry_key(expires_ms, id).as_str())?;
         Ok(())
     }
     fn put_meta(&mut self, key: &str, value: &str) -> Result<(), redb::Error> {
-        self.meta.insert(key, value)?;
+        self.meta.insert(key, value.as_bytes())?;
         Ok(())
     }
 }
@@ -573,7 +634,7 @@ fn checkpoint(db: &Database, pending: &Pending, seq: u64) -> Result<(), redb::Er
             meta: txn.open_table(META)?,
         };
         pending.write_to(&mut t)?;
-        t.meta.insert(SEQ_KEY, seq.to_string().as_str())?;
+        t.meta.insert(SEQ_KEY, seq.to_string().as_bytes())?;
     }
     txn.commit()?;
     Ok(())
@@ -1152,7 +1213,8 @@ impl Backend for EmbeddedBackend {
         }
         self.read(|txn| {
             let t = txn.open_table(META)?;
-            Ok(t.get(key)?.map(|g| g.value().to_string()))
+            Ok(t.get(key)?
+                .map(|g| String::from_utf8_lossy(g.value()).into_owned()))
         })
     }
 
@@ -1178,13 +1240,12 @@ impl Backend for EmbeddedBackend {
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
         let mut out = self.read(|txn| {
             let t = txn.open_table(EXPIRY)?;
-            let upper = (now_ms.max(0) as u64).to_be_bytes();
+            let upper = expiry_key(now_ms, "");
             let mut out = Vec::new();
-            for item in t.range::<&[u8]>(..upper.as_slice())? {
+            for item in t.range::<&str>(..upper.as_str())? {
                 let (k, _) = item?;
-                let k = k.value();
-                if let Some((e, id)) = split_result(k) {
-                    out.push((String::from_utf8_lossy(id).into_owned(), e));
+                if let Some((e, id)) = split_expiry_key(k.value()) {
+                    out.push((id.to_string(), e));
                 }
                 if out.len() >= limit {
                     break;
@@ -1301,6 +1362,59 @@ mod tests {
         assert_eq!(s.result("done").expect("result"), Some(result("done")));
         assert_eq!(s.get_meta("cron.k").expect("meta"), Some("42".into()));
         s.close();
+    }
+
+    /// A file written by a release with the older meta and expiry tables opens with its
+    /// values, results and expiry index moved to today's tables, and the old tables gone.
+    #[test]
+    fn a_file_with_the_older_tables_is_migrated_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = crate::clock::now_ms();
+        {
+            let db = Database::create(dir.path().join(FILE)).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut results = txn.open_table(RESULTS).expect("results");
+                let mut expiry = txn.open_table(OLD_EXPIRY).expect("expiry");
+                for (id, e) in [("done", now + 60_000), ("gone", now - 1_000)] {
+                    let mut v = (e as u64).to_be_bytes().to_vec();
+                    v.extend(serde_json::to_vec(&result(id)).expect("json"));
+                    results.insert(id, v.as_slice()).expect("result");
+                    let mut k = (e as u64).to_be_bytes().to_vec();
+                    k.extend_from_slice(id.as_bytes());
+                    expiry.insert(k.as_slice(), ()).expect("expiry");
+                }
+                let mut meta = txn.open_table(OLD_META).expect("meta");
+                meta.insert("cron.k", "42").expect("meta");
+                meta.insert(SEQ_KEY, "0").expect("seq");
+                let old = serde_json::to_vec(&task("old", State::Delayed, 7)).expect("json");
+                txn.open_table(TASKS)
+                    .expect("tasks")
+                    .insert("old", old.as_slice())
+                    .expect("task");
+            }
+            txn.commit().expect("commit");
+        }
+        let s = open(dir.path(), CHECKPOINT_EVERY).expect("open");
+        assert_eq!(s.get_meta("cron.k").expect("meta"), Some("42".into()));
+        assert_eq!(s.result("done").expect("result"), Some(result("done")));
+        assert_eq!(s.recover().expect("recover").len(), 1);
+        // Only the expiry index finds what to delete: it was rebuilt.
+        assert_eq!(s.gc(now, 1000).expect("gc"), 1, "the expired result goes");
+        assert_eq!(s.result("done").expect("result"), Some(result("done")));
+        s.close();
+        let db = Database::open(dir.path().join(FILE)).expect("reopen");
+        let names: Vec<String> = db
+            .begin_read()
+            .expect("read")
+            .list_tables()
+            .expect("list")
+            .map(|h| h.name().to_string())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n == "meta" || n == "expiry"),
+            "old tables left: {names:?}"
+        );
     }
 
     /// An `Expire` of a result the overlay does not hold is decided at the checkpoint, against
