@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::dispatch::Pool;
 use crate::exec::mail::{MailError, MailExec};
 use crate::exec::{http::HttpExec, Executors};
-use crate::intake::Submitter;
-use crate::outcome::{OutcomeStage, RetryPolicy};
+use crate::intake::{Cancelling, Submitter};
+use crate::outcome::{Announce, OutcomeStage, RetryPolicy};
 use crate::results::{Answers, Results};
 use crate::schedule::cron::{parse_file, CronError};
 use crate::schedule::cron_runner::{self, CronCmd, CronStatus};
@@ -140,11 +140,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     // Stops after the workers and the outcome stage: results of the last attempts still go out.
     stages.extend(kafka.producer_stage());
     let (otx, orx) = unbounded();
+    let announce = Announce {
+        results: results.clone(),
+        status: status.clone(),
+        forward: kafka.forward(),
+    };
     let outcome = OutcomeStage {
         store: store.clone(),
         timer: timer.clone(),
-        results: results.clone(),
-        status: status.clone(),
+        announce: announce.clone(),
         policy: RetryPolicy {
             interval_s: config.retry_interval,
             max_retry: config.max_retry,
@@ -152,7 +156,6 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             result_ttl_s: config.result_ttl,
             dead_dir: config.dead.clone(),
         },
-        forward: kafka.forward(),
     }
     .start(orx)?;
     // The outcome thread ends by itself once every worker has gone (their senders drop).
@@ -195,7 +198,17 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         config.result_max,
     )?);
 
-    let submitter = Submitter::new(limits, store.clone(), pool.clone(), timer, status.clone());
+    let submitter = Submitter::new(
+        limits,
+        store.clone(),
+        pool.clone(),
+        timer,
+        status.clone(),
+        Cancelling {
+            announce,
+            result_ttl_s: config.result_ttl,
+        },
+    );
     let cron = CronStatus::default();
     stages.extend(kafka.start(&config, &submitter)?);
     let (cron_tx, cron_rx) = unbounded();

@@ -66,7 +66,6 @@ enum After {
     },
     /// The result is the one in the matching `Change::Finish` (not a second copy of it).
     Final {
-        ok: bool,
         kafka: bool,
     },
     /// The task is dead but its record is not written: keep trying the write.
@@ -86,15 +85,36 @@ struct DeadPending {
 /// How often a dead-letter write that failed is tried again.
 const DEAD_RETRY: Duration = Duration::from_secs(5);
 
+/// Where a final result goes once it is durable: the counters, the clients waiting for it, and
+/// the Kafka result topic for a Kafka task. The outcome stage and cancel share it, so a
+/// cancelled task is announced like a finished one.
+#[derive(Clone)]
+pub(crate) struct Announce {
+    pub(crate) results: Arc<Results>,
+    pub(crate) status: Arc<Status>,
+    /// Where results of Kafka tasks are also sent.
+    pub(crate) forward: Option<Arc<dyn Forward>>,
+}
+
+impl Announce {
+    /// Announces `result`, durable now; `kafka`: the task came from Kafka.
+    pub(crate) fn finished(&self, result: &TaskResult, kafka: bool) {
+        self.status.finished(result.status);
+        self.results.publish(result);
+        if kafka {
+            if let Some(f) = &self.forward {
+                f.forward(result);
+            }
+        }
+    }
+}
+
 /// The outcome thread and what it needs.
 pub(crate) struct OutcomeStage {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) timer: Timer,
-    pub(crate) results: Arc<Results>,
-    pub(crate) status: Arc<Status>,
+    pub(crate) announce: Announce,
     pub(crate) policy: RetryPolicy,
-    /// Where results of Kafka tasks are also sent.
-    pub(crate) forward: Option<Arc<dyn Forward>>,
 }
 
 impl OutcomeStage {
@@ -178,7 +198,7 @@ impl OutcomeStage {
                 }
             }
             if self.write_dead(&p.task, &p.result, p.finished_ms) {
-                let (c, a) = self.finish(p.result, false, p.task.kafka);
+                let (c, a) = self.finish(p.result, p.task.kafka);
                 changes.push(c);
                 after.push(a);
             } else {
@@ -204,16 +224,9 @@ impl OutcomeStage {
             let change = changes.next();
             match a {
                 After::Retry { id, due_us } => self.timer.schedule(id, due_us),
-                After::Final { ok, kafka } => {
-                    let Some(Change::Finish { result, .. }) = change else {
-                        continue;
-                    };
-                    self.status.finished(ok);
-                    self.results.publish(&result);
-                    if kafka {
-                        if let Some(f) = &self.forward {
-                            f.forward(&result);
-                        }
+                After::Final { kafka } => {
+                    if let Some(Change::Finish { result, .. }) = change {
+                        self.announce.finished(&result, kafka);
                     }
                 }
                 After::DeadPending(p) => still.push(*p),
@@ -247,12 +260,12 @@ impl OutcomeStage {
         }
     }
 
-    /// The change and follow-up that finish a task with `result` (`ok`: it succeeded).
-    fn finish(&self, result: TaskResult, ok: bool, kafka: bool) -> (Change, After) {
+    /// The change and follow-up that finish a task with `result`.
+    fn finish(&self, result: TaskResult, kafka: bool) -> (Change, After) {
         let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
         (
             Change::Finish { result, expires_ms },
-            After::Final { ok, kafka },
+            After::Final { kafka },
         )
     }
 
@@ -264,7 +277,7 @@ impl OutcomeStage {
             // and the attempt's output moves into the result (one thread decides every outcome).
             let attempts = o.task.attempts.len() + 1;
             let result = final_result(&o.task, attempts, o.run, o.finished_ms);
-            return self.finish(result, true, o.task.kafka);
+            return self.finish(result, o.task.kafka);
         }
         // A failed attempt from here on.
         let mut task = (*o.task).clone();
@@ -278,7 +291,7 @@ impl OutcomeStage {
             output_excerpt: cap_text(o.run.output.as_bytes(), EXCERPT_LEN, false),
         });
         let n = task.attempts.len() as u32;
-        self.status.attempt_failed(&task.id);
+        self.announce.status.attempt_failed(&task.id);
         let max = task.max_retry.unwrap_or(self.policy.max_retry);
         if !o.run.permanent && n <= max {
             let interval = task.retry_interval.unwrap_or(self.policy.interval_s);
@@ -310,7 +323,7 @@ impl OutcomeStage {
             };
             return (Change::Retry(task), After::DeadPending(Box::new(pending)));
         }
-        self.finish(result, false, task.kafka)
+        self.finish(result, task.kafka)
     }
 }
 
@@ -412,8 +425,12 @@ mod tests {
             }
             self.inner.record(c)
         }
-        fn cancel(&self, id: &str) -> Result<crate::store::Cancel, crate::store::StoreError> {
-            self.inner.cancel(id)
+        fn cancel(
+            &self,
+            id: &str,
+            expires_ms: i64,
+        ) -> Result<crate::store::Cancel, crate::store::StoreError> {
+            self.inner.cancel(id, expires_ms)
         }
         fn status(&self, id: &str) -> Result<Option<State>, crate::store::StoreError> {
             self.inner.status(id)
@@ -459,8 +476,11 @@ mod tests {
         let stage = OutcomeStage {
             store,
             timer: timer.clone(),
-            results: results.clone(),
-            status: Arc::new(Status::default()),
+            announce: Announce {
+                results: results.clone(),
+                status: Arc::new(Status::default()),
+                forward: None,
+            },
             policy: RetryPolicy {
                 interval_s: 1,
                 max_retry: 0,
@@ -468,7 +488,6 @@ mod tests {
                 result_ttl_s: 60,
                 dead_dir: dead.path().to_path_buf(),
             },
-            forward: None,
         };
         let run = RunResult {
             ok: true,

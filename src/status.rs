@@ -4,6 +4,7 @@ use crate::clock::rfc3339_ms;
 use crate::dispatch::Pool;
 use crate::schedule::cron_runner::CronStatus;
 use crate::store::Store;
+use crate::task::FinalStatus;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -47,6 +48,7 @@ pub(crate) struct Status {
     succeeded: AtomicU64,
     failed_attempts: AtomicU64,
     dead: AtomicU64,
+    cancelled: AtomicU64,
     /// Ids that failed an attempt recently (newest last), at most `LIST_CAP`.
     wronging: Mutex<VecDeque<String>>,
 }
@@ -59,6 +61,7 @@ impl Default for Status {
             succeeded: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
             dead: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             wronging: Mutex::new(VecDeque::new()),
         }
     }
@@ -81,12 +84,13 @@ impl Status {
         w.push_back(id.to_string());
     }
 
-    pub(crate) fn finished(&self, ok: bool) {
-        if ok {
-            self.succeeded.fetch_add(1, Relaxed);
-        } else {
-            self.dead.fetch_add(1, Relaxed);
-        }
+    pub(crate) fn finished(&self, how: FinalStatus) {
+        let counter = match how {
+            FinalStatus::Succeeded => &self.succeeded,
+            FinalStatus::Dead => &self.dead,
+            FinalStatus::Cancelled => &self.cancelled,
+        };
+        counter.fetch_add(1, Relaxed);
     }
 }
 
@@ -139,6 +143,7 @@ impl SysInfo {
                 "succeeded": st.succeeded.load(Relaxed),
                 "failed_attempts": st.failed_attempts.load(Relaxed),
                 "dead": st.dead.load(Relaxed),
+                "cancelled": st.cancelled.load(Relaxed),
             },
             "uptime_s": st.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),

@@ -109,32 +109,67 @@ fn delete_takes_a_queued_task_out_of_its_workers_queue() {
     assert!(sink.hits_on("/never").is_empty(), "the cancelled task ran");
 }
 
+/// A cancelled task never runs; it finishes with status `cancelled`: the clients waiting for
+/// it (a long poll, a `wait` submit) are answered at once, and its result is kept like any
+/// other's.
 #[test]
 fn delete_cancels_a_delayed_task_before_it_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();
     let s = Server::builder(&dir).start();
-    let t = json!({"id":"d-1","method":"GET","name":sink.url("/never"),"delay":2});
+    let t = json!({"id":"d-1","method":"GET","name":sink.url("/never"),"delay":3});
     assert_eq!(s.submit(&t).0, 200);
     // Due after d-1: once it has run, d-1's time has passed too.
-    let marker = json!({"id":"d-marker","method":"GET","name":sink.url("/marker"),"delay":2});
+    let marker = json!({"id":"d-marker","method":"GET","name":sink.url("/marker"),"delay":3});
     assert_eq!(s.submit(&marker).0, 200);
+    // Clients waiting for d-1 and for d-2 (a `wait` submit) before the cancels.
+    let poll_url = s.url("/task_resp/d-1?timeout=30");
+    let poll = std::thread::spawn(move || common::get(&poll_url));
+    let submit_url = s.url("/task_in_queue");
+    let d2 = json!({"id":"d-2","method":"GET","name":sink.url("/never"),"delay":60,"wait":30});
+    let waiting = std::thread::spawn(move || common::post_json(&submit_url, &d2));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get("/task_resp/d-2?timeout=0").0 == 404 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200)); // the long poll is parked by now
+    for id in ["d-1", "d-2"] {
+        let (code, r) = common::request("DELETE", &s.url(&format!("/task/{id}")), &[]);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["reason"], "cancelled", "{r}");
+    }
+    for (who, (code, r)) in [
+        ("the long poll", poll.join().expect("poll")),
+        ("the wait submit", waiting.join().expect("wait")),
+    ] {
+        assert_eq!(code, 200, "{who} is answered with the result: {r}");
+        assert_eq!(
+            (&r["status"], &r["result"], &r["reason"], &r["attempts"]),
+            (
+                &json!("cancelled"),
+                &json!("Fail"),
+                &json!("cancelled"),
+                &json!(0)
+            ),
+            "{who}: {r}"
+        );
+    }
+    // Finished now: a second cancel is refused as for any finished task.
     let (code, r) = common::request("DELETE", &s.url("/task/d-1"), &[]);
-    assert_eq!(code, 200, "{r}");
-    assert_eq!(r["reason"], "cancelled", "{r}");
-    // A cancelled task is dropped: a second cancel finds no such task.
-    let (code, r) = common::request("DELETE", &s.url("/task/d-1"), &[]);
-    assert_eq!(code, 404, "a second cancel: {r}");
+    assert_eq!(code, 409, "a second cancel: {r}");
     assert_eq!(common::request("DELETE", &s.url("/task/nope"), &[]).0, 404);
     let (code, r) = s.get("/task_resp/d-marker?timeout=20");
     assert_eq!(code, 200, "the task due after the cancelled one ran: {r}");
     assert_eq!(r["result"], "OK", "{r}");
     assert!(sink.hits_on("/never").is_empty(), "the cancelled task ran");
+    let (code, r) = s.get("/task_resp/d-1?timeout=0");
     assert_eq!(
-        s.get("/task_resp/d-1?timeout=0").0,
-        404,
-        "no result for d-1"
+        (code, &r["status"]),
+        (200, &json!("cancelled")),
+        "kept: {r}"
     );
+    let (_, info) = s.get("/sys_info");
+    assert_eq!(info["counts"]["cancelled"], 2, "{info}");
     // A cancelled id may be used again.
     let t = json!({"id":"d-1","method":"GET","name":sink.url("/again")});
     assert_eq!(s.submit(&t).0, 200);

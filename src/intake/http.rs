@@ -199,7 +199,7 @@ impl Api {
 
     fn cancel(&self, id: &str) -> Reply {
         match self.submitter.cancel(id) {
-            Ok(Cancel::Cancelled) => reply(
+            Ok(Cancel::Cancelled { .. }) => reply(
                 200,
                 &json!({"result": "OK", "reason": "cancelled", "id": id}),
             ),

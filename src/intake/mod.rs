@@ -6,8 +6,9 @@ pub mod http;
 pub(crate) mod kafka;
 pub mod ws;
 
-use crate::clock::now_us;
+use crate::clock::{now_ms, now_us};
 use crate::dispatch::Pool;
+use crate::outcome::Announce;
 use crate::schedule::timer::Timer;
 use crate::status::Status;
 use crate::store::{Cancel, Store, StoreError};
@@ -90,8 +91,16 @@ struct Gate {
     pool: Arc<Pool>,
     timer: Timer,
     status: Arc<Status>,
+    cancelling: Cancelling,
     /// False once shutdown has begun: submits answer `ShuttingDown`.
     accepting: AtomicBool,
+}
+
+/// What a cancel needs besides the store: how long its result is kept and where it is
+/// announced (as the outcome stage announces finished tasks).
+pub(crate) struct Cancelling {
+    pub(crate) announce: Announce,
+    pub(crate) result_ttl_s: u64,
 }
 
 impl Gate {
@@ -114,6 +123,7 @@ impl Submitter {
         pool: Arc<Pool>,
         timer: Timer,
         status: Arc<Status>,
+        cancelling: Cancelling,
     ) -> Submitter {
         Submitter(Arc::new(Gate {
             limits,
@@ -121,6 +131,7 @@ impl Submitter {
             pool,
             timer,
             status,
+            cancelling,
             accepting: AtomicBool::new(true),
         }))
     }
@@ -261,12 +272,16 @@ impl Submitter {
         answers
     }
 
-    /// Cancels a task that has not started: out of the store, then out of its worker's queue.
+    /// Cancels a task that has not started: out of the store (its `cancelled` result in),
+    /// out of its worker's queue, and its result announced to whoever waits for it.
     pub(crate) fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
-        let answer = self.0.store.cancel(id)?;
-        if answer == Cancel::Cancelled {
+        let c = &self.0.cancelling;
+        let expires_ms = now_ms() + (c.result_ttl_s as i64) * 1000;
+        let answer = self.0.store.cancel(id, expires_ms)?;
+        if let Cancel::Cancelled { result, kafka } = &answer {
             self.0.pool.remove(id);
             log::info!("task {id} cancelled");
+            c.announce.finished(result, *kafka);
         }
         Ok(answer)
     }

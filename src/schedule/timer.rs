@@ -249,8 +249,8 @@ mod tests {
         fn record(&self, c: &[crate::store::Change]) -> Result<(), StoreError> {
             self.inner.record(c)
         }
-        fn cancel(&self, id: &str) -> Result<crate::store::Cancel, StoreError> {
-            self.inner.cancel(id)
+        fn cancel(&self, id: &str, expires_ms: i64) -> Result<crate::store::Cancel, StoreError> {
+            self.inner.cancel(id, expires_ms)
         }
         fn status(&self, id: &str) -> Result<Option<State>, StoreError> {
             self.inner.status(id)

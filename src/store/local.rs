@@ -111,6 +111,29 @@ impl<B: Backend> LocalStore<B> {
         Ok(n)
     }
 
+    /// With the task held as cancelled in the live index: replaces the stored task by its
+    /// `cancelled` result, in one write.
+    fn cancel_stored(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
+        let bytes = self
+            .backend
+            .task(id)?
+            .ok_or_else(|| StoreError::Corrupt(format!("task {id} is live but not stored")))?;
+        let task: Task = decode(&bytes)?;
+        let result = TaskResult::cancelled(&task, now_ms());
+        self.backend.write(vec![
+            Op::DelTask(id.to_string()),
+            Op::PutResult {
+                id: id.to_string(),
+                expires_ms,
+                bytes: encode(&result)?,
+            },
+        ])?;
+        Ok(Cancel::Cancelled {
+            result: Box::new(result),
+            kafka: task.kafka,
+        })
+    }
+
     pub fn new(backend: B) -> LocalStore<B> {
         LocalStore {
             live: LiveIndex::default(),
@@ -260,10 +283,10 @@ impl<B: Backend> Store for LocalStore<B> {
         Ok(())
     }
 
-    fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
+    fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
         match self.live.cancel(id) {
-            Ok(prev) => match self.backend.write(vec![Op::DelTask(id.to_string())]) {
-                Ok(()) => Ok(Cancel::Cancelled),
+            Ok(prev) => match self.cancel_stored(id, expires_ms) {
+                Ok(done) => Ok(done),
                 Err(e) => {
                     self.live.uncancel(id, prev);
                     Err(e)

@@ -141,13 +141,22 @@ pub(crate) mod tests {
             .insert(&[task("t", State::Delayed, 5), task("u", State::Delayed, 5)])
             .expect("insert");
         fail.store(true, Ordering::SeqCst);
-        assert!(matches!(store.cancel("t"), Err(StoreError::Unavailable(_))));
-        assert!(matches!(store.cancel("u"), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            store.cancel("t", 0),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.cancel("u", 0),
+            Err(StoreError::Unavailable(_))
+        ));
         fail.store(false, Ordering::SeqCst);
         assert_eq!(store.status("t").expect("status"), Some(State::Delayed));
         let due = store.take_due("t").expect("take_due");
         assert_eq!(due.map(|t| t.id), Some("t".to_string()), "still handed out");
-        assert_eq!(store.cancel("u").expect("cancel"), Cancel::Cancelled);
+        assert!(matches!(
+            store.cancel("u", 0).expect("cancel"),
+            Cancel::Cancelled { .. }
+        ));
     }
 
     /// Log lines of the current thread, kept by a logger installed for the test binary (used by

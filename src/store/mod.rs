@@ -41,10 +41,14 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 /// What `cancel` found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Cancel {
-    /// Removed before it started.
-    Cancelled,
+    /// Removed before it started; its final result (status `cancelled`) is stored, and it came
+    /// from Kafka when `kafka`.
+    Cancelled {
+        result: Box<TaskResult>,
+        kafka: bool,
+    },
     /// An attempt is running.
     Running,
     /// Finished (a result exists).
@@ -115,8 +119,9 @@ pub(crate) trait Store: Send + Sync {
     /// Writes the outcomes of attempts, all or none, and returns once they are durable.
     fn record(&self, changes: &[Change]) -> Result<(), StoreError>;
 
-    /// Cancels a task that has not started.
-    fn cancel(&self, id: &str) -> Result<Cancel, StoreError>;
+    /// Cancels a task that has not started: in one write the task goes and its `cancelled`
+    /// result is stored, kept until `expires_ms` like any other.
+    fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError>;
 
     /// The state of an unfinished task.
     fn status(&self, id: &str) -> Result<Option<State>, StoreError>;
@@ -312,7 +317,10 @@ pub(crate) mod contract {
         assert!(store.claim(&a).expect("claim"), "first claim wins");
         assert!(!store.claim(&a).expect("claim"), "second claim loses");
         assert_eq!(store.status("a").expect("status"), Some(State::Running));
-        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Running);
+        assert_eq!(
+            store.cancel("a", now + 1_000_000).expect("cancel"),
+            Cancel::Running
+        );
 
         let sum = store.summary(10).expect("summary");
         assert_eq!(sum.running, vec!["a".to_string()]);
@@ -336,16 +344,77 @@ pub(crate) mod contract {
             .expect("record finish");
         assert_eq!(store.status("a").expect("status"), None);
         assert_eq!(store.result("a").expect("result"), Some(result("a")));
-        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Finished);
+        assert_eq!(
+            store.cancel("a", now + 1_000_000).expect("cancel"),
+            Cancel::Finished
+        );
 
         // A finished id may be used again; the old result goes away.
         store
             .insert(&[task("a", State::Delayed, 7)])
             .expect("reuse id");
         assert_eq!(store.result("a").expect("result"), None);
-        assert_eq!(store.cancel("a").expect("cancel"), Cancel::Cancelled);
+        let Cancel::Cancelled {
+            result: cancelled,
+            kafka: false,
+        } = store.cancel("a", now + 1_000_000).expect("cancel")
+        else {
+            panic!("a delayed task is cancelled");
+        };
+        assert_eq!(
+            (
+                cancelled.status,
+                cancelled.result,
+                cancelled.reason.as_str(),
+                cancelled.attempts
+            ),
+            (
+                crate::task::FinalStatus::Cancelled,
+                crate::task::Verdict::Fail,
+                "cancelled",
+                0
+            )
+        );
         assert_eq!(store.take_due("a").expect("take_due"), None, "cancelled");
-        assert_eq!(store.cancel("zzz").expect("cancel"), Cancel::Unknown);
+        assert_eq!(store.status("a").expect("status"), None);
+        assert_eq!(
+            store.result("a").expect("result"),
+            Some(*cancelled),
+            "its result is stored with the cancel"
+        );
+        assert_eq!(
+            store.cancel("a", now + 1_000_000).expect("cancel"),
+            Cancel::Finished
+        );
+        assert_eq!(
+            store.cancel("zzz", now + 1_000_000).expect("cancel"),
+            Cancel::Unknown
+        );
+
+        // A task waiting for a retry is cancelled with its failed attempts counted.
+        let mut failed = task("f", State::Ready, 0);
+        store.insert(std::slice::from_ref(&failed)).expect("insert");
+        assert!(store.claim(&failed).expect("claim"));
+        failed.state = State::RetryWait;
+        failed.due_us = u64::MAX / 2;
+        failed.attempts.push(crate::task::Attempt {
+            started_ms: 1,
+            finished_ms: 2,
+            worker: 0,
+            ok: false,
+            code: Some(503),
+            error: "HTTP 503".into(),
+            output_excerpt: String::new(),
+        });
+        store
+            .record(&[Change::Retry(failed)])
+            .expect("record retry");
+        match store.cancel("f", now + 1_000_000).expect("cancel") {
+            Cancel::Cancelled { result, .. } => {
+                assert_eq!((result.attempts, result.code), (1, Some(503)))
+            }
+            other => panic!("a retry_wait task is cancelled, got {other:?}"),
+        }
 
         assert_eq!(store.get_meta("k").expect("meta"), None);
         store.put_meta("k", "v1").expect("put meta");

@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 /// Most submits folded into one insert call.
 const MAX_GROUPS: usize = 512;
+/// Reads of a task's record before a cancel gives up (each is stale only if an attempt ran
+/// in between).
+const CANCEL_TRIES: usize = 5;
 /// Socket timeouts for every command.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -94,14 +97,20 @@ end
 return 0
 ";
 
+/// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
+/// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
+/// `ARGV[6]` ms from now).
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
 local s = redis.call('HGET', k, 'state')
 if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
+  if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
   redis.call('DEL', k)
   redis.call('SREM', p .. 'live', id)
   redis.call('ZREM', p .. 'due', id)
+  redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
+  redis.call('ZADD', p .. 'results', ARGV[5], id)
   return 'cancelled'
 elseif s then
   return 'running'
@@ -509,15 +518,53 @@ impl Store for RedisStore {
         self.with(|c| pipe.query::<()>(c))
     }
 
-    fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
-        let answer: String =
-            self.with(|c| self.scripts.cancel.arg(&self.prefix).arg(id).invoke(c))?;
-        Ok(match answer.as_str() {
-            "cancelled" => Cancel::Cancelled,
-            "running" => Cancel::Running,
-            "finished" => Cancel::Finished,
-            _ => Cancel::Unknown,
-        })
+    fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
+        // The result is made from the record read first; the script stores it only if the
+        // record has not changed since (an attempt may have run in between).
+        for _ in 0..CANCEL_TRIES {
+            let data: Option<String> = self.with(|c| {
+                redis::cmd("HGET")
+                    .arg(self.key("task", id))
+                    .arg("data")
+                    .query(c)
+            })?;
+            let (data, made) = match data {
+                Some(data) => {
+                    let task: Task = serde_json::from_str(&data)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let result = TaskResult::cancelled(&task, crate::clock::now_ms());
+                    let json = encode(&result)?;
+                    (data, Some((result, task.kafka, json)))
+                }
+                None => (String::new(), None),
+            };
+            let json = made.as_ref().map_or("", |m| m.2.as_str());
+            let ttl = (expires_ms - crate::clock::now_ms()).max(1);
+            let answer: String = self.with(|c| {
+                self.scripts
+                    .cancel
+                    .arg(&self.prefix)
+                    .arg(id)
+                    .arg(&data)
+                    .arg(json)
+                    .arg(expires_ms)
+                    .arg(ttl)
+                    .invoke(c)
+            })?;
+            return Ok(match (answer.as_str(), made) {
+                ("cancelled", Some((result, kafka, _))) => Cancel::Cancelled {
+                    result: Box::new(result),
+                    kafka,
+                },
+                ("changed", _) => continue,
+                ("running", _) => Cancel::Running,
+                ("finished", _) => Cancel::Finished,
+                _ => Cancel::Unknown,
+            });
+        }
+        Err(StoreError::Unavailable(format!(
+            "task {id} changed {CANCEL_TRIES} times while being cancelled; try again"
+        )))
     }
 
     fn status(&self, id: &str) -> Result<Option<State>, StoreError> {

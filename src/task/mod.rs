@@ -9,6 +9,7 @@ pub(crate) mod parse;
 pub(crate) use exec_policy::{resolve_in_dir, ExecPolicy, ProgramError};
 pub(crate) use parse::{parse_task, Limits, TaskError};
 
+use crate::clock::rfc3339_ms;
 use serde::{Deserialize, Serialize};
 
 /// Deserializes a unit enum from its wire name, by hand: serde's derived code is several KB per
@@ -43,18 +44,21 @@ pub(crate) enum Verdict {
     Fail,
 }
 
-/// How a task ended (`succeeded`, or `dead` once its retries are spent).
+/// How a task ended (`succeeded`, `dead` once its retries are spent, or `cancelled` before it
+/// started).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum FinalStatus {
     Succeeded,
     Dead,
+    Cancelled,
 }
 
 deserialize_by_name!(Verdict { "OK" => Verdict::Ok, "Fail" => Verdict::Fail });
 deserialize_by_name!(FinalStatus {
     "succeeded" => FinalStatus::Succeeded,
     "dead" => FinalStatus::Dead,
+    "cancelled" => FinalStatus::Cancelled,
 });
 
 impl FinalStatus {
@@ -63,6 +67,7 @@ impl FinalStatus {
         match self {
             FinalStatus::Succeeded => "succeeded",
             FinalStatus::Dead => "dead",
+            FinalStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -79,6 +84,24 @@ pub(crate) struct TaskResult {
     pub(crate) code: Option<i64>,
     pub(crate) submitted_at: String,
     pub(crate) finished_at: String,
+}
+
+impl TaskResult {
+    /// The result of `task` cancelled at `now_ms` before an attempt of it started (earlier
+    /// failed attempts count; the last one's code stays).
+    pub(crate) fn cancelled(task: &Task, now_ms: i64) -> TaskResult {
+        TaskResult {
+            id: task.id.clone(),
+            result: Verdict::Fail,
+            reason: "cancelled".to_string(),
+            status: FinalStatus::Cancelled,
+            attempts: task.attempts.len(),
+            output: String::new(),
+            code: task.attempts.last().and_then(|a| a.code),
+            submitted_at: rfc3339_ms(task.submitted_ms),
+            finished_at: rfc3339_ms(now_ms),
+        }
+    }
 }
 
 /// What a task does when it runs.
