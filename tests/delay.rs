@@ -49,6 +49,63 @@ fn delay_as_a_string_of_digits_works() {
     assert!(sink.hits()[0].at_us >= before + 1_000_000, "early");
 }
 
+/// `run_at` starts a task at its time, given as Unix seconds or as RFC 3339 with any offset,
+/// never before; one whose time has passed runs at once; it survives a restart like a delay.
+#[test]
+fn run_at_starts_tasks_at_their_time_never_early() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::builder(&dir).start();
+    let at_us = now_us() + 2_500_000;
+    let secs = at_us as f64 / 1e6;
+    // The same instant in a zone two hours ahead of UTC.
+    let local = chrono::DateTime::from_timestamp_micros(at_us as i64)
+        .expect("time")
+        .with_timezone(&chrono::FixedOffset::east_opt(7200).expect("offset"))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+    assert!(local.ends_with("+02:00"), "{local}");
+    for (id, run_at) in [("ra-num", json!(secs)), ("ra-str", json!(local))] {
+        let t = json!({"id": id, "method":"GET", "name": sink.url("/ra"),
+                       "params": format!("id={id}"), "run_at": run_at});
+        let (code, r) = s.submit(&t);
+        assert_eq!(code, 200, "{r}");
+    }
+    let (code, r) = s.get("/task_resp/ra-str?timeout=0");
+    assert_eq!((code, &r["status"]), (202, &json!("delayed")), "{r}");
+    // The server restarts meanwhile: the time is kept.
+    s.kill9();
+    let s = Server::builder(&dir).start();
+    let past = json!({"id":"ra-past","method":"GET","name":sink.url("/ra"),"params":"id=ra-past",
+                      "run_at":"2020-01-01T00:00:00Z"});
+    assert_eq!(s.submit(&past).0, 200);
+    let want: HashSet<String> = ["ra-num", "ra-str", "ra-past"].map(String::from).into();
+    wait_all_hit(&sink, &want, Duration::from_secs(20), "run_at tasks");
+    let seen = hits_by_id(&sink.hits());
+    for id in ["ra-num", "ra-str"] {
+        for &at in &seen[id] {
+            assert!(at >= at_us, "{id} ran {} µs early", at_us - at);
+        }
+    }
+    assert!(
+        seen["ra-past"][0] < at_us,
+        "a time that has passed runs at once"
+    );
+    for (bad, why) in [
+        (
+            json!({"method":"GET","name":sink.url("/x"),"run_at":"soon"}),
+            "run_at: ",
+        ),
+        (
+            json!({"method":"GET","name":sink.url("/x"),"run_at":5,"delay":5}),
+            "not both",
+        ),
+    ] {
+        let (code, r) = s.submit(&bad);
+        assert_eq!(code, 400, "{r}");
+        assert!(r["reason"].as_str().unwrap_or("").contains(why), "{r}");
+    }
+}
+
 /// While a delayed task waits, the timer sleeps until its due time: an idle server with a
 /// task due in an hour uses next to no CPU (a timer that polled would burn a core).
 #[test]

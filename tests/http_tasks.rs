@@ -178,6 +178,64 @@ fn delete_cancels_a_delayed_task_before_it_runs() {
     });
 }
 
+/// A task's `headers` go with its GET or POST (a POST's own `Content-Type` replaces
+/// `application/json`); the values, which may be secrets, are never logged; bad ones are
+/// refused naming the field.
+#[test]
+fn headers_go_with_the_request_and_are_not_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).args(&["--log", "debug"]).start();
+    let get = json!({"id":"h-get","method":"GET","name":sink.url("/h-get"),"wait":10,
+                     "headers":{"Authorization":"Bearer s3cret-token","X-Trace":"t-1"}});
+    let post = json!({"id":"h-post","method":"POST","name":sink.url("/h-post"),"wait":10,
+                      "params":{"k":2},"headers":{"Content-Type":"application/vnd.api+json"}});
+    let plain = json!({"id":"h-json","method":"POST","name":sink.url("/h-json"),"wait":10,
+                       "params":{"k":1}});
+    for t in [&get, &post, &plain] {
+        let (code, r) = s.submit(t);
+        assert_eq!((code, &r["status"]), (200, &json!("succeeded")), "{r}");
+    }
+    let headers = |path: &str, name: &str| -> Vec<String> {
+        let hits = sink.hits_on(path);
+        assert_eq!(hits.len(), 1, "{path}");
+        hits[0]
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert_eq!(headers("/h-get", "authorization"), ["Bearer s3cret-token"]);
+    assert_eq!(headers("/h-get", "x-trace"), ["t-1"]);
+    assert_eq!(
+        headers("/h-post", "content-type"),
+        ["application/vnd.api+json"],
+        "one Content-Type"
+    );
+    assert_eq!(headers("/h-json", "content-type"), ["application/json"]);
+    for (bad, why) in [
+        (json!({"Host": "other"}), "set by poulpe"),
+        (json!({"X-A": "a\r\nX-Injected: 1"}), "control characters"),
+        (json!({"X A": "a"}), "not a header name"),
+    ] {
+        let t = json!({"method":"GET","name":sink.url("/bad"),"headers": bad});
+        let (code, r) = s.submit(&t);
+        assert_eq!(code, 400, "{r}");
+        let reason = r["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.starts_with("headers: ") && reason.contains(why),
+            "{r}"
+        );
+    }
+    assert!(sink.hits_on("/bad").is_empty());
+    assert!(
+        !s.log_text().contains("s3cret"),
+        "a header value was logged:\n{}",
+        s.log_text()
+    );
+}
+
 /// An HTTP attempt is cut at its time limit: `--task_timeout` when the task gives none, else
 /// the task's own `timeout`, shorter or longer than the default.
 #[test]

@@ -80,19 +80,27 @@ impl HttpExec {
         }
     }
 
-    /// One GET or POST attempt; 2xx is success and the body is the output.
+    /// One GET or POST attempt with the task's headers (a POST's `Content-Type` is
+    /// `application/json` unless they give another); 2xx is success and the body is the output.
     pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
         let own_timeout = timeout != self.default_timeout;
         let sent = match task.method {
             Method::Post => {
-                let req = self.agent.post(&task.name);
-                let req = if own_timeout {
-                    req.config().timeout_global(Some(timeout)).build()
-                } else {
-                    req
-                };
-                req.content_type("application/json")
-                    .send(task.params.as_bytes())
+                let mut req = self.agent.post(&task.name);
+                if own_timeout {
+                    req = req.config().timeout_global(Some(timeout)).build();
+                }
+                let typed = task
+                    .headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+                if !typed {
+                    req = req.content_type("application/json");
+                }
+                for (k, v) in &task.headers {
+                    req = req.header(k, v);
+                }
+                req.send(task.params.as_bytes())
             }
             _ => {
                 let url = if task.params.is_empty() {
@@ -102,12 +110,13 @@ impl HttpExec {
                 } else {
                     format!("{}?{}", task.name, task.params)
                 };
-                let req = self.agent.get(&url);
-                let req = if own_timeout {
-                    req.config().timeout_global(Some(timeout)).build()
-                } else {
-                    req
-                };
+                let mut req = self.agent.get(&url);
+                if own_timeout {
+                    req = req.config().timeout_global(Some(timeout)).build();
+                }
+                for (k, v) in &task.headers {
+                    req = req.header(k, v);
+                }
                 req.call()
             }
         };

@@ -64,6 +64,11 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every field as received, names as sent (the tests' sink records them).
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
     /// True when a `Connection` field lists `token` (any case).
     pub(crate) fn connection_has(&self, token: &str) -> bool {
         self.headers

@@ -263,6 +263,8 @@ pub(crate) mod contract {
             submitted_ms: 1,
             due_us,
             state,
+            // Stored and read back like every other field.
+            headers: vec![("Authorization".to_string(), "Bearer t".to_string())],
             attempts: Vec::new(),
         }
     }

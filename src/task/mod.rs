@@ -233,6 +233,9 @@ pub(crate) struct Task {
     /// Unix microseconds when it is due (delay or retry).
     pub(crate) due_us: u64,
     pub(crate) state: State,
+    /// Headers sent with a GET or POST (values may be secrets: never logged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) headers: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) attempts: Vec<Attempt>,
 }

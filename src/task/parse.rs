@@ -110,23 +110,38 @@ pub(crate) fn check_id(id: &str) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// Most headers a task may send.
+pub(crate) const MAX_HEADERS: usize = 64;
+/// Longest header value, in bytes.
+pub(crate) const MAX_HEADER_VALUE: usize = 8192;
+/// Headers poulpe sets itself (framing and the connection): a task cannot give them.
+const OWN_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+];
+
 /// Every field a task may have.
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 12] = [
     "id",
     "method",
     "name",
     "params",
     "delay",
+    "run_at",
     "wait",
     "timeout",
     "max_retry",
     "retry_interval",
     "cc",
+    "headers",
 ];
 
 /// `FIELDS` as the error message lists them.
-const FIELD_LIST: &str =
-    "id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc";
+const FIELD_LIST: &str = "id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers";
 
 /// Refuses the first field no task has, naming the known one it is closest to: at most one edit
 /// per three letters of it (one at least, a swap of neighbours counting as one), and fewer
@@ -185,7 +200,7 @@ pub(crate) fn parse_task(
 ) -> Result<Submission, TaskError> {
     let obj = v.as_object().ok_or(TaskError::NotAnObject)?;
     known_fields(obj)?;
-    let common = Common::parse(obj, limits.workers)?;
+    let common = Common::parse(obj, limits.workers, now_us)?;
     let raw = obj.get("params");
     let payload = match common.method {
         Method::Get => get(&common.name, raw)?,
@@ -203,11 +218,14 @@ struct Common {
     /// Trimmed, not empty; what it must be depends on the method.
     name: String,
     delay: u64,
+    /// `run_at` (Unix microseconds), instead of `delay`.
+    run_at_us: Option<u64>,
     wait: u64,
     timeout: Option<u64>,
     max_retry: Option<u32>,
     retry_interval: Option<u64>,
     cc: Vec<usize>,
+    headers: Vec<(String, String)>,
 }
 
 /// What a task's method makes of `params`.
@@ -229,11 +247,19 @@ impl Payload {
 }
 
 impl Common {
-    fn parse(obj: &Map<String, Value>, workers: usize) -> Result<Common, TaskError> {
+    fn parse(obj: &Map<String, Value>, workers: usize, now_us: u64) -> Result<Common, TaskError> {
         let id = id(obj)?;
         let method = method(obj)?;
         let name = name(obj)?;
-        let delay = whole(obj, "delay", MAX_DELAY_S)?.unwrap_or(0);
+        let delay = whole(obj, "delay", MAX_DELAY_S)?;
+        let run_at_us = run_at(obj, now_us)?;
+        if delay.is_some() && run_at_us.is_some() {
+            return Err(TaskError::field(
+                "run_at",
+                "give either delay or run_at, not both",
+            ));
+        }
+        let delay = delay.unwrap_or(0);
         let wait = whole(obj, "wait", MAX_WAIT_S)?.unwrap_or(0);
         let timeout = whole(obj, "timeout", MAX_TIMEOUT_S)?;
         if timeout == Some(0) {
@@ -242,21 +268,28 @@ impl Common {
         let max_retry = whole(obj, "max_retry", MAX_RETRY_LIMIT as u64)?.map(|n| n as u32);
         let retry_interval = whole(obj, "retry_interval", MAX_RETRY_INTERVAL_S)?;
         let cc = parse_cc(obj.get("cc"), workers)?;
+        let headers = headers(obj.get("headers"), method)?;
         Ok(Common {
             id,
             method,
             name,
             delay,
+            run_at_us,
             wait,
             timeout,
             max_retry,
             retry_interval,
             cc,
+            headers,
         })
     }
 
-    /// The new task, due after its delay.
+    /// The new task, due after its delay or at its `run_at` (at once when that has passed).
     fn into_submission(self, payload: Payload, trusted: bool, now_us: u64) -> Submission {
+        let due_us = match self.run_at_us {
+            Some(at) => at.max(now_us),
+            None => now_us + self.delay * 1_000_000,
+        };
         let task = Task {
             id: self.id,
             method: self.method,
@@ -264,19 +297,20 @@ impl Common {
             params: payload.params,
             args: payload.args,
             cc: self.cc,
-            delay: self.delay,
+            delay: (due_us - now_us).div_ceil(1_000_000),
             timeout: self.timeout,
             max_retry: self.max_retry,
             retry_interval: self.retry_interval,
             trusted,
             kafka: false,
             submitted_ms: (now_us / 1000) as i64,
-            due_us: now_us + self.delay * 1_000_000,
-            state: if self.delay == 0 {
+            due_us,
+            state: if due_us <= now_us {
                 State::Ready
             } else {
                 State::Delayed
             },
+            headers: self.headers,
             attempts: Vec::new(),
         };
         Submission {
@@ -284,6 +318,92 @@ impl Common {
             wait: self.wait,
         }
     }
+}
+
+/// `run_at`: an absolute start time, Unix seconds (a number) or RFC 3339 with an offset (a
+/// string); at most ten years ahead. Unix microseconds, not earlier than the epoch.
+fn run_at(obj: &Map<String, Value>, now_us: u64) -> Result<Option<u64>, TaskError> {
+    const HOW: &str =
+        "must be Unix seconds or an RFC 3339 time with an offset (2026-11-28T09:30:00Z)";
+    let at_us: u64 = match obj.get("run_at") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(s) if s.is_finite() && s >= 0.0 => (s * 1e6).min(u64::MAX as f64) as u64,
+            _ => return Err(TaskError::field("run_at", HOW)),
+        },
+        Some(Value::String(s)) => match chrono::DateTime::parse_from_rfc3339(s.trim()) {
+            Ok(t) => t.timestamp_micros().max(0) as u64,
+            Err(e) => return Err(TaskError::field("run_at", format!("{HOW}; {s:?}: {e}"))),
+        },
+        Some(_) => return Err(TaskError::field("run_at", HOW)),
+    };
+    if at_us.saturating_sub(now_us) > MAX_DELAY_S * 1_000_000 {
+        return Err(TaskError::field("run_at", "is more than ten years ahead"));
+    }
+    Ok(Some(at_us))
+}
+
+/// `headers`: for GET and POST, an object of header names to string values sent with the
+/// request. Names are HTTP tokens, values have no control characters but tab; framing and
+/// connection headers are poulpe's own.
+fn headers(raw: Option<&Value>, method: Method) -> Result<Vec<(String, String)>, TaskError> {
+    let obj = match raw {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return Err(TaskError::field(
+                "headers",
+                "must be an object of header names to string values",
+            ))
+        }
+    };
+    if obj.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !matches!(method, Method::Get | Method::Post) {
+        return Err(TaskError::field(
+            "headers",
+            "only GET and POST tasks send headers",
+        ));
+    }
+    if obj.len() > MAX_HEADERS {
+        return Err(TaskError::field(
+            "headers",
+            format!("at most {MAX_HEADERS} headers"),
+        ));
+    }
+    let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, value) in obj {
+        if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
+            return Err(TaskError::field(
+                "headers",
+                format!("{name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"),
+            ));
+        }
+        if OWN_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            return Err(TaskError::field(
+                "headers",
+                format!("{name:?} is set by poulpe itself"),
+            ));
+        }
+        let Value::String(v) = value else {
+            return Err(TaskError::field(
+                "headers",
+                format!("the value of {name:?} must be a string"),
+            ));
+        };
+        if v.len() > MAX_HEADER_VALUE || v.bytes().any(|c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+            return Err(TaskError::field(
+                "headers",
+                format!(
+                    "the value of {name:?} must be at most {MAX_HEADER_VALUE} bytes without control characters (no CR or LF)"
+                ),
+            ));
+        }
+        out.push((name.clone(), v.clone()));
+    }
+    Ok(out)
 }
 
 /// `id`: checked when given, a new UUID when not.
@@ -722,11 +842,11 @@ mod tests {
         );
         assert_eq!(
             task("ic"),
-            r#"unknown field "ic" (known: id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc)"#
+            r#"unknown field "ic" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers)"#
         );
         assert_eq!(
             task("priority"),
-            r#"unknown field "priority" (known: id, method, name, params, delay, wait, timeout, max_retry, retry_interval, cc)"#
+            r#"unknown field "priority" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers)"#
         );
         // Every known field is accepted, and the checks on their values still run.
         let all = json!({"id": "a", "method": "GET", "name": "http://x/", "params": "q=1",
@@ -802,5 +922,117 @@ mod tests {
         let text = serde_json::to_string(&s.task).expect("serialize");
         let back: Task = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, s.task);
+    }
+
+    /// `run_at` starts a task at a time (Unix seconds or RFC 3339), at once when it has passed;
+    /// it cannot be combined with `delay`, nor lie more than ten years ahead.
+    #[test]
+    fn run_at_is_an_absolute_start_time() {
+        let limits = Limits {
+            workers: 1,
+            exec: ExecPolicy::Disabled,
+            mail_enabled: false,
+            mail_from: None,
+        };
+        let now_us = 1_800_000_000_000_000u64;
+        let at = |run_at: Value| {
+            let v = serde_json::json!({"method": "GET", "name": "http://x/", "run_at": run_at});
+            parse_task(&v, &limits, false, now_us)
+                .map(|s| (s.task.due_us, s.task.state, s.task.delay))
+        };
+        assert_eq!(
+            at(serde_json::json!(1_800_000_030.5)),
+            Ok((now_us + 30_500_000, State::Delayed, 31))
+        );
+        assert_eq!(
+            at(serde_json::json!("2027-01-15T08:00:30.25+00:00")),
+            Ok((1_800_000_030_250_000, State::Delayed, 31))
+        );
+        assert_eq!(
+            at(serde_json::json!("2027-01-15T10:00:30+02:00")),
+            Ok((1_800_000_030_000_000, State::Delayed, 30)),
+            "the offset counts"
+        );
+        assert_eq!(
+            at(serde_json::json!(5)),
+            Ok((now_us, State::Ready, 0)),
+            "past: now"
+        );
+        for bad in [
+            serde_json::json!("tomorrow"),
+            serde_json::json!("2027-01-15T08:00:30"),
+            serde_json::json!(-1),
+            serde_json::json!(true),
+            serde_json::json!(1_800_000_000 + 11 * 365 * 86_400),
+        ] {
+            let err = at(bad.clone()).expect_err("refused");
+            assert!(err.to_string().starts_with("run_at: "), "{bad}: {err}");
+        }
+        let both =
+            serde_json::json!({"method": "GET", "name": "http://x/", "delay": 3, "run_at": 5});
+        let err = parse_task(&both, &limits, false, now_us).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "run_at: give either delay or run_at, not both"
+        );
+    }
+
+    /// `headers` go with GET and POST only; names are tokens, values have no line breaks, and
+    /// framing headers are poulpe's own.
+    #[test]
+    fn headers_are_checked() {
+        let limits = Limits {
+            workers: 1,
+            exec: ExecPolicy::Any,
+            mail_enabled: false,
+            mail_from: None,
+        };
+        let with = |method: &str, headers: Value| {
+            let v = serde_json::json!({"method": method, "name": "http://x/", "headers": headers});
+            parse_task(&v, &limits, false, 0).map(|s| s.task.headers)
+        };
+        assert_eq!(
+            with(
+                "GET",
+                serde_json::json!({"Authorization": "Bearer t", "X-Trace": "a\tb"})
+            ),
+            Ok(vec![
+                ("Authorization".to_string(), "Bearer t".to_string()),
+                ("X-Trace".to_string(), "a\tb".to_string())
+            ])
+        );
+        assert_eq!(with("POST", serde_json::json!({})), Ok(Vec::new()));
+        for (method, bad, why) in [
+            ("GET", serde_json::json!({"Host": "evil"}), "set by poulpe"),
+            (
+                "POST",
+                serde_json::json!({"content-length": "1"}),
+                "set by poulpe",
+            ),
+            (
+                "GET",
+                serde_json::json!({"X-A": "a\r\nX-B: b"}),
+                "control characters",
+            ),
+            (
+                "GET",
+                serde_json::json!({"bad name": "x"}),
+                "not a header name",
+            ),
+            ("GET", serde_json::json!({"X-N": 1}), "must be a string"),
+            ("GET", serde_json::json!(["X-A", "a"]), "must be an object"),
+            ("EXEC", serde_json::json!({"X-A": "a"}), "only GET and POST"),
+        ] {
+            let err = with(method, bad.clone()).expect_err("refused");
+            let text = err.to_string();
+            assert!(
+                text.starts_with("headers: ") && text.contains(why),
+                "{bad}: {text}"
+            );
+        }
+        let many: Map<String, Value> = (0..=MAX_HEADERS)
+            .map(|i| (format!("X-{i}"), Value::from("v")))
+            .collect();
+        assert!(with("GET", Value::Object(many)).is_err(), "too many");
     }
 }

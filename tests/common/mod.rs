@@ -278,6 +278,8 @@ pub struct Hit {
     pub query: String,
     pub body: String,
     pub content_type: String,
+    /// Every header as received (names as sent).
+    pub headers: Vec<(String, String)>,
     /// Unix µs when the request arrived.
     pub at_us: u64,
 }
@@ -314,6 +316,7 @@ impl Sink {
                 query: query.clone(),
                 body: String::from_utf8_lossy(&req.body).into_owned(),
                 content_type: req.header("content-type").unwrap_or_default().to_string(),
+                headers: req.headers().to_vec(),
                 at_us,
             });
             let mut status = 200;
