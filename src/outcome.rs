@@ -10,7 +10,7 @@ use crate::results::{Forward, Results, TaskResult};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
 use crate::store::{Change, Store};
-use crate::task::{Attempt, FinalStatus, State, Task, Verdict};
+use crate::task::{Attempt, FinalStatus, Method, State, Task, Verdict};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -176,10 +176,20 @@ impl OutcomeStage {
         let mut changes = Vec::with_capacity(batch.len() + again.len());
         let mut after = Vec::with_capacity(batch.len() + again.len());
         let mut still = Vec::new();
+        // One change per `After`; a callback's task joins its task's final change.
+        let mut add = |d: Decided| {
+            changes.push(d.change);
+            after.push(d.after);
+            if let Some(cb) = d.callback {
+                after.push(After::Retry {
+                    id: Arc::from(cb.id.as_str()),
+                    due_us: cb.due_us,
+                });
+                changes.push(Change::Insert(cb));
+            }
+        };
         for o in batch {
-            let (c, a) = self.decide(o);
-            changes.push(c);
-            after.push(a);
+            add(self.decide(o));
         }
         for p in again {
             match self.store.status(&p.task.id) {
@@ -198,9 +208,7 @@ impl OutcomeStage {
                 }
             }
             if self.write_dead(&p.task, &p.result, p.finished_ms) {
-                let (c, a) = self.finish(p.result, p.task.kafka);
-                changes.push(c);
-                after.push(a);
+                add(self.finish(p.result, &p.task));
             } else {
                 still.push(p);
             }
@@ -260,24 +268,32 @@ impl OutcomeStage {
         }
     }
 
-    /// The change and follow-up that finish a task with `result`.
-    fn finish(&self, result: TaskResult, kafka: bool) -> (Change, After) {
-        let expires_ms = now_ms() + (self.policy.result_ttl_s as i64) * 1000;
-        (
-            Change::Finish { result, expires_ms },
-            After::Final { kafka },
-        )
+    /// The change and follow-up that finish `task` with `result`, and the task that POSTs
+    /// the result to its callback, if it has one.
+    fn finish(&self, mut result: TaskResult, task: &Task) -> Decided {
+        let now = now_ms();
+        let expires_ms = now + (self.policy.result_ttl_s as i64) * 1000;
+        let callback = task.callback.as_deref().map(|url| {
+            let id = format!("cb-{}", uuid::Uuid::new_v4());
+            result.callback_id = Some(id.clone());
+            callback_task(id, url, task, &result, now)
+        });
+        Decided {
+            change: Change::Finish { result, expires_ms },
+            after: After::Final { kafka: task.kafka },
+            callback,
+        }
     }
 
     /// Turns a new outcome into a store change and what to do once it is durable. Called once
     /// per attempt, so a failed attempt is counted once.
-    fn decide(&self, o: Outcome) -> (Change, After) {
+    fn decide(&self, o: Outcome) -> Decided {
         if o.run.ok {
             // The task's record goes, so its attempt history is not kept: no copy of the task,
             // and the attempt's output moves into the result (one thread decides every outcome).
             let attempts = o.task.attempts.len() + 1;
             let result = final_result(&o.task, attempts, o.run, o.finished_ms);
-            return self.finish(result, o.task.kafka);
+            return self.finish(result, &o.task);
         }
         // A failed attempt from here on.
         let mut task = (*o.task).clone();
@@ -308,7 +324,7 @@ impl OutcomeStage {
                 id: Arc::from(task.id.as_str()),
                 due_us: task.due_us,
             };
-            return (Change::Retry(task), after);
+            return Decided::alone(Change::Retry(task), after);
         }
         let result = final_result(&task, task.attempts.len(), o.run, o.finished_ms);
         if !self.write_dead(&task, &result, o.finished_ms) {
@@ -321,9 +337,53 @@ impl OutcomeStage {
                 result,
                 finished_ms: o.finished_ms,
             };
-            return (Change::Retry(task), After::DeadPending(Box::new(pending)));
+            return Decided::alone(Change::Retry(task), After::DeadPending(Box::new(pending)));
         }
-        self.finish(result, task.kafka)
+        self.finish(result, &task)
+    }
+}
+
+/// An outcome decided: its store change, what follows once it is durable, and the task that
+/// POSTs a final result to the task's callback (written in the same batch).
+struct Decided {
+    change: Change,
+    after: After,
+    callback: Option<Task>,
+}
+
+impl Decided {
+    fn alone(change: Change, after: After) -> Decided {
+        Decided {
+            change,
+            after,
+            callback: None,
+        }
+    }
+}
+
+/// The task that POSTs `result` (of `task`) to `url`: due now, with `task`'s time limit and
+/// retry policy, so a receiver that is down gets it later; its own result says how it went.
+fn callback_task(id: String, url: &str, task: &Task, result: &TaskResult, now_ms: i64) -> Task {
+    Task {
+        id,
+        method: Method::Post,
+        name: url.to_string(),
+        params: serde_json::to_string(result).unwrap_or_default(),
+        args: Vec::new(),
+        cc: Vec::new(),
+        delay: 0,
+        timeout: task.timeout,
+        max_retry: task.max_retry,
+        retry_interval: task.retry_interval,
+        trusted: false,
+        kafka: false,
+        submitted_ms: now_ms,
+        // Waiting, due now: the timer hands it out once it is durable.
+        due_us: now_us(),
+        state: State::Delayed,
+        headers: Vec::new(),
+        callback: None,
+        attempts: Vec::new(),
     }
 }
 
@@ -343,6 +403,7 @@ fn final_result(task: &Task, attempts: usize, run: RunResult, finished_ms: i64) 
         code: run.code,
         submitted_at: rfc3339_ms(task.submitted_ms),
         finished_at: rfc3339_ms(finished_ms),
+        callback_id: None,
     }
 }
 

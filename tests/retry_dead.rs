@@ -300,3 +300,66 @@ fn a_graceful_stop_tries_a_waiting_dead_letter_write_once_more() {
         "nothing was left over: {log}"
     );
 }
+
+/// A task's `callback` gets its final result by POST once it has finished, succeeded or dead,
+/// from a task of its own (named in the result as `callback_id`) that retries with the task's
+/// policy while the receiver is down and survives a `kill -9`.
+#[test]
+fn callbacks_get_the_final_result_and_are_retried_while_the_receiver_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let mut s = Server::builder(&dir).start();
+    let submit = |s: &Server, t: Value| -> Value {
+        let (code, r) = s.submit(&t);
+        assert_eq!(code, 200, "{r}");
+        r
+    };
+    let ok = submit(
+        &s,
+        json!({"id":"cb-ok","method":"GET","name":sink.url("/work"),"wait":10,
+               "callback":sink.url("/cb/ok")}),
+    );
+    let dead = submit(
+        &s,
+        json!({"id":"cb-dead","method":"GET","name":sink.url("/status/500"),"max_retry":0,
+               "wait":10,"callback":sink.url("/cb/dead")}),
+    );
+    let down = submit(
+        &s,
+        json!({"id":"cb-down","method":"GET","name":sink.url("/work"),"wait":10,
+               "max_retry":2,"retry_interval":1,"callback":sink.url("/status/503/cb-down")}),
+    );
+    assert_eq!(
+        (&ok["status"], &dead["status"], &down["status"]),
+        (&json!("succeeded"), &json!("dead"), &json!("succeeded"))
+    );
+    for (path, r) in [("/cb/ok", &ok), ("/cb/dead", &dead)] {
+        sink.wait_until(Duration::from_secs(10), path, |h| {
+            h.iter().any(|h| h.path == path)
+        });
+        let hit = &sink.hits_on(path)[0];
+        assert_eq!(
+            (hit.method.as_str(), hit.content_type.as_str()),
+            ("POST", "application/json")
+        );
+        let got: Value = serde_json::from_str(&hit.body).expect("the body is the result");
+        assert_eq!(&got, r, "{path} got the result as /task_resp gives it");
+        let cb = r["callback_id"].as_str().expect("callback_id");
+        let (code, cr) = s.get(&format!("/task_resp/{cb}?timeout=10"));
+        assert_eq!((code, &cr["status"]), (200, &json!("succeeded")), "{cr}");
+    }
+    // The receiver answers 503: the first POST failed; the server dies before its retry.
+    sink.wait_until(Duration::from_secs(10), "the first callback POST", |h| {
+        h.iter().any(|h| h.path == "/status/503/cb-down")
+    });
+    s.kill9();
+    let s = Server::builder(&dir).start();
+    let cb = down["callback_id"].as_str().expect("callback_id");
+    let (code, cr) = s.get(&format!("/task_resp/{cb}?timeout=30"));
+    assert_eq!((code, &cr["status"]), (200, &json!("dead")), "{cr}");
+    assert_eq!(cr["attempts"], 3, "the task's max_retry: {cr}");
+    let posts = sink.hits_on("/status/503/cb-down");
+    assert!(posts.len() >= 3, "{} POSTs", posts.len());
+    let got: Value = serde_json::from_str(&posts[posts.len() - 1].body).expect("json");
+    assert_eq!(got["id"], "cb-down", "{got}");
+}

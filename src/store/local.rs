@@ -111,6 +111,26 @@ impl<B: Backend> LocalStore<B> {
         Ok(n)
     }
 
+    /// The backend writes of `changes`.
+    fn record_ops(&self, changes: &[Change]) -> Result<Vec<Op>, StoreError> {
+        let mut ops = Vec::with_capacity(changes.len() * 2);
+        for c in changes {
+            match c {
+                Change::Retry(t) => ops.push(Op::PutTask(t.id.clone(), encode(t)?)),
+                Change::Finish { result, expires_ms } => {
+                    ops.push(Op::DelTask(result.id.clone()));
+                    ops.push(Op::PutResult {
+                        id: result.id.clone(),
+                        expires_ms: *expires_ms,
+                        bytes: encode(result)?,
+                    });
+                }
+                Change::Insert(t) => ops.push(Op::InsertTask(t.id.clone(), encode(t)?)),
+            }
+        }
+        Ok(ops)
+    }
+
     /// With the task held as cancelled in the live index: replaces the stored task by its
     /// `cancelled` result, in one write.
     fn cancel_stored(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
@@ -259,25 +279,32 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let mut ops = Vec::with_capacity(changes.len() * 2);
-        for c in changes {
-            match c {
-                Change::Retry(t) => ops.push(Op::PutTask(t.id.clone(), encode(t)?)),
-                Change::Finish { result, expires_ms } => {
-                    ops.push(Op::DelTask(result.id.clone()));
-                    ops.push(Op::PutResult {
-                        id: result.id.clone(),
-                        expires_ms: *expires_ms,
-                        bytes: encode(result)?,
-                    });
-                }
-            }
+        let born: Vec<(&str, State)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Insert(t) => Some((t.id.as_str(), t.state)),
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<&str> = born.iter().map(|(id, _)| *id).collect();
+        if !born.is_empty() {
+            self.live
+                .reserve(&born)
+                .map_err(|dup| StoreError::Duplicate(dup.0))?;
         }
-        self.backend.write(ops)?;
+        let written = self
+            .record_ops(changes)
+            .and_then(|ops| self.backend.write(ops));
+        if let Err(e) = written {
+            self.live.release(&ids);
+            return Err(e);
+        }
+        self.live.commit(&ids);
         for c in changes {
             match c {
                 Change::Retry(t) => self.live.set(&t.id, t.state),
                 Change::Finish { result, .. } => self.live.remove(&result.id),
+                Change::Insert(_) => {}
             }
         }
         Ok(())

@@ -64,6 +64,8 @@ pub(crate) enum Change {
     Retry(Task),
     /// The task is finished; its result stays until `expires_ms`.
     Finish { result: TaskResult, expires_ms: i64 },
+    /// A new task born of an outcome (the POST of a result to its callback), written with it.
+    Insert(Task),
 }
 
 /// Ids per state for `/sys_info`, each list capped.
@@ -265,6 +267,7 @@ pub(crate) mod contract {
             state,
             // Stored and read back like every other field.
             headers: vec![("Authorization".to_string(), "Bearer t".to_string())],
+            callback: None,
             attempts: Vec::new(),
         }
     }
@@ -280,6 +283,7 @@ pub(crate) mod contract {
             code: Some(200),
             submitted_at: "a".to_string(),
             finished_at: "b".to_string(),
+            callback_id: None,
         }
     }
 
@@ -417,6 +421,25 @@ pub(crate) mod contract {
             }
             other => panic!("a retry_wait task is cancelled, got {other:?}"),
         }
+
+        // A final outcome brings a new task (the POST of its result to a callback) in the
+        // same write; it waits like any delayed task.
+        let g = task("g", State::Ready, 0);
+        store.insert(std::slice::from_ref(&g)).expect("insert");
+        assert!(store.claim(&g).expect("claim"));
+        store
+            .record(&[
+                Change::Finish {
+                    result: result("g"),
+                    expires_ms: now + 1_000_000,
+                },
+                Change::Insert(task("cb-g", State::Delayed, 5)),
+            ])
+            .expect("record finish and insert");
+        assert_eq!(store.status("g").expect("status"), None);
+        assert_eq!(store.status("cb-g").expect("status"), Some(State::Delayed));
+        let due = store.take_due("cb-g").expect("take_due").map(|t| t.id);
+        assert_eq!(due.as_deref(), Some("cb-g"));
 
         assert_eq!(store.get_meta("k").expect("meta"), None);
         store.put_meta("k", "v1").expect("put meta");

@@ -513,6 +513,22 @@ impl Store for RedisStore {
                     pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
                         .ignore();
                 }
+                Change::Insert(t) => {
+                    pipe.hset_multiple(
+                        self.key("task", &t.id),
+                        &[
+                            ("state", state_name(t.state).to_string()),
+                            ("due", t.due_us.to_string()),
+                            ("data", encode(t)?),
+                        ],
+                    )
+                    .ignore();
+                    pipe.sadd(format!("{}live", self.prefix), &t.id).ignore();
+                    if matches!(t.state, State::Delayed | State::RetryWait) {
+                        pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
+                            .ignore();
+                    }
+                }
             }
         }
         self.with(|c| pipe.query::<()>(c))

@@ -84,6 +84,10 @@ pub(crate) struct TaskResult {
     pub(crate) code: Option<i64>,
     pub(crate) submitted_at: String,
     pub(crate) finished_at: String,
+    /// The id of the task that POSTs this result to the task's `callback` (its own result says
+    /// whether the receiver got it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) callback_id: Option<String>,
 }
 
 impl TaskResult {
@@ -100,6 +104,7 @@ impl TaskResult {
             code: task.attempts.last().and_then(|a| a.code),
             submitted_at: rfc3339_ms(task.submitted_ms),
             finished_at: rfc3339_ms(now_ms),
+            callback_id: None,
         }
     }
 }
@@ -236,6 +241,9 @@ pub(crate) struct Task {
     /// Headers sent with a GET or POST (values may be secrets: never logged).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) headers: Vec<(String, String)>,
+    /// Where its final result is POSTed once it has finished (by a task of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) callback: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) attempts: Vec<Attempt>,
 }

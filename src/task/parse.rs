@@ -125,7 +125,7 @@ const OWN_HEADERS: [&str; 6] = [
 ];
 
 /// Every field a task may have.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "id",
     "method",
     "name",
@@ -138,10 +138,11 @@ const FIELDS: [&str; 12] = [
     "retry_interval",
     "cc",
     "headers",
+    "callback",
 ];
 
 /// `FIELDS` as the error message lists them.
-const FIELD_LIST: &str = "id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers";
+const FIELD_LIST: &str = "id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers, callback";
 
 /// Refuses the first field no task has, naming the known one it is closest to: at most one edit
 /// per three letters of it (one at least, a swap of neighbours counting as one), and fewer
@@ -226,6 +227,7 @@ struct Common {
     retry_interval: Option<u64>,
     cc: Vec<usize>,
     headers: Vec<(String, String)>,
+    callback: Option<String>,
 }
 
 /// What a task's method makes of `params`.
@@ -269,6 +271,7 @@ impl Common {
         let retry_interval = whole(obj, "retry_interval", MAX_RETRY_INTERVAL_S)?;
         let cc = parse_cc(obj.get("cc"), workers)?;
         let headers = headers(obj.get("headers"), method)?;
+        let callback = callback(obj)?;
         Ok(Common {
             id,
             method,
@@ -281,6 +284,7 @@ impl Common {
             retry_interval,
             cc,
             headers,
+            callback,
         })
     }
 
@@ -311,6 +315,7 @@ impl Common {
                 State::Delayed
             },
             headers: self.headers,
+            callback: self.callback,
             attempts: Vec::new(),
         };
         Submission {
@@ -445,7 +450,7 @@ fn name(obj: &Map<String, Value>) -> Result<String, TaskError> {
 
 /// GET: `name` is a URL, `params` a query string (leading `?`/`&` dropped).
 fn get(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
-    check_url(name)?;
+    check_url("name", name)?;
     let params = match raw {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.trim_start_matches(['?', '&']).to_string(),
@@ -467,7 +472,7 @@ fn get(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
 
 /// POST: `name` is a URL, `params` a JSON body (as JSON, or a string holding JSON).
 fn post(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
-    check_url(name)?;
+    check_url("name", name)?;
     let params = match raw {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) if s.trim().is_empty() => String::new(),
@@ -617,21 +622,37 @@ pub(crate) fn parse_cc(v: Option<&Value>, workers: usize) -> Result<Vec<usize>, 
 }
 
 /// Checks that `name` is an absolute http(s) URL with a host.
-fn check_url(name: &str) -> Result<(), TaskError> {
+fn check_url(field: &'static str, name: &str) -> Result<(), TaskError> {
     let lower = name.to_ascii_lowercase();
     if !(lower.starts_with("http://") || lower.starts_with("https://")) {
         return Err(TaskError::field(
-            "name",
+            field,
             format!("must be an http:// or https:// URL, got {name:?}"),
         ));
     }
     let uri: ureq::http::Uri = name
         .parse()
-        .map_err(|e| TaskError::field("name", format!("is not a valid URL: {e}")))?;
+        .map_err(|e| TaskError::field(field, format!("is not a valid URL: {e}")))?;
     if uri.host().is_none_or(str::is_empty) {
-        return Err(TaskError::field("name", "URL has no host"));
+        return Err(TaskError::field(field, "URL has no host"));
     }
     Ok(())
+}
+
+/// `callback`: an http(s) URL that is POSTed the task's final result.
+fn callback(obj: &Map<String, Value>) -> Result<Option<String>, TaskError> {
+    match obj.get("callback") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => {
+            check_url("callback", s.trim())?;
+            Ok(Some(s.trim().to_string()))
+        }
+        Some(_) => Err(TaskError::field(
+            "callback",
+            "must be an http:// or https:// URL",
+        )),
+    }
 }
 
 /// Applies the EXEC rules for network submissions.
@@ -842,11 +863,11 @@ mod tests {
         );
         assert_eq!(
             task("ic"),
-            r#"unknown field "ic" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers)"#
+            r#"unknown field "ic" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers, callback)"#
         );
         assert_eq!(
             task("priority"),
-            r#"unknown field "priority" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers)"#
+            r#"unknown field "priority" (known: id, method, name, params, delay, run_at, wait, timeout, max_retry, retry_interval, cc, headers, callback)"#
         );
         // Every known field is accepted, and the checks on their values still run.
         let all = json!({"id": "a", "method": "GET", "name": "http://x/", "params": "q=1",
