@@ -214,7 +214,7 @@ pub(crate) fn start(
     let consumer: BaseConsumer<Ctx> = base_config(&cfg)
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", cfg.offset_reset)
         .set("session.timeout.ms", "6000")
         .create_with_context(Ctx(status.clone()))
         .map_err(KafkaError::Consumer)?;
