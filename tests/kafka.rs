@@ -462,11 +462,18 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
     );
     assert_eq!(info["kafka"]["connected"], false, "{info}");
     // The clients' error callback logs librdkafka's reason (the result producer's errors come
-    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ...").
+    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ..."):
+    // the first error as a warning, those that follow at debug level (the tests' log level).
     eventually(
         Duration::from_secs(20),
         "the error callback's line in the log",
-        || s.log_text().contains("kafka: Global error: ").then_some(()),
+        || s.log_text().contains("Global error: ").then_some(()),
+    );
+    assert!(
+        s.log_text()
+            .contains("kafka: broker unreachable or failing: "),
+        "{}",
+        s.log_text()
     );
 
     // The broker comes up: the intake joins by itself and consumes.
@@ -490,6 +497,16 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
         || {
             let (_, info) = s.get("/sys_info");
             (info["kafka"]["connected"] == true).then_some(())
+        },
+    );
+    // The end of the outage is logged too.
+    eventually(
+        Duration::from_secs(20),
+        "the line saying it is back",
+        || {
+            s.log_text()
+                .contains("kafka: broker reachable again after ")
+                .then_some(())
         },
     );
 }
@@ -1226,4 +1243,35 @@ fn kafka_offset_reset_earliest_is_the_default_and_loses_nothing_produced_before_
         );
         drop(s);
     }
+}
+
+/// While no broker can be reached, the outage is logged once (then at most once a minute), not
+/// once per client error: librdkafka reports tens of errors a second, from the consumer and the
+/// result producer alike. With a closed port for 3 s, a handful of Kafka warning and error lines
+/// at most, and at least one.
+#[test]
+fn a_broker_that_cannot_be_reached_is_logged_once_not_at_every_error() {
+    let port = free_port(); // bound and released: nothing listens there
+    let servers = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g-quiet"))
+        .start();
+    thread::sleep(Duration::from_secs(3));
+    let log = s.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| l.to_ascii_lowercase().contains("kafka"))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "the unreachable broker is not logged at all:\n{log}"
+    );
+    assert!(
+        lines.len() <= 4,
+        "{} Kafka warning and error lines in 3 s with the broker unreachable:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
 }
