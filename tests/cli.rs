@@ -148,6 +148,7 @@ fn help_lists_every_flag_with_its_default() {
         ("kafka_topic", None),
         ("kafka_resp_topic", None),
         ("kafka_group", Some("poulpe")),
+        ("kafka_offset_reset", Some("earliest")),
         ("tz", Some("UTC")),
         ("log", Some("info")),
     ];
@@ -202,6 +203,14 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--bind", "localhost:80"], &["--bind"]),
         (&["--no-such-flag"], &["--no-such-flag"]),
         (&["--port"], &["--port"]),
+        (
+            &["--kafka_offset_reset", "sideways"],
+            &["--kafka_offset_reset", "\"sideways\"", "earliest or latest"],
+        ),
+        (
+            &["--kafka-offset-reset=sideways"],
+            &["--kafka_offset_reset", "\"sideways\""],
+        ),
     ];
     for (args, needles) in cases {
         let mut all = vec!["--data", &data];
@@ -218,6 +227,13 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     assert_refused(
         &run(poulpe(&["--data", &data], &[("POULPE_BACKOFF", "linear")])),
         &["--backoff", "linear"],
+    );
+    assert_refused(
+        &run(poulpe(
+            &["--data", &data],
+            &[("POULPE_KAFKA_OFFSET_RESET", "sideways")],
+        )),
+        &["--kafka_offset_reset", "sideways"],
     );
 }
 

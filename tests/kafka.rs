@@ -462,11 +462,18 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
     );
     assert_eq!(info["kafka"]["connected"], false, "{info}");
     // The clients' error callback logs librdkafka's reason (the result producer's errors come
-    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ...").
+    // only that way; the consumer's also come out of its poll, logged as "kafka: poll: ..."):
+    // the first error as a warning, those that follow at debug level (the tests' log level).
     eventually(
         Duration::from_secs(20),
         "the error callback's line in the log",
-        || s.log_text().contains("kafka: Global error: ").then_some(()),
+        || s.log_text().contains("Global error: ").then_some(()),
+    );
+    assert!(
+        s.log_text()
+            .contains("kafka: broker unreachable or failing: "),
+        "{}",
+        s.log_text()
     );
 
     // The broker comes up: the intake joins by itself and consumes.
@@ -490,6 +497,16 @@ fn a_broker_down_at_start_is_reported_and_joined_later() {
         || {
             let (_, info) = s.get("/sys_info");
             (info["kafka"]["connected"] == true).then_some(())
+        },
+    );
+    // The end of the outage is logged too.
+    eventually(
+        Duration::from_secs(20),
+        "the line saying it is back",
+        || {
+            s.log_text()
+                .contains("kafka: broker reachable again after ")
+                .then_some(())
         },
     );
 }
@@ -1121,4 +1138,140 @@ fn only_tasks_from_the_topic_have_their_results_produced() {
         info["kafka"]["produced"].as_u64().filter(|n| *n >= 1)
     });
     assert_eq!(produced, 1, "one result produced");
+}
+
+/// Produces each payload as a message of its own (one record per batch: tansu's end offsets are
+/// right for those, and `latest` starts at the end offset it reports).
+fn produce_one_by_one(broker: &Broker, topic: &str, payloads: &[String]) {
+    for p in payloads {
+        broker.produce(topic, std::slice::from_ref(p));
+    }
+}
+
+/// poulpe on `tasks` in `group`, with `extra` flags.
+fn intake(broker: &Broker, dir: &tempfile::TempDir, group: &str, extra: &[&str]) -> Server {
+    let servers = broker.servers();
+    let mut args = vec![
+        "--kafka_servers",
+        servers.as_str(),
+        "--kafka_topic",
+        "tasks",
+        "--kafka_group",
+        group,
+    ];
+    args.extend_from_slice(extra);
+    Server::builder(dir).args(&args).start()
+}
+
+/// With `--kafka_offset_reset latest`, a new group starts at the end of the topic: the messages
+/// produced before poulpe started never run, while one produced once the group has joined does.
+/// (When the group has joined is not visible from outside: a message is produced every 2 s until
+/// one runs. Messages of a partition are read in order, so once one of those has run, the early
+/// ones would have run before it if they were read at all.)
+#[test]
+fn kafka_offset_reset_latest_starts_a_new_group_at_the_end_of_the_topic() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    produce_one_by_one(
+        &broker,
+        "tasks",
+        &[hit_task(&sink, "early-0"), hit_task(&sink, "early-1")],
+    );
+    let s = intake(
+        &broker,
+        &dir,
+        "g-latest",
+        &["--kafka_offset_reset", "latest"],
+    );
+    let end = Instant::now() + Duration::from_secs(90);
+    let mut late = 0;
+    loop {
+        broker.produce("tasks", &[hit_task(&sink, &format!("late-{late}"))]);
+        late += 1;
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until
+            && !hit_ids(&sink.hits(), "/hit")
+                .keys()
+                .any(|k| k.starts_with("late-"))
+        {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let ids = hit_ids(&sink.hits(), "/hit");
+        if ids.keys().any(|k| k.starts_with("late-")) {
+            assert!(
+                !ids.contains_key("early-0") && !ids.contains_key("early-1"),
+                "messages produced before a new group joined ran with --kafka_offset_reset \
+                 latest: {ids:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no message produced after poulpe started ever ran; hits {ids:?}\n{}",
+            s.log_text()
+        );
+    }
+}
+
+/// By default (`--kafka_offset_reset earliest`, also given explicitly here in its kebab
+/// spelling) a new group starts at the beginning of the topic: messages produced before poulpe
+/// first started run.
+#[test]
+fn kafka_offset_reset_earliest_is_the_default_and_loses_nothing_produced_before_the_start() {
+    let broker = Broker::start(&["tasks"]);
+    let sink = Sink::start();
+    produce_one_by_one(
+        &broker,
+        "tasks",
+        &[hit_task(&sink, "early-0"), hit_task(&sink, "early-1")],
+    );
+    for (group, extra) in [
+        ("g-default", &[][..]),
+        ("g-earliest", &["--kafka-offset-reset", "earliest"][..]),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = intake(&broker, &dir, group, extra);
+        sink.wait_until(
+            Duration::from_secs(60),
+            &format!("{group}: the messages produced before the start"),
+            |h| {
+                let ids = hit_ids(h, "/hit");
+                let want = if extra.is_empty() { 1 } else { 2 };
+                ids.get("early-0") == Some(&want) && ids.get("early-1") == Some(&want)
+            },
+        );
+        drop(s);
+    }
+}
+
+/// While no broker can be reached, the outage is logged once (then at most once a minute), not
+/// once per client error: librdkafka reports tens of errors a second, from the consumer and the
+/// result producer alike. With a closed port for 3 s, a handful of Kafka warning and error lines
+/// at most, and at least one.
+#[test]
+fn a_broker_that_cannot_be_reached_is_logged_once_not_at_every_error() {
+    let port = free_port(); // bound and released: nothing listens there
+    let servers = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir)
+        .args(&kafka_args(&servers, "tasks", "results", "g-quiet"))
+        .start();
+    thread::sleep(Duration::from_secs(3));
+    let log = s.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| l.to_ascii_lowercase().contains("kafka"))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "the unreachable broker is not logged at all:\n{log}"
+    );
+    assert!(
+        lines.len() <= 4,
+        "{} Kafka warning and error lines in 3 s with the broker unreachable:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
 }

@@ -143,6 +143,8 @@ flags! {
     KAFKA_TOPIC, "kafka_topic", optional(), "Kafka task topic";
     KAFKA_RESP_TOPIC, "kafka_resp_topic", optional(), "Kafka result topic";
     KAFKA_GROUP, "kafka_group", text("poulpe"), "Kafka consumer group";
+    KAFKA_OFFSET_RESET, "kafka_offset_reset", text("earliest"),
+        "where a group with no committed offset starts: earliest (all the topic keeps) or latest";
     TZ, "tz", derived("TZ env, else UTC"), "IANA zone name for the cron schedule";
     LOG, "log", text("info"), "log level: error, warn, info, debug, trace, off";
 }

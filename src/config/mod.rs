@@ -35,6 +35,9 @@ pub(crate) struct KafkaConfig {
     pub(crate) resp_topic: Option<String>,
     /// Consumer group (`--kafka_group`).
     pub(crate) group: String,
+    /// Where the group starts reading a partition it has no committed offset for: librdkafka's
+    /// `auto.offset.reset`, `earliest` or `latest` (`--kafka_offset_reset`).
+    pub(crate) offset_reset: &'static str,
 }
 
 /// Everything the server needs to know, checked once at start-up.
@@ -173,6 +176,18 @@ pub(crate) fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::
 
 /// The Kafka settings; brokers and task topic go together.
 fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
+    // Checked even when Kafka is not enabled, like every other value.
+    let offset_reset = match raw.text(&flags::KAFKA_OFFSET_RESET) {
+        "earliest" => "earliest",
+        "latest" => "latest",
+        v => {
+            return Err(bad(
+                flags::KAFKA_OFFSET_RESET.name,
+                v,
+                "expected earliest or latest",
+            ))
+        }
+    };
     let servers = raw.get(&flags::KAFKA_SERVERS);
     let topic = raw.get(&flags::KAFKA_TOPIC);
     let resp = raw.get(&flags::KAFKA_RESP_TOPIC);
@@ -192,6 +207,7 @@ fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
         topic: topic.to_string(),
         resp_topic: resp.map(str::to_string),
         group: raw.text(&flags::KAFKA_GROUP).to_string(),
+        offset_reset,
     }))
 }
 
@@ -438,6 +454,15 @@ mod tests {
         assert!(e.contains("\"--no-such-flag=1\""), "named as typed: {e}");
         let e = parse(&["--tz", "Mars/Base"], &[]).unwrap_err().to_string();
         assert!(e.contains("--tz"), "{e}");
+        let e = parse(&["--kafka_offset_reset", "sideways"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "--kafka_offset_reset: bad value \"sideways\": expected earliest or latest"
+            ),
+            "{e}"
+        );
         let e = parse(&["--port", "--data", "/x"], &[])
             .unwrap_err()
             .to_string();
@@ -562,6 +587,33 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    /// `--kafka_offset_reset` is `earliest` unless set (either spelling, or the environment) to
+    /// `latest`.
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn kafka_offset_reset_is_earliest_unless_set_to_latest() {
+        let kafka = ["--kafka_servers", "127.0.0.1:9092", "--kafka_topic", "t"];
+        let reset = |extra: &[&str], env: &[(&str, &str)]| {
+            let args: Vec<&str> = kafka.iter().chain(extra).copied().collect();
+            let c = parse(&args, env).expect("parse");
+            c.kafka.expect("kafka").offset_reset
+        };
+        assert_eq!(reset(&[], &[]), "earliest");
+        assert_eq!(reset(&["--kafka_offset_reset", "latest"], &[]), "latest");
+        assert_eq!(reset(&["--kafka-offset-reset=latest"], &[]), "latest");
+        assert_eq!(
+            reset(&[], &[("POULPE_KAFKA_OFFSET_RESET", "latest")]),
+            "latest"
+        );
+        assert_eq!(
+            reset(
+                &["--kafka_offset_reset", "earliest"],
+                &[("POULPE_KAFKA_OFFSET_RESET", "latest")]
+            ),
+            "earliest"
+        );
     }
 
     /// Built without the `kafka` feature (`cargo test --no-default-features --lib config`, run by

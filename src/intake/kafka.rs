@@ -2,7 +2,10 @@
 //! in a consumer group and submits it, committing each offset only once its task is durable;
 //! invalid messages go to `<dead>/invalid/` with a Fail result. Final results of Kafka tasks are
 //! produced to the result topic, keyed by task id. librdkafka is used only through its
-//! synchronous `BaseConsumer`/`BaseProducer`, from plain threads.
+//! synchronous `BaseConsumer`/`BaseProducer`, from plain threads. While the brokers fail, their
+//! errors (tens a second) are folded into a few log lines ([`fold`]).
+
+mod fold;
 
 use super::{Origin, SubmitError, Submitter};
 use crate::clock::now_ms;
@@ -10,8 +13,9 @@ use crate::config::KafkaConfig;
 use crate::deadletter::write_atomic;
 use crate::results::{Forward, TaskResult};
 use crate::status::KafkaStatus;
+use fold::{ErrorFold, Line};
 use parking_lot::Mutex;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -67,17 +71,92 @@ impl std::error::Error for KafkaError {
     }
 }
 
-/// Counts and remembers client errors for `/sys_info`.
+/// The Kafka clients' context, one shared by the consumer and the result producer: remembers
+/// client errors for `/sys_info` and logs them, folded.
 #[derive(Clone)]
-struct Ctx(Arc<KafkaStatus>);
+struct Ctx(Arc<Shared>);
+
+struct Shared {
+    status: Arc<KafkaStatus>,
+    errors: Mutex<ErrorFold>,
+}
+
+/// Least time between two lines about failing brokers, but for the one saying they answer again.
+const ERROR_LINE_EVERY: Duration = Duration::from_secs(60);
+
+impl Ctx {
+    fn new(status: Arc<KafkaStatus>) -> Ctx {
+        Ctx(Arc::new(Shared {
+            status,
+            errors: Mutex::new(ErrorFold::new(ERROR_LINE_EVERY)),
+        }))
+    }
+
+    /// A client error: shown as `last_error`, and logged as a warning when it begins a run of
+    /// errors or a minute has passed since the last line; otherwise only at debug level.
+    fn failed(&self, error: String) {
+        let line = self.0.errors.lock().error(Instant::now());
+        match line {
+            None => log::debug!("kafka: {error}"),
+            Some(Line::Failing { folded }) => log::warn!(
+                "kafka: broker unreachable or failing: {error} (further Kafka errors are \
+                 counted and logged at most once a minute until it answers{})",
+                folded_before(folded)
+            ),
+            Some(Line::Still { folded, lasted }) => log::warn!(
+                "kafka: still failing after {} s, {folded} errors folded since the last line; \
+                 the latest: {error}",
+                lasted.as_secs()
+            ),
+        }
+        self.0.status.error(error);
+    }
+
+    /// A sign that the brokers answer (a message read, metadata fetched, a result delivered):
+    /// ends a run of errors, with a line when one told it.
+    fn answered(&self) {
+        let line = self.0.errors.lock().ok(Instant::now());
+        if let Some(fold::Back { folded, lasted }) = line {
+            log::info!(
+                "kafka: broker reachable again after {} s ({folded} errors folded since the \
+                 last line)",
+                lasted.as_secs()
+            );
+        }
+    }
+}
+
+/// `; N errors folded before this one` when N > 0.
+fn folded_before(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!("; {n} errors folded before this one")
+    }
+}
 
 impl ClientContext for Ctx {
     fn error(&self, error: RdKafkaError, reason: &str) {
-        log::warn!("kafka: {error}: {reason}");
         if reason.contains("brokers are down") || reason.contains("Connection refused") {
-            self.0.connected.store(false, Ordering::Relaxed);
+            self.0.status.connected.store(false, Ordering::Relaxed);
         }
-        self.0.error(format!("{error}: {reason}"));
+        self.failed(format!("{error}: {reason}"));
+    }
+
+    /// librdkafka's own lines, at their level, but for its `FAIL` lines (a broker connection
+    /// failed): the error callback reports the same failure, folded, so they go to debug.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let level = match level {
+            _ if fac == "FAIL" => log::Level::Debug,
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => log::Level::Error,
+            RDKafkaLogLevel::Warning => log::Level::Warn,
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
+            RDKafkaLogLevel::Debug => log::Level::Debug,
+        };
+        log::log!(target: "librdkafka", level, "librdkafka: {fac} {message}");
     }
 }
 
@@ -89,11 +168,12 @@ impl ProducerContext for Ctx {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
             Ok(_) => {
-                self.0.produced.fetch_add(1, Ordering::Relaxed);
+                self.0.status.produced.fetch_add(1, Ordering::Relaxed);
+                self.answered();
             }
-            Err((e, _)) => {
-                log::error!("kafka: a result could not be produced: {e}");
-                self.0.error(e);
+            Err((e, m)) => {
+                let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+                self.failed(format!("the result for {key} could not be produced: {e}"));
             }
         }
     }
@@ -127,7 +207,7 @@ impl Replier {
         let producer: BaseProducer<Ctx> = base_config(cfg)
             .set("message.timeout.ms", "300000")
             .set("linger.ms", "5")
-            .create_with_context(Ctx(status))
+            .create_with_context(Ctx::new(status))
             .map_err(KafkaError::Producer)?;
         let r = Arc::new(Replier {
             producer,
@@ -211,18 +291,23 @@ pub(crate) fn start(
     status: Arc<KafkaStatus>,
     replier: Option<Arc<Replier>>,
 ) -> Result<JoinHandle<()>, KafkaError> {
+    // One context for both clients, so that an outage both see is told once.
+    let ctx = match &replier {
+        Some(r) => Ctx::clone(r.producer.context()),
+        None => Ctx::new(status),
+    };
     let consumer: BaseConsumer<Ctx> = base_config(&cfg)
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", cfg.offset_reset)
         .set("session.timeout.ms", "6000")
-        .create_with_context(Ctx(status.clone()))
+        .create_with_context(ctx)
         .map_err(KafkaError::Consumer)?;
     consumer
         .subscribe(&[cfg.topic.as_str()])
         .map_err(|e| KafkaError::Subscribe(cfg.topic.clone(), e))?;
     crate::stage::spawn_critical("kafka-poll", move || {
-        poll_loop(&feed, &cfg, &consumer, &status, replier.as_deref())
+        poll_loop(&feed, &cfg, &consumer, replier.as_deref())
     })
     .map_err(KafkaError::Thread)
 }
@@ -234,9 +319,10 @@ fn poll_loop(
     feed: &Feed,
     cfg: &KafkaConfig,
     consumer: &BaseConsumer<Ctx>,
-    status: &KafkaStatus,
     replier: Option<&Replier>,
 ) {
+    let ctx = consumer.context();
+    let status = &ctx.0.status;
     let mut last_check = Instant::now() - Duration::from_secs(60);
     while feed.submitter.accepting() {
         // One blocking poll, then whatever else is already fetched, up to BATCH messages.
@@ -246,8 +332,7 @@ fn poll_loop(
             match consumer.poll(wait) {
                 Some(Ok(msg)) => batch.push(msg),
                 Some(Err(e)) => {
-                    log::warn!("kafka: poll: {e}");
-                    status.error(e);
+                    ctx.failed(format!("poll: {e}"));
                     break;
                 }
                 None => break,
@@ -256,6 +341,7 @@ fn poll_loop(
         }
         if !batch.is_empty() {
             status.connected.store(true, Ordering::Relaxed);
+            ctx.answered();
             status
                 .consumed
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -263,16 +349,21 @@ fn poll_loop(
                 return; // shutting down: not committed, read again at the next start
             }
             if let Err(e) = commit(consumer, &batch) {
-                log::warn!("kafka: commit of {} messages failed: {e}", batch.len());
-                status.error(e);
+                ctx.failed(format!("commit of {} messages failed: {e}", batch.len()));
             }
         }
         if last_check.elapsed() > Duration::from_secs(5) {
             last_check = Instant::now();
-            let ok = consumer
-                .fetch_metadata(Some(&cfg.topic), Duration::from_secs(2))
-                .map_err(|e| status.error(e))
-                .is_ok();
+            let ok = match consumer.fetch_metadata(Some(&cfg.topic), Duration::from_secs(2)) {
+                Ok(_) => {
+                    ctx.answered();
+                    true
+                }
+                Err(e) => {
+                    ctx.failed(format!("metadata of {:?}: {e}", cfg.topic));
+                    false
+                }
+            };
             status.connected.store(ok, Ordering::Relaxed);
         }
     }
@@ -435,7 +526,7 @@ mod tests {
             .set("bootstrap.servers", "127.0.0.1:1")
             .set("queue.buffering.max.messages", "1")
             .set("message.timeout.ms", message_timeout_ms)
-            .create_with_context(Ctx(Arc::new(KafkaStatus::default())))
+            .create_with_context(Ctx::new(Arc::new(KafkaStatus::default())))
             .expect("producer");
         Arc::new(Replier {
             producer,
