@@ -142,7 +142,15 @@ fn token_and_connection_cap() {
         .args(&["--token", "tok3n", "--max_ws", "2"])
         .start();
     match connect(&s, "", &[]) {
-        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        Err(tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 401);
+            let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok());
+            assert_eq!(header("content-type"), Some("application/json"));
+            assert_eq!(header("www-authenticate"), Some("Bearer"));
+            let body: serde_json::Value =
+                serde_json::from_slice(r.body().as_deref().unwrap_or_default()).expect("JSON");
+            assert_eq!(body["result"], "Fail", "{body}");
+        }
         other => panic!("expected 401, got {other:?}"),
     }
     match connect(&s, "?token=wrong", &[]) {

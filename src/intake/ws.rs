@@ -70,7 +70,9 @@ impl WebSockets {
                 .or(from_query)
                 .unwrap_or_default();
             if !same_secret(given.trim().as_bytes(), token.as_bytes()) {
-                return refuse(401, "missing or wrong bearer token");
+                return Response::fail(401, "missing or wrong bearer token")
+                    .with_header("WWW-Authenticate", "Bearer")
+                    .into();
             }
         }
         let Some(key) = req.header("sec-websocket-key") else {
