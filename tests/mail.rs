@@ -249,6 +249,30 @@ fn starttls_with_auth_and_a_trusted_ca_file() {
     assert_eq!(body["status"], "dead", "{body}");
     assert_eq!(body["attempts"], 1, "{body}");
     assert_eq!(smtp.mails().len(), 1, "nothing more delivered");
+    drop(s);
+
+    // Without the CA file the relay's certificate is not trusted: the reason says which flag.
+    let dir3 = tempfile::tempdir().expect("tempdir");
+    let no_ca: Vec<&str> = a
+        .iter()
+        .copied()
+        .filter(|x| *x != "--smtp_ca_file" && !x.ends_with("ca.pem"))
+        .collect();
+    let s = Server::builder(&dir3)
+        .args(&no_ca)
+        .env("POULPE_SMTP_PWD", "s3cret-pw")
+        .start();
+    let (code, body) = s.submit(&json!({
+        "method":"MAIL_TO","name":"to@example.org",
+        "params":{"from_addr":"f@example.org","title":"x","body":"y"},"wait":20}));
+    assert_eq!((code, &body["status"]), (200, &json!("dead")), "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--smtp_ca_file"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -306,8 +330,8 @@ fn a_task_timeout_bounds_a_relay_that_never_answers() {
         "params":{"title":"t","body":"b"},"timeout":1,"wait":20}));
     assert_eq!(code, 200, "the attempt ended within the wait: {body}");
     assert_eq!(body["status"], "dead", "{body}");
-    assert!(
-        body["reason"].as_str().unwrap_or("").contains("SMTP"),
+    assert_eq!(
+        body["reason"], "SMTP: the relay did not answer within 1 s (timed out)",
         "{body}"
     );
     assert!(

@@ -59,6 +59,9 @@ const MAX_TIMEOUT_POOLS: usize = 8;
 /// per-task `timeout` (lettre sets timeouts per transport, not per mail).
 pub(crate) struct MailExec {
     transport: SmtpTransport,
+    /// The relay's port and security, to explain a failure.
+    port: u16,
+    security: Security,
     default_timeout: Duration,
     builder: SmtpTransportBuilder,
     by_timeout: Mutex<HashMap<Duration, SmtpTransport>>,
@@ -95,6 +98,8 @@ impl MailExec {
         }
         Ok(MailExec {
             transport: b.clone().build(),
+            port: cfg.port,
+            security: cfg.security,
             default_timeout: timeout,
             builder: b,
             by_timeout: Mutex::new(HashMap::new()),
@@ -155,10 +160,60 @@ impl MailExec {
                 ok: false,
                 code: e.status().map(|c| i64::from(u16::from(c))),
                 output: String::new(),
-                error: format!("SMTP: {e}"),
+                error: explain(&e, self.port, self.security, timeout),
                 permanent: e.is_permanent(),
             },
         }
+    }
+}
+
+/// A failed send in words a user can act on: a relay that stays silent timed out (not "os
+/// error 11"), with a hint when the port suggests the other kind of TLS; an untrusted
+/// certificate names `--smtp_ca_file`.
+fn explain(
+    e: &lettre::transport::smtp::Error,
+    port: u16,
+    security: Security,
+    timeout: Duration,
+) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut timed_out = e.is_timeout();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            timed_out |= matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            );
+        }
+        source = s.source();
+    }
+    if timed_out {
+        return format!(
+            "SMTP: the relay did not answer within {} s (timed out){}",
+            timeout.as_secs(),
+            tls_hint(port, security)
+        );
+    }
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        return format!(
+            "SMTP: {text}; the relay's certificate is not trusted: give its CA with --smtp_ca_file"
+        );
+    }
+    format!("SMTP: {text}")
+}
+
+/// When a relay stays silent: a hint if its port usually speaks the other kind of TLS (a
+/// client waiting for a greeting that a TLS port never sends in clear, or the reverse).
+fn tls_hint(port: u16, security: Security) -> &'static str {
+    match (port, security) {
+        (465, Security::Plain | Security::StartTls) => {
+            "; port 465 usually expects TLS from the first byte: try --smtp_tls"
+        }
+        (25 | 587, Security::Tls) => {
+            "; this port usually starts in plain text: try --starttls instead of --smtp_tls"
+        }
+        _ => "",
     }
 }
 
@@ -194,5 +249,16 @@ mod tests {
             "non-ASCII subject is encoded: {m}"
         );
         assert!(m.contains("Content-Type: text/plain; charset=utf-8"), "{m}");
+    }
+
+    #[test]
+    fn a_silent_relay_on_a_port_of_the_other_tls_kind_gets_a_hint() {
+        assert!(tls_hint(465, Security::Plain).contains("--smtp_tls"));
+        assert!(tls_hint(465, Security::StartTls).contains("--smtp_tls"));
+        assert!(tls_hint(587, Security::Tls).contains("--starttls"));
+        assert!(tls_hint(25, Security::Tls).contains("--starttls"));
+        assert_eq!(tls_hint(465, Security::Tls), "");
+        assert_eq!(tls_hint(587, Security::StartTls), "");
+        assert_eq!(tls_hint(2525, Security::Plain), "");
     }
 }
