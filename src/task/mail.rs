@@ -41,6 +41,14 @@ pub(crate) fn parse_params(
         },
         _ => return Err(TaskError::field("params", SHAPE)),
     };
+    const KEYS: [&str; 4] = ["from_addr", "to_addr", "title", "body"];
+    if let Some((key, like)) = super::parse::unknown_key(&obj, &KEYS) {
+        let problem = match like {
+            Some(k) => format!("unknown field {key:?} (did you mean {k:?}?)"),
+            None => format!("unknown field {key:?} ({SHAPE})"),
+        };
+        return Err(TaskError::field("params", problem));
+    }
     let text = |field: &'static str| -> Result<Option<String>, TaskError> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
@@ -166,6 +174,32 @@ mod tests {
         assert_eq!(
             field(parse_params("a@x.org", None, None).unwrap_err()),
             "params"
+        );
+    }
+
+    /// A key that is not one of the four is refused (a typo would drop the subject silently),
+    /// naming the one it resembles; the cron file's MAIL_TO lines go through here too.
+    #[test]
+    fn unknown_keys_are_refused_with_the_key_they_resemble() {
+        let err = parse_params(
+            "a@x.org",
+            Some(&json!({"tile":"Hi","body":"b"})),
+            Some("me@x.org"),
+        )
+        .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            r#"params: unknown field "tile" (did you mean "title"?)"#
+        );
+        let err = parse_params(
+            "a@x.org",
+            Some(&json!({"priority":"high"})),
+            Some("me@x.org"),
+        )
+        .expect_err("refused");
+        assert!(
+            err.to_string().contains("{from_addr,to_addr,title,body}"),
+            "{err}"
         );
     }
 }

@@ -148,22 +148,29 @@ const FIELD_LIST: &str = "id, method, name, params, delay, run_at, wait, timeout
 /// per three letters of it (one at least, a swap of neighbours counting as one), and fewer
 /// than half its letters.
 fn known_fields(obj: &Map<String, Value>) -> Result<(), TaskError> {
-    let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) else {
-        return Ok(());
-    };
+    match unknown_key(obj, &FIELDS) {
+        None => Ok(()),
+        Some((field, like)) => Err(TaskError::Unknown { field, like }),
+    }
+}
+
+/// The first key of `obj` that is not in `known`, and the known one it is closest to (see
+/// [`known_fields`] for how close).
+pub(super) fn unknown_key(
+    obj: &Map<String, Value>,
+    known: &[&'static str],
+) -> Option<(String, Option<&'static str>)> {
+    let field = obj.keys().find(|k| !known.contains(&k.as_str()))?;
     let lower = field.to_ascii_lowercase();
     // A key far longer than every known field resembles none (and costs no scan of it).
-    let like = FIELDS
+    let like = known
         .iter()
         .filter(|_| lower.len() <= 20)
-        .map(|&known| (edits(&lower, known), known))
-        .filter(|&(d, known)| d <= (known.len() / 3).max(1) && d * 2 < known.len())
+        .map(|&k| (edits(&lower, k), k))
+        .filter(|&(d, k)| d <= (k.len() / 3).max(1) && d * 2 < k.len())
         .min_by_key(|&(d, _)| d)
-        .map(|(_, known)| known);
-    Err(TaskError::Unknown {
-        field: field.clone(),
-        like,
-    })
+        .map(|(_, k)| k);
+    Some((field.clone(), like))
 }
 
 /// Edits (insert, delete, replace, swap two neighbours) from `a` to `b`: the optimal string
