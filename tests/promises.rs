@@ -220,8 +220,13 @@ fn delete_running_finished_unknown_and_delayed() {
         "the cancelled task ran"
     );
     let (code, r) = s.get("/task_resp/del-delayed?timeout=0");
-    assert_eq!(code, 404, "a cancelled task leaves no result: {r}");
+    assert_eq!(
+        (code, &r["status"]),
+        (200, &json!("cancelled")),
+        "a cancelled task's result is kept: {r}"
+    );
     let (_, info) = s.get("/sys_info");
     assert_eq!(info["counts"]["succeeded"], 2, "{info}");
+    assert_eq!(info["counts"]["cancelled"], 1, "{info}");
     assert_eq!(info["delaying_keys"], json!([]), "{info}");
 }
