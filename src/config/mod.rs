@@ -470,21 +470,25 @@ mod tests {
     }
 
     /// One loop over the table, so a new flag is covered by construction: `--help` shows it with
-    /// its default, both spellings and `POULPE_<NAME>` set it, the command line wins, and a
-    /// number's default lies in its range.
+    /// its default (and its short name before the long one), both spellings, the short name and
+    /// `POULPE_<NAME>` set it, the command line wins, and a number's default lies in its range.
     #[test]
     fn every_flag_in_help_both_spellings_and_environment() {
         use flags::{DefaultValue, Kind};
         let help = help_text();
         let no_env = |_: &str| None;
         for f in flags::ALL {
+            let head = match f.short {
+                Some(c) => format!("{c}, {}", f.key),
+                None => f.key.to_string(),
+            };
             let line = help
                 .lines()
                 .find(|l| {
-                    let rest = l.trim_start().strip_prefix(f.key);
+                    let rest = l.trim_start().strip_prefix(&head);
                     rest.is_some_and(|r| r.is_empty() || r.starts_with(' '))
                 })
-                .unwrap_or_else(|| panic!("--help does not list {}:\n{help}", f.key));
+                .unwrap_or_else(|| panic!("--help does not list {head}:\n{help}"));
             assert!(line.contains(f.help), "{line}");
             let shown = f.shown_default();
             assert!(
@@ -503,7 +507,12 @@ mod tests {
             let env_name = f.env_name();
             assert_eq!(env_name, format!("POULPE_{}", f.name.to_uppercase()));
             let env = |k: &str| (k == env_name).then(|| from_env.clone());
-            for key in [f.key.to_string(), f.kebab_key()] {
+            let keys = [
+                Some(f.key.to_string()),
+                Some(f.kebab_key()),
+                f.short.map(str::to_string),
+            ];
+            for key in keys.into_iter().flatten() {
                 let (args, eq_args) = match f.kind {
                     Kind::Switch => (vec![key.clone()], vec![key.clone()]),
                     _ => (vec![key.clone(), cli.clone()], vec![format!("{key}={cli}")]),
@@ -530,6 +539,68 @@ mod tests {
         }
     }
 
+    /// The one-letter names are those of the original poulpe, each on one flag, and a value
+    /// given after one of them may not be another flag.
+    #[test]
+    fn short_names_are_the_original_ones() {
+        let original = [
+            ("-p", "port"),
+            ("-r", "redis"),
+            ("-c", "cron"),
+            ("-w", "workers"),
+            ("-s", "smtp_server"),
+            ("-x", "smtp_port"),
+            ("-n", "smtp_name"),
+            ("-y", "smtp_pwd"),
+            ("-i", "retry_interval"),
+            ("-m", "max_retry"),
+            ("-k", "starttls"),
+            ("-d", "dead"),
+        ];
+        let table: Vec<(&str, &str)> = flags::ALL
+            .iter()
+            .filter_map(|f| f.short.map(|c| (c, f.name)))
+            .collect();
+        let mut want = original.to_vec();
+        want.sort();
+        let mut got = table.clone();
+        got.sort();
+        assert_eq!(got, want, "short names in the table");
+
+        let c = parse(
+            &[
+                "-p", "9001", "-w", "2", "-i", "5", "-m", "1", "-d", "/tmp/dl",
+            ],
+            &[],
+        )
+        .expect("short flags");
+        assert_eq!(
+            (c.port, c.workers, c.retry_interval, c.max_retry),
+            (9001, 2, 5, 1)
+        );
+        assert_eq!(c.dead, PathBuf::from("/tmp/dl"));
+        let c = parse(
+            &["-s", "relay", "-x", "2525", "-k", "-n", "me", "-y", "pw"],
+            &[],
+        )
+        .expect("short SMTP flags");
+        let smtp = c.smtp.expect("-s sets the relay");
+        assert_eq!((smtp.server.as_str(), smtp.port), ("relay", 2525));
+        assert_eq!(smtp.security, Security::StartTls, "-k is --starttls");
+        assert_eq!(smtp.auth, Some(("me".to_string(), "pw".to_string())));
+        let c = parse(&["-r", "redis://h:1/0", "-c", "/tmp/crontab"], &[]).expect("-r -c");
+        assert_eq!(c.redis.as_deref(), Some("redis://h:1/0"));
+        assert_eq!(c.cron, Some(PathBuf::from("/tmp/crontab")));
+        for args in [
+            &["-p", "-w", "2"][..],
+            &["-s", "--smtp_port", "25"][..],
+            &["-w"][..],
+        ] {
+            let e = parse(args, &[]).unwrap_err();
+            assert!(matches!(e, ConfigError::MissingValue(_)), "{args:?}: {e}");
+        }
+    }
+
     #[test]
     fn tz_comes_from_the_given_environment() {
         let c = parse(&[], &[("TZ", "Europe/Paris")]).expect("TZ");
@@ -544,7 +615,8 @@ mod tests {
         assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
     }
 
-    /// The README's flag table lists every flag of the table, with its default when it has one.
+    /// The README's flag table lists every flag of the table, with its short name and its default
+    /// when it has them.
     #[test]
     fn readme_flag_table_lists_every_flag() {
         let readme = include_str!("../../README.md");
@@ -555,6 +627,10 @@ mod tests {
                 .iter()
                 .find(|r| r.split(" | ").next().is_some_and(|c| c.contains(&cell)))
                 .unwrap_or_else(|| panic!("README's flag table lacks {}", f.key));
+            if let Some(c) = f.short {
+                let names = row.split(" | ").next().unwrap_or("");
+                assert!(names.contains(&format!("`{c}`")), "{row}: {c} missing");
+            }
             let default = row.split(" | ").nth(1).unwrap_or("").replace('`', "");
             match f.default {
                 flags::DefaultValue::Text(d) => assert_eq!(default, d, "{row}"),
