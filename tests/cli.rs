@@ -559,3 +559,37 @@ fn help_shows_the_short_names() {
         );
     }
 }
+
+/// A bad value from the environment names the variable it came from, and still the flag.
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let line = assert_refused(
+        &run(poulpe(&["--data", &data], &[("POULPE_PORT", "abc")])),
+        &["POULPE_PORT", "--port", "\"abc\""],
+    );
+    assert!(line.starts_with("poulpe: "), "{line}");
+    assert_refused(
+        &run(poulpe(
+            &["--data", &data],
+            &[("POULPE_RETRY_INTERVAL", "soon")],
+        )),
+        &["POULPE_RETRY_INTERVAL", "--retry_interval", "soon"],
+    );
+    // So is one checked with the settings it goes with (here the SMTP relay's).
+    let line = assert_refused(
+        &run(poulpe(
+            &["--data", &data, "--smtp_server", "h"],
+            &[("POULPE_SMTP_PORT", "0")],
+        )),
+        &["POULPE_SMTP_PORT", "--smtp_port"],
+    );
+    assert!(line.contains("between 1 and 65535"), "{line}");
+    // The same bad value on the command line names no variable.
+    let line = assert_refused(
+        &run(poulpe(&["--data", &data, "-p", "abc"], &[])),
+        &["--port"],
+    );
+    assert!(!line.contains("POULPE_"), "{line}");
+}

@@ -264,6 +264,7 @@ pub(super) fn bad(flag: &'static str, value: &str, reason: impl Into<String>) ->
         flag,
         value: value.to_string(),
         reason: reason.into(),
+        from_env: false,
     }
 }
 
@@ -307,6 +308,8 @@ fn take<K: Into<pico_args::Keys>>(
 /// wins), in the order of [`ALL`].
 pub(super) struct Raw {
     values: Vec<Option<String>>,
+    /// Whether each value came from the environment (not the command line).
+    from_env: Vec<bool>,
 }
 
 impl Raw {
@@ -322,6 +325,7 @@ impl Raw {
             return Err(ConfigError::Version);
         }
         let mut values = Vec::with_capacity(ALL.len());
+        let mut from_env = Vec::with_capacity(ALL.len());
         for f in ALL {
             let from_cli = match f.short {
                 Some(short) => take(&mut pargs, f, [short, f.key])?,
@@ -332,6 +336,7 @@ impl Raw {
             if f.kind != Kind::Switch && from_cli.as_deref().is_some_and(is_flag) {
                 return Err(ConfigError::MissingValue(f.name));
             }
+            from_env.push(from_cli.is_none());
             values.push(from_cli.or_else(|| env(&f.env_name())));
         }
         if let Some(extra) = pargs.finish().into_iter().next() {
@@ -343,7 +348,15 @@ impl Raw {
                 shown.to_string_lossy().into_owned(),
             ));
         }
-        Ok(Raw { values })
+        Ok(Raw { values, from_env })
+    }
+
+    /// Whether the value of the flag named `name` came from its `POULPE_*` variable.
+    pub(super) fn came_from_env(&self, name: &str) -> bool {
+        let i = ALL.iter().position(|g| g.name == name);
+        i.is_some_and(|i| {
+            self.from_env[i] && self.values[i].as_deref().is_some_and(|v| !v.is_empty())
+        })
     }
 
     /// The flag's value when it was given and is not empty.

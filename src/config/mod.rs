@@ -109,11 +109,13 @@ pub enum ConfigError {
     UnknownFlag(String),
     /// This flag needs a value (or goes with another flag that was given).
     MissingValue(&'static str),
-    /// This flag's value is refused, and why (the value of a secret flag is never shown).
+    /// This flag's value is refused, and why (the value of a secret flag is never shown);
+    /// `from_env` when the value came from its `POULPE_*` variable, which is then named.
     BadValue {
         flag: &'static str,
         value: String,
         reason: String,
+        from_env: bool,
     },
     /// A flag needs a cargo feature this build lacks.
     NoFeature {
@@ -135,13 +137,22 @@ impl fmt::Display for ConfigError {
                 flag,
                 value,
                 reason,
+                from_env,
             } => {
                 let shown = if flags::SECRET.iter().any(|s| s.name == *flag) {
                     "<hidden>"
                 } else {
                     value.as_str()
                 };
-                write!(f, "--{flag}: bad value {shown:?}: {reason}")
+                if *from_env {
+                    let var = flag.to_ascii_uppercase();
+                    write!(
+                        f,
+                        "POULPE_{var}: bad value {shown:?} for --{flag}: {reason}"
+                    )
+                } else {
+                    write!(f, "--{flag}: bad value {shown:?}: {reason}")
+                }
             }
             ConfigError::NoFeature { flag, feature } => write!(
                 f,
@@ -293,10 +304,29 @@ impl Config {
         Config::parse(args, &process_env)
     }
 
-    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too.
+    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too. A
+    /// bad value that came from the environment is reported under its variable's name.
     pub(crate) fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
-        use flags::*;
         let raw = Raw::collect(args, env)?;
+        Config::check(&raw, env).map_err(|e| match e {
+            ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+                ..
+            } => ConfigError::BadValue {
+                from_env: raw.came_from_env(flag),
+                flag,
+                value,
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Turns the raw values into a checked `Config`.
+    fn check(raw: &Raw, env: Env<'_>) -> Result<Config, ConfigError> {
+        use flags::*;
         // Checked in this order, so the first bad value named is always the same one.
         let port = raw.number(&PORT)?;
         let bind = raw.text(&BIND);
@@ -329,9 +359,9 @@ impl Config {
         let ws_idle = raw.number(&WS_IDLE)?;
         let http_idle = raw.number(&HTTP_IDLE)?;
         let max_conns = raw.number(&MAX_CONNS)?;
-        let ca_file = ca_file(&raw)?;
-        let exec = exec_policy(&raw)?;
-        let smtp = smtp_config(&raw)?;
+        let ca_file = ca_file(raw)?;
+        let exec = exec_policy(raw)?;
+        let smtp = smtp_config(raw)?;
         let cron_catchup = match raw.text(&CRON_CATCHUP) {
             "none" => false,
             "last" => true,
@@ -373,7 +403,7 @@ impl Config {
             max_conns,
             ca_file,
             smtp,
-            kafka: kafka_config(&raw)?,
+            kafka: kafka_config(raw)?,
             tz,
             log,
         })
@@ -613,6 +643,59 @@ mod tests {
         assert_eq!(c.tz, chrono_tz::UTC, "--tz first");
         let e = parse(&[], &[("TZ", "Mars/Base")]).unwrap_err().to_string();
         assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
+        let e = parse(&[], &[("TZ", "Mars/Base"), ("POULPE_TZ", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--tz: bad value \"Mars/Base\""),
+            "TZ is no POULPE_*: {e}"
+        );
+    }
+
+    /// A bad value from the environment is reported under its variable, still naming the flag
+    /// (and a secret's value stays hidden); from the command line, under the flag alone.
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        let e = parse(&[], &[("POULPE_PORT", "abc")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "POULPE_PORT: bad value \"abc\" for --port: expected a whole number"
+        );
+        let e = parse(&["--port", "abc"], &[("POULPE_PORT", "1")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--port: bad value \"abc\": expected a whole number");
+        let e = parse(&["--port", "1"], &[("POULPE_WORKERS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_WORKERS: bad value \"0\" for --workers"),
+            "{e}"
+        );
+        let e = parse(&[], &[("POULPE_BACKOFF", "linear")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_BACKOFF: bad value \"linear\" for --backoff"),
+            "{e}"
+        );
+        let e = parse(&[], &[("POULPE_EXEC_ANY", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("POULPE_EXEC_ANY: bad value \"maybe\""), "{e}");
+        let e = parse(&["--smtp_from", "nope"], &[("POULPE_SMTP_SERVER", "h")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--smtp_from: bad value \"nope\""), "{e}");
+        let e = parse(&["-s", "h"], &[("POULPE_SMTP_PORT", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_SMTP_PORT: bad value \"0\" for --smtp_port"),
+            "{e}"
+        );
     }
 
     /// The README's flag table lists every flag of the table, with its short name and its default
