@@ -269,7 +269,7 @@ pub(super) fn bad(flag: &'static str, value: &str, reason: impl Into<String>) ->
 }
 
 /// Turns `--retry-interval=5` into `--retry_interval=5`; other arguments stay as they are.
-fn normalize(arg: OsString) -> OsString {
+pub(crate) fn normalize(arg: OsString) -> OsString {
     let Some(s) = arg.to_str() else { return arg };
     let Some(rest) = s.strip_prefix("--") else {
         return arg;

@@ -164,6 +164,27 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// This error, with a bad value marked as coming from its `POULPE_*` variable when
+    /// `from_env` (so that the variable is named); any other error as it is.
+    pub(crate) fn in_env(self, from_env: bool) -> ConfigError {
+        match self {
+            ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+                ..
+            } => ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+                from_env,
+            },
+            other => other,
+        }
+    }
+}
+
 /// An environment lookup: the process's own ([`process_env`]) or one given by a test.
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -206,6 +227,14 @@ fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
     }))
 }
 
+/// `--smtp_from`, checked to be a mail address (`ops@example.org`, `Ops <ops@example.org>`).
+pub(crate) fn sender(value: &str) -> Result<String, ConfigError> {
+    value
+        .parse::<lettre::message::Mailbox>()
+        .map_err(|e| bad(flags::SMTP_FROM.name, value, e.to_string()))?;
+    Ok(value.to_string())
+}
+
 /// The SMTP relay settings, when `--smtp_server` is given.
 fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
     let starttls = raw.switch(&flags::STARTTLS)?;
@@ -238,14 +267,7 @@ fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
         }
         (None, _) => None,
     };
-    let from = match raw.get(&flags::SMTP_FROM) {
-        None => None,
-        Some(f) => {
-            f.parse::<lettre::message::Mailbox>()
-                .map_err(|e| bad(flags::SMTP_FROM.name, f, e.to_string()))?;
-            Some(f.to_string())
-        }
-    };
+    let from = raw.get(&flags::SMTP_FROM).map(sender).transpose()?;
     let ca_file = match raw.get(&flags::SMTP_CA_FILE) {
         None => None,
         Some(f) => {
@@ -308,19 +330,10 @@ impl Config {
     /// bad value that came from the environment is reported under its variable's name.
     pub(crate) fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
         let raw = Raw::collect(args, env)?;
-        Config::check(&raw, env).map_err(|e| match e {
-            ConfigError::BadValue {
-                flag,
-                value,
-                reason,
-                ..
-            } => ConfigError::BadValue {
-                from_env: raw.came_from_env(flag),
-                flag,
-                value,
-                reason,
-            },
-            other => other,
+        Config::check(&raw, env).map_err(|e| {
+            let from_env =
+                matches!(e, ConfigError::BadValue { flag, .. } if raw.came_from_env(flag));
+            e.in_env(from_env)
         })
     }
 

@@ -1,9 +1,9 @@
-//! `poulpe cron-check FILE [--tz Z] [-n N]`: validates a cron file and prints each line's next
-//! fire times, without starting the server.
+//! `poulpe cron-check FILE [--tz Z] [-n N] [--smtp_from ADDR]`: validates a cron file and prints
+//! each line's next fire times, without starting the server.
 
 use super::cron::parse_file;
-use crate::config::{flags, process_env, time_zone, Env};
-use crate::task::{ExecPolicy, Limits};
+use crate::config::{flags, process_env, sender, time_zone, Env};
+use crate::task::{ExecPolicy, Limits, Method};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -15,6 +15,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
 /// [`run`] with an explicit environment lookup. The zone is found as the server finds it:
 /// `--tz`, else `POULPE_TZ`, else `TZ`, else UTC.
 pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
+    let args = args.into_iter().map(flags::normalize).collect();
     let mut pargs = pico_args::Arguments::from_vec(args);
     let tz_name: Option<String> = match pargs.opt_value_from_str(flags::TZ.key) {
         Ok(v) => v,
@@ -30,10 +31,32 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
             return 2;
         }
     };
+    let from_cli: Option<String> = match pargs.opt_value_from_str(flags::SMTP_FROM.key) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("poulpe cron-check: --smtp_from: {e}");
+            return 2;
+        }
+    };
     let free = pargs.finish();
     let [file] = free.as_slice() else {
-        eprintln!("usage: poulpe cron-check FILE [--tz ZONE] [-n N]");
+        eprintln!("usage: poulpe cron-check FILE [--tz ZONE] [-n N] [--smtp_from ADDR]");
         return 2;
+    };
+    // The default sender of MAIL_TO lines, checked as the server checks it.
+    let mail_from = match from_cli.as_deref() {
+        Some(v) => sender(v).map(Some),
+        None => flags::SMTP_FROM
+            .env_value(env)
+            .map(|v| sender(&v).map_err(|e| e.in_env(true)))
+            .transpose(),
+    };
+    let mail_from = match mail_from {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("poulpe cron-check: {e}");
+            return 2;
+        }
     };
     let tz_name = tz_name.or_else(|| flags::TZ.env_value(env));
     let tz = match time_zone(tz_name.as_deref(), env) {
@@ -48,7 +71,7 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         workers: usize::MAX,
         exec: ExecPolicy::Any,
         mail_enabled: true,
-        mail_from: flags::SMTP_FROM.env_value(env),
+        mail_from,
     };
     let path = PathBuf::from(file);
     match parse_file(&path, &limits, tz) {
@@ -68,6 +91,23 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
                 for t in l.upcoming(now, tz, n) {
                     println!("    {}", t.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
                 }
+            }
+            let mail: Vec<String> = lines
+                .iter()
+                .filter(|l| l.method == Method::MailTo)
+                .map(|l| l.line.to_string())
+                .collect();
+            if !mail.is_empty() {
+                let (s, them) = if mail.len() == 1 {
+                    ("", "it")
+                } else {
+                    ("s", "them")
+                };
+                println!(
+                    "note: MAIL_TO on line{s} {}: the server needs --smtp_server (an SMTP relay) \
+                     to run {them}",
+                    mail.join(", ")
+                );
             }
             0
         }
