@@ -593,3 +593,36 @@ fn a_bad_environment_value_names_the_variable() {
     );
     assert!(!line.contains("POULPE_"), "{line}");
 }
+
+/// `poulpe --help` lists the subcommands; `poulpe cron-check --help` and `poulpe health --help`
+/// print their own help and exit 0.
+#[test]
+fn help_lists_the_subcommands_which_have_their_own_help() {
+    let out = run(poulpe(&["--help"], &[]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = text(&out.stdout);
+    for cmd in ["health", "cron-check"] {
+        let lines: Vec<&str> = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&format!("poulpe {cmd} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line for {cmd}:\n{help}");
+    }
+    for (cmd, needles) in [
+        (
+            "cron-check",
+            &["poulpe cron-check FILE", "--tz", "-n", "--smtp_from"][..],
+        ),
+        ("health", &["poulpe health", "--host", "--port"][..]),
+    ] {
+        for flag in ["--help", "-h"] {
+            let out = run(poulpe(&[cmd, flag], &[]));
+            assert_eq!(out.status.code(), Some(0), "{cmd} {flag}: {out:?}");
+            assert_eq!(text(&out.stderr), "", "{cmd} {flag}");
+            let h = text(&out.stdout);
+            for n in needles {
+                assert!(h.contains(n), "{cmd} {flag}: {n:?} missing:\n{h}");
+            }
+        }
+    }
+}

@@ -235,6 +235,10 @@ impl Flag {
 pub(crate) fn help_text() -> String {
     let mut s = format!(
         "poulpe {} - a lightweight job server\n\nUSAGE:\n  poulpe [FLAGS]\n\n\
+         COMMANDS:\n  \
+         poulpe health [--host H] [--port P]      ask a running server's /health (exit 0: healthy)\n  \
+         poulpe cron-check FILE [--tz Z] [-n N]   check a cron file and print its next fire times\n  \
+         (each takes --help)\n\n\
          Every flag may also be set as POULPE_<FLAG> in the environment (POULPE_PORT=8000);\n\
          the command line wins. --retry_interval and --retry-interval are the same flag.\n\nFLAGS:\n",
         env!("CARGO_PKG_VERSION")

@@ -7,7 +7,22 @@ use crate::task::{ExecPolicy, Limits, Method};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-/// Runs the check; returns the exit code (0 valid, 2 invalid or bad arguments).
+/// What `poulpe cron-check --help` prints.
+const HELP: &str = "poulpe cron-check - check a cron file and print each line's next fire times, \
+without starting the server
+
+USAGE:
+  poulpe cron-check FILE [--tz ZONE] [-n N] [--smtp_from ADDR]
+
+FLAGS:
+  --tz <v>          IANA zone of the schedule [default: POULPE_TZ, else TZ, else UTC]
+  -n <v>            fire times shown per line [default: 5]
+  --smtp_from <v>   default sender of MAIL_TO lines, as for the server (POULPE_SMTP_FROM)
+  -h, --help        print this help
+
+Exit code 0 when the file is valid; 2 and FILE:LINE: reason when it is not.";
+
+/// Runs the check; returns the exit code (0 valid or help, 2 invalid or bad arguments).
 pub fn run(args: Vec<OsString>) -> u8 {
     run_in(args, &process_env)
 }
@@ -17,6 +32,10 @@ pub fn run(args: Vec<OsString>) -> u8 {
 pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let args = args.into_iter().map(flags::normalize).collect();
     let mut pargs = pico_args::Arguments::from_vec(args);
+    if pargs.contains(["-h", "--help"]) {
+        println!("{HELP}");
+        return 0;
+    }
     let tz_name: Option<String> = match pargs.opt_value_from_str(flags::TZ.key) {
         Ok(v) => v,
         Err(e) => {
