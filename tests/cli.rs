@@ -626,3 +626,66 @@ fn help_lists_the_subcommands_which_have_their_own_help() {
         }
     }
 }
+
+/// An unreachable Redis at start is one line: the flag, the URL without its password (also a
+/// `pass=` in a socket URL's query), and the reason, with no prefix said twice.
+#[test]
+fn unreachable_redis_is_one_clear_line_without_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let closed = free_port();
+    let tcp = format!("redis://:s3cret-pw@127.0.0.1:{closed}/0");
+    let unix = "redis+unix:///nonexistent-dir/redis.sock?db=0&pass=s3cret-pw".to_string();
+    let runs: Vec<_> = [tcp, unix]
+        .into_iter()
+        .map(|url| {
+            let data = data.clone();
+            thread::spawn(move || {
+                let out = run(poulpe(
+                    &[
+                        "--data",
+                        &data,
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--redis",
+                        &url,
+                    ],
+                    &[],
+                ));
+                (url, out)
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for r in runs {
+        let (url, out) = r.join().expect("run");
+        let line = assert_refused(&out, &["cannot reach Redis at"]);
+        assert!(
+            !line.contains("s3cret"),
+            "{url}: the password shows: {line}"
+        );
+        for word in ["store unavailable", "cannot reach", "redis: ", "--redis"] {
+            assert!(
+                line.matches(word).count() <= 1,
+                "{url}: {word:?} said more than once: {line}"
+            );
+        }
+        assert!(
+            line.starts_with("poulpe: --redis: cannot reach Redis at "),
+            "{line}"
+        );
+        lines.push(line);
+    }
+    assert!(
+        lines[0].contains(&format!("redis://***@127.0.0.1:{closed}/0")),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("redis+unix:///nonexistent-dir/redis.sock"),
+        "{}",
+        lines[1]
+    );
+}
