@@ -68,6 +68,8 @@ impl fmt::Display for StartError {
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             StartError::DeadDir(p, e) => write!(f, "--dead: cannot create {}: {e}", p.display()),
+            // The flag says which store: "store unavailable" would only repeat it.
+            StartError::OpenStore(flag, StoreError::Unavailable(why)) => write!(f, "{flag}: {why}"),
             StartError::OpenStore(flag, e) => write!(f, "{flag}: {e}"),
             StartError::Mail(e) => write!(f, "{e}"),
             #[cfg(feature = "kafka")]

@@ -5,7 +5,20 @@ use crate::config::{flags, process_env, Env};
 use std::ffi::OsString;
 use std::time::Duration;
 
-/// Probes `/health`; returns the process exit code (0 healthy, 1 not, 2 bad arguments).
+/// What `poulpe health --help` prints.
+const HELP: &str = "poulpe health - ask a running poulpe's /health (for container health checks)
+
+USAGE:
+  poulpe health [--host H] [--port P]
+
+FLAGS:
+  --host <v>    the server's address [default: 127.0.0.1]
+  --port <v>    the server's port [default: POULPE_PORT, else 8000]
+  -h, --help    print this help
+
+Exit code 0 when it answers 200, 1 when it does not, 2 on bad arguments.";
+
+/// Probes `/health`; returns the process exit code (0 healthy or help, 1 not, 2 bad arguments).
 pub fn run(args: Vec<OsString>) -> u8 {
     run_in(args, &process_env)
 }
@@ -14,6 +27,10 @@ pub fn run(args: Vec<OsString>) -> u8 {
 /// `POULPE_PORT` (ignored when it is not a valid port), else the flag table's default.
 pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let mut pargs = pico_args::Arguments::from_vec(args);
+    if pargs.contains(["-h", "--help"]) {
+        println!("{HELP}");
+        return 0;
+    }
     let port: Result<u16, _> = match pargs.opt_value_from_str(flags::PORT.key) {
         Ok(Some(p)) => Ok(p),
         Ok(None) => {

@@ -157,8 +157,13 @@ fn help_lists_every_flag_with_its_default() {
         let line = help
             .lines()
             .find(|l| {
-                l.trim_start()
-                    .strip_prefix(&head)
+                // `-p, --port`: the short name first, when there is one.
+                let l = l.trim_start();
+                let l = match l.split_once(", ") {
+                    Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
+                    _ => l,
+                };
+                l.strip_prefix(&head)
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
             })
             .unwrap_or_else(|| panic!("--help does not list {head}:\n{help}"));
@@ -403,4 +408,300 @@ fn busy_port_exits_2_naming_port_and_runs_nothing() {
             "{id} ran before the server that could start"
         );
     }
+}
+
+/// The one-letter flags of the original poulpe set the same settings as the long ones: the
+/// server listens on `-p` with `-w` workers, reads `-c`, writes dead letters to `-d` after `-m`
+/// retries `-i` seconds apart, and takes MAIL_TO with `-s`; `-k` is a switch (the flag after it
+/// is not taken as its value). The SMTP ones are seen where they stop start-up.
+#[test]
+fn short_flags_of_the_original_set_the_same_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let dead = dir.path().join("dead-here");
+    let dead_s = dead.to_str().expect("UTF-8").to_string();
+    let cron = dir.path().join("crontab");
+    std::fs::write(&cron, "0 0 3 1 1 * * http://127.0.0.1:9/x GET a=1\n").expect("cron file");
+    let cron_s = cron.to_str().expect("UTF-8").to_string();
+    let port = free_port();
+    let p = port.to_string();
+    let closed = free_port();
+    let mut s = spawn(
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--data",
+            &data,
+            "-p",
+            &p,
+            "-w",
+            "2",
+            "-c",
+            &cron_s,
+            "-d",
+            &dead_s,
+            "-m",
+            "1",
+            "-i",
+            "1",
+            "-s",
+            "127.0.0.1",
+            "-x",
+            "2525",
+            "-k",
+            "-n",
+            "u",
+            "-y",
+            "pw",
+        ],
+        &[],
+    );
+    assert!(healthy(&mut s, port), "-p {port}: the server listens there");
+    assert_eq!(workers_of(port), 2, "-w 2");
+    let base = format!("http://127.0.0.1:{port}");
+    let (_, info) = get(&format!("{base}/sys_info"));
+    assert_eq!(info["cron"].as_array().map(Vec::len), Some(1), "-c: {info}");
+    // -s enables MAIL_TO (delayed: it is only validated, never sent).
+    let (code, body) = common::post_json(
+        &format!("{base}/task_in_queue"),
+        &json!({"method": "MAIL_TO", "name": "a@example.org", "delay": 3600,
+                "params": {"from_addr": "f@example.org", "title": "t", "body": "b"}}),
+    );
+    assert_eq!(code, 200, "-s: MAIL_TO is accepted: {body}");
+    // -m 1: two attempts, -i 1: a second apart (not the default 10 s), -d: the record is there.
+    let (code, body) = common::post_json(
+        &format!("{base}/task_in_queue"),
+        &json!({"id": "short-1", "method": "GET",
+                "name": format!("http://127.0.0.1:{closed}/refused")}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, r) = get(&format!("{base}/task_resp/short-1?timeout=30"));
+    assert_eq!((code, &r["status"]), (200, &json!("dead")), "{r}");
+    assert_eq!(r["attempts"], 2, "-m 1 means two attempts: {r}");
+    let record = std::fs::read_dir(&dead)
+        .expect("-d: the dead-letter directory exists")
+        .filter_map(Result::ok)
+        .flat_map(|day| std::fs::read_dir(day.path()).into_iter().flatten())
+        .filter_map(Result::ok)
+        .find(|f| f.file_name() == "task-short-1.json");
+    let record = record.unwrap_or_else(|| panic!("-d: no record of short-1 in {dead_s}"));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record.path()).expect("read the record"))
+            .expect("JSON record");
+    let started: Vec<i64> = record["task"]["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["started_ms"].as_i64())
+        .collect();
+    assert_eq!(started.len(), 2, "{record}");
+    let gap_ms = started[1] - started[0];
+    assert!(
+        (1000..10_000).contains(&gap_ms),
+        "-i 1: the retry came {gap_ms} ms after the first attempt (the default is 10 s)"
+    );
+    drop(s);
+
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["-p", "x"], &["--port", "\"x\""]),
+        (&["-w", "0"], &["--workers"]),
+        (&["-i", "soon"], &["--retry_interval"]),
+        (&["-m", "101"], &["--max_retry"]),
+        // These two get as far as opening the port: any free one.
+        (&["-p", "0", "-r", "not a url"], &["--redis"]),
+        (&["-p", "0", "-c", "/nonexistent/crontab"], &["--cron"]),
+        (&["-s", "h", "-x", "0"], &["--smtp_port"]),
+        (&["-s", "h", "-n", "u"], &["--smtp_pwd"]),
+        (
+            &["-s", "h", "-k", "--smtp_tls"],
+            &["--starttls", "--smtp_tls"],
+        ),
+        (&["-p"], &["--port"]),
+        (&["-p", "-w", "2"], &["--port"]),
+    ];
+    for (args, needles) in cases {
+        let mut all = vec!["--data", &data, "--bind", "127.0.0.1"];
+        all.extend_from_slice(args);
+        assert_refused(&run(poulpe(&all, &[])), needles);
+    }
+    // -n and -y together are the AUTH pair: with both, the same server starts.
+    let port = free_port();
+    let p = port.to_string();
+    let mut s = spawn(
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--data",
+            &data,
+            "-p",
+            &p,
+            "-s",
+            "h",
+            "-n",
+            "u",
+            "-y",
+            "pw",
+        ],
+        &[],
+    );
+    assert!(healthy(&mut s, port), "-s h -n u -y pw starts");
+}
+
+/// `--help` shows each flag's short name beside its long one.
+#[test]
+fn help_shows_the_short_names() {
+    let out = run(poulpe(&["--help"], &[]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = text(&out.stdout);
+    for (short, long) in [
+        ("-p", "--port"),
+        ("-r", "--redis"),
+        ("-c", "--cron"),
+        ("-w", "--workers"),
+        ("-s", "--smtp_server"),
+        ("-x", "--smtp_port"),
+        ("-n", "--smtp_name"),
+        ("-y", "--smtp_pwd"),
+        ("-i", "--retry_interval"),
+        ("-m", "--max_retry"),
+        ("-k", "--starttls"),
+        ("-d", "--dead"),
+    ] {
+        let head = format!("{short}, {long}");
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{head} ")) || l.trim_start() == head),
+            "--help has no line starting with {head:?}:\n{help}"
+        );
+    }
+}
+
+/// A bad value from the environment names the variable it came from, and still the flag.
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let line = assert_refused(
+        &run(poulpe(&["--data", &data], &[("POULPE_PORT", "abc")])),
+        &["POULPE_PORT", "--port", "\"abc\""],
+    );
+    assert!(line.starts_with("poulpe: "), "{line}");
+    assert_refused(
+        &run(poulpe(
+            &["--data", &data],
+            &[("POULPE_RETRY_INTERVAL", "soon")],
+        )),
+        &["POULPE_RETRY_INTERVAL", "--retry_interval", "soon"],
+    );
+    // So is one checked with the settings it goes with (here the SMTP relay's).
+    let line = assert_refused(
+        &run(poulpe(
+            &["--data", &data, "--smtp_server", "h"],
+            &[("POULPE_SMTP_PORT", "0")],
+        )),
+        &["POULPE_SMTP_PORT", "--smtp_port"],
+    );
+    assert!(line.contains("between 1 and 65535"), "{line}");
+    // The same bad value on the command line names no variable.
+    let line = assert_refused(
+        &run(poulpe(&["--data", &data, "-p", "abc"], &[])),
+        &["--port"],
+    );
+    assert!(!line.contains("POULPE_"), "{line}");
+}
+
+/// `poulpe --help` lists the subcommands; `poulpe cron-check --help` and `poulpe health --help`
+/// print their own help and exit 0.
+#[test]
+fn help_lists_the_subcommands_which_have_their_own_help() {
+    let out = run(poulpe(&["--help"], &[]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = text(&out.stdout);
+    for cmd in ["health", "cron-check"] {
+        let lines: Vec<&str> = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with(&format!("poulpe {cmd} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line for {cmd}:\n{help}");
+    }
+    for (cmd, needles) in [
+        (
+            "cron-check",
+            &["poulpe cron-check FILE", "--tz", "-n", "--smtp_from"][..],
+        ),
+        ("health", &["poulpe health", "--host", "--port"][..]),
+    ] {
+        for flag in ["--help", "-h"] {
+            let out = run(poulpe(&[cmd, flag], &[]));
+            assert_eq!(out.status.code(), Some(0), "{cmd} {flag}: {out:?}");
+            assert_eq!(text(&out.stderr), "", "{cmd} {flag}");
+            let h = text(&out.stdout);
+            for n in needles {
+                assert!(h.contains(n), "{cmd} {flag}: {n:?} missing:\n{h}");
+            }
+        }
+    }
+}
+
+/// An unreachable Redis at start is one line: the flag, the URL without its password (also a
+/// `pass=` in a socket URL's query), and the reason, with no prefix said twice.
+#[test]
+fn unreachable_redis_is_one_clear_line_without_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data_arg(dir.path());
+    let closed = free_port();
+    let tcp = format!("redis://:s3cret-pw@127.0.0.1:{closed}/0");
+    let unix = "redis+unix:///nonexistent-dir/redis.sock?db=0&pass=s3cret-pw".to_string();
+    let runs: Vec<_> = [tcp, unix]
+        .into_iter()
+        .map(|url| {
+            let data = data.clone();
+            thread::spawn(move || {
+                let out = run(poulpe(
+                    &[
+                        "--data",
+                        &data,
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--redis",
+                        &url,
+                    ],
+                    &[],
+                ));
+                (url, out)
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for r in runs {
+        let (url, out) = r.join().expect("run");
+        let line = assert_refused(&out, &["cannot reach Redis at"]);
+        assert!(
+            !line.contains("s3cret"),
+            "{url}: the password shows: {line}"
+        );
+        for word in ["store unavailable", "cannot reach", "redis: ", "--redis"] {
+            assert!(
+                line.matches(word).count() <= 1,
+                "{url}: {word:?} said more than once: {line}"
+            );
+        }
+        assert!(
+            line.starts_with("poulpe: --redis: cannot reach Redis at "),
+            "{line}"
+        );
+        lines.push(line);
+    }
+    assert!(
+        lines[0].contains(&format!("redis://***@127.0.0.1:{closed}/0")),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("redis+unix:///nonexistent-dir/redis.sock"),
+        "{}",
+        lines[1]
+    );
 }

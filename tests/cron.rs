@@ -443,3 +443,123 @@ fn firings_missed_while_stopped_run_once_not_once_per_missed_second() {
         "firings due while the process was stopped ran for {ran:?} of the missed seconds {missed:?}"
     );
 }
+
+/// Shell words of one command line: split at spaces, `'...'` kept as one word.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                }
+                any = false;
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    assert!(!quoted, "unbalanced quote in {line:?}");
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// The README's cron example passes `poulpe cron-check` run as the README shows it: the first
+/// plain code block of its "Cron file" section, checked with the `poulpe cron-check` command
+/// line of that section (its file argument replaced by the block). Each line is listed, and the
+/// MAIL_TO line gets a note that the server needs `--smtp_server` to run it.
+#[test]
+fn the_readme_cron_example_passes_cron_check_as_documented() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("\n## Cron file\n")
+        .expect("README has a Cron file section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |e| e + 1)];
+    let example = section
+        .split("\n```\n")
+        .nth(1)
+        .expect("a plain code block (the cron example) in the Cron file section");
+    let command = section
+        .lines()
+        .find(|l| l.starts_with("poulpe cron-check "))
+        .expect("a `poulpe cron-check` command in the Cron file section");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("crontab");
+    std::fs::write(&file, format!("{example}\n")).expect("write the example");
+    let mut words = shell_words(command);
+    assert!(words.len() >= 3, "{command}");
+    words[2] = file.to_str().expect("utf8").to_string();
+    let out = Command::new(common::binary())
+        .args(&words[1..])
+        .env_remove("POULPE_SMTP_FROM")
+        .output()
+        .expect("run cron-check");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "`{command}` on the README's example:\n{stdout}{stderr}\n--- example:\n{example}"
+    );
+    let lines = example
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("//") && !l.starts_with('#'))
+        .count();
+    assert!(
+        stdout.contains(&format!(": {lines} lines,")),
+        "{lines} lines: {stdout}"
+    );
+    let mail_lines: Vec<usize> = example
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(" MAIL_TO "))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert!(!mail_lines.is_empty(), "the example has a MAIL_TO line");
+    let note = stdout
+        .lines()
+        .find(|l| l.starts_with("note:") && l.contains("--smtp_server"))
+        .unwrap_or_else(|| panic!("no note about --smtp_server: {stdout}"));
+    for n in mail_lines {
+        assert!(note.contains(&n.to_string()), "line {n} in {note:?}");
+    }
+
+    // Without a sender the MAIL_TO line is refused, pointing at --smtp_from; a bad one is too.
+    let mut without: Vec<String> = words[1..].to_vec();
+    if let Some(i) = without.iter().position(|w| w == "--smtp_from") {
+        without.drain(i..i + 2);
+    }
+    let out = Command::new(common::binary())
+        .args(&without)
+        .env_remove("POULPE_SMTP_FROM")
+        .output()
+        .expect("run cron-check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{without:?}: {err}");
+    assert!(
+        err.contains("from_addr") && err.contains("--smtp_from"),
+        "{err}"
+    );
+    let out = Command::new(common::binary())
+        .args(&without)
+        .args(["--smtp-from", "not an address"])
+        .output()
+        .expect("run cron-check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--smtp_from: bad value \"not an address\""),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
-//! The one table of flags (name, kind, default, range, help), and what reads it: `--help`, the
-//! command line and `POULPE_*` environment merged into raw values, and number checks.
+//! The one table of flags (name, short name, kind, default, range, help), and what reads it:
+//! `--help`, the command line and `POULPE_*` environment merged into raw values, and number
+//! checks.
 
 use super::{ConfigError, Env};
 use std::ffi::OsString;
@@ -35,6 +36,8 @@ pub(crate) struct Flag {
     pub(crate) name: &'static str,
     /// `--name`, the key looked for on the command line (after kebab-case is normalised).
     pub(crate) key: &'static str,
+    /// The one-letter name of the original poulpe (`-p` for `--port`), when it had one.
+    pub(crate) short: Option<&'static str>,
     /// What it takes.
     pub(crate) kind: Kind,
     /// What it is when not given.
@@ -65,12 +68,15 @@ const fn derived_number(how: &'static str, min: u64, max: u64) -> (Kind, Default
 
 /// Defines one `pub const` per flag and [`ALL`], the table in `--help` order.
 macro_rules! flags {
-    ($($id:ident, $name:literal, $spec:expr, $help:literal;)*) => {
+    (@short) => { None };
+    (@short $short:literal) => { Some($short) };
+    ($($id:ident, $name:literal $(| $short:literal)?, $spec:expr, $help:literal;)*) => {
         $(
             #[doc = concat!("`--", $name, "` (help: `", $help, "`).")]
             pub(crate) const $id: Flag = Flag {
                 name: $name,
                 key: concat!("--", $name),
+                short: flags!(@short $($short)?),
                 kind: $spec.0,
                 default: $spec.1,
                 help: $help,
@@ -81,26 +87,27 @@ macro_rules! flags {
     };
 }
 
-// One row per flag: constant, name, kind and default, help line. A new row is listed by `--help`,
-// read from `--name`, `--kebab-name` and `POULPE_NAME`, and covered by the table's unit test;
-// `Config::parse` turns its raw value into a field.
+// One row per flag: constant, name (`| "-x"`: and the original poulpe's one-letter name), kind and
+// default, help line. A new row is listed by `--help`, read from `--name`, `--kebab-name`, its
+// short name and `POULPE_NAME`, and covered by the table's unit test; `Config::parse` turns its raw
+// value into a field.
 flags! {
-    PORT, "port", number(8000, 0, 65_535), "HTTP and WebSocket port";
+    PORT, "port" | "-p", number(8000, 0, 65_535), "HTTP and WebSocket port";
     BIND, "bind", text("0.0.0.0"), "listen address";
     DATA, "data", text("./poulpe-data"), "directory of the embedded store";
     CHECKPOINT_MS, "checkpoint_ms", number(2_000, 10, 600_000),
         "longest time (ms) a write stays only in the embedded store's journal before it is \
          copied into its database file";
-    REDIS, "redis", optional(),
+    REDIS, "redis" | "-r", optional(),
         "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store";
     REDIS_PREFIX, "redis_prefix", text("poulpe:"), "prefix of every Redis key";
-    CRON, "cron", optional(), "cron file";
+    CRON, "cron" | "-c", optional(), "cron file";
     CRON_CATCHUP, "cron_catchup", text("none"),
         "none, or last: run each cron line's missed firing once at start";
-    DEAD, "dead", derived("<data>/dead"), "dead-letter directory";
-    WORKERS, "workers", number(4, 1, 1024), "number of worker threads, numbered 0..N-1";
-    RETRY_INTERVAL, "retry_interval", number(10, 0, 86_400), "seconds before a retry";
-    MAX_RETRY, "max_retry", number(3, 0, 100), "retries after the first attempt";
+    DEAD, "dead" | "-d", derived("<data>/dead"), "dead-letter directory";
+    WORKERS, "workers" | "-w", number(4, 1, 1024), "number of worker threads, numbered 0..N-1";
+    RETRY_INTERVAL, "retry_interval" | "-i", number(10, 0, 86_400), "seconds before a retry";
+    MAX_RETRY, "max_retry" | "-m", number(3, 0, 100), "retries after the first attempt";
     BACKOFF, "backoff", text("fixed"),
         "fixed, or exponential (interval x 2^(n-1), capped at 1 h, +-10% jitter)";
     TASK_TIMEOUT, "task_timeout", number(60, 1, 86_400),
@@ -128,13 +135,13 @@ flags! {
         "most HTTP connections at once, WebSocket ones apart (503 beyond)";
     CA_FILE, "ca_file", derived("system bundle, else bundled roots"),
         "PEM file of CA certificates trusted for HTTPS tasks";
-    SMTP_SERVER, "smtp_server", optional(), "SMTP relay host";
-    SMTP_PORT, "smtp_port",
+    SMTP_SERVER, "smtp_server" | "-s", optional(), "SMTP relay host";
+    SMTP_PORT, "smtp_port" | "-x",
         derived_number("25, 587 with --starttls, 465 with --smtp_tls", 1, 65_535),
         "SMTP relay port";
-    SMTP_NAME, "smtp_name", optional(), "SMTP user name";
-    SMTP_PWD, "smtp_pwd", optional(), "SMTP password (prefer POULPE_SMTP_PWD)";
-    STARTTLS, "starttls", switch(), "require STARTTLS";
+    SMTP_NAME, "smtp_name" | "-n", optional(), "SMTP user name";
+    SMTP_PWD, "smtp_pwd" | "-y", optional(), "SMTP password (prefer POULPE_SMTP_PWD)";
+    STARTTLS, "starttls" | "-k", switch(), "require STARTTLS";
     SMTP_TLS, "smtp_tls", switch(), "implicit TLS (port 465)";
     SMTP_FROM, "smtp_from", optional(), "default sender address";
     SMTP_CA_FILE, "smtp_ca_file", optional(),
@@ -230,22 +237,30 @@ impl Flag {
 pub(crate) fn help_text() -> String {
     let mut s = format!(
         "poulpe {} - a lightweight job server\n\nUSAGE:\n  poulpe [FLAGS]\n\n\
+         COMMANDS:\n  \
+         poulpe health [--host H] [--port P]      ask a running server's /health (exit 0: healthy)\n  \
+         poulpe cron-check FILE [--tz Z] [-n N]   check a cron file and print its next fire times\n  \
+         (each takes --help)\n\n\
          Every flag may also be set as POULPE_<FLAG> in the environment (POULPE_PORT=8000);\n\
          the command line wins. --retry_interval and --retry-interval are the same flag.\n\nFLAGS:\n",
         env!("CARGO_PKG_VERSION")
     );
     for f in ALL {
+        let short = f.short.map_or("    ".to_string(), |c| format!("{c}, "));
         let head = match f.kind {
-            Kind::Switch => f.key.to_string(),
-            _ => format!("{} <v>", f.key),
+            Kind::Switch => format!("{short}{}", f.key),
+            _ => format!("{short}{} <v>", f.key),
         };
         let default = match f.shown_default() {
             d if d.is_empty() => d,
             d => format!(" [default: {d}]"),
         };
-        s.push_str(&format!("  {head:<24} {}{default}\n", f.help));
+        s.push_str(&format!("  {head:<28} {}{default}\n", f.help));
     }
-    s.push_str("  --help                   print this help\n  --version                print the version\n");
+    s.push_str(
+        "  -h, --help                   print this help\n  \
+         -V, --version                print the version\n",
+    );
     s
 }
 
@@ -255,11 +270,12 @@ pub(super) fn bad(flag: &'static str, value: &str, reason: impl Into<String>) ->
         flag,
         value: value.to_string(),
         reason: reason.into(),
+        from_env: false,
     }
 }
 
 /// Turns `--retry-interval=5` into `--retry_interval=5`; other arguments stay as they are.
-fn normalize(arg: OsString) -> OsString {
+pub(crate) fn normalize(arg: OsString) -> OsString {
     let Some(s) = arg.to_str() else { return arg };
     let Some(rest) = s.strip_prefix("--") else {
         return arg;
@@ -276,10 +292,30 @@ fn normalize(arg: OsString) -> OsString {
     out.into()
 }
 
+/// Takes `f` from the command line under `keys` (its long name, and its short one when it has
+/// one): `"true"` for a switch that is there, the value of any other flag.
+fn take<K: Into<pico_args::Keys>>(
+    pargs: &mut pico_args::Arguments,
+    f: &Flag,
+    keys: K,
+) -> Result<Option<String>, ConfigError> {
+    if f.kind == Kind::Switch {
+        return Ok(pargs.contains(keys).then(|| "true".to_string()));
+    }
+    pargs
+        .opt_value_from_str::<_, String>(keys)
+        .map_err(|e| match e {
+            pico_args::Error::OptionWithoutAValue(_) => ConfigError::MissingValue(f.name),
+            other => bad(f.name, "", other.to_string()),
+        })
+}
+
 /// Each flag's raw value after command line and environment have been merged (the command line
 /// wins), in the order of [`ALL`].
 pub(super) struct Raw {
     values: Vec<Option<String>>,
+    /// Whether each value came from the environment (not the command line).
+    from_env: Vec<bool>,
 }
 
 impl Raw {
@@ -295,23 +331,18 @@ impl Raw {
             return Err(ConfigError::Version);
         }
         let mut values = Vec::with_capacity(ALL.len());
+        let mut from_env = Vec::with_capacity(ALL.len());
         for f in ALL {
-            let from_cli = if f.kind == Kind::Switch {
-                pargs.contains(f.key).then(|| "true".to_string())
-            } else {
-                pargs
-                    .opt_value_from_str::<_, String>(f.key)
-                    .map_err(|e| match e {
-                        pico_args::Error::OptionWithoutAValue(_) => {
-                            ConfigError::MissingValue(f.name)
-                        }
-                        other => bad(f.name, "", other.to_string()),
-                    })?
+            let from_cli = match f.short {
+                Some(short) => take(&mut pargs, f, [short, f.key])?,
+                None => take(&mut pargs, f, f.key)?,
             };
-            // `--port --data /x`: the next flag is not a value.
-            if f.kind != Kind::Switch && from_cli.as_deref().is_some_and(|v| v.starts_with("--")) {
+            // `--port --data /x`, `-p -w 2`: the next flag is not a value.
+            let is_flag = |v: &str| v.starts_with("--") || ALL.iter().any(|g| g.short == Some(v));
+            if f.kind != Kind::Switch && from_cli.as_deref().is_some_and(is_flag) {
                 return Err(ConfigError::MissingValue(f.name));
             }
+            from_env.push(from_cli.is_none());
             values.push(from_cli.or_else(|| env(&f.env_name())));
         }
         if let Some(extra) = pargs.finish().into_iter().next() {
@@ -323,7 +354,15 @@ impl Raw {
                 shown.to_string_lossy().into_owned(),
             ));
         }
-        Ok(Raw { values })
+        Ok(Raw { values, from_env })
+    }
+
+    /// Whether the value of the flag named `name` came from its `POULPE_*` variable.
+    pub(super) fn came_from_env(&self, name: &str) -> bool {
+        let i = ALL.iter().position(|g| g.name == name);
+        i.is_some_and(|i| {
+            self.from_env[i] && self.values[i].as_deref().is_some_and(|v| !v.is_empty())
+        })
     }
 
     /// The flag's value when it was given and is not empty.

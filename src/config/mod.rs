@@ -112,11 +112,13 @@ pub enum ConfigError {
     UnknownFlag(String),
     /// This flag needs a value (or goes with another flag that was given).
     MissingValue(&'static str),
-    /// This flag's value is refused, and why (the value of a secret flag is never shown).
+    /// This flag's value is refused, and why (the value of a secret flag is never shown);
+    /// `from_env` when the value came from its `POULPE_*` variable, which is then named.
     BadValue {
         flag: &'static str,
         value: String,
         reason: String,
+        from_env: bool,
     },
     /// A flag needs a cargo feature this build lacks.
     NoFeature {
@@ -138,13 +140,22 @@ impl fmt::Display for ConfigError {
                 flag,
                 value,
                 reason,
+                from_env,
             } => {
                 let shown = if flags::SECRET.iter().any(|s| s.name == *flag) {
                     "<hidden>"
                 } else {
                     value.as_str()
                 };
-                write!(f, "--{flag}: bad value {shown:?}: {reason}")
+                if *from_env {
+                    let var = flag.to_ascii_uppercase();
+                    write!(
+                        f,
+                        "POULPE_{var}: bad value {shown:?} for --{flag}: {reason}"
+                    )
+                } else {
+                    write!(f, "--{flag}: bad value {shown:?}: {reason}")
+                }
             }
             ConfigError::NoFeature { flag, feature } => write!(
                 f,
@@ -155,6 +166,27 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// This error, with a bad value marked as coming from its `POULPE_*` variable when
+    /// `from_env` (so that the variable is named); any other error as it is.
+    pub(crate) fn in_env(self, from_env: bool) -> ConfigError {
+        match self {
+            ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+                ..
+            } => ConfigError::BadValue {
+                flag,
+                value,
+                reason,
+                from_env,
+            },
+            other => other,
+        }
+    }
+}
 
 /// An environment lookup: the process's own ([`process_env`]) or one given by a test.
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -211,6 +243,14 @@ fn kafka_config(raw: &Raw) -> Result<Option<KafkaConfig>, ConfigError> {
     }))
 }
 
+/// `--smtp_from`, checked to be a mail address (`ops@example.org`, `Ops <ops@example.org>`).
+pub(crate) fn sender(value: &str) -> Result<String, ConfigError> {
+    value
+        .parse::<lettre::message::Mailbox>()
+        .map_err(|e| bad(flags::SMTP_FROM.name, value, e.to_string()))?;
+    Ok(value.to_string())
+}
+
 /// The SMTP relay settings, when `--smtp_server` is given.
 fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
     let starttls = raw.switch(&flags::STARTTLS)?;
@@ -243,14 +283,7 @@ fn smtp_config(raw: &Raw) -> Result<Option<SmtpConfig>, ConfigError> {
         }
         (None, _) => None,
     };
-    let from = match raw.get(&flags::SMTP_FROM) {
-        None => None,
-        Some(f) => {
-            f.parse::<lettre::message::Mailbox>()
-                .map_err(|e| bad(flags::SMTP_FROM.name, f, e.to_string()))?;
-            Some(f.to_string())
-        }
-    };
+    let from = raw.get(&flags::SMTP_FROM).map(sender).transpose()?;
     let ca_file = match raw.get(&flags::SMTP_CA_FILE) {
         None => None,
         Some(f) => {
@@ -309,10 +342,20 @@ impl Config {
         Config::parse(args, &process_env)
     }
 
-    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too.
+    /// Parses with an explicit environment lookup (used by tests); `TZ` is read from it too. A
+    /// bad value that came from the environment is reported under its variable's name.
     pub(crate) fn parse(args: Vec<OsString>, env: Env<'_>) -> Result<Config, ConfigError> {
-        use flags::*;
         let raw = Raw::collect(args, env)?;
+        Config::check(&raw, env).map_err(|e| {
+            let from_env =
+                matches!(e, ConfigError::BadValue { flag, .. } if raw.came_from_env(flag));
+            e.in_env(from_env)
+        })
+    }
+
+    /// Turns the raw values into a checked `Config`.
+    fn check(raw: &Raw, env: Env<'_>) -> Result<Config, ConfigError> {
+        use flags::*;
         // Checked in this order, so the first bad value named is always the same one.
         let port = raw.number(&PORT)?;
         let bind = raw.text(&BIND);
@@ -345,9 +388,9 @@ impl Config {
         let ws_idle = raw.number(&WS_IDLE)?;
         let http_idle = raw.number(&HTTP_IDLE)?;
         let max_conns = raw.number(&MAX_CONNS)?;
-        let ca_file = ca_file(&raw)?;
-        let exec = exec_policy(&raw)?;
-        let smtp = smtp_config(&raw)?;
+        let ca_file = ca_file(raw)?;
+        let exec = exec_policy(raw)?;
+        let smtp = smtp_config(raw)?;
         let cron_catchup = match raw.text(&CRON_CATCHUP) {
             "none" => false,
             "last" => true,
@@ -389,7 +432,7 @@ impl Config {
             max_conns,
             ca_file,
             smtp,
-            kafka: kafka_config(&raw)?,
+            kafka: kafka_config(raw)?,
             tz,
             log,
         })
@@ -495,21 +538,25 @@ mod tests {
     }
 
     /// One loop over the table, so a new flag is covered by construction: `--help` shows it with
-    /// its default, both spellings and `POULPE_<NAME>` set it, the command line wins, and a
-    /// number's default lies in its range.
+    /// its default (and its short name before the long one), both spellings, the short name and
+    /// `POULPE_<NAME>` set it, the command line wins, and a number's default lies in its range.
     #[test]
     fn every_flag_in_help_both_spellings_and_environment() {
         use flags::{DefaultValue, Kind};
         let help = help_text();
         let no_env = |_: &str| None;
         for f in flags::ALL {
+            let head = match f.short {
+                Some(c) => format!("{c}, {}", f.key),
+                None => f.key.to_string(),
+            };
             let line = help
                 .lines()
                 .find(|l| {
-                    let rest = l.trim_start().strip_prefix(f.key);
+                    let rest = l.trim_start().strip_prefix(&head);
                     rest.is_some_and(|r| r.is_empty() || r.starts_with(' '))
                 })
-                .unwrap_or_else(|| panic!("--help does not list {}:\n{help}", f.key));
+                .unwrap_or_else(|| panic!("--help does not list {head}:\n{help}"));
             assert!(line.contains(f.help), "{line}");
             let shown = f.shown_default();
             assert!(
@@ -528,7 +575,12 @@ mod tests {
             let env_name = f.env_name();
             assert_eq!(env_name, format!("POULPE_{}", f.name.to_uppercase()));
             let env = |k: &str| (k == env_name).then(|| from_env.clone());
-            for key in [f.key.to_string(), f.kebab_key()] {
+            let keys = [
+                Some(f.key.to_string()),
+                Some(f.kebab_key()),
+                f.short.map(str::to_string),
+            ];
+            for key in keys.into_iter().flatten() {
                 let (args, eq_args) = match f.kind {
                     Kind::Switch => (vec![key.clone()], vec![key.clone()]),
                     _ => (vec![key.clone(), cli.clone()], vec![format!("{key}={cli}")]),
@@ -555,6 +607,68 @@ mod tests {
         }
     }
 
+    /// The one-letter names are those of the original poulpe, each on one flag, and a value
+    /// given after one of them may not be another flag.
+    #[test]
+    fn short_names_are_the_original_ones() {
+        let original = [
+            ("-p", "port"),
+            ("-r", "redis"),
+            ("-c", "cron"),
+            ("-w", "workers"),
+            ("-s", "smtp_server"),
+            ("-x", "smtp_port"),
+            ("-n", "smtp_name"),
+            ("-y", "smtp_pwd"),
+            ("-i", "retry_interval"),
+            ("-m", "max_retry"),
+            ("-k", "starttls"),
+            ("-d", "dead"),
+        ];
+        let table: Vec<(&str, &str)> = flags::ALL
+            .iter()
+            .filter_map(|f| f.short.map(|c| (c, f.name)))
+            .collect();
+        let mut want = original.to_vec();
+        want.sort();
+        let mut got = table.clone();
+        got.sort();
+        assert_eq!(got, want, "short names in the table");
+
+        let c = parse(
+            &[
+                "-p", "9001", "-w", "2", "-i", "5", "-m", "1", "-d", "/tmp/dl",
+            ],
+            &[],
+        )
+        .expect("short flags");
+        assert_eq!(
+            (c.port, c.workers, c.retry_interval, c.max_retry),
+            (9001, 2, 5, 1)
+        );
+        assert_eq!(c.dead, PathBuf::from("/tmp/dl"));
+        let c = parse(
+            &["-s", "relay", "-x", "2525", "-k", "-n", "me", "-y", "pw"],
+            &[],
+        )
+        .expect("short SMTP flags");
+        let smtp = c.smtp.expect("-s sets the relay");
+        assert_eq!((smtp.server.as_str(), smtp.port), ("relay", 2525));
+        assert_eq!(smtp.security, Security::StartTls, "-k is --starttls");
+        assert_eq!(smtp.auth, Some(("me".to_string(), "pw".to_string())));
+        let c = parse(&["-r", "redis://h:1/0", "-c", "/tmp/crontab"], &[]).expect("-r -c");
+        assert_eq!(c.redis.as_deref(), Some("redis://h:1/0"));
+        assert_eq!(c.cron, Some(PathBuf::from("/tmp/crontab")));
+        for args in [
+            &["-p", "-w", "2"][..],
+            &["-s", "--smtp_port", "25"][..],
+            &["-w"][..],
+        ] {
+            let e = parse(args, &[]).unwrap_err();
+            assert!(matches!(e, ConfigError::MissingValue(_)), "{args:?}: {e}");
+        }
+    }
+
     #[test]
     fn tz_comes_from_the_given_environment() {
         let c = parse(&[], &[("TZ", "Europe/Paris")]).expect("TZ");
@@ -567,9 +681,63 @@ mod tests {
         assert_eq!(c.tz, chrono_tz::UTC, "--tz first");
         let e = parse(&[], &[("TZ", "Mars/Base")]).unwrap_err().to_string();
         assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
+        let e = parse(&[], &[("TZ", "Mars/Base"), ("POULPE_TZ", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--tz: bad value \"Mars/Base\""),
+            "TZ is no POULPE_*: {e}"
+        );
     }
 
-    /// The README's flag table lists every flag of the table, with its default when it has one.
+    /// A bad value from the environment is reported under its variable, still naming the flag
+    /// (and a secret's value stays hidden); from the command line, under the flag alone.
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        let e = parse(&[], &[("POULPE_PORT", "abc")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "POULPE_PORT: bad value \"abc\" for --port: expected a whole number"
+        );
+        let e = parse(&["--port", "abc"], &[("POULPE_PORT", "1")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--port: bad value \"abc\": expected a whole number");
+        let e = parse(&["--port", "1"], &[("POULPE_WORKERS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_WORKERS: bad value \"0\" for --workers"),
+            "{e}"
+        );
+        let e = parse(&[], &[("POULPE_BACKOFF", "linear")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_BACKOFF: bad value \"linear\" for --backoff"),
+            "{e}"
+        );
+        let e = parse(&[], &[("POULPE_EXEC_ANY", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("POULPE_EXEC_ANY: bad value \"maybe\""), "{e}");
+        let e = parse(&["--smtp_from", "nope"], &[("POULPE_SMTP_SERVER", "h")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--smtp_from: bad value \"nope\""), "{e}");
+        let e = parse(&["-s", "h"], &[("POULPE_SMTP_PORT", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_SMTP_PORT: bad value \"0\" for --smtp_port"),
+            "{e}"
+        );
+    }
+
+    /// The README's flag table lists every flag of the table, with its short name and its default
+    /// when it has them.
     #[test]
     fn readme_flag_table_lists_every_flag() {
         let readme = include_str!("../../README.md");
@@ -580,6 +748,10 @@ mod tests {
                 .iter()
                 .find(|r| r.split(" | ").next().is_some_and(|c| c.contains(&cell)))
                 .unwrap_or_else(|| panic!("README's flag table lacks {}", f.key));
+            if let Some(c) = f.short {
+                let names = row.split(" | ").next().unwrap_or("");
+                assert!(names.contains(&format!("`{c}`")), "{row}: {c} missing");
+            }
             let default = row.split(" | ").nth(1).unwrap_or("").replace('`', "");
             match f.default {
                 flags::DefaultValue::Text(d) => assert_eq!(default, d, "{row}"),

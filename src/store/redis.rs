@@ -222,12 +222,27 @@ fn parse_state(s: &str) -> Option<State> {
     }
 }
 
-/// The URL without its password, for messages.
+/// The URL without its password, for messages: the user part (`redis://:pw@host`) and a socket
+/// URL's `pass=` (`redis+unix:///run/redis.sock?pass=pw`) become `***`.
 pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let url = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),
-    }
+    };
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|kv| {
+            if kv.starts_with("pass=") {
+                "pass=***"
+            } else {
+                kv
+            }
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
 }
 
 impl RedisStore {
@@ -237,6 +252,26 @@ impl RedisStore {
         let client = Client::open(url).map_err(|e| {
             StoreError::Unavailable(format!("bad Redis URL {}: {e}", redacted(url)))
         })?;
+        // Redis's own error when it cannot be reached (not the pool's, which wraps it).
+        let ping = |client: &Client| -> redis::RedisResult<()> {
+            let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+            c.set_read_timeout(Some(IO_TIMEOUT))?;
+            c.set_write_timeout(Some(IO_TIMEOUT))?;
+            redis::cmd("PING").query::<String>(&mut c).map(|_| ())
+        };
+        let end = Instant::now() + wait;
+        loop {
+            match ping(&client) {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= end => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot reach Redis at {} (tried for {wait:?}): {e}",
+                        redacted(url)
+                    )))
+                }
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
         let pool = r2d2::Pool::builder()
             .max_size(32)
             .min_idle(Some(1))
@@ -245,23 +280,6 @@ impl RedisStore {
             // Outages are logged once by the health thread, not once per failed connect.
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(client);
-        let end = Instant::now() + wait;
-        loop {
-            match pool
-                .get()
-                .map_err(down)
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut *c).map_err(down))
-            {
-                Ok(_) => break,
-                Err(e) if Instant::now() >= end => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot reach Redis at {}: {e}",
-                        redacted(url)
-                    )))
-                }
-                Err(_) => thread::sleep(Duration::from_millis(200)),
-            }
-        }
         let scripts = Scripts {
             insert: Script::new(INSERT),
             take_due_many: Script::new(TAKE_DUE_MANY),
@@ -890,6 +908,14 @@ mod tests {
         assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
         // An '@' only before the scheme's "://" is no password: the text is kept as it is.
         assert_eq!(redacted("a@b://h:6379"), "a@b://h:6379");
+        assert_eq!(
+            redacted("redis+unix:///run/r.sock?db=1&pass=pw&user=u"),
+            "redis+unix:///run/r.sock?db=1&pass=***&user=u"
+        );
+        assert_eq!(
+            redacted("redis+unix:///run/r.sock?pass=pw"),
+            "redis+unix:///run/r.sock?pass=***"
+        );
     }
 
     /// The store's name in `/sys_info` and the logs.
