@@ -381,7 +381,7 @@ fn callback_task(id: String, url: &str, task: &Task, result: &TaskResult, now_ms
         // Waiting, due now: the timer hands it out once it is durable.
         due_us: now_us(),
         state: State::Delayed,
-        headers: Vec::new(),
+        headers: String::new(),
         callback: None,
         attempts: Vec::new(),
     }

@@ -294,10 +294,10 @@ pub(crate) fn normalize(arg: OsString) -> OsString {
 
 /// Takes `f` from the command line under `keys` (its long name, and its short one when it has
 /// one): `"true"` for a switch that is there, the value of any other flag.
-fn take<K: Into<pico_args::Keys>>(
+fn take(
     pargs: &mut pico_args::Arguments,
     f: &Flag,
-    keys: K,
+    keys: pico_args::Keys,
 ) -> Result<Option<String>, ConfigError> {
     if f.kind == Kind::Switch {
         return Ok(pargs.contains(keys).then(|| "true".to_string()));
@@ -333,10 +333,12 @@ impl Raw {
         let mut values = Vec::with_capacity(ALL.len());
         let mut from_env = Vec::with_capacity(ALL.len());
         for f in ALL {
-            let from_cli = match f.short {
-                Some(short) => take(&mut pargs, f, [short, f.key])?,
-                None => take(&mut pargs, f, f.key)?,
+            // One `Keys` type for both: pico_args's generic calls are compiled once.
+            let keys: pico_args::Keys = match f.short {
+                Some(short) => [short, f.key].into(),
+                None => f.key.into(),
             };
+            let from_cli = take(&mut pargs, f, keys)?;
             // `--port --data /x`, `-p -w 2`: the next flag is not a value.
             let is_flag = |v: &str| v.starts_with("--") || ALL.iter().any(|g| g.short == Some(v));
             if f.kind != Kind::Switch && from_cli.as_deref().is_some_and(is_flag) {

@@ -91,13 +91,12 @@ impl HttpExec {
                     req = req.config().timeout_global(Some(timeout)).build();
                 }
                 let typed = task
-                    .headers
-                    .iter()
+                    .header_pairs()
                     .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
                 if !typed {
                     req = req.content_type("application/json");
                 }
-                for (k, v) in &task.headers {
+                for (k, v) in task.header_pairs() {
                     req = req.header(k, v);
                 }
                 req.send(task.params.as_bytes())
@@ -114,7 +113,7 @@ impl HttpExec {
                 if own_timeout {
                     req = req.config().timeout_global(Some(timeout)).build();
                 }
-                for (k, v) in &task.headers {
+                for (k, v) in task.header_pairs() {
                     req = req.header(k, v);
                 }
                 req.call()

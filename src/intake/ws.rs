@@ -314,18 +314,8 @@ impl WebSockets {
 
 /// The ack of an accepted task, written straight from its parts (no JSON tree per task).
 fn ok_frame(id: &str) -> String {
-    #[derive(serde::Serialize)]
-    struct Ack<'a> {
-        id: &'a str,
-        result: &'static str,
-        reason: &'static str,
-    }
-    let ack = Ack {
-        id,
-        result: "OK",
-        reason: "",
-    };
-    serde_json::to_string(&ack).unwrap_or_default()
+    let id = serde_json::to_string(id).unwrap_or_default();
+    format!(r#"{{"id":{id},"result":"OK","reason":""}}"#)
 }
 
 /// A final result's frame, written straight from the result.

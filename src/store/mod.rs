@@ -266,7 +266,7 @@ pub(crate) mod contract {
             due_us,
             state,
             // Stored and read back like every other field.
-            headers: vec![("Authorization".to_string(), "Bearer t".to_string())],
+            headers: "Authorization: Bearer t".to_string(),
             callback: None,
             attempts: Vec::new(),
         }

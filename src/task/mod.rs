@@ -90,6 +90,15 @@ pub(crate) struct TaskResult {
     pub(crate) callback_id: Option<String>,
 }
 
+impl Task {
+    /// The task's headers as (name, value) pairs.
+    pub(crate) fn header_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+    }
+}
+
 impl TaskResult {
     /// The result of `task` cancelled at `now_ms` before an attempt of it started (earlier
     /// failed attempts count; the last one's code stays).
@@ -238,9 +247,11 @@ pub(crate) struct Task {
     /// Unix microseconds when it is due (delay or retry).
     pub(crate) due_us: u64,
     pub(crate) state: State,
-    /// Headers sent with a GET or POST (values may be secrets: never logged).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) headers: Vec<(String, String)>,
+    /// Headers sent with a GET or POST, one `Name: value` per line (values may be secrets:
+    /// never logged). One string, not a list of pairs: names hold no `:` and values no line
+    /// break (checked at submit), and a string costs the binary no serde code of its own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) headers: String,
     /// Where its final result is POSTed once it has finished (by a task of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) callback: Option<String>,

@@ -233,7 +233,8 @@ struct Common {
     max_retry: Option<u32>,
     retry_interval: Option<u64>,
     cc: Vec<usize>,
-    headers: Vec<(String, String)>,
+    /// `Name: value` lines (see [`Task::headers`]).
+    headers: String,
     callback: Option<String>,
 }
 
@@ -358,9 +359,9 @@ fn run_at(obj: &Map<String, Value>, now_us: u64) -> Result<Option<u64>, TaskErro
 /// `headers`: for GET and POST, an object of header names to string values sent with the
 /// request. Names are HTTP tokens, values have no control characters but tab; framing and
 /// connection headers are poulpe's own.
-fn headers(raw: Option<&Value>, method: Method) -> Result<Vec<(String, String)>, TaskError> {
+fn headers(raw: Option<&Value>, method: Method) -> Result<String, TaskError> {
     let obj = match raw {
-        None | Some(Value::Null) => return Ok(Vec::new()),
+        None | Some(Value::Null) => return Ok(String::new()),
         Some(Value::Object(o)) => o,
         Some(_) => {
             return Err(TaskError::field(
@@ -370,7 +371,7 @@ fn headers(raw: Option<&Value>, method: Method) -> Result<Vec<(String, String)>,
         }
     };
     if obj.is_empty() {
-        return Ok(Vec::new());
+        return Ok(String::new());
     }
     if !matches!(method, Method::Get | Method::Post) {
         return Err(TaskError::field(
@@ -385,7 +386,7 @@ fn headers(raw: Option<&Value>, method: Method) -> Result<Vec<(String, String)>,
         ));
     }
     let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
-    let mut out = Vec::with_capacity(obj.len());
+    let mut out = String::new();
     for (name, value) in obj {
         if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
             return Err(TaskError::field(
@@ -413,7 +414,7 @@ fn headers(raw: Option<&Value>, method: Method) -> Result<Vec<(String, String)>,
                 ),
             ));
         }
-        out.push((name.clone(), v.clone()));
+        out.push_str(&format!("{name}: {v}\n"));
     }
     Ok(out)
 }
@@ -1017,7 +1018,12 @@ mod tests {
         };
         let with = |method: &str, headers: Value| {
             let v = serde_json::json!({"method": method, "name": "http://x/", "headers": headers});
-            parse_task(&v, &limits, false, 0).map(|s| s.task.headers)
+            parse_task(&v, &limits, false, 0).map(|s| {
+                let t = s.task;
+                t.header_pairs()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
         };
         assert_eq!(
             with(
