@@ -216,7 +216,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let (cron_tx, cron_rx) = unbounded();
     let cron_tx = match (cron_lines, &config.cron) {
         (Some(lines), Some(path)) => {
-            log::info!("cron: {} lines from {}", lines.len(), path.display());
+            log::info!(
+                "cron: {} lines from {}, times in {} (from {})",
+                lines.len(),
+                path.display(),
+                config.tz,
+                config.tz_from
+            );
             let deps = cron_runner::CronDeps {
                 submitter: submitter.clone(),
                 store: store.clone(),
@@ -253,6 +259,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             store,
             cron,
             kafka: kafka_status,
+            tz: (config.tz, config.tz_from.clone()),
         },
         submitter,
         config,

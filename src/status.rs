@@ -104,6 +104,8 @@ pub struct SysInfo {
     pub(crate) cron: CronStatus,
     /// The Kafka adapter's state, when Kafka is configured.
     pub(crate) kafka: Option<Arc<KafkaStatus>>,
+    /// The cron schedule's zone, and where it came from (`--tz`, `TZ`, `/etc/localtime`, …).
+    pub(crate) tz: (chrono_tz::Tz, String),
 }
 
 impl SysInfo {
@@ -151,6 +153,7 @@ impl SysInfo {
             "results_stored": store.results_stored().ok(),
             "data_bytes": store.data_bytes(),
             "cron": self.cron_lines(),
+            "tz": {"name": self.tz.0.name(), "from": self.tz.1},
             "kafka": self.kafka.as_ref().map(|k| k.json()),
         })
     }

@@ -563,3 +563,63 @@ fn the_readme_cron_example_passes_cron_check_as_documented() {
         "{err}"
     );
 }
+
+/// With neither `--tz` nor `TZ`, cron follows the system's zone (the `/etc/localtime` link's
+/// name), else UTC; `/sys_info` and `cron-check` say which zone and where it came from.
+#[test]
+fn the_zone_and_where_it_came_from_are_shown() {
+    // What this machine's /etc/localtime names, if it is a link into a zoneinfo tree.
+    let system = std::fs::read_link("/etc/localtime").ok().and_then(|t| {
+        let t = t.to_string_lossy().into_owned();
+        let name = t
+            .rsplit_once("zoneinfo/")?
+            .1
+            .trim_start_matches("posix/")
+            .to_string();
+        name.parse::<chrono_tz::Tz>().ok().map(|_| name)
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("cron");
+    std::fs::write(&file, "0 0 12 * * * * http://svc/x GET a=1\n").expect("write");
+    let file = file.to_str().expect("utf8");
+    for (args, tz_env, want_name, want_from) in [
+        (
+            &["--tz", "Asia/Tokyo"][..],
+            "Europe/Paris",
+            Some("Asia/Tokyo"),
+            "--tz",
+        ),
+        (&[][..], "America/Lima", Some("America/Lima"), "TZ"),
+        (&[][..], "", system.as_deref(), "/etc/localtime"),
+    ] {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut all = vec!["--cron", file];
+        all.extend_from_slice(args);
+        let s = Server::builder(&data).args(&all).env("TZ", tz_env).start();
+        let (_, info) = s.get("/sys_info");
+        let (name, from) = (
+            info["tz"]["name"].as_str().unwrap_or(""),
+            info["tz"]["from"].as_str().unwrap_or(""),
+        );
+        match want_name {
+            Some(want) => {
+                assert_eq!(name, want, "{info}");
+                assert!(from.starts_with(want_from), "{args:?} TZ={tz_env}: {info}");
+            }
+            // No zone link here: the system zone is /etc/timezone's, or UTC.
+            None => assert!(!name.is_empty() && !from.is_empty(), "{info}"),
+        }
+        let out = Command::new(common::binary())
+            .args(["cron-check", file])
+            .args(args)
+            .env("TZ", tz_env)
+            .env_remove("POULPE_TZ")
+            .output()
+            .expect("run cron-check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("times in {name} (from {from})")),
+            "{text}"
+        );
+    }
+}

@@ -152,7 +152,7 @@ flags! {
     KAFKA_GROUP, "kafka_group", text("poulpe"), "Kafka consumer group";
     KAFKA_OFFSET_RESET, "kafka_offset_reset", text("earliest"),
         "where a group with no committed offset starts: earliest (all the topic keeps) or latest";
-    TZ, "tz", derived("TZ env, else UTC"), "IANA zone name for the cron schedule";
+    TZ, "tz", derived("TZ env, else the system zone, else UTC"), "IANA zone name for the cron schedule";
     LOG, "log", text("info"), "log level: error, warn, info, debug, trace, off";
 }
 

@@ -11,7 +11,7 @@ pub(crate) use smtp::{Security, SmtpConfig};
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// How the wait before a retry grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,8 +95,10 @@ pub struct Config {
     pub(crate) smtp: Option<SmtpConfig>,
     /// The Kafka intake, when `--kafka_servers` and `--kafka_topic` are given.
     pub(crate) kafka: Option<KafkaConfig>,
-    /// Zone of the cron schedule (`--tz`, else `TZ`, else UTC).
+    /// Zone of the cron schedule (`--tz`, else `TZ`, else the system's, else UTC).
     pub(crate) tz: chrono_tz::Tz,
+    /// Where `tz` came from (`--tz`, `POULPE_TZ`, `TZ`, `/etc/localtime -> …`, …).
+    pub(crate) tz_from: String,
     /// Log level (`--log`).
     pub log: log::LevelFilter,
 }
@@ -196,14 +198,48 @@ pub(crate) fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// The cron time zone: `given` (from `--tz` or `POULPE_TZ`), else `TZ` from `env`, else UTC; a
-/// leading `:` (`TZ=:Europe/Paris`) is ignored. The error is the name that is not a zone.
-pub(crate) fn time_zone(given: Option<&str>, env: Env<'_>) -> Result<chrono_tz::Tz, String> {
-    let name = given
-        .map(str::to_string)
-        .or_else(|| env("TZ").filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "UTC".to_string());
-    name.trim_start_matches(':').parse().map_err(|_| name)
+/// The cron time zone and where it came from: `given` (from `--tz` or `POULPE_TZ`, named by
+/// `given_from`), else `TZ` from `env`, else the system's zone (under `root`, see
+/// [`system_zone`]), else UTC. A leading `:` (`TZ=:Europe/Paris`) is ignored. The error is the
+/// name that is not a zone.
+pub(crate) fn time_zone(
+    given: Option<&str>,
+    given_from: &str,
+    env: Env<'_>,
+    root: &Path,
+) -> Result<(chrono_tz::Tz, String), String> {
+    let (name, from) = match (given, env("TZ").filter(|s| !s.is_empty())) {
+        (Some(name), _) => (name.to_string(), given_from.to_string()),
+        (None, Some(name)) => (name, "TZ".to_string()),
+        (None, None) => {
+            return Ok(system_zone(root)
+                .unwrap_or_else(|| (chrono_tz::UTC, "no --tz, TZ or system zone".to_string())))
+        }
+    };
+    match name.trim_start_matches(':').parse() {
+        Ok(tz) => Ok((tz, from)),
+        Err(_) => Err(name),
+    }
+}
+
+/// The system's zone under `root` (`/` outside tests), as the C library finds it: the name at
+/// the end of the `/etc/localtime` link (`…/zoneinfo/Europe/Paris`), else the name in
+/// `/etc/timezone`. `None` where neither names a known zone (a `scratch` image has no `/etc`).
+pub(crate) fn system_zone(root: &Path) -> Option<(chrono_tz::Tz, String)> {
+    if let Ok(target) = std::fs::read_link(root.join("etc/localtime")) {
+        let target = target.to_string_lossy();
+        if let Some((_, name)) = target.rsplit_once("zoneinfo/") {
+            let name = name
+                .trim_start_matches("posix/")
+                .trim_start_matches("right/");
+            if let Ok(tz) = name.parse() {
+                return Some((tz, format!("/etc/localtime -> {target}")));
+            }
+        }
+    }
+    let name = std::fs::read_to_string(root.join("etc/timezone")).ok()?;
+    let tz = name.trim().parse().ok()?;
+    Some((tz, "/etc/timezone".to_string()))
 }
 
 /// The Kafka settings; brokers and task topic go together.
@@ -396,7 +432,12 @@ impl Config {
             "last" => true,
             v => return Err(bad(CRON_CATCHUP.name, v, "expected none or last")),
         };
-        let tz = time_zone(raw.get(&TZ), env)
+        let given_from = if raw.came_from_env(TZ.name) {
+            "POULPE_TZ"
+        } else {
+            "--tz"
+        };
+        let (tz, tz_from) = time_zone(raw.get(&TZ), given_from, env, Path::new("/"))
             .map_err(|name| bad(TZ.name, &name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
         let log = raw.text(&LOG);
         let log = log.parse().map_err(|_| {
@@ -434,6 +475,7 @@ impl Config {
             smtp,
             kafka: kafka_config(raw)?,
             tz,
+            tz_from,
             log,
         })
     }
@@ -462,7 +504,9 @@ mod tests {
         assert_eq!(c.max_retry, 3);
         assert_eq!(c.dead, PathBuf::from("./poulpe-data/dead"));
         assert_eq!(c.exec, ExecPolicy::Disabled);
-        assert_eq!(c.tz, chrono_tz::UTC);
+        // Neither --tz nor TZ: the system's zone, else UTC.
+        let system = system_zone(Path::new("/")).map_or(chrono_tz::UTC, |z| z.0);
+        assert_eq!(c.tz, system);
     }
 
     #[test]
@@ -677,8 +721,10 @@ mod tests {
         assert_eq!(c.tz, chrono_tz::Asia::Tokyo);
         let c = parse(&[], &[("TZ", "Europe/Paris"), ("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
         assert_eq!(c.tz, chrono_tz::Asia::Tokyo, "POULPE_TZ before TZ");
+        assert_eq!(c.tz_from, "POULPE_TZ");
         let c = parse(&["--tz", "UTC"], &[("POULPE_TZ", "Asia/Tokyo")]).expect("tz");
         assert_eq!(c.tz, chrono_tz::UTC, "--tz first");
+        assert_eq!(c.tz_from, "--tz");
         let e = parse(&[], &[("TZ", "Mars/Base")]).unwrap_err().to_string();
         assert!(e.starts_with("--tz: bad value \"Mars/Base\""), "{e}");
         let e = parse(&[], &[("TZ", "Mars/Base"), ("POULPE_TZ", "")])
@@ -823,5 +869,46 @@ mod tests {
         }
         // Without Kafka flags the same build starts.
         parse(&[], &[]).expect("no Kafka flag, no refusal");
+    }
+
+    /// The system zone is the name the `/etc/localtime` link ends with, else the one in
+    /// `/etc/timezone`; nothing when neither names a zone (no `/etc` at all in `scratch`).
+    #[test]
+    fn the_system_zone_is_read_from_etc() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let etc = root.path().join("etc");
+        assert_eq!(system_zone(root.path()), None, "no /etc");
+        std::fs::create_dir_all(&etc).expect("etc");
+        std::fs::write(etc.join("timezone"), "Asia/Tokyo\n").expect("timezone");
+        assert_eq!(
+            system_zone(root.path()),
+            Some((chrono_tz::Asia::Tokyo, "/etc/timezone".to_string()))
+        );
+        std::os::unix::fs::symlink(
+            "/usr/share/zoneinfo/posix/Europe/Paris",
+            etc.join("localtime"),
+        )
+        .expect("link");
+        assert_eq!(
+            system_zone(root.path()),
+            Some((
+                chrono_tz::Europe::Paris,
+                "/etc/localtime -> /usr/share/zoneinfo/posix/Europe/Paris".to_string()
+            )),
+            "the link first"
+        );
+        let env = |name: &str| (name == "TZ").then(|| "America/Lima".to_string());
+        let zone = time_zone(None, "--tz", &env, root.path()).expect("zone");
+        assert_eq!(
+            zone,
+            (chrono_tz::America::Lima, "TZ".to_string()),
+            "TZ before the system"
+        );
+        let none = |_: &str| None;
+        let zone = time_zone(None, "--tz", &none, root.path()).expect("zone");
+        assert_eq!(zone.0, chrono_tz::Europe::Paris);
+        let empty = tempfile::tempdir().expect("tempdir");
+        let zone = time_zone(None, "--tz", &none, empty.path()).expect("zone");
+        assert_eq!(zone.0, chrono_tz::UTC, "UTC without any");
     }
 }

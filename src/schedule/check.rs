@@ -5,7 +5,7 @@ use super::cron::parse_file;
 use crate::config::{flags, process_env, sender, time_zone, Env};
 use crate::task::{ExecPolicy, Limits, Method};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What `poulpe cron-check --help` prints.
 const HELP: &str = "poulpe cron-check - check a cron file and print each line's next fire times, \
@@ -15,7 +15,7 @@ USAGE:
   poulpe cron-check FILE [--tz ZONE] [-n N] [--smtp_from ADDR]
 
 FLAGS:
-  --tz <v>          IANA zone of the schedule [default: POULPE_TZ, else TZ, else UTC]
+  --tz <v>          IANA zone of the schedule [default: POULPE_TZ, else TZ, else the system zone, else UTC]
   -n <v>            fire times shown per line [default: 5]
   --smtp_from <v>   default sender of MAIL_TO lines, as for the server (POULPE_SMTP_FROM)
   -h, --help        print this help
@@ -28,7 +28,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
 }
 
 /// [`run`] with an explicit environment lookup. The zone is found as the server finds it:
-/// `--tz`, else `POULPE_TZ`, else `TZ`, else UTC.
+/// `--tz`, else `POULPE_TZ`, else `TZ`, else the system's zone, else UTC.
 pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let args = args.into_iter().map(flags::normalize).collect();
     let mut pargs = pico_args::Arguments::from_vec(args);
@@ -77,8 +77,13 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
             return 2;
         }
     };
+    let given_from = if tz_name.is_some() {
+        "--tz"
+    } else {
+        "POULPE_TZ"
+    };
     let tz_name = tz_name.or_else(|| flags::TZ.env_value(env));
-    let tz = match time_zone(tz_name.as_deref(), env) {
+    let (tz, tz_from) = match time_zone(tz_name.as_deref(), given_from, env, Path::new("/")) {
         Ok(z) => z,
         Err(tz_name) => {
             eprintln!("poulpe cron-check: --tz: unknown IANA time zone {tz_name:?}");
@@ -96,7 +101,11 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     match parse_file(&path, &limits, tz) {
         Ok(lines) => {
             let now = chrono::Utc::now();
-            println!("{}: {} lines, times in {tz}", path.display(), lines.len());
+            println!(
+                "{}: {} lines, times in {tz} (from {tz_from})",
+                path.display(),
+                lines.len()
+            );
             for l in &lines {
                 println!(
                     "{}:{}  {}  {} {} {}",
