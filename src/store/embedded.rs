@@ -25,7 +25,6 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
-    TableHandle,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -411,19 +410,18 @@ fn checkpointed_seq(db: &Database) -> Result<u64, redb::Error> {
 /// results (each holds its expiry). Nothing to do on a file without them.
 fn migrate(db: &Database) -> Result<(), redb::Error> {
     let read = db.begin_read()?;
-    let names: Vec<String> = read.list_tables()?.map(|h| h.name().to_string()).collect();
-    let has = |name: &str| names.iter().any(|n| n == name);
-    let (old_meta, old_expiry) = (has(OLD_META.name()), has(OLD_EXPIRY.name()));
-    if !old_meta && !old_expiry {
-        return Ok(());
-    }
+    // Every file of an older release has both tables (it made them at its first start).
+    let old = match read.open_table(OLD_META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     let mut values: Vec<(String, String)> = Vec::new();
-    if old_meta {
-        for item in read.open_table(OLD_META)?.iter()? {
-            let (k, v) = item?;
-            values.push((k.value().to_string(), v.value().to_string()));
-        }
+    for item in old.iter()? {
+        let (k, v) = item?;
+        values.push((k.value().to_string(), v.value().to_string()));
     }
+    drop(old);
     drop(read);
     let txn = db.begin_write()?;
     let mut indexed = 0;
@@ -1403,6 +1401,7 @@ mod tests {
         assert_eq!(s.gc(now, 1000).expect("gc"), 1, "the expired result goes");
         assert_eq!(s.result("done").expect("result"), Some(result("done")));
         s.close();
+        use redb::TableHandle;
         let db = Database::open(dir.path().join(FILE)).expect("reopen");
         let names: Vec<String> = db
             .begin_read()

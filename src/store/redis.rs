@@ -252,17 +252,25 @@ impl RedisStore {
         let client = Client::open(url).map_err(|e| {
             StoreError::Unavailable(format!("bad Redis URL {}: {e}", redacted(url)))
         })?;
-        // Redis's own error when it cannot be reached (not the pool's, which wraps it).
-        let ping = |client: &Client| -> redis::RedisResult<()> {
-            let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
-            c.set_read_timeout(Some(IO_TIMEOUT))?;
-            c.set_write_timeout(Some(IO_TIMEOUT))?;
-            redis::cmd("PING").query::<String>(&mut c).map(|_| ())
-        };
+        let pool = r2d2::Pool::builder()
+            .max_size(32)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(2))
+            .connection_customizer(Box::new(Timeouts))
+            // Outages are logged once by the health thread, not once per failed connect.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(client);
         let end = Instant::now() + wait;
         loop {
-            match ping(&client) {
-                Ok(()) => break,
+            // The pool's or Redis's own words, without this store's "unavailable" prefix: the
+            // caller names the flag, this line says the rest once.
+            let pinged = pool.get().map_err(|e| e.to_string()).and_then(|mut c| {
+                redis::cmd("PING")
+                    .query::<String>(&mut *c)
+                    .map_err(|e| e.to_string())
+            });
+            match pinged {
+                Ok(_) => break,
                 Err(e) if Instant::now() >= end => {
                     return Err(StoreError::Unavailable(format!(
                         "cannot reach Redis at {} (tried for {wait:?}): {e}",
@@ -272,14 +280,6 @@ impl RedisStore {
                 Err(_) => thread::sleep(Duration::from_millis(200)),
             }
         }
-        let pool = r2d2::Pool::builder()
-            .max_size(32)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(2))
-            .connection_customizer(Box::new(Timeouts))
-            // Outages are logged once by the health thread, not once per failed connect.
-            .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(client);
         let scripts = Scripts {
             insert: Script::new(INSERT),
             take_due_many: Script::new(TAKE_DUE_MANY),
