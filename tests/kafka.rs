@@ -796,16 +796,7 @@ fn hit_task(sink: &Sink, id: &str) -> String {
 
 /// poulpe consuming `tasks` from `broker` in `group`, proven by a first task ("before") run.
 fn consuming(broker: &Broker, dir: &tempfile::TempDir, group: &str, sink: &Sink) -> Server {
-    let servers = broker.servers();
-    let args = [
-        "--kafka_servers",
-        servers.as_str(),
-        "--kafka_topic",
-        "tasks",
-        "--kafka_group",
-        group,
-    ];
-    let s = Server::builder(dir).args(&args).start();
+    let s = intake(broker, dir, group, &[]);
     broker.produce("tasks", &[hit_task(sink, "before")]);
     sink.wait_until(Duration::from_secs(60), "the task produced first", |h| {
         hit_ids(h, "/hit").contains_key("before")

@@ -246,6 +246,20 @@ pub fn redacted(url: &str) -> String {
 }
 
 impl RedisStore {
+    /// Adds to `pipe` the write of `t`'s record: state, due time and data.
+    fn put_task(&self, pipe: &mut redis::Pipeline, t: &Task) -> Result<(), StoreError> {
+        pipe.hset_multiple(
+            self.key("task", &t.id),
+            &[
+                ("state", state_name(t.state).to_string()),
+                ("due", t.due_us.to_string()),
+                ("data", encode(t)?),
+            ],
+        )
+        .ignore();
+        Ok(())
+    }
+
     /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
     /// threads.
     pub(crate) fn open(url: &str, prefix: &str, wait: Duration) -> Result<RedisStore, StoreError> {
@@ -506,15 +520,7 @@ impl Store for RedisStore {
         for ch in changes {
             match ch {
                 Change::Retry(t) => {
-                    pipe.hset_multiple(
-                        self.key("task", &t.id),
-                        &[
-                            ("state", state_name(t.state).to_string()),
-                            ("due", t.due_us.to_string()),
-                            ("data", encode(t)?),
-                        ],
-                    )
-                    .ignore();
+                    self.put_task(&mut pipe, t)?;
                     pipe.srem(format!("{}running", self.prefix), &t.id).ignore();
                     pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
                         .ignore();
@@ -532,15 +538,7 @@ impl Store for RedisStore {
                         .ignore();
                 }
                 Change::Insert(t) => {
-                    pipe.hset_multiple(
-                        self.key("task", &t.id),
-                        &[
-                            ("state", state_name(t.state).to_string()),
-                            ("due", t.due_us.to_string()),
-                            ("data", encode(t)?),
-                        ],
-                    )
-                    .ignore();
+                    self.put_task(&mut pipe, t)?;
                     pipe.sadd(format!("{}live", self.prefix), &t.id).ignore();
                     if matches!(t.state, State::Delayed | State::RetryWait) {
                         pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
