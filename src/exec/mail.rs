@@ -127,7 +127,7 @@ impl MailExec {
     /// Sends one mail; a 5xx answer is permanent (dead at once), anything else may be retried.
     /// `timeout` bounds each network step (connect, each read and write).
     pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
-        let params: MailParams = match serde_json::from_str(&task.params) {
+        let params: MailParams = match serde_json::from_slice(task.params.as_bytes()) {
             Ok(p) => p,
             Err(e) => {
                 return RunResult {

@@ -441,7 +441,8 @@ fn insert_loop(
 
 /// A task record taken off the due set, marked ready.
 fn ready_task(data: &str) -> Result<Task, StoreError> {
-    let mut t: Task = serde_json::from_str(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut t: Task =
+        serde_json::from_slice(data.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     t.state = State::Ready;
     Ok(t)
 }
@@ -562,7 +563,7 @@ impl Store for RedisStore {
             })?;
             let (data, made) = match data {
                 Some(data) => {
-                    let task: Task = serde_json::from_str(&data)
+                    let task: Task = serde_json::from_slice(data.as_bytes())
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     let result = TaskResult::cancelled(&task, crate::clock::now_ms());
                     let json = encode(&result)?;
@@ -612,8 +613,10 @@ impl Store for RedisStore {
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
         let s: Option<String> =
             self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .transpose()
+        s.map(|s| {
+            serde_json::from_slice(s.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {

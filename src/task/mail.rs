@@ -35,7 +35,7 @@ pub(crate) fn parse_params(
 ) -> Result<MailParams, TaskError> {
     let obj = match raw {
         Some(Value::Object(o)) => o.clone(),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+        Some(Value::String(s)) => match serde_json::from_slice::<Value>(s.as_bytes()) {
             Ok(Value::Object(o)) => o,
             _ => return Err(TaskError::field("params", SHAPE)),
         },

@@ -485,7 +485,7 @@ fn post(name: &str, raw: Option<&Value>) -> Result<Payload, TaskError> {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) if s.trim().is_empty() => String::new(),
         Some(Value::String(s)) => {
-            serde_json::from_str::<Value>(s)
+            serde_json::from_slice::<Value>(s.as_bytes())
                 .map_err(|e| TaskError::field("params", format!("for POST must be JSON: {e}")))?;
             s.clone()
         }
