@@ -198,21 +198,22 @@ impl WebSockets {
                 }
             }
             if !texts.is_empty() {
+                // Results already here go out before this input waits for its durable write:
+                // under load that wait is a group commit, and they would wait with it.
+                bell.quiet();
+                let ready: Vec<String> = push_rx.try_iter().map(|r| result_frame(&r)).collect();
+                let sent = ready.is_empty() || (send(&mut ws, ready) && flushed(&mut ws));
+                if !sent {
+                    return;
+                }
                 out.extend(self.on_texts(&texts, &pushes));
             }
             bell.quiet();
             // Results are formatted here, on the connection's thread, not on the outcome
             // thread that hands them over (one thread for the whole server).
             out.extend(push_rx.try_iter().map(|r| result_frame(&r)));
-            for frame in out {
-                match ws.write(Message::text(frame)) {
-                    Ok(()) => {}
-                    Err(e) if would_block(&e) => {}
-                    Err(e) => {
-                        log::debug!("ws: cannot send: {e}");
-                        return;
-                    }
-                }
+            if !send(&mut ws, out) {
+                return;
             }
             let stopping = self.stopping.rung() || !self.submitter.accepting();
             if closing.is_none() && (stopping || last_input.elapsed() >= self.idle) {
@@ -268,7 +269,7 @@ impl WebSockets {
         let mut values: Vec<Value> = Vec::new();
         for text in texts {
             let start = values.len();
-            match serde_json::from_str::<Value>(text) {
+            match serde_json::from_slice::<Value>(text.as_bytes()) {
                 Ok(Value::Array(items)) if items.is_empty() => {
                     frames.push(Err(fail_frame(None, "no task: the array is empty")))
                 }
@@ -309,6 +310,34 @@ impl WebSockets {
             }
         }
         out
+    }
+}
+
+/// Queues `frames` on the connection (a full socket buffer keeps them queued); false when the
+/// connection is broken.
+fn send(ws: &mut WebSocket<TcpStream>, frames: Vec<String>) -> bool {
+    for frame in frames {
+        match ws.write(Message::text(frame)) {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => {}
+            Err(e) => {
+                log::debug!("ws: cannot send: {e}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes what is queued as far as the socket takes it now; false when the connection is broken.
+fn flushed(ws: &mut WebSocket<TcpStream>) -> bool {
+    match ws.flush() {
+        Ok(()) => true,
+        Err(e) if would_block(&e) => true,
+        Err(e) => {
+            log::debug!("ws: cannot send: {e}");
+            false
+        }
     }
 }
 
