@@ -15,7 +15,7 @@
 //! | decide | [`outcome`] | succeeded / retry later / dead letter, written in batches |
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
 //! | answers | [`results`] | clients waiting for results (`Answers`: lookups and waits) |
-//! | observe | [`status`] | counters and `/sys_info` (`SysInfo`) |
+//! | observe | [`status`], [`metrics`] | counters and `/sys_info` (`SysInfo`); `/metrics` (Prometheus text) and its histograms |
 //! | wiring | [`app`] | starts the stages, hands out narrow handles, stops them in reverse (used by `main.rs` only) |
 //! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
 //! | probe | [`probe`] | `poulpe health`, the container health check |
@@ -38,6 +38,7 @@ mod dispatch;
 mod exec;
 pub mod http;
 pub mod intake;
+mod metrics;
 mod outcome;
 pub mod probe;
 mod results;

@@ -288,6 +288,10 @@ impl OutcomeStage {
     /// Turns a new outcome into a store change and what to do once it is durable. Called once
     /// per attempt, so a failed attempt is counted once.
     fn decide(&self, o: Outcome) -> Decided {
+        let late_us = (o.started_ms.max(0) as u64 * 1000).saturating_sub(o.task.due_us);
+        let run_ms = o.finished_ms.saturating_sub(o.started_ms).max(0) as u64;
+        let status = &self.announce.status;
+        status.attempt(o.task.method, late_us, run_ms * 1000);
         if o.run.ok {
             // The task's record goes, so its attempt history is not kept: no copy of the task,
             // and the attempt's output moves into the result (one thread decides every outcome).
@@ -307,7 +311,7 @@ impl OutcomeStage {
             output_excerpt: cap_text(o.run.output.as_bytes(), EXCERPT_LEN, false),
         });
         let n = task.attempts.len() as u32;
-        self.announce.status.attempt_failed(&task.id);
+        status.attempt_failed(&task.id);
         let max = task.max_retry.unwrap_or(self.policy.max_retry);
         if !o.run.permanent && n <= max {
             let interval = task.retry_interval.unwrap_or(self.policy.interval_s);

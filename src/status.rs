@@ -2,9 +2,11 @@
 
 use crate::clock::rfc3339_ms;
 use crate::dispatch::Pool;
+use crate::intake::Origin;
+use crate::metrics::Histogram;
 use crate::schedule::cron_runner::CronStatus;
 use crate::store::Store;
-use crate::task::FinalStatus;
+use crate::task::{FinalStatus, Method, Task};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -49,6 +51,12 @@ pub(crate) struct Status {
     failed_attempts: AtomicU64,
     dead: AtomicU64,
     cancelled: AtomicU64,
+    /// Tasks accepted by origin (`Origin as usize`) and method (`Method as usize`).
+    pub(crate) accepted_by: [[AtomicU64; 4]; 4],
+    /// Run time of attempts by method.
+    pub(crate) duration: [Histogram; 4],
+    /// Start of attempts after their due time.
+    pub(crate) lateness: Histogram,
     /// Ids that failed an attempt recently (newest last), at most `LIST_CAP`.
     wronging: Mutex<VecDeque<String>>,
 }
@@ -62,14 +70,43 @@ impl Default for Status {
             failed_attempts: AtomicU64::new(0),
             dead: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            accepted_by: Default::default(),
+            duration: Default::default(),
+            lateness: Histogram::default(),
             wronging: Mutex::new(VecDeque::new()),
         }
     }
 }
 
 impl Status {
-    pub(crate) fn accepted(&self, n: usize) {
-        self.accepted.fetch_add(n as u64, Relaxed);
+    /// Counts `tasks`, just made durable, under their origin and methods.
+    pub(crate) fn accepted(&self, origin: Origin, tasks: &[Task]) {
+        self.accepted.fetch_add(tasks.len() as u64, Relaxed);
+        let row = &self.accepted_by[origin as usize];
+        for t in tasks {
+            row[t.method as usize].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Records an attempt of `method` that started `late_us` after it was due and ran `run_us`.
+    pub(crate) fn attempt(&self, method: Method, late_us: u64, run_us: u64) {
+        self.duration[method as usize].observe(run_us);
+        self.lateness.observe(late_us);
+    }
+
+    /// Succeeded, dead, cancelled, failed attempts.
+    pub(crate) fn counts(&self) -> [u64; 4] {
+        [
+            self.succeeded.load(Relaxed),
+            self.dead.load(Relaxed),
+            self.cancelled.load(Relaxed),
+            self.failed_attempts.load(Relaxed),
+        ]
+    }
+
+    /// Whole seconds since start.
+    pub(crate) fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     pub(crate) fn attempt_failed(&self, id: &str) {

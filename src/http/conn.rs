@@ -193,6 +193,7 @@ impl Conn {
                 Err(e) => {
                     if let Some(code) = e.status() {
                         log::debug!("http: {:?}: {code} {e}", self.peer);
+                        crate::metrics::answered(code);
                         let _ = self.write(&Response::fail(code, &e).encode(false, true, false));
                         self.linger_close();
                     }
@@ -205,6 +206,7 @@ impl Conn {
             match handler.handle(req) {
                 Reply::Answer(resp) => {
                     let close = !keep || resp.close;
+                    crate::metrics::answered(resp.code);
                     if let Err(e) = self.write(&resp.encode(head_only, close, v10 && !close)) {
                         log::debug!("http: {:?}: answer not written: {e}", self.peer);
                         return;
@@ -215,6 +217,7 @@ impl Conn {
                     }
                 }
                 Reply::Upgrade(resp, take) => {
+                    crate::metrics::answered(resp.code);
                     if let Err(e) = self.write(&resp.encode(false, false, false)) {
                         log::debug!("http: {:?}: upgrade not written: {e}", self.peer);
                         return;

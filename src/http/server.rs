@@ -215,6 +215,7 @@ fn refuse_loop(rx: Receiver<TcpStream>) {
         match next {
             Ok(mut s) => {
                 let _ = s.set_nonblocking(true);
+                crate::metrics::answered(503);
                 let _ = s.write(&refusal);
                 let _ = s.shutdown(Shutdown::Write);
                 if lingering.len() < REFUSE_BACKLOG {

@@ -16,6 +16,8 @@ use std::time::Duration;
 /// Default and longest long-poll time.
 const POLL_DEFAULT_S: u64 = 60;
 const POLL_MAX_S: u64 = 300;
+/// The media type of Prometheus text.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The transport's limits from the flags.
 pub fn limits(config: &crate::config::Config) -> Limits {
@@ -82,6 +84,13 @@ impl Api {
         match (req.method.as_str(), path.as_str()) {
             ("POST", "/task_in_queue") => self.post_task(&req.body),
             ("GET", "/sys_info") => reply(200, &self.sys_info.json()),
+            ("GET", "/metrics") => Response {
+                code: 200,
+                headers: vec![("Content-Type", METRICS_TYPE.to_string())],
+                body: self.sys_info.metrics().into_bytes(),
+                close: false,
+            }
+            .into(),
             ("GET", p) if p.starts_with("/task_resp/") => {
                 let timeout = match query_param(&query, "timeout") {
                     None => POLL_DEFAULT_S,
@@ -108,7 +117,9 @@ impl Api {
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
-            (_, "/task_in_queue" | "/sys_info" | "/health") => fail(405, "method not allowed"),
+            (_, "/task_in_queue" | "/sys_info" | "/metrics" | "/health") => {
+                fail(405, "method not allowed")
+            }
             (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
                 fail(405, "method not allowed")
             }
@@ -127,7 +138,7 @@ impl Api {
         };
         // Registered once the tasks are durable and before any can finish: no result slips by.
         let mut waiting = None;
-        let result = self.submitter.submit(&values, Origin::Network, |acc| {
+        let result = self.submitter.submit(&values, Origin::Http, |acc| {
             if acc.wait > 0 {
                 let wait = Duration::from_secs(acc.wait);
                 waiting = Some((self.answers.watch(acc.ids.clone(), wait), wait));

@@ -61,11 +61,14 @@ impl fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
-/// Where a submission comes from; decides trust and where results also go.
+/// Where a submission comes from; decides trust and where results also go, and labels the
+/// accepted counters (`Origin as usize` indexes them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
-    /// HTTP or WebSocket clients.
-    Network,
+    /// HTTP API clients (trusted as WebSocket clients are).
+    Http,
+    /// WebSocket clients.
+    Ws,
     /// The operator's cron file: EXEC needs no `--exec_dir`.
     Cron,
     /// The Kafka task topic: the final result is also produced to the result topic.
@@ -193,7 +196,7 @@ impl Submitter {
             ids: tasks.iter().map(|t| t.id.clone()).collect(),
             wait,
         };
-        g.status.accepted(tasks.len());
+        g.status.accepted(origin, &tasks);
         on_durable(&accepted);
         g.release(tasks);
         Ok(accepted)
@@ -265,7 +268,7 @@ impl Submitter {
         if tasks.is_empty() {
             return answers;
         }
-        g.status.accepted(tasks.len());
+        g.status.accepted(origin, &tasks);
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
         on_durable(&ids);
         g.release(tasks);

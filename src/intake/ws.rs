@@ -290,7 +290,7 @@ impl WebSockets {
         let answers = if values.is_empty() {
             Vec::new()
         } else {
-            self.submitter.submit_each(&values, Origin::Network, |ids| {
+            self.submitter.submit_each(&values, Origin::Ws, |ids| {
                 self.answers
                     .push_each(ids.to_vec(), PUSH_WITHIN, pushes.clone());
             })

@@ -1,0 +1,281 @@
+//! `/metrics`: the counters of [`crate::status`] as Prometheus text (format 0.0.4), the
+//! lock-free histogram behind its run times and lateness, and the count of HTTP answers by code.
+
+use crate::status::SysInfo;
+use crate::task::Method;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds of the histogram buckets in microseconds; a last bucket (`+Inf`) follows.
+const BOUNDS_US: [u64; 10] = [
+    1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000, 60_000_000,
+];
+/// The same bounds as `le` labels, in seconds.
+const LE: [&str; 11] = [
+    "0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1", "5", "10", "60", "+Inf",
+];
+
+/// The methods in label order: index `method as usize`.
+pub(crate) const METHODS: [Method; 4] = [Method::Get, Method::Post, Method::Exec, Method::MailTo];
+
+/// The origins' labels in order: index `Origin as usize`.
+const ORIGINS: [&str; 4] = ["http", "ws", "cron", "kafka"];
+
+/// A histogram of durations: one counter per bucket (not cumulative: summed when rendered) and
+/// the sum in microseconds. Relaxed atomics: a scrape may see an observation in the count but
+/// not yet in the sum.
+#[derive(Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; 11],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration of `us` microseconds.
+    pub(crate) fn observe(&self, us: u64) {
+        let i = BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` lines; `labels` is empty or `k="v"`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut total = 0;
+        for (b, le) in self.buckets.iter().zip(LE) {
+            total += b.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {total}");
+        }
+        let braces = |out: &mut String| {
+            if !labels.is_empty() {
+                let _ = write!(out, "{{{labels}}}");
+            }
+        };
+        let sum = self.sum_us.load(Relaxed);
+        let _ = write!(out, "{name}_sum");
+        braces(out);
+        let _ = writeln!(out, " {}.{:06}", sum / 1_000_000, sum % 1_000_000);
+        let _ = write!(out, "{name}_count");
+        braces(out);
+        let _ = writeln!(out, " {total}");
+    }
+}
+
+/// Status codes counted by name; any other is counted as `other`.
+const CODES: [u16; 21] = [
+    101, 200, 202, 204, 400, 401, 403, 404, 405, 408, 409, 411, 413, 414, 417, 426, 431, 500, 501,
+    503, 505,
+];
+
+/// HTTP answers written since start, by code (the last slot: `other`). One per process: the
+/// transport counts every answer it writes, refusals included.
+static ANSWERS: [AtomicU64; CODES.len() + 1] = [const { AtomicU64::new(0) }; CODES.len() + 1];
+
+/// Counts one HTTP answer with status `code`.
+pub(crate) fn answered(code: u16) {
+    let i = CODES.iter().position(|&c| c == code).unwrap_or(CODES.len());
+    ANSWERS[i].fetch_add(1, Relaxed);
+}
+
+/// Writes the `# HELP` and `# TYPE` lines.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes one line without labels.
+fn line(out: &mut String, name: &str, value: u64) {
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Writes a metric of one line without labels, with its header.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    head(out, name, kind, help);
+    line(out, name, value);
+}
+
+impl SysInfo {
+    /// The `/metrics` document. Every label value comes from a fixed set: nothing to escape.
+    pub(crate) fn metrics(&self) -> String {
+        let (st, store) = (&*self.status, &*self.store);
+        let mut out = String::with_capacity(8 * 1024);
+        let o = &mut out;
+
+        let name = "poulpe_tasks_accepted_total";
+        head(o, name, "counter", "Tasks accepted, by adapter and method.");
+        for (origin, row) in ORIGINS.iter().zip(&st.accepted_by) {
+            for (m, n) in METHODS.iter().zip(row) {
+                let (m, n) = (m.as_str(), n.load(Relaxed));
+                let _ = writeln!(o, "{name}{{origin=\"{origin}\",method=\"{m}\"}} {n}");
+            }
+        }
+        let c = st.counts();
+        single(
+            o,
+            "poulpe_tasks_succeeded_total",
+            "counter",
+            "Tasks that succeeded.",
+            c[0],
+        );
+        single(
+            o,
+            "poulpe_tasks_dead_total",
+            "counter",
+            "Tasks dead (out of retries).",
+            c[1],
+        );
+        single(
+            o,
+            "poulpe_tasks_cancelled_total",
+            "counter",
+            "Tasks cancelled.",
+            c[2],
+        );
+        let help = "Attempts that failed.";
+        single(
+            o,
+            "poulpe_task_attempts_failed_total",
+            "counter",
+            help,
+            c[3],
+        );
+
+        let name = "poulpe_queue_depth";
+        head(o, name, "gauge", "Tasks queued per worker.");
+        for l in self.pool.loads() {
+            let _ = writeln!(o, "{name}{{worker=\"{}\"}} {}", l.id, l.queued);
+        }
+        let (summary, store_up) = match store.summary(0) {
+            Ok(s) => (s, store.healthy()),
+            Err(_) => (Default::default(), false),
+        };
+        let name = "poulpe_tasks";
+        let help = "Unfinished tasks by state (delayed: delayed or waiting to retry).";
+        head(o, name, "gauge", help);
+        for (state, n) in [
+            ("delayed", summary.waiting_total),
+            ("queued", summary.ready_total),
+            ("running", summary.running_total),
+        ] {
+            let _ = writeln!(o, "{name}{{state=\"{state}\"}} {n}");
+        }
+
+        let name = "poulpe_task_duration_seconds";
+        head(o, name, "histogram", "Run time of attempts, by method.");
+        for (m, h) in METHODS.iter().zip(&st.duration) {
+            h.render(o, name, &format!("method=\"{}\"", m.as_str()));
+        }
+        let name = "poulpe_task_lateness_seconds";
+        head(o, name, "histogram", "Time from due to start of attempts.");
+        st.lateness.render(o, name, "");
+
+        let name = "poulpe_http_requests_total";
+        head(o, name, "counter", "HTTP answers written, by status code.");
+        for (i, n) in ANSWERS.iter().enumerate() {
+            let n = n.load(Relaxed);
+            match CODES.get(i) {
+                Some(code) => {
+                    if n > 0 {
+                        let _ = writeln!(o, "{name}{{code=\"{code}\"}} {n}");
+                    }
+                }
+                None => {
+                    let _ = writeln!(o, "{name}{{code=\"other\"}} {n}");
+                }
+            }
+        }
+
+        let help = "Seconds since start.";
+        single(o, "poulpe_uptime_seconds", "gauge", help, st.uptime_s());
+        let help = "1 when the store answers.";
+        single(o, "poulpe_store_up", "gauge", help, u64::from(store_up));
+        if let Ok(n) = store.results_stored() {
+            let help = "Finished results kept.";
+            single(o, "poulpe_results_stored", "gauge", help, n as u64);
+        }
+        if let Some(k) = &self.kafka {
+            let help = "1 when the Kafka client is connected.";
+            let up = u64::from(k.connected.load(Relaxed));
+            single(o, "poulpe_kafka_connected", "gauge", help, up);
+            let help = "Messages consumed from the task topic.";
+            single(
+                o,
+                "poulpe_kafka_consumed_total",
+                "counter",
+                help,
+                k.consumed.load(Relaxed),
+            );
+            let help = "Results produced to the result topic.";
+            single(
+                o,
+                "poulpe_kafka_produced_total",
+                "counter",
+                help,
+                k.produced.load(Relaxed),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_text() {
+        let h = Histogram::default();
+        for us in [0, 1_000, 1_001, 2_500_000, 61_000_000] {
+            h.observe(us);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "method=\"GET\"");
+        let want = "\
+x_bucket{method=\"GET\",le=\"0.001\"} 2
+x_bucket{method=\"GET\",le=\"0.005\"} 3
+x_bucket{method=\"GET\",le=\"0.01\"} 3
+x_bucket{method=\"GET\",le=\"0.05\"} 3
+x_bucket{method=\"GET\",le=\"0.1\"} 3
+x_bucket{method=\"GET\",le=\"0.5\"} 3
+x_bucket{method=\"GET\",le=\"1\"} 3
+x_bucket{method=\"GET\",le=\"5\"} 4
+x_bucket{method=\"GET\",le=\"10\"} 4
+x_bucket{method=\"GET\",le=\"60\"} 4
+x_bucket{method=\"GET\",le=\"+Inf\"} 5
+x_sum{method=\"GET\"} 63.502001
+x_count{method=\"GET\"} 5
+";
+        assert_eq!(out, want);
+
+        let mut out = String::new();
+        Histogram::default().render(&mut out, "y", "");
+        assert!(out.starts_with("y_bucket{le=\"0.001\"} 0\n"), "{out}");
+        assert!(out.ends_with("y_sum 0.000000\ny_count 0\n"), "{out}");
+    }
+
+    #[test]
+    fn codes_outside_the_table_count_as_other() {
+        let other = |i: usize| ANSWERS[i].load(Relaxed);
+        let (before_other, before_404) = (other(CODES.len()), other(7));
+        answered(599);
+        answered(404);
+        assert_eq!(CODES[7], 404);
+        assert!(other(CODES.len()) > before_other);
+        assert!(other(7) > before_404);
+    }
+
+    #[test]
+    fn labels_in_index_order() {
+        for (i, m) in METHODS.iter().enumerate() {
+            assert_eq!(*m as usize, i);
+        }
+        use crate::intake::Origin;
+        let origins = [Origin::Http, Origin::Ws, Origin::Cron, Origin::Kafka];
+        for (i, o) in origins.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+            assert_eq!(ORIGINS[i], format!("{o:?}").to_lowercase());
+        }
+    }
+}
