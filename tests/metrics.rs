@@ -198,3 +198,37 @@ fn metrics_need_the_token() {
         0.0
     );
 }
+
+#[test]
+fn websocket_tasks_count_under_ws() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).args(&["--token", TOKEN]).start();
+    let mut ws = common::ws::connect(&s, &format!("?token={TOKEN}"), &[]).expect("connect");
+    common::ws::send(
+        &mut ws,
+        &json!({"id":"m-ws","method":"GET","name":sink.url("/ws")}),
+    );
+    let ack = common::ws::next(&mut ws);
+    assert_eq!(ack["result"], "OK", "{ack}");
+    let m = eventually(Duration::from_secs(10), "the success", || {
+        let m = parse(&scrape(&s).2);
+        (at(&m, "poulpe_tasks_succeeded_total") >= 1.0).then_some(m)
+    });
+    assert_eq!(
+        at(
+            &m,
+            "poulpe_tasks_accepted_total{origin=\"ws\",method=\"GET\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        at(
+            &m,
+            "poulpe_tasks_accepted_total{origin=\"http\",method=\"GET\"}"
+        ),
+        0.0
+    );
+    // The upgrade is an answer too.
+    assert_eq!(at(&m, "poulpe_http_requests_total{code=\"101\"}"), 1.0);
+}
