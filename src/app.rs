@@ -163,6 +163,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     // The outcome thread ends by itself once every worker has gone (their senders drop).
     stages.push(Stage::joined("outcome", vec![outcome]));
     let executors = executors(&config)?;
+    // Before any worker takes a task: a pause stored before a restart holds.
+    if store
+        .get_meta(crate::intake::PAUSED_KEY)
+        .map_err(StartError::Store)?
+        == Some("true".into())
+    {
+        pool.set_paused(true);
+        log::info!("the server starts paused: workers take no task until POST /resume");
+    }
     let mut workers = Vec::with_capacity(config.workers);
     for w in 0..config.workers {
         workers.push(crate::worker::start(

@@ -1,6 +1,7 @@
 //! The cc-aware dispatcher: one queue per worker, each task sent to the allowed worker with the
 //! least work (queued + running), and an idle worker takes a waiting task it is allowed to run
 //! from another worker's queue, so no task waits behind a long one while an allowed worker idles.
+//! While paused, workers take nothing: tasks still queue up, and a resume wakes every worker.
 
 use crate::task::Task;
 use parking_lot::{Condvar, Mutex};
@@ -17,6 +18,8 @@ struct Slot {
 struct State {
     slots: Vec<Slot>,
     stopping: bool,
+    /// Workers take no task while set (`POST /pause`); queues still fill.
+    paused: bool,
 }
 
 /// Per-worker load, for `/sys_info`.
@@ -43,6 +46,7 @@ impl Pool {
             state: Mutex::new(State {
                 slots: (0..workers).map(|_| Slot::default()).collect(),
                 stopping: false,
+                paused: false,
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
         }
@@ -71,12 +75,17 @@ impl Pool {
     }
 
     /// Blocks until worker `w` has a task to run (its own, or one it may take from another
-    /// queue), and marks it running. `None` once the pool is stopping.
+    /// queue), and marks it running; waits while the pool is paused. `None` once the pool is
+    /// stopping (paused or not).
     pub(crate) fn next(&self, w: usize) -> Option<Arc<Task>> {
         let mut st = self.state.lock();
         loop {
             if st.stopping {
                 return None;
+            }
+            if st.paused {
+                self.wake[w].wait(&mut st);
+                continue;
             }
             if let Some(t) = st.slots[w].queue.pop_front() {
                 st.slots[w].running = Some(Arc::from(t.id.as_str()));
@@ -142,6 +151,22 @@ impl Pool {
         for c in &self.wake {
             c.notify_all();
         }
+    }
+
+    /// Pauses (workers finish their attempt, then take nothing) or resumes (every worker is
+    /// woken to take what queued up meanwhile).
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.state.lock().paused = paused;
+        if !paused {
+            for c in &self.wake {
+                c.notify_all();
+            }
+        }
+    }
+
+    /// Whether workers are paused.
+    pub(crate) fn paused(&self) -> bool {
+        self.state.lock().paused
     }
 
     /// Number of workers running an attempt.
@@ -212,6 +237,35 @@ mod tests {
         p.done(0);
         assert_eq!(p.running(), 0, "a is done");
         assert_eq!(p.loads()[0].running, None);
+    }
+
+    #[test]
+    fn a_paused_pool_hands_out_nothing_until_resumed_and_still_stops() {
+        let p = Arc::new(Pool::new(1));
+        p.set_paused(true);
+        assert!(p.paused());
+        p.dispatch(t("held", &[]));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                while let Some(t) = p.next(0) {
+                    let _ = tx.send(t.id.clone());
+                    p.done(0);
+                }
+            })
+        };
+        let wait = std::time::Duration::from_millis(200);
+        assert!(
+            rx.recv_timeout(wait).is_err(),
+            "a paused pool handed out a task"
+        );
+        assert_eq!(p.loads()[0].queued, 1);
+        p.set_paused(false);
+        assert_eq!(rx.recv_timeout(wait * 25).ok().as_deref(), Some("held"));
+        p.set_paused(true);
+        p.stop();
+        assert!(worker.join().is_ok(), "the paused worker saw the stop");
     }
 
     #[test]

@@ -142,6 +142,14 @@ impl SysInfo {
             c[3],
         );
 
+        let help = "1 while workers are paused (POST /pause).";
+        single(
+            o,
+            "poulpe_paused",
+            "gauge",
+            help,
+            u64::from(self.pool.paused()),
+        );
         let name = "poulpe_queue_depth";
         head(o, name, "gauge", "Tasks queued per worker.");
         for l in self.pool.loads() {

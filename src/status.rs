@@ -170,6 +170,7 @@ impl SysInfo {
             "delaying_total": summary.waiting_total,
             "wronging_keys": wronging,
             "queued_total": summary.ready_total,
+            "paused": pool.paused(),
             "channel_sizes": loads.iter().map(|l| l.queued).collect::<Vec<_>>(),
             "workers": loads.iter().map(|l| json!({
                 "id": l.id,

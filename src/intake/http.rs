@@ -83,6 +83,8 @@ impl Api {
         }
         match (req.method.as_str(), path.as_str()) {
             ("POST", "/task_in_queue") => self.post_task(&req.body),
+            ("POST", "/pause") => self.pause(true),
+            ("POST", "/resume") => self.pause(false),
             ("GET", "/sys_info") => reply(200, &self.sys_info.json()),
             ("GET", "/metrics") => Response {
                 code: 200,
@@ -117,7 +119,7 @@ impl Api {
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
-            (_, "/task_in_queue" | "/sys_info" | "/metrics" | "/health") => {
+            (_, "/task_in_queue" | "/sys_info" | "/metrics" | "/health" | "/pause" | "/resume") => {
                 fail(405, "method not allowed")
             }
             (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
@@ -205,6 +207,18 @@ impl Api {
                     None => reply(202, &self.pending(&id)),
                 }
             }
+        }
+    }
+
+    /// `POST /pause` and `/resume`: 200 once the state is durable, 503 (nothing changed) when
+    /// the store cannot take it.
+    fn pause(&self, paused: bool) -> Reply {
+        match self.submitter.set_paused(paused) {
+            Ok(()) => reply(
+                200,
+                &json!({"result": "OK", "reason": "", "paused": paused}),
+            ),
+            Err(e) => fail(503, e),
         }
     }
 

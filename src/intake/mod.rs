@@ -97,6 +97,8 @@ struct Gate {
     cancelling: Cancelling,
     /// False once shutdown has begun: submits answer `ShuttingDown`.
     accepting: AtomicBool,
+    /// Held through a pause or resume: its store write and the pool's flag go together.
+    pausing: parking_lot::Mutex<()>,
 }
 
 /// What a cancel needs besides the store: how long its result is kept and where it is
@@ -136,6 +138,7 @@ impl Submitter {
             status,
             cancelling,
             accepting: AtomicBool::new(true),
+            pausing: parking_lot::Mutex::new(()),
         }))
     }
 
@@ -288,7 +291,25 @@ impl Submitter {
         }
         Ok(answer)
     }
+
+    /// Pauses or resumes the workers (`POST /pause`, `/resume`): the state is written to the
+    /// store first, so that it holds after a restart; when that write fails nothing changes.
+    /// Calls are serialized, so the store and the pool never disagree.
+    pub(crate) fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        let _one_at_a_time = self.0.pausing.lock();
+        self.0
+            .store
+            .put_meta(PAUSED_KEY, if paused { "true" } else { "false" })?;
+        if self.0.pool.paused() != paused {
+            log::info!("workers {}", if paused { "paused" } else { "resumed" });
+        }
+        self.0.pool.set_paused(paused);
+        Ok(())
+    }
 }
+
+/// The store's meta key of the pause state (`true` or `false`).
+pub(crate) const PAUSED_KEY: &str = "poulpe.paused";
 
 /// Compares without an early exit, so the time taken says nothing about the token.
 pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
