@@ -3,7 +3,7 @@
 //! while paused still stops promptly.
 
 mod common;
-use common::{post_raw, request, Server, Sink};
+use common::{post_raw, redis::RedisServer, request, Server, Sink};
 use serde_json::{json, Value};
 use std::thread;
 use std::time::Duration;
@@ -159,4 +159,19 @@ fn sigterm_while_paused_exits_and_keeps_the_queued_task() {
     assert_queued(&s, "kept");
     switch(&s, "/resume", false);
     assert_succeeds(&s, "kept");
+}
+
+#[test]
+fn a_pause_the_store_cannot_take_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = RedisServer::start(&dir.path().join("redis"));
+    let url = redis.url();
+    let s = Server::builder(&dir).args(&["--redis", &url]).start();
+    switch(&s, "/pause", true);
+    switch(&s, "/resume", false);
+    redis.stop();
+    let (code, body) = post(&s, "/pause", &[]);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["result"], "Fail", "{body}");
+    assert_eq!(s.get("/sys_info").1["paused"], false);
 }
