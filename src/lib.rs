@@ -7,10 +7,10 @@
 //! | flags | [`config`] | command line + `POULPE_*` environment into one checked `Config` |
 //! | model | [`task`] | the task record, its final result, and validation of submitted JSON |
 //! | transport | [`http`] | HTTP/1.1 connections: strict framing, limits, deadlines, answers |
-//! | intake | [`intake`] | `Submitter` (the one way in, and cancel); adapters: HTTP API ([`intake::http`]), WebSocket ([`intake::ws`]), Kafka (`intake::kafka`, feature `kafka`) |
+//! | intake | [`intake`] | `Submitter` (the one way in, cancel and pause); adapters: HTTP API ([`intake::http`]), WebSocket ([`intake::ws`]), Kafka (`intake::kafka`, feature `kafka`) |
 //! | storage | [`store`] | the `Store` trait; embedded (redb, group commit, heals after I/O errors) and Redis backends, one contract suite |
 //! | time | [`schedule`] | the timer thread (delays, retries); the cron file, its parser, `cron-check` and its thread |
-//! | dispatch | [`dispatch`] | per-worker queues, cc-aware least-work routing, idle stealing |
+//! | dispatch | [`dispatch`] | per-worker queues, cc-aware least-work routing, idle stealing, pause |
 //! | run | [`worker`], [`exec`] | worker threads; HTTP (ureq), program (std::process) and mail (lettre SMTP) executors |
 //! | decide | [`outcome`] | succeeded / retry later / dead letter, written in batches |
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
