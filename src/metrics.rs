@@ -6,14 +6,41 @@ use crate::task::Method;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Upper bounds of the histogram buckets in microseconds; a last bucket (`+Inf`) follows.
-const BOUNDS_US: [u64; 10] = [
-    1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000, 60_000_000,
-];
-/// The same bounds as `le` labels, in seconds.
-const LE: [&str; 11] = [
-    "0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1", "5", "10", "60", "+Inf",
-];
+/// Bucket bounds of a histogram: upper bounds in microseconds, the same as `le` labels in
+/// seconds with `+Inf` last (one more label than bounds, at most [`MAX_BUCKETS`]).
+pub(crate) struct Bounds {
+    us: &'static [u64],
+    le: &'static [&'static str],
+}
+
+/// Most buckets a histogram has, `+Inf` included.
+const MAX_BUCKETS: usize = 12;
+
+/// Bounds of run times and lateness: 1 ms to 60 s.
+pub(crate) const TASK_BOUNDS: Bounds = Bounds {
+    us: &[
+        1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
+        60_000_000,
+    ],
+    le: &[
+        "0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1", "5", "10", "60", "+Inf",
+    ],
+};
+
+/// Bounds of store commits: 100 µs to 0.5 s.
+pub(crate) const COMMIT_BOUNDS: Bounds = Bounds {
+    us: &[
+        100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 500_000,
+    ],
+    le: &[
+        "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+        "0.5", "+Inf",
+    ],
+};
+
+/// Time of each durable write the store makes (embedded: a group commit, journal append and
+/// `fdatasync`; Redis: an insert call or a `record` pipeline). One per process, as the store is.
+pub(crate) static STORE_COMMIT: Histogram = Histogram::new(&COMMIT_BOUNDS);
 
 /// The methods in label order: index `method as usize`.
 pub(crate) const METHODS: [Method; 4] = [Method::Get, Method::Post, Method::Exec, Method::MailTo];
@@ -24,19 +51,39 @@ const ORIGINS: [&str; 4] = ["http", "ws", "cron", "kafka"];
 /// A histogram of durations: one counter per bucket (not cumulative: summed when rendered) and
 /// the sum in microseconds. Relaxed atomics: a scrape may see an observation in the count but
 /// not yet in the sum.
-#[derive(Default)]
 pub(crate) struct Histogram {
-    buckets: [AtomicU64; 11],
+    bounds: &'static Bounds,
+    buckets: [AtomicU64; MAX_BUCKETS],
     sum_us: AtomicU64,
 }
 
+impl Default for Histogram {
+    /// A histogram of task times ([`TASK_BOUNDS`]).
+    fn default() -> Self {
+        Self::new(&TASK_BOUNDS)
+    }
+}
+
 impl Histogram {
+    /// An empty histogram with `bounds`.
+    pub(crate) const fn new(bounds: &'static Bounds) -> Self {
+        assert!(bounds.le.len() == bounds.us.len() + 1 && bounds.le.len() <= MAX_BUCKETS);
+        Self {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS],
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the time since `t0`.
+    pub(crate) fn since(&self, t0: std::time::Instant) {
+        self.observe(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
+
     /// Records one duration of `us` microseconds.
     pub(crate) fn observe(&self, us: u64) {
-        let i = BOUNDS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(BOUNDS_US.len());
+        let b = self.bounds.us;
+        let i = b.iter().position(|&b| us <= b).unwrap_or(b.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
@@ -45,7 +92,7 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut total = 0;
-        for (b, le) in self.buckets.iter().zip(LE) {
+        for (b, le) in self.buckets.iter().zip(self.bounds.le) {
             total += b.load(Relaxed);
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {total}");
         }
@@ -178,6 +225,11 @@ impl SysInfo {
         let name = "poulpe_task_lateness_seconds";
         head(o, name, "histogram", "Time from due to start of attempts.");
         st.lateness.render(o, name, "");
+        let name = "poulpe_store_commit_seconds";
+        let help =
+            "Time of durable store writes (embedded: group commits; Redis: inserts and records).";
+        head(o, name, "histogram", help);
+        STORE_COMMIT.render(o, name, "");
 
         let name = "poulpe_http_requests_total";
         head(o, name, "counter", "HTTP answers written, by status code.");
@@ -261,6 +313,33 @@ x_count{method=\"GET\"} 5
         Histogram::default().render(&mut out, "y", "");
         assert!(out.starts_with("y_bucket{le=\"0.001\"} 0\n"), "{out}");
         assert!(out.ends_with("y_sum 0.000000\ny_count 0\n"), "{out}");
+    }
+
+    #[test]
+    fn commit_histogram_text() {
+        let h = Histogram::new(&COMMIT_BOUNDS);
+        for us in [50, 100, 101, 700, 30_000, 600_000] {
+            h.observe(us);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "c", "");
+        let want = "\
+c_bucket{le=\"0.0001\"} 2
+c_bucket{le=\"0.00025\"} 3
+c_bucket{le=\"0.0005\"} 3
+c_bucket{le=\"0.001\"} 4
+c_bucket{le=\"0.0025\"} 4
+c_bucket{le=\"0.005\"} 4
+c_bucket{le=\"0.01\"} 4
+c_bucket{le=\"0.025\"} 4
+c_bucket{le=\"0.05\"} 5
+c_bucket{le=\"0.1\"} 5
+c_bucket{le=\"0.5\"} 5
+c_bucket{le=\"+Inf\"} 6
+c_sum 0.630951
+c_count 6
+";
+        assert_eq!(out, want);
     }
 
     #[test]

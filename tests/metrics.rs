@@ -177,6 +177,24 @@ fn metrics_count_tasks_attempts_and_answers() {
     }
     assert!(m.contains_key("poulpe_uptime_seconds"));
     assert!(!m.contains_key("poulpe_kafka_connected"), "no Kafka here");
+    // Every submit and result was a group commit of the embedded store's writer.
+    assert!(at(&m, "poulpe_store_commit_seconds_count") > 0.0);
+    assert_cumulative(&m, "poulpe_store_commit_seconds");
+}
+
+/// The buckets of histogram `name` (no labels) never decrease and end at `_count`.
+fn assert_cumulative(m: &HashMap<String, f64>, name: &str) {
+    let les = [
+        "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+        "0.5", "+Inf",
+    ];
+    let mut last = 0.0;
+    for le in les {
+        let n = at(m, &format!("{name}_bucket{{le=\"{le}\"}}"));
+        assert!(n >= last, "{name} le={le}: {n} < {last}");
+        last = n;
+    }
+    assert_eq!(last, at(m, &format!("{name}_count")));
 }
 
 #[test]
@@ -231,4 +249,30 @@ fn websocket_tasks_count_under_ws() {
     );
     // The upgrade is an answer too.
     assert_eq!(at(&m, "poulpe_http_requests_total{code=\"101\"}"), 1.0);
+}
+
+#[test]
+fn redis_store_commits_are_timed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = common::redis::RedisServer::start(&dir.path().join("redis"));
+    let sink = Sink::start();
+    let url = redis.url();
+    let s = Server::builder(dir.path().join("data"))
+        .args(&["--token", TOKEN, "--redis", &url])
+        .start();
+    let auth = format!("Bearer {TOKEN}");
+    let t = json!({"id":"m-r","method":"GET","name":sink.url("/r")});
+    let (code, r) = common::post_raw(
+        &s.url("/task_in_queue"),
+        t.to_string().as_bytes(),
+        &[("Authorization", auth.as_str())],
+    );
+    assert_eq!(code, 200, "{r}");
+    // The insert, then the record of the result.
+    let m = eventually(Duration::from_secs(10), "the success", || {
+        let m = parse(&scrape(&s).2);
+        (at(&m, "poulpe_tasks_succeeded_total") >= 1.0).then_some(m)
+    });
+    assert!(at(&m, "poulpe_store_commit_seconds_count") >= 2.0);
+    assert_cumulative(&m, "poulpe_store_commit_seconds");
 }

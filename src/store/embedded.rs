@@ -859,7 +859,10 @@ impl Writer {
             .iter()
             .chain(batches.iter().flat_map(|b| &b.ops))
             .collect();
-        if let Err(e) = self.journal.append(&all) {
+        let t0 = Instant::now();
+        let written = self.journal.append(&all);
+        crate::metrics::STORE_COMMIT.since(t0);
+        if let Err(e) = written {
             log::error!("store: journal write of {} ops failed: {e}", all.len());
             self.marks.clear();
             self.go_down(JOURNAL, &e);

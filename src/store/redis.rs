@@ -461,12 +461,16 @@ impl Store for RedisStore {
         for t in tasks {
             items.push((t.id.clone(), state_name(t.state), t.due_us, encode(t)?));
         }
+        let t0 = std::time::Instant::now();
         let (done, wait) = bounded(1);
         self.inserts
             .send(Group { tasks: items, done })
             .map_err(|_| down("the insert thread has stopped"))?;
-        wait.recv()
-            .map_err(|_| down("the insert thread has stopped"))?
+        let res = wait
+            .recv()
+            .map_err(|_| down("the insert thread has stopped"))?;
+        crate::metrics::STORE_COMMIT.since(t0);
+        res
     }
 
     fn take_due_many(
@@ -548,7 +552,10 @@ impl Store for RedisStore {
                 }
             }
         }
-        self.with(|c| pipe.query::<()>(c))
+        let t0 = std::time::Instant::now();
+        let res = self.with(|c| pipe.query::<()>(c));
+        crate::metrics::STORE_COMMIT.since(t0);
+        res
     }
 
     fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
