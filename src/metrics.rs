@@ -247,6 +247,12 @@ impl SysInfo {
             }
         }
 
+        let help = "Lines of the cron schedule (0 without --cron).";
+        let lines = self.cron.lock().len() as u64;
+        single(o, "poulpe_cron_lines", "gauge", help, lines);
+        let help = "Cron firings submitted.";
+        let n = crate::schedule::cron_runner::FIRINGS.load(Relaxed);
+        single(o, "poulpe_cron_firings_total", "counter", help, n);
         let help = "Seconds since start.";
         single(o, "poulpe_uptime_seconds", "gauge", help, st.uptime_s());
         let help = "1 when the store answers.";

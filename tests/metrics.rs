@@ -177,6 +177,8 @@ fn metrics_count_tasks_attempts_and_answers() {
     }
     assert!(m.contains_key("poulpe_uptime_seconds"));
     assert!(!m.contains_key("poulpe_kafka_connected"), "no Kafka here");
+    assert_eq!(at(&m, "poulpe_cron_lines"), 0.0);
+    assert_eq!(at(&m, "poulpe_cron_firings_total"), 0.0);
     // Every submit and result was a group commit of the embedded store's writer.
     assert!(at(&m, "poulpe_store_commit_seconds_count") > 0.0);
     assert_cumulative(&m, "poulpe_store_commit_seconds");
@@ -275,4 +277,27 @@ fn redis_store_commits_are_timed() {
     });
     assert!(at(&m, "poulpe_store_commit_seconds_count") >= 2.0);
     assert_cumulative(&m, "poulpe_store_commit_seconds");
+}
+
+#[test]
+fn cron_lines_and_firings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    let text = format!("* * * * * * *  {}  GET\n", sink.url("/beat"));
+    std::fs::write(&cron, text).expect("crontab");
+    let s = Server::builder(dir.path().join("data"))
+        .args(&["--token", TOKEN, "--cron", cron.to_str().expect("utf8")])
+        .start();
+    let m = eventually(Duration::from_secs(10), "a firing", || {
+        let m = parse(&scrape(&s).2);
+        (at(&m, "poulpe_cron_firings_total") > 0.0).then_some(m)
+    });
+    assert_eq!(at(&m, "poulpe_cron_lines"), 1.0);
+    // Each firing is a task accepted from cron.
+    let accepted = at(
+        &m,
+        "poulpe_tasks_accepted_total{origin=\"cron\",method=\"GET\"}",
+    );
+    assert!(accepted >= at(&m, "poulpe_cron_firings_total"), "{m:?}");
 }

@@ -43,6 +43,9 @@ pub(crate) struct LineStatus {
 /// Shared view of the schedule for `/sys_info`.
 pub(crate) type CronStatus = Arc<Mutex<Vec<LineStatus>>>;
 
+/// Firings submitted since start (catch-ups included; a firing already stored is not counted).
+pub(crate) static FIRINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 struct Entry {
     line: CronLine,
     next: Option<i64>,
@@ -204,12 +207,15 @@ impl Runner {
             self.entries[i].last = Some(at);
             return;
         }
-        match self
+        let submitted = self
             .app
             .submitter
-            .submit(&[line.task_json(at)], Origin::Cron, |_| {})
-        {
+            .submit(&[line.task_json(at)], Origin::Cron, |_| {});
+        match submitted {
             Ok(_) | Err(SubmitError::Duplicate(_)) => {
+                if submitted.is_ok() {
+                    FIRINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.entries[i].last = Some(at);
                 if let Err(e) = self.app.store.put_meta(&meta_key(&line), &at.to_string()) {
                     log::warn!(
