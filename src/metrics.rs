@@ -207,14 +207,20 @@ impl SysInfo {
             Err(_) => (Default::default(), false),
         };
         let name = "poulpe_tasks";
-        let help = "Unfinished tasks by state (delayed: delayed or waiting to retry).";
+        let help =
+            "Unfinished tasks by state (without retry_wait, delayed counts retry waits too).";
         head(o, name, "gauge", help);
+        let retry = summary.retry_wait_total;
+        let delayed = summary.waiting_total.saturating_sub(retry.unwrap_or(0));
         for (state, n) in [
-            ("delayed", summary.waiting_total),
-            ("queued", summary.ready_total),
-            ("running", summary.running_total),
+            ("delayed", Some(delayed)),
+            ("retry_wait", retry),
+            ("queued", Some(summary.ready_total)),
+            ("running", Some(summary.running_total)),
         ] {
-            let _ = writeln!(o, "{name}{{state=\"{state}\"}} {n}");
+            if let Some(n) = n {
+                let _ = writeln!(o, "{name}{{state=\"{state}\"}} {n}");
+            }
         }
 
         let name = "poulpe_task_duration_seconds";

@@ -139,6 +139,7 @@ impl LiveIndex {
     pub(crate) fn summary(&self, cap: usize) -> Summary {
         let map = self.map.lock();
         let mut s = Summary::default();
+        let mut retry_wait = 0;
         for (id, e) in map.iter() {
             let Entry::Live(state) = e else { continue };
             match state {
@@ -149,6 +150,7 @@ impl LiveIndex {
                     }
                 }
                 State::Delayed | State::RetryWait => {
+                    retry_wait += usize::from(*state == State::RetryWait);
                     s.waiting_total += 1;
                     if s.waiting.len() < cap {
                         s.waiting.push(id.to_string());
@@ -157,6 +159,7 @@ impl LiveIndex {
                 State::Ready => s.ready_total += 1,
             }
         }
+        s.retry_wait_total = Some(retry_wait);
         s.running.sort_unstable();
         s.waiting.sort_unstable();
         s

@@ -75,6 +75,9 @@ pub(crate) struct Summary {
     pub(crate) running_total: usize,
     pub(crate) waiting: Vec<String>,
     pub(crate) waiting_total: usize,
+    /// Of `waiting_total`, the tasks waiting to retry; `None` when the store cannot tell them
+    /// from delayed ones without reading every task (Redis).
+    pub(crate) retry_wait_total: Option<usize>,
     pub(crate) ready_total: usize,
 }
 
@@ -588,8 +591,13 @@ pub(crate) mod contract {
                 running_total: 2,
                 waiting: vec!["w1".to_string(), "w2".to_string(), "w3".to_string()],
                 waiting_total: 3,
+                retry_wait_total: all.retry_wait_total,
                 ready_total: 1,
             }
+        );
+        assert!(
+            matches!(all.retry_wait_total, None | Some(1)),
+            "w2 waits to retry: {all:?}"
         );
         let capped = store.summary(1).expect("summary");
         assert_eq!(

@@ -688,6 +688,8 @@ impl Store for RedisStore {
             running_total,
             waiting,
             waiting_total,
+            // The due set holds both kinds: telling them apart would read every task.
+            retry_wait_total: None,
             ready_total: live_total.saturating_sub(waiting_total + running_total),
         })
     }
