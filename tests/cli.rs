@@ -208,6 +208,23 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--bind", "localhost:80"], &["--bind"]),
         (&["--no-such-flag"], &["--no-such-flag"]),
         (&["--port"], &["--port"]),
+        // A flag given twice is named as such, whatever its spelling.
+        (
+            &["--port", "1", "--port", "2"],
+            &["--port", "given more than once"],
+        ),
+        (
+            &["-p", "1", "--port=2"],
+            &["--port", "given more than once"],
+        ),
+        (
+            &["--retry-interval", "1", "--retry_interval", "2"],
+            &["--retry_interval", "more than once"],
+        ),
+        (
+            &["--starttls", "--starttls"],
+            &["--starttls", "given more than once"],
+        ),
         (
             &["--kafka_offset_reset", "sideways"],
             &["--kafka_offset_reset", "\"sideways\"", "earliest or latest"],

@@ -348,6 +348,12 @@ impl Raw {
             values.push(from_cli.or_else(|| env(&f.env_name())));
         }
         if let Some(extra) = pargs.finish().into_iter().next() {
+            // A known flag left over was given twice (pico_args takes the first only).
+            let text = extra.to_string_lossy();
+            let key = text.split('=').next().unwrap_or_default();
+            if let Some(f) = ALL.iter().find(|f| f.key == key || f.short == Some(key)) {
+                return Err(ConfigError::Repeated(f.name));
+            }
             let shown = typed
                 .into_iter()
                 .find(|t| normalize(t.clone()) == extra)

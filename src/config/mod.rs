@@ -112,6 +112,9 @@ pub enum ConfigError {
     Version,
     /// An argument that is no flag, as it was typed.
     UnknownFlag(String),
+    /// This flag was given more than once on the command line (its long and short names count
+    /// as one).
+    Repeated(&'static str),
     /// This flag needs a value (or goes with another flag that was given).
     MissingValue(&'static str),
     /// This flag's value is refused, and why (the value of a secret flag is never shown);
@@ -138,6 +141,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "unknown argument {s:?} (see poulpe --help)")
             }
             ConfigError::MissingValue(flag) => write!(f, "--{flag}: a value is required"),
+            ConfigError::Repeated(flag) => write!(f, "--{flag}: given more than once"),
             ConfigError::BadValue {
                 flag,
                 value,
