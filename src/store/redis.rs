@@ -441,10 +441,14 @@ fn insert_loop(
 
 /// A task record taken off the due set, marked ready.
 fn ready_task(data: &str) -> Result<Task, StoreError> {
-    let mut t: Task =
-        serde_json::from_slice(data.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut t: Task = decode(data)?;
     t.state = State::Ready;
     Ok(t)
+}
+
+/// A stored JSON record (task or result); unreadable is `Corrupt`.
+fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(s.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -570,8 +574,7 @@ impl Store for RedisStore {
             })?;
             let (data, made) = match data {
                 Some(data) => {
-                    let task: Task = serde_json::from_slice(data.as_bytes())
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let task: Task = decode(&data)?;
                     let result = TaskResult::cancelled(&task, crate::clock::now_ms());
                     let json = encode(&result)?;
                     (data, Some((result, task.kafka, json)))
@@ -620,10 +623,7 @@ impl Store for RedisStore {
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
         let s: Option<String> =
             self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        s.map(|s| {
-            serde_json::from_slice(s.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))
-        })
-        .transpose()
+        s.as_deref().map(decode).transpose()
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
