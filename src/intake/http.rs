@@ -3,6 +3,7 @@
 //! result (`wait` submits, long polls) registers with the results registry and blocks its own
 //! connection only; the thread that finishes the task just hands the result over.
 
+use super::assets;
 use super::ws::WebSockets;
 use super::{same_secret, Origin, SubmitError, Submitter};
 use crate::http::{percent_decode, query_param, Handler, Limits, Reply, Request, Response};
@@ -75,6 +76,19 @@ impl Api {
         }
         if path == "/ws_task" && req.is_websocket_upgrade() {
             return self.ws.accept(&req, &query);
+        }
+        // The page and the API document hold no data: the page asks for the token itself.
+        if let Some(asset) = assets::by_path(&path) {
+            return if req.method == "GET" {
+                assets::serve(asset, &req)
+            } else {
+                fail(405, "method not allowed")
+            };
+        }
+        if path == "/" && req.method == "GET" {
+            return Response::text(302, "see /ui\n")
+                .with_header("Location", "/ui")
+                .into();
         }
         if !authorized(self.token.as_deref(), &req) {
             return Response::fail(401, "missing or wrong bearer token")

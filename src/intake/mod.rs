@@ -1,6 +1,7 @@
 //! The one way in: every adapter (HTTP, WebSocket, Kafka, cron) parses its input and calls
 //! [`Submitter::submit`], which validates, makes the tasks durable and schedules them.
 
+pub(crate) mod assets;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
