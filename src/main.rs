@@ -34,22 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::new()
-        .filter_level(config.log)
-        // Same line shape as env_logger's own, with the timestamp from chrono (one clock crate).
-        .format(|buf, rec| {
-            use std::io::Write;
-            writeln!(
-                buf,
-                "[{} {:<5} {}] {}",
-                poulpe::clock::rfc3339_ms(poulpe::clock::now_ms()),
-                rec.level(),
-                rec.target(),
-                rec.args()
-            )
-        })
-        .target(env_logger::Target::Stderr)
-        .init();
+    poulpe::logger::init(config.log);
 
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
