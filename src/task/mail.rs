@@ -129,6 +129,15 @@ mod tests {
     }
 
     #[test]
+    fn an_internationalized_domain_is_taken_as_written_or_in_its_ascii_form() {
+        // The binary carries no Unicode tables for domain names (idna_adapter 1.0, see
+        // Cargo.toml): mail addresses must not need them.
+        assert!(recipients("ops@xn--bcher-kva.example").is_ok());
+        assert!(recipients("ops@b\u{fc}cher.example").is_ok());
+        assert!(recipients("j\u{f6}rg@b\u{fc}cher.example").is_ok());
+    }
+
+    #[test]
     fn params_are_validated_with_field_names() {
         let p = parse_params(
             "a@x.org",
