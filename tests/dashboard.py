@@ -3,7 +3,7 @@
 for tests/dashboard.rs, and prints what it saw as one JSON object on stdout; the Rust test
 checks it. Never asserts itself: a step that times out is reported with the page's text.
 
-Usage: dashboard.py SCENARIO --url http://127.0.0.1:PORT [--token T] [--shot FILE.png]
+Usage: dashboard.py SCENARIO --url http://127.0.0.1:PORT [--token T]
 Scenarios:
   view    the workers, counts, cron and Kafka panels; then clicks Pause
   token   the token form: nothing shown before, a wrong token refused, the right one works
@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -52,13 +52,20 @@ def wait(d, what, cond, limit=15):
         raise
 
 
+# Read in one script call: a refresh cannot replace the elements halfway through.
 def texts(d, css):
-    return [e.text for e in d.find_elements(By.CSS_SELECTOR, css)]
+    return d.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.innerText)", css)
 
 
 def rows(d, css):
-    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in d.find_elements(By.CSS_SELECTOR, css)]
+    return d.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                            ".map(tr => [...tr.querySelectorAll('td')].map(td => td.innerText))", css)
+
+
+def listed(d):
+    """{id: state} of the task list's rows."""
+    return d.execute_script("const o = {}; for (const tr of document.querySelectorAll('#tasks tr[data-id]'))"
+                            " o[tr.dataset.id] = tr.dataset.state; return o")
 
 
 def shown(d, id_):
@@ -69,6 +76,16 @@ def injected(d):
     """What an injected script or tag would leave: img elements, and window.__xss."""
     return {"imgs": len(d.find_elements(By.TAG_NAME, "img")),
             "xss": d.execute_script("return window.__xss === undefined ? null : String(window.__xss)")}
+
+
+def click(d, css):
+    """Clicks the element `css` names, again if a refresh replaced it meanwhile."""
+    for _ in range(5):
+        try:
+            return d.find_element(By.CSS_SELECTOR, css).click()
+        except StaleElementReferenceException:
+            time.sleep(0.2)
+    raise RuntimeError("kept being replaced: " + css)
 
 
 def msg(d):
@@ -128,10 +145,7 @@ def token(d, a):
 
 
 def row_state(d, id_):
-    for tr in d.find_elements(By.CSS_SELECTOR, "#tasks tr[data-id]"):
-        if tr.get_attribute("data-id") == id_:
-            return tr.get_attribute("data-state")
-    return None
+    return listed(d).get(id_)
 
 
 def tasks(d, a):
@@ -140,25 +154,22 @@ def tasks(d, a):
     report["list"] = rows(d, "#tasks tr[data-id]")
     report["states"] = {i: row_state(d, i) for i in ("ok-1", "dead-1", "later-1")}
     report["list_injected"] = injected(d)
-    if a.shot:
-        d.save_screenshot(a.shot)
     q = d.find_element(By.ID, "q")
     q.send_keys("ok-")
-    wait(d, "search applied", lambda d: [tr.get_attribute("data-id") for tr in
-                                         d.find_elements(By.CSS_SELECTOR, "#tasks tr[data-id]")] == ["ok-1"])
+    wait(d, "search applied", lambda d: list(listed(d)) == ["ok-1"])
     q.clear()
     q.send_keys(" ")  # an input event: the search box is empty again
     wait(d, "search cleared", lambda d: row_state(d, "dead-1"))
-    d.find_element(By.CSS_SELECTOR, "#tasks tr[data-id='dead-1'] button.link").click()
+    click(d, "#tasks tr[data-id='dead-1'] button.link")
     wait(d, "detail shown", lambda d: d.find_elements(By.CSS_SELECTOR, "#dbody table"))
     report["detail"] = {"title": d.find_element(By.ID, "dtitle").text,
                         "text": d.find_element(By.ID, "dbody").text, **injected(d)}
-    d.find_element(By.CSS_SELECTOR, "#dacts button.retry").click()
+    click(d, "#dacts button.retry")
     report["retry_msg"] = msg(d)
     d.find_element(By.ID, "dclose").click()
     d.execute_script("document.getElementById('msg').textContent = ''")
     wait(d, "later-1 listed", lambda d: row_state(d, "later-1") == "delayed")
-    d.find_element(By.CSS_SELECTOR, "#tasks tr[data-id='later-1'] button.cancel").click()
+    click(d, "#tasks tr[data-id='later-1'] button.cancel")
     report["cancel_msg"] = msg(d)
     d.execute_script("document.getElementById('msg').textContent = ''")
     d.find_element(By.ID, "retryall").click()
@@ -172,7 +183,6 @@ def main():
     p.add_argument("scenario", choices=["view", "token", "tasks"])
     p.add_argument("--url", required=True)
     p.add_argument("--token", default="")
-    p.add_argument("--shot")
     a = p.parse_args()
     d = browser()
     ok = False

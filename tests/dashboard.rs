@@ -284,9 +284,7 @@ fn the_task_list_searches_shows_a_detail_retries_and_cancels() {
     assert_eq!(finished(&s, "xss-1"), "dead");
     std::fs::write(&marker, "").expect("marker");
 
-    let shot = std::env::var("POULPE_DASHBOARD_SHOT").ok();
-    let extra: Vec<&str> = shot.iter().flat_map(|p| ["--shot", p.as_str()]).collect();
-    let r = browse("tasks", &s, &extra);
+    let r = browse("tasks", &s, &[]);
     let states = &r["states"];
     assert_eq!(
         states,
