@@ -4,9 +4,11 @@
 use crate::config::{flags, process_env, Env};
 use crate::task::{parse_task, ExecPolicy, Limits, TaskError};
 use serde_json::{Map, Value};
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,7 +90,9 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         println!("{HELP}");
         return 0;
     }
-    let port = match pargs.opt_value_from_str::<_, String>(["-p", flags::PORT.key]) {
+    // `Keys` as the server's flags pass them: one copy of pico_args' code for both.
+    let keys = pico_args::Keys::from(["-p", flags::PORT.key]);
+    let port = match pargs.opt_value_from_str::<_, String>(keys) {
         Ok(Some(p)) => flags::PORT.number(Some(&p)),
         Ok(None) => flags::PORT
             .number(flags::PORT.env_value(env).as_deref())
@@ -112,7 +116,7 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         return usage("give the dead-letter files or folders to replay");
     }
     if let Some(flag) = inputs.iter().find(|a| a.to_string_lossy().starts_with('-')) {
-        return usage(&format!("unknown argument {flag:?}"));
+        return usage(&format!("unknown argument {}", flag.to_string_lossy()));
     }
 
     // Every input is read and checked before anything is submitted.
@@ -123,11 +127,15 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
             return usage(&format!("{}: {e}", p.display()));
         }
     }
-    let mut records = Vec::new();
+    let (todo, done) = (unique(todo), unique(done));
+    let (mut records, mut twins) = (Vec::<Record>::new(), Vec::new());
+    let mut ids = HashMap::new();
     let mut broken = 0;
     for path in todo {
         match read(&path) {
-            Ok(r) => records.push(r),
+            Ok(r) if first(&mut ids, r.id.clone()) => records.push(r),
+            // The same task died twice: one record is replayed, the other waits.
+            Ok(r) => twins.push(r),
             Err(e) => {
                 eprintln!("poulpe replay: {}: {e}", path.display());
                 broken += 1;
@@ -141,6 +149,13 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     for p in &done {
         println!("skipped {}: already replayed", p.display());
     }
+    for t in &twins {
+        println!(
+            "skipped {}: {} is replayed from another file; replay this one later",
+            t.path.display(),
+            t.id
+        );
+    }
 
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(30)))
@@ -149,7 +164,7 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         .into();
     let url = format!("http://{host}:{port}/task_in_queue");
     let auth = token.map(|t| format!("Bearer {t}"));
-    let (mut replayed, mut refused) = (0, 0);
+    let (mut replayed, mut refused) = (0, twins.len());
     for (i, r) in records.iter().enumerate() {
         match submit(&agent, &url, auth.as_deref(), &r.body) {
             Answer::Accepted => {
@@ -201,6 +216,29 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     u8::from(refused > 0)
 }
 
+/// `paths` without a file named twice (on its own and through its folder), in their order.
+fn unique(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut seen = HashMap::new();
+    paths
+        .into_iter()
+        .filter(|p| {
+            let real = fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            first(&mut seen, real.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// Whether `key` is new to `seen` (a map rather than a set: the binary has that type already).
+fn first(seen: &mut HashMap<String, usize>, key: String) -> bool {
+    match seen.entry(key) {
+        Entry::Vacant(v) => {
+            v.insert(0);
+            true
+        }
+        Entry::Occupied(_) => false,
+    }
+}
+
 /// Prints a usage error; exit code 2.
 fn usage(msg: &str) -> u8 {
     eprintln!("poulpe replay: {msg} (see poulpe replay --help)");
@@ -227,9 +265,9 @@ fn collect(
         }
         return Ok(());
     }
-    let mut entries: Vec<_> = fs::read_dir(p)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
+    // In the folder's own order: sorting would cost the binary a sort of its own.
+    for e in fs::read_dir(p)? {
+        let e = e?;
         let kind = e.file_type()?;
         let name = e.file_name();
         let name = name.to_string_lossy();
@@ -246,8 +284,11 @@ fn collect(
 
 /// Reads and checks one record: the submit body of its task, validated as the server would.
 fn read(path: &Path) -> Result<Record, Broken> {
-    let bytes = fs::read(path).map_err(Broken::Read)?;
-    let ino = fs::metadata(path).map_err(Broken::Read)?.ino();
+    // The inode of the very file read (a new record may replace it at any time).
+    let mut f = fs::File::open(path).map_err(Broken::Read)?;
+    let ino = f.metadata().map_err(Broken::Read)?.ino();
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(Broken::Read)?;
     let v: Value = serde_json::from_slice(&bytes).map_err(Broken::NotJson)?;
     if !v.get("result").is_some_and(Value::is_object) {
         return Err(Broken::NotRecord("no \"result\" object"));
@@ -315,8 +356,8 @@ fn submit_body(task: &Map<String, Value>) -> Result<Value, Broken> {
     Ok(Value::Object(body))
 }
 
-/// POSTs one task.
-fn submit(agent: &ureq::Agent, url: &str, auth: Option<&str>, body: &Value) -> Answer {
+/// POSTs one task (`url` a `&String` as the HTTP executor's: one copy of ureq's generic code).
+fn submit(agent: &ureq::Agent, url: &String, auth: Option<&str>, body: &Value) -> Answer {
     let mut req = agent.post(url).content_type("application/json");
     if let Some(a) = auth {
         req = req.header("Authorization", a);
@@ -329,11 +370,16 @@ fn submit(agent: &ureq::Agent, url: &str, auth: Option<&str>, body: &Value) -> A
     if code == 200 {
         return Answer::Accepted;
     }
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    let reason = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v.get("reason").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or(text);
+    let mut text = Vec::new();
+    let _ = r
+        .body_mut()
+        .as_reader()
+        .take(1 << 16)
+        .read_to_end(&mut text);
+    let reason = match serde_json::from_slice::<Value>(&text) {
+        Ok(v) => v["reason"].as_str().unwrap_or_default().to_string(),
+        _ => String::from_utf8_lossy(&text).into_owned(),
+    };
     Answer::Refused(code, reason)
 }
 

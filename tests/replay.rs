@@ -243,8 +243,8 @@ fn a_broken_file_stops_the_whole_replay() {
 }
 
 /// The server refuses some records: each is named with the reason and kept (a task still
-/// pending under that id; a cron-made EXEC task on a server without `--exec_dir`); the others
-/// replay; exit 1.
+/// pending under that id; a cron-made EXEC task on a server without `--exec_dir`); a second
+/// record of a task replayed from another file waits; the others replay; exit 1.
 #[test]
 fn records_the_server_refuses_are_reported_and_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -267,8 +267,12 @@ fn records_the_server_refuses_are_reported_and_kept() {
         &dead,
         json!({"id":"f-1","method":"GET","name":sink.url("/fine")}),
     );
+    // The same task died twice: one of its records is replayed, the other waits.
+    let twin = dead.join("2026-01-02/task-f-1.json");
+    std::fs::create_dir_all(twin.parent().expect("day")).expect("mkdir");
+    std::fs::copy(&fine, &twin).expect("copy");
     let port = s.port.to_string();
-    // One file named on the command line, the others through their folder: the same files.
+    // One file named on the command line and again through its folder: replayed once.
     let (o, _) = assert_exit(
         &replay(&[
             fine.to_str().expect("utf-8"),
@@ -295,7 +299,19 @@ fn records_the_server_refuses_are_reported_and_kept() {
         o.contains(&format!("replayed {} as f-1", fine.display())),
         "{o}"
     );
-    assert!(pending.exists() && exec.exists(), "{o}");
+    assert_eq!(o.matches(" as f-1").count(), 1, "{o}");
+    assert!(
+        o.contains(&format!(
+            "skipped {}: f-1 is replayed from another file",
+            twin.display()
+        )),
+        "{o}"
+    );
+    assert!(
+        o.contains("1 replayed, 0 already replayed, 3 not replayed"),
+        "{o}"
+    );
+    assert!(pending.exists() && exec.exists() && twin.exists(), "{o}");
     assert!(replayed(&fine).exists(), "{o}");
     sink.wait_until(Duration::from_secs(20), "the fine task", |h| {
         h.iter().any(|h| h.path == "/fine")
