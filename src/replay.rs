@@ -20,9 +20,8 @@ const HELP: &str =
 USAGE:
   poulpe replay FILE_OR_DIR... [--host H] [--port P] [--token T]
 
-Folders are searched for task-*.json records. Every file is read and checked first: one broken
-file and nothing is submitted. Each accepted record is renamed to <file>.replayed, so replaying
-a folder again submits nothing twice.
+Folders are searched for task-*.json at any depth. All files are checked first: one broken,
+and nothing is submitted. Accepted records are renamed <file>.replayed (replayed once).
 
 FLAGS:
   --host <v>       the server's address [default: 127.0.0.1]
@@ -30,8 +29,8 @@ FLAGS:
   --token <v>      the server's --token [default: POULPE_TOKEN]
   -h, --help       print this help
 
-Exit code 0 when every record was replayed (or was already), 1 when the server refused some or
-could not be reached, 2 on bad arguments or a broken file.";
+Exit code 0 when every record was replayed (or was already), 1 when some were not (refused,
+server unreachable), 2 on bad arguments or a broken file.";
 
 /// Why a file cannot be replayed; found before anything is submitted.
 #[derive(Debug)]
@@ -164,7 +163,7 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         .into();
     let url = format!("http://{host}:{port}/task_in_queue");
     let auth = token.map(|t| format!("Bearer {t}"));
-    let (mut replayed, mut refused) = (0, twins.len());
+    let (mut replayed, mut refused, mut unrenamed) = (0, twins.len(), false);
     for (i, r) in records.iter().enumerate() {
         match submit(&agent, &url, auth.as_deref(), &r.body) {
             Answer::Accepted => {
@@ -177,10 +176,10 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
                         r.id
                     ),
                     Err(e) => {
-                        refused += 1;
+                        unrenamed = true;
                         eprintln!(
-                            "poulpe replay: {}: submitted as {}, but cannot rename it to \
-                             .replayed ({e}): move it away before replaying this again",
+                            "poulpe replay: {}: replayed as {}, but not renamed ({e}): move it \
+                             away",
                             r.path.display(),
                             r.id
                         );
@@ -213,7 +212,7 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         "{replayed} replayed, {} already replayed, {refused} not replayed",
         done.len()
     );
-    u8::from(refused > 0)
+    u8::from(refused > 0 || unrenamed)
 }
 
 /// `paths` without a file named twice (on its own and through its folder), in their order.
