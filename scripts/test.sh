@@ -40,6 +40,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   need_root apt-get update -qq && need_root apt-get install -y -qq chromium chromium-driver
 fi
 
+# --- prometheus: tests/prometheus.rs checks /metrics with promtool and scrapes it with a real
+# Prometheus server of its own (free port, temporary storage) ------------------------------------
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  say "installing prometheus (promtool and the server)"
+  need_root apt-get update -qq && need_root apt-get install -y -qq prometheus
+fi
+# Debian may start a system Prometheus on 9090 after installing; the tests do not use it.
+
 # --- strace: tests/durability.rs watches the fsyncs of the real binary ------------------------
 if ! command -v strace >/dev/null; then
   say "installing strace"

@@ -20,11 +20,13 @@
 //! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
 //! | probe | [`probe`] | `poulpe health`, the container health check |
 //! | log | [`logger`] | one line per event on stderr, at the `--log` level |
+//! | replay | [`replay`] | `poulpe replay`: dead-letter records submitted again, each once |
 //!
 //! `docs/ARCHITECTURE.md` tells the life of a task through these modules and which thread does what.
 //!
 //! The library has two users outside itself: the binary (`main.rs`: [`config`], [`app`],
-//! [`intake::http`], [`intake::ws`], [`probe`], [`schedule::check`], [`clock`], [`logger`] and the Redis URL
+//! [`intake::http`], [`intake::ws`], [`probe`], [`replay`], [`schedule::check`], [`clock`],
+//! [`logger`] and the Redis URL
 //! shown in the log) and the HTTP server of the tests' sink and the bench tool ([`http`]). Only
 //! what they use is `pub` (with the types its signatures name); the rest is `pub(crate)`, so the
 //! compiler reports what nothing uses.
@@ -43,6 +45,7 @@ pub mod logger;
 mod metrics;
 mod outcome;
 pub mod probe;
+pub mod replay;
 mod results;
 pub mod schedule;
 mod stage;

@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         args.remove(0);
         return ExitCode::from(poulpe::probe::run(args));
     }
+    if args.first().is_some_and(|a| a == "replay") {
+        args.remove(0);
+        return ExitCode::from(poulpe::replay::run(args));
+    }
     if args.first().is_some_and(|a| a == "cron-check") {
         args.remove(0);
         return ExitCode::from(poulpe::schedule::check::run(args));

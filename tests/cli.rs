@@ -627,14 +627,14 @@ fn a_bad_environment_value_names_the_variable() {
     assert!(!line.contains("POULPE_"), "{line}");
 }
 
-/// `poulpe --help` lists the subcommands; `poulpe cron-check --help` and `poulpe health --help`
-/// print their own help and exit 0.
+/// `poulpe --help` lists the subcommands; `poulpe cron-check --help`, `poulpe health --help` and
+/// `poulpe replay --help` print their own help and exit 0.
 #[test]
 fn help_lists_the_subcommands_which_have_their_own_help() {
     let out = run(poulpe(&["--help"], &[]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let help = text(&out.stdout);
-    for cmd in ["health", "cron-check"] {
+    for cmd in ["health", "cron-check", "replay"] {
         let lines: Vec<&str> = help
             .lines()
             .filter(|l| l.trim_start().starts_with(&format!("poulpe {cmd} ")))
@@ -647,6 +647,10 @@ fn help_lists_the_subcommands_which_have_their_own_help() {
             &["poulpe cron-check FILE", "--tz", "-n", "--smtp_from"][..],
         ),
         ("health", &["poulpe health", "--host", "--port"][..]),
+        (
+            "replay",
+            &["poulpe replay FILE_OR_DIR", "--host", "--port", "--token"][..],
+        ),
     ] {
         for flag in ["--help", "-h"] {
             let out = run(poulpe(&[cmd, flag], &[]));

@@ -240,6 +240,7 @@ pub(crate) fn help_text() -> String {
          COMMANDS:\n  \
          poulpe health [--host H] [--port P]      ask a running server's /health (exit 0: healthy)\n  \
          poulpe cron-check FILE [--tz Z] [-n N]   check a cron file and print its next fire times\n  \
+         poulpe replay FILE_OR_DIR... [--port P]  submit dead-letter records (--dead) to a server again\n  \
          (each takes --help)\n\n\
          Every flag may also be set as POULPE_<FLAG> in the environment (POULPE_PORT=8000);\n\
          the command line wins. --retry_interval and --retry-interval are the same flag.\n\nFLAGS:\n",

@@ -300,8 +300,13 @@ pub struct Sink {
 #[allow(dead_code)]
 impl Sink {
     pub fn start() -> Sink {
+        Sink::start_on(0)
+    }
+
+    /// A sink on `port` (0: any free one), e.g. where a task failed to connect before.
+    pub fn start_on(port: u16) -> Sink {
         use poulpe::http::{Reply, Request, Response};
-        let server = poulpe::http::listen(([127, 0, 0, 1], 0).into()).expect("sink bind");
+        let server = poulpe::http::listen(([127, 0, 0, 1], port).into()).expect("sink bind");
         let port = server.local_addr().expect("sink address").port();
         let hits = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
