@@ -246,8 +246,7 @@ fn usage(msg: &str) -> u8 {
 
 /// Adds the records under `p` to `todo`, and those already replayed to `done`. A file named on
 /// the command line is taken whatever its name; a folder gives its `task-*.json` files, at any
-/// depth (temporary files and other names are left alone). Sorted, so the order is the same each
-/// time.
+/// depth, in name order (temporary files and other names are left alone).
 fn collect(
     p: &Path,
     is_dir: bool,
@@ -264,9 +263,10 @@ fn collect(
         }
         return Ok(());
     }
-    // In the folder's own order: sorting would cost the binary a sort of its own.
-    for e in fs::read_dir(p)? {
-        let e = e?;
+    // By name: the `<YYYY-MM-DD>` folders of `--dead` then come oldest first.
+    let mut entries = fs::read_dir(p)?.collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_unstable_by_key(|e| e.file_name());
+    for e in entries {
         let kind = e.file_type()?;
         let name = e.file_name();
         let name = name.to_string_lossy();

@@ -235,6 +235,8 @@ fn a_broken_file_stops_the_whole_replay() {
         o.contains("2 replayed, 0 already replayed, 0 not replayed"),
         "{o}"
     );
+    let at = |id: &str| o.find(&format!(" as {id}\n")).expect(id);
+    assert!(at("g-1") < at("g-2"), "records are replayed in name order: {o}");
     sink.wait_until(Duration::from_secs(20), "both tasks", |h| h.len() == 2);
     for h in sink.hits() {
         assert_eq!((h.method.as_str(), h.body.as_str()), ("POST", "{\"k\":1}"));
