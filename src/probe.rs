@@ -1,4 +1,4 @@
-//! `poulpe health [--host H] [--port P]`: asks a running server's `/health`, so container health
+//! `poulpe health [--host H] [-p|--port P]`: asks a running server's `/health`, so container health
 //! checks need no curl or wget (a `scratch` image has neither).
 
 use crate::config::{flags, process_env, Env};
@@ -9,14 +9,37 @@ use std::time::Duration;
 const HELP: &str = "poulpe health - ask a running poulpe's /health (for container health checks)
 
 USAGE:
-  poulpe health [--host H] [--port P]
+  poulpe health [--host H] [-p|--port P]
 
 FLAGS:
-  --host <v>    the server's address [default: 127.0.0.1]
-  --port <v>    the server's port [default: POULPE_PORT, else 8000]
+  --host <v>       the server's address [default: 127.0.0.1]
+  -p, --port <v>   the server's port [default: POULPE_PORT, else 8000]
   -h, --help    print this help
 
 Exit code 0 when it answers 200, 1 when it does not, 2 on bad arguments.";
+
+/// The server a subcommand talks to (`health`, `replay`): `--host` (default 127.0.0.1), and
+/// `-p`/`--port`, else `POULPE_PORT` (ignored when it is not a valid port), else the flag table's
+/// default. The error names the flag.
+pub(crate) fn server(
+    pargs: &mut pico_args::Arguments,
+    env: Env<'_>,
+) -> Result<(String, u16), String> {
+    // `Keys` as the server's flags pass them: one copy of pico_args' code for both.
+    let keys = pico_args::Keys::from(["-p", flags::PORT.key]);
+    let port = match pargs.opt_value_from_str::<_, String>(keys) {
+        Ok(Some(p)) => flags::PORT.number(Some(&p)),
+        Ok(None) => flags::PORT
+            .number(flags::PORT.env_value(env).as_deref())
+            .or_else(|_| flags::PORT.number(None)),
+        Err(e) => return Err(format!("--port: {e}")),
+    };
+    let port: u16 = port.map_err(|e| e.to_string())?;
+    let host = pargs
+        .opt_value_from_str::<_, String>("--host")
+        .map_err(|e| format!("--host: {e}"))?;
+    Ok((host.unwrap_or_else(|| "127.0.0.1".to_string()), port))
+}
 
 /// Probes `/health`; returns the process exit code (0 healthy or help, 1 not, 2 bad arguments).
 pub fn run(args: Vec<OsString>) -> u8 {
@@ -31,35 +54,15 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         println!("{HELP}");
         return 0;
     }
-    let port: Result<u16, _> = match pargs.opt_value_from_str(flags::PORT.key) {
-        Ok(Some(p)) => Ok(p),
-        Ok(None) => {
-            let from_env = flags::PORT.env_value(env);
-            flags::PORT
-                .number(from_env.as_deref())
-                .or_else(|_| flags::PORT.number(None))
-        }
-        Err(e) => {
-            eprintln!("poulpe health: --port: {e}");
-            return 2;
-        }
-    };
-    let port = match port {
-        Ok(p) => p,
+    let (host, port) = match server(&mut pargs, env) {
+        Ok(hp) => hp,
         Err(e) => {
             eprintln!("poulpe health: {e}");
             return 2;
         }
     };
-    let host: String = match pargs.opt_value_from_str("--host") {
-        Ok(h) => h.unwrap_or_else(|| "127.0.0.1".to_string()),
-        Err(e) => {
-            eprintln!("poulpe health: --host: {e}");
-            return 2;
-        }
-    };
     if let Some(extra) = pargs.finish().first() {
-        eprintln!("poulpe health: unknown argument {extra:?} (use --host H --port P)");
+        eprintln!("poulpe health: unknown argument {extra:?} (use --host H -p P)");
         return 2;
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -89,22 +89,9 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         println!("{HELP}");
         return 0;
     }
-    // `Keys` as the server's flags pass them: one copy of pico_args' code for both.
-    let keys = pico_args::Keys::from(["-p", flags::PORT.key]);
-    let port = match pargs.opt_value_from_str::<_, String>(keys) {
-        Ok(Some(p)) => flags::PORT.number(Some(&p)),
-        Ok(None) => flags::PORT
-            .number(flags::PORT.env_value(env).as_deref())
-            .or_else(|_| flags::PORT.number(None)),
-        Err(e) => return usage(&format!("--port: {e}")),
-    };
-    let port: u16 = match port {
-        Ok(p) => p,
-        Err(e) => return usage(&e.to_string()),
-    };
-    let host = match pargs.opt_value_from_str::<_, String>("--host") {
-        Ok(h) => h.unwrap_or_else(|| "127.0.0.1".to_string()),
-        Err(e) => return usage(&format!("--host: {e}")),
+    let (host, port) = match crate::probe::server(&mut pargs, env) {
+        Ok(hp) => hp,
+        Err(e) => return usage(&e),
     };
     let token = match pargs.opt_value_from_str::<_, String>(flags::TOKEN.key) {
         Ok(t) => t.or_else(|| flags::TOKEN.env_value(env)),

@@ -38,6 +38,15 @@ fn health_exits_0_when_the_server_answers_and_1_otherwise() {
     // The port from the environment, and --host.
     let out = health(&["--host", "127.0.0.1"], &[("POULPE_PORT", &port)]);
     assert_eq!(out.status.code(), Some(0), "POULPE_PORT={port}: {out:?}");
+    // The server's short flag, and a bad port named.
+    let out = health(&["-p", &port], &[]);
+    assert_eq!(out.status.code(), Some(0), "-p {port}: {out:?}");
+    let out = health(&["-p", "http"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--port"),
+        "{out:?}"
+    );
 
     // Nothing listens.
     let closed = free_port().to_string();

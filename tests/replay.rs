@@ -236,7 +236,10 @@ fn a_broken_file_stops_the_whole_replay() {
         "{o}"
     );
     let at = |id: &str| o.find(&format!(" as {id}\n")).expect(id);
-    assert!(at("g-1") < at("g-2"), "records are replayed in name order: {o}");
+    assert!(
+        at("g-1") < at("g-2"),
+        "records are replayed in name order: {o}"
+    );
     sink.wait_until(Duration::from_secs(20), "both tasks", |h| h.len() == 2);
     for h in sink.hits() {
         assert_eq!((h.method.as_str(), h.body.as_str()), ("POST", "{\"k\":1}"));
