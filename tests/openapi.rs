@@ -153,6 +153,61 @@ fn the_document_lists_exactly_the_routes_and_each_answers_as_documented() {
     call("POST", &s.url("/resume"), &[("Authorization", &auth)]);
 }
 
+/// RFC 9110: a 405 must name the methods the target allows. Each documented path answers a
+/// method it does not serve with 405 and `Allow` listing exactly its served methods.
+#[test]
+fn a_method_a_route_does_not_serve_gets_405_naming_those_it_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir).args(&["--token", TOKEN]).start();
+    let doc = served_document(&s);
+    let auth = format!("Bearer {TOKEN}");
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        let mut methods: Vec<String> = item
+            .as_object()
+            .expect("a path item")
+            .iter()
+            .filter(|(m, op)| {
+                *m != "parameters"
+                    && !NOT_YET_SERVED.contains(&op["operationId"].as_str().unwrap_or_default())
+            })
+            .map(|(m, _)| m.to_uppercase())
+            .collect();
+        if methods.is_empty() {
+            continue;
+        }
+        if path == "/health" {
+            methods.push("HEAD".to_string());
+        }
+        methods.sort();
+        let url = s.url(&path.replace("{id}", "x"));
+        for other in ["PUT", "PATCH", "TRACE"] {
+            let r = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .allow_non_standard_methods(true)
+                .build()
+                .new_agent()
+                .run(
+                    ureq::http::Request::builder()
+                        .method(other)
+                        .uri(&url)
+                        .header("Authorization", &auth)
+                        .body(())
+                        .expect("request"),
+                )
+                .expect("an answer");
+            assert_eq!(r.status().as_u16(), 405, "{other} {path}");
+            let allow = r
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let mut named: Vec<&str> = allow.split(',').map(str::trim).collect();
+            named.sort();
+            assert_eq!(named, methods, "{other} {path}: Allow {allow:?}");
+        }
+    }
+}
+
 /// The `st` program next to the test Python (`target/test-venv`), or a failure saying how to
 /// install it.
 fn schemathesis() -> PathBuf {
