@@ -255,7 +255,8 @@ fn schemathesis_run(st: &Path, s: &Server, schema: &Path, mode: &str) {
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,\
-             response_headers_conformance,response_schema_conformance",
+             response_headers_conformance,response_schema_conformance,\
+             negative_data_rejection,unsupported_method",
         ])
         .args(["--max-examples", "30", "--seed", "16"])
         .args(["--request-timeout", "20"]);
