@@ -145,6 +145,10 @@ fn the_document_lists_exactly_the_routes_and_each_answers_as_documented() {
             op["responses"][code.to_string()].is_object(),
             "{method} {path}: {code} {body} is not documented"
         );
+        assert!(
+            !body.contains("no such endpoint"),
+            "{method} {path} is served: {body}"
+        );
         if !public {
             let (code, _) = call(&method.to_uppercase(), &url, &[]);
             assert_eq!(code, 401, "{method} {path} without the token");
