@@ -3,12 +3,13 @@
 //! result (`wait` submits, long polls) registers with the results registry and blocks its own
 //! connection only; the thread that finishes the task just hands the result over.
 
+use super::browse;
 use super::ws::WebSockets;
 use super::{same_secret, Origin, SubmitError, Submitter};
 use crate::http::{percent_decode, query_param, Handler, Limits, Reply, Request, Response};
 use crate::results::{Answers, Found, TaskResult, WAIT_SLACK};
 use crate::status::SysInfo;
-use crate::store::Cancel;
+use crate::store::{Cancel, Revive};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,13 +114,29 @@ impl Api {
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
+            ("GET", "/tasks") => self.list(&query),
+            ("POST", "/tasks/retry") => self.retry_all(&query),
+            ("GET", p) if p.starts_with("/task/") => match task_id(p, "") {
+                Some(id) => self.lookup(&id),
+                None => fail(400, "id: missing or badly encoded"),
+            },
+            ("POST", p) if p.starts_with("/task/") && p.ends_with("/retry") => {
+                match task_id(p, "/retry") {
+                    Some(id) => self.retry(&id),
+                    None => fail(400, "id: missing or badly encoded"),
+                }
+            }
             ("DELETE", p) if p.starts_with("/task/") => {
                 match percent_decode(&p["/task/".len()..]) {
                     Some(id) if !id.is_empty() => self.cancel(&id),
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
-            (_, "/task_in_queue" | "/sys_info" | "/metrics" | "/health" | "/pause" | "/resume") => {
+            (
+                _,
+                "/task_in_queue" | "/sys_info" | "/metrics" | "/health" | "/pause" | "/resume"
+                | "/tasks" | "/tasks/retry",
+            ) => {
                 fail(405, "method not allowed")
             }
             (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
@@ -222,6 +239,56 @@ impl Api {
         }
     }
 
+    /// `GET /tasks`: a page of the tasks in one state.
+    fn list(&self, query: &str) -> Reply {
+        let q = match browse::parse_query(query, false) {
+            Ok(q) => q,
+            Err(why) => return fail(400, why),
+        };
+        match self.answers.list(&q) {
+            Ok(page) => reply(200, &browse::page_json(&page, q.what)),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `GET /task/{id}`: everything stored about one task.
+    fn lookup(&self, id: &str) -> Reply {
+        match self.answers.lookup(id) {
+            Ok(Some(r)) => reply(200, &browse::record_json(id, &r)),
+            Ok(None) => fail(404, format!("unknown or expired id {id:?}")),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `POST /task/{id}/retry`: a dead task runs again now.
+    fn retry(&self, id: &str) -> Reply {
+        match self.submitter.retry(id) {
+            Ok(Revive::Revived(_)) => reply(200, &json!({"result": "OK", "reason": "", "id": id})),
+            Ok(Revive::NotDead(state)) => fail(
+                409,
+                format!("task {id:?} is {state}, not dead: only a dead task can be retried"),
+            ),
+            Ok(Revive::TaskNotKept) => fail(
+                409,
+                format!("task {id:?} was stored by an earlier release, which kept only its result: use `poulpe replay` on its dead-letter file"),
+            ),
+            Ok(Revive::Unknown) => fail(404, format!("unknown or expired id {id:?}")),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `POST /tasks/retry?state=dead`: every matching dead task runs again.
+    fn retry_all(&self, query: &str) -> Reply {
+        let q = match browse::parse_query(query, true) {
+            Ok(q) => q,
+            Err(why) => return fail(400, why),
+        };
+        match self.submitter.retry_all(&q) {
+            Ok(n) => reply(200, &json!({"retried": n})),
+            Err(e) => fail(503, e),
+        }
+    }
+
     fn cancel(&self, id: &str) -> Reply {
         match self.submitter.cancel(id) {
             Ok(Cancel::Cancelled { .. }) => reply(
@@ -237,6 +304,12 @@ impl Api {
             Err(e) => fail(503, e),
         }
     }
+}
+
+/// The id in `/task/{id}{tail}`, percent-decoded; `None` when missing or badly encoded.
+fn task_id(path: &str, tail: &str) -> Option<String> {
+    let raw = path.strip_prefix("/task/")?.strip_suffix(tail)?;
+    percent_decode(raw).filter(|id| !id.is_empty())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! and writes a checkpoint: nothing acknowledged is lost, nothing refused comes back.
 
 use super::journal::{FileJournal, Journal, JournalIo};
-use super::local::{Backend, LocalStore, Op};
+use super::local::{Backend, LocalStore, Op, ScannedResults};
 use super::pending::{Pending, Sink};
 use super::StoreError;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -27,6 +27,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
 };
 use std::io::Write;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1208,6 +1209,51 @@ impl Backend for EmbeddedBackend {
         })
     }
 
+    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(TASKS)?;
+            let mut out = Vec::new();
+            for item in t.range::<&str>((Bound::Excluded(after), Bound::Unbounded))? {
+                let (k, v) = item?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn results_before(
+        &self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<ScannedResults, StoreError> {
+        // Every key of the index starts with 16 hex digits, all before "g".
+        let upper = before.map_or_else(|| "g".to_string(), |(e, id)| expiry_key(e, id));
+        self.read(|txn| {
+            let index = txn.open_table(EXPIRY)?;
+            let results = txn.open_table(RESULTS)?;
+            let mut out = Vec::new();
+            for item in index.range::<&str>(..upper.as_str())?.rev() {
+                let (k, _) = item?;
+                let Some((e, id)) = split_expiry_key(k.value()) else {
+                    continue;
+                };
+                let current = results.get(id)?.and_then(|g| {
+                    split_result(g.value())
+                        .filter(|(x, _)| *x == e)
+                        .map(|(_, b)| b.to_vec())
+                });
+                out.push((e, id.to_string(), current));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         if let Some(v) = self.shared.overlay.read().find(|p| p.meta(key)) {
             return Ok(Some(v));
@@ -1303,6 +1349,7 @@ mod tests {
                         Change::Finish {
                             result: r,
                             expires_ms: now + 60_000,
+                            task: None,
                         }
                     })
                     .collect();
@@ -1311,6 +1358,7 @@ mod tests {
             s.record(&[Change::Finish {
                 result: result("kept"),
                 expires_ms: now + 60_000,
+                task: None,
             }])
             .expect("record");
             while s.gc(now, 1).expect("gc") > 0 {}
@@ -1891,6 +1939,7 @@ mod tests {
         let finish = [Change::Finish {
             result: result("run"),
             expires_ms: crate::clock::now_ms() + 1_000_000,
+            task: None,
         }];
         assert!(matches!(s.record(&finish), Err(StoreError::Unavailable(_))));
         assert_eq!(s.status("run").expect("status"), Some(State::Running));
@@ -2288,6 +2337,7 @@ mod tests {
                     Change::Finish {
                         result: r,
                         expires_ms: now + 60_000,
+                        task: None,
                     }
                 })
                 .collect();

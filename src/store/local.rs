@@ -2,6 +2,7 @@
 //! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
 
 use super::live::LiveIndex;
+use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
@@ -30,6 +31,12 @@ pub enum Op {
     PutMeta(String, String),
 }
 
+/// What [`Backend::results_before`] found: (expires_ms, id, the result's bytes when current).
+pub type ScannedResults = Vec<(i64, String, Option<Vec<u8>>)>;
+
+/// Entries one backend read hands a listing at a time.
+const LIST_CHUNK: usize = 500;
+
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -40,6 +47,17 @@ pub trait Backend: Send + Sync {
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
+    /// Stored tasks whose id comes after `after` (every one when it is empty), in id order, at
+    /// most `limit`: (id, bytes). Sees every write once `settle` has returned.
+    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Entries of the expiry index before (`expires_ms`, `id`) (from the newest when `None`),
+    /// newest first, at most `limit`: (expires_ms, id, the stored result when it still has
+    /// that expiry). Sees every write once `settle` has returned.
+    fn results_before(
+        &self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<ScannedResults, StoreError>;
     /// Expiry entries due before `now_ms`, at most `limit`; oldest first, except that results
     /// written since the last `settle` may come after the others.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
@@ -117,12 +135,16 @@ impl<B: Backend> LocalStore<B> {
         for c in changes {
             match c {
                 Change::Retry(t) => ops.push(Op::PutTask(t.id.clone(), encode(t)?)),
-                Change::Finish { result, expires_ms } => {
+                Change::Finish {
+                    result,
+                    expires_ms,
+                    task,
+                } => {
                     ops.push(Op::DelTask(result.id.clone()));
                     ops.push(Op::PutResult {
                         id: result.id.clone(),
                         expires_ms: *expires_ms,
-                        bytes: encode(result)?,
+                        bytes: list::encode_record(result, task.as_ref())?,
                     });
                 }
                 Change::Insert(t) => ops.push(Op::InsertTask(t.id.clone(), encode(t)?)),
@@ -145,7 +167,7 @@ impl<B: Backend> LocalStore<B> {
             Op::PutResult {
                 id: id.to_string(),
                 expires_ms,
-                bytes: encode(&result)?,
+                bytes: list::encode_record(&result, Some(&task))?,
             },
         ])?;
         Ok(Cancel::Cancelled {
@@ -334,9 +356,126 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
         match self.backend.result(id)? {
-            Some((expires_ms, bytes)) if expires_ms > now_ms() => Ok(Some(decode(&bytes)?)),
+            Some((expires_ms, bytes)) if expires_ms > now_ms() => {
+                Ok(Some(list::decode_result(&bytes)?))
+            }
             _ => Ok(None),
         }
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        // Writes not checkpointed yet become visible to the ordered scans.
+        self.backend.settle()?;
+        let mut rows = Vec::new();
+        let mut examined = 0;
+        let mut at = q.after.clone().unwrap_or_default();
+        let mut started = q.after.is_some();
+        let now = now_ms();
+        loop {
+            let want = LIST_CHUNK.min(q.scan.saturating_sub(examined)).max(1);
+            let got = match q.what {
+                Listed::Live(state) => {
+                    let chunk = self.backend.tasks_after(&at.text, want)?;
+                    for (id, bytes) in &chunk {
+                        examined += 1;
+                        at.text.clone_from(id);
+                        if self.live.status(id) == Some(state)
+                            && list::take_live(q, state, bytes, &mut rows)
+                        {
+                            return Ok(Page {
+                                rows,
+                                next: Some(at),
+                            });
+                        }
+                    }
+                    chunk.len()
+                }
+                Listed::Final(_) => {
+                    let before = started.then_some((at.n as i64, at.text.as_str()));
+                    let chunk = self.backend.results_before(before, want)?;
+                    started = true;
+                    for (e, id, bytes) in &chunk {
+                        examined += 1;
+                        at = Cursor {
+                            n: *e as u64,
+                            text: id.clone(),
+                        };
+                        let current = bytes.as_deref().filter(|_| *e > now);
+                        if current.is_some_and(|b| list::take_finished(q, b, &mut rows)) {
+                            return Ok(Page {
+                                rows,
+                                next: Some(at),
+                            });
+                        }
+                    }
+                    chunk.len()
+                }
+            };
+            if got < want {
+                return Ok(Page { rows, next: None });
+            }
+            if examined >= q.scan {
+                return Ok(Page {
+                    rows,
+                    next: Some(at),
+                });
+            }
+        }
+    }
+
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        if let Some(state) = self.live.status(id) {
+            let task = match self.backend.task(id)? {
+                Some(b) => Some(decode(&b)?),
+                None => None,
+            };
+            return Ok(Some(Record {
+                state: state.as_str(),
+                task,
+                result: None,
+            }));
+        }
+        match self.backend.result(id)? {
+            Some((expires_ms, bytes)) if expires_ms > now_ms() => {
+                let result = list::decode_result(&bytes)?;
+                Ok(Some(Record {
+                    state: result.status.as_str(),
+                    task: list::decode_task(&bytes)?,
+                    result: Some(result),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError> {
+        self.check_up()?;
+        // Held as reserved while deciding: no submit or other revive of this id meanwhile.
+        if self.live.reserve(&[(id, State::Ready)]).is_err() {
+            let state = self.live.status(id).unwrap_or(State::Ready);
+            return Ok(Revive::NotDead(state.as_str()));
+        }
+        let done = match self.backend.result(id) {
+            Ok(Some((expires_ms, bytes))) if expires_ms > now_ms() => {
+                list::revive_from(&bytes, now_us)
+            }
+            Ok(_) => Ok(Revive::Unknown),
+            Err(e) => Err(e),
+        };
+        let done = match done {
+            Ok(Revive::Revived(t)) => encode(&t).and_then(|b| {
+                self.backend
+                    .write(vec![Op::DelResult(id.to_string()), Op::InsertTask(id.to_string(), b)])
+                    .map(|()| Revive::Revived(t))
+            }),
+            other => other,
+        };
+        if matches!(done, Ok(Revive::Revived(_))) {
+            self.live.commit(&[id]);
+        } else {
+            self.live.release(&[id]);
+        }
+        done
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {

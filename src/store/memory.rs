@@ -1,6 +1,7 @@
 //! In-memory backend for unit tests: the same store logic as the embedded one, without a disk.
 
-use super::local::{Backend, LocalStore, Op};
+use super::local::{Backend, LocalStore, Op, ScannedResults};
+use std::ops::Bound;
 use super::StoreError;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -100,6 +101,33 @@ impl Backend for MemoryBackend {
             f(b);
         }
         Ok(())
+    }
+
+    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let t = self.inner.lock();
+        Ok(t.tasks
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn results_before(
+        &self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<ScannedResults, StoreError> {
+        let t = self.inner.lock();
+        let upper = before.map_or(Bound::Unbounded, |(e, id)| Bound::Excluded((e, id.to_string())));
+        Ok(t.expiry
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .take(limit)
+            .map(|((e, id), ())| {
+                let current = t.results.get(id).filter(|(x, _)| x == e);
+                (*e, id.clone(), current.map(|(_, b)| b.clone()))
+            })
+            .collect())
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -257,6 +285,7 @@ pub(crate) mod tests {
             .map(|i| Change::Finish {
                 result: result(&format!("r{i}")),
                 expires_ms: later,
+                task: None,
             })
             .collect();
         store.record(&changes).expect("record");

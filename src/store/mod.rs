@@ -5,6 +5,7 @@
 
 pub(crate) mod embedded;
 pub(crate) mod journal;
+pub(crate) mod list;
 pub(crate) mod live;
 pub(crate) mod local;
 #[cfg(test)]
@@ -14,6 +15,7 @@ pub mod redis;
 
 use crate::task::TaskResult;
 use crate::task::{State, Task};
+pub(crate) use list::{ListQuery, Page, Record, Revive};
 use std::fmt;
 use std::sync::Arc;
 
@@ -62,8 +64,13 @@ pub(crate) enum Cancel {
 pub(crate) enum Change {
     /// The task waits for a retry (its `attempts` and `due_us` are updated).
     Retry(Task),
-    /// The task is finished; its result stays until `expires_ms`.
-    Finish { result: TaskResult, expires_ms: i64 },
+    /// The task is finished; its result stays until `expires_ms`, stored with `task` (and its
+    /// attempts) when given (see [`list::encode_record`]).
+    Finish {
+        result: TaskResult,
+        expires_ms: i64,
+        task: Option<Task>,
+    },
     /// A new task born of an outcome (the POST of a result to its callback), written with it.
     Insert(Task),
 }
@@ -133,6 +140,20 @@ pub(crate) trait Store: Send + Sync {
 
     /// The final result of a finished task, while it has not expired.
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError>;
+
+    /// A page of the tasks in one state (`GET /tasks`): unfinished ones by id, finished ones
+    /// newest first. Bounded work: at most `q.scan` entries are examined, and `next` is given
+    /// whenever the state has not been gone through, even when the page is not full.
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Everything stored about one task (`GET /task/{id}`), while it is unfinished or its
+    /// result has not expired.
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Makes a dead task ready to run again at `now_us`, in one durable write that deletes its
+    /// dead result and stores it as a new unfinished task with its attempts kept (its retry
+    /// budget counting from them). Anything else is answered, not changed.
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError>;
 
     /// Every unfinished task, for the timer at start-up. Call once, before serving.
     fn recover(&self) -> Result<Vec<Recovered>, StoreError>;
@@ -226,6 +247,7 @@ mod tests {
             .map(|i| Change::Finish {
                 result: contract::result(&format!("old{i}")),
                 expires_ms: expired,
+                task: None,
             })
             .collect();
         store.record(&changes).expect("record");
@@ -272,6 +294,7 @@ pub(crate) mod contract {
             headers: "Authorization: Bearer t".to_string(),
             callback: None,
             attempts: Vec::new(),
+            budget_from: 0,
         }
     }
 
@@ -349,6 +372,7 @@ pub(crate) mod contract {
             .record(&[Change::Finish {
                 result: result("a"),
                 expires_ms: now + 1_000_000_000,
+                task: None,
             }])
             .expect("record finish");
         assert_eq!(store.status("a").expect("status"), None);
@@ -435,6 +459,7 @@ pub(crate) mod contract {
                 Change::Finish {
                     result: result("g"),
                     expires_ms: now + 1_000_000,
+                    task: None,
                 },
                 Change::Insert(task("cb-g", State::Delayed, 5)),
             ])
@@ -518,6 +543,7 @@ pub(crate) mod contract {
                 .record(&[Change::Finish {
                     result: result(&id),
                     expires_ms: now + 60_000 + i,
+                    task: None,
                 }])
                 .expect("finish");
         }
@@ -550,6 +576,7 @@ pub(crate) mod contract {
             .record(&[Change::Finish {
                 result: result("x1"),
                 expires_ms: now + 300,
+                task: None,
             }])
             .expect("finish");
         assert_eq!(store.result("x1").expect("result"), Some(result("x1")));

@@ -11,6 +11,7 @@
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
 
+use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
@@ -120,6 +121,25 @@ end
 return 'unknown'
 ";
 
+/// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`) in place of its
+/// result, if that result is still `ARGV[3]` and no task has taken the id since (else
+/// 'changed').
+const REVIVE: &str = r"
+local p, id = ARGV[1], ARGV[2]
+local k = p .. 'task:' .. id
+if redis.call('EXISTS', k) == 1 or redis.call('GET', p .. 'result:' .. id) ~= ARGV[3] then
+  return 'changed'
+end
+redis.call('DEL', p .. 'result:' .. id)
+redis.call('ZREM', p .. 'results', id)
+redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5])
+redis.call('SADD', p .. 'live', id)
+return 'ok'
+";
+
+/// Ids one `SSCAN` or `ZREVRANGEBYSCORE` of a listing asks for.
+const LIST_CHUNK: usize = 200;
+
 /// Forgets results that expired (Redis deleted their keys by itself) and, beyond `ARGV[3]`
 /// results, deletes the ones closest to expiry, at most `ARGV[4]` of them; answers how many
 /// index entries went.
@@ -195,6 +215,7 @@ struct Scripts {
     take_due_many: Script,
     claim: Script,
     cancel: Script,
+    revive: Script,
     recover: Script,
     trim_results: Script,
 }
@@ -299,6 +320,7 @@ impl RedisStore {
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
+            revive: Script::new(REVIVE),
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
         };
@@ -370,6 +392,144 @@ impl RedisStore {
 
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
+    }
+}
+
+impl RedisStore {
+    /// A listing of unfinished tasks: `SSCAN` of the live set (its order), the cursor being the
+    /// scan's cursor and how many ids of that scan step were gone through.
+    fn list_live(&self, q: &ListQuery, state: State) -> Result<Page, StoreError> {
+        let want = state_name(state);
+        let mut scan = q.after.as_ref().map_or(0, |c| c.n);
+        let mut skip: usize = q.after.as_ref().map_or(0, |c| c.text.parse().unwrap_or(0));
+        let mut examined = 0;
+        let mut rows = Vec::new();
+        loop {
+            let (next, ids): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("SSCAN")
+                    .arg(format!("{}live", self.prefix))
+                    .arg(scan)
+                    .arg("COUNT")
+                    .arg(LIST_CHUNK)
+                    .query(c)
+            })?;
+            let batch = ids.get(skip..).unwrap_or_default();
+            let fields = |field: &str| -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+                if batch.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut pipe = redis::pipe();
+                for id in batch {
+                    pipe.hget(self.key("task", id), field);
+                }
+                self.with(|c| pipe.query(c))
+            };
+            let states = fields("state")?;
+            let datas = if states.iter().any(|s| s.as_deref() == Some(want.as_bytes())) {
+                fields("data")?
+            } else {
+                Vec::new()
+            };
+            for i in 0..batch.len() {
+                examined += 1;
+                let at = Cursor {
+                    n: scan,
+                    text: (skip + i + 1).to_string(),
+                };
+                let hit = states.get(i).and_then(|s| s.as_deref()) == Some(want.as_bytes());
+                let data = datas.get(i).and_then(|d| d.as_deref());
+                if hit && data.is_some_and(|d| list::take_live(q, state, d, &mut rows)) {
+                    return Ok(Page {
+                        rows,
+                        next: Some(at),
+                    });
+                }
+                if examined >= q.scan && i + 1 < batch.len() {
+                    return Ok(Page {
+                        rows,
+                        next: Some(at),
+                    });
+                }
+            }
+            if next == 0 {
+                return Ok(Page { rows, next: None });
+            }
+            (scan, skip) = (next, 0);
+            if examined >= q.scan {
+                return Ok(Page {
+                    rows,
+                    next: Some(Cursor {
+                        n: scan,
+                        text: "0".to_string(),
+                    }),
+                });
+            }
+        }
+    }
+
+    /// A listing of finished tasks: the results index, newest expiry first; the cursor is the
+    /// last expiry seen and how many results with that expiry were gone through.
+    fn list_finished(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        let mut top = q.after.as_ref().map(|c| c.n as i64);
+        let mut off: usize = q.after.as_ref().map_or(0, |c| c.text.parse().unwrap_or(0));
+        let mut examined = 0;
+        let mut rows = Vec::new();
+        loop {
+            let want = LIST_CHUNK.min(q.scan.saturating_sub(examined)).max(1);
+            let max = top.map_or_else(|| "+inf".to_string(), |t| t.to_string());
+            let got: Vec<(String, i64)> = self.with(|c| {
+                redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(format!("{}results", self.prefix))
+                    .arg(&max)
+                    .arg("-inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(if top.is_some() { off } else { 0 })
+                    .arg(want)
+                    .query(c)
+            })?;
+            let values: Vec<Option<Vec<u8>>> = if got.is_empty() {
+                Vec::new()
+            } else {
+                self.with(|c| {
+                    let mut cmd = redis::cmd("MGET");
+                    for (id, _) in &got {
+                        cmd.arg(self.key("result", id));
+                    }
+                    cmd.query(c)
+                })?
+            };
+            for (i, (_, score)) in got.iter().enumerate() {
+                examined += 1;
+                if top == Some(*score) {
+                    off += 1;
+                } else {
+                    (top, off) = (Some(*score), 1);
+                }
+                let v = values.get(i).and_then(|v| v.as_deref());
+                if v.is_some_and(|v| list::take_finished(q, v, &mut rows)) {
+                    return Ok(Page {
+                        rows,
+                        next: Some(Cursor {
+                            n: *score as u64,
+                            text: off.to_string(),
+                        }),
+                    });
+                }
+            }
+            if got.len() < want {
+                return Ok(Page { rows, next: None });
+            }
+            if examined >= q.scan {
+                return Ok(Page {
+                    rows,
+                    next: top.map(|t| Cursor {
+                        n: t as u64,
+                        text: off.to_string(),
+                    }),
+                });
+            }
+        }
     }
 }
 
@@ -534,15 +694,19 @@ impl Store for RedisStore {
                     pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
                         .ignore();
                 }
-                Change::Finish { result, expires_ms } => {
+                Change::Finish {
+                    result,
+                    expires_ms,
+                    task,
+                } => {
                     let id = &result.id;
                     pipe.del(self.key("task", id)).ignore();
                     pipe.srem(format!("{}live", self.prefix), id).ignore();
                     pipe.srem(format!("{}running", self.prefix), id).ignore();
                     pipe.zrem(format!("{}due", self.prefix), id).ignore();
                     let ttl = (expires_ms - now).max(1) as u64;
-                    pipe.pset_ex(self.key("result", id), encode(result)?, ttl)
-                        .ignore();
+                    let record = list::encode_record(result, task.as_ref())?;
+                    pipe.pset_ex(self.key("result", id), record, ttl).ignore();
                     pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
                         .ignore();
                 }
@@ -576,12 +740,12 @@ impl Store for RedisStore {
                 Some(data) => {
                     let task: Task = decode(&data)?;
                     let result = TaskResult::cancelled(&task, crate::clock::now_ms());
-                    let json = encode(&result)?;
+                    let json = list::encode_record(&result, Some(&task))?;
                     (data, Some((result, task.kafka, json)))
                 }
                 None => (String::new(), None),
             };
-            let json = made.as_ref().map_or("", |m| m.2.as_str());
+            let json = made.as_ref().map_or(&[][..], |m| m.2.as_slice());
             let ttl = (expires_ms - crate::clock::now_ms()).max(1);
             let answer: String = self.with(|c| {
                 self.scripts
@@ -621,9 +785,83 @@ impl Store for RedisStore {
     }
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
-        let s: Option<String> =
+        let s: Option<Vec<u8>> =
             self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        s.as_deref().map(decode).transpose()
+        s.as_deref().map(list::decode_result).transpose()
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        match q.what {
+            Listed::Live(state) => self.list_live(q, state),
+            Listed::Final(_) => self.list_finished(q),
+        }
+    }
+
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        let (state, data): (Option<String>, Option<Vec<u8>>) = self.with(|c| {
+            redis::cmd("HMGET")
+                .arg(self.key("task", id))
+                .arg("state")
+                .arg("data")
+                .query(c)
+        })?;
+        if let Some(state) = state.as_deref().and_then(parse_state) {
+            let task = match data {
+                Some(d) => Some(
+                    serde_json::from_slice(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                ),
+                None => None,
+            };
+            return Ok(Some(Record {
+                state: state.as_str(),
+                task,
+                result: None,
+            }));
+        }
+        let v: Option<Vec<u8>> =
+            self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
+        let Some(v) = v else { return Ok(None) };
+        let result = list::decode_result(&v)?;
+        Ok(Some(Record {
+            state: result.status.as_str(),
+            task: list::decode_task(&v)?,
+            result: Some(result),
+        }))
+    }
+
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError> {
+        // Decided on the result read first; the script writes only if it has not changed since.
+        for _ in 0..CANCEL_TRIES {
+            if let Some(s) = self.status(id)? {
+                return Ok(Revive::NotDead(s.as_str()));
+            }
+            let v: Option<Vec<u8>> =
+                self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
+            let Some(v) = v else {
+                return Ok(Revive::Unknown);
+            };
+            let task = match list::revive_from(&v, now_us)? {
+                Revive::Revived(t) => t,
+                other => return Ok(other),
+            };
+            let data = encode(&task)?;
+            let answer: String = self.with(|c| {
+                self.scripts
+                    .revive
+                    .arg(&self.prefix)
+                    .arg(id)
+                    .arg(&v)
+                    .arg(task.due_us)
+                    .arg(&data)
+                    .invoke(c)
+            })?;
+            if answer == "ok" {
+                return Ok(Revive::Revived(task));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "task {id} changed {CANCEL_TRIES} times while being retried; try again"
+        )))
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
