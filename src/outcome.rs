@@ -512,13 +512,23 @@ mod tests {
         fn recover(&self) -> Result<Vec<crate::store::Recovered>, crate::store::StoreError> {
             self.inner.recover()
         }
-        fn list(&self, q: &crate::store::ListQuery) -> Result<crate::store::Page, crate::store::StoreError> {
+        fn list(
+            &self,
+            q: &crate::store::ListQuery,
+        ) -> Result<crate::store::Page, crate::store::StoreError> {
             self.inner.list(q)
         }
-        fn lookup(&self, id: &str) -> Result<Option<crate::store::Record>, crate::store::StoreError> {
+        fn lookup(
+            &self,
+            id: &str,
+        ) -> Result<Option<crate::store::Record>, crate::store::StoreError> {
             self.inner.lookup(id)
         }
-        fn revive(&self, id: &str, now_us: u64) -> Result<crate::store::Revive, crate::store::StoreError> {
+        fn revive(
+            &self,
+            id: &str,
+            now_us: u64,
+        ) -> Result<crate::store::Revive, crate::store::StoreError> {
             self.inner.revive(id, now_us)
         }
         fn summary(&self, cap: usize) -> Result<crate::store::Summary, crate::store::StoreError> {

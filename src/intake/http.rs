@@ -136,9 +136,7 @@ impl Api {
                 _,
                 "/task_in_queue" | "/sys_info" | "/metrics" | "/health" | "/pause" | "/resume"
                 | "/tasks" | "/tasks/retry",
-            ) => {
-                fail(405, "method not allowed")
-            }
+            ) => fail(405, "method not allowed"),
             (_, p) if p.starts_with("/task_resp/") || p.starts_with("/task/") => {
                 fail(405, "method not allowed")
             }

@@ -308,7 +308,7 @@ impl Submitter {
         if let Revive::Revived(t) = &answer {
             log::info!("task {id} retried after {} attempts", t.attempts.len());
             self.0.status.retried.fetch_add(1, Ordering::Relaxed);
-            self.0.release(vec![t.clone()]);
+            self.0.release(vec![(**t).clone()]);
         }
         Ok(answer)
     }

@@ -1330,6 +1330,9 @@ mod tests {
         crate::store::contract::result_cap(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::summary_counts(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
+        // Written and listed within one checkpoint period: listings see the journal's writes.
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::browse(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]

@@ -14,7 +14,10 @@ use crate::task::{FinalStatus, Method, State, Task, TaskResult};
 pub(crate) const SCAN_CAP: usize = 10_000;
 
 /// The stored value of a finished task: `result`, then `task` when it is kept.
-pub(crate) fn encode_record(result: &TaskResult, task: Option<&Task>) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_record(
+    result: &TaskResult,
+    task: Option<&Task>,
+) -> Result<Vec<u8>, StoreError> {
     let mut out = serde_json::to_vec(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if let Some(t) = task {
         out.push(b'\n');
@@ -47,8 +50,7 @@ pub(crate) enum Listed {
 }
 
 /// The names `GET /tasks?state=` accepts, in the order an error lists them.
-pub(crate) const STATES: &str =
-    "delayed, queued, running, retry_wait, succeeded, dead, cancelled";
+pub(crate) const STATES: &str = "delayed, queued, running, retry_wait, succeeded, dead, cancelled";
 
 impl Listed {
     /// The state named `s` (the names `/task_resp` uses).
@@ -216,7 +218,7 @@ pub(crate) struct Record {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Revive {
     /// Dead, now ready to run again (due now, its budget counting from here).
-    Revived(Task),
+    Revived(Box<Task>),
     /// Not dead: in this state.
     NotDead(&'static str),
     /// Dead, but stored by an earlier release that kept only its result.
@@ -241,7 +243,7 @@ pub(crate) fn revive_from(bytes: &[u8], now_us: u64) -> Result<Revive, StoreErro
         return Ok(Revive::NotDead(r.status.as_str()));
     }
     Ok(match decode_task(bytes)? {
-        Some(t) => Revive::Revived(revived(t, now_us)),
+        Some(t) => Revive::Revived(Box::new(revived(t, now_us))),
         None => Revive::TaskNotKept,
     })
 }
@@ -258,7 +260,11 @@ pub(crate) fn take_finished(q: &ListQuery, bytes: &[u8], page: &mut Vec<Row>) ->
         return false;
     }
     let t = decode_task(bytes).ok().flatten();
-    if q.keeps(&r.id, t.as_ref().map(|t| t.name.as_str()), t.as_ref().map(|t| t.method)) {
+    if q.keeps(
+        &r.id,
+        t.as_ref().map(|t| t.name.as_str()),
+        t.as_ref().map(|t| t.method),
+    ) {
         page.push(Row::finished(r, t));
     }
     page.len() >= q.limit

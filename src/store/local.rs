@@ -1,8 +1,8 @@
 //! The single-node store: an in-memory state index in front of a byte-level backend
 //! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
 
-use super::live::LiveIndex;
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
+use super::live::LiveIndex;
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
@@ -465,7 +465,10 @@ impl<B: Backend> Store for LocalStore<B> {
         let done = match done {
             Ok(Revive::Revived(t)) => encode(&t).and_then(|b| {
                 self.backend
-                    .write(vec![Op::DelResult(id.to_string()), Op::InsertTask(id.to_string(), b)])
+                    .write(vec![
+                        Op::DelResult(id.to_string()),
+                        Op::InsertTask(id.to_string(), b),
+                    ])
                     .map(|()| Revive::Revived(t))
             }),
             other => other,

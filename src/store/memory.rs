@@ -1,10 +1,10 @@
 //! In-memory backend for unit tests: the same store logic as the embedded one, without a disk.
 
 use super::local::{Backend, LocalStore, Op, ScannedResults};
-use std::ops::Bound;
 use super::StoreError;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -118,7 +118,9 @@ impl Backend for MemoryBackend {
         limit: usize,
     ) -> Result<ScannedResults, StoreError> {
         let t = self.inner.lock();
-        let upper = before.map_or(Bound::Unbounded, |(e, id)| Bound::Excluded((e, id.to_string())));
+        let upper = before.map_or(Bound::Unbounded, |(e, id)| {
+            Bound::Excluded((e, id.to_string()))
+        });
         Ok(t.expiry
             .range((Bound::Unbounded, upper))
             .rev()
@@ -302,5 +304,6 @@ pub(crate) mod tests {
         super::super::contract::expiry(&super::open(), true);
         super::super::contract::result_cap(&super::open());
         super::super::contract::summary_counts(&super::open());
+        super::super::contract::browse(&super::open());
     }
 }

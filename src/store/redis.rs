@@ -1046,6 +1046,8 @@ mod tests {
         contract::expiry(&store(&s), false);
         let s = redis_server();
         contract::summary_counts(&store(&s));
+        let s = redis_server();
+        contract::browse(&store(&s));
     }
 
     #[test]
