@@ -7,7 +7,6 @@ use crate::http::percent_decode;
 use crate::store::list::{Cursor, Listed, Row, SCAN_CAP, STATES};
 use crate::store::{ListQuery, Page, Record};
 use crate::task::{Method, Task};
-use serde_json::{json, Value};
 
 /// Tasks in a page when `limit` is not given, and the most it may ask for.
 const LIMIT_DEFAULT: usize = 50;
@@ -78,68 +77,149 @@ fn time_us(us: u64) -> String {
     rfc3339_ms((us / 1000) as i64)
 }
 
-fn row_json(r: &Row) -> Value {
-    json!({
-        "id": r.id,
-        "state": r.state,
-        "method": r.method.map(Method::as_str),
-        "name": r.name,
-        "attempts": r.attempts,
-        "due": r.due_us.map(time_us),
-        "submitted_at": r.submitted_at,
-        "finished_at": r.finished_at,
-    })
+/// A JSON object written field by field: the browser's answers are written by hand rather
+/// than through `json!`, whose code is generic per field type (the binary has a size budget).
+struct Obj(String);
+
+impl Obj {
+    fn new() -> Obj {
+        Obj(String::from("{"))
+    }
+
+    fn key(&mut self, k: &str) -> &mut String {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(k);
+        self.0.push_str("\":");
+        &mut self.0
+    }
+
+    fn raw(&mut self, k: &str, v: &str) {
+        self.key(k).push_str(v);
+    }
+
+    fn str(&mut self, k: &str, v: Option<&str>) {
+        match v {
+            Some(v) => escape(self.key(k), v),
+            None => self.raw(k, "null"),
+        }
+    }
+
+    fn num(&mut self, k: &str, v: Option<i64>) {
+        match v {
+            Some(v) => self.raw(k, &v.to_string()),
+            None => self.raw(k, "null"),
+        }
+    }
+
+    fn strs<'a>(&mut self, k: &str, items: impl Iterator<Item = &'a str>) {
+        let out = self.key(k);
+        out.push('[');
+        for (i, v) in items.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            escape(out, v);
+        }
+        out.push(']');
+    }
+
+    fn end(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+/// `s` as a JSON string.
+fn escape(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = std::fmt::Write::write_fmt(out, format_args!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn row_json(r: &Row) -> String {
+    let mut o = Obj::new();
+    o.str("id", Some(&r.id));
+    o.str("state", Some(r.state));
+    o.str("method", r.method.map(Method::as_str));
+    o.str("name", r.name.as_deref());
+    o.num("attempts", Some(r.attempts as i64));
+    o.str("due", r.due_us.map(time_us).as_deref());
+    o.str("submitted_at", Some(&r.submitted_at));
+    o.str("finished_at", r.finished_at.as_deref());
+    o.end()
 }
 
 /// `{"tasks":[...],"next":cursor|null}`.
-pub(crate) fn page_json(page: &Page, what: Listed) -> Value {
-    let tasks: Vec<Value> = page.rows.iter().map(row_json).collect();
-    json!({"tasks": tasks, "next": page.next.as_ref().map(|c| c.encode(what))})
+pub(crate) fn page_json(page: &Page, what: Listed) -> String {
+    let rows: Vec<String> = page.rows.iter().map(row_json).collect();
+    let mut o = Obj::new();
+    o.raw("tasks", &format!("[{}]", rows.join(",")));
+    o.str(
+        "next",
+        page.next.as_ref().map(|c| c.encode(what)).as_deref(),
+    );
+    o.end()
 }
 
 /// The task as `GET /task/{id}` shows it: header names only; `due` only while unfinished.
-fn task_json(t: &Task, finished: bool) -> Value {
-    let headers: Vec<&str> = t.header_pairs().map(|(name, _)| name).collect();
-    json!({
-        "method": t.method.as_str(),
-        "name": t.name,
-        "params": t.params,
-        "args": t.args,
-        "cc": t.cc,
-        "timeout": t.timeout,
-        "max_retry": t.max_retry,
-        "retry_interval": t.retry_interval,
-        "headers": headers,
-        "callback": t.callback,
-        "submitted_at": rfc3339_ms(t.submitted_ms),
-        "due": (!finished).then(|| time_us(t.due_us)),
-    })
+fn task_json(t: &Task, finished: bool) -> String {
+    let mut o = Obj::new();
+    o.str("method", Some(t.method.as_str()));
+    o.str("name", Some(&t.name));
+    o.str("params", Some(&t.params));
+    o.strs("args", t.args.iter().map(String::as_str));
+    let cc: Vec<String> = t.cc.iter().map(usize::to_string).collect();
+    o.raw("cc", &format!("[{}]", cc.join(",")));
+    o.num("timeout", t.timeout.map(|n| n as i64));
+    o.num("max_retry", t.max_retry.map(i64::from));
+    o.num("retry_interval", t.retry_interval.map(|n| n as i64));
+    o.strs("headers", t.header_pairs().map(|(name, _)| name));
+    o.str("callback", t.callback.as_deref());
+    o.str("submitted_at", Some(&rfc3339_ms(t.submitted_ms)));
+    o.str("due", (!finished).then(|| time_us(t.due_us)).as_deref());
+    o.end()
 }
 
 /// `{"id","state","task","attempts","result"}`.
-pub(crate) fn record_json(id: &str, r: &Record) -> Value {
-    let finished = r.result.is_some();
-    let attempts: Vec<Value> = r
+pub(crate) fn record_json(id: &str, r: &Record) -> String {
+    let attempts: Vec<String> = r
         .task
         .iter()
         .flat_map(|t| &t.attempts)
         .map(|a| {
-            json!({
-                "started_at": rfc3339_ms(a.started_ms),
-                "finished_at": rfc3339_ms(a.finished_ms),
-                "worker": a.worker,
-                "ok": a.ok,
-                "code": a.code,
-                "error": a.error,
-                "output": a.output_excerpt,
-            })
+            let mut o = Obj::new();
+            o.str("started_at", Some(&rfc3339_ms(a.started_ms)));
+            o.str("finished_at", Some(&rfc3339_ms(a.finished_ms)));
+            o.num("worker", Some(a.worker as i64));
+            o.raw("ok", if a.ok { "true" } else { "false" });
+            o.num("code", a.code);
+            o.str("error", Some(&a.error));
+            o.str("output", Some(&a.output_excerpt));
+            o.end()
         })
         .collect();
-    json!({
-        "id": id,
-        "state": r.state,
-        "task": r.task.as_ref().map(|t| task_json(t, finished)),
-        "attempts": attempts,
-        "result": r.result,
-    })
+    let mut o = Obj::new();
+    o.str("id", Some(id));
+    o.str("state", Some(r.state));
+    let task = r.task.as_ref().map(|t| task_json(t, r.result.is_some()));
+    o.raw("task", task.as_deref().unwrap_or("null"));
+    o.raw("attempts", &format!("[{}]", attempts.join(",")));
+    let result = r
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::to_string(r).ok());
+    o.raw("result", result.as_deref().unwrap_or("null"));
+    o.end()
 }

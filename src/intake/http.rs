@@ -49,6 +49,17 @@ fn reply(code: u16, body: &Value) -> Reply {
     Response::json(code, body).into()
 }
 
+/// A 200 with JSON already written.
+fn json_text(body: String) -> Reply {
+    Response {
+        code: 200,
+        headers: vec![("Content-Type", "application/json".to_string())],
+        body: body.into_bytes(),
+        close: false,
+    }
+    .into()
+}
+
 fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
     Response::fail(code, reason).into()
 }
@@ -244,7 +255,7 @@ impl Api {
             Err(why) => return fail(400, why),
         };
         match self.answers.list(&q) {
-            Ok(page) => reply(200, &browse::page_json(&page, q.what)),
+            Ok(page) => json_text(browse::page_json(&page, q.what)),
             Err(e) => fail(503, e),
         }
     }
@@ -252,7 +263,7 @@ impl Api {
     /// `GET /task/{id}`: everything stored about one task.
     fn lookup(&self, id: &str) -> Reply {
         match self.answers.lookup(id) {
-            Ok(Some(r)) => reply(200, &browse::record_json(id, &r)),
+            Ok(Some(r)) => json_text(browse::record_json(id, &r)),
             Ok(None) => fail(404, format!("unknown or expired id {id:?}")),
             Err(e) => fail(503, e),
         }

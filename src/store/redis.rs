@@ -137,8 +137,79 @@ redis.call('SADD', p .. 'live', id)
 return 'ok'
 ";
 
-/// Ids one `SSCAN` or `ZREVRANGEBYSCORE` of a listing asks for.
-const LIST_CHUNK: usize = 200;
+/// A page of unfinished tasks in state `ARGV[2]` by `SSCAN` of the live set, from scan cursor
+/// `ARGV[3]` past its first `ARGV[4]` ids, examining at most `ARGV[5]` ids, at most `ARGV[6]`
+/// tasks of method `ARGV[7]` ('' any) whose id or name holds `ARGV[8]`. Answers the cursor and
+/// offset to go on from ('' when done), then the data of each task.
+const LIST_LIVE: &str = r"
+local p, want, cur, skip = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local out = {'', ''}
+local seen, n = 0, 0
+while true do
+  local r = redis.call('SSCAN', p .. 'live', cur, 'COUNT', 200)
+  local ids = r[2]
+  for i = skip + 1, #ids do
+    local id = ids[i]
+    local k = p .. 'task:' .. id
+    seen = seen + 1
+    if redis.call('HGET', k, 'state') == want then
+      local data = redis.call('HGET', k, 'data')
+      local t = cjson.decode(data)
+      if (m == '' or t.method == m) and (q == '' or string.find(id, q, 1, true)
+          or string.find(t.name, q, 1, true)) then
+        out[#out + 1] = data
+        n = n + 1
+      end
+    end
+    if n >= limit or (seen >= cap and i < #ids) then
+      out[1], out[2] = cur, tostring(i)
+      return out
+    end
+  end
+  if r[1] == '0' then return out end
+  cur, skip = r[1], 0
+  if seen >= cap then
+    out[1], out[2] = cur, '0'
+    return out
+  end
+end
+";
+
+/// A page of finished tasks of status `ARGV[2]`, newest expiry first, from expiry `ARGV[3]`
+/// ('' from the newest) past its first `ARGV[4]` results; the rest as for `LIST_LIVE`. Answers
+/// the expiry and offset to go on from ('' when done), then each stored record.
+const LIST_DONE: &str = r"
+local p, want, top, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local out = {'', ''}
+local seen, n = 0, 0
+while true do
+  local r = redis.call('ZREVRANGEBYSCORE', p .. 'results', top == '' and '+inf' or top, '-inf',
+    'WITHSCORES', 'LIMIT', top == '' and 0 or off, 200)
+  for i = 1, #r, 2 do
+    local id, s = r[i], r[i + 1]
+    seen = seen + 1
+    if s == top then off = off + 1 else top, off = s, 1 end
+    local v = redis.call('GET', p .. 'result:' .. id)
+    if v then
+      local nl = string.find(v, '\n', 1, true)
+      local res = cjson.decode(nl and string.sub(v, 1, nl - 1) or v)
+      local t = nl and cjson.decode(string.sub(v, nl + 1))
+      if res.status == want and (m == '' or (t and t.method == m)) and (q == ''
+          or string.find(id, q, 1, true) or (t and string.find(t.name, q, 1, true))) then
+        out[#out + 1] = v
+        n = n + 1
+      end
+    end
+    if n >= limit or seen >= cap then
+      out[1], out[2] = top, tostring(off)
+      return out
+    end
+  end
+  if #r < 400 then return out end
+end
+";
 
 /// Forgets results that expired (Redis deleted their keys by itself) and, beyond `ARGV[3]`
 /// results, deletes the ones closest to expiry, at most `ARGV[4]` of them; answers how many
@@ -216,6 +287,8 @@ struct Scripts {
     claim: Script,
     cancel: Script,
     revive: Script,
+    list_live: Script,
+    list_done: Script,
     recover: Script,
     trim_results: Script,
 }
@@ -321,6 +394,8 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
             revive: Script::new(REVIVE),
+            list_live: Script::new(LIST_LIVE),
+            list_done: Script::new(LIST_DONE),
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
         };
@@ -390,146 +465,13 @@ impl RedisStore {
         }
     }
 
+    /// The stored record of a finished task (its result, then its task).
+    fn stored_result(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))
+    }
+
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
-    }
-}
-
-impl RedisStore {
-    /// A listing of unfinished tasks: `SSCAN` of the live set (its order), the cursor being the
-    /// scan's cursor and how many ids of that scan step were gone through.
-    fn list_live(&self, q: &ListQuery, state: State) -> Result<Page, StoreError> {
-        let want = state_name(state);
-        let mut scan = q.after.as_ref().map_or(0, |c| c.n);
-        let mut skip: usize = q.after.as_ref().map_or(0, |c| c.text.parse().unwrap_or(0));
-        let mut examined = 0;
-        let mut rows = Vec::new();
-        loop {
-            let (next, ids): (u64, Vec<String>) = self.with(|c| {
-                redis::cmd("SSCAN")
-                    .arg(format!("{}live", self.prefix))
-                    .arg(scan)
-                    .arg("COUNT")
-                    .arg(LIST_CHUNK)
-                    .query(c)
-            })?;
-            let batch = ids.get(skip..).unwrap_or_default();
-            let fields = |field: &str| -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-                if batch.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let mut pipe = redis::pipe();
-                for id in batch {
-                    pipe.hget(self.key("task", id), field);
-                }
-                self.with(|c| pipe.query(c))
-            };
-            let states = fields("state")?;
-            let datas = if states.iter().any(|s| s.as_deref() == Some(want.as_bytes())) {
-                fields("data")?
-            } else {
-                Vec::new()
-            };
-            for i in 0..batch.len() {
-                examined += 1;
-                let at = Cursor {
-                    n: scan,
-                    text: (skip + i + 1).to_string(),
-                };
-                let hit = states.get(i).and_then(|s| s.as_deref()) == Some(want.as_bytes());
-                let data = datas.get(i).and_then(|d| d.as_deref());
-                if hit && data.is_some_and(|d| list::take_live(q, state, d, &mut rows)) {
-                    return Ok(Page {
-                        rows,
-                        next: Some(at),
-                    });
-                }
-                if examined >= q.scan && i + 1 < batch.len() {
-                    return Ok(Page {
-                        rows,
-                        next: Some(at),
-                    });
-                }
-            }
-            if next == 0 {
-                return Ok(Page { rows, next: None });
-            }
-            (scan, skip) = (next, 0);
-            if examined >= q.scan {
-                return Ok(Page {
-                    rows,
-                    next: Some(Cursor {
-                        n: scan,
-                        text: "0".to_string(),
-                    }),
-                });
-            }
-        }
-    }
-
-    /// A listing of finished tasks: the results index, newest expiry first; the cursor is the
-    /// last expiry seen and how many results with that expiry were gone through.
-    fn list_finished(&self, q: &ListQuery) -> Result<Page, StoreError> {
-        let mut top = q.after.as_ref().map(|c| c.n as i64);
-        let mut off: usize = q.after.as_ref().map_or(0, |c| c.text.parse().unwrap_or(0));
-        let mut examined = 0;
-        let mut rows = Vec::new();
-        loop {
-            let want = LIST_CHUNK.min(q.scan.saturating_sub(examined)).max(1);
-            let max = top.map_or_else(|| "+inf".to_string(), |t| t.to_string());
-            let got: Vec<(String, i64)> = self.with(|c| {
-                redis::cmd("ZREVRANGEBYSCORE")
-                    .arg(format!("{}results", self.prefix))
-                    .arg(&max)
-                    .arg("-inf")
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(if top.is_some() { off } else { 0 })
-                    .arg(want)
-                    .query(c)
-            })?;
-            let values: Vec<Option<Vec<u8>>> = if got.is_empty() {
-                Vec::new()
-            } else {
-                self.with(|c| {
-                    let mut cmd = redis::cmd("MGET");
-                    for (id, _) in &got {
-                        cmd.arg(self.key("result", id));
-                    }
-                    cmd.query(c)
-                })?
-            };
-            for (i, (_, score)) in got.iter().enumerate() {
-                examined += 1;
-                if top == Some(*score) {
-                    off += 1;
-                } else {
-                    (top, off) = (Some(*score), 1);
-                }
-                let v = values.get(i).and_then(|v| v.as_deref());
-                if v.is_some_and(|v| list::take_finished(q, v, &mut rows)) {
-                    return Ok(Page {
-                        rows,
-                        next: Some(Cursor {
-                            n: *score as u64,
-                            text: off.to_string(),
-                        }),
-                    });
-                }
-            }
-            if got.len() < want {
-                return Ok(Page { rows, next: None });
-            }
-            if examined >= q.scan {
-                return Ok(Page {
-                    rows,
-                    next: top.map(|t| Cursor {
-                        n: t as u64,
-                        text: off.to_string(),
-                    }),
-                });
-            }
-        }
     }
 }
 
@@ -785,46 +727,72 @@ impl Store for RedisStore {
     }
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
-        let s: Option<Vec<u8>> =
-            self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        s.as_deref().map(list::decode_result).transpose()
+        let s = self.stored_result(id)?;
+        s.as_deref()
+            .map(|s| list::decode_result(s.as_bytes()))
+            .transpose()
     }
 
     fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
-        match q.what {
-            Listed::Live(state) => self.list_live(q, state),
-            Listed::Final(_) => self.list_finished(q),
+        // The scan and the filters run in Redis, in one call: one round trip a page.
+        let (script, want, start) = match q.what {
+            Listed::Live(s) => (&self.scripts.list_live, state_name(s), "0"),
+            Listed::Final(s) => (&self.scripts.list_done, s.as_str(), ""),
+        };
+        let (from, skip) = match &q.after {
+            Some(c) => (c.n.to_string(), c.text.parse::<u64>().unwrap_or(0)),
+            None => (start.to_string(), 0),
+        };
+        let out: Vec<String> = self.with(|c| {
+            script
+                .arg(&self.prefix)
+                .arg(want)
+                .arg(&from)
+                .arg(skip)
+                .arg(q.scan)
+                .arg(q.limit)
+                .arg(q.method.map_or("", |m| m.as_str()))
+                .arg(&q.q)
+                .invoke(c)
+        })?;
+        let mut rows = Vec::new();
+        for v in out.iter().skip(2) {
+            match q.what {
+                Listed::Live(s) => list::take_live(q, s, v.as_bytes(), &mut rows),
+                Listed::Final(_) => list::take_finished(q, v.as_bytes(), &mut rows),
+            };
         }
+        let next = match out.first().map(String::as_str) {
+            None | Some("") => None,
+            Some(n) => Some(Cursor {
+                n: n.parse().unwrap_or(0),
+                text: out.get(1).cloned().unwrap_or_default(),
+            }),
+        };
+        Ok(Page { rows, next })
     }
 
     fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
-        let (state, data): (Option<String>, Option<Vec<u8>>) = self.with(|c| {
-            redis::cmd("HMGET")
-                .arg(self.key("task", id))
-                .arg("state")
-                .arg("data")
-                .query(c)
-        })?;
-        if let Some(state) = state.as_deref().and_then(parse_state) {
-            let task = match data {
-                Some(d) => Some(
-                    serde_json::from_slice(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                ),
-                None => None,
-            };
+        if let Some(state) = self.status(id)? {
+            let data: Option<String> = self.with(|c| {
+                redis::cmd("HGET")
+                    .arg(self.key("task", id))
+                    .arg("data")
+                    .query(c)
+            })?;
             return Ok(Some(Record {
                 state: state.as_str(),
-                task,
+                task: data.as_deref().map(decode).transpose()?,
                 result: None,
             }));
         }
-        let v: Option<Vec<u8>> =
-            self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        let Some(v) = v else { return Ok(None) };
-        let result = list::decode_result(&v)?;
+        let Some(v) = self.stored_result(id)? else {
+            return Ok(None);
+        };
+        let result = list::decode_result(v.as_bytes())?;
         Ok(Some(Record {
             state: result.status.as_str(),
-            task: list::decode_task(&v)?,
+            task: list::decode_task(v.as_bytes())?,
             result: Some(result),
         }))
     }
@@ -835,12 +803,10 @@ impl Store for RedisStore {
             if let Some(s) = self.status(id)? {
                 return Ok(Revive::NotDead(s.as_str()));
             }
-            let v: Option<Vec<u8>> =
-                self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-            let Some(v) = v else {
+            let Some(v) = self.stored_result(id)? else {
                 return Ok(Revive::Unknown);
             };
-            let task = match list::revive_from(&v, now_us)? {
+            let task = match list::revive_from(v.as_bytes(), now_us)? {
                 Revive::Revived(t) => t,
                 other => return Ok(other),
             };
