@@ -18,7 +18,7 @@
 //! and writes a checkpoint: nothing acknowledged is lost, nothing refused comes back.
 
 use super::journal::{FileJournal, Journal, JournalIo};
-use super::local::{Backend, LocalStore, Op, ScannedResults};
+use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -550,18 +550,6 @@ fn start(
         tx,
         writer: Mutex::new(Some(handle)),
     }))
-}
-
-/// The expiry index's key: fixed-width hex sorts as the number does.
-fn expiry_key(expires_ms: i64, id: &str) -> String {
-    format!("{:016x}{id}", expires_ms.max(0) as u64)
-}
-
-/// An expiry key's expiry and id.
-fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
-    let (head, id) = k.split_at_checked(16)?;
-    let e = u64::from_str_radix(head, 16).ok()?;
-    Some((e as i64, id))
 }
 
 fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
@@ -1209,45 +1197,25 @@ impl Backend for EmbeddedBackend {
         })
     }
 
-    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(|txn| {
-            let t = txn.open_table(TASKS)?;
+            let t = txn.open_table(if results { EXPIRY } else { TASKS })?;
             let mut out = Vec::new();
-            for item in t.range::<&str>((Bound::Excluded(after), Bound::Unbounded))? {
-                let (k, v) = item?;
-                out.push((k.value().to_string(), v.value().to_vec()));
-                if out.len() >= limit {
-                    break;
+            if results {
+                // Every key of the index starts with 16 hex digits, all before "g".
+                let upper = if from.is_empty() { "g" } else { from };
+                for item in t.range::<&str>(..upper)?.rev() {
+                    out.push(item?.0.value().to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
-            }
-            Ok(out)
-        })
-    }
-
-    fn results_before(
-        &self,
-        before: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<ScannedResults, StoreError> {
-        // Every key of the index starts with 16 hex digits, all before "g".
-        let upper = before.map_or_else(|| "g".to_string(), |(e, id)| expiry_key(e, id));
-        self.read(|txn| {
-            let index = txn.open_table(EXPIRY)?;
-            let results = txn.open_table(RESULTS)?;
-            let mut out = Vec::new();
-            for item in index.range::<&str>(..upper.as_str())?.rev() {
-                let (k, _) = item?;
-                let Some((e, id)) = split_expiry_key(k.value()) else {
-                    continue;
-                };
-                let current = results.get(id)?.and_then(|g| {
-                    split_result(g.value())
-                        .filter(|(x, _)| *x == e)
-                        .map(|(_, b)| b.to_vec())
-                });
-                out.push((e, id.to_string(), current));
-                if out.len() >= limit {
-                    break;
+            } else {
+                for item in t.range::<&str>((Bound::Excluded(from), Bound::Unbounded))? {
+                    out.push(item?.0.value().to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
             }
             Ok(out)

@@ -1,7 +1,7 @@
 //! The single-node store: an in-memory state index in front of a byte-level backend
 //! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
 
-use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
+use super::list::{self, ListQuery, Listed, Page, Record, Revive};
 use super::live::LiveIndex;
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
@@ -31,8 +31,17 @@ pub enum Op {
     PutMeta(String, String),
 }
 
-/// What [`Backend::results_before`] found: (expires_ms, id, the result's bytes when current).
-pub type ScannedResults = Vec<(i64, String, Option<Vec<u8>>)>;
+/// The expiry index's key: fixed-width hex sorts as the number does.
+pub(crate) fn expiry_key(expires_ms: i64, id: &str) -> String {
+    format!("{:016x}{id}", expires_ms.max(0) as u64)
+}
+
+/// An expiry key's expiry and id.
+pub(crate) fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
+    let (head, id) = k.split_at_checked(16)?;
+    let e = u64::from_str_radix(head, 16).ok()?;
+    Some((e as i64, id))
+}
 
 /// Entries one backend read hands a listing at a time.
 const LIST_CHUNK: usize = 500;
@@ -47,17 +56,10 @@ pub trait Backend: Send + Sync {
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
-    /// Stored tasks whose id comes after `after` (every one when it is empty), in id order, at
-    /// most `limit`: (id, bytes). Sees every write once `settle` has returned.
-    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Entries of the expiry index before (`expires_ms`, `id`) (from the newest when `None`),
-    /// newest first, at most `limit`: (expires_ms, id, the stored result when it still has
-    /// that expiry). Sees every write once `settle` has returned.
-    fn results_before(
-        &self,
-        before: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<ScannedResults, StoreError>;
+    /// Keys of the tasks table after `from` in id order (every one when it is empty), or with
+    /// `results` of the expiry index ([`expiry_key`]) before `from`, newest first (from the
+    /// newest when it is empty); at most `limit`. Sees every write once `settle` has returned.
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Expiry entries due before `now_ms`, at most `limit`; oldest first, except that results
     /// written since the last `settle` may come after the others.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
@@ -369,49 +371,39 @@ impl<B: Backend> Store for LocalStore<B> {
         let mut rows = Vec::new();
         let mut examined = 0;
         let mut at = q.after.clone().unwrap_or_default();
-        let mut started = q.after.is_some();
         let now = now_ms();
         loop {
             let want = LIST_CHUNK.min(q.scan.saturating_sub(examined)).max(1);
-            let got = match q.what {
-                Listed::Live(state) => {
-                    let chunk = self.backend.tasks_after(&at.text, want)?;
-                    for (id, bytes) in &chunk {
-                        examined += 1;
-                        at.text.clone_from(id);
-                        if self.live.status(id) == Some(state)
-                            && list::take_live(q, state, bytes, &mut rows)
-                        {
-                            return Ok(Page {
-                                rows,
-                                next: Some(at),
-                            });
+            let results = matches!(q.what, Listed::Final(_));
+            let keys = self.backend.keys(results, &at.text, want)?;
+            for key in &keys {
+                examined += 1;
+                at.text.clone_from(key);
+                let full = match q.what {
+                    Listed::Live(state) if self.live.status(key) == Some(state) => {
+                        match self.backend.task(key)? {
+                            Some(b) => list::take_live(q, state, &b, &mut rows),
+                            None => false,
                         }
                     }
-                    chunk.len()
+                    Listed::Live(_) => false,
+                    // An index entry whose result was replaced since is skipped.
+                    Listed::Final(_) => match split_expiry_key(key) {
+                        Some((e, id)) if e > now => match self.backend.result(id)? {
+                            Some((x, b)) if x == e => list::take_finished(q, &b, &mut rows),
+                            _ => false,
+                        },
+                        _ => false,
+                    },
+                };
+                if full {
+                    return Ok(Page {
+                        rows,
+                        next: Some(at),
+                    });
                 }
-                Listed::Final(_) => {
-                    let before = started.then_some((at.n as i64, at.text.as_str()));
-                    let chunk = self.backend.results_before(before, want)?;
-                    started = true;
-                    for (e, id, bytes) in &chunk {
-                        examined += 1;
-                        at = Cursor {
-                            n: *e as u64,
-                            text: id.clone(),
-                        };
-                        let current = bytes.as_deref().filter(|_| *e > now);
-                        if current.is_some_and(|b| list::take_finished(q, b, &mut rows)) {
-                            return Ok(Page {
-                                rows,
-                                next: Some(at),
-                            });
-                        }
-                    }
-                    chunk.len()
-                }
-            };
-            if got < want {
+            }
+            if keys.len() < want {
                 return Ok(Page { rows, next: None });
             }
             if examined >= q.scan {

@@ -1,6 +1,6 @@
 //! In-memory backend for unit tests: the same store logic as the embedded one, without a disk.
 
-use super::local::{Backend, LocalStore, Op, ScannedResults};
+use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::StoreError;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -103,32 +103,25 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn tasks_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let t = self.inner.lock();
-        Ok(t.tasks
-            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-
-    fn results_before(
-        &self,
-        before: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<ScannedResults, StoreError> {
-        let t = self.inner.lock();
-        let upper = before.map_or(Bound::Unbounded, |(e, id)| {
-            Bound::Excluded((e, id.to_string()))
-        });
+        if !results {
+            return Ok(t
+                .tasks
+                .range::<str, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(limit)
+                .map(|(k, _)| k.clone())
+                .collect());
+        }
+        let upper = match split_expiry_key(from) {
+            Some((e, id)) => Bound::Excluded((e, id.to_string())),
+            None => Bound::Unbounded,
+        };
         Ok(t.expiry
             .range((Bound::Unbounded, upper))
             .rev()
             .take(limit)
-            .map(|((e, id), ())| {
-                let current = t.results.get(id).filter(|(x, _)| x == e);
-                (*e, id.clone(), current.map(|(_, b)| b.clone()))
-            })
+            .map(|((e, id), ())| expiry_key(*e, id))
             .collect())
     }
 
