@@ -4,9 +4,9 @@
 
 use crate::clock::rfc3339_ms;
 use crate::http::percent_decode;
-use crate::store::list::{Cursor, Listed, Row, SCAN_CAP, STATES};
+use crate::store::list::{Cursor, Listed, Row, SCAN_CAP};
 use crate::store::{ListQuery, Page, Record};
-use crate::task::{Method, Task};
+use crate::task::{FinalStatus, Method, Task};
 
 /// Tasks in a page when `limit` is not given, and the most it may ask for.
 const LIMIT_DEFAULT: usize = 50;
@@ -22,45 +22,38 @@ pub(crate) fn parse_query(query: &str, retry: bool) -> Result<ListQuery, String>
     let mut q = String::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let v = percent_decode(&v.replace('+', " "))
-            .ok_or_else(|| format!("{k}: badly percent-encoded"))?;
+        let Some(v) = percent_decode(&v.replace('+', " ")) else {
+            return Err(quoted("badly percent-encoded value of ", k));
+        };
         match k {
-            "state" => {
-                let s = Listed::parse(&v)
-                    .ok_or_else(|| format!("state: unknown state {v:?}; one of {STATES}"))?;
-                if retry && s != Listed::Final(crate::task::FinalStatus::Dead) {
-                    return Err(format!("state: only dead tasks can be retried, not {v:?}"));
-                }
-                what = Some(s);
-            }
-            "limit" if !retry => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=LIMIT_MAX).contains(n))
-                    .ok_or_else(|| {
-                        format!("limit: must be a whole number from 1 to {LIMIT_MAX}")
-                    })?;
-            }
+            "state" => match Listed::parse(&v) {
+                Some(s) if !retry || s == Listed::Final(FinalStatus::Dead) => what = Some(s),
+                Some(_) => return Err(quoted("state: only dead tasks are retried, not ", &v)),
+                None => return Err(quoted(UNKNOWN_STATE, &v)),
+            },
+            "limit" if !retry => match v.parse() {
+                Ok(n) if (1..=LIMIT_MAX).contains(&n) => limit = n,
+                _ => return Err("limit: must be a whole number from 1 to 500".to_string()),
+            },
             "cursor" if !retry => cursor = Some(v),
-            "method" => {
-                method = Some(Method::parse(&v).ok_or_else(|| {
-                    format!("method: unknown method {v:?}; one of GET, POST, EXEC, MAIL_TO")
-                })?);
-            }
+            "method" => match Method::parse(&v) {
+                Some(m) => method = Some(m),
+                None => return Err(quoted("method: one of GET, POST, EXEC, MAIL_TO, not ", &v)),
+            },
             "q" => q = v,
-            _ => return Err(format!("unknown query parameter {k:?}")),
+            _ => return Err(quoted("unknown query parameter ", k)),
         }
     }
-    let what = what.ok_or_else(|| {
-        if retry {
-            "state: missing; give state=dead".to_string()
+    let Some(what) = what else {
+        return Err(if retry {
+            "state: missing; give state=dead"
         } else {
-            format!("state: missing; one of {STATES}")
+            "state: missing; one of delayed, queued, running, retry_wait, succeeded, dead, cancelled"
         }
-    })?;
+        .to_string());
+    };
     let after = match cursor {
-        Some(c) => Some(Cursor::decode(&c, what).map_err(|e| format!("cursor: {e}"))?),
+        Some(c) => Some(Cursor::decode(&c, what).map_err(|e| quoted("cursor: ", e))?),
         None => None,
     };
     Ok(ListQuery {
@@ -72,6 +65,15 @@ pub(crate) fn parse_query(query: &str, retry: bool) -> Result<ListQuery, String>
         scan: SCAN_CAP,
     })
 }
+
+/// `what` followed by `v` quoted.
+fn quoted(what: &str, v: &str) -> String {
+    format!("{what}{v:?}")
+}
+
+/// The start of the answer to an unknown state (the state follows).
+const UNKNOWN_STATE: &str =
+    "state: one of delayed, queued, running, retry_wait, succeeded, dead, cancelled; not ";
 
 fn time_us(us: u64) -> String {
     rfc3339_ms((us / 1000) as i64)

@@ -49,9 +49,6 @@ pub(crate) enum Listed {
     Final(FinalStatus),
 }
 
-/// The names `GET /tasks?state=` accepts, in the order an error lists them.
-pub(crate) const STATES: &str = "delayed, queued, running, retry_wait, succeeded, dead, cancelled";
-
 impl Listed {
     /// The state named `s` (the names `/task_resp` uses).
     pub(crate) fn parse(s: &str) -> Option<Listed> {
