@@ -150,6 +150,7 @@ fn escape(out: &mut String, s: &str) {
     out.push('"');
 }
 
+#[inline(never)]
 fn row_json(r: &Row) -> String {
     let mut o = Obj::new();
     o.str("id", Some(&r.id));
@@ -164,6 +165,7 @@ fn row_json(r: &Row) -> String {
 }
 
 /// `{"tasks":[...],"next":cursor|null}`.
+#[inline(never)]
 pub(crate) fn page_json(page: &Page, what: Listed) -> String {
     let rows: Vec<String> = page.rows.iter().map(row_json).collect();
     let mut o = Obj::new();
@@ -176,6 +178,7 @@ pub(crate) fn page_json(page: &Page, what: Listed) -> String {
 }
 
 /// The task as `GET /task/{id}` shows it: header names only; `due` only while unfinished.
+#[inline(never)]
 fn task_json(t: &Task, finished: bool) -> String {
     let mut o = Obj::new();
     o.str("method", Some(t.method.as_str()));
@@ -195,6 +198,7 @@ fn task_json(t: &Task, finished: bool) -> String {
 }
 
 /// `{"id","state","task","attempts","result"}`.
+#[inline(never)]
 pub(crate) fn record_json(id: &str, r: &Record) -> String {
     let attempts: Vec<String> = r
         .task

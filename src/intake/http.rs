@@ -249,6 +249,8 @@ impl Api {
     }
 
     /// `GET /tasks`: a page of the tasks in one state.
+    // The browser's handlers are kept out of `route`, which every request runs.
+    #[inline(never)]
     fn list(&self, query: &str) -> Reply {
         let q = match browse::parse_query(query, false) {
             Ok(q) => q,
@@ -261,6 +263,7 @@ impl Api {
     }
 
     /// `GET /task/{id}`: everything stored about one task.
+    #[inline(never)]
     fn lookup(&self, id: &str) -> Reply {
         match self.answers.lookup(id) {
             Ok(Some(r)) => json_text(browse::record_json(id, &r)),
@@ -270,6 +273,7 @@ impl Api {
     }
 
     /// `POST /task/{id}/retry`: a dead task runs again now.
+    #[inline(never)]
     fn retry(&self, id: &str) -> Reply {
         match self.submitter.retry(id) {
             Ok(Revive::Revived(_)) => reply(200, &json!({"result": "OK", "reason": "", "id": id})),
@@ -287,6 +291,7 @@ impl Api {
     }
 
     /// `POST /tasks/retry?state=dead`: every matching dead task runs again.
+    #[inline(never)]
     fn retry_all(&self, query: &str) -> Reply {
         let q = match browse::parse_query(query, true) {
             Ok(q) => q,

@@ -315,6 +315,7 @@ impl Submitter {
 
     /// Retries every dead task `q` lists (`POST /tasks/retry`); answers how many ran again.
     /// The ids are gathered first: a retry takes its task out of the listing being paged.
+    #[inline(never)]
     pub(crate) fn retry_all(&self, q: &ListQuery) -> Result<usize, SubmitError> {
         let unavailable = |e: StoreError| SubmitError::Unavailable(e.to_string());
         let mut q = q.clone();
