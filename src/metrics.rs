@@ -180,6 +180,9 @@ impl SysInfo {
             "Tasks cancelled.",
             c[2],
         );
+        let help = "Dead tasks retried by the operator.";
+        let n = st.retried.load(Relaxed);
+        single(o, "poulpe_tasks_retried_total", "counter", help, n);
         let help = "Attempts that failed.";
         single(
             o,

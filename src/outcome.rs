@@ -208,7 +208,7 @@ impl OutcomeStage {
                 }
             }
             if self.write_dead(&p.task, &p.result, p.finished_ms) {
-                add(self.finish(p.result, &p.task));
+                add(self.finish(p.result, p.task));
             } else {
                 still.push(p);
             }
@@ -270,17 +270,23 @@ impl OutcomeStage {
 
     /// The change and follow-up that finish `task` with `result`, and the task that POSTs
     /// the result to its callback, if it has one.
-    fn finish(&self, mut result: TaskResult, task: &Task) -> Decided {
+    /// The task is stored with its result (with its attempts: `GET /task/{id}` shows them and
+    /// a dead one can be retried).
+    fn finish(&self, mut result: TaskResult, task: Task) -> Decided {
         let now = now_ms();
         let expires_ms = now + (self.policy.result_ttl_s as i64) * 1000;
         let callback = task.callback.as_deref().map(|url| {
             let id = format!("cb-{}", uuid::Uuid::new_v4());
             result.callback_id = Some(id.clone());
-            callback_task(id, url, task, &result, now)
+            callback_task(id, url, &task, &result, now)
         });
         Decided {
-            change: Change::Finish { result, expires_ms },
             after: After::Final { kafka: task.kafka },
+            change: Change::Finish {
+                result,
+                expires_ms,
+                task: Some(task),
+            },
             callback,
         }
     }
@@ -292,14 +298,6 @@ impl OutcomeStage {
         let run_ms = o.finished_ms.saturating_sub(o.started_ms).max(0) as u64;
         let status = &self.announce.status;
         status.attempt(o.task.method, late_us, run_ms * 1000);
-        if o.run.ok {
-            // The task's record goes, so its attempt history is not kept: no copy of the task,
-            // and the attempt's output moves into the result (one thread decides every outcome).
-            let attempts = o.task.attempts.len() + 1;
-            let result = final_result(&o.task, attempts, o.run, o.finished_ms);
-            return self.finish(result, &o.task);
-        }
-        // A failed attempt from here on.
         let mut task = (*o.task).clone();
         task.attempts.push(Attempt {
             started_ms: o.started_ms,
@@ -310,7 +308,14 @@ impl OutcomeStage {
             error: o.run.error.clone(),
             output_excerpt: cap_text(o.run.output.as_bytes(), EXCERPT_LEN, false),
         });
-        let n = task.attempts.len() as u32;
+        if o.run.ok {
+            // The attempt's output moves into the result; the task keeps its excerpt.
+            let result = final_result(&task, task.attempts.len(), o.run, o.finished_ms);
+            return self.finish(result, task);
+        }
+        // A failed attempt from here on. Attempts before an operator's retry do not count
+        // against the budget (`budget_from`).
+        let n = task.attempts.len().saturating_sub(task.budget_from) as u32;
         status.attempt_failed(&task.id);
         let max = task.max_retry.unwrap_or(self.policy.max_retry);
         if !o.run.permanent && n <= max {
@@ -343,7 +348,7 @@ impl OutcomeStage {
             };
             return Decided::alone(Change::Retry(task), After::DeadPending(Box::new(pending)));
         }
-        self.finish(result, &task)
+        self.finish(result, task)
     }
 }
 
@@ -388,6 +393,7 @@ fn callback_task(id: String, url: &str, task: &Task, result: &TaskResult, now_ms
         headers: String::new(),
         callback: None,
         attempts: Vec::new(),
+        budget_from: 0,
     }
 }
 
@@ -505,6 +511,25 @@ mod tests {
         }
         fn recover(&self) -> Result<Vec<crate::store::Recovered>, crate::store::StoreError> {
             self.inner.recover()
+        }
+        fn list(
+            &self,
+            q: &crate::store::ListQuery,
+        ) -> Result<crate::store::Page, crate::store::StoreError> {
+            self.inner.list(q)
+        }
+        fn lookup(
+            &self,
+            id: &str,
+        ) -> Result<Option<crate::store::Record>, crate::store::StoreError> {
+            self.inner.lookup(id)
+        }
+        fn revive(
+            &self,
+            id: &str,
+            now_us: u64,
+        ) -> Result<crate::store::Revive, crate::store::StoreError> {
+            self.inner.revive(id, now_us)
         }
         fn summary(&self, cap: usize) -> Result<crate::store::Summary, crate::store::StoreError> {
             self.inner.summary(cap)

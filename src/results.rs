@@ -3,7 +3,7 @@
 //! thread when their time runs out. Handing over never writes to a socket: an HTTP wait blocks
 //! only its own connection's thread on a channel. [`Answers`] is the adapters' read access.
 
-use crate::store::{Store, StoreError};
+use crate::store::{ListQuery, Page, Record, Store, StoreError};
 use crate::task::State;
 pub(crate) use crate::task::TaskResult;
 use crossbeam_channel::{bounded, Receiver};
@@ -348,6 +348,16 @@ impl Answers {
             Some(r) => Found::Finished(r),
             None => Found::Unknown,
         })
+    }
+
+    /// A page of the tasks in one state (`GET /tasks`).
+    pub(crate) fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        self.store.list(q)
+    }
+
+    /// Everything stored about one task (`GET /task/{id}`).
+    pub(crate) fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        self.store.lookup(id)
     }
 
     /// The state of an unfinished task.

@@ -51,6 +51,8 @@ pub(crate) struct Status {
     failed_attempts: AtomicU64,
     dead: AtomicU64,
     cancelled: AtomicU64,
+    /// Dead tasks run again by the operator (`POST /task/{id}/retry`, `/tasks/retry`).
+    pub(crate) retried: AtomicU64,
     /// Tasks accepted by origin (`Origin as usize`) and method (`Method as usize`).
     pub(crate) accepted_by: [[AtomicU64; 4]; 4],
     /// Run time of attempts by method.
@@ -70,6 +72,7 @@ impl Default for Status {
             failed_attempts: AtomicU64::new(0),
             dead: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             accepted_by: Default::default(),
             duration: Default::default(),
             lateness: Histogram::default(),

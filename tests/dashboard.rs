@@ -248,7 +248,6 @@ const NAME_XSS: &str = "<img src=x onerror=window.__xss=1>";
 const OUTPUT_XSS: &str = "<img src=x onerror=window.__xss=2>";
 
 #[test]
-#[ignore = "needs /tasks (issue 16 task browser)"]
 fn the_task_list_searches_shows_a_detail_retries_and_cancels() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = dir.path().join("bin");

@@ -147,7 +147,14 @@ fn malformed_requests_get_4xx() {
     assert_eq!(request("PUT", &s.url("/sys_info"), &[]).0, 405);
     assert_eq!(request("DELETE", &s.url("/sys_info"), &[]).0, 405);
     assert_eq!(request("POST", &s.url("/task_resp/x"), &[]).0, 405);
-    assert_eq!(request("GET", &s.url("/task/x"), &[]).0, 405);
+    assert_eq!(
+        request("GET", &s.url("/task/x"), &[]).0,
+        404,
+        "GET /task/{{id}}: unknown"
+    );
+    assert_eq!(request("PUT", &s.url("/task/x"), &[]).0, 405);
+    assert_eq!(request("POST", &s.url("/task/x"), &[]).0, 405);
+    assert_eq!(request("POST", &s.url("/task/x/cancel"), &[]).0, 405);
     let (code, r) = request("DELETE", &s.url("/task/"), &[]);
     assert_eq!(code, 400, "a cancel without an id: {r}");
     let (code, r) = request("GET", &s.url("/task_resp/"), &[]);

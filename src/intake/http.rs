@@ -4,12 +4,13 @@
 //! connection only; the thread that finishes the task just hands the result over.
 
 use super::assets;
+use super::browse;
 use super::ws::WebSockets;
 use super::{same_secret, Origin, SubmitError, Submitter};
 use crate::http::{percent_decode, query_param, Handler, Limits, Reply, Request, Response};
 use crate::results::{Answers, Found, TaskResult, WAIT_SLACK};
 use crate::status::SysInfo;
-use crate::store::Cancel;
+use crate::store::{Cancel, Revive};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,17 @@ fn reply(code: u16, body: &Value) -> Reply {
     Response::json(code, body).into()
 }
 
+/// A 200 with JSON already written.
+fn json_text(body: String) -> Reply {
+    Response {
+        code: 200,
+        headers: vec![("Content-Type", "application/json".to_string())],
+        body: body.into_bytes(),
+        close: false,
+    }
+    .into()
+}
+
 fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
     Response::fail(code, reason).into()
 }
@@ -57,9 +69,11 @@ fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
 fn allowed(path: &str) -> Option<&'static str> {
     Some(match path {
         "/task_in_queue" | "/pause" | "/resume" => "POST",
-        "/sys_info" | "/metrics" | "/" => "GET",
+        "/sys_info" | "/metrics" | "/" | "/tasks" => "GET",
+        "/tasks/retry" => "POST",
         p if p.starts_with("/task_resp/") => "GET",
-        p if p.starts_with("/task/") => "DELETE",
+        p if p.starts_with("/task/") && p.ends_with("/retry") => "POST",
+        p if p.starts_with("/task/") => "GET, DELETE",
         _ => return None,
     })
 }
@@ -145,6 +159,18 @@ impl Api {
                 match percent_decode(&p["/task_resp/".len()..]) {
                     Some(id) if !id.is_empty() => self.long_poll(&id, timeout),
                     _ => fail(400, "id: missing or badly encoded"),
+                }
+            }
+            ("GET", "/tasks") => self.list(&query),
+            ("POST", "/tasks/retry") => self.retry_all(&query),
+            ("GET", p) if p.starts_with("/task/") => match task_id(p, "") {
+                Some(id) => self.lookup(&id),
+                None => fail(400, "id: missing or badly encoded"),
+            },
+            ("POST", p) if p.starts_with("/task/") && p.ends_with("/retry") => {
+                match task_id(p, "/retry") {
+                    Some(id) => self.retry(&id),
+                    None => fail(400, "id: missing or badly encoded"),
                 }
             }
             ("DELETE", p) if p.starts_with("/task/") => {
@@ -253,6 +279,61 @@ impl Api {
         }
     }
 
+    /// `GET /tasks`: a page of the tasks in one state.
+    // The browser's handlers are kept out of `route`, which every request runs.
+    #[inline(never)]
+    fn list(&self, query: &str) -> Reply {
+        let q = match browse::parse_query(query, false) {
+            Ok(q) => q,
+            Err(why) => return fail(400, why),
+        };
+        match self.answers.list(&q) {
+            Ok(page) => json_text(browse::page_json(&page, q.what)),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `GET /task/{id}`: everything stored about one task.
+    #[inline(never)]
+    fn lookup(&self, id: &str) -> Reply {
+        match self.answers.lookup(id) {
+            Ok(Some(r)) => json_text(browse::record_json(id, &r)),
+            Ok(None) => fail(404, format!("unknown or expired id {id:?}")),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `POST /task/{id}/retry`: a dead task runs again now.
+    #[inline(never)]
+    fn retry(&self, id: &str) -> Reply {
+        match self.submitter.retry(id) {
+            Ok(Revive::Revived(_)) => reply(200, &json!({"result": "OK", "reason": "", "id": id})),
+            Ok(Revive::NotDead(state)) => fail(
+                409,
+                format!("task {id:?} is {state}, not dead: only a dead task can be retried"),
+            ),
+            Ok(Revive::TaskNotKept) => fail(
+                409,
+                format!("task {id:?} was stored by an earlier release, which kept only its result: use `poulpe replay` on its dead-letter file"),
+            ),
+            Ok(Revive::Unknown) => fail(404, format!("unknown or expired id {id:?}")),
+            Err(e) => fail(503, e),
+        }
+    }
+
+    /// `POST /tasks/retry?state=dead`: every matching dead task runs again.
+    #[inline(never)]
+    fn retry_all(&self, query: &str) -> Reply {
+        let q = match browse::parse_query(query, true) {
+            Ok(q) => q,
+            Err(why) => return fail(400, why),
+        };
+        match self.submitter.retry_all(&q) {
+            Ok(n) => reply(200, &json!({"retried": n})),
+            Err(e) => fail(503, e),
+        }
+    }
+
     fn cancel(&self, id: &str) -> Reply {
         match self.submitter.cancel(id) {
             Ok(Cancel::Cancelled { .. }) => reply(
@@ -268,6 +349,12 @@ impl Api {
             Err(e) => fail(503, e),
         }
     }
+}
+
+/// The id in `/task/{id}{tail}`, percent-decoded; `None` when missing or badly encoded.
+fn task_id(path: &str, tail: &str) -> Option<String> {
+    let raw = path.strip_prefix("/task/")?.strip_suffix(tail)?;
+    percent_decode(raw).filter(|id| !id.is_empty())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! [`Submitter::submit`], which validates, makes the tasks durable and schedules them.
 
 pub(crate) mod assets;
+mod browse;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
@@ -12,7 +13,7 @@ use crate::dispatch::Pool;
 use crate::outcome::Announce;
 use crate::schedule::timer::Timer;
 use crate::status::Status;
-use crate::store::{Cancel, Store, StoreError};
+use crate::store::{Cancel, ListQuery, Revive, Store, StoreError};
 use crate::task::{parse_task, Limits, State, Task, TaskError};
 use serde_json::Value;
 use std::fmt;
@@ -291,6 +292,48 @@ impl Submitter {
             c.announce.finished(result, *kafka);
         }
         Ok(answer)
+    }
+
+    /// Runs a dead task again now (`POST /task/{id}/retry`): the store turns its dead result
+    /// back into a ready task in one durable write (its attempts kept, its retry budget fresh),
+    /// then it goes to the dispatcher as an accepted immediate task does.
+    pub(crate) fn retry(&self, id: &str) -> Result<Revive, SubmitError> {
+        if !self.accepting() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let answer = self
+            .0
+            .store
+            .revive(id, now_us())
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        if let Revive::Revived(t) = &answer {
+            log::info!("task {id} retried after {} attempts", t.attempts.len());
+            self.0.status.retried.fetch_add(1, Ordering::Relaxed);
+            self.0.release(vec![(**t).clone()]);
+        }
+        Ok(answer)
+    }
+
+    /// Retries every dead task `q` lists (`POST /tasks/retry`); answers how many ran again.
+    /// The ids are gathered first: a retry takes its task out of the listing being paged.
+    #[inline(never)]
+    pub(crate) fn retry_all(&self, q: &ListQuery) -> Result<usize, SubmitError> {
+        let unavailable = |e: StoreError| SubmitError::Unavailable(e.to_string());
+        let mut q = q.clone();
+        let mut ids = Vec::new();
+        loop {
+            let page = self.0.store.list(&q).map_err(unavailable)?;
+            ids.extend(page.rows.into_iter().map(|r| r.id));
+            match page.next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(matches!(self.retry(&id)?, Revive::Revived(_)));
+        }
+        Ok(n)
     }
 
     /// Pauses or resumes the workers (`POST /pause`, `/resume`): the state is written to the

@@ -261,6 +261,15 @@ mod tests {
         fn recover(&self) -> Result<Vec<crate::store::Recovered>, StoreError> {
             self.inner.recover()
         }
+        fn list(&self, q: &crate::store::ListQuery) -> Result<crate::store::Page, StoreError> {
+            self.inner.list(q)
+        }
+        fn lookup(&self, id: &str) -> Result<Option<crate::store::Record>, StoreError> {
+            self.inner.lookup(id)
+        }
+        fn revive(&self, id: &str, now_us: u64) -> Result<crate::store::Revive, StoreError> {
+            self.inner.revive(id, now_us)
+        }
         fn summary(&self, cap: usize) -> Result<crate::store::Summary, StoreError> {
             self.inner.summary(cap)
         }

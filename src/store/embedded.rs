@@ -18,7 +18,7 @@
 //! and writes a checkpoint: nothing acknowledged is lost, nothing refused comes back.
 
 use super::journal::{FileJournal, Journal, JournalIo};
-use super::local::{Backend, LocalStore, Op};
+use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -27,6 +27,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
 };
 use std::io::Write;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -549,18 +550,6 @@ fn start(
         tx,
         writer: Mutex::new(Some(handle)),
     }))
-}
-
-/// The expiry index's key: fixed-width hex sorts as the number does.
-fn expiry_key(expires_ms: i64, id: &str) -> String {
-    format!("{:016x}{id}", expires_ms.max(0) as u64)
-}
-
-/// An expiry key's expiry and id.
-fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
-    let (head, id) = k.split_at_checked(16)?;
-    let e = u64::from_str_radix(head, 16).ok()?;
-    Some((e as i64, id))
 }
 
 fn split_result(v: &[u8]) -> Option<(i64, &[u8])> {
@@ -1208,6 +1197,31 @@ impl Backend for EmbeddedBackend {
         })
     }
 
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(if results { EXPIRY } else { TASKS })?;
+            let mut out = Vec::new();
+            if results {
+                // Every key of the index starts with 16 hex digits, all before "g".
+                let upper = if from.is_empty() { "g" } else { from };
+                for item in t.range::<&str>(..upper)?.rev() {
+                    out.push(item?.0.value().to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            } else {
+                for item in t.range::<&str>((Bound::Excluded(from), Bound::Unbounded))? {
+                    out.push(item?.0.value().to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         if let Some(v) = self.shared.overlay.read().find(|p| p.meta(key)) {
             return Ok(Some(v));
@@ -1284,6 +1298,9 @@ mod tests {
         crate::store::contract::result_cap(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::summary_counts(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
+        // Written and listed within one checkpoint period: listings see the journal's writes.
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::browse(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]
@@ -1303,6 +1320,7 @@ mod tests {
                         Change::Finish {
                             result: r,
                             expires_ms: now + 60_000,
+                            task: None,
                         }
                     })
                     .collect();
@@ -1311,6 +1329,7 @@ mod tests {
             s.record(&[Change::Finish {
                 result: result("kept"),
                 expires_ms: now + 60_000,
+                task: None,
             }])
             .expect("record");
             while s.gc(now, 1).expect("gc") > 0 {}
@@ -1891,6 +1910,7 @@ mod tests {
         let finish = [Change::Finish {
             result: result("run"),
             expires_ms: crate::clock::now_ms() + 1_000_000,
+            task: None,
         }];
         assert!(matches!(s.record(&finish), Err(StoreError::Unavailable(_))));
         assert_eq!(s.status("run").expect("status"), Some(State::Running));
@@ -2288,6 +2308,7 @@ mod tests {
                     Change::Finish {
                         result: r,
                         expires_ms: now + 60_000,
+                        task: None,
                     }
                 })
                 .collect();

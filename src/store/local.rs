@@ -1,6 +1,7 @@
 //! The single-node store: an in-memory state index in front of a byte-level backend
 //! (redb on disk, or plain maps for unit tests). All `Store` logic lives here once.
 
+use super::list::{self, ListQuery, Listed, Page, Record, Revive};
 use super::live::LiveIndex;
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
@@ -30,6 +31,21 @@ pub enum Op {
     PutMeta(String, String),
 }
 
+/// The expiry index's key: fixed-width hex sorts as the number does.
+pub(crate) fn expiry_key(expires_ms: i64, id: &str) -> String {
+    format!("{:016x}{id}", expires_ms.max(0) as u64)
+}
+
+/// An expiry key's expiry and id.
+pub(crate) fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
+    let (head, id) = k.split_at_checked(16)?;
+    let e = u64::from_str_radix(head, 16).ok()?;
+    Some((e as i64, id))
+}
+
+/// Entries one backend read hands a listing at a time.
+const LIST_CHUNK: usize = 500;
+
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -40,6 +56,10 @@ pub trait Backend: Send + Sync {
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn result(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
     fn each_task(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError>;
+    /// Keys of the tasks table after `from` in id order (every one when it is empty), or with
+    /// `results` of the expiry index ([`expiry_key`]) before `from`, newest first (from the
+    /// newest when it is empty); at most `limit`. Sees every write once `settle` has returned.
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Expiry entries due before `now_ms`, at most `limit`; oldest first, except that results
     /// written since the last `settle` may come after the others.
     fn expired(&self, now_ms: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError>;
@@ -117,12 +137,16 @@ impl<B: Backend> LocalStore<B> {
         for c in changes {
             match c {
                 Change::Retry(t) => ops.push(Op::PutTask(t.id.clone(), encode(t)?)),
-                Change::Finish { result, expires_ms } => {
+                Change::Finish {
+                    result,
+                    expires_ms,
+                    task,
+                } => {
                     ops.push(Op::DelTask(result.id.clone()));
                     ops.push(Op::PutResult {
                         id: result.id.clone(),
                         expires_ms: *expires_ms,
-                        bytes: encode(result)?,
+                        bytes: list::encode_record(result, task.as_ref())?,
                     });
                 }
                 Change::Insert(t) => ops.push(Op::InsertTask(t.id.clone(), encode(t)?)),
@@ -145,7 +169,7 @@ impl<B: Backend> LocalStore<B> {
             Op::PutResult {
                 id: id.to_string(),
                 expires_ms,
-                bytes: encode(&result)?,
+                bytes: list::encode_record(&result, Some(&task))?,
             },
         ])?;
         Ok(Cancel::Cancelled {
@@ -334,9 +358,119 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
         match self.backend.result(id)? {
-            Some((expires_ms, bytes)) if expires_ms > now_ms() => Ok(Some(decode(&bytes)?)),
+            Some((expires_ms, bytes)) if expires_ms > now_ms() => {
+                Ok(Some(list::decode_result(&bytes)?))
+            }
             _ => Ok(None),
         }
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        // Writes not checkpointed yet become visible to the ordered scans.
+        self.backend.settle()?;
+        let mut rows = Vec::new();
+        let mut examined = 0;
+        let mut at = q.after.clone().unwrap_or_default();
+        let now = now_ms();
+        loop {
+            let want = LIST_CHUNK.min(q.scan.saturating_sub(examined)).max(1);
+            let results = matches!(q.what, Listed::Final(_));
+            let keys = self.backend.keys(results, &at.text, want)?;
+            for key in &keys {
+                examined += 1;
+                at.text.clone_from(key);
+                let full = match q.what {
+                    Listed::Live(state) if self.live.status(key) == Some(state) => {
+                        match self.backend.task(key)? {
+                            Some(b) => list::take_live(q, state, &b, &mut rows),
+                            None => false,
+                        }
+                    }
+                    Listed::Live(_) => false,
+                    // An index entry whose result was replaced since is skipped.
+                    Listed::Final(_) => match split_expiry_key(key) {
+                        Some((e, id)) if e > now => match self.backend.result(id)? {
+                            Some((x, b)) if x == e => list::take_finished(q, &b, &mut rows),
+                            _ => false,
+                        },
+                        _ => false,
+                    },
+                };
+                if full {
+                    return Ok(Page {
+                        rows,
+                        next: Some(at),
+                    });
+                }
+            }
+            if keys.len() < want {
+                return Ok(Page { rows, next: None });
+            }
+            if examined >= q.scan {
+                return Ok(Page {
+                    rows,
+                    next: Some(at),
+                });
+            }
+        }
+    }
+
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        if let Some(state) = self.live.status(id) {
+            let task = match self.backend.task(id)? {
+                Some(b) => Some(decode(&b)?),
+                None => None,
+            };
+            return Ok(Some(Record {
+                state: state.as_str(),
+                task,
+                result: None,
+            }));
+        }
+        match self.backend.result(id)? {
+            Some((expires_ms, bytes)) if expires_ms > now_ms() => {
+                let result = list::decode_result(&bytes)?;
+                Ok(Some(Record {
+                    state: result.status.as_str(),
+                    task: list::decode_task(&bytes)?,
+                    result: Some(result),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError> {
+        self.check_up()?;
+        // Held as reserved while deciding: no submit or other revive of this id meanwhile.
+        if self.live.reserve(&[(id, State::Ready)]).is_err() {
+            let state = self.live.status(id).unwrap_or(State::Ready);
+            return Ok(Revive::NotDead(state.as_str()));
+        }
+        let done = match self.backend.result(id) {
+            Ok(Some((expires_ms, bytes))) if expires_ms > now_ms() => {
+                list::revive_from(&bytes, now_us)
+            }
+            Ok(_) => Ok(Revive::Unknown),
+            Err(e) => Err(e),
+        };
+        let done = match done {
+            Ok(Revive::Revived(t)) => encode(&t).and_then(|b| {
+                self.backend
+                    .write(vec![
+                        Op::DelResult(id.to_string()),
+                        Op::InsertTask(id.to_string(), b),
+                    ])
+                    .map(|()| Revive::Revived(t))
+            }),
+            other => other,
+        };
+        if matches!(done, Ok(Revive::Revived(_))) {
+            self.live.commit(&[id]);
+        } else {
+            self.live.release(&[id]);
+        }
+        done
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {

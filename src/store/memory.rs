@@ -1,9 +1,10 @@
 //! In-memory backend for unit tests: the same store logic as the embedded one, without a disk.
 
-use super::local::{Backend, LocalStore, Op};
+use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::StoreError;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -100,6 +101,28 @@ impl Backend for MemoryBackend {
             f(b);
         }
         Ok(())
+    }
+
+    fn keys(&self, results: bool, from: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let t = self.inner.lock();
+        if !results {
+            return Ok(t
+                .tasks
+                .range::<str, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(limit)
+                .map(|(k, _)| k.clone())
+                .collect());
+        }
+        let upper = match split_expiry_key(from) {
+            Some((e, id)) => Bound::Excluded((e, id.to_string())),
+            None => Bound::Unbounded,
+        };
+        Ok(t.expiry
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .take(limit)
+            .map(|((e, id), ())| expiry_key(*e, id))
+            .collect())
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -257,6 +280,7 @@ pub(crate) mod tests {
             .map(|i| Change::Finish {
                 result: result(&format!("r{i}")),
                 expires_ms: later,
+                task: None,
             })
             .collect();
         store.record(&changes).expect("record");
@@ -273,5 +297,6 @@ pub(crate) mod tests {
         super::super::contract::expiry(&super::open(), true);
         super::super::contract::result_cap(&super::open());
         super::super::contract::summary_counts(&super::open());
+        super::super::contract::browse(&super::open());
     }
 }

@@ -5,6 +5,7 @@
 
 pub(crate) mod embedded;
 pub(crate) mod journal;
+pub(crate) mod list;
 pub(crate) mod live;
 pub(crate) mod local;
 #[cfg(test)]
@@ -14,6 +15,7 @@ pub mod redis;
 
 use crate::task::TaskResult;
 use crate::task::{State, Task};
+pub(crate) use list::{ListQuery, Page, Record, Revive};
 use std::fmt;
 use std::sync::Arc;
 
@@ -62,8 +64,13 @@ pub(crate) enum Cancel {
 pub(crate) enum Change {
     /// The task waits for a retry (its `attempts` and `due_us` are updated).
     Retry(Task),
-    /// The task is finished; its result stays until `expires_ms`.
-    Finish { result: TaskResult, expires_ms: i64 },
+    /// The task is finished; its result stays until `expires_ms`, stored with `task` (and its
+    /// attempts) when given (see [`list::encode_record`]).
+    Finish {
+        result: TaskResult,
+        expires_ms: i64,
+        task: Option<Task>,
+    },
     /// A new task born of an outcome (the POST of a result to its callback), written with it.
     Insert(Task),
 }
@@ -133,6 +140,20 @@ pub(crate) trait Store: Send + Sync {
 
     /// The final result of a finished task, while it has not expired.
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError>;
+
+    /// A page of the tasks in one state (`GET /tasks`): unfinished ones by id, finished ones
+    /// newest first. Bounded work: at most `q.scan` entries are examined, and `next` is given
+    /// whenever the state has not been gone through, even when the page is not full.
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Everything stored about one task (`GET /task/{id}`), while it is unfinished or its
+    /// result has not expired.
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Makes a dead task ready to run again at `now_us`, in one durable write that deletes its
+    /// dead result and stores it as a new unfinished task with its attempts kept (its retry
+    /// budget counting from them). Anything else is answered, not changed.
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError>;
 
     /// Every unfinished task, for the timer at start-up. Call once, before serving.
     fn recover(&self) -> Result<Vec<Recovered>, StoreError>;
@@ -226,6 +247,7 @@ mod tests {
             .map(|i| Change::Finish {
                 result: contract::result(&format!("old{i}")),
                 expires_ms: expired,
+                task: None,
             })
             .collect();
         store.record(&changes).expect("record");
@@ -272,6 +294,7 @@ pub(crate) mod contract {
             headers: "Authorization: Bearer t".to_string(),
             callback: None,
             attempts: Vec::new(),
+            budget_from: 0,
         }
     }
 
@@ -349,6 +372,7 @@ pub(crate) mod contract {
             .record(&[Change::Finish {
                 result: result("a"),
                 expires_ms: now + 1_000_000_000,
+                task: None,
             }])
             .expect("record finish");
         assert_eq!(store.status("a").expect("status"), None);
@@ -435,6 +459,7 @@ pub(crate) mod contract {
                 Change::Finish {
                     result: result("g"),
                     expires_ms: now + 1_000_000,
+                    task: None,
                 },
                 Change::Insert(task("cb-g", State::Delayed, 5)),
             ])
@@ -508,6 +533,266 @@ pub(crate) mod contract {
         );
     }
 
+    /// A dead result of `id` after one failed attempt.
+    pub(crate) fn dead(id: &str) -> TaskResult {
+        TaskResult {
+            result: crate::task::Verdict::Fail,
+            reason: "HTTP 503".to_string(),
+            status: crate::task::FinalStatus::Dead,
+            ..result(id)
+        }
+    }
+
+    /// `task` with one failed attempt, as the outcome stage stores a dead task.
+    pub(crate) fn failed_once(mut t: Task) -> Task {
+        t.attempts.push(crate::task::Attempt {
+            started_ms: 1,
+            finished_ms: 2,
+            worker: 0,
+            ok: false,
+            code: Some(503),
+            error: "HTTP 503".into(),
+            output_excerpt: "busy".into(),
+        });
+        t
+    }
+
+    fn query(what: &str, limit: usize) -> ListQuery {
+        ListQuery {
+            what: list::Listed::parse(what).expect("a state"),
+            method: None,
+            q: String::new(),
+            limit,
+            after: None,
+            scan: list::SCAN_CAP,
+        }
+    }
+
+    /// Every page of `q`, followed to the end: the ids in order, and how many calls it took.
+    fn all_pages(store: &dyn Store, q: &ListQuery) -> (Vec<String>, usize) {
+        let mut q = q.clone();
+        let (mut ids, mut calls) = (Vec::new(), 0);
+        loop {
+            calls += 1;
+            assert!(calls < 100, "the listing of {q:?} ends");
+            let page = store.list(&q).expect("list");
+            assert!(page.rows.len() <= q.limit, "{page:?}");
+            ids.extend(page.rows.into_iter().map(|r| r.id));
+            match page.next {
+                Some(c) => q.after = Some(c),
+                None => return (ids, calls),
+            }
+        }
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    /// The task browser: listings by state with paging, filters and bounded scans; the
+    /// whole record of a task; reviving a dead task.
+    pub(crate) fn browse(store: &dyn Store) {
+        let now = crate::clock::now_ms();
+        let mut post = task("l3", State::Delayed, 5);
+        post.method = crate::task::Method::Post;
+        let mut named = task("l5", State::Delayed, 5);
+        named.name = "http://127.0.0.1:1/special".to_string();
+        store
+            .insert(&[
+                task("l1", State::Delayed, 5),
+                task("l2", State::Delayed, 5),
+                post,
+                task("l4", State::Delayed, 5),
+                named,
+                task("q1", State::Ready, 0),
+                task("r1", State::Ready, 0),
+                task("w1", State::RetryWait, 7),
+            ])
+            .expect("insert");
+        assert!(store.claim(&task("r1", State::Ready, 0)).expect("claim"));
+
+        // Paging through 5 tasks 2 at a time gives each once.
+        let (ids, calls) = all_pages(store, &query("delayed", 2));
+        assert_eq!(sorted(ids), ["l1", "l2", "l3", "l4", "l5"], "each once");
+        assert!(calls >= 3, "pages of 2: {calls} calls");
+        for (state, id) in [("queued", "q1"), ("running", "r1"), ("retry_wait", "w1")] {
+            let page = store.list(&query(state, 50)).expect("list");
+            let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(ids, [id], "{state}");
+            assert_eq!(page.next, None, "{state}: nothing more");
+        }
+        let page = store.list(&query("retry_wait", 50)).expect("list");
+        let w1 = &page.rows[0];
+        assert_eq!(
+            (w1.state, w1.method, w1.name.as_deref(), w1.due_us),
+            (
+                "retry_wait",
+                Some(crate::task::Method::Get),
+                Some("http://127.0.0.1:1/x"),
+                Some(7)
+            )
+        );
+        assert_eq!((w1.finished_at.as_deref(), w1.attempts), (None, 0));
+
+        // Filters: method, and a substring of the id or of the name.
+        let mut q = query("delayed", 50);
+        q.method = Some(crate::task::Method::Post);
+        assert_eq!(all_pages(store, &q).0, ["l3"]);
+        let mut q = query("delayed", 50);
+        q.q = "l4".to_string();
+        assert_eq!(all_pages(store, &q).0, ["l4"]);
+        q.q = "special".to_string();
+        assert_eq!(all_pages(store, &q).0, ["l5"]);
+
+        // Bounded work: two entries examined per call, so a filter matching one task pages
+        // through the whole set, returning `next` before its page is full.
+        q.scan = 2;
+        let first = store.list(&q).expect("list");
+        assert!(first.next.is_some(), "more to examine: {first:?}");
+        let (ids, calls) = all_pages(store, &q);
+        assert_eq!(ids, ["l5"]);
+        assert!(
+            calls >= 3,
+            "8 live tasks, 2 examined per call: {calls} calls"
+        );
+
+        // Finished tasks, newest first, kept with their tasks.
+        let finish = |r: TaskResult, t: Option<Task>, e: i64| Change::Finish {
+            result: r,
+            expires_ms: now + 1_000_000 + e,
+            task: t,
+        };
+        store
+            .insert(&[
+                task("d1", State::Ready, 0),
+                task("d2", State::Ready, 0),
+                task("d3", State::Ready, 0),
+                task("s1", State::Ready, 0),
+                task("old", State::Ready, 0),
+            ])
+            .expect("insert");
+        store
+            .record(&[
+                finish(
+                    dead("d1"),
+                    Some(failed_once(task("d1", State::Ready, 0))),
+                    1,
+                ),
+                finish(
+                    dead("d2"),
+                    Some(failed_once(task("d2", State::Ready, 0))),
+                    2,
+                ),
+                finish(
+                    dead("d3"),
+                    Some(failed_once(task("d3", State::Ready, 0))),
+                    3,
+                ),
+                finish(result("s1"), Some(task("s1", State::Ready, 0)), 4),
+                // As an earlier release stored it: the result alone.
+                finish(dead("old"), None, 5),
+            ])
+            .expect("record");
+        let (ids, _) = all_pages(store, &query("dead", 1));
+        assert_eq!(ids, ["old", "d3", "d2", "d1"], "newest first, each once");
+        let page = store.list(&query("succeeded", 50)).expect("list");
+        let s1 = &page.rows[0];
+        assert_eq!(
+            (
+                s1.id.as_str(),
+                s1.method,
+                s1.due_us,
+                s1.finished_at.as_deref()
+            ),
+            ("s1", Some(crate::task::Method::Get), None, Some("b"))
+        );
+        let page = store.list(&query("dead", 50)).expect("list");
+        assert_eq!(
+            (page.rows[0].method, page.rows[0].name.as_deref()),
+            (None, None)
+        );
+        let mut q = query("dead", 50);
+        q.method = Some(crate::task::Method::Get);
+        assert_eq!(all_pages(store, &q).0, ["d3", "d2", "d1"]);
+        q.q = "d2".to_string();
+        assert_eq!(all_pages(store, &q).0, ["d2"]);
+        q.scan = 1;
+        q.q = "d1".to_string();
+        let (ids, calls) = all_pages(store, &q);
+        assert_eq!((ids, calls >= 4), (vec!["d1".to_string()], true));
+
+        // The whole record.
+        let r = store.lookup("l1").expect("lookup").expect("known");
+        assert_eq!((r.state, r.result.is_none()), ("delayed", true));
+        assert_eq!(r.task.map(|t| t.id), Some("l1".to_string()));
+        let r = store.lookup("d1").expect("lookup").expect("known");
+        assert_eq!((r.state, r.result), ("dead", Some(dead("d1"))));
+        let t = r.task.expect("kept with its result");
+        assert_eq!(
+            (t.attempts.len(), t.attempts[0].output_excerpt.as_str()),
+            (1, "busy")
+        );
+        let r = store.lookup("old").expect("lookup").expect("known");
+        assert_eq!((r.state, r.task), ("dead", None));
+        assert_eq!(store.lookup("nope").expect("lookup"), None);
+
+        // Reviving: only a dead task with its task kept.
+        let at = crate::clock::now_us();
+        let Revive::Revived(t) = store.revive("d1", at).expect("revive") else {
+            panic!("d1 is dead");
+        };
+        assert_eq!(
+            (t.state, t.due_us, t.attempts.len(), t.budget_from),
+            (State::Ready, at, 1, 1)
+        );
+        assert_eq!(store.status("d1").expect("status"), Some(State::Ready));
+        assert_eq!(
+            store.result("d1").expect("result"),
+            None,
+            "the dead result went"
+        );
+        let r = store.lookup("d1").expect("lookup").expect("known");
+        assert_eq!(
+            (r.state, r.task.map(|t| t.attempts.len())),
+            ("queued", Some(1))
+        );
+        assert_eq!(all_pages(store, &query("dead", 50)).0, ["old", "d3", "d2"]);
+        assert!(store.claim(&t).expect("claim"), "it runs again");
+        assert_eq!(
+            store.revive("d1", at).expect("revive"),
+            Revive::NotDead("running")
+        );
+        assert_eq!(
+            store.revive("l1", at).expect("revive"),
+            Revive::NotDead("delayed")
+        );
+        assert_eq!(
+            store.revive("s1", at).expect("revive"),
+            Revive::NotDead("succeeded")
+        );
+        assert_eq!(
+            store.revive("old", at).expect("revive"),
+            Revive::TaskNotKept
+        );
+        assert_eq!(store.revive("nope", at).expect("revive"), Revive::Unknown);
+        // A cancelled task keeps its task too, and is listed as cancelled.
+        assert!(matches!(
+            store.cancel("l2", now + 2_000_000).expect("cancel"),
+            Cancel::Cancelled { .. }
+        ));
+        assert_eq!(all_pages(store, &query("cancelled", 50)).0, ["l2"]);
+        let r = store.lookup("l2").expect("lookup").expect("known");
+        assert_eq!(
+            (r.state, r.task.map(|t| t.method)),
+            ("cancelled", Some(crate::task::Method::Get))
+        );
+        assert_eq!(
+            store.revive("l2", at).expect("revive"),
+            Revive::NotDead("cancelled")
+        );
+    }
+
     /// At most `keep` results stay: `gc` drops the oldest beyond it, newest kept.
     pub(crate) fn result_cap(store: &dyn Store) {
         let now = crate::clock::now_ms();
@@ -518,6 +803,7 @@ pub(crate) mod contract {
                 .record(&[Change::Finish {
                     result: result(&id),
                     expires_ms: now + 60_000 + i,
+                    task: None,
                 }])
                 .expect("finish");
         }
@@ -550,6 +836,7 @@ pub(crate) mod contract {
             .record(&[Change::Finish {
                 result: result("x1"),
                 expires_ms: now + 300,
+                task: None,
             }])
             .expect("finish");
         assert_eq!(store.result("x1").expect("result"), Some(result("x1")));

@@ -11,6 +11,7 @@
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
 
+use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
@@ -120,6 +121,96 @@ end
 return 'unknown'
 ";
 
+/// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`) in place of its
+/// result, if that result is still `ARGV[3]` and no task has taken the id since (else
+/// 'changed').
+const REVIVE: &str = r"
+local p, id = ARGV[1], ARGV[2]
+local k = p .. 'task:' .. id
+if redis.call('EXISTS', k) == 1 or redis.call('GET', p .. 'result:' .. id) ~= ARGV[3] then
+  return 'changed'
+end
+redis.call('DEL', p .. 'result:' .. id)
+redis.call('ZREM', p .. 'results', id)
+redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5])
+redis.call('SADD', p .. 'live', id)
+return 'ok'
+";
+
+/// A page of unfinished tasks in state `ARGV[2]` by `SSCAN` of the live set, from scan cursor
+/// `ARGV[3]` past its first `ARGV[4]` ids, examining at most `ARGV[5]` ids, at most `ARGV[6]`
+/// tasks of method `ARGV[7]` ('' any) whose id or name holds `ARGV[8]`. Answers the cursor and
+/// offset to go on from ('' when done), then the data of each task.
+const LIST_LIVE: &str = r"
+local p, want, cur, skip = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local out = {'', ''}
+local seen, n = 0, 0
+while true do
+  local r = redis.call('SSCAN', p .. 'live', cur, 'COUNT', 200)
+  local ids = r[2]
+  for i = skip + 1, #ids do
+    local id = ids[i]
+    local k = p .. 'task:' .. id
+    seen = seen + 1
+    if redis.call('HGET', k, 'state') == want then
+      local data = redis.call('HGET', k, 'data')
+      local t = cjson.decode(data)
+      if (m == '' or t.method == m) and (q == '' or string.find(id, q, 1, true)
+          or string.find(t.name, q, 1, true)) then
+        out[#out + 1] = data
+        n = n + 1
+      end
+    end
+    if n >= limit or (seen >= cap and i < #ids) then
+      out[1], out[2] = cur, tostring(i)
+      return out
+    end
+  end
+  if r[1] == '0' then return out end
+  cur, skip = r[1], 0
+  if seen >= cap then
+    out[1], out[2] = cur, '0'
+    return out
+  end
+end
+";
+
+/// A page of finished tasks of status `ARGV[2]`, newest expiry first, from expiry `ARGV[3]`
+/// ('' from the newest) past its first `ARGV[4]` results; the rest as for `LIST_LIVE`. Answers
+/// the expiry and offset to go on from ('' when done), then each stored record.
+const LIST_DONE: &str = r"
+local p, want, top, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local out = {'', ''}
+local seen, n = 0, 0
+while true do
+  local r = redis.call('ZREVRANGEBYSCORE', p .. 'results', top == '' and '+inf' or top, '-inf',
+    'WITHSCORES', 'LIMIT', top == '' and 0 or off, 200)
+  for i = 1, #r, 2 do
+    local id, s = r[i], r[i + 1]
+    seen = seen + 1
+    if s == top then off = off + 1 else top, off = s, 1 end
+    local v = redis.call('GET', p .. 'result:' .. id)
+    if v then
+      local nl = string.find(v, '\n', 1, true)
+      local res = cjson.decode(nl and string.sub(v, 1, nl - 1) or v)
+      local t = nl and cjson.decode(string.sub(v, nl + 1))
+      if res.status == want and (m == '' or (t and t.method == m)) and (q == ''
+          or string.find(id, q, 1, true) or (t and string.find(t.name, q, 1, true))) then
+        out[#out + 1] = v
+        n = n + 1
+      end
+    end
+    if n >= limit or seen >= cap then
+      out[1], out[2] = top, tostring(off)
+      return out
+    end
+  end
+  if #r < 400 then return out end
+end
+";
+
 /// Forgets results that expired (Redis deleted their keys by itself) and, beyond `ARGV[3]`
 /// results, deletes the ones closest to expiry, at most `ARGV[4]` of them; answers how many
 /// index entries went.
@@ -195,6 +286,9 @@ struct Scripts {
     take_due_many: Script,
     claim: Script,
     cancel: Script,
+    revive: Script,
+    list_live: Script,
+    list_done: Script,
     recover: Script,
     trim_results: Script,
 }
@@ -299,6 +393,9 @@ impl RedisStore {
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
+            revive: Script::new(REVIVE),
+            list_live: Script::new(LIST_LIVE),
+            list_done: Script::new(LIST_DONE),
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
         };
@@ -366,6 +463,11 @@ impl RedisStore {
                 Err(down(e))
             }
         }
+    }
+
+    /// The stored record of a finished task (its result, then its task).
+    fn stored_result(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -534,15 +636,19 @@ impl Store for RedisStore {
                     pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
                         .ignore();
                 }
-                Change::Finish { result, expires_ms } => {
+                Change::Finish {
+                    result,
+                    expires_ms,
+                    task,
+                } => {
                     let id = &result.id;
                     pipe.del(self.key("task", id)).ignore();
                     pipe.srem(format!("{}live", self.prefix), id).ignore();
                     pipe.srem(format!("{}running", self.prefix), id).ignore();
                     pipe.zrem(format!("{}due", self.prefix), id).ignore();
                     let ttl = (expires_ms - now).max(1) as u64;
-                    pipe.pset_ex(self.key("result", id), encode(result)?, ttl)
-                        .ignore();
+                    let record = list::encode_record(result, task.as_ref())?;
+                    pipe.pset_ex(self.key("result", id), record, ttl).ignore();
                     pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
                         .ignore();
                 }
@@ -576,12 +682,12 @@ impl Store for RedisStore {
                 Some(data) => {
                     let task: Task = decode(&data)?;
                     let result = TaskResult::cancelled(&task, crate::clock::now_ms());
-                    let json = encode(&result)?;
+                    let json = list::encode_record(&result, Some(&task))?;
                     (data, Some((result, task.kafka, json)))
                 }
                 None => (String::new(), None),
             };
-            let json = made.as_ref().map_or("", |m| m.2.as_str());
+            let json = made.as_ref().map_or(&[][..], |m| m.2.as_slice());
             let ttl = (expires_ms - crate::clock::now_ms()).max(1);
             let answer: String = self.with(|c| {
                 self.scripts
@@ -621,9 +727,107 @@ impl Store for RedisStore {
     }
 
     fn result(&self, id: &str) -> Result<Option<TaskResult>, StoreError> {
-        let s: Option<String> =
-            self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))?;
-        s.as_deref().map(decode).transpose()
+        let s = self.stored_result(id)?;
+        s.as_deref()
+            .map(|s| list::decode_result(s.as_bytes()))
+            .transpose()
+    }
+
+    fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        // The scan and the filters run in Redis, in one call: one round trip a page.
+        let (script, want, start) = match q.what {
+            Listed::Live(s) => (&self.scripts.list_live, state_name(s), "0"),
+            Listed::Final(s) => (&self.scripts.list_done, s.as_str(), ""),
+        };
+        let (from, skip) = match &q.after {
+            Some(c) => (c.n.to_string(), c.text.parse::<u64>().unwrap_or(0)),
+            None => (start.to_string(), 0),
+        };
+        let out: Vec<String> = self.with(|c| {
+            script
+                .arg(&self.prefix)
+                .arg(want)
+                .arg(&from)
+                .arg(skip)
+                .arg(q.scan)
+                .arg(q.limit)
+                .arg(q.method.map_or("", |m| m.as_str()))
+                .arg(&q.q)
+                .invoke(c)
+        })?;
+        let mut rows = Vec::new();
+        for v in out.iter().skip(2) {
+            match q.what {
+                Listed::Live(s) => list::take_live(q, s, v.as_bytes(), &mut rows),
+                Listed::Final(_) => list::take_finished(q, v.as_bytes(), &mut rows),
+            };
+        }
+        let next = match out.first().map(String::as_str) {
+            None | Some("") => None,
+            Some(n) => Some(Cursor {
+                n: n.parse().unwrap_or(0),
+                text: out.get(1).cloned().unwrap_or_default(),
+            }),
+        };
+        Ok(Page { rows, next })
+    }
+
+    fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        if let Some(state) = self.status(id)? {
+            let data: Option<String> = self.with(|c| {
+                redis::cmd("HGET")
+                    .arg(self.key("task", id))
+                    .arg("data")
+                    .query(c)
+            })?;
+            return Ok(Some(Record {
+                state: state.as_str(),
+                task: data.as_deref().map(decode).transpose()?,
+                result: None,
+            }));
+        }
+        let Some(v) = self.stored_result(id)? else {
+            return Ok(None);
+        };
+        let result = list::decode_result(v.as_bytes())?;
+        Ok(Some(Record {
+            state: result.status.as_str(),
+            task: list::decode_task(v.as_bytes())?,
+            result: Some(result),
+        }))
+    }
+
+    fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError> {
+        // Decided on the result read first; the script writes only if it has not changed since.
+        for _ in 0..CANCEL_TRIES {
+            if let Some(s) = self.status(id)? {
+                return Ok(Revive::NotDead(s.as_str()));
+            }
+            let Some(v) = self.stored_result(id)? else {
+                return Ok(Revive::Unknown);
+            };
+            let task = match list::revive_from(v.as_bytes(), now_us)? {
+                Revive::Revived(t) => t,
+                other => return Ok(other),
+            };
+            let data = encode(&task)?;
+            let answer: String = self.with(|c| {
+                self.scripts
+                    .revive
+                    .arg(&self.prefix)
+                    .arg(id)
+                    .arg(&v)
+                    .arg(task.due_us)
+                    .arg(&data)
+                    .invoke(c)
+            })?;
+            if answer == "ok" {
+                return Ok(Revive::Revived(task));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "task {id} changed {CANCEL_TRIES} times while being retried; try again"
+        )))
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, StoreError> {
@@ -808,6 +1012,8 @@ mod tests {
         contract::expiry(&store(&s), false);
         let s = redis_server();
         contract::summary_counts(&store(&s));
+        let s = redis_server();
+        contract::browse(&store(&s));
     }
 
     #[test]

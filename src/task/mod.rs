@@ -257,6 +257,14 @@ pub(crate) struct Task {
     pub(crate) callback: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) attempts: Vec<Attempt>,
+    /// Attempts made before its last retry by the operator (`POST /task/{id}/retry`): they
+    /// stay in its history but no longer count against its retry budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) budget_from: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_false(b: &bool) -> bool {

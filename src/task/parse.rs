@@ -325,6 +325,7 @@ impl Common {
             headers: self.headers,
             callback: self.callback,
             attempts: Vec::new(),
+            budget_from: 0,
         };
         Submission {
             task,
