@@ -541,6 +541,9 @@ fn start(
         marks: Vec::new(),
         reopen_at: None,
         failed_reopens: 0,
+        started: 0,
+        written: 0,
+        flushes: Vec::new(),
     };
     // Its death would leave every write waiting: a panic there ends the process.
     let handle =
@@ -717,6 +720,14 @@ struct Writer {
     /// Set while the store is down: when to try reopening next.
     reopen_at: Option<Instant>,
     failed_reopens: u32,
+    /// Checkpoints handed to the checkpoint thread so far, and the number of the last one
+    /// written.
+    started: u64,
+    written: u64,
+    /// Flushes (a listing about to scan the file) waiting for the checkpoint numbered with
+    /// them: everything written before the flush is in the redb file once it is. The writer
+    /// goes on journaling meanwhile.
+    flushes: Vec<(u64, Reply)>,
 }
 
 impl Writer {
@@ -729,6 +740,7 @@ impl Writer {
     fn work(&mut self, rx: &Receiver<Batch>) {
         loop {
             self.collect_checkpoint(false);
+            self.push_flushes();
             if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
                 // A read found the file broken.
                 self.reopen_at = Some(Instant::now());
@@ -741,21 +753,18 @@ impl Writer {
             };
             let mut batches = gather(first, rx);
             let res = self.commit(&mut batches);
-            let mut after_checkpoint = Vec::new();
-            let mut checkpoint_now = false;
             let mut closing = false;
             for b in batches {
-                checkpoint_now |= b.checkpoint;
                 closing |= b.close;
                 match b.done {
-                    Some(done) if b.checkpoint => after_checkpoint.push(done),
+                    Some(done) if b.checkpoint => self.flush_after(done),
                     Some(done) => done.send(res.clone()),
                     None => {}
                 }
             }
-            if checkpoint_now || closing {
+            if closing {
                 let r = self.checkpoint_now();
-                for done in after_checkpoint {
+                for (_, done) in self.flushes.drain(..) {
                     done.send(r.clone());
                 }
             } else {
@@ -796,6 +805,7 @@ impl Writer {
                         self.heal();
                     } else {
                         self.collect_checkpoint(false);
+                        self.push_flushes();
                         if self.due() {
                             self.start_checkpoint();
                         }
@@ -922,6 +932,68 @@ impl Writer {
         self.mailbox
             .post(|m| m.job = Some(Job { db, pending, seq }));
         self.in_flight = true;
+        self.started += 1;
+    }
+
+    /// Answers `done` once everything written so far is in the redb file, without holding up
+    /// the writes that come meanwhile: it waits for the checkpoint out (if any) and, when more
+    /// is pending, for the next one, started at once.
+    fn flush_after(&mut self, done: Reply) {
+        if self.reopen_at.is_some() {
+            return done.send(Err(self.shared.down_error()));
+        }
+        self.take_marks();
+        let (current, retry) = {
+            let o = self.shared.overlay.read();
+            (
+                !o.current.is_empty(),
+                o.flushing.is_some() && !self.in_flight,
+            )
+        };
+        // A failed checkpoint is tried again first, then `current` gets one of its own.
+        let target = self.started + u64::from(retry) + u64::from(current);
+        if target <= self.written {
+            return done.send(Ok(()));
+        }
+        self.flushes.push((target, done));
+        self.push_flushes();
+    }
+
+    /// Starts the next checkpoint that waiting flushes need, when none is out.
+    fn push_flushes(&mut self) {
+        if self.flushes.is_empty() || self.in_flight || self.reopen_at.is_some() {
+            return;
+        }
+        self.start_checkpoint();
+        if self.in_flight {
+            return;
+        }
+        let r = if self.nothing_pending() {
+            Ok(())
+        } else {
+            Err(self.shared.down_error())
+        };
+        for (_, done) in self.flushes.drain(..) {
+            done.send(r.clone());
+        }
+    }
+
+    /// Answers the flushes a finished checkpoint settles: on success those waiting for it or
+    /// an earlier one, on failure all of them (they see the error).
+    fn answer_flushes(&mut self, r: &Result<(), StoreError>) {
+        if r.is_ok() {
+            self.written = self.started;
+        }
+        let written = self.written;
+        let mut i = 0;
+        while i < self.flushes.len() {
+            if r.is_err() || self.flushes[i].0 <= written {
+                let (_, done) = self.flushes.swap_remove(i);
+                done.send(r.clone());
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Takes the checkpoint thread's answer when there is one (with `wait`, waits for it):
@@ -952,6 +1024,7 @@ impl Writer {
         );
         let Err(e) = done.res else {
             self.shared.overlay.write().flushing = None;
+            self.answer_flushes(&Ok(()));
             return Some(Ok(()));
         };
         let broken = broken(&e);
@@ -959,14 +1032,17 @@ impl Writer {
             "store: checkpoint into {FILE} failed: {e}{}",
             if broken { "" } else { "; tried again later" }
         );
-        if !broken {
+        let r = if broken {
+            if self.reopen_at.is_none() {
+                self.go_down(FILE, &e);
+            }
+            Err(self.shared.down_error())
+        } else {
             self.pending_since = Instant::now();
-            return Some(Err(unavailable(e)));
-        }
-        if self.reopen_at.is_none() {
-            self.go_down(FILE, &e);
-        }
-        Some(Err(self.shared.down_error()))
+            Err(unavailable(e))
+        };
+        self.answer_flushes(&r);
+        Some(r)
     }
 
     /// Writes everything pending into the redb file before returning: a caller waits for it
@@ -997,6 +1073,7 @@ impl Writer {
         // The checkpoint thread lets go of the file first (a reopen needs it free); what it
         // could not write stays in memory and is written after the reopen.
         self.collect_checkpoint(true);
+        self.answer_flushes(&Err(self.shared.down_error()));
         self.shared.close_db();
     }
 
@@ -1580,6 +1657,54 @@ mod tests {
         rec.sort();
         assert_eq!(rec, vec!["before", "during"]);
         again.close();
+    }
+
+    /// A listing waits until what was written before it is in the redb file, which it scans,
+    /// but writes meanwhile do not wait with it: while a checkpoint is stuck, a listing waits
+    /// for that checkpoint and an insert from another thread is acknowledged all the same.
+    #[test]
+    fn a_listing_waits_for_the_checkpoint_but_writes_go_on() {
+        use crate::store::list::{ListQuery, Listed, SCAN_CAP};
+        let disk = Disk::default();
+        let s = Arc::new(flaky_store_every(&disk, Duration::from_millis(10)));
+        s.insert(&[task("before", State::Delayed, 1)])
+            .expect("insert");
+        disk.gate.close();
+        wait_until_a_checkpoint_is_held(&disk);
+        let (listed_tx, listed) = crossbeam_channel::bounded(1);
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let q = ListQuery {
+                what: Listed::Live(State::Delayed),
+                method: None,
+                q: String::new(),
+                limit: 10,
+                after: None,
+                scan: SCAN_CAP,
+            };
+            let _ = listed_tx.send(s2.list(&q));
+        });
+        // The listing's flush reaches the writer before the insert below.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(listed.try_recv().is_err(), "the listing did not wait");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let s3 = s.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s3.insert(&[task("during", State::Delayed, 2)]));
+        });
+        let r = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "an insert waited behind a listing's checkpoint: {r:?}"
+        );
+        disk.gate.open();
+        let page = listed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the listing ends once the checkpoint is written")
+            .expect("list");
+        let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
+        assert!(ids.contains(&"before"), "{ids:?}");
+        s.close();
     }
 
     /// While a checkpoint is stuck, the writer stops taking writes once as much is pending as
