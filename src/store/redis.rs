@@ -138,50 +138,61 @@ return 'ok'
 ";
 
 /// A page of unfinished tasks in state `ARGV[2]` by `SSCAN` of the live set, from scan cursor
-/// `ARGV[3]` past its first `ARGV[4]` ids, examining at most `ARGV[5]` ids, at most `ARGV[6]`
-/// tasks of method `ARGV[7]` ('' any) whose id or name holds `ARGV[8]`. Answers the cursor and
-/// offset to go on from ('' when done), then the data of each task.
+/// `ARGV[3]`, past id `ARGV[4]` in that batch ('' from its start), examining at most `ARGV[5]`
+/// ids, at most `ARGV[6]` tasks of method `ARGV[7]` ('' any) whose id or name holds `ARGV[8]`.
+/// A batch is read in id order and resumed after the last id listed, so a task that leaves the
+/// set between two pages shifts nothing. A task's JSON is decoded only for a filter that needs
+/// it. Answers the cursor and id to go on from ('' when done), then the data of each task.
 const LIST_LIVE: &str = r"
-local p, want, cur, skip = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local p, want, cur, after = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local out = {'', ''}
 local seen, n = 0, 0
 while true do
   local r = redis.call('SSCAN', p .. 'live', cur, 'COUNT', 200)
   local ids = r[2]
-  for i = skip + 1, #ids do
+  table.sort(ids)
+  for i = 1, #ids do
     local id = ids[i]
-    local k = p .. 'task:' .. id
-    seen = seen + 1
-    if redis.call('HGET', k, 'state') == want then
-      local data = redis.call('HGET', k, 'data')
-      local t = cjson.decode(data)
-      if (m == '' or t.method == m) and (q == '' or string.find(id, q, 1, true)
-          or string.find(t.name, q, 1, true)) then
-        out[#out + 1] = data
-        n = n + 1
+    if after == '' or id > after then
+      local k = p .. 'task:' .. id
+      seen = seen + 1
+      if redis.call('HGET', k, 'state') == want then
+        local data = redis.call('HGET', k, 'data')
+        local keep = q == '' or string.find(id, q, 1, true)
+        if m ~= '' or not keep then
+          local t = cjson.decode(data)
+          keep = (m == '' or t.method == m) and (keep or string.find(t.name, q, 1, true))
+        end
+        if keep then
+          out[#out + 1] = data
+          n = n + 1
+        end
       end
-    end
-    if n >= limit or (seen >= cap and i < #ids) then
-      out[1], out[2] = cur, tostring(i)
-      return out
+      if n >= limit or (seen >= cap and i < #ids) then
+        out[1], out[2] = cur, id
+        return out
+      end
     end
   end
   if r[1] == '0' then return out end
-  cur, skip = r[1], 0
+  cur, after = r[1], ''
   if seen >= cap then
-    out[1], out[2] = cur, '0'
+    out[1], out[2] = cur, ''
     return out
   end
 end
 ";
 
 /// A page of finished tasks of status `ARGV[2]`, newest expiry first, from expiry `ARGV[3]`
-/// ('' from the newest) past its first `ARGV[4]` results; the rest as for `LIST_LIVE`. Answers
-/// the expiry and offset to go on from ('' when done), then each stored record.
-const LIST_DONE: &str = r"
-local p, want, top, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+/// ('' from the newest) past its first `ARGV[4]` results; the rest as for `LIST_LIVE`. The
+/// status is found in the record's first line without decoding it, and the task (after the
+/// newline, possibly large) is decoded only for a filter that needs it. Answers the expiry and
+/// offset to go on from ('' when done), then each stored record.
+const LIST_DONE: &str = r#"
+local p, want, top, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or 0
 local cap, limit, m, q = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local mark = '"status":"' .. want .. '"'
 local out = {'', ''}
 local seen, n = 0, 0
 while true do
@@ -194,12 +205,21 @@ while true do
     local v = redis.call('GET', p .. 'result:' .. id)
     if v then
       local nl = string.find(v, '\n', 1, true)
-      local res = cjson.decode(nl and string.sub(v, 1, nl - 1) or v)
-      local t = nl and cjson.decode(string.sub(v, nl + 1))
-      if res.status == want and (m == '' or (t and t.method == m)) and (q == ''
-          or string.find(id, q, 1, true) or (t and string.find(t.name, q, 1, true))) then
-        out[#out + 1] = v
-        n = n + 1
+      local at = string.find(v, mark, 1, true)
+      if at and (not nl or at < nl) then
+        local keep = q == '' or string.find(id, q, 1, true)
+        if m ~= '' or not keep then
+          if nl then
+            local t = cjson.decode(string.sub(v, nl + 1))
+            keep = (m == '' or t.method == m) and (keep or string.find(t.name, q, 1, true))
+          else
+            keep = false
+          end
+        end
+        if keep then
+          out[#out + 1] = v
+          n = n + 1
+        end
       end
     end
     if n >= limit or seen >= cap then
@@ -209,7 +229,7 @@ while true do
   end
   if #r < 400 then return out end
 end
-";
+"#;
 
 /// Forgets results that expired (Redis deleted their keys by itself) and, beyond `ARGV[3]`
 /// results, deletes the ones closest to expiry, at most `ARGV[4]` of them; answers how many
@@ -739,9 +759,10 @@ impl Store for RedisStore {
             Listed::Live(s) => (&self.scripts.list_live, state_name(s), "0"),
             Listed::Final(s) => (&self.scripts.list_done, s.as_str(), ""),
         };
+        // Live: the id the previous page ended at; finished: the offset among equal expiries.
         let (from, skip) = match &q.after {
-            Some(c) => (c.n.to_string(), c.text.parse::<u64>().unwrap_or(0)),
-            None => (start.to_string(), 0),
+            Some(c) => (c.n.to_string(), c.text.as_str()),
+            None => (start.to_string(), ""),
         };
         let out: Vec<String> = self.with(|c| {
             script
@@ -1003,6 +1024,55 @@ mod tests {
             assert!(Instant::now() < end, "{what}: not seen within {limit:?}");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Live listings page through `SSCAN` batches: a task of an earlier page that finishes
+    /// (or is cancelled) between two pages must not make a later one be skipped.
+    #[test]
+    fn paging_does_not_skip_a_task_when_another_leaves() {
+        use crate::store::list::{ListQuery, Listed};
+        let s = redis_server();
+        let st = store(&s);
+        let ids: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+        let tasks: Vec<Task> = ids
+            .iter()
+            .map(|id| contract::task(id, State::Delayed, 5))
+            .collect();
+        st.insert(&tasks).expect("insert");
+        let mut q = ListQuery {
+            what: Listed::Live(State::Delayed),
+            method: None,
+            q: String::new(),
+            limit: 3,
+            after: None,
+            scan: 10_000,
+        };
+        let first = st.list(&q).expect("list");
+        let mut seen: Vec<String> = first.rows.iter().map(|r| r.id.clone()).collect();
+        let gone = seen[1].clone();
+        let cancelled = st.cancel(&gone, crate::clock::now_ms() + 60_000);
+        assert!(
+            matches!(cancelled, Ok(Cancel::Cancelled { .. })),
+            "{cancelled:?}"
+        );
+        q.after = first.next;
+        while q.after.is_some() {
+            let page = st.list(&q).expect("list");
+            seen.extend(page.rows.iter().map(|r| r.id.clone()));
+            q.after = page.next;
+        }
+        let missed: Vec<&String> = ids
+            .iter()
+            .filter(|id| **id != gone && !seen.contains(id))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "never listed though delayed throughout: {missed:?}"
+        );
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "listed twice: {seen:?}");
     }
 
     #[test]
