@@ -186,7 +186,8 @@ end
 
 /// A page of finished tasks of status `ARGV[2]`, newest expiry first, from expiry `ARGV[3]`
 /// ('' from the newest) past its first `ARGV[4]` results; the rest as for `LIST_LIVE`. The
-/// status is found in the record's first line without decoding it, and the task (after the
+/// status is found in the first KiB of the record's first line without decoding it (the whole
+/// record is read only when that does not settle it, or to keep it), and the task (after the
 /// newline, possibly large) is decoded only for a filter that needs it. Answers the expiry and
 /// offset to go on from ('' when done), then each stored record.
 const LIST_DONE: &str = r#"
@@ -202,24 +203,33 @@ while true do
     local id, s = r[i], r[i + 1]
     seen = seen + 1
     if s == top then off = off + 1 else top, off = s, 1 end
-    local v = redis.call('GET', p .. 'result:' .. id)
-    if v then
+    local k = p .. 'result:' .. id
+    -- The status is in the first line: read its start only (the task after it may be large),
+    -- and the whole record only when that start does not settle it or the record is kept.
+    local head = redis.call('GETRANGE', k, 0, 1023)
+    local cut = string.find(head, '\n', 1, true)
+    local at = string.find(cut and string.sub(head, 1, cut - 1) or head, mark, 1, true)
+    local v = #head < 1024 and head or nil
+    if not at and not cut and #head == 1024 then
+      v = redis.call('GET', k)
       local nl = string.find(v, '\n', 1, true)
-      local at = string.find(v, mark, 1, true)
-      if at and (not nl or at < nl) then
-        local keep = q == '' or string.find(id, q, 1, true)
-        if m ~= '' or not keep then
-          if nl then
-            local t = cjson.decode(string.sub(v, nl + 1))
-            keep = (m == '' or t.method == m) and (keep or string.find(t.name, q, 1, true))
-          else
-            keep = false
-          end
+      at = string.find(nl and string.sub(v, 1, nl - 1) or v, mark, 1, true)
+    end
+    if at then
+      v = v or redis.call('GET', k)
+      local nl = string.find(v, '\n', 1, true)
+      local keep = q == '' or string.find(id, q, 1, true)
+      if m ~= '' or not keep then
+        if nl then
+          local t = cjson.decode(string.sub(v, nl + 1))
+          keep = (m == '' or t.method == m) and (keep or string.find(t.name, q, 1, true))
+        else
+          keep = false
         end
-        if keep then
-          out[#out + 1] = v
-          n = n + 1
-        end
+      end
+      if keep then
+        out[#out + 1] = v
+        n = n + 1
       end
     end
     if n >= limit or seen >= cap then
