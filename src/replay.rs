@@ -152,7 +152,29 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
     let auth = token.map(|t| format!("Bearer {t}"));
     let (mut replayed, mut refused, mut unrenamed) = (0, twins.len(), false);
     for (i, r) in records.iter().enumerate() {
-        match submit(&agent, &url, auth.as_deref(), &r.body) {
+        // A record whose task the server still holds (pending, dead, or run again since by
+        // POST /task/{id}/retry) is not submitted: that would run it once more.
+        let held = held(
+            &agent,
+            &format!("http://{host}:{port}/task_resp/"),
+            auth.as_deref(),
+            &r.id,
+        );
+        let answer = match held {
+            Ok(None) => submit(&agent, &url, auth.as_deref(), &r.body),
+            Ok(Some(status)) => {
+                refused += 1;
+                println!(
+                    "refused {}: the server still holds {} ({status}): retry it there with \
+                     POST /task/{{id}}/retry if it is dead, or replay it once its result has expired",
+                    r.path.display(),
+                    r.id
+                );
+                continue;
+            }
+            Err(a) => a,
+        };
+        match answer {
             Answer::Accepted => {
                 replayed += 1;
                 match mark_replayed(r) {
@@ -340,6 +362,46 @@ fn submit_body(task: &Map<String, Value>) -> Result<Value, Broken> {
         body.insert("headers".to_string(), Value::Object(headers));
     }
     Ok(Value::Object(body))
+}
+
+/// What the server holds of task `id` (`base` is `.../task_resp/`): `None` when nothing (its
+/// result expired), else its status; `Err` with the answer to report when asking failed.
+fn held(
+    agent: &ureq::Agent,
+    base: &str,
+    auth: Option<&str>,
+    id: &str,
+) -> Result<Option<String>, Answer> {
+    let mut url = base.to_string();
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url.push_str("?timeout=0");
+    let mut req = agent.get(&url);
+    if let Some(a) = auth {
+        req = req.header("Authorization", a);
+    }
+    let mut r = req.call().map_err(|e| Answer::Unreachable(Box::new(e)))?;
+    let code = r.status().as_u16();
+    let mut text = Vec::new();
+    let _ = r
+        .body_mut()
+        .as_reader()
+        .take(1 << 16)
+        .read_to_end(&mut text);
+    let v = serde_json::from_slice::<Value>(&text).unwrap_or(Value::Null);
+    match code {
+        404 => Ok(None),
+        200 | 202 => Ok(Some(v["status"].as_str().unwrap_or("pending").to_string())),
+        _ => Err(Answer::Refused(
+            code,
+            v["reason"].as_str().unwrap_or_default().to_string(),
+        )),
+    }
 }
 
 /// POSTs one task (`url` a `&String` as the HTTP executor's: one copy of ureq's generic code).

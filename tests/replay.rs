@@ -248,7 +248,8 @@ fn a_broken_file_stops_the_whole_replay() {
 }
 
 /// The server refuses some records: each is named with the reason and kept (a task still
-/// pending under that id; a cron-made EXEC task on a server without `--exec_dir`); a second
+/// pending under that id, or finished but its result still held; a cron-made EXEC task on a
+/// server without `--exec_dir`); a second
 /// record of a task replayed from another file waits; the others replay; exit 1.
 #[test]
 fn records_the_server_refuses_are_reported_and_kept() {
@@ -259,7 +260,23 @@ fn records_the_server_refuses_are_reported_and_kept() {
         &s,
         &json!({"id":"p-1","method":"GET","name":sink.url("/later"),"delay":300}),
     );
+    let (code, r) = common::post_raw(
+        &s.url("/task_in_queue"),
+        json!({"id":"h-1","method":"GET","name":sink.url("/held"),"wait":10})
+            .to_string()
+            .as_bytes(),
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert_eq!(
+        (code, r["status"].as_str()),
+        (200, Some("succeeded")),
+        "{r}"
+    );
     let dead = dir.path().join("dead");
+    let held = record(
+        &dead,
+        json!({"id":"h-1","method":"GET","name":sink.url("/held")}),
+    );
     let pending = record(
         &dead,
         json!({"id":"p-1","method":"GET","name":sink.url("/later")}),
@@ -291,11 +308,21 @@ fn records_the_server_refuses_are_reported_and_kept() {
     );
     assert!(
         o.contains(&format!(
-            "refused {}: p-1 is still pending on the server",
+            "refused {}: the server still holds p-1 (delayed)",
             pending.display()
         )),
         "{o}"
     );
+    // A task run again since (POST /task/{id}/retry) and finished: its result is still held,
+    // and replaying its old dead record would run it once more.
+    assert!(
+        o.contains(&format!(
+            "refused {}: the server still holds h-1 (succeeded)",
+            held.display()
+        )),
+        "{o}"
+    );
+    assert_eq!(sink.hits_on("/held").len(), 1, "h-1 ran again");
     assert!(
         o.contains(&format!("refused {}: 400 ", exec.display())) && o.contains("exec"),
         "{o}"
@@ -313,10 +340,13 @@ fn records_the_server_refuses_are_reported_and_kept() {
         "{o}"
     );
     assert!(
-        o.contains("1 replayed, 0 already replayed, 3 not replayed"),
+        o.contains("1 replayed, 0 already replayed, 4 not replayed"),
         "{o}"
     );
-    assert!(pending.exists() && exec.exists() && twin.exists(), "{o}");
+    assert!(
+        pending.exists() && held.exists() && exec.exists() && twin.exists(),
+        "{o}"
+    );
     assert!(replayed(&fine).exists(), "{o}");
     sink.wait_until(Duration::from_secs(20), "the fine task", |h| {
         h.iter().any(|h| h.path == "/fine")
