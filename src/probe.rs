@@ -38,7 +38,13 @@ pub(crate) fn server(
     let host = pargs
         .opt_value_from_str::<_, String>("--host")
         .map_err(|e| format!("--host: {e}"))?;
-    Ok((host.unwrap_or_else(|| "127.0.0.1".to_string()), port))
+    // An IPv6 address goes in brackets in a URL.
+    let host = match host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+        Some(h) => h,
+        None => "127.0.0.1".to_string(),
+    };
+    Ok((host, port))
 }
 
 /// Probes `/health`; returns the process exit code (0 healthy or help, 1 not, 2 bad arguments).

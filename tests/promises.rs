@@ -48,8 +48,16 @@ fn health_exits_0_when_the_server_answers_and_1_otherwise() {
         "{out:?}"
     );
 
-    // Nothing listens.
+    // An IPv6 address is put in brackets (here nothing answers on it).
     let closed = free_port().to_string();
+    let out = health(&["--host", "::1", "-p", &closed], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with(&format!("unhealthy: http://[::1]:{closed}/health: ")),
+        "{said}"
+    );
+    // Nothing listens.
     let out = health(&["--port", &closed], &[]);
     assert_eq!(out.status.code(), Some(1), "nothing on {closed}: {out:?}");
     assert!(
