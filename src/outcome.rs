@@ -298,7 +298,8 @@ impl OutcomeStage {
         let run_ms = o.finished_ms.saturating_sub(o.started_ms).max(0) as u64;
         let status = &self.announce.status;
         status.attempt(o.task.method, late_us, run_ms * 1000);
-        let mut task = (*o.task).clone();
+        // The worker has let go of its handle by now: the task moves, no copy.
+        let mut task = Arc::try_unwrap(o.task).unwrap_or_else(|shared| (*shared).clone());
         task.attempts.push(Attempt {
             started_ms: o.started_ms,
             finished_ms: o.finished_ms,

@@ -18,7 +18,20 @@ pub(crate) fn encode_record(
     result: &TaskResult,
     task: Option<&Task>,
 ) -> Result<Vec<u8>, StoreError> {
-    let mut out = serde_json::to_vec(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    // Sized once: growing a buffer by doubling costs the outcome thread several reallocations
+    // per finished task.
+    let guess = |t: &Task| {
+        256 + t.name.len()
+            + t.params.len()
+            + t.headers.len()
+            + t.args.iter().map(|a| a.len() + 4).sum::<usize>()
+            + t.attempts
+                .iter()
+                .map(|a| 160 + a.error.len() + a.output_excerpt.len())
+                .sum::<usize>()
+    };
+    let mut out = Vec::with_capacity(256 + result.output.len() + task.map_or(0, guess));
+    serde_json::to_writer(&mut out, result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if let Some(t) = task {
         out.push(b'\n');
         serde_json::to_writer(&mut out, t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
