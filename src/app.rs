@@ -219,6 +219,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             announce,
             result_ttl_s: config.result_ttl,
         },
+        config.dead.clone(),
     );
     let cron = CronStatus::default();
     stages.extend(kafka.start(&config, &submitter)?);

@@ -31,6 +31,24 @@ pub(crate) fn write(
     )
 }
 
+/// After an operator's retry of a dead task (`POST /task/{id}/retry`): renames its record
+/// `<dir>/<YYYY-MM-DD>/task-<id>.json` (the date of `finished_ms`, as `write` named it) to
+/// `….json.retried`, so that `poulpe replay` of the folder does not run it once more. The
+/// record stays. `Ok(None)` when there is no such file (moved away, or never written).
+pub(crate) fn mark_retried(dir: &Path, id: &str, finished_ms: i64) -> io::Result<Option<PathBuf>> {
+    let folder = dir.join(date_utc(finished_ms));
+    let from = folder.join(format!("task-{id}.json"));
+    let to = folder.join(format!("task-{id}.json.retried"));
+    match fs::rename(&from, &to) {
+        Ok(()) => {
+            File::open(&folder)?.sync_all()?;
+            Ok(Some(to))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `<folder>/<name>` atomically: temporary file, fsync, rename, fsync of the folder.
 pub(crate) fn write_atomic(folder: &Path, name: &str, body: &[u8]) -> io::Result<PathBuf> {
     fs::create_dir_all(folder)?;
@@ -51,6 +69,24 @@ mod tests {
     use super::*;
     use crate::store::contract::{result, task};
     use crate::task::State;
+
+    #[test]
+    fn a_retried_record_is_renamed_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = task("job-2", State::Running, 0);
+        let p = write(dir.path(), &t, &result("job-2"), 86_400_000).expect("write");
+        let to = mark_retried(dir.path(), "job-2", 86_400_000).expect("rename");
+        assert_eq!(
+            to,
+            Some(dir.path().join("1970-01-02/task-job-2.json.retried"))
+        );
+        assert!(!p.exists());
+        assert_eq!(
+            mark_retried(dir.path(), "job-2", 86_400_000).expect("again"),
+            None,
+            "nothing left to rename"
+        );
+    }
 
     #[test]
     fn writes_a_complete_record() {

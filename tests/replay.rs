@@ -174,6 +174,63 @@ fn a_dead_task_runs_again_once_after_its_result_expired() {
     assert_eq!(sink.hits_on("/again").len(), 1);
 }
 
+/// A dead task retried through the API (`POST /task/{id}/retry`) has its dead-letter record
+/// renamed to `.retried` (kept): a later replay of the folder, once the new result has
+/// expired, does not run it once more.
+#[test]
+fn a_task_retried_through_the_api_is_not_replayed_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir)
+        .args(&["--token", TOKEN, "--result_ttl", "1"])
+        .start();
+    let dead = dir.path().join("data/dead");
+    let sink_port = free_port();
+    let t = json!({"id":"ar-1","method":"GET","name":format!("http://127.0.0.1:{sink_port}/api"),
+                   "max_retry":0,"timeout":5});
+    submit(&s, &t);
+    let file = eventually(Duration::from_secs(20), "the dead-letter record", || {
+        std::fs::read_dir(&dead)
+            .ok()?
+            .filter_map(|d| d.ok())
+            .map(|d| d.path().join("task-ar-1.json"))
+            .find(|p| p.exists())
+    });
+    let sink = Sink::start_on(sink_port);
+    let (code, r) = request(
+        "POST",
+        &s.url("/task/ar-1/retry"),
+        &[("Authorization", AUTH)],
+    );
+    assert_eq!(code, 200, "{r}");
+    sink.wait_until(Duration::from_secs(20), "the retried task", |h| {
+        h.len() == 1
+    });
+    let mut retried = file.clone().into_os_string();
+    retried.push(".retried");
+    assert!(
+        !file.exists() && PathBuf::from(retried).exists(),
+        "the record is kept as .retried"
+    );
+    eventually(Duration::from_secs(20), "the new result to expire", || {
+        let (code, _) = request(
+            "GET",
+            &s.url("/task_resp/ar-1?timeout=0"),
+            &[("Authorization", AUTH)],
+        );
+        (code == 404).then_some(())
+    });
+    let port = s.port.to_string();
+    let (o, _) = assert_exit(
+        &replay(&[dead.to_str().expect("utf-8"), "-p", &port, "--token", TOKEN]),
+        0,
+    );
+    assert!(
+        o.contains("0 replayed, 0 already replayed, 0 not replayed"),
+        "{o}"
+    );
+    assert_eq!(sink.hits().len(), 1, "the task ran once after its retry");
+}
+
 /// One broken file among good ones: exit 2 naming it and what is wrong, nothing submitted,
 /// nothing renamed. Without it, the good ones replay.
 #[test]

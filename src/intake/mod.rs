@@ -97,6 +97,8 @@ struct Gate {
     timer: Timer,
     status: Arc<Status>,
     cancelling: Cancelling,
+    /// `--dead`: a retried dead task's record there is marked retried.
+    dead_dir: std::path::PathBuf,
     /// False once shutdown has begun: submits answer `ShuttingDown`.
     accepting: AtomicBool,
     /// Held through a pause or resume: its store write and the pool's flag go together.
@@ -131,6 +133,7 @@ impl Submitter {
         timer: Timer,
         status: Arc<Status>,
         cancelling: Cancelling,
+        dead_dir: std::path::PathBuf,
     ) -> Submitter {
         Submitter(Arc::new(Gate {
             limits,
@@ -139,6 +142,7 @@ impl Submitter {
             timer,
             status,
             cancelling,
+            dead_dir,
             accepting: AtomicBool::new(true),
             pausing: parking_lot::Mutex::new(()),
         }))
@@ -309,6 +313,19 @@ impl Submitter {
         if let Revive::Revived(t) = &answer {
             log::info!("task {id} retried after {} attempts", t.attempts.len());
             self.0.status.retried.fetch_add(1, Ordering::Relaxed);
+            // Its dead-letter record would run it once more through `poulpe replay`.
+            if let Some(last) = t.attempts.last() {
+                match crate::deadletter::mark_retried(&self.0.dead_dir, id, last.finished_ms) {
+                    Ok(Some(to)) => {
+                        log::info!("task {id}: dead-letter record now {}", to.display())
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!(
+                        "task {id}: its dead-letter record could not be marked retried ({e}): \
+                         move it away, or poulpe replay would run the task again"
+                    ),
+                }
+            }
             self.0.release(vec![(**t).clone()]);
         }
         Ok(answer)
