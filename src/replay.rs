@@ -149,17 +149,13 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         .build()
         .into();
     let url = format!("http://{host}:{port}/task_in_queue");
+    let results = format!("http://{host}:{port}/task_resp/");
     let auth = token.map(|t| format!("Bearer {t}"));
     let (mut replayed, mut refused, mut unrenamed) = (0, twins.len(), false);
     for (i, r) in records.iter().enumerate() {
         // A record whose task the server still holds (pending, dead, or run again since by
         // POST /task/{id}/retry) is not submitted: that would run it once more.
-        let held = held(
-            &agent,
-            &format!("http://{host}:{port}/task_resp/"),
-            auth.as_deref(),
-            &r.id,
-        );
+        let held = held(&agent, &results, auth.as_deref(), &r.id);
         let answer = match held {
             Ok(None) => submit(&agent, &url, auth.as_deref(), &r.body),
             Ok(Some(status)) => {
@@ -387,20 +383,29 @@ fn held(
     }
     let mut r = req.call().map_err(|e| Answer::Unreachable(Box::new(e)))?;
     let code = r.status().as_u16();
+    let (v, reason) = read_answer(&mut r);
+    match code {
+        404 => Ok(None),
+        200 | 202 => Ok(Some(v["status"].as_str().unwrap_or("pending").to_string())),
+        _ => Err(Answer::Refused(code, reason)),
+    }
+}
+
+/// The JSON of an answer's body (its first 64 KiB; `Null` when it is not JSON), and the reason
+/// to report: its `reason`, or the text itself when it is not JSON.
+fn read_answer(r: &mut ureq::http::Response<ureq::Body>) -> (Value, String) {
     let mut text = Vec::new();
     let _ = r
         .body_mut()
         .as_reader()
         .take(1 << 16)
         .read_to_end(&mut text);
-    let v = serde_json::from_slice::<Value>(&text).unwrap_or(Value::Null);
-    match code {
-        404 => Ok(None),
-        200 | 202 => Ok(Some(v["status"].as_str().unwrap_or("pending").to_string())),
-        _ => Err(Answer::Refused(
-            code,
-            v["reason"].as_str().unwrap_or_default().to_string(),
-        )),
+    match serde_json::from_slice::<Value>(&text) {
+        Ok(v) => {
+            let reason = v["reason"].as_str().unwrap_or_default().to_string();
+            (v, reason)
+        }
+        Err(_) => (Value::Null, String::from_utf8_lossy(&text).into_owned()),
     }
 }
 
@@ -418,17 +423,7 @@ fn submit(agent: &ureq::Agent, url: &String, auth: Option<&str>, body: &Value) -
     if code == 200 {
         return Answer::Accepted;
     }
-    let mut text = Vec::new();
-    let _ = r
-        .body_mut()
-        .as_reader()
-        .take(1 << 16)
-        .read_to_end(&mut text);
-    let reason = match serde_json::from_slice::<Value>(&text) {
-        Ok(v) => v["reason"].as_str().unwrap_or_default().to_string(),
-        _ => String::from_utf8_lossy(&text).into_owned(),
-    };
-    Answer::Refused(code, reason)
+    Answer::Refused(code, read_answer(&mut r).1)
 }
 
 /// Renames the record to `<name>.replayed` (atomic), unless the file at its path is no longer

@@ -88,9 +88,37 @@ fn write(dead: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn replayed(p: &Path) -> PathBuf {
+    suffixed(p, ".replayed")
+}
+
+fn suffixed(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
-    s.push(".replayed");
+    s.push(suffix);
     PathBuf::from(s)
+}
+
+/// The dead-letter record of task `id` under `dead`, once the server has written it.
+fn dead_record(dead: &Path, id: &str) -> PathBuf {
+    let name = format!("task-{id}.json");
+    eventually(Duration::from_secs(20), "the dead-letter record", || {
+        std::fs::read_dir(dead)
+            .ok()?
+            .filter_map(|d| d.ok())
+            .map(|d| d.path().join(&name))
+            .find(|p| p.exists())
+    })
+}
+
+/// Waits until the server no longer holds a result for `id` (`--result_ttl` ran out).
+fn wait_expired(s: &Server, id: &str) {
+    eventually(Duration::from_secs(20), "the result to expire", || {
+        let (code, _) = request(
+            "GET",
+            &s.url(&format!("/task_resp/{id}?timeout=0")),
+            &[("Authorization", AUTH)],
+        );
+        (code == 404).then_some(())
+    });
 }
 
 /// A real dead task's record, once its result has expired, runs again through `poulpe replay`
@@ -108,21 +136,8 @@ fn a_dead_task_runs_again_once_after_its_result_expired() {
     let t = json!({"id":"rp-1","method":"GET","name":format!("http://127.0.0.1:{sink_port}/again"),
                    "params":"a=1","headers":{"X-Replay":"yes"},"max_retry":0,"timeout":5});
     submit(&s, &t);
-    let file = eventually(Duration::from_secs(20), "the dead-letter record", || {
-        std::fs::read_dir(&dead)
-            .ok()?
-            .filter_map(|d| d.ok())
-            .map(|d| d.path().join("task-rp-1.json"))
-            .find(|p| p.exists())
-    });
-    eventually(Duration::from_secs(20), "the result to expire", || {
-        let (code, _) = request(
-            "GET",
-            &s.url("/task_resp/rp-1?timeout=0"),
-            &[("Authorization", AUTH)],
-        );
-        (code == 404).then_some(())
-    });
+    let file = dead_record(&dead, "rp-1");
+    wait_expired(&s, "rp-1");
     let sink = Sink::start_on(sink_port);
     let port = s.port.to_string();
     let dead_s = dead.to_str().expect("utf-8");
@@ -188,13 +203,7 @@ fn a_task_retried_through_the_api_is_not_replayed_later() {
     let t = json!({"id":"ar-1","method":"GET","name":format!("http://127.0.0.1:{sink_port}/api"),
                    "max_retry":0,"timeout":5});
     submit(&s, &t);
-    let file = eventually(Duration::from_secs(20), "the dead-letter record", || {
-        std::fs::read_dir(&dead)
-            .ok()?
-            .filter_map(|d| d.ok())
-            .map(|d| d.path().join("task-ar-1.json"))
-            .find(|p| p.exists())
-    });
+    let file = dead_record(&dead, "ar-1");
     let sink = Sink::start_on(sink_port);
     let (code, r) = request(
         "POST",
@@ -205,20 +214,11 @@ fn a_task_retried_through_the_api_is_not_replayed_later() {
     sink.wait_until(Duration::from_secs(20), "the retried task", |h| {
         h.len() == 1
     });
-    let mut retried = file.clone().into_os_string();
-    retried.push(".retried");
     assert!(
-        !file.exists() && PathBuf::from(retried).exists(),
+        !file.exists() && suffixed(&file, ".retried").exists(),
         "the record is kept as .retried"
     );
-    eventually(Duration::from_secs(20), "the new result to expire", || {
-        let (code, _) = request(
-            "GET",
-            &s.url("/task_resp/ar-1?timeout=0"),
-            &[("Authorization", AUTH)],
-        );
-        (code == 404).then_some(())
-    });
+    wait_expired(&s, "ar-1");
     let port = s.port.to_string();
     let (o, _) = assert_exit(
         &replay(&[dead.to_str().expect("utf-8"), "-p", &port, "--token", TOKEN]),

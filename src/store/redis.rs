@@ -500,6 +500,16 @@ impl RedisStore {
         self.with(|c| redis::cmd("GET").arg(self.key("result", id)).query(c))
     }
 
+    /// The stored JSON of unfinished task `id`, if there is one.
+    fn task_data(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            redis::cmd("HGET")
+                .arg(self.key("task", id))
+                .arg("data")
+                .query(c)
+        })
+    }
+
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
     }
@@ -702,13 +712,7 @@ impl Store for RedisStore {
         // The result is made from the record read first; the script stores it only if the
         // record has not changed since (an attempt may have run in between).
         for _ in 0..CANCEL_TRIES {
-            let data: Option<String> = self.with(|c| {
-                redis::cmd("HGET")
-                    .arg(self.key("task", id))
-                    .arg("data")
-                    .query(c)
-            })?;
-            let (data, made) = match data {
+            let (data, made) = match self.task_data(id)? {
                 Some(data) => {
                     let task: Task = decode(&data)?;
                     let result = TaskResult::cancelled(&task, crate::clock::now_ms());
@@ -805,15 +809,9 @@ impl Store for RedisStore {
 
     fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
         if let Some(state) = self.status(id)? {
-            let data: Option<String> = self.with(|c| {
-                redis::cmd("HGET")
-                    .arg(self.key("task", id))
-                    .arg("data")
-                    .query(c)
-            })?;
             return Ok(Some(Record {
                 state: state.as_str(),
-                task: data.as_deref().map(decode).transpose()?,
+                task: self.task_data(id)?.as_deref().map(decode).transpose()?,
                 result: None,
             }));
         }
