@@ -47,7 +47,9 @@ def group(comm):
         return "worker"
     if comm == "store-ckpt":
         return "store-writer"  # the checkpoints it writes were the writer's own work before
-    if comm in ("store-writer", "outcome", "timer"):
+    if comm.startswith("outcome"):
+        return "outcome"  # deciding, and acting once durable
+    if comm in ("store-writer", "timer"):
         return comm
     if comm.startswith("kafka") or comm.startswith("rdk:"):
         return "kafka"

@@ -42,6 +42,10 @@ pub(crate) const COMMIT_BOUNDS: Bounds = Bounds {
 /// `fdatasync`; Redis: an insert call or a `record` pipeline). One per process, as the store is.
 pub(crate) static STORE_COMMIT: Histogram = Histogram::new(&COMMIT_BOUNDS);
 
+/// Time from the end of each attempt to its durable outcome (succeeded, retry armed or dead):
+/// how far recording lags behind execution, which a crash would turn into runs done again.
+pub(crate) static OUTCOME_LAG: Histogram = Histogram::new(&COMMIT_BOUNDS);
+
 /// The methods in label order: index `method as usize`.
 pub(crate) const METHODS: [Method; 4] = [Method::Get, Method::Post, Method::Exec, Method::MailTo];
 
@@ -239,6 +243,10 @@ impl SysInfo {
             "Time of durable store writes (embedded: group commits; Redis: inserts and records).";
         head(o, name, "histogram", help);
         STORE_COMMIT.render(o, name, "");
+        let name = "poulpe_outcome_lag_seconds";
+        let help = "Time from the end of an attempt to its durable outcome.";
+        head(o, name, "histogram", help);
+        OUTCOME_LAG.render(o, name, "");
 
         let name = "poulpe_http_requests_total";
         head(o, name, "counter", "HTTP answers written, by status code.");

@@ -9,9 +9,10 @@ use crate::exec::{cap_text, RunResult, EXCERPT_LEN};
 use crate::results::{Forward, Results, TaskResult};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
-use crate::store::{Change, Store};
+use crate::store::{Change, Recording, Store};
 use crate::task::{Attempt, FinalStatus, Method, State, Task, Verdict};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -38,6 +39,9 @@ pub(crate) struct RetryPolicy {
 
 /// Most outcomes folded into one store write.
 const MAX_BATCH: usize = 1024;
+
+/// Most batches written at once: one waiting to be durable while the next ones are decided.
+const IN_FLIGHT: usize = 4;
 
 /// Seconds to wait before retry number `n` (1-based); `jitter` in [0, 1).
 pub(crate) fn retry_delay(interval_s: u64, n: u32, backoff: Backoff, jitter: f64) -> Duration {
@@ -124,55 +128,77 @@ impl OutcomeStage {
     }
 
     fn run(&self, rx: &Receiver<Outcome>) {
-        // Dead tasks whose record could not be written: tried again every few seconds.
-        let mut pending: Vec<DeadPending> = Vec::new();
-        let mut next_pending = Instant::now();
-        loop {
-            let first = match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(o) => Some(o),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => {
-                    if !pending.is_empty() {
-                        // One last try before giving up for this run.
-                        pending = self.handle(Vec::new(), pending);
+        let dead = Mutex::new(DeadQueue::default());
+        // This thread decides batches and starts their writes; a second one waits for each
+        // write to be durable and acts on it. So outcomes that come while a write is under way
+        // are decided and written at once, not after it.
+        let (written_tx, written_rx) = crossbeam_channel::bounded::<Written<'_>>(IN_FLIGHT);
+        thread::scope(|s| {
+            let settling = thread::Builder::new()
+                .name("outcome-done".to_string())
+                .spawn_scoped(s, || {
+                    for w in written_rx {
+                        let still = self.settle(w);
+                        dead.lock().keep(still);
                     }
-                    if !pending.is_empty() {
-                        log::error!(
-                            "outcome: {} dead tasks could not be recorded; they stay in the store and run again at the next start",
-                            pending.len()
-                        );
+                });
+            // Without the second thread, each batch is settled here before the next.
+            let mut inline = false;
+            if let Err(e) = settling {
+                log::warn!("outcome: cannot start the outcome-done thread ({e}); outcomes are written one batch at a time");
+                inline = true;
+            }
+            loop {
+                let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(o) => Some(o),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
+                let mut batch: Vec<Outcome> = first.into_iter().collect();
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => batch.push(o),
+                        Err(_) => break,
                     }
-                    return;
                 }
-            };
-            let mut batch: Vec<Outcome> = first.into_iter().collect();
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(o) => batch.push(o),
-                    Err(_) => break,
+                let again = dead.lock().due();
+                if batch.is_empty() && again.is_empty() {
+                    continue;
+                }
+                let w = self.begin(batch, again);
+                let w = if inline {
+                    Err(w)
+                } else {
+                    written_tx.send(w).map_err(|e| e.into_inner())
+                };
+                if let Err(w) = w {
+                    inline = true;
+                    let still = self.settle(w);
+                    dead.lock().keep(still);
                 }
             }
-            let due = !pending.is_empty() && Instant::now() >= next_pending;
-            let again = if due {
-                std::mem::take(&mut pending)
-            } else {
-                Vec::new()
-            };
-            if batch.is_empty() && again.is_empty() {
-                continue;
-            }
-            // New dead tasks join a waiting group's next try; a first one starts the clock.
-            let restart_clock = due || pending.is_empty();
-            pending.extend(self.handle(batch, again));
-            if restart_clock {
-                next_pending = Instant::now() + DEAD_RETRY;
-            }
+            drop(written_tx);
+        });
+        self.last(dead.into_inner());
+    }
+
+    /// Once every worker has gone: one last try at the dead-letter records still waiting.
+    fn last(&self, mut dead: DeadQueue) {
+        if !dead.waiting.is_empty() {
+            let again = std::mem::take(&mut dead.waiting);
+            dead.waiting = self.settle(self.begin(Vec::new(), again));
+        }
+        if !dead.waiting.is_empty() {
+            log::error!(
+                "outcome: {} dead tasks could not be recorded; they stay in the store and run again at the next start",
+                dead.waiting.len()
+            );
         }
     }
 
-    /// Decides, writes and then acts on a batch of new outcomes and of dead tasks whose record
-    /// is tried again; returns the dead tasks whose record still cannot be written.
-    fn handle(&self, batch: Vec<Outcome>, again: Vec<DeadPending>) -> Vec<DeadPending> {
+    /// Decides a batch of new outcomes and of dead tasks whose record is tried again, and
+    /// starts writing their changes.
+    fn begin(&self, batch: Vec<Outcome>, again: Vec<DeadPending>) -> Written<'_> {
         let mut changes = Vec::with_capacity(batch.len() + again.len());
         let mut after = Vec::with_capacity(batch.len() + again.len());
         let mut still = Vec::new();
@@ -188,6 +214,8 @@ impl OutcomeStage {
                 changes.push(Change::Insert(cb));
             }
         };
+        // When each new attempt ended, for the lag once its outcome is durable.
+        let ended: Vec<i64> = batch.iter().map(|o| o.finished_ms).collect();
         for o in batch {
             add(self.decide(o));
         }
@@ -213,18 +241,46 @@ impl OutcomeStage {
                 still.push(p);
             }
         }
-        if changes.is_empty() {
-            return still;
+        let recording = if changes.is_empty() {
+            Recording::done(Ok(()))
+        } else {
+            self.store.record_start(&changes)
+        };
+        Written {
+            recording,
+            changes,
+            after,
+            ended,
+            still,
         }
+    }
+
+    /// Waits until a batch's changes are durable (writing them again until the store takes
+    /// them: outcomes are never dropped), then arms retries and announces results. Returns
+    /// the dead tasks whose record still cannot be written.
+    fn settle(&self, w: Written<'_>) -> Vec<DeadPending> {
+        let Written {
+            recording,
+            changes,
+            after,
+            ended,
+            mut still,
+        } = w;
+        let mut written = recording.wait();
         let mut delay = Duration::from_millis(100);
-        while let Err(e) = self.store.record(&changes) {
-            // Never dropped: the outcomes stay here until the store takes them.
+        while let Err(e) = written {
             log::error!(
                 "outcome: cannot record {} outcomes: {e}; retrying in {delay:?}",
                 changes.len()
             );
             thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(5));
+            written = self.store.record(&changes);
+        }
+        let durable_us = now_us();
+        for ms in ended {
+            let ended_us = u64::try_from(ms).unwrap_or(0).saturating_mul(1000);
+            crate::metrics::OUTCOME_LAG.observe(durable_us.saturating_sub(ended_us));
         }
         // One change per `After`, in the same order: a final one takes its result from there.
         let mut changes = changes.into_iter();
@@ -353,6 +409,56 @@ impl OutcomeStage {
     }
 }
 
+/// A batch whose changes are being written, and what follows once they are durable.
+struct Written<'s> {
+    recording: Recording<'s>,
+    changes: Vec<Change>,
+    /// One per change, in the same order.
+    after: Vec<After>,
+    /// When each new attempt ended (unix ms), for the lag.
+    ended: Vec<i64>,
+    /// Dead tasks whose record still cannot be written.
+    still: Vec<DeadPending>,
+}
+
+/// Dead tasks whose dead-letter record could not be written, tried again every
+/// [`DEAD_RETRY`].
+struct DeadQueue {
+    waiting: Vec<DeadPending>,
+    next_try: Instant,
+}
+
+impl Default for DeadQueue {
+    fn default() -> Self {
+        DeadQueue {
+            waiting: Vec::new(),
+            next_try: Instant::now(),
+        }
+    }
+}
+
+impl DeadQueue {
+    /// Adds tasks whose record still cannot be written; the first to wait starts the clock.
+    fn keep(&mut self, still: Vec<DeadPending>) {
+        if still.is_empty() {
+            return;
+        }
+        if self.waiting.is_empty() {
+            self.next_try = Instant::now() + DEAD_RETRY;
+        }
+        self.waiting.extend(still);
+    }
+
+    /// The waiting tasks, when their next try is due (the clock starts again).
+    fn due(&mut self) -> Vec<DeadPending> {
+        if self.waiting.is_empty() || Instant::now() < self.next_try {
+            return Vec::new();
+        }
+        self.next_try = Instant::now() + DEAD_RETRY;
+        std::mem::take(&mut self.waiting)
+    }
+}
+
 /// An outcome decided: its store change, what follows once it is durable, and the task that
 /// POSTs a final result to the task's callback (written in the same batch).
 struct Decided {
@@ -465,11 +571,33 @@ mod tests {
         assert!(seen.len() > 1, "the same jitter every time: {seen:?}");
     }
 
-    /// A store whose `record` fails the first `fail` times, noting when each call came.
+    /// A store whose `record` fails the first `fail` times, noting when each call came; with
+    /// `hold`, the answer to the first write waits until the hold is let go.
     struct FailsRecord {
         inner: Arc<dyn Store>,
         fail: usize,
         calls: parking_lot::Mutex<Vec<Instant>>,
+        hold: Option<Arc<Hold>>,
+    }
+
+    /// Keeps a write's answer back until `open`.
+    #[derive(Default)]
+    struct Hold {
+        open: parking_lot::Mutex<bool>,
+        changed: parking_lot::Condvar,
+    }
+
+    impl Hold {
+        fn wait(&self) {
+            let mut open = self.open.lock();
+            while !*open {
+                self.changed.wait(&mut open);
+            }
+        }
+        fn open(&self) {
+            *self.open.lock() = true;
+            self.changed.notify_all();
+        }
     }
 
     impl Store for FailsRecord {
@@ -490,12 +618,36 @@ mod tests {
             self.inner.claim(t)
         }
         fn record(&self, c: &[Change]) -> Result<(), crate::store::StoreError> {
-            let mut calls = self.calls.lock();
-            calls.push(Instant::now());
-            if calls.len() <= self.fail {
+            let n = {
+                let mut calls = self.calls.lock();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            if n <= self.fail {
                 return Err(crate::store::StoreError::Unavailable("down".into()));
             }
+            if let (1, Some(hold)) = (n, &self.hold) {
+                hold.wait();
+            }
             self.inner.record(c)
+        }
+        fn record_start(&self, c: &[Change]) -> crate::store::Recording<'_> {
+            let Some(hold) = self.hold.clone() else {
+                return crate::store::Recording::done(self.record(c));
+            };
+            let n = {
+                let mut calls = self.calls.lock();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            // Written at once; only the answer waits.
+            let written = self.inner.record(c);
+            crate::store::Recording::waiting(move || {
+                if n == 1 {
+                    hold.wait();
+                }
+                written
+            })
         }
         fn cancel(
             &self,
@@ -549,52 +701,96 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_store_that_refuses_outcomes_is_retried_with_a_doubling_pause() {
-        let inner: Arc<dyn Store> = Arc::new(crate::store::memory::open());
-        let t = crate::store::contract::task("o1", State::Running, 0);
-        inner.insert(std::slice::from_ref(&t)).expect("insert");
-        let fails = Arc::new(FailsRecord {
-            inner,
-            fail: 4,
-            calls: parking_lot::Mutex::new(Vec::new()),
-        });
-        let store: Arc<dyn Store> = fails.clone();
-        let pool = Arc::new(crate::dispatch::Pool::new(1));
-        let (timer, th) = Timer::start(store.clone(), pool).expect("timer");
-        let (results, rh) = Results::start().expect("results");
-        let dead = tempfile::tempdir().expect("tempdir");
-        let stage = OutcomeStage {
-            store,
-            timer: timer.clone(),
-            announce: Announce {
-                results: results.clone(),
-                status: Arc::new(Status::default()),
-                forward: None,
-            },
-            policy: RetryPolicy {
-                interval_s: 1,
-                max_retry: 0,
-                backoff: Backoff::Fixed,
-                result_ttl_s: 60,
-                dead_dir: dead.path().to_path_buf(),
-            },
-        };
-        let run = RunResult {
-            ok: true,
-            code: Some(0),
-            output: String::new(),
-            error: String::new(),
-            permanent: false,
-        };
-        let o = Outcome {
+    /// The outcome stage over `store`, with the timer and results registry it needs.
+    struct Rig {
+        stage: OutcomeStage,
+        timer: Timer,
+        results: Arc<Results>,
+        joins: Vec<JoinHandle<()>>,
+        _dead: tempfile::TempDir,
+    }
+
+    impl Rig {
+        fn over(store: Arc<dyn Store>) -> Rig {
+            let pool = Arc::new(crate::dispatch::Pool::new(1));
+            let (timer, th) = Timer::start(store.clone(), pool).expect("timer");
+            let (results, rh) = Results::start().expect("results");
+            let dead = tempfile::tempdir().expect("tempdir");
+            let stage = OutcomeStage {
+                store,
+                timer: timer.clone(),
+                announce: Announce {
+                    results: results.clone(),
+                    status: Arc::new(Status::default()),
+                    forward: None,
+                },
+                policy: RetryPolicy {
+                    interval_s: 1,
+                    max_retry: 0,
+                    backoff: Backoff::Fixed,
+                    result_ttl_s: 60,
+                    dead_dir: dead.path().to_path_buf(),
+                },
+            };
+            Rig {
+                stage,
+                timer,
+                results,
+                joins: vec![th, rh],
+                _dead: dead,
+            }
+        }
+
+        fn stop(self) {
+            self.timer.stop();
+            self.results.stop();
+            for j in self.joins {
+                j.join().expect("join");
+            }
+        }
+    }
+
+    /// A successful attempt of `t`.
+    fn succeeded(t: Task) -> Outcome {
+        Outcome {
             task: Arc::new(t),
             worker: 0,
             started_ms: 0,
             finished_ms: 0,
-            run,
-        };
-        assert!(stage.handle(vec![o], Vec::new()).is_empty());
+            run: RunResult {
+                ok: true,
+                code: Some(0),
+                output: String::new(),
+                error: String::new(),
+                permanent: false,
+            },
+        }
+    }
+
+    /// A store holding running tasks with these ids.
+    fn running(ids: &[&str]) -> Arc<dyn Store> {
+        let inner: Arc<dyn Store> = Arc::new(crate::store::memory::open());
+        for id in ids {
+            let t = crate::store::contract::task(id, State::Running, 0);
+            inner.insert(std::slice::from_ref(&t)).expect("insert");
+        }
+        inner
+    }
+
+    #[test]
+    fn a_store_that_refuses_outcomes_is_retried_with_a_doubling_pause() {
+        let fails = Arc::new(FailsRecord {
+            inner: running(&["o1"]),
+            fail: 4,
+            calls: parking_lot::Mutex::new(Vec::new()),
+            hold: None,
+        });
+        let rig = Rig::over(fails.clone());
+        let o = succeeded(crate::store::contract::task("o1", State::Running, 0));
+        assert!(rig
+            .stage
+            .settle(rig.stage.begin(vec![o], Vec::new()))
+            .is_empty());
         let calls = fails.calls.lock().clone();
         assert_eq!(calls.len(), 5, "four refusals, then recorded");
         // Never sooner than 100 ms, then 200, 400, 800: a store that is down is not hammered.
@@ -607,9 +803,61 @@ mod tests {
                 w[1] - w[0]
             );
         }
+        rig.stop();
+    }
+
+    /// Waits up to 5 s for `cond`; false if it never held.
+    fn within_5s(cond: impl Fn() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        cond()
+    }
+
+    #[test]
+    fn the_next_batch_is_written_while_one_waits_to_be_durable() {
+        let inner = running(&["p1", "p2"]);
+        let hold = Arc::new(Hold::default());
+        let store = Arc::new(FailsRecord {
+            inner: inner.clone(),
+            fail: 0,
+            calls: parking_lot::Mutex::new(Vec::new()),
+            hold: Some(hold.clone()),
+        });
+        let Rig {
+            stage,
+            timer,
+            results,
+            joins,
+            _dead,
+        } = Rig::over(store.clone());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let h = stage.start(rx).expect("outcome thread");
+        let task = |id| crate::store::contract::task(id, State::Running, 0);
+        tx.send(succeeded(task("p1"))).expect("send");
+        assert!(
+            within_5s(|| store.calls.lock().len() == 1),
+            "p1 never written"
+        );
+        tx.send(succeeded(task("p2"))).expect("send");
+        let overlapped = within_5s(|| store.calls.lock().len() == 2);
+        hold.open();
+        assert!(
+            overlapped,
+            "p2's outcome was not written while p1's waited to be durable"
+        );
+        let done = |id| inner.result(id).ok().flatten().is_some();
+        assert!(within_5s(|| done("p1") && done("p2")), "results not stored");
+        drop(tx);
+        h.join().expect("outcome thread");
         timer.stop();
         results.stop();
-        th.join().expect("timer");
-        rh.join().expect("results");
+        for j in joins {
+            j.join().expect("join");
+        }
     }
 }

@@ -198,6 +198,12 @@ fn metrics_count_tasks_attempts_and_answers() {
     // Every submit and result was a group commit of the embedded store's writer.
     assert!(at(&m, "poulpe_store_commit_seconds_count") > 0.0);
     assert_cumulative(&m, "poulpe_store_commit_seconds");
+    // Each attempt's outcome was made durable once: one lag each.
+    assert_eq!(
+        at(&m, "poulpe_outcome_lag_seconds_count"),
+        at(&m, "poulpe_task_lateness_seconds_count")
+    );
+    assert_cumulative(&m, "poulpe_outcome_lag_seconds");
 }
 
 /// The buckets of histogram `name` (no labels) never decrease and end at `_count`.

@@ -1176,7 +1176,12 @@ impl EmbeddedBackend {
     }
 
     /// Hands `batch` to the writer and waits for its answer.
-    fn send_and_wait(&self, mut batch: Batch) -> Result<(), StoreError> {
+    fn send_and_wait(&self, batch: Batch) -> Result<(), StoreError> {
+        self.send(batch)?.wait()
+    }
+
+    /// Hands `batch` to the writer; the `Ack` gets its answer.
+    fn send(&self, mut batch: Batch) -> Result<Arc<Ack>, StoreError> {
         if !self.healthy() {
             return Err(self.shared.down_error());
         }
@@ -1185,7 +1190,7 @@ impl EmbeddedBackend {
         self.tx
             .send(batch)
             .map_err(|_| unavailable("the writer thread has stopped"))?;
-        ack.wait()
+        Ok(ack)
     }
 
     /// Waits until everything written so far is in the redb file (before reads that scan it).
@@ -1213,6 +1218,16 @@ impl Backend for EmbeddedBackend {
             checkpoint: false,
             close: false,
         })
+    }
+
+    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+        let sent = self.send(Batch {
+            ops,
+            done: None,
+            checkpoint: false,
+            close: false,
+        });
+        Box::new(move || sent?.wait())
     }
 
     fn write_later(&self, ops: Vec<Op>) {

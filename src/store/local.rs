@@ -3,7 +3,7 @@
 
 use super::list::{self, ListQuery, Listed, Page, Record, Revive};
 use super::live::LiveIndex;
-use super::{Cancel, Change, Recovered, Store, StoreError, Summary, GC_PASS};
+use super::{Cancel, Change, Recording, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
@@ -51,6 +51,12 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Applies `ops` in one transaction and returns once it is durable.
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Starts `write`: the returned closure waits for it to be durable. By default the write
+    /// is made at once.
+    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+        let r = self.write(ops);
+        Box::new(move || r)
+    }
     /// Queues `ops` for the next transaction without waiting for it.
     fn write_later(&self, ops: Vec<Op>);
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -191,6 +197,12 @@ impl<B: Backend> LocalStore<B> {
         &self.backend
     }
 
+    /// Lets go of the reservations of ids whose insert failed.
+    fn release(&self, ids: &[String]) {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.live.release(&ids);
+    }
+
     /// Fails with `Unavailable` while the backend cannot make writes durable.
     fn check_up(&self) -> Result<(), StoreError> {
         if self.backend.healthy() {
@@ -303,6 +315,10 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.record_start(changes).wait()
+    }
+
+    fn record_start(&self, changes: &[Change]) -> Recording<'_> {
         let born: Vec<(&str, State)> = changes
             .iter()
             .filter_map(|c| match c {
@@ -310,28 +326,45 @@ impl<B: Backend> Store for LocalStore<B> {
                 _ => None,
             })
             .collect();
-        let ids: Vec<&str> = born.iter().map(|(id, _)| *id).collect();
         if !born.is_empty() {
-            self.live
-                .reserve(&born)
-                .map_err(|dup| StoreError::Duplicate(dup.0))?;
-        }
-        let written = self
-            .record_ops(changes)
-            .and_then(|ops| self.backend.write(ops));
-        if let Err(e) = written {
-            self.live.release(&ids);
-            return Err(e);
-        }
-        self.live.commit(&ids);
-        for c in changes {
-            match c {
-                Change::Retry(t) => self.live.set(&t.id, t.state),
-                Change::Finish { result, .. } => self.live.remove(&result.id),
-                Change::Insert(_) => {}
+            if let Err(dup) = self.live.reserve(&born) {
+                return Recording::done(Err(StoreError::Duplicate(dup.0)));
             }
         }
-        Ok(())
+        // What the live index learns once the write is durable: ids born, and the new state of
+        // each task the changes touch (`None`: finished).
+        let ids: Vec<String> = born.iter().map(|(id, _)| id.to_string()).collect();
+        let moved: Vec<(String, Option<State>)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Retry(t) => Some((t.id.clone(), Some(t.state))),
+                Change::Finish { result, .. } => Some((result.id.clone(), None)),
+                Change::Insert(_) => None,
+            })
+            .collect();
+        let ops = match self.record_ops(changes) {
+            Ok(ops) => ops,
+            Err(e) => {
+                self.release(&ids);
+                return Recording::done(Err(e));
+            }
+        };
+        let written = self.backend.write_start(ops);
+        Recording::waiting(move || {
+            if let Err(e) = written() {
+                self.release(&ids);
+                return Err(e);
+            }
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            self.live.commit(&ids);
+            for (id, state) in &moved {
+                match state {
+                    Some(s) => self.live.set(id, *s),
+                    None => self.live.remove(id),
+                }
+            }
+            Ok(())
+        })
     }
 
     fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {

@@ -97,6 +97,37 @@ pub(crate) struct Recovered {
     pub(crate) was_running: bool,
 }
 
+/// A `record` under way ([`Store::record_start`]).
+#[must_use = "a recording is durable only once waited for"]
+pub(crate) struct Recording<'a>(RecordingState<'a>);
+
+enum RecordingState<'a> {
+    Done(Result<(), StoreError>),
+    Waiting(Box<dyn FnOnce() -> Result<(), StoreError> + Send + 'a>),
+}
+
+impl<'a> Recording<'a> {
+    /// A recording already finished with `r`.
+    pub(crate) fn done(r: Result<(), StoreError>) -> Recording<'a> {
+        Recording(RecordingState::Done(r))
+    }
+
+    /// A recording that `finish` waits for (and completes).
+    pub(crate) fn waiting(
+        finish: impl FnOnce() -> Result<(), StoreError> + Send + 'a,
+    ) -> Recording<'a> {
+        Recording(RecordingState::Waiting(Box::new(finish)))
+    }
+
+    /// Returns once the changes are durable, or why they are not (then none of them is).
+    pub(crate) fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            RecordingState::Done(r) => r,
+            RecordingState::Waiting(finish) => finish(),
+        }
+    }
+}
+
 /// Durable home of tasks and results. Every method is safe to call from any thread.
 pub(crate) trait Store: Send + Sync {
     /// Short name for `/sys_info` and logs.
@@ -130,6 +161,15 @@ pub(crate) trait Store: Send + Sync {
 
     /// Writes the outcomes of attempts, all or none, and returns once they are durable.
     fn record(&self, changes: &[Change]) -> Result<(), StoreError>;
+
+    /// `record` in two steps: starts the write and returns, and [`Recording::wait`] returns
+    /// once it is durable (the store's reads reflect it from then on). The outcome stage
+    /// decides its next batch while this one is written. A write started later may be durable
+    /// first: the changes of writes under way at once concern different tasks. By default the
+    /// write is made before this returns.
+    fn record_start(&self, changes: &[Change]) -> Recording<'_> {
+        Recording::done(self.record(changes))
+    }
 
     /// Cancels a task that has not started: in one write the task goes and its `cancelled`
     /// result is stored, kept until `expires_ms` like any other.
@@ -531,6 +571,25 @@ pub(crate) mod contract {
             rec.iter().all(|r| &*r.id != "a"),
             "finished or cancelled tasks are not recovered"
         );
+
+        // Two outcome writes under way at once (the outcome stage starts the next before the
+        // first is durable): each is durable once waited for, whatever the order.
+        let (w1, w2) = (task("w1", State::Ready, 0), task("w2", State::Ready, 0));
+        store.insert(&[w1.clone(), w2.clone()]).expect("insert");
+        assert!(store.claim(&w1).expect("claim") && store.claim(&w2).expect("claim"));
+        let first = store.record_start(&[Change::Finish {
+            result: result("w1"),
+            expires_ms: now + 1_000_000_000,
+            task: Some(w1),
+        }]);
+        let mut again = w2;
+        again.state = State::RetryWait;
+        let second = store.record_start(&[Change::Retry(again)]);
+        second.wait().expect("second write");
+        assert_eq!(store.status("w2").expect("status"), Some(State::RetryWait));
+        first.wait().expect("first write");
+        assert_eq!(store.status("w1").expect("status"), None);
+        assert_eq!(store.result("w1").expect("result"), Some(result("w1")));
     }
 
     /// A dead result of `id` after one failed attempt.
