@@ -308,6 +308,7 @@ fn executors(config: &Config) -> Result<Arc<Executors>, StartError> {
         http: HttpExec::new(config.workers, config.ca_file.as_deref(), timeout),
         mail,
         exec: config.exec.clone(),
+        spawner: crate::exec::program::Spawner::start(),
         default_timeout: timeout,
     }))
 }

@@ -18,6 +18,7 @@
 //! | observe | [`status`], [`metrics`] | counters and `/sys_info` (`SysInfo`); `/metrics` (Prometheus text) and its histograms |
 //! | wiring | [`app`] | starts the stages, hands out narrow handles, stops them in reverse (used by `main.rs` only) |
 //! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
+//! | hand-over | [`handoff`] | a small blocking queue between two threads (outcome writes, program starts) |
 //! | probe | [`probe`] | `poulpe health`, the container health check |
 //! | log | [`logger`] | one line per event on stderr, at the `--log` level |
 //! | replay | [`replay`] | `poulpe replay`: dead-letter records submitted again, each once |
@@ -39,6 +40,7 @@ pub mod config;
 mod deadletter;
 mod dispatch;
 mod exec;
+mod handoff;
 pub mod http;
 pub mod intake;
 pub mod logger;

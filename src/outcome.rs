@@ -6,6 +6,7 @@ use crate::clock::{now_ms, now_us, rfc3339_ms};
 use crate::config::Backoff;
 use crate::deadletter;
 use crate::exec::{cap_text, RunResult, EXCERPT_LEN};
+use crate::handoff::Handoff;
 use crate::results::{Forward, Results, TaskResult};
 use crate::schedule::timer::Timer;
 use crate::status::Status;
@@ -132,54 +133,65 @@ impl OutcomeStage {
         // This thread decides batches and starts their writes; a second one waits for each
         // write to be durable and acts on it. So outcomes that come while a write is under way
         // are decided and written at once, not after it.
-        let (written_tx, written_rx) = crossbeam_channel::bounded::<Written<'_>>(IN_FLIGHT);
+        let written = Handoff::new(IN_FLIGHT);
         thread::scope(|s| {
             let settling = thread::Builder::new()
                 .name("outcome-done".to_string())
-                .spawn_scoped(s, || {
-                    for w in written_rx {
-                        let still = self.settle(w);
-                        dead.lock().keep(still);
-                    }
-                });
-            // Without the second thread, each batch is settled here before the next.
-            let mut inline = false;
+                .spawn_scoped(s, || self.settle_all(&written, &dead));
+            let inline = settling.is_err();
             if let Err(e) = settling {
                 log::warn!("outcome: cannot start the outcome-done thread ({e}); outcomes are written one batch at a time");
-                inline = true;
             }
-            loop {
-                let first = match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(o) => Some(o),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                };
-                let mut batch: Vec<Outcome> = first.into_iter().collect();
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(o) => batch.push(o),
-                        Err(_) => break,
-                    }
-                }
-                let again = dead.lock().due();
-                if batch.is_empty() && again.is_empty() {
-                    continue;
-                }
-                let w = self.begin(batch, again);
-                let w = if inline {
-                    Err(w)
-                } else {
-                    written_tx.send(w).map_err(|e| e.into_inner())
-                };
-                if let Err(w) = w {
-                    inline = true;
-                    let still = self.settle(w);
-                    dead.lock().keep(still);
-                }
-            }
-            drop(written_tx);
+            self.decide_all(rx, &written, &dead, inline);
+            written.close();
         });
         self.last(dead.into_inner());
+    }
+
+    /// The outcome-done thread: acts on each write once it is durable, in order.
+    #[inline(never)]
+    fn settle_all(&self, written: &Handoff<Written<'_>>, dead: &Mutex<DeadQueue>) {
+        while let Some(w) = written.pop() {
+            let still = self.settle(w);
+            dead.lock().keep(still);
+        }
+    }
+
+    /// The outcome thread: decides batches and starts their writes until every worker has
+    /// gone, handing each to `written` (or, `inline`, settling it at once).
+    #[inline(never)]
+    fn decide_all<'s>(
+        &'s self,
+        rx: &Receiver<Outcome>,
+        written: &Handoff<Written<'s>>,
+        dead: &Mutex<DeadQueue>,
+        mut inline: bool,
+    ) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(o) => Some(o),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch: Vec<Outcome> = first.into_iter().collect();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(o) => batch.push(o),
+                    Err(_) => break,
+                }
+            }
+            let again = dead.lock().due();
+            if batch.is_empty() && again.is_empty() {
+                continue;
+            }
+            let w = self.begin(batch, again);
+            let w = if inline { Err(w) } else { written.push(w) };
+            if let Err(w) = w {
+                inline = true;
+                let still = self.settle(w);
+                dead.lock().keep(still);
+            }
+        }
     }
 
     /// Once every worker has gone: one last try at the dead-letter records still waiting.
@@ -198,6 +210,7 @@ impl OutcomeStage {
 
     /// Decides a batch of new outcomes and of dead tasks whose record is tried again, and
     /// starts writing their changes.
+    #[inline(never)]
     fn begin(&self, batch: Vec<Outcome>, again: Vec<DeadPending>) -> Written<'_> {
         let mut changes = Vec::with_capacity(batch.len() + again.len());
         let mut after = Vec::with_capacity(batch.len() + again.len());
@@ -258,6 +271,7 @@ impl OutcomeStage {
     /// Waits until a batch's changes are durable (writing them again until the store takes
     /// them: outcomes are never dropped), then arms retries and announces results. Returns
     /// the dead tasks whose record still cannot be written.
+    #[inline(never)]
     fn settle(&self, w: Written<'_>) -> Vec<DeadPending> {
         let Written {
             recording,

@@ -228,3 +228,53 @@ fn output_beyond_64_kib_is_cut_and_marked() {
     assert_eq!(code, 200, "{stored}");
     assert_eq!(stored["output"], r["output"]);
 }
+
+/// The nice value in a `/proc/.../stat` line (the 19th field; the name in parentheses may hold
+/// spaces, so fields are counted after its closing parenthesis).
+fn nice_in_stat(stat: &str) -> i64 {
+    let rest = &stat[stat.rfind(')').expect("stat line") + 2..];
+    rest.split(' ')
+        .nth(16)
+        .and_then(|n| n.trim().parse().ok())
+        .expect("nice field")
+}
+
+/// Workers run 5 nice steps below the server's other threads, so that under full load the
+/// intake, the store writer and the outcome stage get the CPU first; a program an EXEC task
+/// starts runs at the server's own priority, not the workers'.
+#[test]
+fn workers_yield_the_cpu_but_their_programs_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir).args(&["--exec_any"]).start();
+    let pid = s.pid().expect("pid");
+    let mut workers = Vec::new();
+    let mut main = None;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let t = t.expect("task").path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+        if stat.is_empty() {
+            continue;
+        }
+        if comm.starts_with("worker-") {
+            workers.push(nice_in_stat(&stat));
+        } else if t.file_name() == Some(std::ffi::OsStr::new(&pid.to_string())) {
+            main = Some(nice_in_stat(&stat));
+        }
+    }
+    let main = main.expect("the main thread");
+    assert!(!workers.is_empty(), "no worker thread found");
+    assert!(
+        workers.iter().all(|&n| n == (main + 5).min(19)),
+        "worker nice values {workers:?}, server {main}"
+    );
+    let (code, r) = s.submit(&json!({"id":"nice","method":"EXEC","name":"sh",
+        "params":["-c","cat /proc/$$/stat"],"wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let program = nice_in_stat(r["output"].as_str().expect("output"));
+    assert_eq!(
+        program, main,
+        "the program runs at the server's priority: {r}"
+    );
+}

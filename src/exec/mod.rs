@@ -46,6 +46,8 @@ pub(crate) struct Executors {
     /// Present when `--smtp_server` is set.
     pub(crate) mail: Option<mail::MailExec>,
     pub(crate) exec: ExecPolicy,
+    /// Starts EXEC programs at the server's priority, not the workers' lower one.
+    pub(crate) spawner: program::Spawner,
     pub(crate) default_timeout: Duration,
 }
 
@@ -58,7 +60,7 @@ impl Executors {
             .unwrap_or(self.default_timeout);
         match task.method {
             Method::Get | Method::Post => self.http.run(task, timeout),
-            Method::Exec => program::run(task, &self.exec, timeout),
+            Method::Exec => program::run(task, &self.exec, &self.spawner, timeout),
             Method::MailTo => match &self.mail {
                 Some(m) => m.run(task, timeout),
                 None => RunResult {

@@ -2,12 +2,14 @@
 //! on timeout the whole group is killed.
 
 use super::{cap_text, RunResult, MAX_OUTPUT};
+use crate::handoff::Handoff;
 use crate::task::{resolve_in_dir, ExecPolicy, ProgramError, Task};
 use crossbeam_channel::{bounded, Receiver};
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,72 @@ fn program(task: &Task, policy: &ExecPolicy) -> Result<(PathBuf, PathBuf), Progr
             resolve_in_dir(dir, &task.name).map(|real| (real, dir.join(&task.name)))
         }
         ExecPolicy::Disabled => Err(ProgramError::Disabled),
+    }
+}
+
+/// A program to start, and where its `Child` goes.
+struct SpawnJob {
+    cmd: Command,
+    child: Arc<Handoff<std::io::Result<Child>>>,
+}
+
+/// Starts EXEC programs from one thread that keeps the server's own CPU priority: workers run
+/// at a lower one (`worker::NICE`), which a program started by a worker would inherit and
+/// could not give back (raising priority needs privileges).
+pub(crate) struct Spawner {
+    jobs: Option<Arc<Handoff<SpawnJob>>>,
+}
+
+impl Spawner {
+    /// Starts the `exec-spawn` thread; call it from a thread at the normal priority (it is
+    /// inherited). Without the thread, programs start on the worker's own thread.
+    pub(crate) fn start() -> Spawner {
+        let jobs: Arc<Handoff<SpawnJob>> = Arc::new(Handoff::new(64));
+        let queue = jobs.clone();
+        let started = thread::Builder::new()
+            .name("exec-spawn".into())
+            .spawn(move || {
+                while let Some(mut job) = queue.pop() {
+                    // Always answered, so no worker waits forever.
+                    let spawned =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.cmd.spawn()))
+                            .unwrap_or_else(|_| Err(std::io::Error::other("starting it panicked")));
+                    let _ = job.child.push(spawned);
+                }
+            });
+        match started {
+            Ok(_) => Spawner { jobs: Some(jobs) },
+            Err(e) => {
+                log::warn!("exec: cannot start the exec-spawn thread ({e}); programs inherit the workers' lower CPU priority");
+                Spawner { jobs: None }
+            }
+        }
+    }
+
+    /// Starts `cmd`.
+    fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        let Some(jobs) = &self.jobs else {
+            return cmd.spawn();
+        };
+        let child = Arc::new(Handoff::new(1));
+        match jobs.push(SpawnJob {
+            cmd,
+            child: child.clone(),
+        }) {
+            Ok(()) => child
+                .pop()
+                .unwrap_or_else(|| Err(std::io::Error::other("the exec-spawn thread has stopped"))),
+            Err(mut job) => job.cmd.spawn(),
+        }
+    }
+}
+
+impl Drop for Spawner {
+    /// Ends the `exec-spawn` thread.
+    fn drop(&mut self) {
+        if let Some(jobs) = &self.jobs {
+            jobs.close();
+        }
     }
 }
 
@@ -96,7 +164,12 @@ fn kill_group(pgid: u32) {
 }
 
 /// One EXEC attempt: exit code 0 is success; stdout then stderr is the output.
-pub(crate) fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunResult {
+pub(crate) fn run(
+    task: &Task,
+    policy: &ExecPolicy,
+    spawner: &Spawner,
+    timeout: Duration,
+) -> RunResult {
     let (path, arg0) = match program(task, policy) {
         Ok(p) => p,
         Err(e) => {
@@ -122,7 +195,7 @@ pub(crate) fn run(task: &Task, policy: &ExecPolicy, timeout: Duration) -> RunRes
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
+    let mut child = match spawner.spawn(cmd) {
         Ok(c) => c,
         Err(e) => return RunResult::failed(format!("cannot start {}: {e}", path.display())),
     };
@@ -222,6 +295,7 @@ mod tests {
         let r = run(
             &exec("echo", &["hello", "world"]),
             &ExecPolicy::Any,
+            &Spawner::start(),
             Duration::from_secs(5),
         );
         assert!(r.ok, "{r:?}");
@@ -230,6 +304,7 @@ mod tests {
         let r = run(
             &exec("sh", &["-c", "echo out; echo err >&2; exit 3"]),
             &ExecPolicy::Any,
+            &Spawner::start(),
             Duration::from_secs(5),
         );
         assert!(!r.ok);
@@ -239,6 +314,7 @@ mod tests {
         let r = run(
             &exec("no-such-program-xyz", &[]),
             &ExecPolicy::Any,
+            &Spawner::start(),
             Duration::from_secs(5),
         );
         assert!(!r.ok && r.error.contains("cannot start"), "{r:?}");
@@ -280,6 +356,7 @@ mod tests {
         let res = run(
             &exec("to-sh", &["-c", "echo ran"]),
             &ExecPolicy::Dir(bin.clone()),
+            &Spawner::start(),
             Duration::from_secs(5),
         );
         assert!(
@@ -294,6 +371,7 @@ mod tests {
         let r = run(
             &exec("sh", &["-c", "sleep 30 & sleep 30; echo never"]),
             &ExecPolicy::Any,
+            &Spawner::start(),
             Duration::from_secs(1),
         );
         assert!(!r.ok);
@@ -306,6 +384,7 @@ mod tests {
         let r = run(
             &exec("head", &["-c", "100000", "/dev/zero"]),
             &ExecPolicy::Any,
+            &Spawner::start(),
             Duration::from_secs(5),
         );
         assert!(r.ok);
