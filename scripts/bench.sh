@@ -223,6 +223,9 @@ cpu_stop() {
   wait "$CPU_PID" 2>/dev/null || true
   record "$CPU_OUT" "$1" "$2" cpu_us_per_task cpu_http_us_per_task cpu_store_writer_us_per_task \
     cpu_worker_us_per_task cpu_outcome_us_per_task cpu_kafka_us_per_task
+  # The server's own outcome lag (end of attempt to durable outcome), as histogram bounds.
+  python3 scripts/outcomelag.py "$PORT" >"$CPU_OUT.lag" 2>/dev/null &&
+    record "$CPU_OUT.lag" "$1" "$2" srv_lag_p50_le_ms srv_lag_p99_le_ms
 }
 
 # --- workloads ------------------------------------------------------------------------------------
@@ -479,6 +482,9 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
     "— (unrecorded ones run again after a crash)" \
     "$(cell w1_recorded_at_last_hit_pct embedded); $(cell w1_outcome_drain_ms embedded) / $(cell w1b_recorded_at_last_hit_pct embedded); $(cell w1b_outcome_drain_ms embedded)" \
     "$(cell w1_recorded_at_last_hit_pct redis); $(cell w1_outcome_drain_ms redis) / $(cell w1b_recorded_at_last_hit_pct redis); $(cell w1b_outcome_drain_ms redis)"
+  row "W1 / W1b server outcome lag p99 ≤ ms (end of attempt → durable outcome, /metrics buckets)" "≤ 50" \
+    "$(cell w1_srv_lag_p99_le_ms embedded) / $(cell w1b_srv_lag_p99_le_ms embedded)" \
+    "$(cell w1_srv_lag_p99_le_ms redis) / $(cell w1b_srv_lag_p99_le_ms redis)"
   cpu_row() { # cpu_row PREFIX STORE: total (store writer+checkpoint / workers / http / outcome)
     echo "$(cell "$1_cpu_us_per_task" "$2") ($(cell "$1_cpu_store_writer_us_per_task" "$2") / $(cell "$1_cpu_worker_us_per_task" "$2") / $(cell "$1_cpu_http_us_per_task" "$2") / $(cell "$1_cpu_outcome_us_per_task" "$2"))"
   }
@@ -496,6 +502,8 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
       "$(cpu_row "$p" embedded)$([ "${p#w6}" != "$p" ] && echo "; kafka threads $(cell "${p}_cpu_kafka_us_per_task" embedded)")" "—"
     row "${w#*:}: outcomes recorded at the last sink hit %; then all after ms" "—" \
       "$(cell "${p}_recorded_at_last_hit_pct" embedded); $(cell "${p}_outcome_drain_ms" embedded)" "—"
+    row "${w#*:}: server outcome lag p50 / p99 ≤ ms (end of attempt → durable outcome, /metrics buckets)" \
+      "p99 ≤ 50" "$(cell "${p}_srv_lag_p50_le_ms" embedded) / $(cell "${p}_srv_lag_p99_le_ms" embedded)" "—"
     [ "${p#w5}" != "$p" ] && row "${w#*:}: outcome lag per task p50 / p99 ms (result frame − sink hit)" \
       "p99 ≤ 50" "$(cell "${p}_outcome_lag_p50_ms" embedded) / $(cell "${p}_outcome_lag_p99_ms" embedded)" "—"
   done
