@@ -14,6 +14,8 @@ pub(crate) struct Handoff<T> {
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// Items pushed and not yet marked `finished`.
+    unfinished: usize,
 }
 
 impl<T> Handoff<T> {
@@ -23,6 +25,7 @@ impl<T> Handoff<T> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 closed: false,
+                unfinished: 0,
             }),
             changed: Condvar::new(),
             cap: cap.max(1),
@@ -39,8 +42,23 @@ impl<T> Handoff<T> {
             return Err(item);
         }
         s.items.push_back(item);
+        s.unfinished += 1;
         self.changed.notify_all();
         Ok(())
+    }
+
+    /// Marks one popped item as dealt with (for `wait_finished`).
+    pub(crate) fn finished(&self) {
+        let mut s = self.state.lock();
+        s.unfinished = s.unfinished.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every item pushed has been marked `finished`, or `within` has passed.
+    pub(crate) fn wait_finished(&self, within: std::time::Duration) {
+        let until = std::time::Instant::now() + within;
+        let mut s = self.state.lock();
+        while s.unfinished > 0 && !self.changed.wait_until(&mut s, until).timed_out() {}
     }
 
     /// The oldest item, once there is one; `None` once the queue is closed and empty.
@@ -86,6 +104,21 @@ mod tests {
             .expect("pusher")
             .expect("pushed once there was room");
         assert_eq!(q.pop(), Some(2));
+        q.finished();
+        q.finished();
+        let t0 = std::time::Instant::now();
+        q.wait_finished(Duration::from_secs(5));
+        assert!(
+            t0.elapsed() >= Duration::from_secs(5),
+            "one item is not finished yet"
+        );
+        q.finished();
+        let t0 = std::time::Instant::now();
+        q.wait_finished(Duration::from_secs(5));
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "every item is finished"
+        );
         q.close();
         assert_eq!(q.push(4), Err(4), "closed: refused");
         assert_eq!(q.pop(), Some(3), "queued items still come out");

@@ -41,7 +41,12 @@ pub(crate) struct RetryPolicy {
 /// Most outcomes folded into one store write.
 const MAX_BATCH: usize = 1024;
 
-/// Most batches written at once: one waiting to be durable while the next ones are decided.
+/// How long the next batch waits for the write under way before it is written anyway: long
+/// enough for a usual group commit (so outcomes share commits), short beside an `fdatasync`
+/// stalled behind a checkpoint's writes (so outcomes do not wait for it to be decided).
+const STALL: Duration = Duration::from_millis(5);
+
+/// Most batches handed to `outcome-done` at once (while a write is stalled).
 const IN_FLIGHT: usize = 4;
 
 /// Seconds to wait before retry number `n` (1-based); `jitter` in [0, 1).
@@ -153,6 +158,7 @@ impl OutcomeStage {
     fn settle_all(&self, written: &Handoff<Written<'_>>, dead: &Mutex<DeadQueue>) {
         while let Some(w) = written.pop() {
             let still = self.settle(w);
+            written.finished();
             dead.lock().keep(still);
         }
     }
@@ -173,6 +179,10 @@ impl OutcomeStage {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
+            // While a write is under way, outcomes gather for the next one (one group commit
+            // for many); only a write slow to be durable (an fdatasync behind a checkpoint)
+            // lets the next one start before it is.
+            written.wait_finished(STALL);
             let mut batch: Vec<Outcome> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
