@@ -355,9 +355,16 @@ impl Answers {
         self.store.list(q)
     }
 
-    /// Everything stored about one task (`GET /task/{id}`).
+    /// Everything stored about one task (`GET /task/{id}`); `task-<id>` is accepted for `<id>`,
+    /// as by `find`.
     pub(crate) fn lookup(&self, id: &str) -> Result<Option<Record>, StoreError> {
-        self.store.lookup(id)
+        let found = self.store.lookup(id)?;
+        if found.is_none() {
+            if let Some(short) = id.strip_prefix("task-") {
+                return self.store.lookup(short);
+            }
+        }
+        Ok(found)
     }
 
     /// The state of an unfinished task.

@@ -178,6 +178,10 @@ fn dead_task_runs_again(s: &Server, sw: &Switch) {
     assert_eq!(attempts[4]["ok"], true, "{rec}");
     let (ids, _) = page(s, "state=succeeded&q=dt-");
     assert_eq!(ids, ["dt-1"]);
+    // The `task-<id>` form that /task_resp accepts finds it too.
+    let (code, alias) = s.get("/task/task-dt-1");
+    assert_eq!(code, 200, "{alias}");
+    assert_eq!(alias["id"], "dt-1", "{alias}");
 
     // Not dead, or unknown.
     let (code, r) = post(s, "/task/dt-1/retry");

@@ -297,7 +297,12 @@ impl Api {
     #[inline(never)]
     fn lookup(&self, id: &str) -> Reply {
         match self.answers.lookup(id) {
-            Ok(Some(r)) => json_text(browse::record_json(id, &r)),
+            Ok(Some(r)) => {
+                // The stored id, also when it was asked as `task-<id>`.
+                let stored = r.task.as_ref().map(|t| t.id.as_str());
+                let stored = stored.or(r.result.as_ref().map(|x| x.id.as_str()));
+                json_text(browse::record_json(stored.unwrap_or(id), &r))
+            }
             Ok(None) => fail(404, format!("unknown or expired id {id:?}")),
             Err(e) => fail(503, e),
         }
