@@ -176,6 +176,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     for w in 0..config.workers {
         workers.push(crate::worker::start(
             w,
+            config.worker_nice,
             pool.clone(),
             store.clone(),
             executors.clone(),

@@ -12,21 +12,20 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-/// How much lower than the server's other threads a worker's CPU priority is (nice). Under
-/// full load the intake, the store writer and the outcome stage then get the CPU before more
-/// attempts run, so outcomes are recorded as fast as attempts end (what a crash would run
-/// again stays small) instead of lagging behind four busy workers. Programs of EXEC tasks do
-/// not inherit it (`program::Spawner`).
-pub(crate) const NICE: libc::c_int = 5;
-
-/// Lowers the calling thread's CPU priority by [`NICE`] from where the server runs (on Linux,
-/// nice is per thread).
-fn lower_priority() {
+/// Lowers the calling thread's CPU priority by `nice` steps (`--worker_nice`) from where the
+/// server runs (on Linux, nice is per thread). Under full load the intake, the store writer
+/// and the outcome stage then get the CPU before more attempts run, so outcomes are recorded
+/// as fast as attempts end (what a crash would run again stays small) instead of lagging
+/// behind busy workers. Programs of EXEC tasks do not inherit it (`program::Spawner`).
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
     // SAFETY: nice(2) takes no pointers and acts on the calling thread; errno is cleared
     // first because -1 is also a valid new nice value.
     let failed = unsafe {
         *libc::__errno_location() = 0;
-        libc::nice(NICE) == -1 && *libc::__errno_location() != 0
+        libc::nice(nice) == -1 && *libc::__errno_location() != 0
     };
     if failed {
         log::warn!(
@@ -39,6 +38,7 @@ fn lower_priority() {
 /// Starts worker `w`.
 pub(crate) fn start(
     w: usize,
+    nice: i32,
     pool: Arc<Pool>,
     store: Arc<dyn Store>,
     exec: Arc<Executors>,
@@ -47,7 +47,7 @@ pub(crate) fn start(
     // A task's failure is a failed attempt (executors catch panics); a panic anywhere else in
     // the loop would leave a worker silently gone, so it ends the process instead.
     crate::stage::spawn_critical(&format!("worker-{w}"), move || {
-        lower_priority();
+        lower_priority(nice);
         run(w, &pool, &*store, &exec, &outcomes)
     })
 }

@@ -246,7 +246,32 @@ fn nice_in_stat(stat: &str) -> i64 {
 fn workers_yield_the_cpu_but_their_programs_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Server::builder(&dir).args(&["--exec_any"]).start();
-    let pid = s.pid().expect("pid");
+    let (main, workers) = nices(s.pid().expect("pid"));
+    assert!(
+        workers.iter().all(|&n| n == (main + 5).min(19)),
+        "worker nice values {workers:?}, server {main}"
+    );
+    let (code, r) = s.submit(&json!({"id":"nice","method":"EXEC","name":"sh",
+        "params":["-c","cat /proc/$$/stat"],"wait":10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let program = nice_in_stat(r["output"].as_str().expect("output"));
+    assert_eq!(
+        program, main,
+        "the program runs at the server's priority: {r}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir).args(&["--worker_nice", "0"]).start();
+    let (main, workers) = nices(s.pid().expect("pid"));
+    assert!(
+        workers.iter().all(|&n| n == main),
+        "--worker_nice 0: worker nice values {workers:?}, server {main}"
+    );
+}
+
+/// The nice values of a server's main thread and of its workers.
+fn nices(pid: u32) -> (i64, Vec<i64>) {
     let mut workers = Vec::new();
     let mut main = None;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
@@ -264,17 +289,5 @@ fn workers_yield_the_cpu_but_their_programs_do_not() {
     }
     let main = main.expect("the main thread");
     assert!(!workers.is_empty(), "no worker thread found");
-    assert!(
-        workers.iter().all(|&n| n == (main + 5).min(19)),
-        "worker nice values {workers:?}, server {main}"
-    );
-    let (code, r) = s.submit(&json!({"id":"nice","method":"EXEC","name":"sh",
-        "params":["-c","cat /proc/$$/stat"],"wait":10}));
-    assert_eq!(code, 200, "{r}");
-    assert_eq!(r["status"], "succeeded", "{r}");
-    let program = nice_in_stat(r["output"].as_str().expect("output"));
-    assert_eq!(
-        program, main,
-        "the program runs at the server's priority: {r}"
-    );
+    (main, workers)
 }

@@ -106,6 +106,9 @@ flags! {
         "none, or last: run each cron line's missed firing once at start";
     DEAD, "dead" | "-d", derived("<data>/dead"), "dead-letter directory";
     WORKERS, "workers" | "-w", number(4, 1, 1024), "number of worker threads, numbered 0..N-1";
+    WORKER_NICE, "worker_nice", number(5, 0, 19),
+        "nice steps workers run below poulpe's other threads, so that recording keeps up under \
+         load (0: the same priority)";
     RETRY_INTERVAL, "retry_interval" | "-i", number(10, 0, 86_400), "seconds before a retry";
     MAX_RETRY, "max_retry" | "-m", number(3, 0, 100), "retries after the first attempt";
     BACKOFF, "backoff", text("fixed"),

@@ -61,6 +61,8 @@ pub struct Config {
     pub(crate) dead: PathBuf,
     /// Number of worker threads (`--workers`).
     pub workers: usize,
+    /// Nice steps the workers run below the other threads (`--worker_nice`).
+    pub(crate) worker_nice: i32,
     /// Seconds before a retry (`--retry_interval`).
     pub(crate) retry_interval: u64,
     /// Retries after the first attempt (`--max_retry`).
@@ -412,6 +414,7 @@ impl Config {
             .map(PathBuf::from)
             .unwrap_or_else(|| data.join("dead"));
         let workers = raw.number(&WORKERS)?;
+        let worker_nice = raw.number(&WORKER_NICE)?;
         let retry_interval = raw.number(&RETRY_INTERVAL)?;
         let max_retry = raw.number(&MAX_RETRY)?;
         let backoff = match raw.text(&BACKOFF) {
@@ -461,6 +464,7 @@ impl Config {
             cron_catchup,
             dead,
             workers,
+            worker_nice,
             retry_interval,
             max_retry,
             backoff,

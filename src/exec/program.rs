@@ -40,7 +40,7 @@ struct SpawnJob {
 }
 
 /// Starts EXEC programs from one thread that keeps the server's own CPU priority: workers run
-/// at a lower one (`worker::NICE`), which a program started by a worker would inherit and
+/// at a lower one (`--worker_nice`), which a program started by a worker would inherit and
 /// could not give back (raising priority needs privileges).
 pub(crate) struct Spawner {
     jobs: Option<Arc<Handoff<SpawnJob>>>,
