@@ -142,7 +142,13 @@ impl OutcomeStage {
         thread::scope(|s| {
             let settling = thread::Builder::new()
                 .name("outcome-done".to_string())
-                .spawn_scoped(s, || self.settle_all(&written, &dead));
+                .spawn_scoped(s, || {
+                    // A panic here would leave the outcome thread waiting for room forever.
+                    crate::stage::critical(
+                        "outcome-done",
+                        Box::new(|| self.settle_all(&written, &dead)),
+                    )
+                });
             let inline = settling.is_err();
             if let Err(e) = settling {
                 log::warn!("outcome: cannot start the outcome-done thread ({e}); outcomes are written one batch at a time");

@@ -100,15 +100,21 @@ pub(crate) fn spawn_critical(
 /// Not generic: one instance of the thread-spawning code serves every critical thread.
 fn spawn_boxed(name: &str, body: Box<dyn FnOnce() + Send>) -> std::io::Result<JoinHandle<()>> {
     let label = name.to_string();
-    thread::Builder::new().name(label.clone()).spawn(move || {
-        if let Err(p) = catch_unwind(AssertUnwindSafe(body)) {
-            log::error!(
-                "the {label} thread panicked ({}); exiting with code {PANIC_EXIT} so that a supervisor restarts poulpe (unfinished tasks are in the store)",
-                panic_message(p.as_ref())
-            );
-            std::process::exit(PANIC_EXIT);
-        }
-    })
+    thread::Builder::new()
+        .name(label.clone())
+        .spawn(move || critical(&label, body))
+}
+
+/// Runs `body` on the calling thread (named `name` in the log); a panic ends the process with
+/// [`PANIC_EXIT`] after logging it. For critical threads that borrow (scoped ones).
+pub(crate) fn critical(name: &str, body: Box<dyn FnOnce() + Send + '_>) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(body)) {
+        log::error!(
+            "the {name} thread panicked ({}); exiting with code {PANIC_EXIT} so that a supervisor restarts poulpe (unfinished tasks are in the store)",
+            panic_message(p.as_ref())
+        );
+        std::process::exit(PANIC_EXIT);
+    }
 }
 
 /// The message of a panic payload.
