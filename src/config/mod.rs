@@ -53,6 +53,11 @@ pub struct Config {
     pub redis: Option<String>,
     /// Prefix of every Redis key.
     pub(crate) redis_prefix: String,
+    /// This node's id among the nodes on one Redis prefix (`--node_id`, else
+    /// `<hostname>-<port>`).
+    pub(crate) node_id: String,
+    /// Seconds without a heartbeat after which a node is dead (`--node_ttl`).
+    pub(crate) node_ttl: u64,
     /// Cron file (`--cron`).
     pub(crate) cron: Option<PathBuf>,
     /// Run each cron line's missed firing once at start (`--cron_catchup last`).
@@ -125,6 +130,8 @@ pub enum ConfigError {
         reason: String,
         from_env: bool,
     },
+    /// This flag only means something with `--redis` (several nodes share one Redis).
+    NeedsRedis(&'static str),
     /// A flag needs a cargo feature this build lacks.
     NoFeature {
         flag: &'static str,
@@ -163,6 +170,10 @@ impl fmt::Display for ConfigError {
                     write!(f, "--{flag}: bad value {shown:?}: {reason}")
                 }
             }
+            ConfigError::NeedsRedis(flag) => write!(
+                f,
+                "--{flag} needs --redis: the embedded store serves one node"
+            ),
             ConfigError::NoFeature { flag, feature } => write!(
                 f,
                 "--{flag}: this poulpe was built without the `{feature}` cargo feature"
@@ -376,6 +387,35 @@ fn ca_file(raw: &Raw) -> Result<Option<PathBuf>, ConfigError> {
     Ok(Some(PathBuf::from(v)))
 }
 
+/// `--node_id` and `--node_ttl`: both need `--redis`; the id defaults to `<hostname>-<port>`.
+fn node(raw: &Raw, port: u16) -> Result<(String, u64), ConfigError> {
+    use flags::{NODE_ID, NODE_TTL, REDIS};
+    if raw.get(&REDIS).is_none() {
+        for f in [&NODE_ID, &NODE_TTL] {
+            if raw.get(f).is_some() {
+                return Err(ConfigError::NeedsRedis(f.name));
+            }
+        }
+    }
+    let id = match raw.get(&NODE_ID) {
+        Some(v) => {
+            crate::node::check_id(v).map_err(|why| bad(NODE_ID.name, v, why))?;
+            v.to_string()
+        }
+        None => crate::node::default_id(port),
+    };
+    let ttl = raw.number(&NODE_TTL)?;
+    if ttl < 3 {
+        return Err(bad(
+            NODE_TTL.name,
+            raw.text(&NODE_TTL),
+            "must be at least 3: a node renews its heartbeat every node_ttl/3 seconds, and one \
+             slow Redis call (up to 3 s) must not make a live node look dead",
+        ));
+    }
+    Ok((id, ttl))
+}
+
 impl Config {
     /// Parses the process's arguments (without the program name) and environment.
     pub fn from_env_and_args(args: Vec<OsString>) -> Result<Config, ConfigError> {
@@ -443,6 +483,7 @@ impl Config {
         };
         let (tz, tz_from) = time_zone(raw.get(&TZ), given_from, env, Path::new("/"))
             .map_err(|name| bad(TZ.name, &name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
+        let (node_id, node_ttl) = node(raw, port)?;
         let log = raw.text(&LOG);
         let log = log.parse().map_err(|_| {
             bad(
@@ -457,6 +498,8 @@ impl Config {
             data,
             redis: raw.get(&REDIS).map(str::to_string),
             redis_prefix: raw.text(&REDIS_PREFIX).to_string(),
+            node_id,
+            node_ttl,
             cron: raw.get(&CRON).map(PathBuf::from),
             cron_catchup,
             dead,

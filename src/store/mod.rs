@@ -310,6 +310,8 @@ pub(crate) mod contract {
             submitted_at: "a".to_string(),
             finished_at: "b".to_string(),
             callback_id: None,
+            // Stored and read back like every other field.
+            node: "node-1".into(),
         }
     }
 
