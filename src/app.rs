@@ -144,8 +144,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     ));
     let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
     // Beats until the store closes (after the workers' grace, so that no other node adopts
-    // the tasks still running here); adopts only until the timer stops.
-    let adopting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // the tasks still running here); adopts once recovery has run (which takes the dead
+    // nodes' tasks found at start itself) and until the timer stops.
+    let adopting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let nodes = crate::node::Nodes {
         own: Arc::from(config.node_id.as_str()),
         live: registry.as_ref().map(|_| Default::default()),
@@ -232,12 +233,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         },
         vec![timer_h],
     ));
+    recover(&*store, &timer)?;
+    adopting.store(true, std::sync::atomic::Ordering::Release);
     stages.push(Stage::new(
         "adoption",
         move || adopting.store(false, std::sync::atomic::Ordering::Release),
         Vec::new(),
     ));
-    recover(&*store, &timer)?;
     stages.push(store::start_gc(
         store.clone(),
         Duration::from_secs(1),

@@ -85,8 +85,9 @@ impl Heartbeat {
                 }
                 if beat.was_gone {
                     log::warn!(
-                        "node {}: this node had been taken for dead (no heartbeat for longer \
-                         than --node_ttl) and its tasks adopted by others; it is live again",
+                        "node {}: this node's entry had gone (another node took it for dead \
+                         after no heartbeat for --node_ttl and adopted its tasks, or Redis lost \
+                         its data); it is live again",
                         self.own
                     );
                 }
