@@ -610,6 +610,38 @@ mod tests {
         assert!(e.contains("--exec_dir"), "{e}");
     }
 
+    /// `--node_id` defaults to `<hostname>-<port>` and `--node_ttl` to 15; both need `--redis`,
+    /// and the id's characters and the ttl's lower bound are checked, naming the flag.
+    #[test]
+    fn node_flags_default_need_redis_and_are_checked() {
+        let c = parse(&["--port", "9001"], &[]).expect("defaults");
+        assert!(c.node_id.ends_with("-9001"), "{}", c.node_id);
+        assert_eq!(c.node_ttl, 15);
+        let r = ["--redis", "redis://h:1/0"];
+        let c = parse(
+            &[&r[..], &["--node_id", "web-1", "--node_ttl", "3"]].concat(),
+            &[],
+        )
+        .expect("with --redis");
+        assert_eq!((c.node_id.as_str(), c.node_ttl), ("web-1", 3));
+        let e = parse(&[], &[("POULPE_NODE_TTL", "9")]).unwrap_err();
+        assert_eq!(e, ConfigError::NeedsRedis("node_ttl"));
+        let e = parse(&[&r[..], &["--node_id", "a b"]].concat(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--node_id: bad value \"a b\": a node id is"),
+            "{e}"
+        );
+        let e = parse(&r, &[("POULPE_NODE_TTL", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_NODE_TTL: bad value \"2\" for --node_ttl: must be at least 3"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn help_lists_every_flag_with_default() {
         let h = help_text();
