@@ -118,7 +118,8 @@ pub(crate) fn sort_entries(me: &str, now_ms: i64, pairs: &[String]) -> Beat {
     let mut beat = Beat::default();
     for pair in pairs.chunks(2) {
         let [id, v] = pair else { continue };
-        let v: Value = serde_json::from_str(v).unwrap_or(Value::Null);
+        // `from_slice`: the intake's copy of the JSON parser (`from_str` would be another).
+        let v: Value = serde_json::from_slice(v.as_bytes()).unwrap_or(Value::Null);
         let seen = v["last_seen"].as_i64().unwrap_or(0);
         let ttl_ms = v["ttl"].as_i64().unwrap_or(0).saturating_mul(1000);
         if now_ms.saturating_sub(seen) <= ttl_ms {

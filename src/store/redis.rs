@@ -42,10 +42,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The start of the scripts that know nodes: `p` (prefix) and `me` (this node) from `ARGV[1]`
 /// and `ARGV[2]`; `now` (unix ms of Redis's clock); `alive(entry)`, whether a registry entry's
-/// heartbeat is within its ttl; `take(id, out)`, which makes task `id` this node's and waiting
-/// for its due time (a running or ready one runs again: at least once), appending id, due and
-/// former state to `out` (a task that has gone leaves `live`).
-macro_rules! lua_prelude {
+/// heartbeat is within its ttl.
+macro_rules! lua_alive {
     () => {
         r"
 if redis.replicate_commands then redis.replicate_commands() end
@@ -57,6 +55,18 @@ local function alive(v)
   return ok and type(e) == 'table' and type(e.last_seen) == 'number'
     and now - e.last_seen <= (tonumber(e.ttl) or 0) * 1000
 end
+"
+    };
+}
+
+/// `lua_alive`, then `take(id, out)`, which makes task `id` this node's and waiting for its due
+/// time (a running or ready one runs again: at least once), appending id, due and former state
+/// to `out` (a task that has gone leaves `live`).
+macro_rules! lua_prelude {
+    () => {
+        concat!(
+            lua_alive!(),
+            r"
 local function take(id, out)
   local k = p .. 'task:' .. id
   local s = redis.call('HGET', k, 'state')
@@ -75,6 +85,7 @@ local function take(id, out)
   out[#out + 1] = s
 end
 "
+        )
     };
 }
 

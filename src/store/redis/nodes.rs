@@ -2,7 +2,7 @@
 //! [`super`]): joining, heartbeats, the adoption of a dead node's tasks and leaving, each one
 //! Lua script judged by Redis's own clock.
 
-use super::{down, recovered, RedisStore};
+use super::{recovered, RedisStore};
 use crate::node::{sort_entries, Beat, Join, Registry};
 use crate::store::{Recovered, StoreError};
 
@@ -11,16 +11,19 @@ const ADOPT_CHUNK: usize = 500;
 
 /// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
 /// after it) and answers whether it was new, Redis's time and the whole registry. `join`
-/// answers `held`, the time and the entry instead when a live node holds the id, and turns a
-/// `running` set of a release before nodes into the hash (owners unknown: dead).
+/// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
+/// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
 pub(super) const BEAT: &str = concat!(
-    lua_prelude!(),
+    lua_alive!(),
     r#"
 local k = p .. 'nodes'
 local mode = ARGV[3]
 if mode == 'join' then
   local old = redis.call('HGET', k, me)
-  if old and alive(old) then return {'held', string.format('%.0f', now), old} end
+  if old and alive(old) then
+    return {'held', string.format('%.0f', now),
+      string.format('%.0f', cjson.decode(old).last_seen)}
+  end
   if redis.call('TYPE', p .. 'running').ok == 'set' then
     local ids = redis.call('SMEMBERS', p .. 'running')
     redis.call('DEL', p .. 'running')
@@ -94,10 +97,8 @@ impl Registry for RedisStore {
         if out.first().map(String::as_str) != Some("held") {
             return Ok(Join::Joined);
         }
-        let entry: serde_json::Value =
-            serde_json::from_str(out.get(2).map_or("", String::as_str)).map_err(down)?;
         Ok(Join::Held {
-            last_seen_ms: entry["last_seen"].as_i64().unwrap_or(0),
+            last_seen_ms: num(out.get(2))?,
             now_ms: num(out.get(1))?,
         })
     }
