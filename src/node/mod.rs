@@ -112,9 +112,9 @@ pub(crate) struct Beat {
     pub(crate) was_gone: bool,
 }
 
-/// Sorts the registry's entries (id, JSON) into live and dead ones at `now_ms` (the store's
-/// clock); `me` is neither dead nor missing. An entry that cannot be read counts as dead.
-pub(crate) fn sort_entries(me: &str, now_ms: i64, pairs: &[String]) -> Beat {
+/// Sorts the registry's entries (id, JSON, in id order) into live and dead ones at `now_ms`
+/// (the store's clock); `me` is never dead. An entry that cannot be read counts as dead.
+pub(crate) fn read_entries(me: &str, now_ms: i64, pairs: &[String]) -> Beat {
     let mut beat = Beat::default();
     for pair in pairs.chunks(2) {
         let [id, v] = pair else { continue };
@@ -133,8 +133,6 @@ pub(crate) fn sort_entries(me: &str, now_ms: i64, pairs: &[String]) -> Beat {
             beat.dead.push(id.clone());
         }
     }
-    beat.live.sort_by(|a, b| a.id.cmp(&b.id));
-    beat.dead.sort();
     beat
 }
 
@@ -273,22 +271,18 @@ mod tests {
             format!(r#"{{"workers":2,"running":1,"last_seen":{seen},"ttl":{ttl}}}"#)
         };
         let pairs: Vec<String> = [
-            ("c", e(10_000, 3)),
             ("a", e(5_000, 15)),
             ("b", e(6_999, 3)),
-            ("me", e(0, 3)),
             ("bad", "nope".to_string()),
+            ("c", e(10_000, 3)),
+            ("me", e(0, 3)),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
         .collect();
-        let beat = sort_entries("me", 10_000, &pairs);
+        let beat = read_entries("me", 10_000, &pairs);
         let live: Vec<&str> = beat.live.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(
-            live,
-            ["a", "c"],
-            "sorted by id; a's own ttl of 15 s keeps it"
-        );
+        assert_eq!(live, ["a", "c"], "a's own ttl of 15 s keeps it");
         assert_eq!(beat.dead, ["b", "bad"]);
         assert_eq!(beat.live[0].workers, 2);
     }

@@ -355,14 +355,31 @@ end
 return gone
 ";
 
-/// Of the ids after the prefix and this node, makes each unfinished task that this node or a
-/// dead one owns (or no node: a task of a release before nodes) this node's, waiting for the
-/// timer at its due time, and reports it. A live node's tasks are left alone.
+/// Makes tasks this node's (`ARGV[2]`), waiting for the timer at their due time, and reports
+/// them after a first entry. Recovery at start (`ARGV[3]` = ''): of the ids after `ARGV[4]`,
+/// each that this node or a dead one owns (or none: a task of a release before nodes); a live
+/// node's are left alone. Adoption (`ARGV[3]` a dead node): at most `ARGV[4]` of its tasks,
+/// each leaving its set as it is taken (two adopters never take the same task), none if it is
+/// alive again; the first entry says how many are left, and its registry entry goes with the
+/// last. One script for both: one copy of `take` in the binary.
 const RECOVER: &str = concat!(
     lua_prelude!(),
     r"
-local out, seen = {}, {}
-for i = 3, #ARGV do
+local dead, out, seen = ARGV[3], {'0'}, {}
+if dead ~= '' then
+  local v = redis.call('HGET', p .. 'nodes', dead)
+  if v and alive(v) then return out end
+  local set = p .. 'owned:' .. dead
+  for _, id in ipairs(redis.call('SPOP', set, tonumber(ARGV[4]))) do
+    local o = redis.call('HGET', p .. 'task:' .. id, 'node')
+    if not o or o == dead then take(id, out) end
+  end
+  local left = redis.call('SCARD', set)
+  if left == 0 then redis.call('HDEL', p .. 'nodes', dead) end
+  out[1] = tostring(left)
+  return out
+end
+for i = 5, #ARGV do
   local id = ARGV[i]
   local o = redis.call('HGET', p .. 'task:' .. id, 'node')
   local theirs = false
@@ -424,7 +441,6 @@ struct Scripts {
     recover: Script,
     trim_results: Script,
     beat: Script,
-    adopt: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -539,7 +555,6 @@ impl RedisStore {
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
             beat: Script::new(nodes::BEAT),
-            adopt: Script::new(nodes::ADOPT),
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
@@ -1005,13 +1020,13 @@ impl Store for RedisStore {
         for chunk in ids.chunks(1000) {
             let flat: Vec<String> = self.with(|c| {
                 let mut inv = self.scripts.recover.prepare_invoke();
-                inv.arg(&self.prefix).arg(&self.node);
+                inv.arg(&self.prefix).arg(&self.node).arg("").arg(0);
                 for id in chunk {
                     inv.arg(id);
                 }
                 inv.invoke(c)
             })?;
-            recovered(&flat, &mut out);
+            recovered(flat.get(1..).unwrap_or_default(), &mut out);
         }
         Ok(out)
     }

@@ -1,16 +1,17 @@
 //! The registry of nodes in Redis (`<p>nodes`, `<p>owned:<node>`; see the key list of
-//! [`super`]): joining, heartbeats, the adoption of a dead node's tasks and leaving, each one
-//! Lua script judged by Redis's own clock.
+//! [`super`]): joining, heartbeats and leaving (`BEAT`), and the adoption of a dead node's
+//! tasks (`RECOVER` in its adoption mode), judged by Redis's own clock.
 
 use super::{recovered, RedisStore};
-use crate::node::{sort_entries, Beat, Join, Registry};
+use crate::node::{read_entries, Beat, Join, Registry};
 use crate::store::{Recovered, StoreError};
 
 /// Most tasks one adoption call takes.
 const ADOPT_CHUNK: usize = 500;
 
 /// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
-/// after it) and answers whether it was new, Redis's time and the whole registry. `join`
+/// after it) and answers whether it was new, Redis's time and the whole registry, sorted by id
+/// (here rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
 /// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
 /// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
 pub(super) const BEAT: &str = concat!(
@@ -35,32 +36,18 @@ if mode == 'leave' then seen = 0 end
 local fresh = redis.call('HSET', k, me, '{"workers":' .. ARGV[4] .. ',"running":' .. ARGV[5]
   .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6] .. '}')
 local out = {tostring(fresh), string.format('%.0f', now)}
-local all = redis.call('HGETALL', k)
-for i = 1, #all do out[#out + 1] = all[i] end
+local all, ids, val = redis.call('HGETALL', k), {}, {}
+for i = 1, #all, 2 do
+  ids[#ids + 1] = all[i]
+  val[all[i]] = all[i + 1]
+end
+table.sort(ids)
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = val[id]
+end
 return out
 "#
-);
-
-/// Adopts at most `ARGV[4]` tasks of dead node `ARGV[3]` (none if it is alive again): each
-/// leaves its set as it is taken, so two adopters never take the same task. Answers how many
-/// are left, then what `take` reports; the entry goes with the last task.
-pub(super) const ADOPT: &str = concat!(
-    lua_prelude!(),
-    r"
-local dead = ARGV[3]
-local v = redis.call('HGET', p .. 'nodes', dead)
-if v and alive(v) then return {'0'} end
-local set = p .. 'owned:' .. dead
-local out = {''}
-for _, id in ipairs(redis.call('SPOP', set, tonumber(ARGV[4]))) do
-  local o = redis.call('HGET', p .. 'task:' .. id, 'node')
-  if not o or o == dead then take(id, out) end
-end
-local left = redis.call('SCARD', set)
-if left == 0 then redis.call('HDEL', p .. 'nodes', dead) end
-out[1] = tostring(left)
-return out
-"
 );
 
 impl RedisStore {
@@ -106,15 +93,16 @@ impl Registry for RedisStore {
     fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError> {
         let out = self.beat_call("beat", workers, running)?;
         let now = num(out.get(1))?;
-        let mut beat = sort_entries(&self.node, now, out.get(2..).unwrap_or_default());
+        let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
         beat.was_gone = num(out.first())? == 1;
         Ok(beat)
     }
 
     fn adopt(&self, dead: &str) -> Result<(Vec<Recovered>, bool), StoreError> {
         let out: Vec<String> = self.with(|c| {
+            // The recovery script, in its adoption mode.
             self.scripts
-                .adopt
+                .recover
                 .arg(&self.prefix)
                 .arg(&self.node)
                 .arg(dead)
