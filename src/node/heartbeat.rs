@@ -32,15 +32,21 @@ impl Heartbeat {
     /// Beats once at once (so that `/sys_info` lists the nodes from the first request), then
     /// starts the thread. Its stage stops it and marks the node stopped.
     pub(crate) fn start(self) -> std::io::Result<Stage> {
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        // A flag and `unpark` rather than a channel: no channel code of its own in the binary.
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let mut up = true;
         let mut last = Instant::now();
         self.once(&mut up, &mut last);
         let h = crate::stage::spawn_critical("node-beat", move || {
-            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                stop_rx.recv_timeout(self.every.saturating_sub(last.elapsed()))
-            {
-                self.once(&mut up, &mut last);
+            while !stopped.load(Ordering::Acquire) {
+                let wait = self.every.saturating_sub(last.elapsed());
+                if wait.is_zero() {
+                    self.once(&mut up, &mut last);
+                } else {
+                    // May wake early (a spurious wake-up, or the stop): the loop checks both.
+                    std::thread::park_timeout(wait);
+                }
             }
             match self.registry.leave(self.pool.workers()) {
                 Ok(()) => log::info!("node {}: left the registry", self.own),
@@ -51,10 +57,12 @@ impl Heartbeat {
                 ),
             }
         })?;
+        let thread = h.thread().clone();
         Ok(Stage::new(
             "node-beat",
             move || {
-                let _ = stop_tx.try_send(());
+                stop.store(true, Ordering::Release);
+                thread.unpark();
             },
             vec![h],
         ))

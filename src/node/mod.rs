@@ -45,7 +45,8 @@ pub(crate) fn default_id(port: u16) -> String {
         id.push_str("poulpe");
     }
     id.push('-');
-    id.push_str(&port.to_string());
+    // As a u64: the binary's copy of integer formatting.
+    id.push_str(&u64::from(port).to_string());
     id
 }
 

@@ -72,9 +72,11 @@ impl RedisStore {
     }
 }
 
-/// A number in a script's answer.
+/// A number in a script's answer (parsed as `u64`, as the store's other numbers are: one copy
+/// of the parser).
 fn num(s: Option<&String>) -> Result<i64, StoreError> {
-    s.and_then(|s| s.parse().ok())
+    s.and_then(|s| s.parse::<u64>().ok())
+        .map(|n| n as i64)
         .ok_or_else(|| StoreError::Corrupt("unexpected answer from the node registry".into()))
 }
 
