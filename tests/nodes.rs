@@ -298,3 +298,34 @@ fn a_killed_nodes_tasks_are_adopted_by_a_live_node_and_a_restart_steals_nothing(
     assert_eq!(hits_of(&sink, "b-late").len(), 1);
     assert!(!a.log_text().contains("recovered"), "{}", a.log_text());
 }
+
+/// A node stopped cleanly (SIGTERM) marks itself stopped once its attempts are done (it says
+/// so), so that another node adopts its delayed task without waiting for its ttl, and runs it
+/// at its due time; the stopped node leaves the list.
+#[test]
+fn a_cleanly_stopped_nodes_delayed_task_runs_on_another_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let mut a = node(dir.path(), &redis, "a");
+    let b = node(dir.path(), &redis, "b");
+    let before_us = common::now_us();
+    let t = json!({"id": "later", "method": "GET", "delay": 3,
+        "name": sink.url("/hit"), "params": "id=later"});
+    assert_eq!(a.submit(&t).0, 200);
+    assert!(a.term().success());
+    let at = eventually(Duration::from_secs(30), "the stopped node's task", || {
+        hits_of(&sink, "later").first().copied()
+    });
+    assert!(at >= before_us + 3_000_000, "ran before its due time");
+    let (code, r) = b.get("/task_resp/later?timeout=10");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"], json!("b"), "{r}");
+    assert_eq!(nodes_of(&b).0, ["b"]);
+    assert!(b.log_text().contains("adopted 1 tasks of dead node a"));
+    assert!(
+        a.log_text().contains("node a: left the registry"),
+        "{}",
+        a.log_text()
+    );
+}
