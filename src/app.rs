@@ -7,6 +7,7 @@ use crate::dispatch::Pool;
 use crate::exec::mail::{MailError, MailExec};
 use crate::exec::{http::HttpExec, Executors};
 use crate::intake::{Cancelling, Submitter};
+use crate::node::Registry;
 use crate::outcome::{Announce, OutcomeStage, RetryPolicy};
 use crate::results::{Answers, Results};
 use crate::schedule::cron::{parse_file, CronError};
@@ -60,6 +61,8 @@ pub enum StartError {
     Kafka(crate::intake::kafka::KafkaError),
     /// The cron file is invalid.
     Cron(CronError),
+    /// This node cannot join the others (`--node_id` held by a live node).
+    Node(crate::node::JoinError),
 }
 
 impl fmt::Display for StartError {
@@ -75,6 +78,7 @@ impl fmt::Display for StartError {
             #[cfg(feature = "kafka")]
             StartError::Kafka(e) => write!(f, "{e}"),
             StartError::Cron(e) => write!(f, "--cron: {e}"),
+            StartError::Node(e) => write!(f, "{e}"),
         }
     }
 }
@@ -85,6 +89,7 @@ impl std::error::Error for StartError {
             StartError::Store(e) | StartError::OpenStore(_, e) => Some(e),
             StartError::Thread(e) | StartError::DeadDir(_, e) => Some(e),
             StartError::Cron(e) => Some(e),
+            StartError::Node(e) => Some(e),
             StartError::Mail(e) => Some(e),
             #[cfg(feature = "kafka")]
             StartError::Kafka(e) => Some(e),
@@ -113,7 +118,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         Some(path) => Some(parse_file(path, &limits, config.tz).map_err(StartError::Cron)?),
         None => None,
     };
-    let store = open_store(&config)?;
+    crate::node::set_own(&config.node_id);
+    let (store, registry) = open_store(&config)?;
+    if let Some(reg) = &registry {
+        crate::node::join(&**reg, &config.node_id, config.workers).map_err(StartError::Node)?;
+    }
     let mut stages = vec![Stage::new(
         "store",
         {
@@ -134,6 +143,28 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         vec![results_h],
     ));
     let (timer, timer_h) = Timer::start(store.clone(), pool.clone())?;
+    // Beats until the store closes (after the workers' grace, so that no other node adopts
+    // the tasks still running here); adopts once recovery has run (which takes the dead
+    // nodes' tasks found at start itself) and until the timer stops.
+    let adopting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let nodes = crate::node::Nodes {
+        own: Arc::from(config.node_id.as_str()),
+        live: registry.as_ref().map(|_| Default::default()),
+    };
+    if let (Some(registry), Some(live)) = (registry, &nodes.live) {
+        stages.push(
+            crate::node::heartbeat::Heartbeat {
+                registry,
+                own: nodes.own.clone(),
+                pool: pool.clone(),
+                timer: timer.clone(),
+                live: live.clone(),
+                adopting: adopting.clone(),
+                every: Duration::from_millis(config.node_ttl * 1000 / 3),
+            }
+            .start()?,
+        );
+    }
     let kafka_status = config
         .kafka
         .as_ref()
@@ -204,6 +235,12 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         vec![timer_h],
     ));
     recover(&*store, &timer)?;
+    adopting.store(true, std::sync::atomic::Ordering::Release);
+    stages.push(Stage::new(
+        "adoption",
+        move || adopting.store(false, std::sync::atomic::Ordering::Release),
+        Vec::new(),
+    ));
     stages.push(store::start_gc(
         store.clone(),
         Duration::from_secs(1),
@@ -271,6 +308,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             cron,
             kafka: kafka_status,
             tz: (config.tz, config.tz_from.clone()),
+            nodes,
         },
         submitter,
         config,
@@ -280,21 +318,36 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     })
 }
 
-/// The store the flags ask for.
-fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+/// A store and its registry of nodes, when it has one (Redis).
+type Opened = (Arc<dyn Store>, Option<Arc<dyn Registry>>);
+
+/// The store the flags ask for, and its registry of nodes when it has one (Redis).
+fn open_store(config: &Config) -> Result<Opened, StartError> {
     std::fs::create_dir_all(&config.dead)
         .map_err(|e| StartError::DeadDir(config.dead.clone(), e))?;
     Ok(match &config.redis {
-        Some(url) => Arc::new(
-            RedisStore::open(url, &config.redis_prefix, REDIS_START_WAIT)
+        Some(url) => {
+            let redis = Arc::new(
+                RedisStore::open(
+                    url,
+                    &config.redis_prefix,
+                    &config.node_id,
+                    config.node_ttl,
+                    REDIS_START_WAIT,
+                )
                 .map_err(|e| StartError::OpenStore("--redis", e))?,
-        ),
-        None => Arc::new(
-            store::embedded::open(
-                &config.data,
-                std::time::Duration::from_millis(config.checkpoint_ms),
-            )
-            .map_err(|e| StartError::OpenStore("--data", e))?,
+            );
+            (redis.clone(), Some(redis))
+        }
+        None => (
+            Arc::new(
+                store::embedded::open(
+                    &config.data,
+                    std::time::Duration::from_millis(config.checkpoint_ms),
+                )
+                .map_err(|e| StartError::OpenStore("--data", e))?,
+            ),
+            None,
         ),
     })
 }

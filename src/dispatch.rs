@@ -169,6 +169,11 @@ impl Pool {
         self.state.lock().paused
     }
 
+    /// Number of workers (`--workers`).
+    pub(crate) fn workers(&self) -> usize {
+        self.wake.len()
+    }
+
     /// Number of workers running an attempt.
     pub(crate) fn running(&self) -> usize {
         self.state

@@ -16,6 +16,7 @@
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
 //! | answers | [`results`] | clients waiting for results (`Answers`: lookups and waits) |
 //! | observe | [`status`], [`metrics`] | counters and `/sys_info` (`SysInfo`); `/metrics` (Prometheus text) and its histograms |
+//! | nodes | [`node`] | this node's id, the registry of nodes sharing one Redis prefix, the heartbeat thread that adopts a dead node's tasks |
 //! | wiring | [`app`] | starts the stages, hands out narrow handles, stops them in reverse (used by `main.rs` only) |
 //! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
 //! | hand-over | [`handoff`] | a small blocking queue between two threads (outcome writes, program starts) |
@@ -45,6 +46,7 @@ pub mod http;
 pub mod intake;
 pub mod logger;
 mod metrics;
+mod node;
 mod outcome;
 pub mod probe;
 pub mod replay;

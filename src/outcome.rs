@@ -551,6 +551,7 @@ fn final_result(task: &Task, attempts: usize, run: RunResult, finished_ms: i64) 
         submitted_at: rfc3339_ms(task.submitted_ms),
         finished_at: rfc3339_ms(finished_ms),
         callback_id: None,
+        node: crate::node::own().into(),
     }
 }
 

@@ -146,6 +146,8 @@ pub struct SysInfo {
     pub(crate) kafka: Option<Arc<KafkaStatus>>,
     /// The cron schedule's zone, and where it came from (`--tz`, `TZ`, `/etc/localtime`, …).
     pub(crate) tz: (chrono_tz::Tz, String),
+    /// This node and the live ones (`node`, `nodes`).
+    pub(crate) nodes: crate::node::Nodes,
 }
 
 impl SysInfo {
@@ -196,6 +198,8 @@ impl SysInfo {
             "cron": self.cron_lines(),
             "tz": {"name": self.tz.0.name(), "from": self.tz.1},
             "kafka": self.kafka.as_ref().map(|k| k.json()),
+            "node": &*self.nodes.own,
+            "nodes": self.nodes.json(pool.workers(), pool.running()),
         })
     }
 }

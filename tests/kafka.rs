@@ -269,6 +269,9 @@ fn produced_tasks_run_and_results_reach_the_result_topic() {
         assert_eq!(r["result"], "OK", "{r}");
         assert_eq!(r["status"], "succeeded", "{r}");
         assert_eq!(r["output"], "ok", "{r}");
+        // The node that ran it, as in /task_resp: `<hostname>-<port>` by default.
+        let node = r["node"].as_str().unwrap_or_default();
+        assert!(node.ends_with(&format!("-{}", s.port)), "{r}");
     }
     let dead = &results.by_key["k-dead"];
     assert_eq!(dead["result"], "Fail", "{dead}");

@@ -72,7 +72,9 @@ fn acks_then_results_for_tasks_in_flight() {
         .expect("slow result");
     assert_eq!(slow["status"], "succeeded");
     assert_eq!(slow["code"], 200);
-    // The same JSON as /task_resp.
+    // The node that ran it (`<hostname>-<port>` by default), and the same JSON as /task_resp.
+    let node = slow["node"].as_str().unwrap_or_default();
+    assert!(node.ends_with(&format!("-{}", s.port)), "{slow}");
     assert_eq!(s.get("/task_resp/w-slow").1, *slow);
 }
 

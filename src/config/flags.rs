@@ -101,6 +101,11 @@ flags! {
     REDIS, "redis" | "-r", optional(),
         "Redis URL (redis://[:password@]host:port/db); when given, Redis is the store";
     REDIS_PREFIX, "redis_prefix", text("poulpe:"), "prefix of every Redis key";
+    NODE_ID, "node_id", derived("<hostname>-<port>"),
+        "this node's id among the poulpe nodes on one Redis prefix (needs --redis)";
+    NODE_TTL, "node_ttl", number(15, 0, 3_600),
+        "seconds without a heartbeat after which a node is dead and its tasks are adopted \
+         (at least 3; needs --redis)";
     CRON, "cron" | "-c", optional(), "cron file";
     CRON_CATCHUP, "cron_catchup", text("none"),
         "none, or last: run each cron line's missed firing once at start";

@@ -53,6 +53,11 @@ pub struct Config {
     pub redis: Option<String>,
     /// Prefix of every Redis key.
     pub(crate) redis_prefix: String,
+    /// This node's id among the nodes on one Redis prefix (`--node_id`, else
+    /// `<hostname>-<port>`).
+    pub(crate) node_id: String,
+    /// Seconds without a heartbeat after which a node is dead (`--node_ttl`).
+    pub(crate) node_ttl: u64,
     /// Cron file (`--cron`).
     pub(crate) cron: Option<PathBuf>,
     /// Run each cron line's missed firing once at start (`--cron_catchup last`).
@@ -127,6 +132,8 @@ pub enum ConfigError {
         reason: String,
         from_env: bool,
     },
+    /// This flag only means something with `--redis` (several nodes share one Redis).
+    NeedsRedis(&'static str),
     /// A flag needs a cargo feature this build lacks.
     NoFeature {
         flag: &'static str,
@@ -165,6 +172,10 @@ impl fmt::Display for ConfigError {
                     write!(f, "--{flag}: bad value {shown:?}: {reason}")
                 }
             }
+            ConfigError::NeedsRedis(flag) => write!(
+                f,
+                "--{flag} needs --redis: the embedded store serves one node"
+            ),
             ConfigError::NoFeature { flag, feature } => write!(
                 f,
                 "--{flag}: this poulpe was built without the `{feature}` cargo feature"
@@ -378,6 +389,35 @@ fn ca_file(raw: &Raw) -> Result<Option<PathBuf>, ConfigError> {
     Ok(Some(PathBuf::from(v)))
 }
 
+/// `--node_id` and `--node_ttl`: both need `--redis`; the id defaults to `<hostname>-<port>`.
+fn node(raw: &Raw, port: u16) -> Result<(String, u64), ConfigError> {
+    use flags::{NODE_ID, NODE_TTL, REDIS};
+    if raw.get(&REDIS).is_none() {
+        for f in [&NODE_ID, &NODE_TTL] {
+            if raw.get(f).is_some() {
+                return Err(ConfigError::NeedsRedis(f.name));
+            }
+        }
+    }
+    let id = match raw.get(&NODE_ID) {
+        Some(v) => {
+            crate::node::check_id(v).map_err(|why| bad(NODE_ID.name, v, why))?;
+            v.to_string()
+        }
+        None => crate::node::default_id(port),
+    };
+    let ttl = raw.number(&NODE_TTL)?;
+    if ttl < 3 {
+        return Err(bad(
+            NODE_TTL.name,
+            raw.text(&NODE_TTL),
+            "must be at least 3: a node renews its heartbeat every node_ttl/3 seconds, and one \
+             slow Redis call (up to 3 s) must not make a live node look dead",
+        ));
+    }
+    Ok((id, ttl))
+}
+
 impl Config {
     /// Parses the process's arguments (without the program name) and environment.
     pub fn from_env_and_args(args: Vec<OsString>) -> Result<Config, ConfigError> {
@@ -446,6 +486,7 @@ impl Config {
         };
         let (tz, tz_from) = time_zone(raw.get(&TZ), given_from, env, Path::new("/"))
             .map_err(|name| bad(TZ.name, &name, "unknown IANA time zone (e.g. Europe/Paris)"))?;
+        let (node_id, node_ttl) = node(raw, port)?;
         let log = raw.text(&LOG);
         let log = log.parse().map_err(|_| {
             bad(
@@ -460,6 +501,8 @@ impl Config {
             data,
             redis: raw.get(&REDIS).map(str::to_string),
             redis_prefix: raw.text(&REDIS_PREFIX).to_string(),
+            node_id,
+            node_ttl,
             cron: raw.get(&CRON).map(PathBuf::from),
             cron_catchup,
             dead,
@@ -569,6 +612,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--exec_dir"), "{e}");
+    }
+
+    /// `--node_id` defaults to `<hostname>-<port>` and `--node_ttl` to 15; both need `--redis`,
+    /// and the id's characters and the ttl's lower bound are checked, naming the flag.
+    #[test]
+    fn node_flags_default_need_redis_and_are_checked() {
+        let c = parse(&["--port", "9001"], &[]).expect("defaults");
+        assert!(c.node_id.ends_with("-9001"), "{}", c.node_id);
+        assert_eq!(c.node_ttl, 15);
+        let r = ["--redis", "redis://h:1/0"];
+        let c = parse(
+            &[&r[..], &["--node_id", "web-1", "--node_ttl", "3"]].concat(),
+            &[],
+        )
+        .expect("with --redis");
+        assert_eq!((c.node_id.as_str(), c.node_ttl), ("web-1", 3));
+        let e = parse(&[], &[("POULPE_NODE_TTL", "9")]).unwrap_err();
+        assert_eq!(e, ConfigError::NeedsRedis("node_ttl"));
+        let e = parse(&[&r[..], &["--node_id", "a b"]].concat(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--node_id: bad value \"a b\": a node id is"),
+            "{e}"
+        );
+        let e = parse(&r, &[("POULPE_NODE_TTL", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("POULPE_NODE_TTL: bad value \"2\" for --node_ttl: must be at least 3"),
+            "{e}"
+        );
     }
 
     #[test]

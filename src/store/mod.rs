@@ -195,7 +195,9 @@ pub(crate) trait Store: Send + Sync {
     /// budget counting from them). Anything else is answered, not changed.
     fn revive(&self, id: &str, now_us: u64) -> Result<Revive, StoreError>;
 
-    /// Every unfinished task, for the timer at start-up. Call once, before serving.
+    /// Every unfinished task, for the timer at start-up. Call once, before serving. A store
+    /// shared by several nodes (Redis) returns only the tasks this node owns or a dead node
+    /// owned, and makes them this node's: a live node's tasks are never taken.
     fn recover(&self) -> Result<Vec<Recovered>, StoreError>;
 
     /// Ids per state, at most `cap` per list.
@@ -350,6 +352,8 @@ pub(crate) mod contract {
             submitted_at: "a".to_string(),
             finished_at: "b".to_string(),
             callback_id: None,
+            // Stored and read back like every other field.
+            node: "node-1".into(),
         }
     }
 

@@ -1,12 +1,22 @@
-//! The Redis store (`--redis URL`): tasks, due times, running set and results in Redis under a
+//! The Redis store (`--redis URL`): tasks, due times, running marks and results in Redis under a
 //! key prefix, reached through an r2d2 pool of synchronous connections. Inserts from concurrent
 //! submits are folded into one Lua call per round trip; claims are atomic Lua scripts that say
-//! whether the caller won.
+//! whether the caller won. Several nodes (`--node_id`) may share a prefix: each unfinished task
+//! has an owner node, and the registry of nodes with their heartbeats is in [`nodes`].
 //!
 //! Keys (prefix `poulpe:` by default):
-//! - `<p>task:<id>` hash: `state`, `due` (unix µs), `data` (task JSON)
+//! - `<p>task:<id>` hash: `state`, `due` (unix µs), `data` (task JSON), `node` (its owner: the
+//!   node that submitted it, or last took it due, claimed it or adopted it; absent in a task of
+//!   a release before nodes, which counts as a dead node's)
 //! - `<p>live` set of unfinished ids; `<p>due` sorted set (score = due µs) of waiting ids;
-//!   `<p>running` set of ids with an attempt running
+//!   `<p>running` hash: id with an attempt running -> the node running it (a set before nodes:
+//!   turned into a hash with unknown owners when a node joins)
+//! - `<p>owned:<node>` set: the unfinished ids owned by that node, kept by the same scripts and
+//!   pipelines that change the `node` field, so that a dead node's tasks are found without a scan.
+//!   An id whose task has gone (finished by another node after an adoption) is dropped when
+//!   found. With a shared ready queue later, a claim moves a task to its claimer's set as now.
+//! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
+//!   ms of Redis's own `TIME`, so that nodes' clocks need not agree; 0 once the node stopped)
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
@@ -30,10 +40,78 @@ const CANCEL_TRIES: usize = 5;
 /// Socket timeouts for every command.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The start of the scripts that know nodes: `p` (prefix) and `me` (this node) from `ARGV[1]`
+/// and `ARGV[2]`; `now` (unix ms of Redis's clock); `alive(entry)`, whether a registry entry's
+/// heartbeat is within its ttl.
+macro_rules! lua_alive {
+    () => {
+        r"
+if redis.replicate_commands then redis.replicate_commands() end
+local p, me = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local function alive(v)
+  local ok, e = pcall(cjson.decode, v)
+  return ok and type(e) == 'table' and type(e.last_seen) == 'number'
+    and now - e.last_seen <= (tonumber(e.ttl) or 0) * 1000
+end
+"
+    };
+}
+
+/// `lua_alive`, then `take(id, out)`, which makes task `id` this node's and waiting for its due
+/// time (a running or ready one runs again: at least once), appending id, due and former state
+/// to `out` (a task that has gone leaves `live`).
+macro_rules! lua_prelude {
+    () => {
+        concat!(
+            lua_alive!(),
+            r"
+local function take(id, out)
+  local k = p .. 'task:' .. id
+  local s = redis.call('HGET', k, 'state')
+  if not s then
+    redis.call('SREM', p .. 'live', id)
+    return
+  end
+  local due = redis.call('HGET', k, 'due')
+  if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
+  redis.call('HSET', k, 'node', me)
+  redis.call('HDEL', p .. 'running', id)
+  redis.call('ZADD', p .. 'due', due, id)
+  redis.call('SADD', p .. 'owned:' .. me, id)
+  out[#out + 1] = id
+  out[#out + 1] = due
+  out[#out + 1] = s
+end
+"
+        )
+    };
+}
+
+/// Moves a task to owner `me` in script: its `node` field and `owned:` sets (`k` its key).
+macro_rules! lua_own {
+    () => {
+        r"
+local function own(k, id)
+  local o = redis.call('HGET', k, 'node')
+  if o ~= me then
+    if o then redis.call('SREM', p .. 'owned:' .. o, id) end
+    redis.call('HSET', k, 'node', me)
+    redis.call('SADD', p .. 'owned:' .. me, id)
+  end
+end
+"
+    };
+}
+
+// After the macros: its scripts use them.
+mod nodes;
+
 const INSERT: &str = r"
-local p = ARGV[1]
-local ngroups = tonumber(ARGV[2])
-local i = 3
+local p, me = ARGV[1], ARGV[2]
+local ngroups = tonumber(ARGV[3])
+local i = 4
 local out = {}
 for g = 1, ngroups do
   local n = tonumber(ARGV[i]); i = i + 1
@@ -51,8 +129,9 @@ for g = 1, ngroups do
     for t = 0, n - 1 do
       local b = start + t * 4
       local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-      redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data)
+      redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
       redis.call('SADD', p .. 'live', id)
+      redis.call('SADD', p .. 'owned:' .. me, id)
       redis.call('DEL', p .. 'result:' .. id)
       redis.call('ZREM', p .. 'results', id)
       if state == 'delayed' or state == 'retry_wait' then
@@ -66,37 +145,51 @@ end
 return out
 ";
 
-/// Moves each id after the prefix and the `again` flag from waiting (delayed or retry_wait;
-/// with `again` = '1' also ready) to ready and answers its data, or `false` (nil in the reply)
-/// for an id that is not waiting.
-const TAKE_DUE_MANY: &str = r"
-local p = ARGV[1]
-local again = ARGV[2] == '1'
+/// Moves each id after the prefix, this node and the `again` flag from waiting (delayed or
+/// retry_wait; with `again` = '1' also ready) to ready, owned by this node (whose pool it goes
+/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting.
+const TAKE_DUE_MANY: &str = concat!(
+    r"
+local p, me = ARGV[1], ARGV[2]
+local again = ARGV[3] == '1'
+",
+    lua_own!(),
+    r"
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local k = p .. 'task:' .. id
   local s = redis.call('HGET', k, 'state')
   if s == 'delayed' or s == 'retry_wait' or (again and s == 'ready') then
     redis.call('HSET', k, 'state', 'ready')
+    own(k, id)
     redis.call('ZREM', p .. 'due', id)
-    out[i - 2] = redis.call('HGET', k, 'data')
+    out[i - 3] = redis.call('HGET', k, 'data')
   else
-    out[i - 2] = false
+    out[i - 3] = false
   end
 end
 return out
-";
+"
+);
 
-const CLAIM: &str = r"
-local k = ARGV[1] .. 'task:' .. ARGV[2]
+/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won.
+const CLAIM: &str = concat!(
+    r"
+local p, me, id = ARGV[1], ARGV[2], ARGV[3]
+",
+    lua_own!(),
+    r"
+local k = p .. 'task:' .. id
 if redis.call('HGET', k, 'state') == 'ready' then
-  redis.call('HSET', k, 'state', 'running', 'data', ARGV[3])
-  redis.call('SADD', ARGV[1] .. 'running', ARGV[2])
+  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4])
+  own(k, id)
+  redis.call('HSET', p .. 'running', id, me)
   return 1
 end
 return 0
-";
+"
+);
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
@@ -107,6 +200,8 @@ local k = p .. 'task:' .. id
 local s = redis.call('HGET', k, 'state')
 if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
   if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
+  local o = redis.call('HGET', k, 'node')
+  if o then redis.call('SREM', p .. 'owned:' .. o, id) end
   redis.call('DEL', k)
   redis.call('SREM', p .. 'live', id)
   redis.call('ZREM', p .. 'due', id)
@@ -121,9 +216,9 @@ end
 return 'unknown'
 ";
 
-/// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`) in place of its
-/// result, if that result is still `ARGV[3]` and no task has taken the id since (else
-/// 'changed').
+/// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`), owned by node
+/// `ARGV[6]`, in place of its result, if that result is still `ARGV[3]` and no task has taken
+/// the id since (else 'changed').
 const REVIVE: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
@@ -132,8 +227,9 @@ if redis.call('EXISTS', k) == 1 or redis.call('GET', p .. 'result:' .. id) ~= AR
 end
 redis.call('DEL', p .. 'result:' .. id)
 redis.call('ZREM', p .. 'results', id)
-redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5])
+redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5], 'node', ARGV[6])
 redis.call('SADD', p .. 'live', id)
+redis.call('SADD', p .. 'owned:' .. ARGV[6], id)
 return 'ok'
 ";
 
@@ -259,28 +355,47 @@ end
 return gone
 ";
 
-/// Makes every unfinished task wait for the timer (at its due time) and reports it.
-const RECOVER: &str = r"
-local p = ARGV[1]
-local out = {}
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local k = p .. 'task:' .. id
-  local s = redis.call('HGET', k, 'state')
-  if s then
-    local due = redis.call('HGET', k, 'due')
-    if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
-    redis.call('SREM', p .. 'running', id)
-    redis.call('ZADD', p .. 'due', due, id)
-    out[#out + 1] = id
-    out[#out + 1] = due
-    out[#out + 1] = s
-  else
-    redis.call('SREM', p .. 'live', id)
+/// Makes tasks this node's (`ARGV[2]`), waiting for the timer at their due time, and reports
+/// them after a first entry. Recovery at start (`ARGV[3]` = ''): of the ids after `ARGV[4]`,
+/// each that this node or a dead one owns (or none: a task of a release before nodes); a live
+/// node's are left alone. Adoption (`ARGV[3]` a dead node): at most `ARGV[4]` of its tasks,
+/// each leaving its set as it is taken (two adopters never take the same task), none if it is
+/// alive again; the first entry says how many are left, and its registry entry goes with the
+/// last. One script for both: one copy of `take` in the binary.
+const RECOVER: &str = concat!(
+    lua_prelude!(),
+    r"
+local dead, out, seen = ARGV[3], {'0'}, {}
+if dead ~= '' then
+  local v = redis.call('HGET', p .. 'nodes', dead)
+  if v and alive(v) then return out end
+  local set = p .. 'owned:' .. dead
+  for _, id in ipairs(redis.call('SPOP', set, tonumber(ARGV[4]))) do
+    local o = redis.call('HGET', p .. 'task:' .. id, 'node')
+    if not o or o == dead then take(id, out) end
   end
+  local left = redis.call('SCARD', set)
+  if left == 0 then redis.call('HDEL', p .. 'nodes', dead) end
+  out[1] = tostring(left)
+  return out
+end
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local o = redis.call('HGET', p .. 'task:' .. id, 'node')
+  local theirs = false
+  if o and o ~= me then
+    if seen[o] == nil then
+      local v = redis.call('HGET', p .. 'nodes', o)
+      seen[o] = v and alive(v) or false
+    end
+    theirs = seen[o]
+    if not theirs then redis.call('SREM', p .. 'owned:' .. o, id) end
+  end
+  if not theirs then take(id, out) end
 end
 return out
-";
+"
+);
 
 /// Sets socket timeouts on each new pooled connection.
 #[derive(Debug)]
@@ -303,6 +418,10 @@ struct Group {
 pub(crate) struct RedisStore {
     pool: r2d2::Pool<Client>,
     prefix: String,
+    /// This node's id (`--node_id`): the owner of what it submits, takes and claims.
+    node: String,
+    /// Seconds without a heartbeat after which this node is dead (`--node_ttl`).
+    node_ttl: u64,
     inserts: Sender<Group>,
     up: Arc<AtomicBool>,
     /// Set by `close`: the health thread ends.
@@ -321,6 +440,7 @@ struct Scripts {
     list_done: Script,
     recover: Script,
     trim_results: Script,
+    beat: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -385,8 +505,14 @@ impl RedisStore {
     }
 
     /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
-    /// threads.
-    pub(crate) fn open(url: &str, prefix: &str, wait: Duration) -> Result<RedisStore, StoreError> {
+    /// threads; `node` and `node_ttl` name this node among those sharing the prefix.
+    pub(crate) fn open(
+        url: &str,
+        prefix: &str,
+        node: &str,
+        node_ttl: u64,
+        wait: Duration,
+    ) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(|e| {
             StoreError::Unavailable(format!("bad Redis URL {}: {e}", redacted(url)))
         })?;
@@ -428,6 +554,7 @@ impl RedisStore {
             list_done: Script::new(LIST_DONE),
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
+            beat: Script::new(nodes::BEAT),
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
@@ -439,8 +566,9 @@ impl RedisStore {
                 scripts.insert.clone(),
                 up.clone(),
             );
+            let node = node.to_string();
             crate::stage::spawn_critical("redis-insert", move || {
-                insert_loop(&pool, &prefix, &script, &up, &rx)
+                insert_loop(&pool, [&prefix, &node], &script, &up, &rx)
             })
             .map_err(down)?;
         }
@@ -464,6 +592,8 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             prefix: prefix.to_string(),
+            node: node.to_string(),
+            node_ttl,
             inserts: tx,
             up,
             closed,
@@ -529,7 +659,7 @@ fn note_health(up: &AtomicBool, ok: bool) {
 /// Folds waiting submits into one Lua call; each submit gets its own answer.
 fn insert_loop(
     pool: &r2d2::Pool<Client>,
-    prefix: &str,
+    [prefix, node]: [&str; 2],
     script: &Script,
     up: &AtomicBool,
     rx: &Receiver<Group>,
@@ -543,7 +673,7 @@ fn insert_loop(
             }
         }
         let mut inv = script.prepare_invoke();
-        inv.arg(prefix).arg(groups.len());
+        inv.arg(prefix).arg(node).arg(groups.len());
         for g in &groups {
             inv.arg(g.tasks.len());
             for (id, state, due, data) in &g.tasks {
@@ -577,6 +707,19 @@ fn insert_loop(
                     let _ = g.done.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// The tasks a script's `take` reported (id, due, former state: three entries each).
+fn recovered(flat: &[String], out: &mut Vec<Recovered>) {
+    for t in flat.chunks(3) {
+        if let [id, due, state] = t {
+            out.push(Recovered {
+                id: Arc::from(id.as_str()),
+                due_us: due.parse().unwrap_or(0),
+                was_running: state == "running",
+            });
         }
     }
 }
@@ -626,7 +769,9 @@ impl Store for RedisStore {
     ) -> Vec<Result<Option<Task>, StoreError>> {
         let data: Result<Vec<Option<String>>, StoreError> = self.with(|c| {
             let mut inv = self.scripts.take_due_many.prepare_invoke();
-            inv.arg(&self.prefix).arg(if again { "1" } else { "0" });
+            inv.arg(&self.prefix)
+                .arg(&self.node)
+                .arg(if again { "1" } else { "0" });
             for id in ids {
                 inv.arg(&**id);
             }
@@ -657,6 +802,7 @@ impl Store for RedisStore {
             self.scripts
                 .claim
                 .arg(&self.prefix)
+                .arg(&self.node)
                 .arg(&task.id)
                 .arg(&data)
                 .invoke(c)
@@ -672,7 +818,7 @@ impl Store for RedisStore {
             match ch {
                 Change::Retry(t) => {
                     self.put_task(&mut pipe, t)?;
-                    pipe.srem(format!("{}running", self.prefix), &t.id).ignore();
+                    pipe.hdel(format!("{}running", self.prefix), &t.id).ignore();
                     pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
                         .ignore();
                 }
@@ -684,7 +830,8 @@ impl Store for RedisStore {
                     let id = &result.id;
                     pipe.del(self.key("task", id)).ignore();
                     pipe.srem(format!("{}live", self.prefix), id).ignore();
-                    pipe.srem(format!("{}running", self.prefix), id).ignore();
+                    pipe.hdel(format!("{}running", self.prefix), id).ignore();
+                    pipe.srem(self.key("owned", &self.node), id).ignore();
                     pipe.zrem(format!("{}due", self.prefix), id).ignore();
                     let ttl = (expires_ms - now).max(1) as u64;
                     let record = list::encode_record(result, task.as_ref())?;
@@ -694,6 +841,9 @@ impl Store for RedisStore {
                 }
                 Change::Insert(t) => {
                     self.put_task(&mut pipe, t)?;
+                    pipe.hset(self.key("task", &t.id), "node", &self.node)
+                        .ignore();
+                    pipe.sadd(self.key("owned", &self.node), &t.id).ignore();
                     pipe.sadd(format!("{}live", self.prefix), &t.id).ignore();
                     if matches!(t.state, State::Delayed | State::RetryWait) {
                         pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
@@ -848,6 +998,7 @@ impl Store for RedisStore {
                     .arg(&v)
                     .arg(task.due_us)
                     .arg(&data)
+                    .arg(&self.node)
                     .invoke(c)
             })?;
             if answer == "ok" {
@@ -869,21 +1020,13 @@ impl Store for RedisStore {
         for chunk in ids.chunks(1000) {
             let flat: Vec<String> = self.with(|c| {
                 let mut inv = self.scripts.recover.prepare_invoke();
-                inv.arg(&self.prefix);
+                inv.arg(&self.prefix).arg(&self.node).arg("").arg(0);
                 for id in chunk {
                     inv.arg(id);
                 }
                 inv.invoke(c)
             })?;
-            for t in flat.chunks(3) {
-                if let [id, due, state] = t {
-                    out.push(Recovered {
-                        id: Arc::from(id.as_str()),
-                        due_us: due.parse().unwrap_or(0),
-                        was_running: state == "running",
-                    });
-                }
-            }
+            recovered(flat.get(1..).unwrap_or_default(), &mut out);
         }
         Ok(out)
     }
@@ -903,19 +1046,17 @@ impl Store for RedisStore {
                 .arg(cap as i64 - 1)
                 .cmd("ZCARD")
                 .arg(format!("{p}due"))
-                .cmd("SCARD")
+                .cmd("HLEN")
                 .arg(format!("{p}running"))
                 .cmd("SCARD")
                 .arg(format!("{p}live"))
                 .query(c)
         })?;
-        let mut running: Vec<String> = self.with(|c| {
-            redis::cmd("SRANDMEMBER")
-                .arg(format!("{p}running"))
-                .arg(cap)
-                .query(c)
-        })?;
+        // At most one entry per worker of the live nodes: all of them, then the first `cap`.
+        let mut running: Vec<String> =
+            self.with(|c| redis::cmd("HKEYS").arg(format!("{p}running")).query(c))?;
         running.sort_unstable();
+        running.truncate(cap);
         Ok(Summary {
             running,
             running_total,
@@ -978,7 +1119,7 @@ mod tests {
     use std::process::{Child, Command, Stdio};
 
     /// A private redis-server on a free port, stopped when dropped.
-    struct Server(Child, u16);
+    pub(super) struct Server(Child, u16);
 
     impl Drop for Server {
         fn drop(&mut self) {
@@ -994,7 +1135,7 @@ mod tests {
             .expect("free port")
     }
 
-    fn redis_server() -> Server {
+    pub(super) fn redis_server() -> Server {
         redis_server_on(free_port())
     }
 
@@ -1011,7 +1152,12 @@ mod tests {
     }
 
     fn store(s: &Server) -> RedisStore {
-        RedisStore::open(&url(s.1), "t:", Duration::from_secs(10)).expect("connect")
+        node_store(s, "n1")
+    }
+
+    /// A store of node `node` (ttl 3 s) on `s`.
+    pub(super) fn node_store(s: &Server, node: &str) -> RedisStore {
+        RedisStore::open(&url(s.1), "t:", node, 3, Duration::from_secs(10)).expect("connect")
     }
 
     fn url(port: u16) -> String {
@@ -1183,6 +1329,8 @@ mod tests {
         let e = RedisStore::open(
             "redis://:secret@127.0.0.1:1/0",
             "t:",
+            "n1",
+            15,
             Duration::from_millis(300),
         )
         .err()
@@ -1229,7 +1377,7 @@ mod tests {
             thread::sleep(Duration::from_secs(3));
             redis_server_on(port)
         });
-        let st = RedisStore::open(&url(port), "t:", Duration::from_secs(20));
+        let st = RedisStore::open(&url(port), "t:", "n1", 15, Duration::from_secs(20));
         let _s = late.join().expect("join");
         let st = st.unwrap_or_else(|e| panic!("Redis came up about 3 s after the start: {e}"));
         st.insert(&[contract::task("late", State::Ready, 0)])
@@ -1267,7 +1415,8 @@ mod tests {
     fn health_follows_redis_going_away_and_coming_back() {
         let port = free_port();
         let s = redis_server_on(port);
-        let st = RedisStore::open(&url(port), "t:", Duration::from_secs(10)).expect("connect");
+        let st =
+            RedisStore::open(&url(port), "t:", "n1", 15, Duration::from_secs(10)).expect("connect");
         assert!(st.healthy(), "up once open");
         drop(s);
         wait_until(Duration::from_secs(20), "reported down", || !st.healthy());

@@ -88,6 +88,11 @@ pub(crate) struct TaskResult {
     /// whether the receiver got it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) callback_id: Option<String>,
+    /// The node that ran its final attempt (or cancelled it): `--node_id`. Absent from results
+    /// stored by a release before nodes.
+    /// A `Box<str>`: one word less than a `String` in every `Change::Finish`.
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub(crate) node: Box<str>,
 }
 
 impl Task {
@@ -114,6 +119,7 @@ impl TaskResult {
             submitted_at: rfc3339_ms(task.submitted_ms),
             finished_at: rfc3339_ms(now_ms),
             callback_id: None,
+            node: crate::node::own().into(),
         }
     }
 }

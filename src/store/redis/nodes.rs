@@ -1,0 +1,250 @@
+//! The registry of nodes in Redis (`<p>nodes`, `<p>owned:<node>`; see the key list of
+//! [`super`]): joining, heartbeats and leaving (`BEAT`), and the adoption of a dead node's
+//! tasks (`RECOVER` in its adoption mode), judged by Redis's own clock.
+
+use super::{recovered, RedisStore};
+use crate::node::{read_entries, Beat, Join, Registry};
+use crate::store::{Recovered, StoreError};
+
+/// Most tasks one adoption call takes.
+const ADOPT_CHUNK: usize = 500;
+
+/// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
+/// after it) and answers whether it was new, Redis's time and the whole registry, sorted by id
+/// (here rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
+/// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
+/// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
+pub(super) const BEAT: &str = concat!(
+    lua_alive!(),
+    r#"
+local k = p .. 'nodes'
+local mode = ARGV[3]
+if mode == 'join' then
+  local old = redis.call('HGET', k, me)
+  if old and alive(old) then
+    return {'held', string.format('%.0f', now),
+      string.format('%.0f', cjson.decode(old).last_seen)}
+  end
+  if redis.call('TYPE', p .. 'running').ok == 'set' then
+    local ids = redis.call('SMEMBERS', p .. 'running')
+    redis.call('DEL', p .. 'running')
+    for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
+  end
+end
+local seen = now
+if mode == 'leave' then seen = 0 end
+local fresh = redis.call('HSET', k, me, '{"workers":' .. ARGV[4] .. ',"running":' .. ARGV[5]
+  .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6] .. '}')
+local out = {tostring(fresh), string.format('%.0f', now)}
+local all, ids, val = redis.call('HGETALL', k), {}, {}
+for i = 1, #all, 2 do
+  ids[#ids + 1] = all[i]
+  val[all[i]] = all[i + 1]
+end
+table.sort(ids)
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = val[id]
+end
+return out
+"#
+);
+
+impl RedisStore {
+    /// Runs `BEAT` in `mode`.
+    fn beat_call(
+        &self,
+        mode: &str,
+        workers: usize,
+        running: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            self.scripts
+                .beat
+                .arg(&self.prefix)
+                .arg(&self.node)
+                .arg(mode)
+                .arg(workers)
+                .arg(running)
+                .arg(self.node_ttl)
+                .invoke(c)
+        })
+    }
+}
+
+/// A number in a script's answer (parsed as `u64`, as the store's other numbers are: one copy
+/// of the parser).
+fn num(s: Option<&String>) -> Result<i64, StoreError> {
+    s.and_then(|s| s.parse::<u64>().ok())
+        .map(|n| n as i64)
+        .ok_or_else(|| StoreError::Corrupt("unexpected answer from the node registry".into()))
+}
+
+impl Registry for RedisStore {
+    fn join(&self, workers: usize) -> Result<Join, StoreError> {
+        let out = self.beat_call("join", workers, 0)?;
+        if out.first().map(String::as_str) != Some("held") {
+            return Ok(Join::Joined);
+        }
+        Ok(Join::Held {
+            last_seen_ms: num(out.get(2))?,
+            now_ms: num(out.get(1))?,
+        })
+    }
+
+    fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError> {
+        let out = self.beat_call("beat", workers, running)?;
+        let now = num(out.get(1))?;
+        let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
+        beat.was_gone = num(out.first())? == 1;
+        Ok(beat)
+    }
+
+    fn adopt(&self, dead: &str) -> Result<(Vec<Recovered>, bool), StoreError> {
+        let out: Vec<String> = self.with(|c| {
+            // The recovery script, in its adoption mode.
+            self.scripts
+                .recover
+                .arg(&self.prefix)
+                .arg(&self.node)
+                .arg(dead)
+                .arg(ADOPT_CHUNK)
+                .invoke(c)
+        })?;
+        let left = num(out.first())?;
+        let mut tasks = Vec::new();
+        recovered(out.get(1..).unwrap_or_default(), &mut tasks);
+        Ok((tasks, left > 0))
+    }
+
+    fn leave(&self, workers: usize) -> Result<(), StoreError> {
+        self.beat_call("leave", workers, 0).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{node_store, redis_server};
+    use crate::node::{Join, Registry};
+    use crate::store::contract;
+    use crate::store::Store;
+    use crate::task::State;
+
+    fn cli(st: &super::RedisStore, args: &[&str]) -> redis::Value {
+        st.with(|c| {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            cmd.query(c)
+        })
+        .expect("redis command")
+    }
+
+    /// Marks node `id` dead: its heartbeat is 0 (as after `leave`).
+    fn kill(st: &super::RedisStore, id: &str) {
+        cli(
+            st,
+            &[
+                "HSET",
+                "t:nodes",
+                id,
+                r#"{"workers":1,"running":0,"last_seen":0,"ttl":3}"#,
+            ],
+        );
+    }
+
+    /// Two live nodes on one prefix: a restart recovers only its own tasks; once a node is
+    /// dead, its tasks (waiting, ready and running) are adopted once, by one of the others,
+    /// and its entry goes.
+    #[test]
+    fn a_live_nodes_tasks_are_never_recovered_and_a_dead_nodes_are_adopted_once() {
+        let s = redis_server();
+        let (a, b, c) = (
+            node_store(&s, "a"),
+            node_store(&s, "b"),
+            node_store(&s, "c"),
+        );
+        for st in [&a, &b, &c] {
+            assert_eq!(st.join(1).expect("join"), Join::Joined);
+        }
+        a.insert(&[
+            contract::task("a-wait", State::Delayed, 99),
+            contract::task("a-run", State::Ready, 1),
+        ])
+        .expect("insert");
+        assert!(a
+            .claim(&contract::task("a-run", State::Ready, 1))
+            .expect("claim"));
+        b.insert(&[contract::task("b-wait", State::Delayed, 5)])
+            .expect("insert");
+        let mut got: Vec<String> = b
+            .recover()
+            .expect("recover")
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(got, ["b-wait"], "a is live: its tasks stay its own");
+
+        kill(&a, "a");
+        let beat = b.beat(1, 0).expect("beat");
+        assert_eq!(beat.dead, ["a"]);
+        let ids: Vec<&str> = beat.live.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        let (mut took, more) = b.adopt("a").expect("adopt");
+        assert!(!more);
+        took.sort_by(|x, y| x.id.cmp(&y.id));
+        got = took.iter().map(|r| r.id.to_string()).collect();
+        assert_eq!(got, ["a-run", "a-wait"]);
+        assert!(took[0].was_running && !took[1].was_running);
+        assert_eq!(took[1].due_us, 99, "a waiting task keeps its due time");
+        let (again, _) = c.adopt("a").expect("adopt");
+        assert!(again.is_empty(), "adopted once: {again:?}");
+        assert!(
+            b.beat(1, 0).expect("beat").dead.is_empty(),
+            "a's entry went"
+        );
+        // Adopted tasks are b's: c's restart leaves them alone, b's takes them.
+        assert!(c.recover().expect("recover").is_empty());
+        assert_eq!(b.recover().expect("recover").len(), 3);
+    }
+
+    /// A node whose id a live node holds is told so; a stopped one's id is free at once.
+    #[test]
+    fn an_id_held_by_a_live_node_is_refused_and_free_once_it_left() {
+        let s = redis_server();
+        let (a1, a2) = (node_store(&s, "a"), node_store(&s, "a"));
+        assert_eq!(a1.join(2).expect("join"), Join::Joined);
+        assert!(matches!(a2.join(2).expect("join"), Join::Held { .. }));
+        a1.leave(2).expect("leave");
+        assert_eq!(a2.join(2).expect("join"), Join::Joined);
+    }
+
+    /// A `running` set of a release before nodes becomes a hash when a node joins, and its
+    /// tasks (no owner) are recovered by that node.
+    #[test]
+    fn an_old_running_set_is_migrated_and_its_tasks_recovered() {
+        let s = redis_server();
+        let st = node_store(&s, "n");
+        cli(
+            &st,
+            &[
+                "HSET",
+                "t:task:old",
+                "state",
+                "running",
+                "due",
+                "7",
+                "data",
+                "{}",
+            ],
+        );
+        cli(&st, &["SADD", "t:live", "old"]);
+        cli(&st, &["SADD", "t:running", "old"]);
+        assert_eq!(st.join(1).expect("join"), Join::Joined);
+        let rec = st.recover().expect("recover");
+        assert_eq!(rec.len(), 1);
+        assert!(rec[0].was_running);
+        assert_eq!(st.summary(10).expect("summary").running_total, 0);
+    }
+}

@@ -1,0 +1,331 @@
+//! Several poulpe nodes on one Redis prefix (real binaries, a real redis-server with
+//! `appendonly yes`): the node flags, the registry each node's `/sys_info` shows, a second live
+//! node with the same id refused, and a node killed with `kill -9` whose delayed and running
+//! tasks the others adopt (never early; the running one again), without a restart of it
+//! stealing a live node's tasks. Node ids and ttls are given as `POULPE_NODE_ID` and
+//! `POULPE_NODE_TTL`, so that a binary without nodes (`POULPE_TEST_BIN`) starts and fails on
+//! what it does not do.
+
+mod common;
+use common::{binary, eventually, free_port, hits::hits_by_id, redis::RedisServer, Server, Sink};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A persistent redis-server of the test's own.
+fn redis(dir: &Path) -> RedisServer {
+    RedisServer::start_on(&dir.join("redis"), free_port(), &["--appendonly", "yes"])
+}
+
+/// Node `id` (ttl 3 s, two workers) on `redis`, its data under `dir/<id>`.
+fn node(dir: &Path, redis: &RedisServer, id: &str) -> Server {
+    Server::builder(dir.join(id))
+        .args(&["--redis", &redis.url(), "--workers", "2"])
+        .env("POULPE_NODE_ID", id)
+        .env("POULPE_NODE_TTL", "3")
+        .start()
+}
+
+/// The ids `/sys_info` lists under `nodes`, and its `node`.
+fn nodes_of(s: &Server) -> (Vec<String>, String) {
+    let (code, info) = s.get("/sys_info");
+    assert_eq!(code, 200, "{info}");
+    let ids = info["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    (ids, info["node"].as_str().unwrap_or_default().to_string())
+}
+
+/// Runs the binary with `args` and `env` until it exits (at most 60 s): exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn poulpe");
+    let end = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn node_flags_need_redis_and_valid_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("UTF-8 path");
+    let port = free_port().to_string();
+    let base = ["--port", &port, "--bind", "127.0.0.1", "--data", data];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--node_id", "web-1"],
+            "poulpe: --node_id needs --redis: the embedded store serves one node",
+        ),
+        (
+            &["--node_ttl", "10"],
+            "poulpe: --node_ttl needs --redis: the embedded store serves one node",
+        ),
+        (
+            &["--redis", "redis://127.0.0.1:1/0", "--node_id", "a:b"],
+            "poulpe: --node_id: bad value \"a:b\": a node id is 1 to 64 characters among ASCII \
+             letters, digits, '.', '_' and '-'",
+        ),
+        (
+            &[
+                "--redis",
+                "redis://127.0.0.1:1/0",
+                "--node_id",
+                &"x".repeat(65),
+            ],
+            "a node id is 1 to 64 characters",
+        ),
+        (
+            &["--redis", "redis://127.0.0.1:1/0", "--node_ttl", "2"],
+            "poulpe: --node_ttl: bad value \"2\": must be at least 3",
+        ),
+        (
+            &["--redis", "redis://127.0.0.1:1/0", "--node_ttl", "3601"],
+            "poulpe: --node_ttl: bad value \"3601\": must be between 0 and 3600",
+        ),
+    ];
+    for (extra, want) in cases {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = run(&args, &[]);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    // From the environment too, named by its variable's flag.
+    let (code, err) = run(
+        &with(&[]).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("POULPE_NODE_ID", "web-1")],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--node_id needs --redis"), "{err}");
+}
+
+/// With the embedded store, `/sys_info` has the same shape: this node alone, its id
+/// `<hostname>-<port>`, which its results carry too.
+#[test]
+fn the_embedded_store_is_one_node_named_after_host_and_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(dir.path()).start();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let want = format!("{}-{}", host.trim(), s.port);
+    assert_eq!(nodes_of(&s), (vec![want.clone()], want.clone()));
+    let (code, r) = s.submit(&json!({"method": "GET", "name": sink.url("/x"), "wait": 10}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"], json!(want), "{r}");
+}
+
+/// Three nodes on one prefix: each lists the three, sorted, and names itself; a task's result
+/// names the node that ran it.
+#[test]
+fn three_nodes_list_each_other_and_results_name_their_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let nodes: Vec<Server> = ["n3", "n1", "n2"]
+        .iter()
+        .map(|id| node(dir.path(), &redis, id))
+        .collect();
+    for (s, id) in nodes.iter().zip(["n3", "n1", "n2"]) {
+        let seen = eventually(Duration::from_secs(15), "three nodes listed", || {
+            let got = nodes_of(s);
+            (got.0.len() == 3).then_some(got)
+        });
+        assert_eq!(
+            seen,
+            (vec!["n1".into(), "n2".into(), "n3".into()], id.into())
+        );
+        let (_, info) = s.get("/sys_info");
+        let me = info["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == json!(id)))
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert_eq!(me["workers"], json!(2), "{info}");
+        assert!(
+            me["last_seen"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{info}"
+        );
+        let task = json!({"method": "GET", "name": sink.url("/x"), "wait": 10});
+        let (code, r) = s.submit(&task);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["node"], json!(id), "{r}");
+        let (_, again) = s.get(&format!("/task_resp/{}", r["id"].as_str().unwrap_or("")));
+        assert_eq!(again["node"], json!(id), "stored with the result: {again}");
+    }
+}
+
+/// A second process with the id of a live node stops at start, naming the id, and the first
+/// goes on; once the first has stopped, the id is free at once.
+#[test]
+fn a_second_live_node_with_the_same_id_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let mut first = node(dir.path(), &redis, "same");
+    let data = dir.path().join("second");
+    let port = free_port().to_string();
+    let url = redis.url();
+    let args = [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--data",
+        data.to_str().expect("UTF-8 path"),
+        "--redis",
+        &url,
+    ];
+    let env = [("POULPE_NODE_ID", "same"), ("POULPE_NODE_TTL", "3")];
+    let (code, err) = run(&args, &env);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--node_id: node \"same\" is live on this Redis prefix"),
+        "{err}"
+    );
+    assert_eq!(nodes_of(&first).1, "same", "the first node still serves");
+    assert!(first.term().success());
+    let second = Server::builder(&data)
+        .args(&["--redis", &url])
+        .env("POULPE_NODE_ID", "same")
+        .env("POULPE_NODE_TTL", "3")
+        .start();
+    assert_eq!(nodes_of(&second), (vec!["same".into()], "same".into()));
+}
+
+/// The sink hits of `id`, as unix µs.
+fn hits_of(sink: &Sink, id: &str) -> Vec<u64> {
+    hits_by_id(&sink.hits()).remove(id).unwrap_or_default()
+}
+
+/// Node a holds a running slow task and delayed ones when it is killed: node b adopts them once
+/// a's heartbeat has expired. The delayed ones run once each, never early; the running one runs
+/// again (at least once); a leaves b's list. Restarting a with its id then takes nothing of
+/// b's: neither b's delayed task nor the adopted one b runs.
+#[test]
+fn a_killed_nodes_tasks_are_adopted_by_a_live_node_and_a_restart_steals_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let mut a = node(dir.path(), &redis, "a");
+    let b = node(dir.path(), &redis, "b");
+    let slow = json!({"id": "run-1", "method": "GET", "timeout": 60,
+        "name": sink.url("/slow"), "params": "ms=6000&id=run-1"});
+    assert_eq!(a.submit(&slow).0, 200);
+    sink.wait_until(Duration::from_secs(10), "run-1 running on a", |h| {
+        hits_by_id(h).contains_key("run-1")
+    });
+    let before_us = common::now_us();
+    let delayed: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({"id": format!("d-{i}"), "method": "GET", "delay": 8,
+            "name": sink.url("/hit"), "params": format!("id=d-{i}")})
+        })
+        .collect();
+    assert_eq!(a.submit(&json!(delayed)).0, 200);
+    a.kill9();
+
+    for i in 0..5 {
+        let id = format!("d-{i}");
+        let at = eventually(
+            Duration::from_secs(30),
+            "a delayed task of the dead node",
+            || hits_of(&sink, &id).first().copied(),
+        );
+        assert!(at >= before_us + 8_000_000, "{id} ran before its due time");
+        let (code, r) = b.get(&format!("/task_resp/{id}?timeout=10"));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["node"], json!("b"), "{r}");
+    }
+    let runs = eventually(Duration::from_secs(30), "run-1 run again", || {
+        let h = hits_of(&sink, "run-1");
+        (h.len() >= 2).then_some(h.len())
+    });
+    assert_eq!(runs, 2, "run-1 runs again once");
+    let listed = eventually(Duration::from_secs(10), "a gone from b's list", || {
+        let (ids, _) = nodes_of(&b);
+        (ids == ["b"]).then_some(ids)
+    });
+    assert_eq!(listed, ["b"]);
+    assert!(b
+        .log_text()
+        .contains("adopted 6 tasks of dead node a (1 were running"));
+
+    // b's own delayed task, and run-1 (adopted, running on b): a restarted a takes neither.
+    let late = json!({"id": "b-late", "method": "GET", "delay": 4,
+        "name": sink.url("/hit"), "params": "id=b-late"});
+    assert_eq!(b.submit(&late).0, 200);
+    let a = node(dir.path(), &redis, "a");
+    let (ids, me) = nodes_of(&a);
+    assert_eq!(
+        (ids, me.as_str()),
+        (vec!["a".to_string(), "b".to_string()], "a")
+    );
+    let (code, r) = b.get("/task_resp/b-late?timeout=20");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"], json!("b"), "{r}");
+    let (code, r) = b.get("/task_resp/run-1?timeout=20");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"], json!("b"), "{r}");
+    assert_eq!(
+        hits_of(&sink, "run-1").len(),
+        2,
+        "run-1 not taken by the restart"
+    );
+    assert_eq!(hits_of(&sink, "b-late").len(), 1);
+    assert!(!a.log_text().contains("recovered"), "{}", a.log_text());
+}
+
+/// A node stopped cleanly (SIGTERM) marks itself stopped once its attempts are done (it says
+/// so), so that another node adopts its delayed task without waiting for its ttl, and runs it
+/// at its due time; the stopped node leaves the list.
+#[test]
+fn a_cleanly_stopped_nodes_delayed_task_runs_on_another_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let mut a = node(dir.path(), &redis, "a");
+    let b = node(dir.path(), &redis, "b");
+    let before_us = common::now_us();
+    let t = json!({"id": "later", "method": "GET", "delay": 3,
+        "name": sink.url("/hit"), "params": "id=later"});
+    assert_eq!(a.submit(&t).0, 200);
+    assert!(a.term().success());
+    let at = eventually(Duration::from_secs(30), "the stopped node's task", || {
+        hits_of(&sink, "later").first().copied()
+    });
+    assert!(at >= before_us + 3_000_000, "ran before its due time");
+    let (code, r) = b.get("/task_resp/later?timeout=10");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"], json!("b"), "{r}");
+    assert_eq!(nodes_of(&b).0, ["b"]);
+    assert!(b.log_text().contains("adopted 1 tasks of dead node a"));
+    assert!(
+        a.log_text().contains("node a: left the registry"),
+        "{}",
+        a.log_text()
+    );
+}
