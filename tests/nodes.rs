@@ -329,3 +329,38 @@ fn a_cleanly_stopped_nodes_delayed_task_runs_on_another_node() {
         a.log_text()
     );
 }
+
+/// A node killed with `kill -9` and started again on this machine with its id takes its entry
+/// over at once, although the old heartbeat has not expired (its ttl here is 10 minutes): the
+/// old process is known to be gone. Its delayed task then runs.
+#[test]
+fn a_node_restarted_on_this_machine_after_kill_9_takes_over_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let solo = |dir: &Path| {
+        Server::builder(dir.join("solo"))
+            .args(&["--redis", &redis.url()])
+            .env("POULPE_NODE_ID", "solo")
+            .env("POULPE_NODE_TTL", "600")
+            .start()
+    };
+    let mut first = solo(dir.path());
+    let task = json!({"id": "later", "method": "GET", "delay": 2,
+        "name": sink.url("/hit"), "params": "id=later"});
+    assert_eq!(first.submit(&task).0, 200);
+    first.kill9();
+    // `start` gives a server 15 s to answer /health: far less than the old entry's 600 s.
+    let again = solo(dir.path());
+    assert_eq!(nodes_of(&again), (vec!["solo".into()], "solo".into()));
+    eventually(
+        Duration::from_secs(15),
+        "the restarted node's delayed task",
+        || hits_of(&sink, "later").first().copied(),
+    );
+    assert!(
+        again.log_text().contains("taking over the entry"),
+        "{}",
+        again.log_text()
+    );
+}

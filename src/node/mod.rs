@@ -143,8 +143,12 @@ pub(crate) enum Join {
     /// This node's entry is written: it is live.
     Joined,
     /// A live node holds this id: its heartbeat was at `last_seen_ms`, the store's clock says
-    /// `now_ms`.
-    Held { last_seen_ms: i64, now_ms: i64 },
+    /// `now_ms`; `who` is the holder's process ([`who`]).
+    Held {
+        last_seen_ms: i64,
+        now_ms: i64,
+        who: String,
+    },
 }
 
 /// The registry of the nodes sharing one store, with their heartbeats (the Redis store keeps
@@ -152,7 +156,9 @@ pub(crate) enum Join {
 pub(crate) trait Registry: Send + Sync {
     /// Writes this node's entry at start, unless a live node holds its id. Also brings keys of
     /// a release before nodes to this one's layout.
-    fn join(&self, workers: usize) -> Result<Join, StoreError>;
+    /// `replace`: the `who` of an entry to overwrite although it looks live (a crashed
+    /// predecessor on this machine); empty for none.
+    fn join(&self, workers: usize, replace: &str) -> Result<Join, StoreError>;
 
     /// Renews this node's entry and reads the registry.
     fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError>;
@@ -192,36 +198,98 @@ impl fmt::Display for JoinError {
 impl std::error::Error for JoinError {}
 
 /// Registers this node at start. An entry with its id whose heartbeat is within its ttl is
-/// watched until it is renewed (another live process: refused) or expires (a crashed
-/// predecessor: taken over), so a restart right after a crash needs no manual wait.
+/// taken over at once when its process was on this machine and is gone (a crash and restart:
+/// [`gone`]); otherwise it is watched until it is renewed (another live process: refused) or
+/// expires (a crashed predecessor elsewhere: taken over).
 pub(crate) fn join(reg: &dyn Registry, id: &str, workers: usize) -> Result<(), JoinError> {
     let mut first = None;
+    let mut replace = String::new();
     loop {
-        match reg.join(workers).map_err(JoinError::Store)? {
+        match reg.join(workers, &replace).map_err(JoinError::Store)? {
             Join::Joined => return Ok(()),
             Join::Held {
                 last_seen_ms,
                 now_ms,
-            } => match first {
-                None => {
+                who,
+            } => {
+                if replace.is_empty() && gone(&who) {
                     log::info!(
-                        "node {id}: an entry with this id was renewed {} ms ago; waiting to see \
-                         whether its process is still alive",
-                        now_ms - last_seen_ms
+                        "node {id}: taking over the entry of this id's earlier process on this \
+                         machine, which is gone"
                     );
-                    first = Some(last_seen_ms);
+                    replace = who;
+                    continue;
                 }
-                Some(f) if f != last_seen_ms => {
-                    return Err(JoinError::Taken {
-                        id: id.to_string(),
-                        age_ms: now_ms - last_seen_ms,
-                    })
+                match first {
+                    None => {
+                        log::info!(
+                            "node {id}: an entry with this id was renewed {} ms ago; waiting to \
+                             see whether its process is still alive",
+                            now_ms - last_seen_ms
+                        );
+                        first = Some(last_seen_ms);
+                    }
+                    Some(f) if f != last_seen_ms => {
+                        return Err(JoinError::Taken {
+                            id: id.to_string(),
+                            age_ms: now_ms - last_seen_ms,
+                        })
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
-            },
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// This process, as written in its registry entry: the machine's boot id, its host name, its
+/// PID namespace and its PID, separated by spaces.
+pub(crate) fn who() -> &'static str {
+    static WHO: OnceLock<String> = OnceLock::new();
+    WHO.get_or_init(|| {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let ns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let host: String = hostname().split_whitespace().collect();
+        format!(
+            "{} {host} {} {}",
+            boot.trim(),
+            ns.replace(' ', ""),
+            std::process::id()
+        )
+    })
+}
+
+/// Whether the process that wrote `holder` (its [`who`]) is certainly gone: it ran on this
+/// machine (same boot) under this host name, and either in this PID namespace with a PID that
+/// is this process's or no process's, or in another PID namespace (a container started again:
+/// its namespace went with it). Two live processes with one node id on one machine need
+/// either two PID namespaces and one host name, which this takes for a restart.
+fn gone(holder: &str) -> bool {
+    let theirs: Vec<&str> = holder.split(' ').collect();
+    let mine: Vec<&str> = who().split(' ').collect();
+    let (&[boot, host, ns, pid], &[my_boot, my_host, my_ns, my_pid]) =
+        (theirs.as_slice(), mine.as_slice())
+    else {
+        return false;
+    };
+    if boot.is_empty() || boot != my_boot || host != my_host {
+        return false;
+    }
+    if ns != my_ns {
+        return true;
+    }
+    if pid == my_pid {
+        return true;
+    }
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 sends nothing; it only asks whether `pid` exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// The nodes `/sys_info` lists: this one's id, and the live nodes as the heartbeat thread last
@@ -264,6 +332,38 @@ mod tests {
         let id = default_id(8000);
         assert!(id.ends_with("-8000"), "{id}");
         assert_eq!(check_id(&id), Ok(()), "{id}");
+    }
+
+    #[test]
+    fn an_earlier_process_on_this_machine_is_gone_once_its_pid_is() {
+        let mine = who().to_string();
+        let parts: Vec<&str> = mine.split(' ').collect();
+        assert_eq!(parts.len(), 4, "{mine}");
+        let with = |boot: &str, ns: &str, pid: &str| format!("{boot} {} {ns} {pid}", parts[1]);
+        // A child that has exited: its PID is no process's.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = child.id().to_string();
+        child.wait().expect("wait");
+        assert!(gone(&with(parts[0], parts[2], &dead)), "an exited process");
+        assert!(
+            gone(&mine),
+            "this very PID: the earlier process cannot be alive"
+        );
+        let parent = std::os::unix::process::parent_id().to_string();
+        assert!(!gone(&with(parts[0], parts[2], &parent)), "a live process");
+        assert!(
+            gone(&with(parts[0], "pid:[1]", &parent)),
+            "another PID namespace under this host name: a container started again"
+        );
+        assert!(
+            !gone(&with("other-boot", parts[2], &dead)),
+            "another machine"
+        );
+        assert!(!gone(&format!(
+            "{} other-host {} {dead}",
+            parts[0], parts[2]
+        )));
+        assert!(!gone(""), "an entry of a release without `who`");
     }
 
     #[test]

@@ -22,8 +22,11 @@ local mode = ARGV[3]
 if mode == 'join' then
   local old = redis.call('HGET', k, me)
   if old and alive(old) then
-    return {'held', string.format('%.0f', now),
-      string.format('%.0f', cjson.decode(old).last_seen)}
+    local e = cjson.decode(old)
+    local who = tostring(e.who or '')
+    if ARGV[8] == '' or who ~= ARGV[8] then
+      return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
+    end
   end
   if redis.call('TYPE', p .. 'running').ok == 'set' then
     local ids = redis.call('SMEMBERS', p .. 'running')
@@ -34,7 +37,8 @@ end
 local seen = now
 if mode == 'leave' then seen = 0 end
 local fresh = redis.call('HSET', k, me, '{"workers":' .. ARGV[4] .. ',"running":' .. ARGV[5]
-  .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6] .. '}')
+  .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6]
+  .. ',"who":' .. cjson.encode(ARGV[7]) .. '}')
 local out = {tostring(fresh), string.format('%.0f', now)}
 local all, ids, val = redis.call('HGETALL', k), {}, {}
 for i = 1, #all, 2 do
@@ -51,12 +55,14 @@ return out
 );
 
 impl RedisStore {
-    /// Runs `BEAT` in `mode`.
+    /// Runs `BEAT` in `mode`; `replace`: the entry a `join` may overwrite although it looks
+    /// live (that of a crashed predecessor on this machine).
     fn beat_call(
         &self,
         mode: &str,
         workers: usize,
         running: usize,
+        replace: &str,
     ) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
             self.scripts
@@ -67,6 +73,8 @@ impl RedisStore {
                 .arg(workers)
                 .arg(running)
                 .arg(self.node_ttl)
+                .arg(crate::node::who())
+                .arg(replace)
                 .invoke(c)
         })
     }
@@ -81,19 +89,20 @@ fn num(s: Option<&String>) -> Result<i64, StoreError> {
 }
 
 impl Registry for RedisStore {
-    fn join(&self, workers: usize) -> Result<Join, StoreError> {
-        let out = self.beat_call("join", workers, 0)?;
+    fn join(&self, workers: usize, replace: &str) -> Result<Join, StoreError> {
+        let out = self.beat_call("join", workers, 0, replace)?;
         if out.first().map(String::as_str) != Some("held") {
             return Ok(Join::Joined);
         }
         Ok(Join::Held {
             last_seen_ms: num(out.get(2))?,
             now_ms: num(out.get(1))?,
+            who: out.get(3).cloned().unwrap_or_default(),
         })
     }
 
     fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError> {
-        let out = self.beat_call("beat", workers, running)?;
+        let out = self.beat_call("beat", workers, running, "")?;
         let now = num(out.get(1))?;
         let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
         beat.was_gone = num(out.first())? == 1;
@@ -118,7 +127,7 @@ impl Registry for RedisStore {
     }
 
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
-        self.beat_call("leave", workers, 0).map(|_| ())
+        self.beat_call("leave", workers, 0, "").map(|_| ())
     }
 }
 
@@ -166,7 +175,7 @@ mod tests {
             node_store(&s, "c"),
         );
         for st in [&a, &b, &c] {
-            assert_eq!(st.join(1).expect("join"), Join::Joined);
+            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
         }
         a.insert(&[
             contract::task("a-wait", State::Delayed, 99),
@@ -214,10 +223,10 @@ mod tests {
     fn an_id_held_by_a_live_node_is_refused_and_free_once_it_left() {
         let s = redis_server();
         let (a1, a2) = (node_store(&s, "a"), node_store(&s, "a"));
-        assert_eq!(a1.join(2).expect("join"), Join::Joined);
-        assert!(matches!(a2.join(2).expect("join"), Join::Held { .. }));
+        assert_eq!(a1.join(2, "").expect("join"), Join::Joined);
+        assert!(matches!(a2.join(2, "").expect("join"), Join::Held { .. }));
         a1.leave(2).expect("leave");
-        assert_eq!(a2.join(2).expect("join"), Join::Joined);
+        assert_eq!(a2.join(2, "").expect("join"), Join::Joined);
     }
 
     /// A `running` set of a release before nodes becomes a hash when a node joins, and its
@@ -241,7 +250,7 @@ mod tests {
         );
         cli(&st, &["SADD", "t:live", "old"]);
         cli(&st, &["SADD", "t:running", "old"]);
-        assert_eq!(st.join(1).expect("join"), Join::Joined);
+        assert_eq!(st.join(1, "").expect("join"), Join::Joined);
         let rec = st.recover().expect("recover");
         assert_eq!(rec.len(), 1);
         assert!(rec[0].was_running);
