@@ -24,24 +24,18 @@ fn poulpe(args: &[&str], env: &[(&str, &str)]) -> Command {
 /// Runs to completion; kills it and panics when it is still running after 20 s (a process that
 /// should have refused to start but serves instead).
 fn run(mut cmd: Command) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn poulpe");
-    let end = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > end {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "poulpe did not exit: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
+    let (out, exited) = common::output_within(child, Duration::from_secs(20));
+    assert!(
+        exited,
+        "poulpe did not exit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn text(b: &[u8]) -> String {

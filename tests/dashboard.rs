@@ -9,7 +9,7 @@ use common::{eventually, Server, Sink};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -47,7 +47,7 @@ fn python() -> PathBuf {
 /// with the report when the script could not finish its steps.
 fn browse(scenario: &str, s: &Server, extra: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard.py");
-    let mut child = Command::new(python())
+    let child = Command::new(python())
         .arg(script)
         .args([scenario, "--url", &s.base])
         .args(extra)
@@ -57,15 +57,7 @@ fn browse(scenario: &str, s: &Server, extra: &[&str]) -> Value {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tests/dashboard.py");
-    let end = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > end {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("dashboard.py output");
+    let (out, _) = common::output_within(child, Duration::from_secs(90));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: Value = stdout
         .lines()

@@ -7,11 +7,14 @@
 //! what it does not do.
 
 mod common;
-use common::{binary, eventually, free_port, hits::hits_by_id, redis::RedisServer, Server, Sink};
+use common::{
+    binary, eventually, free_port, hits::hits_by_id, output_within, redis::RedisServer, Server,
+    Sink,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A persistent redis-server of the test's own.
 fn redis(dir: &Path) -> RedisServer {
@@ -44,22 +47,14 @@ fn nodes_of(s: &Server) -> (Vec<String>, String) {
 
 /// Runs the binary with `args` and `env` until it exits (at most 60 s): exit code and stderr.
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut child = Command::new(binary())
+    let child = Command::new(binary())
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn poulpe");
-    let end = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > end {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
+    let (out, _) = output_within(child, Duration::from_secs(60));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -403,6 +403,23 @@ impl Drop for Sink {
     }
 }
 
+/// Waits up to `limit` for `child` to exit, killing it once `limit` has passed: its output, and
+/// whether it exited by itself.
+#[allow(dead_code)]
+pub fn output_within(mut child: Child, limit: Duration) -> (std::process::Output, bool) {
+    let end = Instant::now() + limit;
+    let mut exited = true;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            exited = false;
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    (child.wait_with_output().expect("output"), exited)
+}
+
 /// Polls until `f` returns Some, or panics after `limit`.
 #[allow(dead_code)]
 pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
