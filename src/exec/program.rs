@@ -41,7 +41,9 @@ struct SpawnJob {
 
 /// Starts EXEC programs from one thread that keeps the server's own CPU priority: workers run
 /// at a lower one (`--worker_nice`), which a program started by a worker would inherit and
-/// could not give back (raising priority needs privileges).
+/// could not give back (raising priority needs privileges). The thread lives as long as the
+/// executors: `PR_SET_PDEATHSIG` fires when the thread that started a program ends, not the
+/// process, so its programs are killed only once the server is done with them.
 pub(crate) struct Spawner {
     jobs: Option<Arc<Handoff<SpawnJob>>>,
 }
