@@ -359,3 +359,54 @@ fn a_node_restarted_on_this_machine_after_kill_9_takes_over_at_once() {
         again.log_text()
     );
 }
+
+/// Three nodes load the same cron file, a line firing every second: each firing runs once in
+/// the whole cluster (its `cron-<key>-<time>` id is refused by the others, also once its task
+/// has finished), and the firings run on the nodes that fired first.
+#[test]
+fn a_cron_line_loaded_by_three_nodes_fires_once_per_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let cron = dir.path().join("crontab");
+    std::fs::write(
+        &cron,
+        format!("* * * * * * *  {}  GET  src=c\n", sink.url("/beat")),
+    )
+    .expect("cron file");
+    let cron = cron.to_str().expect("UTF-8 path").to_string();
+    let nodes: Vec<Server> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|id| {
+            Server::builder(dir.path().join(id))
+                .args(&["--redis", &redis.url(), "--cron", &cron])
+                .env("POULPE_NODE_ID", id)
+                .env("POULPE_NODE_TTL", "3")
+                .start()
+        })
+        .collect();
+    sink.wait_until(Duration::from_secs(15), "6 firings", |h| {
+        h.iter().filter(|h| h.path == "/beat").count() >= 6
+    });
+    // Time for a second run of any of them to arrive.
+    std::thread::sleep(Duration::from_millis(1500));
+    let seconds: Vec<u64> = sink
+        .hits_on("/beat")
+        .iter()
+        .map(|h| h.at_us / 1_000_000)
+        .collect();
+    let mut distinct = seconds.clone();
+    distinct.dedup();
+    assert_eq!(distinct, seconds, "one run per second in the cluster");
+    let (_, info) = nodes[0].get("/sys_info");
+    let id = info["cron"][0]["last_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (code, r) = nodes[1].get(&format!("/task_resp/{id}?timeout=5"));
+    assert_eq!(code, 200, "{r}");
+    assert!(
+        ["c1", "c2", "c3"].contains(&r["node"].as_str().unwrap_or_default()),
+        "{r}"
+    );
+}

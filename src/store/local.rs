@@ -258,6 +258,11 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
+        for t in tasks.iter().filter(|t| t.trusted) {
+            if self.backend.result(&t.id)?.is_some() {
+                return Err(StoreError::Duplicate(t.id.clone()));
+            }
+        }
         let items: Vec<(&str, State)> = tasks.iter().map(|t| (t.id.as_str(), t.state)).collect();
         self.live
             .reserve(&items)

@@ -134,7 +134,10 @@ pub(crate) trait Store: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Adds new tasks, all or none, and returns once they are durable.
-    /// Fails with `Duplicate` when one id belongs to an unfinished task (or repeats in `tasks`).
+    /// Fails with `Duplicate` when one id belongs to an unfinished task (or repeats in `tasks`),
+    /// or is the id of a trusted task (a cron firing) whose result is stored: a firing runs
+    /// once, whichever node of several on one Redis fires it first (the check and the insert
+    /// are one step there).
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError>;
 
     /// Moves a waiting task (delayed or retry-waiting) to ready and returns it, or `None` when
@@ -575,6 +578,29 @@ pub(crate) mod contract {
             rec.iter().all(|r| &*r.id != "a"),
             "finished or cancelled tasks are not recovered"
         );
+
+        // A cron firing (a trusted task) whose result is stored is refused: it runs once.
+        let mut firing = task("cron-l1-60", State::Ready, 0);
+        firing.trusted = true;
+        store.insert(std::slice::from_ref(&firing)).expect("insert");
+        assert!(store.claim(&firing).expect("claim"));
+        store
+            .record(&[Change::Finish {
+                result: result("cron-l1-60"),
+                expires_ms: now + 1_000_000_000,
+                task: None,
+            }])
+            .expect("record finish");
+        assert_eq!(
+            store.insert(std::slice::from_ref(&firing)),
+            Err(StoreError::Duplicate("cron-l1-60".into())),
+            "a finished firing is not inserted again"
+        );
+        assert_eq!(store.status("cron-l1-60").expect("status"), None);
+        firing.trusted = false;
+        store
+            .insert(std::slice::from_ref(&firing))
+            .expect("an id whose task finished may be used again by a client");
 
         // Two outcome writes under way at once (the outcome stage starts the next before the
         // first is durable): each is durable once waited for, whatever the order.

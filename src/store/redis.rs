@@ -119,15 +119,16 @@ for g = 1, ngroups do
   local dup = false
   local seen = {}
   for t = 0, n - 1 do
-    local id = ARGV[start + t * 4]
-    if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1 then dup = id; break end
+    local id, once = ARGV[start + t * 5], ARGV[start + t * 5 + 4] == '1'
+    if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1
+      or (once and redis.call('EXISTS', p .. 'result:' .. id) == 1) then dup = id; break end
     seen[id] = true
   end
   if dup then
     out[g] = dup
   else
     for t = 0, n - 1 do
-      local b = start + t * 4
+      local b = start + t * 5
       local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
       redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
       redis.call('SADD', p .. 'live', id)
@@ -140,7 +141,7 @@ for g = 1, ngroups do
     end
     out[g] = ''
   end
-  i = start + n * 4
+  i = start + n * 5
 end
 return out
 ";
@@ -410,7 +411,8 @@ impl r2d2::CustomizeConnection<Connection, redis::RedisError> for Timeouts {
 
 /// One submit's tasks waiting for the insert thread.
 struct Group {
-    tasks: Vec<(String, &'static str, u64, String)>,
+    /// Id, state, due time, task JSON, and whether a stored result refuses it (a cron firing).
+    tasks: Vec<(String, &'static str, u64, String, bool)>,
     done: Sender<Result<(), StoreError>>,
 }
 
@@ -676,8 +678,12 @@ fn insert_loop(
         inv.arg(prefix).arg(node).arg(groups.len());
         for g in &groups {
             inv.arg(g.tasks.len());
-            for (id, state, due, data) in &g.tasks {
-                inv.arg(id).arg(*state).arg(*due).arg(data);
+            for (id, state, due, data, once) in &g.tasks {
+                inv.arg(id)
+                    .arg(*state)
+                    .arg(*due)
+                    .arg(data)
+                    .arg(if *once { "1" } else { "0" });
             }
         }
         let res: Result<Vec<String>, StoreError> = pool.get().map_err(down).and_then(|mut c| {
@@ -748,7 +754,13 @@ impl Store for RedisStore {
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
         let mut items = Vec::with_capacity(tasks.len());
         for t in tasks {
-            items.push((t.id.clone(), state_name(t.state), t.due_us, encode(t)?));
+            items.push((
+                t.id.clone(),
+                state_name(t.state),
+                t.due_us,
+                encode(t)?,
+                t.trusted,
+            ));
         }
         let t0 = std::time::Instant::now();
         let (done, wait) = bounded(1);
