@@ -296,7 +296,7 @@ impl OutcomeStage {
             ended,
             mut still,
         } = w;
-        let mut written = recording.wait();
+        let mut written = recording.wait(&changes);
         let mut delay = Duration::from_millis(100);
         while let Err(e) = written {
             log::error!(
@@ -673,7 +673,7 @@ mod tests {
             };
             // Written at once; only the answer waits.
             let written = self.inner.record(c);
-            crate::store::Recording::waiting(move || {
+            crate::store::Recording::waiting(move |_: &[Change]| {
                 if n == 1 {
                     hold.wait();
                 }

@@ -118,6 +118,22 @@ fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, StoreError> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The tasks `changes` bring into being (callbacks), with their states.
+fn born(changes: &[Change]) -> Vec<(&str, State)> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Insert(t) => Some((t.id.as_str(), t.state)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The ids of `items`.
+fn ids<'a>(items: &[(&'a str, State)]) -> Vec<&'a str> {
+    items.iter().map(|(id, _)| *id).collect()
+}
+
 fn now_ms() -> i64 {
     crate::clock::now_ms()
 }
@@ -195,12 +211,6 @@ impl<B: Backend> LocalStore<B> {
     #[cfg(test)]
     pub(crate) fn backend(&self) -> &B {
         &self.backend
-    }
-
-    /// Lets go of the reservations of ids whose insert failed.
-    fn release(&self, ids: &[String]) {
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.live.release(&ids);
     }
 
     /// Fails with `Unavailable` while the backend cannot make writes durable.
@@ -320,52 +330,37 @@ impl<B: Backend> Store for LocalStore<B> {
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
-        self.record_start(changes).wait()
+        self.record_start(changes).wait(changes)
     }
 
     fn record_start(&self, changes: &[Change]) -> Recording<'_> {
-        let born: Vec<(&str, State)> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Insert(t) => Some((t.id.as_str(), t.state)),
-                _ => None,
-            })
-            .collect();
-        if !born.is_empty() {
-            if let Err(dup) = self.live.reserve(&born) {
+        let reserved = born(changes);
+        if !reserved.is_empty() {
+            if let Err(dup) = self.live.reserve(&reserved) {
                 return Recording::done(Err(StoreError::Duplicate(dup.0)));
             }
         }
-        // What the live index learns once the write is durable: ids born, and the new state of
-        // each task the changes touch (`None`: finished).
-        let ids: Vec<String> = born.iter().map(|(id, _)| id.to_string()).collect();
-        let moved: Vec<(String, Option<State>)> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Retry(t) => Some((t.id.clone(), Some(t.state))),
-                Change::Finish { result, .. } => Some((result.id.clone(), None)),
-                Change::Insert(_) => None,
-            })
-            .collect();
         let ops = match self.record_ops(changes) {
             Ok(ops) => ops,
             Err(e) => {
-                self.release(&ids);
+                self.live.release(&ids(&reserved));
                 return Recording::done(Err(e));
             }
         };
         let written = self.backend.write_start(ops);
-        Recording::waiting(move || {
+        // The live index changes once the write is durable (or lets the reservations go).
+        Recording::waiting(move |changes: &[Change]| {
+            let reserved = ids(&born(changes));
             if let Err(e) = written() {
-                self.release(&ids);
+                self.live.release(&reserved);
                 return Err(e);
             }
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            self.live.commit(&ids);
-            for (id, state) in &moved {
-                match state {
-                    Some(s) => self.live.set(id, *s),
-                    None => self.live.remove(id),
+            self.live.commit(&reserved);
+            for c in changes {
+                match c {
+                    Change::Retry(t) => self.live.set(&t.id, t.state),
+                    Change::Finish { result, .. } => self.live.remove(&result.id),
+                    Change::Insert(_) => {}
                 }
             }
             Ok(())

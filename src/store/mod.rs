@@ -101,9 +101,12 @@ pub(crate) struct Recovered {
 #[must_use = "a recording is durable only once waited for"]
 pub(crate) struct Recording<'a>(RecordingState<'a>);
 
+/// What finishes a recording, given its changes.
+type Finish<'a> = Box<dyn FnOnce(&[Change]) -> Result<(), StoreError> + Send + 'a>;
+
 enum RecordingState<'a> {
     Done(Result<(), StoreError>),
-    Waiting(Box<dyn FnOnce() -> Result<(), StoreError> + Send + 'a>),
+    Waiting(Finish<'a>),
 }
 
 impl<'a> Recording<'a> {
@@ -112,18 +115,20 @@ impl<'a> Recording<'a> {
         Recording(RecordingState::Done(r))
     }
 
-    /// A recording that `finish` waits for (and completes).
+    /// A recording that `finish` waits for and completes, given the changes it writes.
     pub(crate) fn waiting(
-        finish: impl FnOnce() -> Result<(), StoreError> + Send + 'a,
+        finish: impl FnOnce(&[Change]) -> Result<(), StoreError> + Send + 'a,
     ) -> Recording<'a> {
         Recording(RecordingState::Waiting(Box::new(finish)))
     }
 
-    /// Returns once the changes are durable, or why they are not (then none of them is).
-    pub(crate) fn wait(self) -> Result<(), StoreError> {
+    /// Returns once `changes` (those given to `record_start`, which the caller keeps until
+    /// now rather than the store copying what it needs of them) are durable, or why they are
+    /// not (then none of them is).
+    pub(crate) fn wait(self, changes: &[Change]) -> Result<(), StoreError> {
         match self.0 {
             RecordingState::Done(r) => r,
-            RecordingState::Waiting(finish) => finish(),
+            RecordingState::Waiting(finish) => finish(changes),
         }
     }
 }
@@ -165,8 +170,8 @@ pub(crate) trait Store: Send + Sync {
     /// Writes the outcomes of attempts, all or none, and returns once they are durable.
     fn record(&self, changes: &[Change]) -> Result<(), StoreError>;
 
-    /// `record` in two steps: starts the write and returns, and [`Recording::wait`] returns
-    /// once it is durable (the store's reads reflect it from then on). The outcome stage
+    /// `record` in two steps: starts the write and returns, and [`Recording::wait`], given the
+    /// same changes, returns once it is durable (the store's reads reflect it from then on). The outcome stage
     /// decides its next batch while this one is written. A write started later may be durable
     /// first: the changes of writes under way at once concern different tasks. By default the
     /// write is made before this returns.
@@ -607,17 +612,19 @@ pub(crate) mod contract {
         let (w1, w2) = (task("w1", State::Ready, 0), task("w2", State::Ready, 0));
         store.insert(&[w1.clone(), w2.clone()]).expect("insert");
         assert!(store.claim(&w1).expect("claim") && store.claim(&w2).expect("claim"));
-        let first = store.record_start(&[Change::Finish {
+        let first_changes = [Change::Finish {
             result: result("w1"),
             expires_ms: now + 1_000_000_000,
             task: Some(w1),
-        }]);
+        }];
+        let first = store.record_start(&first_changes);
         let mut again = w2;
         again.state = State::RetryWait;
-        let second = store.record_start(&[Change::Retry(again)]);
-        second.wait().expect("second write");
+        let second_changes = [Change::Retry(again)];
+        let second = store.record_start(&second_changes);
+        second.wait(&second_changes).expect("second write");
         assert_eq!(store.status("w2").expect("status"), Some(State::RetryWait));
-        first.wait().expect("first write");
+        first.wait(&first_changes).expect("first write");
         assert_eq!(store.status("w1").expect("status"), None);
         assert_eq!(store.result("w1").expect("result"), Some(result("w1")));
     }
