@@ -229,14 +229,9 @@ fn output_beyond_64_kib_is_cut_and_marked() {
     assert_eq!(stored["output"], r["output"]);
 }
 
-/// The nice value in a `/proc/.../stat` line (the 19th field; the name in parentheses may hold
-/// spaces, so fields are counted after its closing parenthesis).
+/// The nice value in a `/proc/.../stat` line (its 19th field).
 fn nice_in_stat(stat: &str) -> i64 {
-    let rest = &stat[stat.rfind(')').expect("stat line") + 2..];
-    rest.split(' ')
-        .nth(16)
-        .and_then(|n| n.trim().parse().ok())
-        .expect("nice field")
+    common::stat_field(stat, 19).parse().expect("nice field")
 }
 
 /// Workers run 5 nice steps below the server's other threads, so that under full load the

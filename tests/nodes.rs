@@ -23,10 +23,17 @@ fn redis(dir: &Path) -> RedisServer {
 
 /// Node `id` (ttl 3 s, two workers) on `redis`, its data under `dir/<id>`.
 fn node(dir: &Path, redis: &RedisServer, id: &str) -> Server {
+    node_with(dir, redis, id, "3", &["--workers", "2"])
+}
+
+/// Node `id` with ttl `ttl` seconds and the other flags `args` on `redis`, its data under
+/// `dir/<id>`.
+fn node_with(dir: &Path, redis: &RedisServer, id: &str, ttl: &str, args: &[&str]) -> Server {
     Server::builder(dir.join(id))
-        .args(&["--redis", &redis.url(), "--workers", "2"])
+        .args(&["--redis", &redis.url()])
+        .args(args)
         .env("POULPE_NODE_ID", id)
-        .env("POULPE_NODE_TTL", "3")
+        .env("POULPE_NODE_TTL", ttl)
         .start()
 }
 
@@ -333,13 +340,7 @@ fn a_node_restarted_on_this_machine_after_kill_9_takes_over_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = redis(dir.path());
     let sink = Sink::start();
-    let solo = |dir: &Path| {
-        Server::builder(dir.join("solo"))
-            .args(&["--redis", &redis.url()])
-            .env("POULPE_NODE_ID", "solo")
-            .env("POULPE_NODE_TTL", "600")
-            .start()
-    };
+    let solo = |dir: &Path| node_with(dir, &redis, "solo", "600", &[]);
     let mut first = solo(dir.path());
     let task = json!({"id": "later", "method": "GET", "delay": 2,
         "name": sink.url("/hit"), "params": "id=later"});
@@ -377,13 +378,7 @@ fn a_cron_line_loaded_by_three_nodes_fires_once_per_second() {
     let cron = cron.to_str().expect("UTF-8 path").to_string();
     let nodes: Vec<Server> = ["c1", "c2", "c3"]
         .iter()
-        .map(|id| {
-            Server::builder(dir.path().join(id))
-                .args(&["--redis", &redis.url(), "--cron", &cron])
-                .env("POULPE_NODE_ID", id)
-                .env("POULPE_NODE_TTL", "3")
-                .start()
-        })
+        .map(|id| node_with(dir.path(), &redis, id, "3", &["--cron", &cron]))
         .collect();
     sink.wait_until(Duration::from_secs(15), "6 firings", |h| {
         h.iter().filter(|h| h.path == "/beat").count() >= 6

@@ -33,11 +33,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[allow(dead_code)]
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
-    // are fields 14 and 15.
+    stat_field(&stat, 14).parse::<u64>().expect("utime")
+        + stat_field(&stat, 15).parse::<u64>().expect("stime")
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/.../stat` line. Counted after the command
+/// name's closing parenthesis, as the name may hold spaces.
+#[allow(dead_code)]
+pub fn stat_field(stat: &str, n: usize) -> &str {
     let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    rest.split(' ').nth(n - 3).expect("stat field").trim()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
