@@ -97,6 +97,25 @@ fn suffixed(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A server with the token whose results expire after 1 s, and its task `id`, a GET of `path`
+/// on a free port (`fields` added to it), dead at its first attempt since nothing listens
+/// there yet: the server, its dead-letter folder, the task's record and the port.
+fn dead_task(dir: &Path, id: &str, path: &str, fields: Value) -> (Server, PathBuf, PathBuf, u16) {
+    let s = Server::builder(dir)
+        .args(&["--token", TOKEN, "--result_ttl", "1"])
+        .start();
+    let dead = dir.join("data/dead");
+    let port = free_port();
+    let mut t = json!({"id": id, "method": "GET", "name": format!("http://127.0.0.1:{port}{path}"),
+                       "max_retry": 0, "timeout": 5});
+    if let (Some(t), Some(extra)) = (t.as_object_mut(), fields.as_object()) {
+        t.extend(extra.clone());
+    }
+    submit(&s, &t);
+    let file = dead_record(&dead, id);
+    (s, dead, file, port)
+}
+
 /// The dead-letter record of task `id` under `dead`, once the server has written it.
 fn dead_record(dead: &Path, id: &str) -> PathBuf {
     let name = format!("task-{id}.json");
@@ -127,16 +146,12 @@ fn wait_expired(s: &Server, id: &str) {
 #[test]
 fn a_dead_task_runs_again_once_after_its_result_expired() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::builder(&dir)
-        .args(&["--token", TOKEN, "--result_ttl", "1"])
-        .start();
-    let dead = dir.path().join("data/dead");
-    // Nothing listens there yet: the attempt fails and the task is dead.
-    let sink_port = free_port();
-    let t = json!({"id":"rp-1","method":"GET","name":format!("http://127.0.0.1:{sink_port}/again"),
-                   "params":"a=1","headers":{"X-Replay":"yes"},"max_retry":0,"timeout":5});
-    submit(&s, &t);
-    let file = dead_record(&dead, "rp-1");
+    let (s, dead, file, sink_port) = dead_task(
+        dir.path(),
+        "rp-1",
+        "/again",
+        json!({"params":"a=1","headers":{"X-Replay":"yes"}}),
+    );
     wait_expired(&s, "rp-1");
     let sink = Sink::start_on(sink_port);
     let port = s.port.to_string();
@@ -195,15 +210,7 @@ fn a_dead_task_runs_again_once_after_its_result_expired() {
 #[test]
 fn a_task_retried_through_the_api_is_not_replayed_later() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Server::builder(&dir)
-        .args(&["--token", TOKEN, "--result_ttl", "1"])
-        .start();
-    let dead = dir.path().join("data/dead");
-    let sink_port = free_port();
-    let t = json!({"id":"ar-1","method":"GET","name":format!("http://127.0.0.1:{sink_port}/api"),
-                   "max_retry":0,"timeout":5});
-    submit(&s, &t);
-    let file = dead_record(&dead, "ar-1");
+    let (s, dead, file, sink_port) = dead_task(dir.path(), "ar-1", "/api", json!({}));
     let sink = Sink::start_on(sink_port);
     let (code, r) = request(
         "POST",
