@@ -202,11 +202,8 @@ impl Runner {
     fn fire(&mut self, i: usize, at: i64) {
         let line = self.entries[i].line.clone();
         let id = line.firing_id(at);
-        // A firing that already finished (e.g. before a restart) never runs twice.
-        if matches!(self.app.store.result(&id), Ok(Some(_))) {
-            self.entries[i].last = Some(at);
-            return;
-        }
+        // A firing already stored, unfinished or finished (before a restart, or by another
+        // node), is refused as a duplicate by the store and never runs twice.
         let submitted = self
             .app
             .submitter
