@@ -239,6 +239,31 @@ fn websocket_connections_do_not_use_up_max_conns() {
 }
 
 #[test]
+fn a_connection_made_right_after_an_upgrade_finds_its_place_free() {
+    // With one HTTP place, each WebSocket needs the place the one before it gave back on its
+    // upgrade. The place must be free once the client has read the 101: a client that
+    // connects again at once was refused (503) whenever the server's thread had written
+    // the 101 but not yet given the place back.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::builder(&dir)
+        .args(&["--max_conns", "1", "--max_ws", "400"])
+        .start();
+    // The start-up check's connection gives its place back once the server has read its end.
+    let first = eventually(Duration::from_secs(5), "the HTTP place", || {
+        connect(&s, "", &[]).ok()
+    });
+    let mut open = vec![first];
+    for i in 1..300 {
+        match connect(&s, "", &[]) {
+            Ok(ws) => open.push(ws),
+            Err(e) => panic!("WebSocket {i}, made right after the one before: {e:?}"),
+        }
+    }
+    assert_eq!(s.get("/health").0, 200, "the one HTTP place is free");
+    drop(open);
+}
+
+#[test]
 fn idle_connections_cost_no_cpu() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Server::builder(&dir).args(&["--max_ws", "200"]).start();

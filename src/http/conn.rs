@@ -218,11 +218,13 @@ impl Conn {
                 }
                 Reply::Upgrade(resp, take) => {
                     crate::metrics::answered(resp.code);
+                    // The place goes back before the 101 is written: a client that has read
+                    // it may connect again at once and must find the place free.
+                    on_upgrade();
                     if let Err(e) = self.write(&resp.encode(false, false, false)) {
                         log::debug!("http: {:?}: upgrade not written: {e}", self.peer);
                         return;
                     }
-                    on_upgrade();
                     let rest = self.buf.split_off(self.pos);
                     let _ = self.stream.set_read_timeout(None);
                     take(self.stream, rest);
