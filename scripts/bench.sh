@@ -31,6 +31,9 @@
 #        W6b 50-task messages (Kafka builds only; tansu from scripts/test.sh's target/test-venv
 #        or POULPE_TEST_TANSU, else these rows are skipped)
 #   W1, W1b and W2 again with --redis against a private redis-server (no persistence)
+#   W7   W1 over 1, 2 and 3 nodes (--node_id) on one Redis prefix, a load tool per node at once:
+#        executed/s and server CPU per task summed over the nodes. This machine's cores are
+#        shared by every node, so the row shows what the cluster costs, not how it scales
 # plus the raw fsync latency of the data dir's filesystem (4 KiB write + fdatasync).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -342,6 +345,51 @@ w4() {
   stop_poulpe
 }
 
+# w7 N ARGS...: W1 split over N nodes on one Redis prefix, one load tool per node, all at once;
+# executed/s = all tasks / the wall time until the slowest tool is done, CPU summed over nodes.
+w7() {
+  local n=$1 i rc per c t0 t1 cpu0 cpu1 pids=() ports=() tools=()
+  shift
+  per=$((W1_N / n)) c=$(((8 + n - 1) / n))
+  say "run $RUN redis: W7 $((per * n)) immediate tasks over $n node(s) on one prefix, $c connections each"
+  for ((i = 0; i < n; i++)); do
+    start_poulpe 0 "$@" --redis_prefix "b$RUN.w7n$n:" --node_id "bench-$i" || break
+    pids+=("$PP") ports+=("$PORT")
+  done
+  if [ "${#pids[@]}" = "$n" ]; then
+    cpu0=$(cpu_ticks "${pids[@]}")
+    t0=$(date +%s%N)
+    for ((i = 0; i < n; i++)); do
+      timeout -k 5 300 "$BENCH" immediate --server "127.0.0.1:${ports[$i]}" -n "$per" -c "$c" \
+        --timeout 120 >"$WORK/w7.$n.$i.out" 2>"$WORK/w7.$n.$i.err" &
+      tools+=($!)
+    done
+    for ((i = 0; i < n; i++)); do
+      rc=0
+      wait "${tools[$i]}" || rc=$?
+      [ -s "$WORK/w7.$n.$i.err" ] && sed 's/^/    /' "$WORK/w7.$n.$i.err" >&2
+      [ "$rc" = 0 ] || fail "W7 with $n nodes: the load tool of node $i failed (exit $rc)"
+    done
+    t1=$(date +%s%N)
+    cpu1=$(cpu_ticks "${pids[@]}")
+    put "w7n${n}_executed_per_s" redis "$(awk -v k=$((per * n)) -v ns=$((t1 - t0)) 'BEGIN { printf "%.0f", k * 1e9 / ns }')"
+    put "w7n${n}_cpu_us_per_task" redis "$(awk -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" -v k=$((per * n)) 'BEGIN { printf "%.1f", t * 1e6 / hz / k }')"
+  fi
+  for i in "${pids[@]}"; do
+    PP=$i
+    stop_poulpe
+  done
+}
+
+# cpu_ticks PID...: user + system clock ticks of these processes so far.
+cpu_ticks() {
+  local p sum=0
+  for p in "$@"; do
+    sum=$((sum + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$p/stat")))
+  done
+  echo "$sum"
+}
+
 REDIS_PID="" REDIS_PORT=""
 start_redis() {
   REDIS_PORT=$("$BENCH" port)
@@ -425,6 +473,7 @@ for ((RUN = 1; RUN <= RUNS; RUN++)); do
     w1b redis "${R[@]}" --redis_prefix "b$RUN.w1b:"
     w2 redis w2 0 "${R[@]}" --redis_prefix "b$RUN.w2:"
     w2 redis w2p 4000 "${R[@]}" --redis_prefix "b$RUN.w2p:"
+    for n in 1 2 3; do w7 "$n" "${R[@]}"; done
     kill -TERM "$REDIS_PID" 2>/dev/null || true
     wait "$REDIS_PID" 2>/dev/null || true
     forget "$REDIS_PID"
@@ -506,6 +555,11 @@ trio() { echo "$(cell "$1" "$2") / $(cell "$3" "$2") / $(cell "$4" "$2")"; }
       "p99 ≤ 50" "$(cell "${p}_srv_lag_p50_le_ms" embedded) / $(cell "${p}_srv_lag_p99_le_ms" embedded)" "—"
     [ "${p#w5}" != "$p" ] && row "${w#*:}: outcome lag per task p50 / p99 ms (result frame − sink hit)" \
       "p99 ≤ 50" "$(cell "${p}_outcome_lag_p50_ms" embedded) / $(cell "${p}_outcome_lag_p99_ms" embedded)" "—"
+  done
+  for n in 1 2 3; do
+    row "W7 $n node(s) on one Redis prefix, W1 split over them: executed/s; server CPU µs/task (all nodes)" \
+      "— (2 cores: overhead, not scaling)" "—" \
+      "$(cell "w7n${n}_executed_per_s" redis r); $(cell "w7n${n}_cpu_us_per_task" redis)"
   done
   row "W2 lateness p50 / p99 / max ms ($W2_N tasks, ${W2_DELAY} s)" "p99 ≤ 5" \
     "$(trio w2_lateness_p50_ms embedded w2_lateness_p99_ms w2_lateness_max_ms)" \
