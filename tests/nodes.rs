@@ -405,3 +405,80 @@ fn a_cron_line_loaded_by_three_nodes_fires_once_per_second() {
         "{r}"
     );
 }
+
+/// A long poll on node a for a task that node c runs is answered once c has recorded its
+/// result, not at the poll's timeout: every node hears the results the others record.
+#[test]
+fn a_long_poll_on_one_node_is_answered_for_a_task_another_node_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let c = node(dir.path(), &redis, "c");
+    let t = json!({"id": "far", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=1000&id=far"});
+    assert_eq!(c.submit(&t).0, 200);
+    let (code, r) = a.get("/task_resp/far?timeout=30");
+    assert_eq!(
+        code, 200,
+        "answered with the result, not at the timeout: {r}"
+    );
+    assert_eq!(r["status"], json!("succeeded"), "{r}");
+    assert_eq!(r["node"], json!("c"), "{r}");
+    assert_eq!(hits_of(&sink, "far").len(), 1);
+}
+
+/// DELETE on any node: node a cancels a delayed task and a queued one that node b owns (b's
+/// one worker is busy); b never runs them, and b's client long-polling the delayed one is
+/// answered with its `cancelled` result when a cancels it. A task running on b is refused by a
+/// with 409, as by b itself.
+#[test]
+fn a_task_another_node_owns_is_cancelled_from_any_node_and_never_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let b = node_with(dir.path(), &redis, "b", "3", &["--workers", "1"]);
+    let before_us = common::now_us();
+    let tasks = json!([
+        {"id": "busy", "method": "GET", "name": sink.url("/slow"), "params": "ms=3000&id=busy"},
+        {"id": "queued", "method": "GET", "name": sink.url("/hit"), "params": "id=queued"},
+        {"id": "later", "method": "GET", "name": sink.url("/hit"), "params": "id=later",
+         "delay": 3},
+    ]);
+    assert_eq!(b.submit(&tasks).0, 200);
+    sink.wait_until(Duration::from_secs(10), "busy running on b", |h| {
+        hits_by_id(h).contains_key("busy")
+    });
+    let poll = {
+        let url = b.url("/task_resp/later?timeout=30");
+        std::thread::spawn(move || common::get(&url))
+    };
+    // Time for b's long poll to be parked before the cancel (were it later, it would find the
+    // result stored and answer the same).
+    std::thread::sleep(Duration::from_millis(500));
+    for id in ["later", "queued"] {
+        let (code, r) = common::request("DELETE", &a.url(&format!("/task/{id}")), &[]);
+        assert_eq!(code, 200, "{id}: {r}");
+    }
+    let (code, r) = common::request("DELETE", &a.url("/task/busy"), &[]);
+    assert_eq!(code, 409, "running on b: {r}");
+    let (code, r) = poll.join().expect("poll");
+    assert_eq!(code, 200, "b's long poll answered by a's cancel: {r}");
+    assert_eq!(r["status"], json!("cancelled"), "{r}");
+    assert_eq!(r["node"], json!("a"), "{r}");
+    // busy has finished and later's due time has passed: neither cancelled task ran on b.
+    let (code, r) = b.get("/task_resp/busy?timeout=30");
+    assert_eq!((code, &r["status"]), (200, &json!("succeeded")), "{r}");
+    while common::now_us() < before_us + 4_000_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, r) = b.get("/task_resp/queued");
+    assert_eq!((code, &r["status"]), (200, &json!("cancelled")), "{r}");
+    let seen = hits_by_id(&sink.hits());
+    assert!(
+        !seen.contains_key("queued") && !seen.contains_key("later"),
+        "a cancelled task ran: {:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+}

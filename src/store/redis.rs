@@ -20,6 +20,10 @@
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
+//!
+//! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
+//! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
+//! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
@@ -105,6 +109,7 @@ end
     };
 }
 
+mod listen;
 // After the macros: its scripts use them.
 mod nodes;
 
@@ -194,7 +199,7 @@ return 0
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
-/// `ARGV[6]` ms from now).
+/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`).
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
@@ -208,6 +213,7 @@ if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
   redis.call('ZREM', p .. 'due', id)
   redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
   redis.call('ZADD', p .. 'results', ARGV[5], id)
+  redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
   return 'cancelled'
 elseif s then
   return 'running'
@@ -419,6 +425,8 @@ struct Group {
 /// The Redis store.
 pub(crate) struct RedisStore {
     pool: r2d2::Pool<Client>,
+    /// For the connection of its own that `listen` subscribes on (not one of the pool's).
+    client: Client,
     prefix: String,
     /// This node's id (`--node_id`): the owner of what it submits, takes and claims.
     node: String,
@@ -525,7 +533,7 @@ impl RedisStore {
             .connection_customizer(Box::new(Timeouts))
             // Outages are logged once by the health thread, not once per failed connect.
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(client);
+            .build_unchecked(client.clone());
         let end = Instant::now() + wait;
         loop {
             // The pool's or Redis's own words, without this store's "unavailable" prefix: the
@@ -593,6 +601,7 @@ impl RedisStore {
         }
         Ok(RedisStore {
             pool,
+            client,
             prefix: prefix.to_string(),
             node: node.to_string(),
             node_ttl,
@@ -826,6 +835,8 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let now = crate::clock::now_ms();
+        // `<node> <id>...` of the final results, published with them (ids hold no space).
+        let mut done = String::new();
         for ch in changes {
             match ch {
                 Change::Retry(t) => {
@@ -850,6 +861,11 @@ impl Store for RedisStore {
                     pipe.pset_ex(self.key("result", id), record, ttl).ignore();
                     pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
                         .ignore();
+                    if done.is_empty() {
+                        done.push_str(&self.node);
+                    }
+                    done.push(' ');
+                    done.push_str(id);
                 }
                 Change::Insert(t) => {
                     self.put_task(&mut pipe, t)?;
@@ -863,6 +879,9 @@ impl Store for RedisStore {
                     }
                 }
             }
+        }
+        if !done.is_empty() {
+            pipe.publish(format!("{}done", self.prefix), done).ignore();
         }
         let t0 = std::time::Instant::now();
         let res = self.with(|c| pipe.query::<()>(c));
@@ -894,6 +913,7 @@ impl Store for RedisStore {
                     .arg(json)
                     .arg(expires_ms)
                     .arg(ttl)
+                    .arg(&self.node)
                     .invoke(c)
             })?;
             return Ok(match (answer.as_str(), made) {

@@ -129,6 +129,14 @@ impl Registry for RedisStore {
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
         self.beat_call("leave", workers, 0, "").map(|_| ())
     }
+
+    fn listen(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+        on: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.listen_done(stop, on)
+    }
 }
 
 #[cfg(test)]
