@@ -66,3 +66,90 @@ impl Listen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Beat, Join};
+    use crate::results::Results;
+    use crate::store::{contract, Change, Recovered, Store, StoreError};
+    use crate::task::State;
+    use parking_lot::Mutex;
+
+    /// A registry whose first subscription fails (an outage); the second calls `on("")` and
+    /// then hears nothing until stopped. The node side of the registry is not used.
+    #[derive(Default)]
+    struct FailsOnce {
+        calls: Mutex<usize>,
+    }
+
+    impl Registry for FailsOnce {
+        fn join(&self, _: usize, _: &str) -> Result<Join, StoreError> {
+            Ok(Join::Joined)
+        }
+        fn beat(&self, _: usize, _: usize) -> Result<Beat, StoreError> {
+            Ok(Beat::default())
+        }
+        fn adopt(&self, _: &str) -> Result<(Vec<Recovered>, bool), StoreError> {
+            Ok((Vec::new(), false))
+        }
+        fn leave(&self, _: usize) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn listen(
+            &self,
+            stop: &AtomicBool,
+            on: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError> {
+            let first = {
+                let mut n = self.calls.lock();
+                *n += 1;
+                *n == 1
+            };
+            if first {
+                return Err(StoreError::Unavailable("redis: connection refused".into()));
+            }
+            on("")?;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
+            Ok(())
+        }
+    }
+
+    /// A result recorded while the subscription was down (no message will ever name it) still
+    /// answers the client waiting for it, once the thread has subscribed again.
+    #[test]
+    fn a_result_recorded_while_not_listening_is_found_after_subscribing_again() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::memory::open());
+        let (results, _h) = Results::start().expect("results");
+        let answers = Answers::new(results.clone(), store.clone());
+        let t = contract::task("x", State::Ready, 0);
+        store.insert(std::slice::from_ref(&t)).expect("insert");
+        let rx = answers.watch(vec!["x".into()], Duration::from_secs(30));
+        store
+            .record(&[Change::Finish {
+                result: contract::result("x"),
+                expires_ms: crate::clock::now_ms() + 60_000,
+                task: None,
+            }])
+            .expect("record");
+        let registry = Arc::new(FailsOnce::default());
+        let stage = Listen {
+            registry: registry.clone(),
+            answers,
+            own: Arc::from("me"),
+        }
+        .start()
+        .expect("start");
+        let got = rx.recv_timeout(Duration::from_secs(20)).expect("answered");
+        assert_eq!(got, vec![Some(contract::result("x"))]);
+        assert_eq!(
+            *registry.calls.lock(),
+            2,
+            "subscribed again after the failure"
+        );
+        assert!(stage.stop_and_join(Duration::from_secs(5)));
+        results.stop();
+    }
+}

@@ -59,3 +59,70 @@ impl RedisStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{node_store, redis_server};
+    use crate::store::{contract, Cancel, Change, Store};
+    use crate::task::State;
+    use crossbeam_channel::unbounded;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn finish(st: &dyn Store, id: &str) {
+        st.insert(&[contract::task(id, State::Ready, 0)])
+            .expect("insert");
+        st.record(&[Change::Finish {
+            result: contract::result(id),
+            expires_ms: crate::clock::now_ms() + 60_000,
+            task: None,
+        }])
+        .expect("record");
+    }
+
+    /// Node n1 hears the results node n2 records (a batch of two in one message) and the tasks
+    /// n2 cancels, each in the call that stores them, and not its own results.
+    #[test]
+    fn a_node_hears_the_results_and_cancels_of_the_others_not_its_own() {
+        let s = redis_server();
+        let n1 = Arc::new(node_store(&s, "n1"));
+        let n2 = node_store(&s, "n2");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = unbounded();
+        let listening = {
+            let (n1, stop) = (n1.clone(), stop.clone());
+            std::thread::spawn(move || {
+                n1.listen_done(&stop, &mut |ids| {
+                    let _ = tx.send(ids.to_string());
+                    Ok(())
+                })
+            })
+        };
+        let next = || rx.recv_timeout(Duration::from_secs(10)).expect("heard");
+        assert_eq!(next(), "", "subscribed");
+        finish(&*n1, "mine");
+        n2.insert(&[
+            contract::task("a", State::Ready, 0),
+            contract::task("b", State::Ready, 0),
+            contract::task("c", State::Delayed, 99),
+        ])
+        .expect("insert");
+        let done = |id: &str| Change::Finish {
+            result: contract::result(id),
+            expires_ms: crate::clock::now_ms() + 60_000,
+            task: None,
+        };
+        n2.record(&[done("a"), done("b")]).expect("record");
+        assert_eq!(next(), "a b");
+        let cancelled = n2.cancel("c", crate::clock::now_ms() + 60_000);
+        assert!(
+            matches!(cancelled, Ok(Cancel::Cancelled { .. })),
+            "{cancelled:?}"
+        );
+        assert_eq!(next(), "c");
+        assert!(rx.try_recv().is_err(), "n1's own result is not heard");
+        stop.store(true, Ordering::Release);
+        listening.join().expect("join").expect("stopped cleanly");
+    }
+}
