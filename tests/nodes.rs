@@ -12,6 +12,7 @@ use common::{
     Sink,
 };
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -480,5 +481,157 @@ fn a_task_another_node_owns_is_cancelled_from_any_node_and_never_runs() {
         !seen.contains_key("queued") && !seen.contains_key("later"),
         "a cancelled task ran: {:?}",
         seen.keys().collect::<Vec<_>>()
+    );
+}
+
+/// Submits `tasks` to `s` in arrays of 100, each acknowledged; their ids.
+fn submit_all(s: &Server, tasks: &[Value]) -> Vec<String> {
+    for chunk in tasks.chunks(100) {
+        let (code, r) = s.submit(&json!(chunk));
+        assert_eq!(code, 200, "{r}");
+    }
+    tasks
+        .iter()
+        .filter_map(|t| t["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `n` GETs of the sink's `path` with ids `<prefix><i>` (and `extra` in their params), as
+/// submitted with `delay`.
+fn gets(sink: &Sink, prefix: &str, n: usize, path: &str, extra: &str, delay: u64) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            json!({"id": id, "method": "GET", "name": sink.url(path),
+                "params": format!("{extra}id={id}"), "delay": delay})
+        })
+        .collect()
+}
+
+/// Three nodes with thousands of tasks in flight, submitted to all three (immediate ones and
+/// delayed ones), and one of them killed with `kill -9`: every acknowledged task runs; the only
+/// tasks that run twice are those that were running on the killed node; no delayed task starts
+/// before its due time (the killed node's ones are adopted before it); the killed node leaves
+/// the list after its ttl; started again with its id, it takes nothing of the live nodes'.
+#[test]
+fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_its_running_ones() {
+    const WORKERS: usize = 4;
+    const DELAY_S: u64 = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let ids = ["k1", "k2", "k3"];
+    let mut nodes: Vec<Server> = ids
+        .iter()
+        .map(|id| node_with(dir.path(), &redis, id, "3", &["--workers", "4"]))
+        .collect();
+    let mut acked: HashSet<String> = HashSet::new();
+    // Delayed ids, each with the earliest time it may start.
+    let mut due: Vec<(String, u64)> = Vec::new();
+    for (s, id) in nodes.iter().zip(ids) {
+        acked.extend(submit_all(
+            s,
+            &gets(&sink, &format!("{id}-now-"), 500, "/hit", "", 0),
+        ));
+        let before_us = common::now_us();
+        let delayed = submit_all(
+            s,
+            &gets(&sink, &format!("{id}-later-"), 300, "/hit", "", DELAY_S),
+        );
+        due.extend(
+            delayed
+                .iter()
+                .map(|d| (d.clone(), before_us + DELAY_S * 1_000_000)),
+        );
+        acked.extend(delayed);
+    }
+    // k2's immediate tasks are finished and recorded (its delayed ones are not due yet), so
+    // that what k2 runs when it is killed is known: four slow tasks, one per worker, with 200
+    // quick ones queued behind them. k1 and k3 get more work meanwhile.
+    eventually(
+        Duration::from_secs(30),
+        "k2's immediate tasks recorded",
+        || {
+            let (_, info) = nodes[1].get("/sys_info");
+            (info["counts"]["succeeded"].as_u64() >= Some(500)).then_some(())
+        },
+    );
+    let mut k2 = gets(&sink, "k2-slow-", WORKERS, "/slow", "ms=3000&", 0);
+    k2.extend(gets(&sink, "k2-queued-", 200, "/hit", "", 0));
+    acked.extend(submit_all(&nodes[1], &k2));
+    for i in [0, 2] {
+        let more = gets(&sink, &format!("{}-more-", ids[i]), 300, "/hit", "", 0);
+        acked.extend(submit_all(&nodes[i], &more));
+    }
+    let slow: HashSet<String> = (0..WORKERS).map(|i| format!("k2-slow-{i}")).collect();
+    sink.wait_until(Duration::from_secs(10), "k2's slow tasks running", |h| {
+        let seen = hits_by_id(h);
+        slow.iter().all(|id| seen.contains_key(id))
+    });
+    nodes[1].kill9();
+
+    common::hits::wait_all_hit(&sink, &acked, Duration::from_secs(40), "after kill -9");
+    // How duplicates are counted: a task ran twice when the sink saw its id twice. When k2 died
+    // its four workers were each in a slow task (3 s; it was killed once all four had reached
+    // the sink) and every other task of k2's had either finished and been recorded (waited
+    // for above) or was queued or delayed (never started): so the tasks running on k2 are
+    // exactly the slow ones, at most one per worker, and each must run again on an adopter.
+    eventually(
+        Duration::from_secs(30),
+        "k2's running tasks run again",
+        || {
+            let seen = hits_by_id(&sink.hits());
+            slow.iter()
+                .all(|id| seen.get(id).is_some_and(|h| h.len() >= 2))
+                .then_some(())
+        },
+    );
+    let seen = hits_by_id(&sink.hits());
+    let mut twice: Vec<&String> = seen
+        .iter()
+        .filter(|(_, h)| h.len() > 1)
+        .map(|(id, _)| id)
+        .collect();
+    twice.sort();
+    assert!(
+        twice.iter().all(|id| slow.contains(*id)) && twice.len() <= WORKERS,
+        "ran more than once: {twice:?} (only k2's {WORKERS} running tasks may)"
+    );
+    for (id, at) in &due {
+        let first = seen
+            .get(id)
+            .and_then(|h| h.iter().min())
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            first >= *at,
+            "{id} started {} µs before its due time",
+            at - first
+        );
+    }
+    eventually(Duration::from_secs(15), "k2 gone from the list", || {
+        (nodes_of(&nodes[0]).0 == ["k1", "k3"]).then_some(())
+    });
+
+    // A delayed task of k1's and a task running on k3: k2 started again takes neither.
+    let late = json!({"id": "k1-late", "method": "GET", "delay": 3,
+        "name": sink.url("/hit"), "params": "id=k1-late"});
+    assert_eq!(nodes[0].submit(&late).0, 200);
+    let run = json!({"id": "k3-run", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=3000&id=k3-run"});
+    assert_eq!(nodes[2].submit(&run).0, 200);
+    sink.wait_until(Duration::from_secs(10), "k3-run running", |h| {
+        hits_by_id(h).contains_key("k3-run")
+    });
+    let again = node_with(dir.path(), &redis, "k2", "3", &["--workers", "4"]);
+    for (s, id, on) in [(&nodes[0], "k1-late", "k1"), (&nodes[2], "k3-run", "k3")] {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=20"));
+        assert_eq!((code, &r["node"]), (200, &json!(on)), "{r}");
+        assert_eq!(hits_of(&sink, id).len(), 1, "{id} ran once");
+    }
+    let log = again.log_text();
+    assert!(
+        !log.contains("recovered") && !log.contains("adopted"),
+        "{log}"
     );
 }
