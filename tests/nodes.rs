@@ -635,3 +635,60 @@ fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_it
         "{log}"
     );
 }
+
+/// Ids cancelled from node a and used again at once on a: node b's stale entries of the
+/// cancelled tasks (one queued behind b's busy worker, one in b's timer) take neither the new
+/// tasks nor run the old ones; each new task runs once, on a, the delayed one not before its
+/// new due time.
+#[test]
+fn an_id_cancelled_and_used_again_on_another_node_runs_only_the_new_task_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let one = ["--workers", "1"];
+    let a = node_with(dir.path(), &redis, "a", "3", &one);
+    let b = node_with(dir.path(), &redis, "b", "3", &one);
+    let get = |id: &str, v: &str, delay: u64, path: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url(path), "delay": delay,
+            "params": format!("ms=1500&id={id}&v={v}")})
+    };
+    // b's worker frees first, while a's is still busy: b's queue then holds the stale q.
+    let on_b = json!([
+        get("busy-b", "", 0, "/slow"),
+        get("q", "old", 0, "/hit"),
+        get("d", "old", 2, "/hit")
+    ]);
+    assert_eq!(b.submit(&on_b).0, 200);
+    let mut busy_a = get("busy-a", "", 0, "/slow");
+    busy_a["params"] = json!("ms=4000&id=busy-a");
+    assert_eq!(a.submit(&busy_a).0, 200);
+    sink.wait_until(Duration::from_secs(10), "both workers busy", |h| {
+        let seen = hits_by_id(h);
+        seen.contains_key("busy-a") && seen.contains_key("busy-b")
+    });
+    for id in ["q", "d"] {
+        let (code, r) = common::request("DELETE", &a.url(&format!("/task/{id}")), &[]);
+        assert_eq!(code, 200, "{id}: {r}");
+    }
+    let before_us = common::now_us();
+    let again = json!([get("q", "new", 0, "/hit"), get("d", "new", 5, "/hit")]);
+    assert_eq!(a.submit(&again).0, 200);
+    for id in ["q", "d"] {
+        let (code, r) = a.get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!((code, &r["node"]), (200, &json!("a")), "{id}: {r}");
+    }
+    let hits = sink.hits();
+    for id in ["q", "d"] {
+        let runs: Vec<&common::Hit> = hits
+            .iter()
+            .filter(|h| common::hits::hit_id(h) == Some(id))
+            .collect();
+        assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
+        assert!(runs[0].query.ends_with("v=new"), "{id}: {runs:?}");
+    }
+    let d = hits_of(&sink, "d");
+    assert!(
+        d[0] >= before_us + 5_000_000,
+        "d ran before its new due time"
+    );
+}

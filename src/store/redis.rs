@@ -14,7 +14,8 @@
 //! - `<p>owned:<node>` set: the unfinished ids owned by that node, kept by the same scripts and
 //!   pipelines that change the `node` field, so that a dead node's tasks are found without a scan.
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
-//!   found. With a shared ready queue later, a claim moves a task to its claimer's set as now.
+//!   found. Only the owner takes a task due or claims it: another node's entry for its id is
+//!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
 //! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
 //!   ms of Redis's own `TIME`, so that nodes' clocks need not agree; 0 once the node stopped)
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
@@ -93,17 +94,17 @@ end
     };
 }
 
-/// Moves a task to owner `me` in script: its `node` field and `owned:` sets (`k` its key).
-macro_rules! lua_own {
+/// `mine(k)`: the state of task key `k` when it is this node's (`me`) or has no owner (a task of
+/// a release before nodes), else `false`: a task another node owns is in that node's pool or
+/// timer, and an entry here for its id is stale (the task was cancelled and its id used again
+/// on another node, or it was adopted while this node was cut off from Redis).
+macro_rules! lua_mine {
     () => {
         r"
-local function own(k, id)
-  local o = redis.call('HGET', k, 'node')
-  if o ~= me then
-    if o then redis.call('SREM', p .. 'owned:' .. o, id) end
-    redis.call('HSET', k, 'node', me)
-    redis.call('SADD', p .. 'owned:' .. me, id)
-  end
+local function mine(k)
+  local v = redis.call('HMGET', k, 'state', 'node')
+  if v[2] == me or not v[2] then return v[1] end
+  return false
 end
 "
     };
@@ -153,22 +154,23 @@ return out
 
 /// Moves each id after the prefix, this node and the `again` flag from waiting (delayed or
 /// retry_wait; with `again` = '1' also ready) to ready, owned by this node (whose pool it goes
-/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting.
+/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting, or
+/// is another node's (`mine`).
 const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
 local again = ARGV[3] == '1'
 ",
-    lua_own!(),
+    lua_mine!(),
     r"
 local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local k = p .. 'task:' .. id
-  local s = redis.call('HGET', k, 'state')
+  local s = mine(k)
   if s == 'delayed' or s == 'retry_wait' or (again and s == 'ready') then
-    redis.call('HSET', k, 'state', 'ready')
-    own(k, id)
+    redis.call('HSET', k, 'state', 'ready', 'node', me)
+    redis.call('SADD', p .. 'owned:' .. me, id)
     redis.call('ZREM', p .. 'due', id)
     out[i - 3] = redis.call('HGET', k, 'data')
   else
@@ -179,17 +181,19 @@ return out
 "
 );
 
-/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won.
+/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
+/// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
+/// cancelled here, then used again on another node) must not run the old task in its place.
 const CLAIM: &str = concat!(
     r"
 local p, me, id = ARGV[1], ARGV[2], ARGV[3]
 ",
-    lua_own!(),
+    lua_mine!(),
     r"
 local k = p .. 'task:' .. id
-if redis.call('HGET', k, 'state') == 'ready' then
-  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4])
-  own(k, id)
+if mine(k) == 'ready' then
+  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
+  redis.call('SADD', p .. 'owned:' .. me, id)
   redis.call('HSET', p .. 'running', id, me)
   return 1
 end
