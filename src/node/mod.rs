@@ -1,7 +1,8 @@
 //! This process among the poulpe nodes that share one Redis prefix: its id (`--node_id`), the
 //! registry of nodes and their heartbeats (`Registry`, kept by the Redis store), the start-up
 //! check that no live node has this id (`join`), and the list `/sys_info` shows (`Nodes`). The
-//! heartbeat thread, which also adopts the tasks of dead nodes, is in [`heartbeat`].
+//! heartbeat thread, which also adopts the tasks of dead nodes, is in [`heartbeat`]; the thread
+//! answering this node's clients with the results other nodes record, in [`listen`].
 
 pub(crate) mod heartbeat;
 pub(crate) mod listen;
