@@ -2,7 +2,8 @@
 //! `appendonly yes`): the node flags, the registry each node's `/sys_info` shows, a second live
 //! node with the same id refused, and a node killed with `kill -9` whose delayed and running
 //! tasks the others adopt (never early; the running one again), without a restart of it
-//! stealing a live node's tasks. Node ids and ttls are given as `POULPE_NODE_ID` and
+//! stealing a live node's tasks, also with thousands of tasks in flight; long polls and
+//! cancels answered on another node than the one that holds the task. Node ids and ttls are given as `POULPE_NODE_ID` and
 //! `POULPE_NODE_TTL`, so that a binary without nodes (`POULPE_TEST_BIN`) starts and fails on
 //! what it does not do.
 
