@@ -693,3 +693,54 @@ fn an_id_cancelled_and_used_again_on_another_node_runs_only_the_new_task_once() 
         "d ran before its new due time"
     );
 }
+
+/// Redis goes away and comes back (with its data) while node a long-polls a task node c runs:
+/// a's subscription to the other nodes' results breaks and is made again, and the poll is
+/// answered with the result c records once Redis is back (heard, or found by the look-up a
+/// makes after subscribing again). a says once that it cannot hear the others, and once that it
+/// hears them again.
+#[test]
+fn a_long_poll_on_another_node_is_answered_across_a_redis_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let c = node(dir.path(), &redis, "c");
+    let t = json!({"id": "across", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=2000&id=across"});
+    assert_eq!(c.submit(&t).0, 200);
+    sink.wait_until(Duration::from_secs(10), "across running on c", |h| {
+        hits_by_id(h).contains_key("across")
+    });
+    let poll = {
+        let url = a.url("/task_resp/across?timeout=60");
+        std::thread::spawn(move || common::get(&url))
+    };
+    let port = redis.port;
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _redis = RedisServer::start_on(&dir.path().join("redis"), port, &["--appendonly", "yes"]);
+    let (code, r) = poll.join().expect("poll");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        (&r["status"], &r["node"]),
+        (&json!("succeeded"), &json!("c")),
+        "{r}"
+    );
+    let log = eventually(Duration::from_secs(15), "a hears again", || {
+        let log = a.log_text();
+        log.contains("hearing the other nodes' results again")
+            .then_some(log)
+    });
+    assert_eq!(
+        log.matches("cannot hear the other nodes' results").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("hearing the other nodes' results again")
+            .count(),
+        1,
+        "{log}"
+    );
+}
