@@ -1,7 +1,8 @@
 //! The clients waiting for results: `wait` submits, long polls and WebSocket pushes register
 //! here and are handed their results by the thread that finishes the task (for a task another
-//! node finishes, the `node-listen` thread), or by the expiry thread when their time runs out. Handing over never writes to a socket: an HTTP wait blocks
-//! only its own connection's thread on a channel. [`Answers`] is the adapters' read access.
+//! node finishes, the `node-listen` thread), or by the expiry thread when their time runs out.
+//! Handing over never writes to a socket: an HTTP wait blocks only its own connection's thread
+//! on a channel. [`Answers`] is the adapters' read access.
 
 use crate::store::{ListQuery, Page, Record, Store, StoreError};
 use crate::task::State;
