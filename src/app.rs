@@ -151,16 +151,27 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         own: Arc::from(config.node_id.as_str()),
         live: registry.as_ref().map(|_| Default::default()),
     };
+    let answers = Answers::new(results.clone(), store.clone());
     if let (Some(registry), Some(live)) = (registry, &nodes.live) {
         stages.push(
             crate::node::heartbeat::Heartbeat {
-                registry,
+                registry: registry.clone(),
                 own: nodes.own.clone(),
                 pool: pool.clone(),
                 timer: timer.clone(),
                 live: live.clone(),
                 adopting: adopting.clone(),
                 every: Duration::from_millis(config.node_ttl * 1000 / 3),
+            }
+            .start()?,
+        );
+        // Stops before the heartbeat, after the workers: results other nodes record during
+        // the grace still reach the clients waiting here.
+        stages.push(
+            crate::node::listen::Listen {
+                registry,
+                answers: answers.clone(),
+                own: nodes.own.clone(),
             }
             .start()?,
         );
@@ -300,7 +311,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         Vec::new(),
     ));
     Ok(Server {
-        answers: Answers::new(results, store.clone()),
+        answers,
         sys_info: SysInfo {
             status,
             pool: pool.clone(),

@@ -1,7 +1,8 @@
 //! The clients waiting for results: `wait` submits, long polls and WebSocket pushes register
-//! here and are handed their results by the thread that finishes the task, or by the expiry
-//! thread when their time runs out. Handing over never writes to a socket: an HTTP wait blocks
-//! only its own connection's thread on a channel. [`Answers`] is the adapters' read access.
+//! here and are handed their results by the thread that finishes the task (for a task another
+//! node finishes, the `node-listen` thread), or by the expiry thread when their time runs out.
+//! Handing over never writes to a socket: an HTTP wait blocks only its own connection's thread
+//! on a channel. [`Answers`] is the adapters' read access.
 
 use crate::store::{ListQuery, Page, Record, Store, StoreError};
 use crate::task::State;
@@ -236,6 +237,16 @@ impl Results {
         }
     }
 
+    /// Whether a client waits for `id`.
+    pub(crate) fn awaits(&self, id: &str) -> bool {
+        self.inner.lock().by_id.contains_key(id)
+    }
+
+    /// Every id a client waits for.
+    pub(crate) fn awaited(&self) -> Vec<String> {
+        self.inner.lock().by_id.keys().cloned().collect()
+    }
+
     /// Number of ids with parked clients.
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
@@ -402,6 +413,34 @@ impl Answers {
         rx.recv_timeout(timeout + WAIT_SLACK)
             .ok()
             .and_then(|g| g.into_iter().next().flatten())
+    }
+
+    /// Answers the clients waiting for any of `ids` (separated by spaces), which another node
+    /// finished or cancelled: each result is read from the store, only for ids waited for here.
+    pub(crate) fn wake(&self, ids: &str) -> Result<(), StoreError> {
+        for id in ids.split(' ') {
+            if self.results.awaits(id) {
+                self.deliver(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up every id waited for here and answers those finished (after the subscription
+    /// to the other nodes' results was down: what they finished meanwhile was not heard).
+    pub(crate) fn recheck(&self) -> Result<(), StoreError> {
+        for id in self.results.awaited() {
+            self.deliver(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the stored result of `id`, if it has finished, to those waiting for it.
+    fn deliver(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(r) = self.store.result(id)? {
+            self.results.publish(&r);
+        }
+        Ok(())
     }
 
     /// Calls `push` with each id's result as it finishes, for up to `timeout` (one

@@ -2,7 +2,8 @@
 //! `appendonly yes`): the node flags, the registry each node's `/sys_info` shows, a second live
 //! node with the same id refused, and a node killed with `kill -9` whose delayed and running
 //! tasks the others adopt (never early; the running one again), without a restart of it
-//! stealing a live node's tasks. Node ids and ttls are given as `POULPE_NODE_ID` and
+//! stealing a live node's tasks, also with thousands of tasks in flight; long polls and
+//! cancels answered on another node than the one that holds the task. Node ids and ttls are given as `POULPE_NODE_ID` and
 //! `POULPE_NODE_TTL`, so that a binary without nodes (`POULPE_TEST_BIN`) starts and fails on
 //! what it does not do.
 
@@ -12,6 +13,7 @@ use common::{
     Sink,
 };
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -403,5 +405,342 @@ fn a_cron_line_loaded_by_three_nodes_fires_once_per_second() {
     assert!(
         ["c1", "c2", "c3"].contains(&r["node"].as_str().unwrap_or_default()),
         "{r}"
+    );
+}
+
+/// A long poll on node a for a task that node c runs is answered once c has recorded its
+/// result, not at the poll's timeout: every node hears the results the others record.
+#[test]
+fn a_long_poll_on_one_node_is_answered_for_a_task_another_node_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let c = node(dir.path(), &redis, "c");
+    let t = json!({"id": "far", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=1000&id=far"});
+    assert_eq!(c.submit(&t).0, 200);
+    let (code, r) = a.get("/task_resp/far?timeout=30");
+    assert_eq!(
+        code, 200,
+        "answered with the result, not at the timeout: {r}"
+    );
+    assert_eq!(r["status"], json!("succeeded"), "{r}");
+    assert_eq!(r["node"], json!("c"), "{r}");
+    assert_eq!(hits_of(&sink, "far").len(), 1);
+}
+
+/// DELETE on any node: node a cancels a delayed task and a queued one that node b owns (b's
+/// one worker is busy); b never runs them, and b's client long-polling the delayed one is
+/// answered with its `cancelled` result when a cancels it. A task running on b is refused by a
+/// with 409, as by b itself.
+#[test]
+fn a_task_another_node_owns_is_cancelled_from_any_node_and_never_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let b = node_with(dir.path(), &redis, "b", "3", &["--workers", "1"]);
+    let before_us = common::now_us();
+    let tasks = json!([
+        {"id": "busy", "method": "GET", "name": sink.url("/slow"), "params": "ms=3000&id=busy"},
+        {"id": "queued", "method": "GET", "name": sink.url("/hit"), "params": "id=queued"},
+        {"id": "later", "method": "GET", "name": sink.url("/hit"), "params": "id=later",
+         "delay": 3},
+    ]);
+    assert_eq!(b.submit(&tasks).0, 200);
+    sink.wait_until(Duration::from_secs(10), "busy running on b", |h| {
+        hits_by_id(h).contains_key("busy")
+    });
+    let poll = {
+        let url = b.url("/task_resp/later?timeout=30");
+        std::thread::spawn(move || common::get(&url))
+    };
+    // Time for b's long poll to be parked before the cancel (were it later, it would find the
+    // result stored and answer the same).
+    std::thread::sleep(Duration::from_millis(500));
+    for id in ["later", "queued"] {
+        let (code, r) = common::request("DELETE", &a.url(&format!("/task/{id}")), &[]);
+        assert_eq!(code, 200, "{id}: {r}");
+    }
+    let (code, r) = common::request("DELETE", &a.url("/task/busy"), &[]);
+    assert_eq!(code, 409, "running on b: {r}");
+    let (code, r) = poll.join().expect("poll");
+    assert_eq!(code, 200, "b's long poll answered by a's cancel: {r}");
+    assert_eq!(r["status"], json!("cancelled"), "{r}");
+    assert_eq!(r["node"], json!("a"), "{r}");
+    // busy has finished and later's due time has passed: neither cancelled task ran on b.
+    let (code, r) = b.get("/task_resp/busy?timeout=30");
+    assert_eq!((code, &r["status"]), (200, &json!("succeeded")), "{r}");
+    while common::now_us() < before_us + 4_000_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, r) = b.get("/task_resp/queued");
+    assert_eq!((code, &r["status"]), (200, &json!("cancelled")), "{r}");
+    let seen = hits_by_id(&sink.hits());
+    assert!(
+        !seen.contains_key("queued") && !seen.contains_key("later"),
+        "a cancelled task ran: {:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+}
+
+/// Submits `tasks` to `s` in arrays of 100, each acknowledged; their ids.
+fn submit_all(s: &Server, tasks: &[Value]) -> Vec<String> {
+    for chunk in tasks.chunks(100) {
+        let (code, r) = s.submit(&json!(chunk));
+        assert_eq!(code, 200, "{r}");
+    }
+    tasks
+        .iter()
+        .filter_map(|t| t["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `n` GETs of the sink's `path` with ids `<prefix><i>` (and `extra` in their params), as
+/// submitted with `delay`.
+fn gets(sink: &Sink, prefix: &str, n: usize, path: &str, extra: &str, delay: u64) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            json!({"id": id, "method": "GET", "name": sink.url(path),
+                "params": format!("{extra}id={id}"), "delay": delay})
+        })
+        .collect()
+}
+
+/// Three nodes with thousands of tasks in flight, submitted to all three (immediate ones and
+/// delayed ones), and one of them killed with `kill -9`: every acknowledged task runs; the only
+/// tasks that run twice are those that were running on the killed node; no delayed task starts
+/// before its due time (the killed node's ones are adopted before it); the killed node leaves
+/// the list after its ttl; started again with its id, it takes nothing of the live nodes'.
+#[test]
+fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_its_running_ones() {
+    const WORKERS: usize = 4;
+    const DELAY_S: u64 = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let ids = ["k1", "k2", "k3"];
+    let mut nodes: Vec<Server> = ids
+        .iter()
+        .map(|id| node_with(dir.path(), &redis, id, "3", &["--workers", "4"]))
+        .collect();
+    let mut acked: HashSet<String> = HashSet::new();
+    // Delayed ids, each with the earliest time it may start.
+    let mut due: Vec<(String, u64)> = Vec::new();
+    for (s, id) in nodes.iter().zip(ids) {
+        acked.extend(submit_all(
+            s,
+            &gets(&sink, &format!("{id}-now-"), 500, "/hit", "", 0),
+        ));
+        let before_us = common::now_us();
+        let delayed = submit_all(
+            s,
+            &gets(&sink, &format!("{id}-later-"), 300, "/hit", "", DELAY_S),
+        );
+        due.extend(
+            delayed
+                .iter()
+                .map(|d| (d.clone(), before_us + DELAY_S * 1_000_000)),
+        );
+        acked.extend(delayed);
+    }
+    // k2's immediate tasks are finished and recorded (its delayed ones are not due yet), so
+    // that what k2 runs when it is killed is known: four slow tasks, one per worker, with 200
+    // quick ones queued behind them. k1 and k3 get more work meanwhile.
+    eventually(
+        Duration::from_secs(30),
+        "k2's immediate tasks recorded",
+        || {
+            let (_, info) = nodes[1].get("/sys_info");
+            (info["counts"]["succeeded"].as_u64() >= Some(500)).then_some(())
+        },
+    );
+    let mut k2 = gets(&sink, "k2-slow-", WORKERS, "/slow", "ms=3000&", 0);
+    k2.extend(gets(&sink, "k2-queued-", 200, "/hit", "", 0));
+    acked.extend(submit_all(&nodes[1], &k2));
+    for i in [0, 2] {
+        let more = gets(&sink, &format!("{}-more-", ids[i]), 300, "/hit", "", 0);
+        acked.extend(submit_all(&nodes[i], &more));
+    }
+    let slow: HashSet<String> = (0..WORKERS).map(|i| format!("k2-slow-{i}")).collect();
+    sink.wait_until(Duration::from_secs(10), "k2's slow tasks running", |h| {
+        let seen = hits_by_id(h);
+        slow.iter().all(|id| seen.contains_key(id))
+    });
+    nodes[1].kill9();
+
+    common::hits::wait_all_hit(&sink, &acked, Duration::from_secs(40), "after kill -9");
+    // How duplicates are counted: a task ran twice when the sink saw its id twice. When k2 died
+    // its four workers were each in a slow task (3 s; it was killed once all four had reached
+    // the sink) and every other task of k2's had either finished and been recorded (waited
+    // for above) or was queued or delayed (never started): so the tasks running on k2 are
+    // exactly the slow ones, at most one per worker, and each must run again on an adopter.
+    eventually(
+        Duration::from_secs(30),
+        "k2's running tasks run again",
+        || {
+            let seen = hits_by_id(&sink.hits());
+            slow.iter()
+                .all(|id| seen.get(id).is_some_and(|h| h.len() >= 2))
+                .then_some(())
+        },
+    );
+    let seen = hits_by_id(&sink.hits());
+    let mut twice: Vec<&String> = seen
+        .iter()
+        .filter(|(_, h)| h.len() > 1)
+        .map(|(id, _)| id)
+        .collect();
+    twice.sort();
+    assert!(
+        twice.iter().all(|id| slow.contains(*id)) && twice.len() <= WORKERS,
+        "ran more than once: {twice:?} (only k2's {WORKERS} running tasks may)"
+    );
+    for (id, at) in &due {
+        let first = seen
+            .get(id)
+            .and_then(|h| h.iter().min())
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            first >= *at,
+            "{id} started {} µs before its due time",
+            at - first
+        );
+    }
+    eventually(Duration::from_secs(15), "k2 gone from the list", || {
+        (nodes_of(&nodes[0]).0 == ["k1", "k3"]).then_some(())
+    });
+
+    // A delayed task of k1's and a task running on k3: k2 started again takes neither.
+    let late = json!({"id": "k1-late", "method": "GET", "delay": 3,
+        "name": sink.url("/hit"), "params": "id=k1-late"});
+    assert_eq!(nodes[0].submit(&late).0, 200);
+    let run = json!({"id": "k3-run", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=3000&id=k3-run"});
+    assert_eq!(nodes[2].submit(&run).0, 200);
+    sink.wait_until(Duration::from_secs(10), "k3-run running", |h| {
+        hits_by_id(h).contains_key("k3-run")
+    });
+    let again = node_with(dir.path(), &redis, "k2", "3", &["--workers", "4"]);
+    for (s, id, on) in [(&nodes[0], "k1-late", "k1"), (&nodes[2], "k3-run", "k3")] {
+        let (code, r) = s.get(&format!("/task_resp/{id}?timeout=20"));
+        assert_eq!((code, &r["node"]), (200, &json!(on)), "{r}");
+        assert_eq!(hits_of(&sink, id).len(), 1, "{id} ran once");
+    }
+    let log = again.log_text();
+    assert!(
+        !log.contains("recovered") && !log.contains("adopted"),
+        "{log}"
+    );
+}
+
+/// Ids cancelled from node a and used again at once on a: node b's stale entries of the
+/// cancelled tasks (one queued behind b's busy worker, one in b's timer) take neither the new
+/// tasks nor run the old ones; each new task runs once, on a, the delayed one not before its
+/// new due time.
+#[test]
+fn an_id_cancelled_and_used_again_on_another_node_runs_only_the_new_task_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let one = ["--workers", "1"];
+    let a = node_with(dir.path(), &redis, "a", "3", &one);
+    let b = node_with(dir.path(), &redis, "b", "3", &one);
+    let get = |id: &str, v: &str, delay: u64, path: &str| {
+        json!({"id": id, "method": "GET", "name": sink.url(path), "delay": delay,
+            "params": format!("ms=1500&id={id}&v={v}")})
+    };
+    // b's worker frees first, while a's is still busy: b's queue then holds the stale q.
+    let on_b = json!([
+        get("busy-b", "", 0, "/slow"),
+        get("q", "old", 0, "/hit"),
+        get("d", "old", 2, "/hit")
+    ]);
+    assert_eq!(b.submit(&on_b).0, 200);
+    let mut busy_a = get("busy-a", "", 0, "/slow");
+    busy_a["params"] = json!("ms=4000&id=busy-a");
+    assert_eq!(a.submit(&busy_a).0, 200);
+    sink.wait_until(Duration::from_secs(10), "both workers busy", |h| {
+        let seen = hits_by_id(h);
+        seen.contains_key("busy-a") && seen.contains_key("busy-b")
+    });
+    for id in ["q", "d"] {
+        let (code, r) = common::request("DELETE", &a.url(&format!("/task/{id}")), &[]);
+        assert_eq!(code, 200, "{id}: {r}");
+    }
+    let before_us = common::now_us();
+    let again = json!([get("q", "new", 0, "/hit"), get("d", "new", 5, "/hit")]);
+    assert_eq!(a.submit(&again).0, 200);
+    for id in ["q", "d"] {
+        let (code, r) = a.get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!((code, &r["node"]), (200, &json!("a")), "{id}: {r}");
+    }
+    let hits = sink.hits();
+    for id in ["q", "d"] {
+        let runs: Vec<&common::Hit> = hits
+            .iter()
+            .filter(|h| common::hits::hit_id(h) == Some(id))
+            .collect();
+        assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
+        assert!(runs[0].query.ends_with("v=new"), "{id}: {runs:?}");
+    }
+    let d = hits_of(&sink, "d");
+    assert!(
+        d[0] >= before_us + 5_000_000,
+        "d ran before its new due time"
+    );
+}
+
+/// Redis goes away and comes back (with its data) while node a long-polls a task node c runs:
+/// a's subscription to the other nodes' results breaks and is made again, and the poll is
+/// answered with the result c records once Redis is back (heard, or found by the look-up a
+/// makes after subscribing again). a says once that it cannot hear the others, and once that it
+/// hears them again.
+#[test]
+fn a_long_poll_on_another_node_is_answered_across_a_redis_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a");
+    let c = node(dir.path(), &redis, "c");
+    let t = json!({"id": "across", "method": "GET", "name": sink.url("/slow"),
+        "params": "ms=2000&id=across"});
+    assert_eq!(c.submit(&t).0, 200);
+    sink.wait_until(Duration::from_secs(10), "across running on c", |h| {
+        hits_by_id(h).contains_key("across")
+    });
+    let poll = {
+        let url = a.url("/task_resp/across?timeout=60");
+        std::thread::spawn(move || common::get(&url))
+    };
+    let port = redis.port;
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _redis = RedisServer::start_on(&dir.path().join("redis"), port, &["--appendonly", "yes"]);
+    let (code, r) = poll.join().expect("poll");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        (&r["status"], &r["node"]),
+        (&json!("succeeded"), &json!("c")),
+        "{r}"
+    );
+    let log = eventually(Duration::from_secs(15), "a hears again", || {
+        let log = a.log_text();
+        log.contains("hearing the other nodes' results again")
+            .then_some(log)
+    });
+    assert_eq!(
+        log.matches("cannot hear the other nodes' results").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("hearing the other nodes' results again")
+            .count(),
+        1,
+        "{log}"
     );
 }

@@ -1,15 +1,18 @@
 //! This process among the poulpe nodes that share one Redis prefix: its id (`--node_id`), the
 //! registry of nodes and their heartbeats (`Registry`, kept by the Redis store), the start-up
 //! check that no live node has this id (`join`), and the list `/sys_info` shows (`Nodes`). The
-//! heartbeat thread, which also adopts the tasks of dead nodes, is in [`heartbeat`].
+//! heartbeat thread, which also adopts the tasks of dead nodes, is in [`heartbeat`]; the thread
+//! answering this node's clients with the results other nodes record, in [`listen`].
 
 pub(crate) mod heartbeat;
+pub(crate) mod listen;
 
 use crate::clock::rfc3339_ms;
 use crate::store::{Recovered, StoreError};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -170,6 +173,16 @@ pub(crate) trait Registry: Send + Sync {
 
     /// Marks this node stopped at shutdown, so that the others adopt what it leaves at once.
     fn leave(&self, workers: usize) -> Result<(), StoreError>;
+
+    /// Listens to what the other nodes finish or cancel: calls `on("")` once subscribed (the
+    /// caller then looks for what finished while nobody listened), then `on(ids)` with the
+    /// space-separated ids each of their messages names, until `stop` is set (`Ok`) or the
+    /// subscription or `on` fails (`Err`).
+    fn listen(
+        &self,
+        stop: &AtomicBool,
+        on: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
 }
 
 /// Why this node cannot join.

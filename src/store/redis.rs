@@ -14,12 +14,17 @@
 //! - `<p>owned:<node>` set: the unfinished ids owned by that node, kept by the same scripts and
 //!   pipelines that change the `node` field, so that a dead node's tasks are found without a scan.
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
-//!   found. With a shared ready queue later, a claim moves a task to its claimer's set as now.
+//!   found. Only the owner takes a task due or claims it: another node's entry for its id is
+//!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
 //! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
 //!   ms of Redis's own `TIME`, so that nodes' clocks need not agree; 0 once the node stopped)
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
+//!
+//! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
+//! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
+//! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
@@ -89,22 +94,23 @@ end
     };
 }
 
-/// Moves a task to owner `me` in script: its `node` field and `owned:` sets (`k` its key).
-macro_rules! lua_own {
+/// `mine(k)`: the state of task key `k` when it is this node's (`me`) or has no owner (a task of
+/// a release before nodes), else `false`: a task another node owns is in that node's pool or
+/// timer, and an entry here for its id is stale (the task was cancelled and its id used again
+/// on another node, or it was adopted while this node was cut off from Redis).
+macro_rules! lua_mine {
     () => {
         r"
-local function own(k, id)
-  local o = redis.call('HGET', k, 'node')
-  if o ~= me then
-    if o then redis.call('SREM', p .. 'owned:' .. o, id) end
-    redis.call('HSET', k, 'node', me)
-    redis.call('SADD', p .. 'owned:' .. me, id)
-  end
+local function mine(k)
+  local v = redis.call('HMGET', k, 'state', 'node')
+  if v[2] == me or not v[2] then return v[1] end
+  return false
 end
 "
     };
 }
 
+mod listen;
 // After the macros: its scripts use them.
 mod nodes;
 
@@ -148,22 +154,23 @@ return out
 
 /// Moves each id after the prefix, this node and the `again` flag from waiting (delayed or
 /// retry_wait; with `again` = '1' also ready) to ready, owned by this node (whose pool it goes
-/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting.
+/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting, or
+/// is another node's (`mine`).
 const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
 local again = ARGV[3] == '1'
 ",
-    lua_own!(),
+    lua_mine!(),
     r"
 local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local k = p .. 'task:' .. id
-  local s = redis.call('HGET', k, 'state')
+  local s = mine(k)
   if s == 'delayed' or s == 'retry_wait' or (again and s == 'ready') then
-    redis.call('HSET', k, 'state', 'ready')
-    own(k, id)
+    redis.call('HSET', k, 'state', 'ready', 'node', me)
+    redis.call('SADD', p .. 'owned:' .. me, id)
     redis.call('ZREM', p .. 'due', id)
     out[i - 3] = redis.call('HGET', k, 'data')
   else
@@ -174,17 +181,19 @@ return out
 "
 );
 
-/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won.
+/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
+/// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
+/// cancelled here, then used again on another node) must not run the old task in its place.
 const CLAIM: &str = concat!(
     r"
 local p, me, id = ARGV[1], ARGV[2], ARGV[3]
 ",
-    lua_own!(),
+    lua_mine!(),
     r"
 local k = p .. 'task:' .. id
-if redis.call('HGET', k, 'state') == 'ready' then
-  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4])
-  own(k, id)
+if mine(k) == 'ready' then
+  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
+  redis.call('SADD', p .. 'owned:' .. me, id)
   redis.call('HSET', p .. 'running', id, me)
   return 1
 end
@@ -194,7 +203,7 @@ return 0
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
-/// `ARGV[6]` ms from now).
+/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`).
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
@@ -208,6 +217,7 @@ if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
   redis.call('ZREM', p .. 'due', id)
   redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
   redis.call('ZADD', p .. 'results', ARGV[5], id)
+  redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
   return 'cancelled'
 elseif s then
   return 'running'
@@ -419,6 +429,8 @@ struct Group {
 /// The Redis store.
 pub(crate) struct RedisStore {
     pool: r2d2::Pool<Client>,
+    /// For the connection of its own that `listen` subscribes on (not one of the pool's).
+    client: Client,
     prefix: String,
     /// This node's id (`--node_id`): the owner of what it submits, takes and claims.
     node: String,
@@ -525,7 +537,7 @@ impl RedisStore {
             .connection_customizer(Box::new(Timeouts))
             // Outages are logged once by the health thread, not once per failed connect.
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(client);
+            .build_unchecked(client.clone());
         let end = Instant::now() + wait;
         loop {
             // The pool's or Redis's own words, without this store's "unavailable" prefix: the
@@ -593,6 +605,7 @@ impl RedisStore {
         }
         Ok(RedisStore {
             pool,
+            client,
             prefix: prefix.to_string(),
             node: node.to_string(),
             node_ttl,
@@ -826,6 +839,8 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let now = crate::clock::now_ms();
+        // `<node> <id>...` of the final results, published with them (ids hold no space).
+        let mut done = String::new();
         for ch in changes {
             match ch {
                 Change::Retry(t) => {
@@ -850,6 +865,11 @@ impl Store for RedisStore {
                     pipe.pset_ex(self.key("result", id), record, ttl).ignore();
                     pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
                         .ignore();
+                    if done.is_empty() {
+                        done.push_str(&self.node);
+                    }
+                    done.push(' ');
+                    done.push_str(id);
                 }
                 Change::Insert(t) => {
                     self.put_task(&mut pipe, t)?;
@@ -863,6 +883,9 @@ impl Store for RedisStore {
                     }
                 }
             }
+        }
+        if !done.is_empty() {
+            pipe.publish(format!("{}done", self.prefix), done).ignore();
         }
         let t0 = std::time::Instant::now();
         let res = self.with(|c| pipe.query::<()>(c));
@@ -894,6 +917,7 @@ impl Store for RedisStore {
                     .arg(json)
                     .arg(expires_ms)
                     .arg(ttl)
+                    .arg(&self.node)
                     .invoke(c)
             })?;
             return Ok(match (answer.as_str(), made) {

@@ -129,6 +129,14 @@ impl Registry for RedisStore {
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
         self.beat_call("leave", workers, 0, "").map(|_| ())
     }
+
+    fn listen(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+        on: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.listen_done(stop, on)
+    }
 }
 
 #[cfg(test)]
@@ -255,5 +263,23 @@ mod tests {
         assert_eq!(rec.len(), 1);
         assert!(rec[0].was_running);
         assert_eq!(st.summary(10).expect("summary").running_total, 0);
+    }
+
+    /// Only a task's owner takes it due or claims it: another node's entry for the id (its
+    /// queue or timer still holding a task cancelled there and submitted again here) gets
+    /// nothing, and the owner gets it as before.
+    #[test]
+    fn only_the_owner_takes_a_task_due_or_claims_it() {
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        let (x, y) = (
+            contract::task("x", State::Ready, 1),
+            contract::task("y", State::Delayed, 1),
+        );
+        a.insert(&[x.clone(), y]).expect("insert");
+        assert!(!b.claim(&x).expect("claim"), "a's ready task");
+        assert!(b.take_due("y").expect("take").is_none(), "a's delayed task");
+        assert!(a.take_due("y").expect("take").is_some());
+        assert!(a.claim(&x).expect("claim"));
     }
 }
