@@ -640,10 +640,10 @@ mod tests {
         }
         fn take_due_many(
             &self,
-            ids: &[Arc<str>],
+            due: &[crate::store::Due],
             again: bool,
         ) -> Vec<Result<Option<Task>, crate::store::StoreError>> {
-            self.inner.take_due_many(ids, again)
+            self.inner.take_due_many(due, again)
         }
         fn claim(&self, t: &Task) -> Result<bool, crate::store::StoreError> {
             self.inner.claim(t)

@@ -37,6 +37,14 @@ fn delayed_tasks_are_never_early() {
 }
 
 #[test]
+fn a_cancelled_id_submitted_again_runs_at_its_new_due_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start();
+    let s = Server::builder(&dir).start();
+    common::hits::a_reused_id_waits_for_its_own_due_time(&s, &sink);
+}
+
+#[test]
 fn delay_as_a_string_of_digits_works() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = Sink::start();

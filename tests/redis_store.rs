@@ -114,6 +114,15 @@ fn core_scenarios_run_on_redis() {
 }
 
 #[test]
+fn a_cancelled_id_submitted_again_runs_at_its_new_due_time_on_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let sink = Sink::start();
+    let s = start(dir.path(), &redis, &[]);
+    common::hits::a_reused_id_waits_for_its_own_due_time(&s, &sink);
+}
+
+#[test]
 fn kill_9_loses_no_acknowledged_task() {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(&dir.path().join("redis"));

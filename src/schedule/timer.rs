@@ -3,10 +3,10 @@
 
 use crate::clock::now_us;
 use crate::dispatch::Pool;
-use crate::store::Store;
+use crate::store::{Due, Store};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -61,15 +61,15 @@ impl Timer {
 fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
     let mut heap: BinaryHeap<Reverse<(u64, u64, Arc<str>)>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let mut failed: HashSet<Arc<str>> = HashSet::new();
+    let mut failed: HashMap<Arc<str>, u64> = HashMap::new();
     loop {
         let now = now_us();
         let cmd = match heap.peek() {
             Some(Reverse((due, _, _))) if *due <= now => {
                 let mut ids = Vec::new();
                 while ids.len() < MAX_RELEASE && heap.peek().is_some_and(|e| e.0 .0 <= now) {
-                    if let Some(Reverse((_, _, id))) = heap.pop() {
-                        ids.push(id);
+                    if let Some(Reverse((due, _, id))) = heap.pop() {
+                        ids.push((id, due));
                     }
                 }
                 release(store, pool, ids, &mut heap, &mut seq, &mut failed);
@@ -108,36 +108,43 @@ fn run(rx: &Receiver<Cmd>, store: &dyn Store, pool: &Pool) {
     }
 }
 
-/// Moves due tasks to worker queues; a store error retries that task a second later, and the
-/// retry also takes it if the failed call had already marked it ready (`again`).
+/// Moves due tasks (id, due time) to worker queues; a store error retries that task a second
+/// later, and the retry also takes it if the failed call had already marked it ready
+/// (`again`). A retry asks for the task's own due time, kept in `failed`, not the retry's.
 fn release(
     store: &dyn Store,
     pool: &Pool,
-    ids: Vec<Arc<str>>,
+    due: Vec<Due>,
     heap: &mut BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
     seq: &mut u64,
-    failed: &mut HashSet<Arc<str>>,
+    failed: &mut HashMap<Arc<str>, u64>,
 ) {
-    let (again, fresh): (Vec<Arc<str>>, Vec<Arc<str>>) =
-        ids.into_iter().partition(|id| failed.contains(id));
-    for (ids, again) in [(fresh, false), (again, true)] {
-        if ids.is_empty() {
+    let (again, fresh): (Vec<Due>, Vec<Due>) = due
+        .into_iter()
+        .map(|(id, at)| match failed.get(&id) {
+            Some(&first) => (id, first),
+            None => (id, at),
+        })
+        .partition(|(id, _)| failed.contains_key(id));
+    for (due, again) in [(fresh, false), (again, true)] {
+        if due.is_empty() {
             continue;
         }
-        let mut answers = store.take_due_many(&ids, again).into_iter();
-        for id in ids {
+        let mut answers = store.take_due_many(&due, again).into_iter();
+        for (id, due_us) in due {
             match answers.next() {
                 Some(Ok(Some(task))) => {
                     failed.remove(&id);
                     pool.dispatch(Arc::new(task));
                 }
                 Some(Ok(None)) => {
-                    failed.remove(&id); // cancelled, or already handed out
+                    // Cancelled, already handed out, or a stale entry.
+                    failed.remove(&id);
                 }
-                Some(Err(e)) => retry_later(id, &e, heap, seq, failed),
+                Some(Err(e)) => retry_later(id, due_us, &e, heap, seq, failed),
                 None => {
                     let e = crate::store::StoreError::Corrupt("no answer for this id".into());
-                    retry_later(id, &e, heap, seq, failed);
+                    retry_later(id, due_us, &e, heap, seq, failed);
                 }
             }
         }
@@ -146,15 +153,16 @@ fn release(
 
 fn retry_later(
     id: Arc<str>,
+    due_us: u64,
     e: &crate::store::StoreError,
     heap: &mut BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
     seq: &mut u64,
-    failed: &mut HashSet<Arc<str>>,
+    failed: &mut HashMap<Arc<str>, u64>,
 ) {
     log::error!("timer: cannot load due task {id}: {e}; trying again in 1 s");
     *seq += 1;
     heap.push(Reverse((now_us() + 1_000_000, *seq, id.clone())));
-    failed.insert(id);
+    failed.insert(id, due_us);
 }
 
 #[cfg(test)]
@@ -231,14 +239,14 @@ mod tests {
         }
         fn take_due_many(
             &self,
-            ids: &[Arc<str>],
+            due: &[Due],
             again: bool,
         ) -> Vec<Result<Option<crate::task::Task>, StoreError>> {
-            let answers = self.inner.take_due_many(ids, again);
+            let answers = self.inner.take_due_many(due, again);
             if self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 answers
             } else {
-                ids.iter()
+                due.iter()
                     .map(|_| Err(StoreError::Unavailable("answer lost".into())))
                     .collect()
             }

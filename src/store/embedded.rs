@@ -1603,8 +1603,8 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("d", 99, false), ("r", 1, true), ("x", 2, false)]);
         // Recovered tasks are waiting for the timer, which hands them out once.
-        assert!(s.take_due("r").expect("take").is_some());
-        assert!(s.take_due("r").expect("take").is_none());
+        assert!(s.take_due("r", 1).expect("take").is_some());
+        assert!(s.take_due("r", 1).expect("take").is_none());
         assert_eq!(
             s.insert(&[task("d", State::Ready, 0)]),
             Err(StoreError::Duplicate("d".into()))
@@ -2043,7 +2043,7 @@ mod tests {
         );
         assert_eq!(s.status("ready").expect("status"), Some(State::Ready));
         assert!(matches!(
-            s.take_due("wait"),
+            s.take_due("wait", 9),
             Err(StoreError::Unavailable(_))
         ));
         assert_eq!(s.status("wait").expect("status"), Some(State::Delayed));
@@ -2067,7 +2067,7 @@ mod tests {
         s.insert(&[task("new", State::Ready, 3)])
             .expect("insert after healing");
         assert!(s.claim(&task("ready", State::Ready, 2)).expect("claim"));
-        assert!(s.take_due("wait").expect("take").is_some());
+        assert!(s.take_due("wait", 9).expect("take").is_some());
         assert_eq!(
             s.insert(&[task("ready", State::Delayed, 5)]),
             Err(StoreError::Duplicate("ready".into()))

@@ -3,7 +3,7 @@
 
 use super::list::{self, ListQuery, Listed, Page, Record, Revive};
 use super::live::LiveIndex;
-use super::{Cancel, Change, Recording, Recovered, Store, StoreError, Summary, GC_PASS};
+use super::{Cancel, Change, Due, Recording, Recovered, Store, StoreError, Summary, GC_PASS};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
@@ -228,7 +228,7 @@ impl<B: Backend> LocalStore<B> {
     /// Marks a waiting task ready (with `again`, one already ready passes too) and loads it.
     /// While the backend is down nothing is handed out: its attempt's outcome could not be
     /// recorded (the timer tries again).
-    fn take(&self, id: &str, again: bool) -> Result<Option<Task>, StoreError> {
+    fn take(&self, id: &str, due_us: u64, again: bool) -> Result<Option<Task>, StoreError> {
         self.check_up()?;
         let from: &[State] = if again {
             &[State::Delayed, State::RetryWait, State::Ready]
@@ -241,6 +241,15 @@ impl<B: Backend> LocalStore<B> {
         match self.backend.task(id)? {
             Some(bytes) => {
                 let mut t: Task = decode(&bytes)?;
+                if t.due_us != due_us {
+                    // A stale timer entry (the id was cancelled and submitted again with
+                    // another delay): the task waits for its own entry. A cancel meanwhile
+                    // finds it ready and wins; then it stays cancelled.
+                    if matches!(t.state, State::Delayed | State::RetryWait) {
+                        self.live.transition(id, &[State::Ready], t.state);
+                    }
+                    return Ok(None);
+                }
                 t.state = State::Ready;
                 Ok(Some(t))
             }
@@ -303,12 +312,10 @@ impl<B: Backend> Store for LocalStore<B> {
         }
     }
 
-    fn take_due_many(
-        &self,
-        ids: &[Arc<str>],
-        again: bool,
-    ) -> Vec<Result<Option<Task>, StoreError>> {
-        ids.iter().map(|id| self.take(id, again)).collect()
+    fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>> {
+        due.iter()
+            .map(|(id, due_us)| self.take(id, *due_us, again))
+            .collect()
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {

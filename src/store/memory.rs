@@ -174,7 +174,7 @@ pub(crate) mod tests {
         ));
         fail.store(false, Ordering::SeqCst);
         assert_eq!(store.status("t").expect("status"), Some(State::Delayed));
-        let due = store.take_due("t").expect("take_due");
+        let due = store.take_due("t", 5).expect("take_due");
         assert_eq!(due.map(|t| t.id), Some("t".to_string()), "still handed out");
         assert!(matches!(
             store.cancel("u", 0).expect("cancel"),

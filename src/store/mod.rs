@@ -19,6 +19,9 @@ pub(crate) use list::{ListQuery, Page, Record, Revive};
 use std::fmt;
 use std::sync::Arc;
 
+/// A timer entry: a waiting task's id and the due time (unix µs) it was armed with.
+pub(crate) type Due = (Arc<str>, u64);
+
 /// Why a store call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -145,12 +148,13 @@ pub(crate) trait Store: Send + Sync {
     /// are one step there).
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError>;
 
-    /// Moves a waiting task (delayed or retry-waiting) to ready and returns it, or `None` when
-    /// it is no longer waiting (cancelled, or claimed elsewhere): `take_due_many` for one id.
-    /// The server always asks for several (the timer); the tests ask for one.
+    /// Moves a waiting task (delayed or retry-waiting) due at `due_us` to ready and returns it,
+    /// or `None` when it is no longer waiting (cancelled, or claimed elsewhere) or waits for
+    /// another time: `take_due_many` for one id. The server always asks for several (the
+    /// timer); the tests ask for one.
     #[cfg(test)]
-    fn take_due(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.take_due_many(&[Arc::from(id)], false)
+    fn take_due(&self, id: &str, due_us: u64) -> Result<Option<Task>, StoreError> {
+        self.take_due_many(&[(Arc::from(id), due_us)], false)
             .pop()
             .unwrap_or(Ok(None))
     }
@@ -161,8 +165,12 @@ pub(crate) trait Store: Send + Sync {
     /// task already marked ready is handed out too: the failed call may have marked it before
     /// its answer was lost, and only the timer hands out waiting tasks (a second hand-out is
     /// harmless: `claim` lets one attempt run).
-    fn take_due_many(&self, ids: &[Arc<str>], again: bool)
-        -> Vec<Result<Option<Task>, StoreError>>;
+    ///
+    /// Each id comes with the due time the timer was given for it, and a task whose stored due
+    /// time differs is left waiting (`None`): that timer entry is stale. A task cancelled and
+    /// its id submitted again with another delay has two entries, and only the new one may
+    /// release the new task, at its own time.
+    fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>>;
 
     /// Claims a ready task for one attempt; `false` means the caller lost (cancelled or taken).
     fn claim(&self, task: &Task) -> Result<bool, StoreError>;
@@ -415,9 +423,9 @@ pub(crate) mod contract {
         retry.due_us = 9;
         store.record(&[Change::Retry(retry)]).expect("record retry");
         assert_eq!(store.status("a").expect("status"), Some(State::RetryWait));
-        let due = store.take_due("a").expect("take_due").expect("waiting");
+        let due = store.take_due("a", 9).expect("take_due").expect("waiting");
         assert_eq!(due.due_us, 9);
-        assert_eq!(store.take_due("a").expect("take_due"), None, "only once");
+        assert_eq!(store.take_due("a", 9).expect("take_due"), None, "only once");
         assert!(store.claim(&due).expect("claim"));
 
         store
@@ -460,7 +468,7 @@ pub(crate) mod contract {
                 0
             )
         );
-        assert_eq!(store.take_due("a").expect("take_due"), None, "cancelled");
+        assert_eq!(store.take_due("a", 7).expect("take_due"), None, "cancelled");
         assert_eq!(store.status("a").expect("status"), None);
         assert_eq!(
             store.result("a").expect("result"),
@@ -518,7 +526,7 @@ pub(crate) mod contract {
             .expect("record finish and insert");
         assert_eq!(store.status("g").expect("status"), None);
         assert_eq!(store.status("cb-g").expect("status"), Some(State::Delayed));
-        let due = store.take_due("cb-g").expect("take_due").map(|t| t.id);
+        let due = store.take_due("cb-g", 5).expect("take_due").map(|t| t.id);
         assert_eq!(due.as_deref(), Some("cb-g"));
 
         assert_eq!(store.get_meta("k").expect("meta"), None);
@@ -530,7 +538,9 @@ pub(crate) mod contract {
         store
             .insert(&[task("m1", State::Delayed, 4), task("m2", State::Delayed, 6)])
             .expect("insert");
-        let ids: Vec<Arc<str>> = ["m2", "nope", "m1", "m2"].map(Arc::from).to_vec();
+        let ids: Vec<Due> = [("m2", 6), ("nope", 0), ("m1", 4), ("m2", 6)]
+            .map(|(id, due)| (Arc::from(id), due))
+            .to_vec();
         let got: Vec<Option<(String, State)>> = store
             .take_due_many(&ids, false)
             .into_iter()
@@ -545,9 +555,13 @@ pub(crate) mod contract {
                 None,
             ]
         );
-        assert_eq!(store.take_due("m1").expect("take_due"), None, "only once");
+        assert_eq!(
+            store.take_due("m1", 4).expect("take_due"),
+            None,
+            "only once"
+        );
         // A release whose answer was lost is retried with `again`: ready tasks come back too.
-        let again = store.take_due_many(&[Arc::from("m1"), Arc::from("nope")], true);
+        let again = store.take_due_many(&[(Arc::from("m1"), 4), (Arc::from("nope"), 0)], true);
         let again: Vec<Option<String>> = again
             .into_iter()
             .map(|r| r.expect("take_due_many again").map(|t| t.id))
@@ -560,10 +574,36 @@ pub(crate) mod contract {
             "a second hand-out cannot run it again"
         );
         assert_eq!(
-            store.take_due_many(&[Arc::from("m1")], true)[0],
+            store.take_due_many(&[(Arc::from("m1"), 4)], true)[0],
             Ok(None),
             "a running task is not handed out"
         );
+
+        // A timer entry armed with another due time than the task's is stale (the id was
+        // cancelled and submitted again with another delay): the task stays waiting for its
+        // own entry, with `again` too.
+        store
+            .insert(&[
+                task("s", State::Delayed, 10),
+                task("s2", State::RetryWait, 12),
+            ])
+            .expect("insert");
+        for again in [false, true] {
+            let stale = store.take_due_many(&[(Arc::from("s"), 5), (Arc::from("s2"), 11)], again);
+            assert_eq!(
+                stale,
+                vec![Ok(None), Ok(None)],
+                "stale entries (again: {again})"
+            );
+        }
+        assert_eq!(store.status("s").expect("status"), Some(State::Delayed));
+        assert_eq!(store.status("s2").expect("status"), Some(State::RetryWait));
+        let own = store.take_due_many(&[(Arc::from("s"), 10), (Arc::from("s2"), 12)], false);
+        let own: Vec<Option<String>> = own
+            .into_iter()
+            .map(|r| r.expect("take_due_many").map(|t| t.id))
+            .collect();
+        assert_eq!(own, vec![Some("s".to_string()), Some("s2".to_string())]);
 
         // Recovery hands every unfinished task to the timer, running ones included (flagged).
         store.insert(&[task("e", State::Ready, 3)]).expect("insert");

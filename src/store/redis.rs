@@ -27,7 +27,7 @@
 //! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
-use super::{Cancel, Change, Recovered, Store, StoreError, Summary};
+use super::{Cancel, Change, Due, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -152,10 +152,11 @@ end
 return out
 ";
 
-/// Moves each id after the prefix, this node and the `again` flag from waiting (delayed or
-/// retry_wait; with `again` = '1' also ready) to ready, owned by this node (whose pool it goes
-/// to), and answers its data, or `false` (nil in the reply) for an id that is not waiting, or
-/// is another node's (`mine`).
+/// Moves each id of the (id, due µs) pairs after the prefix, this node and the `again` flag
+/// from waiting (delayed or retry_wait; with `again` = '1' also ready) to ready, owned by this
+/// node (whose pool it goes to), and answers its data, or `false` (nil in the reply) for an id
+/// that is not waiting, is another node's (`mine`), or waits for another due time (a stale
+/// timer entry: the id was cancelled and submitted again with another delay).
 const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
@@ -164,17 +165,19 @@ local again = ARGV[3] == '1'
     lua_mine!(),
     r"
 local out = {}
-for i = 4, #ARGV do
+for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local k = p .. 'task:' .. id
   local s = mine(k)
-  if s == 'delayed' or s == 'retry_wait' or (again and s == 'ready') then
+  local n = (i - 2) / 2
+  if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
+    and redis.call('HGET', k, 'due') == ARGV[i + 1] then
     redis.call('HSET', k, 'state', 'ready', 'node', me)
     redis.call('SADD', p .. 'owned:' .. me, id)
     redis.call('ZREM', p .. 'due', id)
-    out[i - 3] = redis.call('HGET', k, 'data')
+    out[n] = redis.call('HGET', k, 'data')
   else
-    out[i - 3] = false
+    out[n] = false
   end
 end
 return out
@@ -787,23 +790,19 @@ impl Store for RedisStore {
         res
     }
 
-    fn take_due_many(
-        &self,
-        ids: &[Arc<str>],
-        again: bool,
-    ) -> Vec<Result<Option<Task>, StoreError>> {
+    fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>> {
         let data: Result<Vec<Option<String>>, StoreError> = self.with(|c| {
             let mut inv = self.scripts.take_due_many.prepare_invoke();
             inv.arg(&self.prefix)
                 .arg(&self.node)
                 .arg(if again { "1" } else { "0" });
-            for id in ids {
-                inv.arg(&**id);
+            for (id, due_us) in due {
+                inv.arg(&**id).arg(due_us);
             }
             inv.invoke(c)
         });
         match data {
-            Ok(data) if data.len() == ids.len() => data
+            Ok(data) if data.len() == due.len() => data
                 .into_iter()
                 .map(|d| d.map(|d| ready_task(&d)).transpose())
                 .collect(),
@@ -811,11 +810,11 @@ impl Store for RedisStore {
                 let e = StoreError::Corrupt(format!(
                     "take_due_many answered {} entries for {} ids",
                     data.len(),
-                    ids.len()
+                    due.len()
                 ));
-                ids.iter().map(|_| Err(e.clone())).collect()
+                due.iter().map(|_| Err(e.clone())).collect()
             }
-            Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => due.iter().map(|_| Err(e.clone())).collect(),
         }
     }
 
@@ -1303,8 +1302,11 @@ mod tests {
             .map(|r| (&*r.id, r.due_us, r.was_running))
             .collect();
         assert_eq!(got, vec![("d", 99, false), ("r", 1, true)]);
-        assert!(st.take_due("r").expect("take").is_some());
-        assert!(st.take_due("r").expect("take").is_none(), "handed out once");
+        assert!(st.take_due("r", 1).expect("take").is_some());
+        assert!(
+            st.take_due("r", 1).expect("take").is_none(),
+            "handed out once"
+        );
         assert_eq!(
             st.summary(10).expect("summary").waiting,
             vec!["d".to_string()]

@@ -43,3 +43,37 @@ pub fn wait_all_hit(sink: &Sink, want: &HashSet<String>, limit: Duration, what: 
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A delayed task is cancelled and its id submitted again with a longer delay: the new task
+/// runs once, never before its own due time (the timer's entry for the cancelled one is stale
+/// and must not release it). Run on each store by its suite.
+#[allow(dead_code)]
+pub fn a_reused_id_waits_for_its_own_due_time(s: &super::Server, sink: &Sink) {
+    use serde_json::json;
+    let task = |delay: u64| {
+        json!({"id": "again", "method": "GET", "name": sink.url("/again"),
+               "params": "id=again", "delay": delay})
+    };
+    assert_eq!(s.submit(&task(1)).0, 200);
+    let (code, r) = super::request("DELETE", &s.url("/task/again"), &[]);
+    assert_eq!(code, 200, "cancelled: {r}");
+    let due = super::now_us() + 3_000_000;
+    let (code, r) = s.submit(&task(3));
+    assert_eq!(code, 200, "the id is free again: {r}");
+    let want: HashSet<String> = ["again".to_string()].into();
+    wait_all_hit(
+        sink,
+        &want,
+        Duration::from_secs(15),
+        "the task submitted again",
+    );
+    // A second arrival would come right after the first: wait a little for it.
+    thread::sleep(Duration::from_millis(300));
+    let at = &hits_by_id(&sink.hits())["again"];
+    assert_eq!(at.len(), 1, "ran once: {at:?}");
+    assert!(
+        at[0] >= due,
+        "ran {} ms before its own due time, at the cancelled task's",
+        (due - at[0]) / 1000
+    );
+}

@@ -278,8 +278,11 @@ mod tests {
         );
         a.insert(&[x.clone(), y]).expect("insert");
         assert!(!b.claim(&x).expect("claim"), "a's ready task");
-        assert!(b.take_due("y").expect("take").is_none(), "a's delayed task");
-        assert!(a.take_due("y").expect("take").is_some());
+        assert!(
+            b.take_due("y", 1).expect("take").is_none(),
+            "a's delayed task"
+        );
+        assert!(a.take_due("y", 1).expect("take").is_some());
         assert!(a.claim(&x).expect("claim"));
     }
 }
