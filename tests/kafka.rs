@@ -1,6 +1,7 @@
 //! Kafka intake against a real tansu broker started on a free port: tasks produced to the topic
 //! run and their results appear on the result topic; invalid messages land in `<dead>/invalid/`
-//! with a Fail result; after `kill -9` and a restart every message is executed, none skipped.
+//! with a Fail result; after `kill -9` and a restart every message is executed, none skipped;
+//! two nodes on one Redis prefix in one group share a topic of three partitions.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -53,11 +54,12 @@ impl Broker {
     }
 
     fn start_on(port: u16, topics: &[&str]) -> Broker {
-        Broker::start_advertising(port, port, topics)
+        Broker::start_advertising(port, port, topics, 1)
     }
 
-    /// Listens on `port` and tells clients to connect to `advertised` (a proxy in front of it).
-    fn start_advertising(port: u16, advertised: u16, topics: &[&str]) -> Broker {
+    /// Listens on `port` and tells clients to connect to `advertised` (a proxy in front of it);
+    /// each topic has `partitions` partitions.
+    fn start_advertising(port: u16, advertised: u16, topics: &[&str], partitions: u32) -> Broker {
         let tansu = tansu_path();
         let url = format!("tcp://127.0.0.1:{port}");
         let adv = format!("tcp://127.0.0.1:{advertised}");
@@ -82,9 +84,18 @@ impl Broker {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
         let url = adv;
+        let partitions = partitions.to_string();
         for t in topics {
             let out = Command::new(&tansu)
-                .args(["topic", "create", "--broker", &url, "--partitions", "1", t])
+                .args([
+                    "topic",
+                    "create",
+                    "--broker",
+                    &url,
+                    "--partitions",
+                    &partitions,
+                    t,
+                ])
                 .output()
                 .expect("tansu topic create");
             assert!(
@@ -980,7 +991,7 @@ impl Proxy {
 fn a_broker_unreachable_after_start_is_reported_and_rejoined() {
     let real = free_port();
     let proxy = Proxy::start(real);
-    let broker = Broker::start_advertising(real, proxy.port, &["tasks"]);
+    let broker = Broker::start_advertising(real, proxy.port, &["tasks"], 1);
     let sink = Sink::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = consuming(&broker, &dir, "g-cut", &sink);
@@ -1267,5 +1278,60 @@ fn a_broker_that_cannot_be_reached_is_logged_once_not_at_every_error() {
         "{} Kafka warning and error lines in 3 s with the broker unreachable:\n{}",
         lines.len(),
         lines.join("\n")
+    );
+}
+
+/// Two nodes on one Redis prefix (`--node_id`) in one consumer group share a topic of three
+/// partitions: every message's task runs, once, and both nodes take part; producers change
+/// nothing.
+#[test]
+fn nodes_in_one_group_share_the_topic_and_run_each_message_once() {
+    use common::redis::RedisServer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(&dir.path().join("redis"));
+    let port = free_port();
+    let broker = Broker::start_advertising(port, port, &["tasks"], 3);
+    let sink = Sink::start();
+    let (servers, url) = (broker.servers(), redis.url());
+    let node = |id: &str| {
+        let mut args = vec!["--redis", url.as_str(), "--node_id", id];
+        args.extend(kafka_args(&servers, "tasks", "results", "g-nodes"));
+        Server::builder(dir.path().join(id)).args(&args).start()
+    };
+    let nodes = [node("a"), node("b")];
+    // Both in the group before anything is produced (a member that joins later takes its
+    // partitions from where the group's offsets are, which is fine too, but slower).
+    for s in &nodes {
+        eventually(
+            Duration::from_secs(60),
+            "the node's intake connected",
+            || {
+                let (_, info) = s.get("/sys_info");
+                (info["kafka"]["connected"] == true).then_some(())
+            },
+        );
+    }
+    let n = 300;
+    let payloads: Vec<String> = (0..n).map(|i| hit_task(&sink, &format!("k-{i}"))).collect();
+    broker.produce("tasks", &payloads);
+    sink.wait_until(Duration::from_secs(90), "every message's task", |h| {
+        hit_ids(h, "/hit").len() == n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ran = hit_ids(&sink.hits(), "/hit");
+    let twice: Vec<_> = ran.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    let succeeded: Vec<u64> = nodes
+        .iter()
+        .map(|s| {
+            s.get("/sys_info").1["counts"]["succeeded"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(succeeded.iter().sum::<u64>(), n as u64, "{succeeded:?}");
+    assert!(
+        succeeded.iter().all(|&c| c > 0),
+        "both nodes consume a share of the partitions: {succeeded:?}"
     );
 }
