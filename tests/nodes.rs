@@ -3,7 +3,8 @@
 //! node with the same id refused, and a node killed with `kill -9` whose delayed and running
 //! tasks the others adopt (never early; the running one again), without a restart of it
 //! stealing a live node's tasks, also with thousands of tasks in flight; long polls and
-//! cancels answered on another node than the one that holds the task. Node ids and ttls are given as `POULPE_NODE_ID` and
+//! cancels answered on another node than the one that holds the task; two nodes with 10,000
+//! tasks due at the same second run each once. Node ids and ttls are given as `POULPE_NODE_ID` and
 //! `POULPE_NODE_TTL`, so that a binary without nodes (`POULPE_TEST_BIN`) starts and fails on
 //! what it does not do.
 
@@ -743,4 +744,50 @@ fn a_long_poll_on_another_node_is_answered_across_a_redis_restart() {
         1,
         "{log}"
     );
+}
+
+/// Two nodes with 10,000 delayed tasks due at the same second, half submitted to each: every
+/// task runs exactly once in the cluster, none before its time.
+#[test]
+fn two_nodes_with_ten_thousand_tasks_due_at_one_second_run_each_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let (a, b) = (
+        node_with(dir.path(), &redis, "a", "3", &[]),
+        node_with(dir.path(), &redis, "b", "3", &[]),
+    );
+    let n = 10_000;
+    // A whole second, far enough for every submit to be acknowledged before it.
+    let at_s = common::now_us() / 1_000_000 + 6;
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| {
+            let id = format!("r-{i}");
+            json!({"id": id, "method": "GET", "name": sink.url("/race"),
+                   "params": format!("id={id}"), "run_at": at_s})
+        })
+        .collect();
+    for (i, chunk) in tasks.chunks(500).enumerate() {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let (code, r) = s.submit(&json!(chunk));
+        assert_eq!(code, 200, "{r}");
+    }
+    assert!(
+        common::now_us() < at_s * 1_000_000,
+        "all submitted before their time (else the test proves less)"
+    );
+    sink.wait_until(Duration::from_secs(120), "all 10,000 tasks", |h| {
+        hits_by_id(h).len() == n
+    });
+    // A second run of a task would come right after the first ones.
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = hits_by_id(&sink.hits());
+    let twice = seen.values().filter(|at| at.len() > 1).count();
+    assert_eq!(twice, 0, "tasks run more than once");
+    let early = seen
+        .values()
+        .flatten()
+        .filter(|&&at| at < at_s * 1_000_000)
+        .count();
+    assert_eq!(early, 0, "tasks run before their time");
 }
