@@ -1,5 +1,6 @@
 //! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
 
+use super::tcp::PlainTcp;
 use super::{cap_text, RunResult, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
@@ -7,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 use ureq::Agent;
 
 /// Where Debian, Alpine and most distributions keep the system CA bundle.
@@ -71,9 +73,13 @@ impl HttpExec {
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
         HttpExec {
+            // ureq's default chain (a CONNECT proxy from the environment, TCP, rustls) with
+            // its TCP connector replaced by the cheaper `tcp::PlainTcp`.
             agent: Agent::with_parts(
                 config,
-                ureq::unversioned::transport::DefaultConnector::new(),
+                ().chain(ConnectProxyConnector::default())
+                    .chain(PlainTcp)
+                    .chain(RustlsConnector::default()),
                 super::resolve::CachingResolver::default(),
             ),
             default_timeout,

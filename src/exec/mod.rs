@@ -5,6 +5,7 @@ pub(crate) mod http;
 pub(crate) mod mail;
 pub(crate) mod program;
 pub(crate) mod resolve;
+pub(crate) mod tcp;
 
 use crate::task::{ExecPolicy, Method, Task};
 use std::time::Duration;
