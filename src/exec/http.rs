@@ -1,7 +1,7 @@
 //! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
 
 use super::tcp::PlainTcp;
-use super::{cap_text, RunResult, MAX_OUTPUT};
+use super::{into_text, RunResult, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
 use std::path::Path;
@@ -144,7 +144,7 @@ impl HttpExec {
             body.truncate(MAX_OUTPUT);
             cut = true;
         }
-        let output = cap_text(&body, MAX_OUTPUT, cut);
+        let output = into_text(body, MAX_OUTPUT, cut);
         let ok = (200..300).contains(&status);
         let error = match (&read, ok) {
             (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),

@@ -95,11 +95,15 @@ impl Request {
     }
 }
 
-/// An answer: status, extra header fields and a body. `Content-Length`, `Date` and
-/// `Connection` are added when it is written.
+/// An answer: status, media type, extra header fields and a body. `Content-Length`, `Date`
+/// and `Connection` are added when it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub(crate) code: u16,
+    /// The `Content-Type` (none when empty): a field of its own, so that the usual answer
+    /// allocates no header list.
+    pub(crate) kind: &'static str,
+    /// Other header fields, written after `Content-Type`.
     pub(crate) headers: Vec<(&'static str, String)>,
     pub(crate) body: Vec<u8>,
     /// Close the connection after this answer.
@@ -109,10 +113,16 @@ pub struct Response {
 impl Response {
     /// A JSON answer.
     pub(crate) fn json(code: u16, body: &serde_json::Value) -> Response {
+        Response::json_bytes(code, body.to_string().into_bytes())
+    }
+
+    /// A JSON answer already written.
+    pub(crate) fn json_bytes(code: u16, body: Vec<u8>) -> Response {
         Response {
             code,
-            headers: vec![("Content-Type", "application/json".to_string())],
-            body: body.to_string().into_bytes(),
+            kind: "application/json",
+            headers: Vec::new(),
+            body,
             close: false,
         }
     }
@@ -134,7 +144,8 @@ impl Response {
     pub fn text(code: u16, body: impl Into<String>) -> Response {
         Response {
             code,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".to_string())],
+            kind: "text/plain; charset=utf-8",
+            headers: Vec::new(),
             body: body.into().into_bytes(),
             close: false,
         }
@@ -151,7 +162,7 @@ impl Response {
     pub(crate) fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(self.code.to_string().as_bytes());
+        push_number(&mut out, self.code.into());
         out.push(b' ');
         out.extend_from_slice(reason(self.code).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -160,6 +171,11 @@ impl Response {
             out.extend_from_slice(d.as_bytes());
             out.extend_from_slice(b"\r\n");
         });
+        if !self.kind.is_empty() {
+            out.extend_from_slice(b"Content-Type: ");
+            out.extend_from_slice(self.kind.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         for (k, v) in &self.headers {
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(b": ");
@@ -168,7 +184,7 @@ impl Response {
         }
         if self.code != 101 && self.code != 204 && self.code != 304 {
             out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(self.body.len().to_string().as_bytes());
+            push_number(&mut out, self.body.len());
             out.extend_from_slice(b"\r\n");
         }
         if close {
@@ -182,6 +198,22 @@ impl Response {
         }
         out
     }
+}
+
+/// Writes `n` in decimal (no `String` made for it).
+fn push_number(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Takes over an upgraded connection (a WebSocket): the socket and any bytes the client sent
@@ -294,6 +326,16 @@ mod tests {
             text.contains("\r\nConnection: close\r\n\r\n{\"a\":1}"),
             "{text}"
         );
+        let mut big = Response::text(200, "x".repeat(1234567));
+        big.headers.push(("Allow", "GET".into()));
+        let text = String::from_utf8(big.encode(true, false, false)).expect("ascii");
+        assert!(
+            text.contains("\r\nContent-Type: text/plain; charset=utf-8\r\nAllow: GET\r\nContent-Length: 1234567\r\n\r\n"),
+            "{text}"
+        );
+        assert!(Response::text(0, "")
+            .encode(false, false, false)
+            .starts_with(b"HTTP/1.1 0 Unknown\r\n"));
         let head = Response::text(404, "no").encode(true, false, true);
         let text = String::from_utf8(head).expect("ascii");
         assert!(
