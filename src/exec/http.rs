@@ -1,6 +1,5 @@
 //! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
 
-use super::tcp::PlainTcp;
 use super::{into_text, RunResult, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
@@ -8,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 use ureq::Agent;
 
 /// Where Debian, Alpine and most distributions keep the system CA bundle.
@@ -73,15 +71,7 @@ impl HttpExec {
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
         HttpExec {
-            // ureq's default chain (a CONNECT proxy from the environment, TCP, rustls) with
-            // its TCP connector replaced by the cheaper `tcp::PlainTcp`.
-            agent: Agent::with_parts(
-                config,
-                ().chain(ConnectProxyConnector::default())
-                    .chain(PlainTcp)
-                    .chain(RustlsConnector::default()),
-                super::resolve::CachingResolver::default(),
-            ),
+            agent: super::tcp::agent(config),
             default_timeout,
         }
     }

@@ -21,6 +21,21 @@ use ureq::{Error, Timeout};
 /// an attempt ends within this of its `timeout`.
 const SLACK: Duration = Duration::from_millis(1);
 
+/// An agent with `config` over ureq's default chain (a CONNECT proxy from the environment,
+/// TCP, rustls) with [`PlainTcp`] in place of its TCP connector, and the caching resolver.
+/// The HTTP executor, `poulpe replay` and `poulpe health` all make theirs here, so the binary
+/// holds one connector chain, not also ureq's default one.
+pub(crate) fn agent(config: ureq::config::Config) -> ureq::Agent {
+    use ureq::unversioned::transport::{ConnectProxyConnector, RustlsConnector};
+    ureq::Agent::with_parts(
+        config,
+        ().chain(ConnectProxyConnector::default())
+            .chain(PlainTcp)
+            .chain(RustlsConnector::default()),
+        super::resolve::CachingResolver::default(),
+    )
+}
+
 /// Opens plain TCP connections (in place of ureq's `TcpConnector`).
 #[derive(Debug, Default)]
 pub(crate) struct PlainTcp;
