@@ -71,11 +71,12 @@ pub(crate) fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         eprintln!("poulpe health: unknown argument {extra:?} (use --host H -p P)");
         return 2;
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(3)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = crate::exec::tcp::agent(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(3)))
+            .http_status_as_error(false)
+            .build(),
+    );
     let url = format!("http://{host}:{port}/health");
     match agent.get(&url).call() {
         Ok(r) if r.status() == 200 => {

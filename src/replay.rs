@@ -143,11 +143,12 @@ fn run_in(args: Vec<OsString>, env: Env<'_>) -> u8 {
         );
     }
 
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = crate::exec::tcp::agent(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build(),
+    );
     let url = format!("http://{host}:{port}/task_in_queue");
     let results = format!("http://{host}:{port}/task_resp/");
     let auth = token.map(|t| format!("Bearer {t}"));

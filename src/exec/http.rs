@@ -1,6 +1,6 @@
 //! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
 
-use super::{cap_text, RunResult, MAX_OUTPUT};
+use super::{into_text, RunResult, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
 use std::path::Path;
@@ -71,11 +71,7 @@ impl HttpExec {
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
         HttpExec {
-            agent: Agent::with_parts(
-                config,
-                ureq::unversioned::transport::DefaultConnector::new(),
-                super::resolve::CachingResolver::default(),
-            ),
+            agent: super::tcp::agent(config),
             default_timeout,
         }
     }
@@ -138,7 +134,7 @@ impl HttpExec {
             body.truncate(MAX_OUTPUT);
             cut = true;
         }
-        let output = cap_text(&body, MAX_OUTPUT, cut);
+        let output = into_text(body, MAX_OUTPUT, cut);
         let ok = (200..300).contains(&status);
         let error = match (&read, ok) {
             (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),

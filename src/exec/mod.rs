@@ -5,6 +5,7 @@ pub(crate) mod http;
 pub(crate) mod mail;
 pub(crate) mod program;
 pub(crate) mod resolve;
+pub(crate) mod tcp;
 
 use crate::task::{ExecPolicy, Method, Task};
 use std::time::Duration;
@@ -72,6 +73,16 @@ impl Executors {
     }
 }
 
+/// `cap_text` of bytes the caller gives up: valid UTF-8 within `max` becomes the text
+/// without a copy (an attempt's whole output, read into a `Vec` of its own).
+pub(crate) fn into_text(bytes: Vec<u8>, max: usize, cut: bool) -> String {
+    match String::from_utf8(bytes) {
+        Ok(text) if text.len() <= max && !cut => text,
+        Ok(text) => cap_text(text.as_bytes(), max, cut),
+        Err(e) => cap_text(e.as_bytes(), max, cut),
+    }
+}
+
 /// Keeps at most `max` bytes (on a character boundary), marking the cut.
 pub(crate) fn cap_text(bytes: &[u8], max: usize, cut: bool) -> String {
     let text = String::from_utf8_lossy(bytes);
@@ -98,5 +109,17 @@ mod tests {
             "{s}"
         );
         assert!(cap_text(b"abc", 10, true).contains("cut"));
+        for (bytes, max, cut) in [
+            (&b"abc"[..], 10, false),
+            (b"abc", 10, true),
+            (b"abcdef", 3, false),
+            ("ééé".as_bytes(), 3, false),
+            (b"a\xffb", 10, false),
+        ] {
+            assert_eq!(
+                into_text(bytes.to_vec(), max, cut),
+                cap_text(bytes, max, cut)
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! EXEC attempts: the program runs directly (never through a shell) in its own process group;
 //! on timeout the whole group is killed.
 
-use super::{cap_text, RunResult, MAX_OUTPUT};
+use super::{into_text, RunResult, MAX_OUTPUT};
 use crate::handoff::Handoff;
 use crate::task::{resolve_in_dir, ExecPolicy, ProgramError, Task};
 use crossbeam_channel::{bounded, Receiver};
@@ -251,7 +251,7 @@ pub(crate) fn run(
         bytes.truncate(MAX_OUTPUT);
         cut = true;
     }
-    let output = cap_text(&bytes, MAX_OUTPUT, cut);
+    let output = into_text(bytes, MAX_OUTPUT, cut);
     let code = status.and_then(|s| s.code()).map(i64::from);
     let (ok, error) = if timed_out {
         (

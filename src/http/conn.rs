@@ -350,27 +350,23 @@ impl Conn {
         if used - line_end > MAX_HEADER_BYTES + 2 {
             return Err(RequestError::HeadersTooLarge);
         }
-        let req = Request {
-            method: parsed.method.unwrap_or_default().to_string(),
-            target: parsed.path.unwrap_or_default().to_string(),
-            version: parsed.version.unwrap_or(1),
-            headers: parsed
+        let mut req = Request::new(
+            parsed.method.unwrap_or_default().to_string(),
+            parsed.path.unwrap_or_default().to_string(),
+            parsed.version.unwrap_or(1),
+            parsed
                 .headers
                 .iter()
-                .map(|h| {
-                    (
-                        h.name.to_string(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect(),
-            body: Vec::new(),
-        };
+                .map(|h| h.name.len() + h.value.len())
+                .sum(),
+        );
+        for h in parsed.headers.iter() {
+            req.push_header(h.name, &String::from_utf8_lossy(h.value));
+        }
         self.consume(used);
         if req.version == 1
             && req
-                .headers
-                .iter()
+                .headers()
                 .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
                 .count()
                 != 1
@@ -505,7 +501,7 @@ impl Conn {
 fn framing(req: &Request) -> Result<Option<Framing>, RequestError> {
     let mut length: Option<usize> = None;
     let mut codings: Vec<String> = Vec::new();
-    for (k, v) in &req.headers {
+    for (k, v) in req.headers() {
         if k.eq_ignore_ascii_case("content-length") {
             let v = v.trim();
             if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
@@ -527,8 +523,7 @@ fn framing(req: &Request) -> Result<Option<Framing>, RequestError> {
         }
     }
     let has_coding = req
-        .headers
-        .iter()
+        .headers()
         .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"));
     match (length, has_coding) {
         (Some(_), true) => Err(RequestError::LengthAndEncoding),

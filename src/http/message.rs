@@ -40,12 +40,50 @@ pub struct Request {
     pub(crate) target: String,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub(crate) version: u8,
-    /// Header fields in order; names as sent (compare without case), values lossily UTF-8.
-    pub(crate) headers: Vec<(String, String)>,
+    /// Header fields in order: names as sent (compare without case) and values (lossily
+    /// UTF-8), one after the other in one string, `spans` saying where each name and value
+    /// ends: two allocations for every field of a request, not two per field.
+    fields: String,
+    /// Per field, where its name ends and its value ends in `fields`.
+    spans: Vec<(u32, u32)>,
     pub body: Vec<u8>,
 }
 
 impl Request {
+    /// A request without header fields or body (fields are added with `push_header`).
+    pub(crate) fn new(method: String, target: String, version: u8, fields: usize) -> Request {
+        Request {
+            method,
+            target,
+            version,
+            fields: String::with_capacity(fields),
+            spans: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Adds a header field. A head is at most 16 KiB (`MAX_HEADER_BYTES`), so its offsets
+    /// fit a u32.
+    pub(crate) fn push_header(&mut self, name: &str, value: &str) {
+        self.fields.push_str(name);
+        let name_end = self.fields.len() as u32;
+        self.fields.push_str(value);
+        self.spans.push((name_end, self.fields.len() as u32));
+    }
+
+    /// Every field as received, names as sent, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut start = 0;
+        self.spans.iter().map(move |&(name_end, end)| {
+            let (name, value) = (
+                start as usize..name_end as usize,
+                name_end as usize..end as usize,
+            );
+            start = end;
+            (&self.fields[name], &self.fields[value])
+        })
+    }
+
     /// The target's path (before `?`).
     pub fn path(&self) -> &str {
         self.target.split_once('?').map_or(&self.target, |(p, _)| p)
@@ -58,21 +96,14 @@ impl Request {
 
     /// The first field named `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
+        self.headers()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every field as received, names as sent (the tests' sink records them).
-    pub fn headers(&self) -> &[(String, String)] {
-        &self.headers
+            .map(|(_, v)| v)
     }
 
     /// True when a `Connection` field lists `token` (any case).
     pub(crate) fn connection_has(&self, token: &str) -> bool {
-        self.headers
-            .iter()
+        self.headers()
             .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
             .flat_map(|(_, v)| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
@@ -95,11 +126,15 @@ impl Request {
     }
 }
 
-/// An answer: status, extra header fields and a body. `Content-Length`, `Date` and
-/// `Connection` are added when it is written.
+/// An answer: status, media type, extra header fields and a body. `Content-Length`, `Date`
+/// and `Connection` are added when it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub(crate) code: u16,
+    /// The `Content-Type` (none when empty): a field of its own, so that the usual answer
+    /// allocates no header list.
+    pub(crate) kind: &'static str,
+    /// Other header fields, written after `Content-Type`.
     pub(crate) headers: Vec<(&'static str, String)>,
     pub(crate) body: Vec<u8>,
     /// Close the connection after this answer.
@@ -109,10 +144,16 @@ pub struct Response {
 impl Response {
     /// A JSON answer.
     pub(crate) fn json(code: u16, body: &serde_json::Value) -> Response {
+        Response::json_bytes(code, body.to_string().into_bytes())
+    }
+
+    /// A JSON answer already written.
+    pub(crate) fn json_bytes(code: u16, body: Vec<u8>) -> Response {
         Response {
             code,
-            headers: vec![("Content-Type", "application/json".to_string())],
-            body: body.to_string().into_bytes(),
+            kind: "application/json",
+            headers: Vec::new(),
+            body,
             close: false,
         }
     }
@@ -134,7 +175,8 @@ impl Response {
     pub fn text(code: u16, body: impl Into<String>) -> Response {
         Response {
             code,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".to_string())],
+            kind: "text/plain; charset=utf-8",
+            headers: Vec::new(),
             body: body.into().into_bytes(),
             close: false,
         }
@@ -151,7 +193,7 @@ impl Response {
     pub(crate) fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(self.code.to_string().as_bytes());
+        push_number(&mut out, self.code.into());
         out.push(b' ');
         out.extend_from_slice(reason(self.code).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -160,6 +202,11 @@ impl Response {
             out.extend_from_slice(d.as_bytes());
             out.extend_from_slice(b"\r\n");
         });
+        if !self.kind.is_empty() {
+            out.extend_from_slice(b"Content-Type: ");
+            out.extend_from_slice(self.kind.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         for (k, v) in &self.headers {
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(b": ");
@@ -168,7 +215,7 @@ impl Response {
         }
         if self.code != 101 && self.code != 204 && self.code != 304 {
             out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(self.body.len().to_string().as_bytes());
+            push_number(&mut out, self.body.len());
             out.extend_from_slice(b"\r\n");
         }
         if close {
@@ -182,6 +229,22 @@ impl Response {
         }
         out
     }
+}
+
+/// Writes `n` in decimal (no `String` made for it).
+fn push_number(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Takes over an upgraded connection (a WebSocket): the socket and any bytes the client sent
@@ -258,16 +321,11 @@ mod tests {
     use super::*;
 
     fn req(version: u8, headers: &[(&str, &str)]) -> Request {
-        Request {
-            method: "GET".into(),
-            target: "/a?b=1".into(),
-            version,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: Vec::new(),
+        let mut r = Request::new("GET".into(), "/a?b=1".into(), version, 0);
+        for (k, v) in headers {
+            r.push_header(k, v);
         }
+        r
     }
 
     #[test]
@@ -282,6 +340,14 @@ mod tests {
         assert!(req(1, &[]).keep_alive());
         assert!(!req(0, &[]).keep_alive());
         assert!(req(0, &[("connection", "Keep-Alive")]).keep_alive());
+        let fields = [("Host", "h"), ("", ""), ("X-É", "ü v"), ("host", "")];
+        let r = req(1, &fields);
+        assert_eq!(r.headers().collect::<Vec<_>>(), fields);
+        assert_eq!(
+            (r.header("HOST"), r.header("x-É"), r.header("none")),
+            (Some("h"), Some("ü v"), None)
+        );
+        assert_eq!(req(1, &[]).headers().count(), 0);
     }
 
     #[test]
@@ -294,6 +360,16 @@ mod tests {
             text.contains("\r\nConnection: close\r\n\r\n{\"a\":1}"),
             "{text}"
         );
+        let mut big = Response::text(200, "x".repeat(1234567));
+        big.headers.push(("Allow", "GET".into()));
+        let text = String::from_utf8(big.encode(true, false, false)).expect("ascii");
+        assert!(
+            text.contains("\r\nContent-Type: text/plain; charset=utf-8\r\nAllow: GET\r\nContent-Length: 1234567\r\n\r\n"),
+            "{text}"
+        );
+        assert!(Response::text(0, "")
+            .encode(false, false, false)
+            .starts_with(b"HTTP/1.1 0 Unknown\r\n"));
         let head = Response::text(404, "no").encode(true, false, true);
         let text = String::from_utf8(head).expect("ascii");
         assert!(

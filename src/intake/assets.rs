@@ -40,8 +40,8 @@ pub(crate) fn serve(asset: Asset, req: &Request) -> Reply {
     }
     Response {
         code: 200,
+        kind,
         headers: vec![
-            ("Content-Type", kind.to_string()),
             ("Content-Encoding", "gzip".to_string()),
             ("Vary", "Accept-Encoding".to_string()),
             ("Cache-Control", "no-cache".to_string()),

@@ -52,13 +52,23 @@ fn reply(code: u16, body: &Value) -> Reply {
 
 /// A 200 with JSON already written.
 fn json_text(body: String) -> Reply {
-    Response {
-        code: 200,
-        headers: vec![("Content-Type", "application/json".to_string())],
-        body: body.into_bytes(),
-        close: false,
-    }
-    .into()
+    Response::json_bytes(200, body.into_bytes()).into()
+}
+
+/// The 200 of a submit that does not wait, `{"id":…,"reason":"","result":"OK"}` (`"ids":[…]`
+/// for an array), written straight into the answer's bytes: no `Value` built and dropped.
+fn accepted(ids: &[String], is_array: bool) -> Reply {
+    let mut out = Vec::with_capacity(40 + ids.iter().map(|id| id.len() + 3).sum::<usize>());
+    // Strings written into a `Vec` cannot fail.
+    let _ = if is_array {
+        out.extend_from_slice(b"{\"ids\":");
+        serde_json::to_writer(&mut out, ids)
+    } else {
+        out.extend_from_slice(b"{\"id\":");
+        serde_json::to_writer(&mut out, &ids.first())
+    };
+    out.extend_from_slice(b",\"reason\":\"\",\"result\":\"OK\"}");
+    Response::json_bytes(200, out).into()
 }
 
 fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
@@ -96,8 +106,7 @@ fn authorized(token: Option<&str>, req: &Request) -> bool {
 
 impl Api {
     fn route(&self, req: Request) -> Reply {
-        let path = req.path().to_string();
-        let query = req.query().to_string();
+        let (path, query) = (req.path(), req.query());
         if path == "/health" {
             // A load balancer stops sending work once shutdown has begun.
             return if !matches!(req.method.as_str(), "GET" | "HEAD") {
@@ -109,10 +118,10 @@ impl Api {
             };
         }
         if path == "/ws_task" && req.is_websocket_upgrade() {
-            return self.ws.accept(&req, &query);
+            return self.ws.accept(&req, query);
         }
         // The page and the API document hold no data: the page asks for the token itself.
-        if let Some(asset) = assets::by_path(&path) {
+        if let Some(asset) = assets::by_path(path) {
             return if req.method == "GET" {
                 assets::serve(asset, &req)
             } else {
@@ -129,20 +138,21 @@ impl Api {
                 .with_header("WWW-Authenticate", "Bearer")
                 .into();
         }
-        match (req.method.as_str(), path.as_str()) {
+        match (req.method.as_str(), path) {
             ("POST", "/task_in_queue") => self.post_task(&req.body),
             ("POST", "/pause") => self.pause(true),
             ("POST", "/resume") => self.pause(false),
             ("GET", "/sys_info") => reply(200, &self.sys_info.json()),
             ("GET", "/metrics") => Response {
                 code: 200,
-                headers: vec![("Content-Type", METRICS_TYPE.to_string())],
+                kind: METRICS_TYPE,
+                headers: Vec::new(),
                 body: self.sys_info.metrics().into_bytes(),
                 close: false,
             }
             .into(),
             ("GET", p) if p.starts_with("/task_resp/") => {
-                let timeout = match query_param(&query, "timeout") {
+                let timeout = match query_param(query, "timeout") {
                     None => POLL_DEFAULT_S,
                     Some(v) => match v.parse::<u64>() {
                         Ok(n) if n <= POLL_MAX_S => n,
@@ -161,8 +171,8 @@ impl Api {
                     _ => fail(400, "id: missing or badly encoded"),
                 }
             }
-            ("GET", "/tasks") => self.list(&query),
-            ("POST", "/tasks/retry") => self.retry_all(&query),
+            ("GET", "/tasks") => self.list(query),
+            ("POST", "/tasks/retry") => self.retry_all(query),
             ("GET", p) if p.starts_with("/task/") => match task_id(p, "") {
                 Some(id) => self.lookup(&id),
                 None => fail(400, "id: missing or badly encoded"),
@@ -215,12 +225,7 @@ impl Api {
             }
         };
         let Some((rx, wait)) = waiting else {
-            let body = if is_array {
-                json!({"result": "OK", "reason": "", "ids": acc.ids})
-            } else {
-                json!({"result": "OK", "reason": "", "id": acc.ids.first()})
-            };
-            return reply(200, &body);
+            return accepted(&acc.ids, is_array);
         };
         let got: Vec<Option<TaskResult>> = rx
             .recv_timeout(wait + WAIT_SLACK)
@@ -372,5 +377,21 @@ mod tests {
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%ff"), None);
         assert_eq!(query_param("a=1&timeout=5", "timeout"), Some("5"));
+    }
+
+    #[test]
+    fn a_submit_is_answered_as_serde_json_writes_the_same_object() {
+        let body = |r: Reply| match r {
+            Reply::Answer(r) => (r.code, r.kind, String::from_utf8(r.body).expect("utf-8")),
+            Reply::Upgrade(..) => panic!("not an upgrade"),
+        };
+        let ids: Vec<String> = vec!["a\"b\\c".into(), "é\u{1}".into(), "x".into()];
+        let one = json!({"result": "OK", "reason": "", "id": ids[0]}).to_string();
+        let all = json!({"result": "OK", "reason": "", "ids": ids}).to_string();
+        assert_eq!(
+            body(accepted(&ids[..1], false)),
+            (200, "application/json", one)
+        );
+        assert_eq!(body(accepted(&ids, true)), (200, "application/json", all));
     }
 }

@@ -89,6 +89,7 @@ impl WebSockets {
         let accept_key = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
         let resp = Response {
             code: 101,
+            kind: "",
             headers: vec![
                 ("Upgrade", "websocket".to_string()),
                 ("Connection", "Upgrade".to_string()),

@@ -347,30 +347,49 @@ fn decode_ops(body: &[u8]) -> Option<Vec<Op>> {
     Some(ops)
 }
 
-/// CRC-32 (IEEE, as zlib's), table-driven.
+/// CRC-32 (IEEE, as zlib's), eight bytes at a time ("slicing-by-8": eight tables, built at
+/// first use so that the binary holds none of their 8 KiB). Every journal record is summed on
+/// the writer's thread; a byte at a time was a third of that thread's own CPU.
 fn crc32(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
+    static TABLES: std::sync::OnceLock<Box<[[u32; 256]; 8]>> = std::sync::OnceLock::new();
+    let t = TABLES.get_or_init(|| {
+        let mut t = Box::new([[0u32; 256]; 8]);
+        for i in 0..256 {
             let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
+            for _ in 0..8 {
                 c = if c & 1 != 0 {
                     0xEDB8_8320 ^ (c >> 1)
                 } else {
                     c >> 1
                 };
-                k += 1;
             }
-            t[i] = c;
-            i += 1;
+            t[0][i] = c;
+        }
+        for k in 1..8 {
+            for i in 0..256 {
+                let prev = t[k - 1][i];
+                t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
+            }
         }
         t
-    };
+    });
+    let at = |k: usize, v: u32| t[k][(v & 0xff) as usize];
     let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    let mut chunks = data.chunks_exact(8);
+    for ch in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
+        let hi = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]);
+        c = at(7, lo)
+            ^ at(6, lo >> 8)
+            ^ at(5, lo >> 16)
+            ^ at(4, lo >> 24)
+            ^ at(3, hi)
+            ^ at(2, hi >> 8)
+            ^ at(1, hi >> 16)
+            ^ at(0, hi >> 24);
+    }
+    for &b in chunks.remainder() {
+        c = at(0, c ^ b as u32) ^ (c >> 8);
     }
     !c
 }
@@ -671,6 +690,34 @@ pub mod tests {
     #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        // Every length and alignment against the plain bit-by-bit definition.
+        let data: Vec<u8> = (0u32..300)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let slow = |d: &[u8]| {
+            let mut c = !0u32;
+            for &b in d {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        };
+        for start in 0..9 {
+            for end in start..data.len() {
+                assert_eq!(
+                    crc32(&data[start..end]),
+                    slow(&data[start..end]),
+                    "{start}..{end}"
+                );
+            }
+        }
     }
 
     /// The file grows in zero-filled steps of `GROW` also when a record ends exactly at its

@@ -114,6 +114,27 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// `task` stored as running (the running mark), without a copy of the task: its JSON with the
+/// state's text replaced. The state is found by its field's text, `,"state":"ready"`: every
+/// field before it is a number, a boolean, or a string or list of strings, and a string's
+/// JSON escapes every `"` in it, so that text cannot occur before the field itself.
+fn encode_running(task: &Task) -> Result<Vec<u8>, StoreError> {
+    const READY: &[u8] = br#","state":"ready""#;
+    let mut bytes = encode(task)?;
+    match bytes.windows(READY.len()).position(|w| w == READY) {
+        Some(at) if task.state == State::Ready => {
+            let end = at + READY.len();
+            bytes.splice(end - br#""ready""#.len()..end, *br#""running""#);
+            Ok(bytes)
+        }
+        _ => {
+            let mut running = task.clone();
+            running.state = State::Running;
+            encode(&running)
+        }
+    }
+}
+
 fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, StoreError> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -327,12 +348,10 @@ impl<B: Backend> Store for LocalStore<B> {
         {
             return Ok(false);
         }
-        let mut running = task.clone();
-        running.state = State::Running;
         // The running mark rides with the next commit: a crash before it only means the task
         // is found ready instead of running, and both run again after a restart.
         self.backend
-            .write_later(vec![Op::PutTask(task.id.clone(), encode(&running)?)]);
+            .write_later(vec![Op::PutTask(task.id.clone(), encode_running(task)?)]);
         Ok(true)
     }
 
@@ -589,5 +608,48 @@ impl<B: Backend> Store for LocalStore<B> {
     fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.backend
             .write(vec![Op::PutMeta(key.to_string(), value.to_string())])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::task;
+
+    #[test]
+    fn the_running_mark_is_the_task_encoded_as_running() {
+        let tricky = r#"","state":"ready","x":"\"state\":\"ready\""#;
+        let mut tasks = vec![
+            task("plain", State::Ready, 5),
+            task(tricky, State::Ready, 5),
+        ];
+        let mut t = task("t", State::Ready, 5);
+        t.name = format!("http://h/{tricky}");
+        t.params = tricky.to_string();
+        t.args = vec![tricky.to_string()];
+        t.cc = vec![1, 2];
+        t.timeout = Some(3);
+        t.headers = format!("X-A: {tricky}");
+        t.callback = Some(tricky.to_string());
+        t.attempts = vec![crate::task::Attempt {
+            started_ms: 1,
+            finished_ms: 2,
+            worker: 0,
+            ok: false,
+            code: None,
+            error: tricky.to_string(),
+            output_excerpt: String::new(),
+        }];
+        tasks.push(t);
+        // Not ready (never claimed so, but the mark is still right).
+        tasks.push(task("d", State::Delayed, 5));
+        for t in tasks {
+            let mut running = t.clone();
+            running.state = State::Running;
+            let want = encode(&running).expect("encode");
+            assert_eq!(encode_running(&t).expect("encode"), want, "{}", t.id);
+            let back: Task = decode(&want).expect("decode");
+            assert_eq!(back, running);
+        }
     }
 }

@@ -145,15 +145,11 @@ deserialize_by_name!(Method {
 });
 
 impl Method {
-    /// Parses the wire spelling (case-insensitive).
+    /// Parses the wire spelling (case-insensitive; no upper-case copy made).
     pub(crate) fn parse(s: &str) -> Option<Method> {
-        match s.to_ascii_uppercase().as_str() {
-            "GET" => Some(Method::Get),
-            "POST" => Some(Method::Post),
-            "EXEC" => Some(Method::Exec),
-            "MAIL_TO" => Some(Method::MailTo),
-            _ => None,
-        }
+        [Method::Get, Method::Post, Method::Exec, Method::MailTo]
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s))
     }
 
     /// The wire spelling.
@@ -313,5 +309,10 @@ mod tests {
         let e = serde_json::from_str::<State>("\"queued\"").expect_err("not a stored name");
         assert!(e.to_string().contains("unknown variant `queued`"), "{e}");
         assert!(serde_json::from_str::<Method>("3").is_err());
+        assert_eq!(Method::parse("mail_To"), Some(Method::MailTo));
+        assert_eq!(Method::parse("get"), Some(Method::Get));
+        for bad in ["", "GE", "GETS", "PÖST", "EXEC "] {
+            assert_eq!(Method::parse(bad), None, "{bad}");
+        }
     }
 }

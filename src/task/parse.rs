@@ -632,8 +632,11 @@ pub(crate) fn parse_cc(v: Option<&Value>, workers: usize) -> Result<Vec<usize>, 
 
 /// Checks that `name` is an absolute http(s) URL with a host.
 fn check_url(field: &'static str, name: &str) -> Result<(), TaskError> {
-    let lower = name.to_ascii_lowercase();
-    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+    let starts = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(p))
+    };
+    if !(starts("http://") || starts("https://")) {
         return Err(TaskError::field(
             field,
             format!("must be an http:// or https:// URL, got {name:?}"),
@@ -735,6 +738,8 @@ mod tests {
             (Some(3), Some(0), Some(1))
         );
         ok(json!({"method":"GET","name":"http://x","cc":[0,3]}));
+        ok(json!({"method":"get","name":"HTTP://x"}));
+        ok(json!({"method":"Post","name":"hTtPs://x"}));
     }
 
     #[test]
@@ -749,6 +754,10 @@ mod tests {
             ),
             (
                 json!({"method":"GET","name":"ftp://x"}),
+                "name: must be an http",
+            ),
+            (
+                json!({"method":"GET","name":"httpé://x"}),
                 "name: must be an http",
             ),
             (json!({"method":"GET","name":"http://"}), "name:"),

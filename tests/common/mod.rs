@@ -326,7 +326,10 @@ impl Sink {
                 query: query.clone(),
                 body: String::from_utf8_lossy(&req.body).into_owned(),
                 content_type: req.header("content-type").unwrap_or_default().to_string(),
-                headers: req.headers().to_vec(),
+                headers: req
+                    .headers()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 at_us,
             });
             let mut status = 200;
