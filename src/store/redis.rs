@@ -21,13 +21,17 @@
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
+//! - `<p>slot:<w>` `<node> <task id>`: cc worker `w`'s slot of the cluster, held by that node's
+//!   attempt of a task with cc while it runs (taken by the claim; lease `PX` = `--node_ttl`,
+//!   renewed by each heartbeat; freed when the attempt ends, or left to its lease by a node
+//!   alone), so that tasks sharing a cc worker never run at once on two nodes
 //!
 //! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
 //! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
 //! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
-use super::{Cancel, Change, Due, Recovered, Store, StoreError, Summary};
+use super::{Cancel, Change, Claim, Due, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -187,6 +191,9 @@ return out
 /// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
 /// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
 /// cancelled here, then used again on another node) must not run the old task in its place.
+/// With `ARGV[5]` (a task with cc, on that worker) it also takes slot `ARGV[5]` for `ARGV[6]` ms,
+/// or answers 2 and changes nothing when another node holds it. This node's own holder has
+/// ended: its dispatcher runs one attempt per worker at a time.
 const CLAIM: &str = concat!(
     r"
 local p, me, id = ARGV[1], ARGV[2], ARGV[3]
@@ -194,15 +201,25 @@ local p, me, id = ARGV[1], ARGV[2], ARGV[3]
     lua_mine!(),
     r"
 local k = p .. 'task:' .. id
-if mine(k) == 'ready' then
-  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
-  redis.call('SADD', p .. 'owned:' .. me, id)
-  redis.call('HSET', p .. 'running', id, me)
-  return 1
+if mine(k) ~= 'ready' then return 0 end
+if ARGV[5] then
+  local sk = p .. 'slot:' .. ARGV[5]
+  local h = redis.call('GET', sk)
+  if h and string.sub(h, 1, #me + 1) ~= me .. ' ' then return 2 end
+  redis.call('SET', sk, me .. ' ' .. id, 'PX', ARGV[6])
 end
-return 0
+redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('HSET', p .. 'running', id, me)
+return 1
 "
 );
+
+/// Frees slot key `ARGV[1]` if `ARGV[2]` (this node and its task) still holds it.
+const FREE_SLOT: &str = r"
+if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end
+return 0
+";
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
@@ -444,6 +461,11 @@ pub(crate) struct RedisStore {
     /// Set by `close`: the health thread ends.
     closed: Arc<AtomicBool>,
     scripts: Scripts,
+    /// The cc slots this node's attempts hold: worker and value (`<node> <task id>`), whose
+    /// leases each heartbeat renews.
+    slots: parking_lot::Mutex<Vec<(usize, String)>>,
+    /// No other live node at the last heartbeat: an ended attempt's slot is left to its lease.
+    alone: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -451,6 +473,7 @@ struct Scripts {
     insert: Script,
     take_due_many: Script,
     claim: Script,
+    free_slot: Script,
     cancel: Script,
     revive: Script,
     list_live: Script,
@@ -565,6 +588,7 @@ impl RedisStore {
             insert: Script::new(INSERT),
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
+            free_slot: Script::new(FREE_SLOT),
             cancel: Script::new(CANCEL),
             revive: Script::new(REVIVE),
             list_live: Script::new(LIST_LIVE),
@@ -616,6 +640,8 @@ impl RedisStore {
             up,
             closed,
             scripts,
+            slots: parking_lot::Mutex::new(Vec::new()),
+            alone: AtomicBool::new(false),
         })
     }
 
@@ -656,6 +682,19 @@ impl RedisStore {
                 .arg("data")
                 .query(c)
         })
+    }
+
+    /// Runs `CLAIM`, taking cc slot `slot` too when given (with a lease of `--node_ttl`).
+    fn claim_call(&self, task: &Task, slot: Option<usize>) -> Result<i64, StoreError> {
+        let mut running = task.clone();
+        running.state = State::Running;
+        let data = encode(&running)?;
+        let mut call = self.scripts.claim.arg(&self.prefix);
+        call.arg(&self.node).arg(&task.id).arg(&data);
+        if let Some(w) = slot {
+            call.arg(w).arg(self.node_ttl * 1000);
+        }
+        self.with(|c| call.invoke(c))
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -819,19 +858,58 @@ impl Store for RedisStore {
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {
-        let mut running = task.clone();
-        running.state = State::Running;
-        let data = encode(&running)?;
-        let won: i64 = self.with(|c| {
+        Ok(self.claim_call(task, None)? == 1)
+    }
+
+    fn claim_on(&self, task: &Task, worker: usize) -> Result<Claim, StoreError> {
+        if task.cc.is_empty() {
+            return Ok(if self.claim(task)? {
+                Claim::Won
+            } else {
+                Claim::Lost
+            });
+        }
+        Ok(match self.claim_call(task, Some(worker))? {
+            1 => {
+                let mut held = self.slots.lock();
+                held.retain(|(w, _)| *w != worker);
+                held.push((worker, format!("{} {}", self.node, task.id)));
+                Claim::Won
+            }
+            2 => Claim::Busy,
+            _ => Claim::Lost,
+        })
+    }
+
+    fn release(&self, task: &Task, worker: usize) {
+        if task.cc.is_empty() {
+            return;
+        }
+        let mut held = self.slots.lock();
+        let Some(i) = held.iter().position(|(w, _)| *w == worker) else {
+            return;
+        };
+        let (_, value) = held.swap_remove(i);
+        drop(held);
+        // Alone, the slot is left to its lease: this node takes it over at its next claim,
+        // and a node that joins meanwhile waits at most the lease for it (see `beat`).
+        if self.alone.load(Ordering::Relaxed) {
+            return;
+        }
+        let key = self.key("slot", &worker.to_string());
+        let freed = self.with(|c| {
             self.scripts
-                .claim
-                .arg(&self.prefix)
-                .arg(&self.node)
-                .arg(&task.id)
-                .arg(&data)
-                .invoke(c)
-        })?;
-        Ok(won == 1)
+                .free_slot
+                .arg(&key)
+                .arg(&value)
+                .invoke::<i64>(c)
+        });
+        if let Err(e) = freed {
+            log::warn!(
+                "store: cannot free cc slot {worker}: {e}; the other nodes get it once its \
+                 lease has ended (--node_ttl)"
+            );
+        }
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -1273,6 +1351,8 @@ mod tests {
         contract::summary_counts(&store(&s));
         let s = redis_server();
         contract::browse(&store(&s));
+        let s = redis_server();
+        contract::cc_claims(&store(&s));
     }
 
     #[test]

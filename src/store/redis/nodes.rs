@@ -5,12 +5,14 @@
 use super::{recovered, RedisStore};
 use crate::node::{read_entries, Beat, Join, Registry};
 use crate::store::{Recovered, StoreError};
+use std::sync::atomic::Ordering;
 
 /// Most tasks one adoption call takes.
 const ADOPT_CHUNK: usize = 500;
 
 /// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
-/// after it) and answers whether it was new, Redis's time and the whole registry, sorted by id
+/// after it), renews the leases of the cc slots this node holds (pairs of worker and value from
+/// `ARGV[9]`) and answers whether it was new, Redis's time and the whole registry, sorted by id
 /// (here rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
 /// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
 /// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
@@ -33,6 +35,10 @@ if mode == 'join' then
     redis.call('DEL', p .. 'running')
     for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
   end
+end
+for i = 9, #ARGV - 1, 2 do
+  local sk = p .. 'slot:' .. ARGV[i]
+  if redis.call('GET', sk) == ARGV[i + 1] then redis.call('PEXPIRE', sk, ARGV[6] * 1000) end
 end
 local seen = now
 if mode == 'leave' then seen = 0 end
@@ -64,19 +70,18 @@ impl RedisStore {
         running: usize,
         replace: &str,
     ) -> Result<Vec<String>, StoreError> {
-        self.with(|c| {
-            self.scripts
-                .beat
-                .arg(&self.prefix)
-                .arg(&self.node)
-                .arg(mode)
-                .arg(workers)
-                .arg(running)
-                .arg(self.node_ttl)
-                .arg(crate::node::who())
-                .arg(replace)
-                .invoke(c)
-        })
+        let mut call = self.scripts.beat.arg(&self.prefix);
+        call.arg(&self.node)
+            .arg(mode)
+            .arg(workers)
+            .arg(running)
+            .arg(self.node_ttl)
+            .arg(crate::node::who())
+            .arg(replace);
+        for (w, value) in self.slots.lock().iter() {
+            call.arg(*w).arg(value);
+        }
+        self.with(|c| call.invoke(c))
     }
 }
 
@@ -106,6 +111,10 @@ impl Registry for RedisStore {
         let now = num(out.get(1))?;
         let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
         beat.was_gone = num(out.first())? == 1;
+        self.alone.store(
+            beat.live.iter().all(|e| e.id == self.node),
+            Ordering::Relaxed,
+        );
         Ok(beat)
     }
 
@@ -144,8 +153,8 @@ mod tests {
     use super::super::tests::{node_store, redis_server};
     use crate::node::{Join, Registry};
     use crate::store::contract;
-    use crate::store::Store;
-    use crate::task::State;
+    use crate::store::{Claim, Store};
+    use crate::task::{State, Task};
 
     fn cli(st: &super::RedisStore, args: &[&str]) -> redis::Value {
         st.with(|c| {
@@ -263,6 +272,107 @@ mod tests {
         assert_eq!(rec.len(), 1);
         assert!(rec[0].was_running);
         assert_eq!(st.summary(10).expect("summary").running_total, 0);
+    }
+
+    /// A task with cc holds its worker's slot while its attempt runs: another node's claim of a
+    /// task on that worker is refused (`Busy`, the task still ready) until the attempt ends or
+    /// its lease has passed; the heartbeat renews the lease, a free only frees its own
+    /// attempt's slot, and a task without cc takes none.
+    #[test]
+    fn a_cc_slot_is_held_across_nodes_while_its_attempt_runs() {
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        for st in [&a, &b] {
+            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
+        }
+        let cc = |id: &str| Task {
+            cc: vec![0],
+            ..contract::task(id, State::Ready, 1)
+        };
+        let (a1, a2, b1, b2) = (cc("a1"), cc("a2"), cc("b1"), cc("b2"));
+        a.insert(&[a1.clone(), a2.clone()]).expect("insert");
+        b.insert(&[b1.clone(), b2.clone()]).expect("insert");
+        let plain = contract::task("plain", State::Ready, 1);
+        b.insert(std::slice::from_ref(&plain)).expect("insert");
+        let slot = |w: &str| -> redis::Value { cli(&a, &["GET", &format!("t:slot:{w}")]) };
+        let held = |v: &str| redis::Value::BulkString(v.as_bytes().to_vec());
+
+        assert_eq!(b.claim_on(&plain, 0), Ok(Claim::Won), "no cc: no slot");
+        assert_eq!(slot("0"), redis::Value::Nil);
+        assert_eq!(a.claim_on(&a1, 0), Ok(Claim::Won));
+        assert_eq!(slot("0"), held("a a1"));
+        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Busy));
+        assert_eq!(b.status("b1").expect("status"), Some(State::Ready));
+        assert_eq!(b.claim_on(&b1, 1), Ok(Claim::Won), "slot 1 is free");
+        b.release(&b1, 1);
+        assert_eq!(slot("1"), redis::Value::Nil, "freed");
+
+        // The heartbeat renews the lease of what a holds (to --node_ttl, 3 s here).
+        cli(&a, &["PEXPIRE", "t:slot:0", "100000"]);
+        a.beat(1, 1).expect("beat");
+        let pttl = match cli(&a, &["PTTL", "t:slot:0"]) {
+            redis::Value::Int(ms) => ms,
+            v => panic!("PTTL: {v:?}"),
+        };
+        assert!(pttl > 0 && pttl <= 3000, "renewed to --node_ttl: {pttl}");
+
+        // a's next task on worker 0 takes the slot over; a free of another holder's value
+        // leaves it alone.
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won));
+        assert_eq!(slot("0"), held("a a2"));
+        cli(&a, &["SET", "t:slot:0", "a a1"]);
+        a.release(&a2, 0);
+        assert_eq!(slot("0"), held("a a1"), "not a2's: left alone");
+        assert_eq!(a.claim_on(&cc("gone"), 0), Ok(Claim::Lost), "no such task");
+        cli(&a, &["SET", "t:slot:0", "a a2"]);
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Lost), "running already");
+        let a3 = cc("a3");
+        a.insert(std::slice::from_ref(&a3)).expect("insert");
+        assert_eq!(a.claim_on(&a3, 0), Ok(Claim::Won));
+        a.release(&a3, 0);
+        assert_eq!(slot("0"), redis::Value::Nil, "freed");
+        assert_eq!(b.claim_on(&b2, 0), Ok(Claim::Won));
+
+        // A dead node's slot is free once its lease has passed.
+        cli(&a, &["SET", "t:slot:2", "c gone", "PX", "1"]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b3 = cc("b3");
+        b.insert(std::slice::from_ref(&b3)).expect("insert");
+        assert_eq!(b.claim_on(&b3, 2), Ok(Claim::Won));
+        assert_eq!(slot("2"), held("b b3"));
+    }
+
+    /// A node alone leaves an ended attempt's slot to its lease (no round trip to free it) and
+    /// takes it over at its next claim; once another node is live, it frees its slots at once.
+    #[test]
+    fn a_node_alone_leaves_its_slot_to_the_lease_and_frees_it_once_another_joins() {
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        assert_eq!(a.join(1, "").expect("join"), Join::Joined);
+        assert_eq!(a.beat(1, 0).expect("beat").live.len(), 1);
+        let cc = |id: &str| Task {
+            cc: vec![0],
+            ..contract::task(id, State::Ready, 1)
+        };
+        let (a1, a2, a3, b1) = (cc("a1"), cc("a2"), cc("a3"), cc("b1"));
+        a.insert(&[a1.clone(), a2.clone(), a3.clone()])
+            .expect("insert");
+        let slot = || cli(&a, &["GET", "t:slot:0"]);
+        let held = |v: &str| redis::Value::BulkString(v.as_bytes().to_vec());
+        assert_eq!(a.claim_on(&a1, 0), Ok(Claim::Won));
+        a.release(&a1, 0);
+        assert_eq!(slot(), held("a a1"), "left to its lease");
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won), "taken over");
+        a.release(&a2, 0);
+
+        assert_eq!(b.join(1, "").expect("join"), Join::Joined);
+        b.insert(std::slice::from_ref(&b1)).expect("insert");
+        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Busy), "until its lease ends");
+        assert_eq!(a.beat(1, 0).expect("beat").live.len(), 2);
+        assert_eq!(a.claim_on(&a3, 0), Ok(Claim::Won));
+        a.release(&a3, 0);
+        assert_eq!(slot(), redis::Value::Nil, "freed: b is live");
+        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Won));
     }
 
     /// Only a task's owner takes it due or claims it: another node's entry for the id (its
