@@ -97,10 +97,11 @@ impl Pool {
                 self.wake[w].wait(&mut st);
                 continue;
             }
-            let until = st.slots[w].held_until.filter(|&t| Instant::now() < t);
-            st.slots[w].held_until = until;
+            let slot = &mut st.slots[w];
+            let until = slot.held_until.filter(|&t| Instant::now() < t);
+            slot.held_until = until;
             let held = until.is_some();
-            let own = &mut st.slots[w].queue;
+            let own = &mut slot.queue;
             let mine = own
                 .iter()
                 .position(|t| free(t, held))
@@ -123,15 +124,18 @@ impl Pool {
     /// `wait`, and the other workers `task` may run on are woken to take it meanwhile.
     pub(crate) fn held_elsewhere(&self, w: usize, task: Arc<Task>, wait: Duration) {
         let mut st = self.state.lock();
-        st.slots[w].running = None;
-        st.slots[w].held_until = Some(Instant::now() + wait);
-        let others: Vec<usize> = task.cc.iter().copied().filter(|&o| o != w).collect();
-        st.slots[w].queue.push_front(task);
-        drop(st);
-        for o in others {
-            if let Some(c) = self.wake.get(o) {
-                c.notify_one();
+        // Woken now, they take it once this lock is released.
+        for &o in &task.cc {
+            if o != w {
+                if let Some(c) = self.wake.get(o) {
+                    c.notify_one();
+                }
             }
+        }
+        if let Some(slot) = st.slots.get_mut(w) {
+            slot.running = None;
+            slot.held_until = Some(Instant::now() + wait);
+            slot.queue.push_front(task);
         }
     }
 

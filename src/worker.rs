@@ -53,10 +53,11 @@ pub(crate) fn start(
     })
 }
 
-/// First wait of a worker whose cc slot another node holds; each further refusal doubles it, up
-/// to `SLOT_WAIT_MAX`: a slot freed soon is seen soon, a long task elsewhere costs few claims.
-const SLOT_WAIT_MIN: Duration = Duration::from_millis(50);
-const SLOT_WAIT_MAX: Duration = Duration::from_secs(1);
+/// First wait (ms) of a worker whose cc slot another node holds; each further refusal doubles
+/// it, up to `SLOT_WAIT_MAX`: a slot freed soon is seen soon, a long task elsewhere costs few
+/// claims.
+const SLOT_WAIT_MIN: u64 = 50;
+const SLOT_WAIT_MAX: u64 = 1000;
 
 fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Sender<Outcome>) {
     let mut slot_wait = SLOT_WAIT_MIN;
@@ -74,8 +75,8 @@ fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Se
             }
             Ok(Claim::Busy) => {
                 // Still ready in the store: at shutdown it stays there for the next start.
-                pool.held_elsewhere(w, task, slot_wait);
-                slot_wait = (slot_wait * 2).min(SLOT_WAIT_MAX);
+                pool.held_elsewhere(w, task, Duration::from_millis(slot_wait));
+                slot_wait = SLOT_WAIT_MAX.min(slot_wait * 2);
                 continue;
             }
             Err(e) => {

@@ -23,8 +23,8 @@
 //! - `<p>meta:<key>` small values (cron last fire times)
 //! - `<p>slot:<w>` `<node> <task id>`: cc worker `w`'s slot of the cluster, held by that node's
 //!   attempt of a task with cc while it runs (taken by the claim; lease `PX` = `--node_ttl`,
-//!   renewed by each heartbeat; freed when the attempt ends, or left to its lease by a node
-//!   alone), so that tasks sharing a cc worker never run at once on two nodes
+//!   renewed by each heartbeat; freed when the attempt ends), so that tasks sharing a cc worker
+//!   never run at once on two nodes
 //!
 //! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
 //! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
@@ -192,8 +192,8 @@ return out
 /// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
 /// cancelled here, then used again on another node) must not run the old task in its place.
 /// With `ARGV[5]` (a task with cc, on that worker) it also takes slot `ARGV[5]` for `ARGV[6]` ms,
-/// or answers 2 and changes nothing when another node holds it. This node's own holder has
-/// ended: its dispatcher runs one attempt per worker at a time.
+/// or answers 2 and changes nothing when it is held. An empty `ARGV[4]` instead frees the slot
+/// if this attempt still holds it (one script less to load). Not indented, as `BEAT`.
 const CLAIM: &str = concat!(
     r"
 local p, me, id = ARGV[1], ARGV[2], ARGV[3]
@@ -201,25 +201,19 @@ local p, me, id = ARGV[1], ARGV[2], ARGV[3]
     lua_mine!(),
     r"
 local k = p .. 'task:' .. id
-if mine(k) ~= 'ready' then return 0 end
-if ARGV[5] then
-  local sk = p .. 'slot:' .. ARGV[5]
-  local h = redis.call('GET', sk)
-  if h and string.sub(h, 1, #me + 1) ~= me .. ' ' then return 2 end
-  redis.call('SET', sk, me .. ' ' .. id, 'PX', ARGV[6])
+local s, v = p .. 'slot:' .. (ARGV[5] or ''), me .. ' ' .. id
+if ARGV[4] == '' then
+if redis.call('GET', s) == v then redis.call('DEL', s) end
+return 0
 end
+if mine(k) ~= 'ready' then return 0 end
+if ARGV[5] and not redis.call('SET', s, v, 'NX', 'PX', ARGV[6]) then return 2 end
 redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
 redis.call('SADD', p .. 'owned:' .. me, id)
 redis.call('HSET', p .. 'running', id, me)
 return 1
 "
 );
-
-/// Frees slot key `ARGV[1]` if `ARGV[2]` (this node and its task) still holds it.
-const FREE_SLOT: &str = r"
-if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end
-return 0
-";
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
@@ -461,11 +455,6 @@ pub(crate) struct RedisStore {
     /// Set by `close`: the health thread ends.
     closed: Arc<AtomicBool>,
     scripts: Scripts,
-    /// The cc slots this node's attempts hold: worker and value (`<node> <task id>`), whose
-    /// leases each heartbeat renews.
-    slots: parking_lot::Mutex<Vec<(usize, String)>>,
-    /// No other live node at the last heartbeat: an ended attempt's slot is left to its lease.
-    alone: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -473,7 +462,6 @@ struct Scripts {
     insert: Script,
     take_due_many: Script,
     claim: Script,
-    free_slot: Script,
     cancel: Script,
     revive: Script,
     list_live: Script,
@@ -588,7 +576,6 @@ impl RedisStore {
             insert: Script::new(INSERT),
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
-            free_slot: Script::new(FREE_SLOT),
             cancel: Script::new(CANCEL),
             revive: Script::new(REVIVE),
             list_live: Script::new(LIST_LIVE),
@@ -640,8 +627,6 @@ impl RedisStore {
             up,
             closed,
             scripts,
-            slots: parking_lot::Mutex::new(Vec::new()),
-            alone: AtomicBool::new(false),
         })
     }
 
@@ -684,11 +669,16 @@ impl RedisStore {
         })
     }
 
-    /// Runs `CLAIM`, taking cc slot `slot` too when given (with a lease of `--node_ttl`).
-    fn claim_call(&self, task: &Task, slot: Option<usize>) -> Result<i64, StoreError> {
-        let mut running = task.clone();
-        running.state = State::Running;
-        let data = encode(&running)?;
+    /// Runs `CLAIM`, taking cc slot `slot` too when given (with a lease of `--node_ttl`); not
+    /// `claim`: frees that slot if `task`'s attempt still holds it.
+    fn claim_call(&self, task: &Task, slot: Option<usize>, claim: bool) -> Result<i64, StoreError> {
+        let data = if claim {
+            let mut running = task.clone();
+            running.state = State::Running;
+            encode(&running)?
+        } else {
+            String::new()
+        };
         let mut call = self.scripts.claim.arg(&self.prefix);
         call.arg(&self.node).arg(&task.id).arg(&data);
         if let Some(w) = slot {
@@ -858,7 +848,7 @@ impl Store for RedisStore {
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {
-        Ok(self.claim_call(task, None)? == 1)
+        Ok(self.claim_call(task, None, true)? == 1)
     }
 
     fn claim_on(&self, task: &Task, worker: usize) -> Result<Claim, StoreError> {
@@ -869,13 +859,8 @@ impl Store for RedisStore {
                 Claim::Lost
             });
         }
-        Ok(match self.claim_call(task, Some(worker))? {
-            1 => {
-                let mut held = self.slots.lock();
-                held.retain(|(w, _)| *w != worker);
-                held.push((worker, format!("{} {}", self.node, task.id)));
-                Claim::Won
-            }
+        Ok(match self.claim_call(task, Some(worker), true)? {
+            1 => Claim::Won,
             2 => Claim::Busy,
             _ => Claim::Lost,
         })
@@ -885,31 +870,9 @@ impl Store for RedisStore {
         if task.cc.is_empty() {
             return;
         }
-        let mut held = self.slots.lock();
-        let Some(i) = held.iter().position(|(w, _)| *w == worker) else {
-            return;
-        };
-        let (_, value) = held.swap_remove(i);
-        drop(held);
-        // Alone, the slot is left to its lease: this node takes it over at its next claim,
-        // and a node that joins meanwhile waits at most the lease for it (see `beat`).
-        if self.alone.load(Ordering::Relaxed) {
-            return;
-        }
-        let key = self.key("slot", &worker.to_string());
-        let freed = self.with(|c| {
-            self.scripts
-                .free_slot
-                .arg(&key)
-                .arg(&value)
-                .invoke::<i64>(c)
-        });
-        if let Err(e) = freed {
-            log::warn!(
-                "store: cannot free cc slot {worker}: {e}; the other nodes get it once its \
-                 lease has ended (--node_ttl)"
-            );
-        }
+        // A free that fails (Redis down, logged by the health thread) leaves the slot to its
+        // lease.
+        let _ = self.claim_call(task, Some(worker), false);
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {

@@ -3,58 +3,60 @@
 //! tasks (`RECOVER` in its adoption mode), judged by Redis's own clock.
 
 use super::{recovered, RedisStore};
+use crate::dispatch::Load;
 use crate::node::{read_entries, Beat, Join, Registry};
 use crate::store::{Recovered, StoreError};
-use std::sync::atomic::Ordering;
 
 /// Most tasks one adoption call takes.
 const ADOPT_CHUNK: usize = 500;
 
 /// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
-/// after it), renews the leases of the cc slots this node holds (pairs of worker and value from
-/// `ARGV[9]`) and answers whether it was new, Redis's time and the whole registry, sorted by id
-/// (here rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
+/// after it), renews the leases of the cc slots this node's attempts hold (pairs of worker and
+/// task id from `ARGV[9]`: every running attempt, a slot renewed only if that attempt holds it)
+/// and answers whether it was new, Redis's time and the whole registry, sorted by id (here
+/// rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
 /// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
 /// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
+/// Not indented: the text is in the binary, whose size has a budget.
 pub(super) const BEAT: &str = concat!(
     lua_alive!(),
     r#"
 local k = p .. 'nodes'
 local mode = ARGV[3]
 if mode == 'join' then
-  local old = redis.call('HGET', k, me)
-  if old and alive(old) then
-    local e = cjson.decode(old)
-    local who = tostring(e.who or '')
-    if ARGV[8] == '' or who ~= ARGV[8] then
-      return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
-    end
-  end
-  if redis.call('TYPE', p .. 'running').ok == 'set' then
-    local ids = redis.call('SMEMBERS', p .. 'running')
-    redis.call('DEL', p .. 'running')
-    for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
-  end
+local old = redis.call('HGET', k, me)
+if old and alive(old) then
+local e = cjson.decode(old)
+local who = tostring(e.who or '')
+if ARGV[8] == '' or who ~= ARGV[8] then
+return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
+end
+end
+if redis.call('TYPE', p .. 'running').ok == 'set' then
+local ids = redis.call('SMEMBERS', p .. 'running')
+redis.call('DEL', p .. 'running')
+for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
+end
 end
 for i = 9, #ARGV - 1, 2 do
-  local sk = p .. 'slot:' .. ARGV[i]
-  if redis.call('GET', sk) == ARGV[i + 1] then redis.call('PEXPIRE', sk, ARGV[6] * 1000) end
+local s = p .. 'slot:' .. ARGV[i]
+if redis.call('GET', s) == me .. ' ' .. ARGV[i + 1] then redis.call('PEXPIRE', s, ARGV[6] * 1000) end
 end
 local seen = now
 if mode == 'leave' then seen = 0 end
 local fresh = redis.call('HSET', k, me, '{"workers":' .. ARGV[4] .. ',"running":' .. ARGV[5]
-  .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6]
-  .. ',"who":' .. cjson.encode(ARGV[7]) .. '}')
+.. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6]
+.. ',"who":' .. cjson.encode(ARGV[7]) .. '}')
 local out = {tostring(fresh), string.format('%.0f', now)}
 local all, ids, val = redis.call('HGETALL', k), {}, {}
 for i = 1, #all, 2 do
-  ids[#ids + 1] = all[i]
-  val[all[i]] = all[i + 1]
+ids[#ids + 1] = all[i]
+val[all[i]] = all[i + 1]
 end
 table.sort(ids)
 for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = val[id]
+out[#out + 1] = id
+out[#out + 1] = val[id]
 end
 return out
 "#
@@ -63,14 +65,16 @@ return out
 impl RedisStore {
     /// Runs `BEAT` in `mode`; `replace`: the entry a `join` may overwrite although it looks
     /// live (that of a crashed predecessor on this machine).
+    /// `loads`: the workers' attempts, whose cc slots it renews.
     fn beat_call(
         &self,
         mode: &str,
         workers: usize,
-        running: usize,
+        loads: &[Load],
         replace: &str,
     ) -> Result<Vec<String>, StoreError> {
         let mut call = self.scripts.beat.arg(&self.prefix);
+        let running = loads.iter().filter(|l| l.running.is_some()).count();
         call.arg(&self.node)
             .arg(mode)
             .arg(workers)
@@ -78,8 +82,10 @@ impl RedisStore {
             .arg(self.node_ttl)
             .arg(crate::node::who())
             .arg(replace);
-        for (w, value) in self.slots.lock().iter() {
-            call.arg(*w).arg(value);
+        for l in loads {
+            if let Some(id) = &l.running {
+                call.arg(l.id).arg(id);
+            }
         }
         self.with(|c| call.invoke(c))
     }
@@ -95,7 +101,7 @@ fn num(s: Option<&String>) -> Result<i64, StoreError> {
 
 impl Registry for RedisStore {
     fn join(&self, workers: usize, replace: &str) -> Result<Join, StoreError> {
-        let out = self.beat_call("join", workers, 0, replace)?;
+        let out = self.beat_call("join", workers, &[], replace)?;
         if out.first().map(String::as_str) != Some("held") {
             return Ok(Join::Joined);
         }
@@ -106,15 +112,11 @@ impl Registry for RedisStore {
         })
     }
 
-    fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError> {
-        let out = self.beat_call("beat", workers, running, "")?;
+    fn beat(&self, workers: usize, loads: &[Load]) -> Result<Beat, StoreError> {
+        let out = self.beat_call("beat", workers, loads, "")?;
         let now = num(out.get(1))?;
         let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
         beat.was_gone = num(out.first())? == 1;
-        self.alone.store(
-            beat.live.iter().all(|e| e.id == self.node),
-            Ordering::Relaxed,
-        );
         Ok(beat)
     }
 
@@ -136,7 +138,7 @@ impl Registry for RedisStore {
     }
 
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
-        self.beat_call("leave", workers, 0, "").map(|_| ())
+        self.beat_call("leave", workers, &[], "").map(|_| ())
     }
 
     fn listen(
@@ -213,7 +215,7 @@ mod tests {
         assert_eq!(got, ["b-wait"], "a is live: its tasks stay its own");
 
         kill(&a, "a");
-        let beat = b.beat(1, 0).expect("beat");
+        let beat = b.beat(1, &[]).expect("beat");
         assert_eq!(beat.dead, ["a"]);
         let ids: Vec<&str> = beat.live.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["b", "c"]);
@@ -227,7 +229,7 @@ mod tests {
         let (again, _) = c.adopt("a").expect("adopt");
         assert!(again.is_empty(), "adopted once: {again:?}");
         assert!(
-            b.beat(1, 0).expect("beat").dead.is_empty(),
+            b.beat(1, &[]).expect("beat").dead.is_empty(),
             "a's entry went"
         );
         // Adopted tasks are b's: c's restart leaves them alone, b's takes them.
@@ -309,23 +311,29 @@ mod tests {
 
         // The heartbeat renews the lease of what a holds (to --node_ttl, 3 s here).
         cli(&a, &["PEXPIRE", "t:slot:0", "100000"]);
-        a.beat(1, 1).expect("beat");
+        let load = crate::dispatch::Load {
+            id: 0,
+            queued: 0,
+            running: Some("a1".into()),
+        };
+        a.beat(1, &[load]).expect("beat");
         let pttl = match cli(&a, &["PTTL", "t:slot:0"]) {
             redis::Value::Int(ms) => ms,
             v => panic!("PTTL: {v:?}"),
         };
         assert!(pttl > 0 && pttl <= 3000, "renewed to --node_ttl: {pttl}");
 
-        // a's next task on worker 0 takes the slot over; a free of another holder's value
-        // leaves it alone.
-        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won));
-        assert_eq!(slot("0"), held("a a2"));
-        cli(&a, &["SET", "t:slot:0", "a a1"]);
+        // Held until released, for a's own next task too; a free by another attempt than the
+        // holder's leaves it alone.
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Busy));
         a.release(&a2, 0);
         assert_eq!(slot("0"), held("a a1"), "not a2's: left alone");
+        a.release(&a1, 0);
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won));
+        assert_eq!(slot("0"), held("a a2"));
         assert_eq!(a.claim_on(&cc("gone"), 0), Ok(Claim::Lost), "no such task");
-        cli(&a, &["SET", "t:slot:0", "a a2"]);
         assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Lost), "running already");
+        a.release(&a2, 0);
         let a3 = cc("a3");
         a.insert(std::slice::from_ref(&a3)).expect("insert");
         assert_eq!(a.claim_on(&a3, 0), Ok(Claim::Won));
@@ -340,39 +348,6 @@ mod tests {
         b.insert(std::slice::from_ref(&b3)).expect("insert");
         assert_eq!(b.claim_on(&b3, 2), Ok(Claim::Won));
         assert_eq!(slot("2"), held("b b3"));
-    }
-
-    /// A node alone leaves an ended attempt's slot to its lease (no round trip to free it) and
-    /// takes it over at its next claim; once another node is live, it frees its slots at once.
-    #[test]
-    fn a_node_alone_leaves_its_slot_to_the_lease_and_frees_it_once_another_joins() {
-        let s = redis_server();
-        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
-        assert_eq!(a.join(1, "").expect("join"), Join::Joined);
-        assert_eq!(a.beat(1, 0).expect("beat").live.len(), 1);
-        let cc = |id: &str| Task {
-            cc: vec![0],
-            ..contract::task(id, State::Ready, 1)
-        };
-        let (a1, a2, a3, b1) = (cc("a1"), cc("a2"), cc("a3"), cc("b1"));
-        a.insert(&[a1.clone(), a2.clone(), a3.clone()])
-            .expect("insert");
-        let slot = || cli(&a, &["GET", "t:slot:0"]);
-        let held = |v: &str| redis::Value::BulkString(v.as_bytes().to_vec());
-        assert_eq!(a.claim_on(&a1, 0), Ok(Claim::Won));
-        a.release(&a1, 0);
-        assert_eq!(slot(), held("a a1"), "left to its lease");
-        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won), "taken over");
-        a.release(&a2, 0);
-
-        assert_eq!(b.join(1, "").expect("join"), Join::Joined);
-        b.insert(std::slice::from_ref(&b1)).expect("insert");
-        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Busy), "until its lease ends");
-        assert_eq!(a.beat(1, 0).expect("beat").live.len(), 2);
-        assert_eq!(a.claim_on(&a3, 0), Ok(Claim::Won));
-        a.release(&a3, 0);
-        assert_eq!(slot(), redis::Value::Nil, "freed: b is live");
-        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Won));
     }
 
     /// Only a task's owner takes it due or claims it: another node's entry for the id (its
