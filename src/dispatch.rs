@@ -2,17 +2,22 @@
 //! least work (queued + running), and an idle worker takes a waiting task it is allowed to run
 //! from another worker's queue, so no task waits behind a long one while an allowed worker idles.
 //! While paused, workers take nothing: tasks still queue up, and a resume wakes every worker.
+//! A worker whose cc slot another node holds (several nodes on one Redis) puts the task back
+//! first in its queue and runs only tasks without cc until its wait ends.
 
 use crate::task::Task;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One worker's share of the pool state.
 #[derive(Default)]
 struct Slot {
     queue: VecDeque<Arc<Task>>,
     running: Option<Arc<str>>,
+    /// Until then this worker's cc slot is held by another node: it takes no task with cc.
+    held_until: Option<Instant>,
 }
 
 struct State {
@@ -38,6 +43,11 @@ pub(crate) struct Pool {
 
 fn allowed(task: &Task, worker: usize) -> bool {
     task.cc.is_empty() || task.cc.contains(&worker)
+}
+
+/// Whether a worker may take `task` now: any task, or while its slot is `held`, one without cc.
+fn free(task: &Task, held: bool) -> bool {
+    !held || task.cc.is_empty()
 }
 
 impl Pool {
@@ -87,27 +97,58 @@ impl Pool {
                 self.wake[w].wait(&mut st);
                 continue;
             }
-            if let Some(t) = st.slots[w].queue.pop_front() {
+            let slot = &mut st.slots[w];
+            let until = slot.held_until.filter(|&t| Instant::now() < t);
+            slot.held_until = until;
+            let held = until.is_some();
+            let own = &mut slot.queue;
+            let mine = own
+                .iter()
+                .position(|t| free(t, held))
+                .and_then(|i| own.remove(i));
+            if let Some(t) = mine.or_else(|| Self::steal(&mut st, w, held)) {
                 st.slots[w].running = Some(Arc::from(t.id.as_str()));
                 return Some(t);
             }
-            if let Some(t) = Self::steal(&mut st, w) {
-                st.slots[w].running = Some(Arc::from(t.id.as_str()));
-                return Some(t);
+            match until {
+                Some(t) => {
+                    self.wake[w].wait_until(&mut st, t);
+                }
+                None => self.wake[w].wait(&mut st),
             }
-            self.wake[w].wait(&mut st);
         }
     }
 
-    /// Takes the oldest task worker `w` may run from the busiest other queue.
-    fn steal(st: &mut State, w: usize) -> Option<Arc<Task>> {
+    /// Worker `w` could not start `task`: another node holds its cc slot. The task goes back
+    /// first in `w`'s queue (before the tasks queued after it), `w` takes no task with cc for
+    /// `wait`, and the other workers `task` may run on are woken to take it meanwhile.
+    pub(crate) fn held_elsewhere(&self, w: usize, task: Arc<Task>, wait: Duration) {
+        let mut st = self.state.lock();
+        // Woken now, they take it once this lock is released.
+        for &o in &task.cc {
+            if o != w {
+                if let Some(c) = self.wake.get(o) {
+                    c.notify_one();
+                }
+            }
+        }
+        if let Some(slot) = st.slots.get_mut(w) {
+            slot.running = None;
+            slot.held_until = Some(Instant::now() + wait);
+            slot.queue.push_front(task);
+        }
+    }
+
+    /// Takes the oldest task worker `w` may run from the busiest other queue (only one without
+    /// cc while its slot is `held`).
+    fn steal(st: &mut State, w: usize, held: bool) -> Option<Arc<Task>> {
         let mut order: Vec<usize> = (0..st.slots.len()).filter(|&o| o != w).collect();
         // Busiest first; equal ones by number (an unstable sort of unique keys: the binary
         // keeps one sort of these fewer).
         order.sort_unstable_by_key(|&o| (std::cmp::Reverse(st.slots[o].queue.len()), o));
         for o in order {
             let q = &mut st.slots[o].queue;
-            if let Some(pos) = q.iter().position(|t| allowed(t, w)) {
+            if let Some(pos) = q.iter().position(|t| allowed(t, w) && free(t, held)) {
                 return q.remove(pos);
             }
         }
@@ -271,6 +312,50 @@ mod tests {
         p.set_paused(true);
         p.stop();
         assert!(worker.join().is_ok(), "the paused worker saw the stop");
+    }
+
+    /// A cc task whose slot another node holds goes back first in its worker's queue: that
+    /// worker runs a task without cc meanwhile, another worker of its cc takes it at once, and
+    /// its own worker takes it again once the wait has passed, before later cc tasks.
+    #[test]
+    fn a_task_whose_slot_is_held_elsewhere_waits_first_in_line_without_holding_up_others() {
+        let p = Pool::new(3);
+        p.dispatch(t("held", &[0]));
+        let held = p.next(0).expect("held");
+        p.dispatch(t("later", &[0]));
+        {
+            let mut st = p.state.lock();
+            let later = st.slots[0].queue.pop_front().expect("later");
+            st.slots[0].queue.push_back(t("plain", &[]));
+            st.slots[0].queue.push_back(later);
+        }
+        p.held_elsewhere(0, held, Duration::from_secs(60));
+        assert_eq!(p.running(), 0);
+        let ids = |p: &Pool| -> Vec<String> {
+            p.state.lock().slots[0]
+                .queue
+                .iter()
+                .map(|t| t.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&p), ["held", "plain", "later"]);
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("plain".into()));
+        p.done(0);
+        // The wait has passed.
+        p.state.lock().slots[0].held_until = Some(Instant::now());
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("held".into()));
+        p.done(0);
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("later".into()));
+        p.done(0);
+
+        p.dispatch(t("either", &[0, 1]));
+        let either = p.next(0).expect("either");
+        p.held_elsewhere(0, either, Duration::from_secs(60));
+        assert_eq!(
+            p.next(1).map(|t| t.id.clone()),
+            Some("either".into()),
+            "another worker of its cc takes it"
+        );
     }
 
     #[test]

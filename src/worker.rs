@@ -1,11 +1,12 @@
-//! Worker threads: each takes tasks from the dispatcher, claims them in the store, runs one
-//! attempt and hands the outcome on. A panic in an executor is a failed attempt, not a dead thread.
+//! Worker threads: each takes tasks from the dispatcher, claims them in the store (with their cc
+//! slot of the cluster when several nodes share a Redis), runs one attempt and hands the outcome
+//! on. A panic in an executor is a failed attempt, not a dead thread.
 
 use crate::clock::now_ms;
 use crate::dispatch::Pool;
 use crate::exec::{Executors, RunResult};
 use crate::outcome::Outcome;
-use crate::store::Store;
+use crate::store::{Claim, Store};
 use crossbeam_channel::Sender;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -52,13 +53,30 @@ pub(crate) fn start(
     })
 }
 
+/// First wait (ms) of a worker whose cc slot another node holds; each further refusal doubles
+/// it, up to `SLOT_WAIT_MAX`: a slot freed soon is seen soon, a long task elsewhere costs few
+/// claims.
+const SLOT_WAIT_MIN: u64 = 50;
+const SLOT_WAIT_MAX: u64 = 1000;
+
 fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Sender<Outcome>) {
+    let mut slot_wait = SLOT_WAIT_MIN;
     while let Some(task) = pool.next(w) {
-        match store.claim(&task) {
-            Ok(true) => {}
-            Ok(false) => {
+        match store.claim_on(&task, w) {
+            Ok(Claim::Won) => {
+                if !task.cc.is_empty() {
+                    slot_wait = SLOT_WAIT_MIN;
+                }
+            }
+            Ok(Claim::Lost) => {
                 // Cancelled, or another claimer won: nothing to run.
                 pool.done(w);
+                continue;
+            }
+            Ok(Claim::Busy) => {
+                // Still ready in the store: at shutdown it stays there for the next start.
+                pool.held_elsewhere(w, task, Duration::from_millis(slot_wait));
+                slot_wait = SLOT_WAIT_MAX.min(slot_wait * 2);
                 continue;
             }
             Err(e) => {
@@ -82,6 +100,7 @@ fn run(w: usize, pool: &Pool, store: &dyn Store, exec: &Executors, outcomes: &Se
             log::error!("worker {w}: task {} panicked: {what}", task.id);
             RunResult::failed(format!("internal error: {what}"))
         });
+        store.release(&task, w);
         let outcome = Outcome {
             task,
             worker: w,

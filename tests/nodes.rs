@@ -791,3 +791,125 @@ fn two_nodes_with_ten_thousand_tasks_due_at_one_second_run_each_once() {
         .count();
     assert_eq!(early, 0, "tasks run before their time");
 }
+
+/// The sink's arrival times of the attempts of each id, all of them having reached it once.
+fn arrivals_once(sink: &Sink, ids: &[String]) -> Vec<(String, u64)> {
+    let hits = hits_by_id(&sink.hits());
+    ids.iter()
+        .map(|id| {
+            let at = hits.get(id).cloned().unwrap_or_default();
+            assert_eq!(at.len(), 1, "{id} ran once: {at:?}");
+            (id.clone(), at[0])
+        })
+        .collect()
+}
+
+/// Asserts that no two attempts overlap: each `(id, arrival µs, length µs)` at the sink ends (its
+/// answer comes `length` after its arrival, before poulpe's attempt ends) before the next
+/// arrives.
+fn assert_apart(mut runs: Vec<(String, u64, u64)>) {
+    runs.sort_by_key(|r| r.1);
+    for w in runs.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        assert!(
+            b.1 >= a.1 + a.2,
+            "{} started {} ms after {} had started, before it ended: {runs:?}",
+            b.0,
+            (b.1 - a.1) / 1000,
+            a.0
+        );
+    }
+}
+
+/// Six tasks with `cc: "0"`, two submitted to each of three nodes, run one at a time in the
+/// whole cluster (cc worker 0 is one slot of the cluster), each once.
+#[test]
+fn tasks_sharing_a_cc_worker_never_run_at_once_anywhere_in_the_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let nodes: Vec<Server> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|id| node(dir.path(), &redis, id))
+        .collect();
+    let mut ids = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        let tasks: Vec<Value> = (0..2)
+            .map(|j| {
+                let id = format!("cc-{i}-{j}");
+                ids.push(id.clone());
+                json!({"id": id, "method": "GET", "cc": "0", "timeout": 30,
+                    "name": sink.url("/slow"), "params": format!("ms=1000&id={id}")})
+            })
+            .collect();
+        assert_eq!(s.submit(&json!(tasks)).0, 200);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (code, r) = nodes[i / 2].get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["status"], json!("succeeded"), "{r}");
+    }
+    assert_eq!(sink.max_in_flight(), 1, "two cc 0 tasks ran at once");
+    let runs = arrivals_once(&sink, &ids);
+    assert_apart(
+        runs.into_iter()
+            .map(|(id, at)| (id, at, 1_000_000))
+            .collect(),
+    );
+}
+
+/// A node killed with `kill -9` while its task with `cc: "0"` runs keeps the slot until its lease
+/// ends: the other nodes' cc 0 tasks wait (none starts before the kill), then all run, once
+/// each, one at a time (the killed task, adopted, runs again among them).
+#[test]
+fn a_killed_nodes_cc_slot_is_free_once_its_lease_has_ended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let mut a = node(dir.path(), &redis, "a");
+    let others = [node(dir.path(), &redis, "b"), node(dir.path(), &redis, "c")];
+    let long = json!({"id": "long", "method": "GET", "cc": "0", "timeout": 60,
+        "name": sink.url("/slow"), "params": "ms=4000&id=long"});
+    assert_eq!(a.submit(&long).0, 200);
+    sink.wait_until(Duration::from_secs(10), "long running on a", |h| {
+        hits_by_id(h).contains_key("long")
+    });
+    let mut ids = Vec::new();
+    for (i, s) in others.iter().enumerate() {
+        let tasks: Vec<Value> = (0..2)
+            .map(|j| {
+                let id = format!("w-{i}-{j}");
+                ids.push(id.clone());
+                json!({"id": id, "method": "GET", "cc": "0", "timeout": 30,
+                    "name": sink.url("/slow"), "params": format!("ms=300&id={id}")})
+            })
+            .collect();
+        assert_eq!(s.submit(&json!(tasks)).0, 200);
+    }
+    // Time for the others to take slot 0 if they could (they did before cc held across nodes).
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_us = common::now_us();
+    a.kill9();
+
+    for (i, id) in ids.iter().enumerate() {
+        let (code, r) = others[i / 2].get(&format!("/task_resp/{id}?timeout=30"));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["status"], json!("succeeded"), "{r}");
+    }
+    let (code, r) = others[0].get("/task_resp/long?timeout=30");
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], json!("succeeded"), "{r}");
+    let runs = arrivals_once(&sink, &ids);
+    for (id, at) in &runs {
+        assert!(
+            *at >= killed_us,
+            "{id} started while the killed node's task held the slot"
+        );
+    }
+    let long_runs = hits_of(&sink, "long");
+    assert_eq!(long_runs.len(), 2, "run again once, after the kill");
+    let mut all: Vec<(String, u64, u64)> =
+        runs.into_iter().map(|(id, at)| (id, at, 300_000)).collect();
+    all.push(("long again".into(), long_runs[1], 4_000_000));
+    assert_apart(all);
+}

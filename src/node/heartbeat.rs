@@ -85,7 +85,7 @@ impl Heartbeat {
     /// registry cannot be reached (logged once until it can again).
     fn renew(&self, up: &mut bool, last: &mut Instant) -> Option<Vec<String>> {
         *last = Instant::now();
-        match self.registry.beat(self.pool.workers(), self.pool.running()) {
+        match self.registry.beat(self.pool.workers(), &self.pool.loads()) {
             Ok(beat) => {
                 if !*up {
                     log::info!("node {}: heartbeat renewed again", self.own);

@@ -87,7 +87,7 @@ mod tests {
         fn join(&self, _: usize, _: &str) -> Result<Join, StoreError> {
             Ok(Join::Joined)
         }
-        fn beat(&self, _: usize, _: usize) -> Result<Beat, StoreError> {
+        fn beat(&self, _: usize, _: &[crate::dispatch::Load]) -> Result<Beat, StoreError> {
             Ok(Beat::default())
         }
         fn adopt(&self, _: &str) -> Result<(Vec<Recovered>, bool), StoreError> {

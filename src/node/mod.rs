@@ -163,8 +163,9 @@ pub(crate) trait Registry: Send + Sync {
     /// predecessor on this machine); empty for none.
     fn join(&self, workers: usize, replace: &str) -> Result<Join, StoreError>;
 
-    /// Renews this node's entry and reads the registry.
-    fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError>;
+    /// Renews this node's entry (and the cc slots of the attempts in `loads`) and reads the
+    /// registry.
+    fn beat(&self, workers: usize, loads: &[crate::dispatch::Load]) -> Result<Beat, StoreError>;
 
     /// Makes some of dead node `dead`'s unfinished tasks this node's, atomically (two nodes
     /// never adopt the same task), as `recover` does; `true` while more are left. Once none is

@@ -1393,6 +1393,8 @@ mod tests {
         // Written and listed within one checkpoint period: listings see the journal's writes.
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::browse(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::cc_claims(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]

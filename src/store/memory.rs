@@ -298,5 +298,6 @@ pub(crate) mod tests {
         super::super::contract::result_cap(&super::open());
         super::super::contract::summary_counts(&super::open());
         super::super::contract::browse(&super::open());
+        super::super::contract::cc_claims(&super::open());
     }
 }

@@ -45,6 +45,17 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// What `claim_on` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// The attempt may start.
+    Won,
+    /// Cancelled or claimed by another: nothing to run.
+    Lost,
+    /// Still ready, but its cc worker's slot is held by another node's attempt: try later.
+    Busy,
+}
+
 /// What `cancel` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Cancel {
@@ -174,6 +185,24 @@ pub(crate) trait Store: Send + Sync {
 
     /// Claims a ready task for one attempt; `false` means the caller lost (cancelled or taken).
     fn claim(&self, task: &Task) -> Result<bool, StoreError>;
+
+    /// `claim` by worker `worker`. A store shared by several nodes also takes, for a task with
+    /// `cc`, that worker's slot of the cluster in the same step, so that tasks sharing a cc
+    /// worker never run at once anywhere; `Busy` when another node holds it (nothing changed).
+    /// On one node the dispatcher already runs one attempt per worker: a plain `claim`.
+    fn claim_on(&self, task: &Task, worker: usize) -> Result<Claim, StoreError> {
+        let _ = worker;
+        Ok(if self.claim(task)? {
+            Claim::Won
+        } else {
+            Claim::Lost
+        })
+    }
+
+    /// Frees the slot `claim_on` took for `task`'s attempt on `worker`, now ended.
+    fn release(&self, task: &Task, worker: usize) {
+        let _ = (task, worker);
+    }
 
     /// Writes the outcomes of attempts, all or none, and returns once they are durable.
     fn record(&self, changes: &[Change]) -> Result<(), StoreError>;
@@ -667,6 +696,29 @@ pub(crate) mod contract {
         first.wait(&first_changes).expect("first write");
         assert_eq!(store.status("w1").expect("status"), None);
         assert_eq!(store.result("w1").expect("result"), Some(result("w1")));
+    }
+    /// One node's claims of tasks sharing a cc worker, one after the other on that worker (as
+    /// its workers make them: each attempt released when it ends): each wins once, and a task
+    /// without cc is claimed as by `claim`.
+    pub(crate) fn cc_claims(store: &dyn Store) {
+        let cc = |id: &str| Task {
+            cc: vec![0],
+            ..task(id, State::Ready, 0)
+        };
+        let (c1, c2, c3) = (cc("c1"), cc("c2"), cc("c3"));
+        let plain = task("plain", State::Ready, 0);
+        store
+            .insert(&[c1.clone(), c2.clone(), c3.clone(), plain.clone()])
+            .expect("insert");
+        assert_eq!(store.claim_on(&c1, 0), Ok(Claim::Won));
+        assert_eq!(store.claim_on(&c1, 0), Ok(Claim::Lost), "claimed once");
+        store.release(&c1, 0);
+        assert_eq!(store.claim_on(&c2, 0), Ok(Claim::Won));
+        store.release(&c2, 0);
+        assert_eq!(store.claim_on(&c3, 0), Ok(Claim::Won));
+        store.release(&c3, 0);
+        assert_eq!(store.claim_on(&plain, 0), Ok(Claim::Won));
+        assert_eq!(store.status("c3").expect("status"), Some(State::Running));
     }
 
     /// A dead result of `id` after one failed attempt.

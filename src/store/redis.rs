@@ -21,13 +21,17 @@
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
 //!   (score = expiry, unix ms) of finished ids, to keep at most `--result_max`
 //! - `<p>meta:<key>` small values (cron last fire times)
+//! - `<p>slot:<w>` `<node> <task id>`: cc worker `w`'s slot of the cluster, held by that node's
+//!   attempt of a task with cc while it runs (taken by the claim; lease `PX` = `--node_ttl`,
+//!   renewed by each heartbeat; freed when the attempt ends), so that tasks sharing a cc worker
+//!   never run at once on two nodes
 //!
 //! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
 //! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
 //! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
-use super::{Cancel, Change, Due, Recovered, Store, StoreError, Summary};
+use super::{Cancel, Change, Claim, Due, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -187,6 +191,9 @@ return out
 /// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
 /// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
 /// cancelled here, then used again on another node) must not run the old task in its place.
+/// With `ARGV[5]` (a task with cc, on that worker) it also takes slot `ARGV[5]` for `ARGV[6]` ms,
+/// or answers 2 and changes nothing when it is held. An empty `ARGV[4]` instead frees the slot
+/// if this attempt still holds it (one script less to load). Not indented, as `BEAT`.
 const CLAIM: &str = concat!(
     r"
 local p, me, id = ARGV[1], ARGV[2], ARGV[3]
@@ -194,13 +201,17 @@ local p, me, id = ARGV[1], ARGV[2], ARGV[3]
     lua_mine!(),
     r"
 local k = p .. 'task:' .. id
-if mine(k) == 'ready' then
-  redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
-  redis.call('SADD', p .. 'owned:' .. me, id)
-  redis.call('HSET', p .. 'running', id, me)
-  return 1
-end
+local s, v = p .. 'slot:' .. (ARGV[5] or ''), me .. ' ' .. id
+if ARGV[4] == '' then
+if redis.call('GET', s) == v then redis.call('DEL', s) end
 return 0
+end
+if mine(k) ~= 'ready' then return 0 end
+if ARGV[5] and not redis.call('SET', s, v, 'NX', 'PX', ARGV[6]) then return 2 end
+redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('HSET', p .. 'running', id, me)
+return 1
 "
 );
 
@@ -658,6 +669,24 @@ impl RedisStore {
         })
     }
 
+    /// Runs `CLAIM`, taking cc slot `slot` too when given (with a lease of `--node_ttl`); not
+    /// `claim`: frees that slot if `task`'s attempt still holds it.
+    fn claim_call(&self, task: &Task, slot: Option<usize>, claim: bool) -> Result<i64, StoreError> {
+        let data = if claim {
+            let mut running = task.clone();
+            running.state = State::Running;
+            encode(&running)?
+        } else {
+            String::new()
+        };
+        let mut call = self.scripts.claim.arg(&self.prefix);
+        call.arg(&self.node).arg(&task.id).arg(&data);
+        if let Some(w) = slot {
+            call.arg(w).arg(self.node_ttl * 1000);
+        }
+        self.with(|c| call.invoke(c))
+    }
+
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
     }
@@ -819,19 +848,31 @@ impl Store for RedisStore {
     }
 
     fn claim(&self, task: &Task) -> Result<bool, StoreError> {
-        let mut running = task.clone();
-        running.state = State::Running;
-        let data = encode(&running)?;
-        let won: i64 = self.with(|c| {
-            self.scripts
-                .claim
-                .arg(&self.prefix)
-                .arg(&self.node)
-                .arg(&task.id)
-                .arg(&data)
-                .invoke(c)
-        })?;
-        Ok(won == 1)
+        Ok(self.claim_call(task, None, true)? == 1)
+    }
+
+    fn claim_on(&self, task: &Task, worker: usize) -> Result<Claim, StoreError> {
+        if task.cc.is_empty() {
+            return Ok(if self.claim(task)? {
+                Claim::Won
+            } else {
+                Claim::Lost
+            });
+        }
+        Ok(match self.claim_call(task, Some(worker), true)? {
+            1 => Claim::Won,
+            2 => Claim::Busy,
+            _ => Claim::Lost,
+        })
+    }
+
+    fn release(&self, task: &Task, worker: usize) {
+        if task.cc.is_empty() {
+            return;
+        }
+        // A free that fails (Redis down, logged by the health thread) leaves the slot to its
+        // lease.
+        let _ = self.claim_call(task, Some(worker), false);
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -1273,6 +1314,8 @@ mod tests {
         contract::summary_counts(&store(&s));
         let s = redis_server();
         contract::browse(&store(&s));
+        let s = redis_server();
+        contract::cc_claims(&store(&s));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! tasks (`RECOVER` in its adoption mode), judged by Redis's own clock.
 
 use super::{recovered, RedisStore};
+use crate::dispatch::Load;
 use crate::node::{read_entries, Beat, Join, Registry};
 use crate::store::{Recovered, StoreError};
 
@@ -10,45 +11,52 @@ use crate::store::{Recovered, StoreError};
 const ADOPT_CHUNK: usize = 500;
 
 /// Writes this node's entry (`ARGV[3]`: `join`, `beat` or `leave`; workers, running and ttl
-/// after it) and answers whether it was new, Redis's time and the whole registry, sorted by id
-/// (here rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
+/// after it), renews the leases of the cc slots this node's attempts hold (pairs of worker and
+/// task id from `ARGV[9]`: every running attempt, a slot renewed only if that attempt holds it)
+/// and answers whether it was new, Redis's time and the whole registry, sorted by id (here
+/// rather than in Rust: a sort of entries would cost the binary a sort of its own). `join`
 /// answers `held`, the time and the holder's last heartbeat instead when a live node holds the
 /// id, and turns a `running` set of a release before nodes into the hash (owners unknown: dead).
+/// Not indented: the text is in the binary, whose size has a budget.
 pub(super) const BEAT: &str = concat!(
     lua_alive!(),
     r#"
 local k = p .. 'nodes'
 local mode = ARGV[3]
 if mode == 'join' then
-  local old = redis.call('HGET', k, me)
-  if old and alive(old) then
-    local e = cjson.decode(old)
-    local who = tostring(e.who or '')
-    if ARGV[8] == '' or who ~= ARGV[8] then
-      return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
-    end
-  end
-  if redis.call('TYPE', p .. 'running').ok == 'set' then
-    local ids = redis.call('SMEMBERS', p .. 'running')
-    redis.call('DEL', p .. 'running')
-    for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
-  end
+local old = redis.call('HGET', k, me)
+if old and alive(old) then
+local e = cjson.decode(old)
+local who = tostring(e.who or '')
+if ARGV[8] == '' or who ~= ARGV[8] then
+return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
+end
+end
+if redis.call('TYPE', p .. 'running').ok == 'set' then
+local ids = redis.call('SMEMBERS', p .. 'running')
+redis.call('DEL', p .. 'running')
+for _, id in ipairs(ids) do redis.call('HSET', p .. 'running', id, '') end
+end
+end
+for i = 9, #ARGV - 1, 2 do
+local s = p .. 'slot:' .. ARGV[i]
+if redis.call('GET', s) == me .. ' ' .. ARGV[i + 1] then redis.call('PEXPIRE', s, ARGV[6] * 1000) end
 end
 local seen = now
 if mode == 'leave' then seen = 0 end
 local fresh = redis.call('HSET', k, me, '{"workers":' .. ARGV[4] .. ',"running":' .. ARGV[5]
-  .. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6]
-  .. ',"who":' .. cjson.encode(ARGV[7]) .. '}')
+.. ',"last_seen":' .. string.format('%.0f', seen) .. ',"ttl":' .. ARGV[6]
+.. ',"who":' .. cjson.encode(ARGV[7]) .. '}')
 local out = {tostring(fresh), string.format('%.0f', now)}
 local all, ids, val = redis.call('HGETALL', k), {}, {}
 for i = 1, #all, 2 do
-  ids[#ids + 1] = all[i]
-  val[all[i]] = all[i + 1]
+ids[#ids + 1] = all[i]
+val[all[i]] = all[i + 1]
 end
 table.sort(ids)
 for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = val[id]
+out[#out + 1] = id
+out[#out + 1] = val[id]
 end
 return out
 "#
@@ -57,26 +65,29 @@ return out
 impl RedisStore {
     /// Runs `BEAT` in `mode`; `replace`: the entry a `join` may overwrite although it looks
     /// live (that of a crashed predecessor on this machine).
+    /// `loads`: the workers' attempts, whose cc slots it renews.
     fn beat_call(
         &self,
         mode: &str,
         workers: usize,
-        running: usize,
+        loads: &[Load],
         replace: &str,
     ) -> Result<Vec<String>, StoreError> {
-        self.with(|c| {
-            self.scripts
-                .beat
-                .arg(&self.prefix)
-                .arg(&self.node)
-                .arg(mode)
-                .arg(workers)
-                .arg(running)
-                .arg(self.node_ttl)
-                .arg(crate::node::who())
-                .arg(replace)
-                .invoke(c)
-        })
+        let mut call = self.scripts.beat.arg(&self.prefix);
+        let running = loads.iter().filter(|l| l.running.is_some()).count();
+        call.arg(&self.node)
+            .arg(mode)
+            .arg(workers)
+            .arg(running)
+            .arg(self.node_ttl)
+            .arg(crate::node::who())
+            .arg(replace);
+        for l in loads {
+            if let Some(id) = &l.running {
+                call.arg(l.id).arg(id);
+            }
+        }
+        self.with(|c| call.invoke(c))
     }
 }
 
@@ -90,7 +101,7 @@ fn num(s: Option<&String>) -> Result<i64, StoreError> {
 
 impl Registry for RedisStore {
     fn join(&self, workers: usize, replace: &str) -> Result<Join, StoreError> {
-        let out = self.beat_call("join", workers, 0, replace)?;
+        let out = self.beat_call("join", workers, &[], replace)?;
         if out.first().map(String::as_str) != Some("held") {
             return Ok(Join::Joined);
         }
@@ -101,8 +112,8 @@ impl Registry for RedisStore {
         })
     }
 
-    fn beat(&self, workers: usize, running: usize) -> Result<Beat, StoreError> {
-        let out = self.beat_call("beat", workers, running, "")?;
+    fn beat(&self, workers: usize, loads: &[Load]) -> Result<Beat, StoreError> {
+        let out = self.beat_call("beat", workers, loads, "")?;
         let now = num(out.get(1))?;
         let mut beat = read_entries(&self.node, now, out.get(2..).unwrap_or_default());
         beat.was_gone = num(out.first())? == 1;
@@ -127,7 +138,7 @@ impl Registry for RedisStore {
     }
 
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
-        self.beat_call("leave", workers, 0, "").map(|_| ())
+        self.beat_call("leave", workers, &[], "").map(|_| ())
     }
 
     fn listen(
@@ -144,8 +155,8 @@ mod tests {
     use super::super::tests::{node_store, redis_server};
     use crate::node::{Join, Registry};
     use crate::store::contract;
-    use crate::store::Store;
-    use crate::task::State;
+    use crate::store::{Claim, Store};
+    use crate::task::{State, Task};
 
     fn cli(st: &super::RedisStore, args: &[&str]) -> redis::Value {
         st.with(|c| {
@@ -204,7 +215,7 @@ mod tests {
         assert_eq!(got, ["b-wait"], "a is live: its tasks stay its own");
 
         kill(&a, "a");
-        let beat = b.beat(1, 0).expect("beat");
+        let beat = b.beat(1, &[]).expect("beat");
         assert_eq!(beat.dead, ["a"]);
         let ids: Vec<&str> = beat.live.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["b", "c"]);
@@ -218,7 +229,7 @@ mod tests {
         let (again, _) = c.adopt("a").expect("adopt");
         assert!(again.is_empty(), "adopted once: {again:?}");
         assert!(
-            b.beat(1, 0).expect("beat").dead.is_empty(),
+            b.beat(1, &[]).expect("beat").dead.is_empty(),
             "a's entry went"
         );
         // Adopted tasks are b's: c's restart leaves them alone, b's takes them.
@@ -263,6 +274,80 @@ mod tests {
         assert_eq!(rec.len(), 1);
         assert!(rec[0].was_running);
         assert_eq!(st.summary(10).expect("summary").running_total, 0);
+    }
+
+    /// A task with cc holds its worker's slot while its attempt runs: another node's claim of a
+    /// task on that worker is refused (`Busy`, the task still ready) until the attempt ends or
+    /// its lease has passed; the heartbeat renews the lease, a free only frees its own
+    /// attempt's slot, and a task without cc takes none.
+    #[test]
+    fn a_cc_slot_is_held_across_nodes_while_its_attempt_runs() {
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        for st in [&a, &b] {
+            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
+        }
+        let cc = |id: &str| Task {
+            cc: vec![0],
+            ..contract::task(id, State::Ready, 1)
+        };
+        let (a1, a2, b1, b2) = (cc("a1"), cc("a2"), cc("b1"), cc("b2"));
+        a.insert(&[a1.clone(), a2.clone()]).expect("insert");
+        b.insert(&[b1.clone(), b2.clone()]).expect("insert");
+        let plain = contract::task("plain", State::Ready, 1);
+        b.insert(std::slice::from_ref(&plain)).expect("insert");
+        let slot = |w: &str| -> redis::Value { cli(&a, &["GET", &format!("t:slot:{w}")]) };
+        let held = |v: &str| redis::Value::BulkString(v.as_bytes().to_vec());
+
+        assert_eq!(b.claim_on(&plain, 0), Ok(Claim::Won), "no cc: no slot");
+        assert_eq!(slot("0"), redis::Value::Nil);
+        assert_eq!(a.claim_on(&a1, 0), Ok(Claim::Won));
+        assert_eq!(slot("0"), held("a a1"));
+        assert_eq!(b.claim_on(&b1, 0), Ok(Claim::Busy));
+        assert_eq!(b.status("b1").expect("status"), Some(State::Ready));
+        assert_eq!(b.claim_on(&b1, 1), Ok(Claim::Won), "slot 1 is free");
+        b.release(&b1, 1);
+        assert_eq!(slot("1"), redis::Value::Nil, "freed");
+
+        // The heartbeat renews the lease of what a holds (to --node_ttl, 3 s here).
+        cli(&a, &["PEXPIRE", "t:slot:0", "100000"]);
+        let load = crate::dispatch::Load {
+            id: 0,
+            queued: 0,
+            running: Some("a1".into()),
+        };
+        a.beat(1, &[load]).expect("beat");
+        let pttl = match cli(&a, &["PTTL", "t:slot:0"]) {
+            redis::Value::Int(ms) => ms,
+            v => panic!("PTTL: {v:?}"),
+        };
+        assert!(pttl > 0 && pttl <= 3000, "renewed to --node_ttl: {pttl}");
+
+        // Held until released, for a's own next task too; a free by another attempt than the
+        // holder's leaves it alone.
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Busy));
+        a.release(&a2, 0);
+        assert_eq!(slot("0"), held("a a1"), "not a2's: left alone");
+        a.release(&a1, 0);
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Won));
+        assert_eq!(slot("0"), held("a a2"));
+        assert_eq!(a.claim_on(&cc("gone"), 0), Ok(Claim::Lost), "no such task");
+        assert_eq!(a.claim_on(&a2, 0), Ok(Claim::Lost), "running already");
+        a.release(&a2, 0);
+        let a3 = cc("a3");
+        a.insert(std::slice::from_ref(&a3)).expect("insert");
+        assert_eq!(a.claim_on(&a3, 0), Ok(Claim::Won));
+        a.release(&a3, 0);
+        assert_eq!(slot("0"), redis::Value::Nil, "freed");
+        assert_eq!(b.claim_on(&b2, 0), Ok(Claim::Won));
+
+        // A dead node's slot is free once its lease has passed.
+        cli(&a, &["SET", "t:slot:2", "c gone", "PX", "1"]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b3 = cc("b3");
+        b.insert(std::slice::from_ref(&b3)).expect("insert");
+        assert_eq!(b.claim_on(&b3, 2), Ok(Claim::Won));
+        assert_eq!(slot("2"), held("b b3"));
     }
 
     /// Only a task's owner takes it due or claims it: another node's entry for the id (its
