@@ -4,7 +4,8 @@
 //! tasks the others adopt (never early; the running one again), without a restart of it
 //! stealing a live node's tasks, also with thousands of tasks in flight; long polls and
 //! cancels answered on another node than the one that holds the task; two nodes with 10,000
-//! tasks due at the same second run each once. Node ids and ttls are given as `POULPE_NODE_ID` and
+//! tasks due at the same second run each once; tasks sharing a `cc` worker never run at once
+//! anywhere in the cluster, and a killed node's slot is free once its lease has ended. Node ids and ttls are given as `POULPE_NODE_ID` and
 //! `POULPE_NODE_TTL`, so that a binary without nodes (`POULPE_TEST_BIN`) starts and fails on
 //! what it does not do.
 
