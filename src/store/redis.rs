@@ -422,14 +422,60 @@ return out
 "
 );
 
-/// Sets socket timeouts on each new pooled connection.
-#[derive(Debug)]
-struct Timeouts;
+/// A pooled connection is checked with a `PING` when it is taken only if it has been idle this
+/// long: one that is in use all the time costs no round trip of its own (a `PING` before every
+/// call doubled the round trips of a claim), and one left idle across a Redis restart is still
+/// replaced before it fails a call.
+const CHECK_IDLE: Duration = Duration::from_secs(1);
 
-impl r2d2::CustomizeConnection<Connection, redis::RedisError> for Timeouts {
-    fn on_acquire(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
+/// Makes the pool's connections, and checks those idle for [`CHECK_IDLE`] or more.
+struct Manager(Client);
+
+/// A pooled connection and when it was last given back.
+struct Pooled {
+    conn: Connection,
+    back: Instant,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Pooled;
+    type Error = redis::RedisError;
+
+    /// A new connection with socket timeouts.
+    fn connect(&self) -> Result<Pooled, redis::RedisError> {
+        let conn = self.0.get_connection_with_timeout(IO_TIMEOUT)?;
         conn.set_read_timeout(Some(IO_TIMEOUT))?;
-        conn.set_write_timeout(Some(IO_TIMEOUT))
+        conn.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Pooled {
+            conn,
+            back: Instant::now(),
+        })
+    }
+
+    fn is_valid(&self, c: &mut Pooled) -> Result<(), redis::RedisError> {
+        if c.back.elapsed() >= CHECK_IDLE {
+            redis::cmd("PING").query::<()>(&mut c.conn)?;
+        }
+        Ok(())
+    }
+
+    /// Called as a connection is given back: notes when, and drops one an error has broken.
+    fn has_broken(&self, c: &mut Pooled) -> bool {
+        c.back = Instant::now();
+        !redis::ConnectionLike::is_open(&c.conn)
     }
 }
 
@@ -442,7 +488,7 @@ struct Group {
 
 /// The Redis store.
 pub(crate) struct RedisStore {
-    pool: r2d2::Pool<Client>,
+    pool: r2d2::Pool<Manager>,
     /// For the connection of its own that `listen` subscribes on (not one of the pool's).
     client: Client,
     prefix: String,
@@ -548,17 +594,16 @@ impl RedisStore {
             .max_size(32)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(2))
-            .connection_customizer(Box::new(Timeouts))
             // Outages are logged once by the health thread, not once per failed connect.
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(client.clone());
+            .build_unchecked(Manager(client.clone()));
         let end = Instant::now() + wait;
         loop {
             // The pool's or Redis's own words, without this store's "unavailable" prefix: the
             // caller names the flag, this line says the rest once.
             let pinged = pool.get().map_err(|e| e.to_string()).and_then(|mut c| {
                 redis::cmd("PING")
-                    .query::<String>(&mut *c)
+                    .query::<String>(&mut c.conn)
                     .map_err(|e| e.to_string())
             });
             match pinged {
@@ -630,7 +675,7 @@ impl RedisStore {
         })
     }
 
-    fn conn(&self) -> Result<r2d2::PooledConnection<Client>, StoreError> {
+    fn conn(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
         self.pool.get().map_err(|e| {
             self.up.store(false, Ordering::Relaxed);
             down(e)
@@ -705,7 +750,7 @@ fn note_health(up: &AtomicBool, ok: bool) {
 
 /// Folds waiting submits into one Lua call; each submit gets its own answer.
 fn insert_loop(
-    pool: &r2d2::Pool<Client>,
+    pool: &r2d2::Pool<Manager>,
     [prefix, node]: [&str; 2],
     script: &Script,
     up: &AtomicBool,
@@ -732,7 +777,7 @@ fn insert_loop(
             }
         }
         let res: Result<Vec<String>, StoreError> = pool.get().map_err(down).and_then(|mut c| {
-            inv.invoke::<Vec<String>>(&mut *c).map_err(|e| {
+            inv.invoke::<Vec<String>>(&mut c.conn).map_err(|e| {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                     up.store(false, Ordering::Relaxed);
                 }
@@ -1505,6 +1550,49 @@ mod tests {
         wait_until(Duration::from_secs(30), "reported up again", || {
             st.healthy()
         });
+        st.close();
+    }
+
+    /// PINGs Redis has answered so far (its own count, read on a connection of this test's).
+    fn pings(s: &Server) -> u64 {
+        let mut c = Client::open(url(s.1))
+            .and_then(|c| c.get_connection())
+            .expect("connect");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|l| l.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A pooled connection taken again and again is not checked with a PING each time (that
+    /// doubled the round trips of every claim); one idle across a Redis restart is checked
+    /// and replaced, so the first call after the restart does not fail on it.
+    #[test]
+    fn pooled_connections_are_checked_only_after_being_idle() {
+        let port = free_port();
+        let s = redis_server_on(port);
+        let st = store(&s);
+        let before = pings(&s);
+        for _ in 0..200 {
+            st.status("nope").expect("status");
+        }
+        // The health thread pings once a second on its own.
+        let busy = pings(&s) - before;
+        assert!(busy <= 3, "{busy} PINGs for 200 calls in a row");
+        drop(s);
+        let s = redis_server_on(port);
+        wait_until(Duration::from_secs(10), "redis-server back", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        std::thread::sleep(CHECK_IDLE);
+        for i in 0..3 {
+            assert!(st.status("nope").is_ok(), "call {i} after the restart");
+        }
+        drop(s);
         st.close();
     }
 
