@@ -376,14 +376,26 @@ fn slow_heads_and_bodies_are_cut_and_surplus_clients_get_503_at_once() {
     assert_eq!(a.code, 408, "{a:?}");
 
     // Every slot held by a client trickling its head: new clients get the 503 at once, several
-    // at a time.
-    let mut trickling = Vec::new();
-    for _ in 0..6 {
-        let mut c = Raw::connect(s.port, Duration::from_secs(10));
-        c.send(b"GET /health HTTP/1.1\r\n").expect("send");
-        trickling.push(c);
-    }
-    thread::sleep(Duration::from_millis(200));
+    // at a time. The two connections above hold their slots while the server lingers after
+    // its 408 (up to 2 s, reading what the client still sends): closed here, they let go, and
+    // the six below are all served (one refused while a linger lasted is tried again), so that
+    // no slot frees up while the eight are refused.
+    drop((slow, c));
+    let trickling = common::eventually(Duration::from_secs(10), "six slots held", || {
+        let mut six = Vec::new();
+        for _ in 0..6 {
+            let mut c = Raw::connect(s.port, Duration::from_secs(10));
+            c.send(b"GET /health HTTP/1.1\r\n").ok()?;
+            six.push(c);
+        }
+        thread::sleep(Duration::from_millis(200));
+        let answered = six.iter_mut().any(|c| {
+            let mut probe = [0u8; 1];
+            let _ = c.stream().set_nonblocking(true);
+            !matches!(c.stream().peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        (!answered).then_some(six)
+    });
     let started = Instant::now();
     let refused: Vec<_> = (0..8)
         .map(|_| {
