@@ -114,27 +114,6 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// `task` stored as running (the running mark), without a copy of the task: its JSON with the
-/// state's text replaced. The state is found by its field's text, `,"state":"ready"`: every
-/// field before it is a number, a boolean, or a string or list of strings, and a string's
-/// JSON escapes every `"` in it, so that text cannot occur before the field itself.
-fn encode_running(task: &Task) -> Result<Vec<u8>, StoreError> {
-    const READY: &[u8] = br#","state":"ready""#;
-    let mut bytes = encode(task)?;
-    match bytes.windows(READY.len()).position(|w| w == READY) {
-        Some(at) if task.state == State::Ready => {
-            let end = at + READY.len();
-            bytes.splice(end - br#""ready""#.len()..end, *br#""running""#);
-            Ok(bytes)
-        }
-        _ => {
-            let mut running = task.clone();
-            running.state = State::Running;
-            encode(&running)
-        }
-    }
-}
-
 fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, StoreError> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -350,8 +329,10 @@ impl<B: Backend> Store for LocalStore<B> {
         }
         // The running mark rides with the next commit: a crash before it only means the task
         // is found ready instead of running, and both run again after a restart.
-        self.backend
-            .write_later(vec![Op::PutTask(task.id.clone(), encode_running(task)?)]);
+        self.backend.write_later(vec![Op::PutTask(
+            task.id.clone(),
+            super::running_json(task)?,
+        )]);
         Ok(true)
     }
 
@@ -647,7 +628,12 @@ mod tests {
             let mut running = t.clone();
             running.state = State::Running;
             let want = encode(&running).expect("encode");
-            assert_eq!(encode_running(&t).expect("encode"), want, "{}", t.id);
+            assert_eq!(
+                super::super::running_json(&t).expect("encode"),
+                want,
+                "{}",
+                t.id
+            );
             let back: Task = decode(&want).expect("decode");
             assert_eq!(back, running);
         }

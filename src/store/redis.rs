@@ -718,14 +718,12 @@ impl RedisStore {
     /// `claim`: frees that slot if `task`'s attempt still holds it.
     fn claim_call(&self, task: &Task, slot: Option<usize>, claim: bool) -> Result<i64, StoreError> {
         let data = if claim {
-            let mut running = task.clone();
-            running.state = State::Running;
-            encode(&running)?
+            super::running_json(task)?
         } else {
-            String::new()
+            Vec::new()
         };
         let mut call = self.scripts.claim.arg(&self.prefix);
-        call.arg(&self.node).arg(&task.id).arg(&data);
+        call.arg(&self.node).arg(&task.id).arg(data.as_slice());
         if let Some(w) = slot {
             call.arg(w).arg(self.node_ttl * 1000);
         }
