@@ -5,6 +5,8 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,21 @@ impl Stage {
     /// True for a stage marked with [`Stage::taking_grace`].
     pub(crate) fn takes_grace(&self) -> bool {
         self.takes_grace
+    }
+
+    /// A stage of one thread `h` that sleeps in `park_timeout` and ends once `stop` is set:
+    /// stopping sets it and unparks the thread (a flag and `unpark` rather than a channel: no
+    /// channel code of its own in the binary).
+    pub(crate) fn unparked(name: &'static str, stop: Arc<AtomicBool>, h: JoinHandle<()>) -> Stage {
+        let thread = h.thread().clone();
+        Stage::new(
+            name,
+            move || {
+                stop.store(true, Ordering::Release);
+                thread.unpark();
+            },
+            vec![h],
+        )
     }
 
     /// A stage with threads that end by themselves once an earlier stage has stopped.

@@ -32,7 +32,6 @@ impl Heartbeat {
     /// Beats once at once (so that `/sys_info` lists the nodes from the first request), then
     /// starts the thread. Its stage stops it and marks the node stopped.
     pub(crate) fn start(self) -> std::io::Result<Stage> {
-        // A flag and `unpark` rather than a channel: no channel code of its own in the binary.
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let mut up = true;
@@ -57,15 +56,7 @@ impl Heartbeat {
                 ),
             }
         })?;
-        let thread = h.thread().clone();
-        Ok(Stage::new(
-            "node-beat",
-            move || {
-                stop.store(true, Ordering::Release);
-                thread.unpark();
-            },
-            vec![h],
-        ))
+        Ok(Stage::unparked("node-beat", stop, h))
     }
 
     /// One heartbeat, then the adoption of every dead node's tasks.

@@ -27,15 +27,7 @@ impl Listen {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let h = crate::stage::spawn_critical("node-listen", move || self.run(&stop))?;
-        let thread = h.thread().clone();
-        Ok(Stage::new(
-            "node-listen",
-            move || {
-                stopping.store(true, Ordering::Release);
-                thread.unpark();
-            },
-            vec![h],
-        ))
+        Ok(Stage::unparked("node-listen", stopping, h))
     }
 
     /// Subscribes, and again after each failure, until `stop` is set.
