@@ -119,13 +119,13 @@ fn release(
     seq: &mut u64,
     failed: &mut HashMap<Arc<str>, u64>,
 ) {
-    let (again, fresh): (Vec<Due>, Vec<Due>) = due
-        .into_iter()
-        .map(|(id, at)| match failed.get(&id) {
-            Some(&first) => (id, first),
-            None => (id, at),
-        })
-        .partition(|(id, _)| failed.contains_key(id));
+    let (mut fresh, mut again) = (Vec::new(), Vec::new());
+    for (id, at) in due {
+        match failed.get(&id) {
+            Some(&first) => again.push((id, first)),
+            None => fresh.push((id, at)),
+        }
+    }
     for (due, again) in [(fresh, false), (again, true)] {
         if due.is_empty() {
             continue;
