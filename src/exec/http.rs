@@ -1,11 +1,14 @@
-//! GET and POST attempts through one shared ureq agent (keep-alive, rustls).
+//! GET and POST attempts: plain `http://` ones through [`super::plain`] (unless a proxy is
+//! configured), the rest (https, proxies, odd URLs, redirects) through one shared ureq agent
+//! (keep-alive, rustls).
 
+use super::plain::{Outcome, Plain, Target};
 use super::{into_text, RunResult, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
 use ureq::Agent;
 
@@ -22,7 +25,13 @@ pub(crate) struct HttpExec {
     /// The agent's own attempt timeout (`--task_timeout`): a task with another one gets a
     /// request-level configuration, a copy of the agent's, which costs allocations per call.
     default_timeout: Duration,
+    /// The plain `http://` client; none when the environment names a proxy (ureq then
+    /// decides, per URL, whether to use it).
+    plain: Option<Plain>,
 }
+
+/// Redirects ureq follows (its default), the first one being followed here.
+const MAX_REDIRECTS: u32 = 10;
 
 /// `--ca_file`, else the system CA bundle (or `SSL_CERT_FILE`), else the bundled Mozilla roots.
 fn root_certs(ca_file: Option<&Path>) -> RootCerts {
@@ -70,15 +79,59 @@ impl HttpExec {
             .user_agent(concat!("poulpe/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
+        let plain = config.proxy().is_none().then(Plain::default);
         HttpExec {
             agent: super::tcp::agent(config),
             default_timeout,
+            plain,
         }
     }
 
     /// One GET or POST attempt with the task's headers (a POST's `Content-Type` is
     /// `application/json` unless they give another); 2xx is success and the body is the output.
     pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
+        let plain = self.plain.as_ref().and_then(|p| {
+            let target = Target::of(task)?;
+            p.attempt(self.agent.config(), &target, task, timeout)
+        });
+        match plain {
+            Some(Outcome::Done(r)) => r,
+            Some(Outcome::Redirect { url, deadline }) => self.follow(task, &url, deadline, timeout),
+            None => self.through_ureq(task, timeout),
+        }
+    }
+
+    /// Follows a redirect a plain attempt got, as ureq would have: a GET of `url` (a POST
+    /// becomes a GET, keeping its `Content-Type`; `Authorization` and `Cookie` are dropped),
+    /// with the redirects left and the time left.
+    fn follow(&self, task: &Task, url: &str, deadline: Instant, timeout: Duration) -> RunResult {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return RunResult::failed(format!("timed out after {} s", timeout.as_secs()));
+        }
+        let mut req = self
+            .agent
+            .get(url)
+            .config()
+            .max_redirects(MAX_REDIRECTS - 1)
+            .timeout_global(Some(left))
+            .build();
+        let typed = task
+            .header_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        if task.method == Method::Post && !typed {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in task.header_pairs() {
+            if !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie") {
+                req = req.header(k, v);
+            }
+        }
+        answer(req.call(), timeout)
+    }
+
+    /// The attempt through ureq, as before the plain client.
+    fn through_ureq(&self, task: &Task, timeout: Duration) -> RunResult {
         let own_timeout = timeout != self.default_timeout;
         let sent = match task.method {
             Method::Post => {
@@ -115,38 +168,46 @@ impl HttpExec {
                 req.call()
             }
         };
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(ureq::Error::Timeout(_)) => {
-                return RunResult::failed(format!("timed out after {} s", timeout.as_secs()))
-            }
-            Err(e) => return RunResult::failed(format!("request failed: {e}")),
-        };
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        let mut cut = false;
-        let read = resp
-            .body_mut()
-            .as_reader()
-            .take(MAX_OUTPUT as u64 + 1)
-            .read_to_end(&mut body);
-        if body.len() > MAX_OUTPUT {
-            body.truncate(MAX_OUTPUT);
-            cut = true;
+        answer(sent, timeout)
+    }
+}
+
+/// The result of an attempt from ureq's answer: 2xx is success, the body is the output.
+fn answer(
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    timeout: Duration,
+) -> RunResult {
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(ureq::Error::Timeout(_)) => {
+            return RunResult::failed(format!("timed out after {} s", timeout.as_secs()))
         }
-        let output = into_text(body, MAX_OUTPUT, cut);
-        let ok = (200..300).contains(&status);
-        let error = match (&read, ok) {
-            (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
-            (Ok(_), true) => String::new(),
-            (Ok(_), false) => format!("HTTP {status}"),
-        };
-        RunResult {
-            ok: ok && read.is_ok(),
-            code: Some(status as i64),
-            output,
-            error,
-            permanent: false,
-        }
+        Err(e) => return RunResult::failed(format!("request failed: {e}")),
+    };
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    let mut cut = false;
+    let read = resp
+        .body_mut()
+        .as_reader()
+        .take(MAX_OUTPUT as u64 + 1)
+        .read_to_end(&mut body);
+    if body.len() > MAX_OUTPUT {
+        body.truncate(MAX_OUTPUT);
+        cut = true;
+    }
+    let output = into_text(body, MAX_OUTPUT, cut);
+    let ok = (200..300).contains(&status);
+    let error = match (&read, ok) {
+        (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
+        (Ok(_), true) => String::new(),
+        (Ok(_), false) => format!("HTTP {status}"),
+    };
+    RunResult {
+        ok: ok && read.is_ok(),
+        code: Some(status as i64),
+        output,
+        error,
+        permanent: false,
     }
 }

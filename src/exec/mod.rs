@@ -1,8 +1,10 @@
 //! Executors: run one attempt of a task and say how it went. They never panic and never retry;
 //! the outcome stage decides what happens next.
 
+pub(crate) mod h1;
 pub(crate) mod http;
 pub(crate) mod mail;
+pub(crate) mod plain;
 pub(crate) mod program;
 pub(crate) mod resolve;
 pub(crate) mod tcp;

@@ -1,0 +1,535 @@
+//! Plain `http://` attempts without ureq: it costs a worker some thirty allocations per
+//! request (request and header-map types, URI, configuration copies, body reader layers),
+//! and musl's allocator takes a lock for each. This client writes the request head into a
+//! buffer its worker thread reuses, reads the answer with [`super::h1`] into another, and
+//! keeps its worker's idle connections (at most [`MAX_IDLE`], keyed by host and port, none
+//! older than [`MAX_IDLE_AGE`]); the output `Vec` is the one allocation per attempt. The
+//! caller ([`super::http`]) sends through ureq whatever this one does not take: https, a
+//! proxy from the environment, URLs it does not parse plainly, and the redirects it is given.
+
+use super::h1::{self, Framing, H1Error, Head, Inbuf};
+use super::resolve::CachingResolver;
+use super::tcp::{keep_within, quiet};
+use super::{into_text, RunResult, MAX_OUTPUT};
+use crate::task::{Method, Task};
+use std::cell::RefCell;
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use ureq::unversioned::resolver::Resolver;
+use ureq::unversioned::transport::NextTimeout;
+
+/// Time allowed to connect (within the attempt's own limit), as for the ureq agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection older than this is closed rather than reused (ureq's default).
+const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
+/// Idle connections a worker keeps; with one attempt at a time per worker, that is at most one
+/// per host each, like the agent's bounds (`workers` per host, `4 × workers` in all).
+const MAX_IDLE: usize = 4;
+/// A reused request buffer larger than this (a big POST body) is given back after the attempt.
+const KEEP_BUFFER: usize = 64 * 1024;
+const USER_AGENT: &str = concat!("poulpe/", env!("CARGO_PKG_VERSION"));
+
+/// A worker's buffers and idle connections.
+struct Ctx {
+    inb: Inbuf,
+    request: Vec<u8>,
+    idle: Vec<Conn>,
+}
+
+thread_local! {
+    static CTX: RefCell<Ctx> = const {
+        RefCell::new(Ctx { inb: Inbuf::new(), request: Vec::new(), idle: Vec::new() })
+    };
+}
+
+/// A kept-alive connection and the socket timeouts set on it now.
+struct Conn {
+    stream: TcpStream,
+    host: Box<str>,
+    port: u16,
+    read: Option<Duration>,
+    write: Option<Duration>,
+    since: Instant,
+}
+
+/// Where a plain attempt goes: parts of the task's URL.
+pub(crate) struct Target<'a> {
+    authority: &'a str,
+    host: &'a str,
+    port: u16,
+    /// The path and query, possibly empty.
+    path: &'a str,
+}
+
+/// Bytes a request target may hold as they are (RFC 3986 unreserved, reserved and `%`); a URL
+/// with any other goes through ureq, which reports it as it always has.
+fn plain_bytes(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~:/?[]@!$&'()*+,;=%".contains(&b))
+}
+
+impl<'a> Target<'a> {
+    /// The target of `task` when this client can take it: an `http://` URL without user info
+    /// or fragment whose path, query and params need no encoding, and no `Expect` header.
+    pub(crate) fn of(task: &'a Task) -> Option<Target<'a>> {
+        let rest = task.name.strip_prefix("http://")?;
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(split);
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let close = v6.find(']')? + 2;
+                (&authority[..close], &authority[close..])
+            }
+            None => match authority.split_once(':') {
+                Some((h, _)) => (h, &authority[h.len()..]),
+                None => (authority, ""),
+            },
+        };
+        let port = match port.strip_prefix(':') {
+            None if port.is_empty() => 80,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+            _ => return None,
+        };
+        let params_ok = task.method == Method::Post || plain_bytes(&task.params);
+        let plain = !host.is_empty()
+            && !authority.contains('@')
+            && plain_bytes(path)
+            && params_ok
+            && !task
+                .header_pairs()
+                .any(|(k, _)| k.eq_ignore_ascii_case("expect"));
+        plain.then_some(Target {
+            authority,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// The URL a redirect's `Location` names, resolved against this target (absolute,
+    /// scheme-relative, root-relative, or relative to the path's last segment).
+    pub(crate) fn join(&self, location: &str) -> String {
+        let scheme = location
+            .split_once(':')
+            .is_some_and(|(s, _)| !s.is_empty() && !s.contains(['/', '?', '#']));
+        if scheme {
+            location.to_string()
+        } else if location.starts_with("//") {
+            format!("http:{location}")
+        } else if location.starts_with('/') {
+            format!("http://{}{location}", self.authority)
+        } else {
+            let path = self.path.split('?').next().unwrap_or_default();
+            let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
+            format!("http://{}{dir}{location}", self.authority)
+        }
+    }
+}
+
+/// Why a plain attempt failed before a response head arrived.
+#[derive(Debug)]
+pub(crate) enum AttemptError {
+    /// The attempt's time ran out.
+    Timeout,
+    /// The host name did not resolve.
+    Resolve(ureq::Error),
+    /// Connecting, sending or reading failed.
+    Wire(H1Error),
+}
+
+impl fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptError::Timeout => f.write_str("timed out"),
+            AttemptError::Resolve(e) => e.fmt(f),
+            AttemptError::Wire(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<H1Error> for AttemptError {
+    fn from(e: H1Error) -> AttemptError {
+        match e {
+            H1Error::Timeout => AttemptError::Timeout,
+            e => AttemptError::Wire(e),
+        }
+    }
+}
+
+/// How a plain attempt ended.
+pub(crate) enum Outcome {
+    Done(RunResult),
+    /// A redirect to follow (through ureq) to this URL, within `deadline`.
+    Redirect {
+        url: String,
+        deadline: Instant,
+    },
+}
+
+/// The plain client: a resolver for host names (the pools are per worker thread).
+#[derive(Debug, Default)]
+pub(crate) struct Plain {
+    resolver: CachingResolver,
+}
+
+/// Reads from a connection within the attempt's deadline.
+struct Timed<'a> {
+    conn: &'a mut Conn,
+    deadline: Instant,
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = left(self.deadline).ok_or(ErrorKind::TimedOut)?;
+        let stream = &self.conn.stream;
+        keep_within(&mut self.conn.read, Some(left), |t| {
+            stream.set_read_timeout(t)
+        })?;
+        (&self.conn.stream).read(buf)
+    }
+}
+
+/// The time left before `deadline`, none once it has passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+}
+
+/// Writes the request head (and a POST's body) for `task` into `out`, as ureq would: the
+/// task's headers with lowercase names, `content-type: application/json` for a POST unless they
+/// give one, `content-length`, and `user-agent` and `accept` unless they give them.
+fn write_request(out: &mut Vec<u8>, target: &Target<'_>, task: &Task) {
+    let post = task.method == Method::Post;
+    out.clear();
+    out.extend_from_slice(if post { b"POST " } else { b"GET " });
+    if !target.path.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(target.path.as_bytes());
+    if !post && !task.params.is_empty() {
+        out.push(if target.path.contains('?') {
+            b'&'
+        } else {
+            b'?'
+        });
+        out.extend_from_slice(task.params.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(target.host.as_bytes());
+    if target.port != 80 {
+        let _ = write!(out, ":{}", target.port);
+    }
+    out.extend_from_slice(b"\r\n");
+    let (mut typed, mut agent, mut accept) = (false, false, false);
+    for (k, v) in task.header_pairs() {
+        typed |= k.eq_ignore_ascii_case("content-type");
+        agent |= k.eq_ignore_ascii_case("user-agent");
+        accept |= k.eq_ignore_ascii_case("accept");
+        out.extend(k.bytes().map(|b| b.to_ascii_lowercase()));
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if post {
+        if !typed {
+            out.extend_from_slice(b"content-type: application/json\r\n");
+        }
+        let _ = write!(out, "content-length: {}\r\n", task.params.len());
+    }
+    if !agent {
+        out.extend_from_slice(b"user-agent: ");
+        out.extend_from_slice(USER_AGENT.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !accept {
+        out.extend_from_slice(b"accept: */*\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if post {
+        out.extend_from_slice(task.params.as_bytes());
+    }
+}
+
+/// Takes a usable idle connection to `target`'s host and port (closing stale ones on the way).
+fn take(idle: &mut Vec<Conn>, target: &Target<'_>) -> Option<Conn> {
+    while let Some(i) = idle
+        .iter()
+        .rposition(|c| c.port == target.port && *c.host == *target.host)
+    {
+        let conn = idle.swap_remove(i);
+        if conn.since.elapsed() < MAX_IDLE_AGE && quiet(&conn.stream) {
+            return Some(conn);
+        }
+    }
+    None
+}
+
+/// Keeps `conn` idle, closing the oldest one beyond [`MAX_IDLE`].
+fn put(idle: &mut Vec<Conn>, mut conn: Conn) {
+    if idle.len() >= MAX_IDLE {
+        idle.remove(0);
+    }
+    conn.since = Instant::now();
+    idle.push(conn);
+}
+
+/// Sends the request on `conn` and reads the final response's head.
+fn send(
+    conn: &mut Conn,
+    inb: &mut Inbuf,
+    request: &[u8],
+    deadline: Instant,
+) -> Result<Head, H1Error> {
+    inb.clear();
+    let left = left(deadline).ok_or(H1Error::Timeout)?;
+    let stream = &conn.stream;
+    keep_within(&mut conn.write, Some(left), |t| stream.set_write_timeout(t))?;
+    if let Err(e) = (&conn.stream).write_all(request) {
+        return Err(if h1::reset(&e) {
+            H1Error::Closed
+        } else {
+            e.into()
+        });
+    }
+    inb.read_head(&mut Timed { conn, deadline })
+}
+
+impl Plain {
+    /// One attempt to `target` within `timeout`; `None` when this thread's context is in use
+    /// (never in practice: a worker runs one attempt at a time), so ureq takes it.
+    pub(crate) fn attempt(
+        &self,
+        config: &ureq::config::Config,
+        target: &Target<'_>,
+        task: &Task,
+        timeout: Duration,
+    ) -> Option<Outcome> {
+        CTX.with(|ctx| {
+            let mut ctx = ctx.try_borrow_mut().ok()?;
+            let Ctx { inb, request, idle } = &mut *ctx;
+            let outcome = self.attempt_in(config, inb, request, idle, target, task, timeout);
+            if request.capacity() > KEEP_BUFFER {
+                *request = Vec::new();
+            }
+            Some(outcome)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_in(
+        &self,
+        config: &ureq::config::Config,
+        inb: &mut Inbuf,
+        request: &mut Vec<u8>,
+        idle: &mut Vec<Conn>,
+        target: &Target<'_>,
+        task: &Task,
+        timeout: Duration,
+    ) -> Outcome {
+        let failed = |e: AttemptError| {
+            Outcome::Done(RunResult::failed(match e {
+                AttemptError::Timeout => format!("timed out after {} s", timeout.as_secs()),
+                e => format!("request failed: {e}"),
+            }))
+        };
+        let deadline = Instant::now() + timeout;
+        write_request(request, target, task);
+        let (mut conn, reused) = match take(idle, target) {
+            Some(c) => (c, true),
+            None => match self.connect(config, target, deadline) {
+                Ok(c) => (c, false),
+                Err(e) => return failed(e),
+            },
+        };
+        let mut head = send(&mut conn, inb, request, deadline);
+        if reused && matches!(head, Err(H1Error::Closed)) {
+            // The server closed the kept-alive connection as we used it: once on a new one.
+            conn = match self.connect(config, target, deadline) {
+                Ok(c) => c,
+                Err(e) => return failed(e),
+            };
+            head = send(&mut conn, inb, request, deadline);
+        }
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => return failed(e.into()),
+        };
+        let status = head.status;
+        let mut body = match head.framing {
+            Framing::Length(n) => Vec::with_capacity((n as usize).min(MAX_OUTPUT + 1)),
+            _ => Vec::new(),
+        };
+        let mut src = Timed {
+            conn: &mut conn,
+            deadline,
+        };
+        let read = inb.read_body(&mut src, head.framing, &mut body, MAX_OUTPUT);
+        if matches!(read, Ok(true)) && head.keep {
+            put(idle, conn);
+        }
+        let follow = task.method == Method::Get || !matches!(status, 307 | 308);
+        if let (Some(location), Ok(_), true) = (&head.location, &read, follow) {
+            return Outcome::Redirect {
+                url: target.join(location),
+                deadline,
+            };
+        }
+        let cut = body.len() > MAX_OUTPUT;
+        body.truncate(MAX_OUTPUT);
+        let output = into_text(body, MAX_OUTPUT, cut);
+        let ok = (200..300).contains(&status);
+        let error = match (&read, ok) {
+            (Err(H1Error::Timeout), _) => format!(
+                "HTTP {status}, reading the body failed: timed out after {} s",
+                timeout.as_secs()
+            ),
+            (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
+            (Ok(_), true) => String::new(),
+            (Ok(_), false) => format!("HTTP {status}"),
+        };
+        Outcome::Done(RunResult {
+            ok: ok && read.is_ok(),
+            code: Some(i64::from(status)),
+            output,
+            error,
+            permanent: false,
+        })
+    }
+
+    /// A new connection to the first of `target`'s addresses that answers.
+    fn connect(
+        &self,
+        config: &ureq::config::Config,
+        target: &Target<'_>,
+        deadline: Instant,
+    ) -> Result<Conn, AttemptError> {
+        let first = left(deadline).ok_or(AttemptError::Timeout)?;
+        let uri = format!("http://{}:{}/", target.host, target.port)
+            .parse()
+            .map_err(|e: ureq::http::uri::InvalidUri| {
+                AttemptError::Resolve(ureq::http::Error::from(e).into())
+            })?;
+        let resolve = NextTimeout {
+            after: first.into(),
+            reason: ureq::Timeout::Resolve,
+            per_read: None,
+            per_write: None,
+        };
+        let addrs = self
+            .resolver
+            .resolve(&uri, config, resolve)
+            .map_err(|e| match e {
+                ureq::Error::Timeout(_) => AttemptError::Timeout,
+                e => AttemptError::Resolve(e),
+            })?;
+        let mut last = None;
+        for addr in addrs.iter() {
+            let wait = left(deadline)
+                .ok_or(AttemptError::Timeout)?
+                .min(CONNECT_TIMEOUT);
+            match TcpStream::connect_timeout(addr, wait) {
+                Ok(stream) => {
+                    stream
+                        .set_nodelay(true)
+                        .map_err(|e| AttemptError::Wire(e.into()))?;
+                    return Ok(Conn {
+                        stream,
+                        host: target.host.into(),
+                        port: target.port,
+                        read: None,
+                        write: None,
+                        since: Instant::now(),
+                    });
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                    return Err(AttemptError::Timeout)
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
+        Err(AttemptError::Wire(H1Error::Io(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::State;
+
+    fn task(method: Method, name: &str, params: &str, headers: &str) -> Task {
+        let mut t = crate::store::contract::task("t", State::Ready, 0);
+        t.method = method;
+        t.name = name.to_string();
+        t.params = params.to_string();
+        t.headers = headers.to_string();
+        t
+    }
+
+    #[test]
+    fn only_plain_urls_are_taken() {
+        let ok = |name: &str| {
+            let t = task(Method::Get, name, "", "");
+            Target::of(&t).map(|t| (t.host.to_string(), t.port, t.path.to_string()))
+        };
+        assert_eq!(
+            ok("http://h/x?y=1"),
+            Some(("h".into(), 80, "/x?y=1".into()))
+        );
+        assert_eq!(ok("http://h:8080"), Some(("h".into(), 8080, "".into())));
+        assert_eq!(
+            ok("http://[::1]:81/a"),
+            Some(("[::1]".into(), 81, "/a".into()))
+        );
+        for no in [
+            "https://h/",
+            "HTTP://h/",
+            "http://u:p@h/",
+            "http://h/a#frag",
+            "http://h/a b",
+            "http://h:/",
+            "http://h:99999/",
+            "http://h/\u{e9}",
+        ] {
+            assert!(ok(no).is_none(), "{no}");
+        }
+        let t = task(Method::Get, "http://h/", "a=<1>", "");
+        assert!(Target::of(&t).is_none(), "GET params that need encoding");
+        let t = task(
+            Method::Post,
+            "http://h/",
+            "{\"a\": \"<1>\"}",
+            "Expect: 100-continue\n",
+        );
+        assert!(Target::of(&t).is_none(), "Expect goes through ureq");
+    }
+
+    #[test]
+    fn requests_are_written_as_ureq_writes_them() {
+        let mut out = Vec::new();
+        let t = task(Method::Get, "http://h:81/q?x=1", "y=2", "X-Key: V\n");
+        write_request(&mut out, &Target::of(&t).expect("plain"), &t);
+        let ua = format!("user-agent: {USER_AGENT}\r\n");
+        assert_eq!(
+            String::from_utf8(out.clone()).expect("text"),
+            format!("GET /q?x=1&y=2 HTTP/1.1\r\nhost: h:81\r\nx-key: V\r\n{ua}accept: */*\r\n\r\n")
+        );
+        let t = task(Method::Post, "http://h?z", "{}", "Accept: text/plain\n");
+        write_request(&mut out, &Target::of(&t).expect("plain"), &t);
+        assert_eq!(
+            String::from_utf8(out.clone()).expect("text"),
+            format!("POST /?z HTTP/1.1\r\nhost: h\r\naccept: text/plain\r\ncontent-type: application/json\r\ncontent-length: 2\r\n{ua}\r\n{{}}")
+        );
+    }
+
+    #[test]
+    fn locations_resolve_against_the_target() {
+        let t = task(Method::Get, "http://h:81/a/b?q=1", "", "");
+        let t = Target::of(&t).expect("plain");
+        assert_eq!(t.join("https://o/x"), "https://o/x");
+        assert_eq!(t.join("//o/x"), "http://o/x");
+        assert_eq!(t.join("/x?y"), "http://h:81/x?y");
+        assert_eq!(t.join("c"), "http://h:81/a/c");
+    }
+}
