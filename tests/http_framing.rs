@@ -2,7 +2,8 @@
 //! (`tests/odd_http_server.py`): the response framings RFC 9112 allows (chunked with extensions
 //! and trailers, close-delimited, interim 1xx answers, `Connection: close`), a body beyond the
 //! output limit, a malformed answer, a redirect, a timeout inside the body, and a kept-alive
-//! connection the server drops when it is used again.
+//! connection the server drops when it is used again. With a proxy in the environment, the
+//! request goes to the proxy (through ureq) as before.
 
 mod common;
 use common::Server;
@@ -262,4 +263,25 @@ fn the_time_limit_holds_inside_the_body() {
     assert_eq!(r["code"], 200, "{r}");
     let reason = r["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("timed out after 1 s"), "{r}");
+}
+
+#[test]
+fn a_proxy_from_the_environment_is_still_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = Odd::start();
+    let sink = common::Sink::start();
+    let s = Server::builder(dir.path())
+        .env("http_proxy", &proxy.url(""))
+        .env("NO_PROXY", "")
+        .env("no_proxy", "")
+        .start();
+    let t =
+        json!({"id":"via-proxy","method":"GET","name":sink.url("/direct"),"max_retry":0,"wait":20});
+    let (code, r) = s.submit(&t);
+    assert_eq!(code, 200, "{r}");
+    let log = proxy.log();
+    assert!(
+        log[0].ends_with(&format!("CONNECT 127.0.0.1:{}", sink.port)),
+        "the request went to the proxy: {log:?} {r}"
+    );
 }
