@@ -141,6 +141,9 @@ impl Inbuf {
                 .map_err(|e| H1Error::Malformed(parse_error(e)))?;
             if let httparse::Status::Complete(n) = parsed {
                 let status = resp.code.unwrap_or(0);
+                if status < 100 {
+                    return Err(H1Error::Malformed("a status code below 100"));
+                }
                 if status == 101 {
                     return Err(H1Error::Malformed(
                         "101 Switching Protocols, never asked for",
