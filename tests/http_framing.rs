@@ -192,6 +192,20 @@ fn a_kept_alive_connection_the_server_drops_is_retried_once_on_a_new_one() {
 }
 
 #[test]
+fn a_kept_alive_connection_the_server_closed_meanwhile_is_not_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    for id in ["bye-1", "bye-2"] {
+        let r = get(&s, id, odd.url("/then-close"));
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["output"], "bye", "{id}: {r}");
+    }
+    let log = odd.log();
+    assert_eq!(log[..2], ["1 GET /then-close", "2 GET /then-close"]);
+}
+
+#[test]
 fn a_body_beyond_the_limit_is_cut_and_its_connection_not_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let odd = Odd::start();

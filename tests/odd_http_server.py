@@ -11,7 +11,8 @@ Listens on 127.0.0.1 on a free port and prints `READY <port>`. Each request is l
 - /malformed: a status line without a code,
 - /redirect: 302 to /chunked,
 - /slow-body: half a body, then silence for 5 s,
-- /drop-second: answered on a fresh connection; the second request on one is met with a close.
+- /drop-second: answered on a fresh connection; the second request on one is met with a close,
+- /then-close: answered with a length, then the connection is closed.
 """
 import socket
 import sys
@@ -28,6 +29,14 @@ def answer(body, status="200 OK", extra=""):
 
 
 def serve(conn, number):
+    try:
+        talk(conn, number)
+    except OSError:
+        # The client may drop a connection with unread bytes (a body it cut): a reset.
+        conn.close()
+
+
+def talk(conn, number):
     buf = b""
     seen = 0
     while True:
@@ -83,6 +92,10 @@ def serve(conn, number):
         elif path == "/slow-body":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
             time.sleep(5)
+            conn.close()
+            return
+        elif path == "/then-close":
+            conn.sendall(answer(b"bye"))
             conn.close()
             return
         elif path == "/drop-second" and seen >= 2:
