@@ -24,6 +24,8 @@ pub(crate) enum H1Error {
     Closed,
     /// Not HTTP/1.x as RFC 9112 frames it.
     Malformed(&'static str),
+    /// The host name did not resolve (before connecting).
+    Resolve(ureq::Error),
 }
 
 impl fmt::Display for H1Error {
@@ -33,6 +35,7 @@ impl fmt::Display for H1Error {
             H1Error::Timeout => f.write_str("timed out"),
             H1Error::Closed => f.write_str("connection closed before a response"),
             H1Error::Malformed(what) => write!(f, "malformed response: {what}"),
+            H1Error::Resolve(e) => e.fmt(f),
         }
     }
 }
@@ -251,15 +254,18 @@ impl Inbuf {
             }
             self.start += 2;
         }
+        // The trailer section: field lines, dropped, up to an empty line.
         loop {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-            match httparse::parse_headers(self.pending(), &mut fields) {
-                Ok(httparse::Status::Complete((used, _))) => {
-                    self.start += used;
-                    return Ok(true);
+            let line = match self.pending().windows(2).position(|w| w == b"\r\n") {
+                Some(n) => n,
+                None => {
+                    self.more(src)?;
+                    continue;
                 }
-                Ok(httparse::Status::Partial) => self.more(src)?,
-                Err(_) => return Err(H1Error::Malformed("bad trailer section")),
+            };
+            self.start += line + 2;
+            if line == 0 {
+                return Ok(true);
             }
         }
     }
@@ -300,11 +306,14 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, H1Error> {
     for h in resp.headers.iter() {
         let value = h.value;
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
+            let digits = value.trim_ascii();
+            let n = digits
+                .iter()
+                .try_fold(0u64, |n, &b| {
+                    let d = b.checked_sub(b'0').filter(|d| *d < 10)?;
+                    n.checked_mul(10)?.checked_add(u64::from(d))
+                })
+                .filter(|_| !digits.is_empty())
                 .ok_or(H1Error::Malformed("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Malformed("conflicting Content-Length fields"));

@@ -3,7 +3,7 @@
 //! (keep-alive, rustls).
 
 use super::plain::{Outcome, Plain, Target};
-use super::{into_text, RunResult, MAX_OUTPUT};
+use super::{answered, RunResult, TimedOut, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
 use std::path::Path;
@@ -96,7 +96,7 @@ impl HttpExec {
         });
         match plain {
             Some(Outcome::Done(r)) => r,
-            Some(Outcome::Redirect { url, deadline }) => self.follow(task, &url, deadline, timeout),
+            Some(Outcome::Redirect { url, deadline }) => self.follow(task, url, deadline, timeout),
             None => self.through_ureq(task, timeout),
         }
     }
@@ -104,14 +104,14 @@ impl HttpExec {
     /// Follows a redirect a plain attempt got, as ureq would have: a GET of `url` (a POST
     /// becomes a GET, keeping its `Content-Type`; `Authorization` and `Cookie` are dropped),
     /// with the redirects left and the time left.
-    fn follow(&self, task: &Task, url: &str, deadline: Instant, timeout: Duration) -> RunResult {
+    fn follow(&self, task: &Task, url: String, deadline: Instant, timeout: Duration) -> RunResult {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return RunResult::failed(format!("timed out after {} s", timeout.as_secs()));
+            return TimedOut(timeout).into();
         }
         let mut req = self
             .agent
-            .get(url)
+            .get(&url)
             .config()
             .max_redirects(MAX_REDIRECTS - 1)
             .timeout_global(Some(left))
@@ -179,35 +179,15 @@ fn answer(
 ) -> RunResult {
     let mut resp = match sent {
         Ok(r) => r,
-        Err(ureq::Error::Timeout(_)) => {
-            return RunResult::failed(format!("timed out after {} s", timeout.as_secs()))
-        }
+        Err(ureq::Error::Timeout(_)) => return TimedOut(timeout).into(),
         Err(e) => return RunResult::failed(format!("request failed: {e}")),
     };
     let status = resp.status().as_u16();
     let mut body = Vec::new();
-    let mut cut = false;
     let read = resp
         .body_mut()
         .as_reader()
         .take(MAX_OUTPUT as u64 + 1)
         .read_to_end(&mut body);
-    if body.len() > MAX_OUTPUT {
-        body.truncate(MAX_OUTPUT);
-        cut = true;
-    }
-    let output = into_text(body, MAX_OUTPUT, cut);
-    let ok = (200..300).contains(&status);
-    let error = match (&read, ok) {
-        (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
-        (Ok(_), true) => String::new(),
-        (Ok(_), false) => format!("HTTP {status}"),
-    };
-    RunResult {
-        ok: ok && read.is_ok(),
-        code: Some(status as i64),
-        output,
-        error,
-        permanent: false,
-    }
+    answered(status, body, read.as_ref().err().map(|e| e as _))
 }

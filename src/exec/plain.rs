@@ -10,10 +10,9 @@
 use super::h1::{self, Framing, H1Error, Head, Inbuf};
 use super::resolve::CachingResolver;
 use super::tcp::{keep_within, quiet};
-use super::{into_text, RunResult, MAX_OUTPUT};
+use super::{answered, RunResult, TimedOut, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::cell::RefCell;
-use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -114,47 +113,20 @@ impl<'a> Target<'a> {
         let scheme = location
             .split_once(':')
             .is_some_and(|(s, _)| !s.is_empty() && !s.contains(['/', '?', '#']));
-        if scheme {
-            location.to_string()
-        } else if location.starts_with("//") {
-            format!("http:{location}")
-        } else if location.starts_with('/') {
-            format!("http://{}{location}", self.authority)
-        } else {
-            let path = self.path.split('?').next().unwrap_or_default();
-            let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
-            format!("http://{}{dir}{location}", self.authority)
+        let mut url = String::new();
+        if !scheme {
+            url.push_str("http:");
+            if !location.starts_with("//") {
+                url.push_str("//");
+                url.push_str(self.authority);
+                if !location.starts_with('/') {
+                    let path = self.path.split('?').next().unwrap_or_default();
+                    url.push_str(path.rfind('/').map_or("/", |i| &path[..=i]));
+                }
+            }
         }
-    }
-}
-
-/// Why a plain attempt failed before a response head arrived.
-#[derive(Debug)]
-pub(crate) enum AttemptError {
-    /// The attempt's time ran out.
-    Timeout,
-    /// The host name did not resolve.
-    Resolve(ureq::Error),
-    /// Connecting, sending or reading failed.
-    Wire(H1Error),
-}
-
-impl fmt::Display for AttemptError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AttemptError::Timeout => f.write_str("timed out"),
-            AttemptError::Resolve(e) => e.fmt(f),
-            AttemptError::Wire(e) => e.fmt(f),
-        }
-    }
-}
-
-impl From<H1Error> for AttemptError {
-    fn from(e: H1Error) -> AttemptError {
-        match e {
-            H1Error::Timeout => AttemptError::Timeout,
-            e => AttemptError::Wire(e),
-        }
+        url.push_str(location);
+        url
     }
 }
 
@@ -327,11 +299,11 @@ impl Plain {
         task: &Task,
         timeout: Duration,
     ) -> Outcome {
-        let failed = |e: AttemptError| {
-            Outcome::Done(RunResult::failed(match e {
-                AttemptError::Timeout => format!("timed out after {} s", timeout.as_secs()),
-                e => format!("request failed: {e}"),
-            }))
+        let failed = |e: H1Error| {
+            Outcome::Done(match e {
+                H1Error::Timeout => TimedOut(timeout).into(),
+                e => RunResult::failed(format!("request failed: {e}")),
+            })
         };
         let deadline = Instant::now() + timeout;
         write_request(request, target, task);
@@ -353,7 +325,7 @@ impl Plain {
         }
         let head = match head {
             Ok(h) => h,
-            Err(e) => return failed(e.into()),
+            Err(e) => return failed(e),
         };
         let status = head.status;
         let mut body = match head.framing {
@@ -375,26 +347,16 @@ impl Plain {
                 deadline,
             };
         }
-        let cut = body.len() > MAX_OUTPUT;
-        body.truncate(MAX_OUTPUT);
-        let output = into_text(body, MAX_OUTPUT, cut);
-        let ok = (200..300).contains(&status);
-        let error = match (&read, ok) {
-            (Err(H1Error::Timeout), _) => format!(
-                "HTTP {status}, reading the body failed: timed out after {} s",
-                timeout.as_secs()
-            ),
-            (Err(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
-            (Ok(_), true) => String::new(),
-            (Ok(_), false) => format!("HTTP {status}"),
-        };
-        Outcome::Done(RunResult {
-            ok: ok && read.is_ok(),
-            code: Some(i64::from(status)),
-            output,
-            error,
-            permanent: false,
-        })
+        let timed_out = TimedOut(timeout);
+        Outcome::Done(answered(
+            status,
+            body,
+            match &read {
+                Err(H1Error::Timeout) => Some(&timed_out),
+                Err(e) => Some(e),
+                Ok(_) => None,
+            },
+        ))
     }
 
     /// A new connection to the first of `target`'s addresses that answers.
@@ -403,12 +365,12 @@ impl Plain {
         config: &ureq::config::Config,
         target: &Target<'_>,
         deadline: Instant,
-    ) -> Result<Conn, AttemptError> {
-        let first = left(deadline).ok_or(AttemptError::Timeout)?;
+    ) -> Result<Conn, H1Error> {
+        let first = left(deadline).ok_or(H1Error::Timeout)?;
         let uri = format!("http://{}:{}/", target.host, target.port)
             .parse()
             .map_err(|e: ureq::http::uri::InvalidUri| {
-                AttemptError::Resolve(ureq::http::Error::from(e).into())
+                H1Error::Resolve(ureq::http::Error::from(e).into())
             })?;
         let resolve = NextTimeout {
             after: first.into(),
@@ -420,19 +382,15 @@ impl Plain {
             .resolver
             .resolve(&uri, config, resolve)
             .map_err(|e| match e {
-                ureq::Error::Timeout(_) => AttemptError::Timeout,
-                e => AttemptError::Resolve(e),
+                ureq::Error::Timeout(_) => H1Error::Timeout,
+                e => H1Error::Resolve(e),
             })?;
         let mut last = None;
         for addr in addrs.iter() {
-            let wait = left(deadline)
-                .ok_or(AttemptError::Timeout)?
-                .min(CONNECT_TIMEOUT);
+            let wait = left(deadline).ok_or(H1Error::Timeout)?.min(CONNECT_TIMEOUT);
             match TcpStream::connect_timeout(addr, wait) {
                 Ok(stream) => {
-                    stream
-                        .set_nodelay(true)
-                        .map_err(|e| AttemptError::Wire(e.into()))?;
+                    stream.set_nodelay(true).map_err(H1Error::from)?;
                     return Ok(Conn {
                         stream,
                         host: target.host.into(),
@@ -443,13 +401,13 @@ impl Plain {
                     });
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
-                    return Err(AttemptError::Timeout)
+                    return Err(H1Error::Timeout)
                 }
                 Err(e) => last = Some(e),
             }
         }
         let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
-        Err(AttemptError::Wire(H1Error::Io(e)))
+        Err(H1Error::Io(e))
     }
 }
 
