@@ -30,7 +30,7 @@ pub(crate) struct HttpExec {
     plain: Option<Plain>,
 }
 
-/// Redirects ureq follows (its default), the first one being followed here.
+/// Redirects ureq follows (its default); after a plain attempt's redirect, one fewer.
 const MAX_REDIRECTS: u32 = 10;
 
 /// `--ca_file`, else the system CA bundle (or `SSL_CERT_FILE`), else the bundled Mozilla roots.
@@ -96,80 +96,81 @@ impl HttpExec {
         });
         match plain {
             Some(Outcome::Done(r)) => r,
-            Some(Outcome::Redirect { url, deadline }) => self.follow(task, url, deadline, timeout),
+            Some(Outcome::Redirect { url, deadline }) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return TimedOut(timeout).into();
+                }
+                self.get(task, url, timeout, left, true)
+            }
             None => self.through_ureq(task, timeout),
         }
     }
 
-    /// Follows a redirect a plain attempt got, as ureq would have: a GET of `url` (a POST
-    /// becomes a GET, keeping its `Content-Type`; `Authorization` and `Cookie` are dropped),
-    /// with the redirects left and the time left.
-    fn follow(&self, task: &Task, url: String, deadline: Instant, timeout: Duration) -> RunResult {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return TimedOut(timeout).into();
+    /// The attempt through ureq, as before the plain client.
+    fn through_ureq(&self, task: &Task, timeout: Duration) -> RunResult {
+        if task.method != Method::Post {
+            let url = if task.params.is_empty() {
+                task.name.clone()
+            } else if task.name.contains('?') {
+                format!("{}&{}", task.name, task.params)
+            } else {
+                format!("{}?{}", task.name, task.params)
+            };
+            return self.get(task, url, timeout, timeout, false);
         }
-        let mut req = self
-            .agent
-            .get(&url)
-            .config()
-            .max_redirects(MAX_REDIRECTS - 1)
-            .timeout_global(Some(left))
-            .build();
-        let typed = task
-            .header_pairs()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-        if task.method == Method::Post && !typed {
+        let mut req = self.agent.post(&task.name);
+        if timeout != self.default_timeout {
+            req = req.config().timeout_global(Some(timeout)).build();
+        }
+        if !typed(task) {
+            req = req.content_type("application/json");
+        }
+        for (k, v) in task.header_pairs() {
+            req = req.header(k, v);
+        }
+        answer(req.send(task.params.as_bytes()), timeout)
+    }
+
+    /// A GET of `url` through ureq within `left`: the task's own, or (`redirected`) the
+    /// redirect a plain attempt got, followed as ureq would have: a POST becomes a GET keeping
+    /// its `Content-Type`, `Authorization` and `Cookie` are dropped, one redirect fewer is left.
+    fn get(
+        &self,
+        task: &Task,
+        url: String,
+        timeout: Duration,
+        left: Duration,
+        redirected: bool,
+    ) -> RunResult {
+        let mut req = self.agent.get(&url);
+        if left != self.default_timeout || redirected {
+            let config = req.config().timeout_global(Some(left));
+            let redirects = if redirected {
+                MAX_REDIRECTS - 1
+            } else {
+                MAX_REDIRECTS
+            };
+            req = config.max_redirects(redirects).build();
+        }
+        if redirected && task.method == Method::Post && !typed(task) {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in task.header_pairs() {
-            if !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie") {
+            let secret =
+                k.eq_ignore_ascii_case("authorization") || k.eq_ignore_ascii_case("cookie");
+            if !(redirected && secret) {
                 req = req.header(k, v);
             }
         }
         answer(req.call(), timeout)
     }
+}
 
-    /// The attempt through ureq, as before the plain client.
-    fn through_ureq(&self, task: &Task, timeout: Duration) -> RunResult {
-        let own_timeout = timeout != self.default_timeout;
-        let sent = match task.method {
-            Method::Post => {
-                let mut req = self.agent.post(&task.name);
-                if own_timeout {
-                    req = req.config().timeout_global(Some(timeout)).build();
-                }
-                let typed = task
-                    .header_pairs()
-                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-                if !typed {
-                    req = req.content_type("application/json");
-                }
-                for (k, v) in task.header_pairs() {
-                    req = req.header(k, v);
-                }
-                req.send(task.params.as_bytes())
-            }
-            _ => {
-                let url = if task.params.is_empty() {
-                    task.name.clone()
-                } else if task.name.contains('?') {
-                    format!("{}&{}", task.name, task.params)
-                } else {
-                    format!("{}?{}", task.name, task.params)
-                };
-                let mut req = self.agent.get(&url);
-                if own_timeout {
-                    req = req.config().timeout_global(Some(timeout)).build();
-                }
-                for (k, v) in task.header_pairs() {
-                    req = req.header(k, v);
-                }
-                req.call()
-            }
-        };
-        answer(sent, timeout)
-    }
+/// Whether the task's headers give a `Content-Type`.
+fn typed(task: &Task) -> bool {
+    task.header_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
 }
 
 /// The result of an attempt from ureq's answer: 2xx is success, the body is the output.

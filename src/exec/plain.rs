@@ -76,24 +76,12 @@ impl<'a> Target<'a> {
         let rest = task.name.strip_prefix("http://")?;
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(split);
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(v6) => {
-                let close = v6.find(']')? + 2;
-                (&authority[..close], &authority[close..])
-            }
-            None => match authority.split_once(':') {
-                Some((h, _)) => (h, &authority[h.len()..]),
-                None => (authority, ""),
-            },
-        };
-        let port = match port.strip_prefix(':') {
-            None if port.is_empty() => 80,
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
-            _ => return None,
-        };
+        // An IPv6 literal (`[::1]:80`) goes through ureq.
+        let (host, port) = authority.split_once(':').unwrap_or((authority, "80"));
+        let port = port.parse().ok()?;
         let params_ok = task.method == Method::Post || plain_bytes(&task.params);
         let plain = !host.is_empty()
-            && !authority.contains('@')
+            && !authority.contains(['@', '['])
             && plain_bytes(path)
             && params_ok
             && !task
@@ -192,34 +180,40 @@ fn write_request(out: &mut Vec<u8>, target: &Target<'_>, task: &Task) {
     if target.port != 80 {
         let _ = write!(out, ":{}", target.port);
     }
-    out.extend_from_slice(b"\r\n");
     let (mut typed, mut agent, mut accept) = (false, false, false);
     for (k, v) in task.header_pairs() {
         typed |= k.eq_ignore_ascii_case("content-type");
         agent |= k.eq_ignore_ascii_case("user-agent");
         accept |= k.eq_ignore_ascii_case("accept");
+        out.extend_from_slice(b"\r\n");
         out.extend(k.bytes().map(|b| b.to_ascii_lowercase()));
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
-    if post {
-        if !typed {
-            out.extend_from_slice(b"content-type: application/json\r\n");
+    fn pick(on: bool, s: &str) -> &str {
+        if on {
+            s
+        } else {
+            ""
         }
-        let _ = write!(out, "content-length: {}\r\n", task.params.len());
     }
-    if !agent {
-        out.extend_from_slice(b"user-agent: ");
-        out.extend_from_slice(USER_AGENT.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    for part in [
+        pick(post && !typed, "\r\ncontent-type: application/json"),
+        pick(post, "\r\ncontent-length: "),
+    ] {
+        out.extend_from_slice(part.as_bytes());
     }
-    if !accept {
-        out.extend_from_slice(b"accept: */*\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
     if post {
-        out.extend_from_slice(task.params.as_bytes());
+        let _ = write!(out, "{}", task.params.len());
+    }
+    for part in [
+        pick(!agent, "\r\nuser-agent: "),
+        pick(!agent, USER_AGENT),
+        pick(!accept, "\r\naccept: */*"),
+        "\r\n\r\n",
+        pick(post, &task.params),
+    ] {
+        out.extend_from_slice(part.as_bytes());
     }
 }
 
@@ -436,10 +430,6 @@ mod tests {
             Some(("h".into(), 80, "/x?y=1".into()))
         );
         assert_eq!(ok("http://h:8080"), Some(("h".into(), 8080, "".into())));
-        assert_eq!(
-            ok("http://[::1]:81/a"),
-            Some(("[::1]".into(), 81, "/a".into()))
-        );
         for no in [
             "https://h/",
             "HTTP://h/",
@@ -447,6 +437,7 @@ mod tests {
             "http://h/a#frag",
             "http://h/a b",
             "http://h:/",
+            "http://[::1]:81/a",
             "http://h:99999/",
             "http://h/\u{e9}",
         ] {
