@@ -230,43 +230,36 @@ impl Inbuf {
         max: usize,
     ) -> Result<bool, H1Error> {
         loop {
-            let size = loop {
-                match httparse::parse_chunk_size(self.pending()) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        self.start += used;
-                        break size;
-                    }
-                    Ok(httparse::Status::Partial) => self.more(src)?,
-                    Err(_) => return Err(H1Error::Malformed("bad chunk size line")),
-                }
-            };
+            let line = self.line(src)?;
+            let size = self.buf[line]
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default();
+            let size =
+                number(size.trim_ascii(), 16).ok_or(H1Error::Malformed("bad chunk size line"))?;
             if size == 0 {
                 break;
             }
             if !self.copy(src, size, out, max, false)? {
                 return Ok(false);
             }
-            while self.end - self.start < 2 {
-                self.more(src)?;
-            }
-            if self.pending()[..2] != *b"\r\n" {
+            if !self.line(src)?.is_empty() {
                 return Err(H1Error::Malformed("chunk data not followed by CRLF"));
             }
-            self.start += 2;
         }
         // The trailer section: field lines, dropped, up to an empty line.
+        while !self.line(src)?.is_empty() {}
+        Ok(true)
+    }
+
+    /// The next line (without its CRLF), consumed.
+    fn line(&mut self, src: &mut dyn Read) -> Result<std::ops::Range<usize>, H1Error> {
         loop {
-            let line = match self.pending().windows(2).position(|w| w == b"\r\n") {
-                Some(n) => n,
-                None => {
-                    self.more(src)?;
-                    continue;
-                }
-            };
-            self.start += line + 2;
-            if line == 0 {
-                return Ok(true);
+            if let Some(n) = self.pending().windows(2).position(|w| w == b"\r\n") {
+                self.start += n + 2;
+                return Ok(self.start - n - 2..self.start - 2);
             }
+            self.more(src)?;
         }
     }
 
@@ -277,6 +270,15 @@ impl Inbuf {
         }
         Ok(())
     }
+}
+
+/// `digits` in `radix` (at least one, no sign), unless it overflows.
+fn number(digits: &[u8], radix: u32) -> Option<u64> {
+    digits.first()?;
+    digits.iter().try_fold(0u64, |n, &b| {
+        let d = char::from(b).to_digit(radix)?;
+        n.checked_mul(u64::from(radix))?.checked_add(u64::from(d))
+    })
 }
 
 /// A connection the peer dropped (reset, aborted, broken pipe).
@@ -306,15 +308,8 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, H1Error> {
     for h in resp.headers.iter() {
         let value = h.value;
         if h.name.eq_ignore_ascii_case("content-length") {
-            let digits = value.trim_ascii();
-            let n = digits
-                .iter()
-                .try_fold(0u64, |n, &b| {
-                    let d = b.checked_sub(b'0').filter(|d| *d < 10)?;
-                    n.checked_mul(10)?.checked_add(u64::from(d))
-                })
-                .filter(|_| !digits.is_empty())
-                .ok_or(H1Error::Malformed("bad Content-Length"))?;
+            let n =
+                number(value.trim_ascii(), 10).ok_or(H1Error::Malformed("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Malformed("conflicting Content-Length fields"));
             }

@@ -71,7 +71,7 @@ fn plain_bytes(s: &str) -> bool {
 
 impl<'a> Target<'a> {
     /// The target of `task` when this client can take it: an `http://` URL without user info
-    /// or fragment whose path, query and params need no encoding, and no `Expect` header.
+    /// or fragment whose path, query and params need no encoding.
     pub(crate) fn of(task: &'a Task) -> Option<Target<'a>> {
         let rest = task.name.strip_prefix("http://")?;
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -80,13 +80,8 @@ impl<'a> Target<'a> {
         let (host, port) = authority.split_once(':').unwrap_or((authority, "80"));
         let port = port.parse().ok()?;
         let params_ok = task.method == Method::Post || plain_bytes(&task.params);
-        let plain = !host.is_empty()
-            && !authority.contains(['@', '['])
-            && plain_bytes(path)
-            && params_ok
-            && !task
-                .header_pairs()
-                .any(|(k, _)| k.eq_ignore_ascii_case("expect"));
+        let plain =
+            !host.is_empty() && !authority.contains(['@', '[']) && plain_bytes(path) && params_ok;
         plain.then_some(Target {
             authority,
             host,
@@ -445,13 +440,8 @@ mod tests {
         }
         let t = task(Method::Get, "http://h/", "a=<1>", "");
         assert!(Target::of(&t).is_none(), "GET params that need encoding");
-        let t = task(
-            Method::Post,
-            "http://h/",
-            "{\"a\": \"<1>\"}",
-            "Expect: 100-continue\n",
-        );
-        assert!(Target::of(&t).is_none(), "Expect goes through ureq");
+        let t = task(Method::Post, "http://h/", "{\"a\": \"<1>\"}", "");
+        assert!(Target::of(&t).is_some(), "a POST body is sent as it is");
     }
 
     #[test]
