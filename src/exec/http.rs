@@ -25,9 +25,9 @@ pub(crate) struct HttpExec {
     /// The agent's own attempt timeout (`--task_timeout`): a task with another one gets a
     /// request-level configuration, a copy of the agent's, which costs allocations per call.
     default_timeout: Duration,
-    /// The plain `http://` client; none when the environment names a proxy (ureq then
-    /// decides, per URL, whether to use it).
-    plain: Option<Plain>,
+    /// Whether plain `http://` attempts go through [`Plain`]: not when the environment names
+    /// a proxy (ureq then decides, per URL, whether to use it).
+    plain: bool,
 }
 
 /// Redirects ureq follows (its default); after a plain attempt's redirect, one fewer.
@@ -79,7 +79,7 @@ impl HttpExec {
             .user_agent(concat!("poulpe/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(root_certs(ca_file)).build())
             .build();
-        let plain = config.proxy().is_none().then(Plain::default);
+        let plain = config.proxy().is_none();
         HttpExec {
             agent: super::tcp::agent(config),
             default_timeout,
@@ -90,10 +90,8 @@ impl HttpExec {
     /// One GET or POST attempt with the task's headers (a POST's `Content-Type` is
     /// `application/json` unless they give another); 2xx is success and the body is the output.
     pub(crate) fn run(&self, task: &Task, timeout: Duration) -> RunResult {
-        let plain = self.plain.as_ref().and_then(|p| {
-            let target = Target::of(task)?;
-            p.attempt(self.agent.config(), &target, task, timeout)
-        });
+        let plain = self.plain.then(|| Target::of(task)).flatten();
+        let plain = plain.and_then(|t| Plain.attempt(self.agent.config(), &t, task, timeout));
         match plain {
             Some(Outcome::Done(r)) => r,
             Some(Outcome::Redirect { url, deadline }) => {

@@ -123,11 +123,9 @@ pub(crate) enum Outcome {
     },
 }
 
-/// The plain client: a resolver for host names (the pools are per worker thread).
-#[derive(Debug, Default)]
-pub(crate) struct Plain {
-    resolver: CachingResolver,
-}
+/// The plain client (its buffers and pools are per worker thread, the name cache is
+/// [`CachingResolver`]'s).
+pub(crate) struct Plain;
 
 /// Reads from a connection within the attempt's deadline.
 struct Timed<'a> {
@@ -367,8 +365,7 @@ impl Plain {
             per_read: None,
             per_write: None,
         };
-        let addrs = self
-            .resolver
+        let addrs = CachingResolver::default()
             .resolve(&uri, config, resolve)
             .map_err(|e| match e {
                 ureq::Error::Timeout(_) => H1Error::Timeout,
