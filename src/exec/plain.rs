@@ -90,26 +90,20 @@ impl<'a> Target<'a> {
         })
     }
 
-    /// The URL a redirect's `Location` names, resolved against this target (absolute,
-    /// scheme-relative, root-relative, or relative to the path's last segment).
-    pub(crate) fn join(&self, location: &str) -> String {
-        let scheme = location
-            .split_once(':')
-            .is_some_and(|(s, _)| !s.is_empty() && !s.contains(['/', '?', '#']));
-        let mut url = String::new();
-        if !scheme {
-            url.push_str("http:");
-            if !location.starts_with("//") {
-                url.push_str("//");
-                url.push_str(self.authority);
-                if !location.starts_with('/') {
-                    let path = self.path.split('?').next().unwrap_or_default();
-                    url.push_str(path.rfind('/').map_or("/", |i| &path[..=i]));
-                }
-            }
+    /// The URL a redirect's `Location` names: absolute, scheme-relative or root-relative
+    /// (`None` for a path relative to the current one: ureq then makes the attempt anew).
+    pub(crate) fn join(&self, location: &str) -> Option<String> {
+        if location.contains("://") {
+            return Some(location.to_string());
+        }
+        let mut url = String::from("http:");
+        if !location.starts_with("//") {
+            location.strip_prefix('/')?;
+            url.push_str("//");
+            url.push_str(self.authority);
         }
         url.push_str(location);
-        url
+        Some(url)
     }
 }
 
@@ -117,8 +111,9 @@ impl<'a> Target<'a> {
 pub(crate) enum Outcome {
     Done(RunResult),
     /// A redirect to follow (through ureq) to this URL, within `deadline`.
+    /// (`url` none: a Location relative to the current path; ureq makes the attempt anew.)
     Redirect {
-        url: String,
+        url: Option<String>,
         deadline: Instant,
     },
 }
@@ -463,9 +458,9 @@ mod tests {
     fn locations_resolve_against_the_target() {
         let t = task(Method::Get, "http://h:81/a/b?q=1", "", "");
         let t = Target::of(&t).expect("plain");
-        assert_eq!(t.join("https://o/x"), "https://o/x");
-        assert_eq!(t.join("//o/x"), "http://o/x");
-        assert_eq!(t.join("/x?y"), "http://h:81/x?y");
-        assert_eq!(t.join("c"), "http://h:81/a/c");
+        assert_eq!(t.join("https://o/x").as_deref(), Some("https://o/x"));
+        assert_eq!(t.join("//o/x").as_deref(), Some("http://o/x"));
+        assert_eq!(t.join("/x?y").as_deref(), Some("http://h:81/x?y"));
+        assert_eq!(t.join("c"), None);
     }
 }
