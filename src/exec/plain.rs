@@ -166,7 +166,8 @@ fn write_request(out: &mut Vec<u8>, target: &Target<'_>, task: &Task) {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(target.host.as_bytes());
     if target.port != 80 {
-        let _ = write!(out, ":{}", target.port);
+        out.push(b':');
+        push_number(out, u64::from(target.port));
     }
     let (mut typed, mut agent, mut accept) = (false, false, false);
     for (k, v) in task.header_pairs() {
@@ -192,7 +193,7 @@ fn write_request(out: &mut Vec<u8>, target: &Target<'_>, task: &Task) {
         out.extend_from_slice(part.as_bytes());
     }
     if post {
-        let _ = write!(out, "{}", task.params.len());
+        push_number(out, task.params.len() as u64);
     }
     for part in [
         pick(!agent, "\r\nuser-agent: "),
@@ -203,6 +204,14 @@ fn write_request(out: &mut Vec<u8>, target: &Target<'_>, task: &Task) {
     ] {
         out.extend_from_slice(part.as_bytes());
     }
+}
+
+/// Appends `n` in decimal.
+fn push_number(out: &mut Vec<u8>, n: u64) {
+    if n >= 10 {
+        push_number(out, n / 10);
+    }
+    out.push(b'0' + (n % 10) as u8);
 }
 
 /// Takes a usable idle connection to `target`'s host and port (closing stale ones on the way).
@@ -219,13 +228,12 @@ fn take(idle: &mut Vec<Conn>, target: &Target<'_>) -> Option<Conn> {
     None
 }
 
-/// Keeps `conn` idle, closing the oldest one beyond [`MAX_IDLE`].
+/// Keeps `conn` idle unless [`MAX_IDLE`] are (then it is closed).
 fn put(idle: &mut Vec<Conn>, mut conn: Conn) {
-    if idle.len() >= MAX_IDLE {
-        idle.remove(0);
+    if idle.len() < MAX_IDLE {
+        conn.since = Instant::now();
+        idle.push(conn);
     }
-    conn.since = Instant::now();
-    idle.push(conn);
 }
 
 /// Sends the request on `conn` and reads the final response's head.
