@@ -93,7 +93,8 @@ impl<'a> Target<'a> {
     /// The URL a redirect's `Location` names: absolute, scheme-relative or root-relative
     /// (`None` for a path relative to the current one: ureq then makes the attempt anew).
     pub(crate) fn join(&self, location: &str) -> Option<String> {
-        if location.contains("://") {
+        let scheme = location.split_once("://").map(|(s, _)| s);
+        if scheme.is_some_and(|s| !s.is_empty() && !s.contains(['/', '?'])) {
             return Some(location.to_string());
         }
         let mut url = String::from("http:");
@@ -470,5 +471,9 @@ mod tests {
         assert_eq!(t.join("//o/x").as_deref(), Some("http://o/x"));
         assert_eq!(t.join("/x?y").as_deref(), Some("http://h:81/x?y"));
         assert_eq!(t.join("c"), None);
+        assert_eq!(
+            t.join("/x?back=http://o/").as_deref(),
+            Some("http://h:81/x?back=http://o/")
+        );
     }
 }
