@@ -11,7 +11,7 @@
 //! | storage | [`store`] | the `Store` trait; embedded (redb, group commit, heals after I/O errors) and Redis backends, one contract suite |
 //! | time | [`schedule`] | the timer thread (delays, retries); the cron file, its parser, `cron-check` and its thread |
 //! | dispatch | [`dispatch`] | per-worker queues, cc-aware least-work routing, idle stealing, pause |
-//! | run | [`worker`], [`exec`] | worker threads; HTTP (ureq), program (std::process) and mail (lettre SMTP) executors |
+//! | run | [`worker`], [`exec`] | worker threads; HTTP (plain `http://`: our own HTTP/1.1 client; the rest: ureq), program (std::process) and mail (lettre SMTP) executors |
 //! | decide | [`outcome`] | succeeded / retry later / dead letter, written in batches |
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
 //! | answers | [`results`] | clients waiting for results (`Answers`: lookups and waits) |

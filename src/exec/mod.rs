@@ -1,8 +1,10 @@
 //! Executors: run one attempt of a task and say how it went. They never panic and never retry;
 //! the outcome stage decides what happens next.
 
+pub(crate) mod h1;
 pub(crate) mod http;
 pub(crate) mod mail;
+pub(crate) mod plain;
 pub(crate) mod program;
 pub(crate) mod resolve;
 pub(crate) mod tcp;
@@ -53,7 +55,8 @@ pub(crate) struct Executors {
 }
 
 impl Executors {
-    /// Runs one attempt.
+    /// Runs one attempt (kept out of the worker loop: inlined there, it costs the binary more).
+    #[inline(never)]
     pub(crate) fn run(&self, task: &Task) -> RunResult {
         let timeout = task
             .timeout
@@ -70,6 +73,46 @@ impl Executors {
                 },
             },
         }
+    }
+}
+
+/// "timed out after N s": an attempt that ran out of time (whichever client ran it).
+pub(crate) struct TimedOut(pub(crate) Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "timed out after {} s", self.0.as_secs())
+    }
+}
+
+impl From<TimedOut> for RunResult {
+    fn from(t: TimedOut) -> RunResult {
+        RunResult::failed(t.to_string())
+    }
+}
+
+/// The result of an HTTP answer with `status` and `body` (the first `MAX_OUTPUT + 1` bytes read:
+/// more means cut), `failed` saying why reading the body failed: 2xx is success.
+pub(crate) fn answered(
+    status: u16,
+    mut body: Vec<u8>,
+    failed: Option<&dyn std::fmt::Display>,
+) -> RunResult {
+    let cut = body.len() > MAX_OUTPUT;
+    body.truncate(MAX_OUTPUT);
+    let output = into_text(body, MAX_OUTPUT, cut);
+    let ok = (200..300).contains(&status);
+    let error = match (failed, ok) {
+        (Some(e), _) => format!("HTTP {status}, reading the body failed: {e}"),
+        (None, true) => String::new(),
+        (None, false) => format!("HTTP {status}"),
+    };
+    RunResult {
+        ok: ok && failed.is_none(),
+        code: Some(i64::from(status)),
+        output,
+        error,
+        permanent: false,
     }
 }
 

@@ -16,11 +16,16 @@ const TTL: Duration = Duration::from_secs(30);
 /// Most host names kept; the cache is emptied when it is full.
 const MAX_NAMES: usize = 1024;
 
-/// Resolves IP literals directly and caches host names for [`TTL`].
+/// Looked-up host names with when, shared by every agent and the plain client
+/// ([`super::plain`]), which makes its resolver where it needs one.
+type Names = HashMap<String, (Instant, ResolvedSocketAddrs)>;
+static NAMES: Mutex<Option<Names>> = Mutex::new(None);
+
+/// Resolves IP literals directly and caches host names for [`TTL`] (in one cache for the
+/// process: the resolver itself holds nothing).
 #[derive(Debug, Default)]
 pub(crate) struct CachingResolver {
     inner: DefaultResolver,
-    names: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
 }
 
 /// The port of `uri`, explicit or the scheme's default.
@@ -54,13 +59,14 @@ impl Resolver for CachingResolver {
             return Ok(out);
         }
         let key = format!("{host}:{port}");
-        if let Some((at, addrs)) = self.names.lock().get(&key) {
+        if let Some((at, addrs)) = NAMES.lock().as_ref().and_then(|n| n.get(&key)) {
             if at.elapsed() < TTL {
                 return Ok(addrs.clone());
             }
         }
         let addrs = self.inner.resolve(uri, config, timeout)?;
-        let mut names = self.names.lock();
+        let mut names = NAMES.lock();
+        let names = names.get_or_insert_with(HashMap::new);
         if names.len() >= MAX_NAMES {
             names.clear();
         }
@@ -107,7 +113,11 @@ mod tests {
             first.iter().all(|a| a.port() == 83 && a.ip().is_loopback()),
             "{first:?}"
         );
-        assert_eq!(r.names.lock().len(), 1, "the name is cached");
+        let cached = NAMES
+            .lock()
+            .as_ref()
+            .map(|n| n.contains_key("localhost:83"));
+        assert_eq!(cached, Some(true), "the name is cached");
         assert_eq!(got("http://localhost:83/"), first);
     }
 }

@@ -103,8 +103,9 @@ fn open(details: &ConnectionDetails) -> Result<TcpStream, Error> {
         .into())
 }
 
-/// Sets a socket timeout unless the one set is within [`SLACK`] of `want`.
-fn keep_within(
+/// Sets a socket timeout unless the one set is within [`SLACK`] of `want` (also used by
+/// [`super::plain`], which keeps its own connections).
+pub(crate) fn keep_within(
     set: &mut Option<Duration>,
     want: Option<Duration>,
     apply: impl FnOnce(Option<Duration>) -> io::Result<()>,
@@ -171,18 +172,24 @@ impl Transport for Tcp {
     /// Open and quiet: nothing to read (unasked bytes or an end of stream mean it cannot be
     /// used again).
     fn is_open(&mut self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: recv(2) writes at most one byte into `byte`, which outlives the call.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && io::Error::last_os_error().kind() == ErrorKind::WouldBlock
+        quiet(&self.stream)
     }
+}
+
+/// Whether an idle connection is open and quiet: nothing to read, without consuming anything
+/// (one non-blocking `MSG_PEEK`; unasked bytes or an end of stream mean it cannot be used again).
+pub(crate) fn quiet(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv(2) writes at most one byte into `byte`, which outlives the call.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == ErrorKind::WouldBlock
 }
 
 #[cfg(test)]

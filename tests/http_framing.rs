@@ -1,0 +1,301 @@
+//! Plain `http://` tasks against a server whose every byte is the test's
+//! (`tests/odd_http_server.py`): the response framings RFC 9112 allows (chunked with extensions
+//! and trailers, close-delimited, interim 1xx answers, `Connection: close`), a body beyond the
+//! output limit, a malformed answer, a redirect, a timeout inside the body, and a kept-alive
+//! connection the server drops when it is used again. With a proxy in the environment, the
+//! request goes to the proxy (through ureq) as before.
+
+mod common;
+use common::Server;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The Python that runs the test servers (`scripts/test.sh` makes it).
+fn python() -> PathBuf {
+    let p = std::env::var_os("POULPE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
+        });
+    let ok = Command::new(&p)
+        .args(["-c", "import socket, threading"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "these tests need Python 3 at {}: run scripts/test.sh, which makes it (or set \
+         POULPE_TEST_PYTHON to a python3)",
+        p.display()
+    );
+    p
+}
+
+/// The running odd server; killed when dropped.
+struct Odd {
+    child: Child,
+    port: u16,
+}
+
+impl Odd {
+    fn start() -> Odd {
+        let mut child = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/odd_http_server.py"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the odd HTTP server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read READY");
+        let port = line
+            .trim()
+            .strip_prefix("READY ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the odd HTTP server did not start: {line:?}"));
+        Odd { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The requests seen, as `<connection> <method> <path>` (this one's own last).
+    fn log(&self) -> Vec<String> {
+        let mut text = String::new();
+        ureq::get(&self.url("/_log"))
+            .call()
+            .expect("log")
+            .body_mut()
+            .as_reader()
+            .read_to_string(&mut text)
+            .expect("log text");
+        text.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Odd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// poulpe with one worker (so a second task reuses the first one's connection), no proxy from
+/// the environment (so the plain client is the one tested).
+fn poulpe(dir: &Path) -> Server {
+    let mut b = Server::builder(dir).args(&["--workers", "1"]);
+    for v in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
+        b = b.env(v, "");
+    }
+    b.start()
+}
+
+/// Submits `task` (no retries) and waits for its final result.
+fn run(s: &Server, task: Value) -> Value {
+    let mut task = task;
+    task["max_retry"] = json!(0);
+    task["wait"] = json!(20);
+    let (code, r) = s.submit(&task);
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = s.get(&format!(
+        "/task_resp/{}?timeout=20",
+        task["id"].as_str().expect("id")
+    ));
+    assert_eq!(code, 200, "{r}");
+    r
+}
+
+fn get(s: &Server, id: &str, url: String) -> Value {
+    run(s, json!({"id": id, "method": "GET", "name": url}))
+}
+
+#[test]
+fn bodies_in_every_framing_are_read_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    for (id, path, want) in [
+        ("chunked", "/chunked", "hello chunks"),
+        ("close", "/close", "until the close"),
+        ("interim", "/interim", "final"),
+        ("after-close", "/chunked", "hello chunks"),
+    ] {
+        let r = get(&s, id, odd.url(path));
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["code"], 200, "{id}: {r}");
+        assert_eq!(r["output"], want, "{id}: {r}");
+    }
+    // The chunked answer's connection was kept (its trailers read), the close-delimited one's
+    // was not.
+    let log = odd.log();
+    let conn = |i: usize| log[i].split(' ').next().unwrap_or_default().to_string();
+    assert_eq!(log.len(), 5, "{log:?}");
+    assert_eq!(
+        conn(0),
+        conn(1),
+        "the chunked answer's connection is reused: {log:?}"
+    );
+    assert_ne!(
+        conn(1),
+        conn(2),
+        "a close-delimited body ends its connection: {log:?}"
+    );
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    for id in ["cc-1", "cc-2"] {
+        let r = get(&s, id, odd.url("/conn-close"));
+        assert_eq!(r["output"], "closing", "{r}");
+    }
+    let log = odd.log();
+    assert_ne!(
+        log[0].split(' ').next(),
+        log[1].split(' ').next(),
+        "the second task used a new connection: {log:?}"
+    );
+}
+
+#[test]
+fn a_kept_alive_connection_the_server_drops_is_retried_once_on_a_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    for id in ["drop-1", "drop-2"] {
+        let r = get(&s, id, odd.url("/drop-second"));
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["output"], "fine", "{id}: {r}");
+    }
+    let log = odd.log();
+    assert_eq!(
+        log[..3],
+        [
+            "1 GET /drop-second",
+            "1 GET /drop-second",
+            "2 GET /drop-second"
+        ],
+        "the second task's request went on the kept connection, then on a new one"
+    );
+}
+
+#[test]
+fn a_kept_alive_connection_the_server_closed_meanwhile_is_not_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    for id in ["bye-1", "bye-2"] {
+        let r = get(&s, id, odd.url("/then-close"));
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["output"], "bye", "{id}: {r}");
+    }
+    let log = odd.log();
+    assert_eq!(log[..2], ["1 GET /then-close", "2 GET /then-close"]);
+}
+
+#[test]
+fn a_body_beyond_the_limit_is_cut_and_its_connection_not_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    let r = get(&s, "big", odd.url("/big?n=200000"));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let out = r["output"].as_str().expect("output");
+    let kept = out
+        .strip_suffix("\n[output cut at 65536 bytes]")
+        .unwrap_or_else(|| panic!("not marked as cut: {}", &out[out.len() - 40..]));
+    assert_eq!(kept.len(), 65536);
+    assert!(kept.bytes().all(|b| b == b'a'));
+    let r = get(&s, "after-big", odd.url("/chunked"));
+    assert_eq!(r["output"], "hello chunks", "{r}");
+    let log = odd.log();
+    assert_ne!(
+        log[0].split(' ').next(),
+        log[1].split(' ').next(),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn a_malformed_answer_is_a_failed_attempt_that_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    let r = get(&s, "bad", odd.url("/malformed"));
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(
+        r["reason"], "request failed: malformed response: bad status line",
+        "{r}"
+    );
+    let r = get(&s, "good-after", odd.url("/interim"));
+    assert_eq!(r["status"], "succeeded", "the worker goes on: {r}");
+}
+
+#[test]
+fn a_redirect_is_followed_without_sending_the_first_request_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    let r = run(
+        &s,
+        json!({"id":"moved","method":"POST","name":odd.url("/redirect"),"params":{"k":1}}),
+    );
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["output"], "hello chunks", "{r}");
+    let log = odd.log();
+    assert_eq!(
+        log.iter()
+            .map(|l| l.split_once(' ').map_or("", |(_, r)| r))
+            .collect::<Vec<_>>(),
+        ["POST /redirect", "GET /chunked", "GET /_log"],
+        "{log:?}"
+    );
+}
+
+#[test]
+fn the_time_limit_holds_inside_the_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe(dir.path());
+    let r = run(
+        &s,
+        json!({"id":"slow","method":"GET","name":odd.url("/slow-body"),"timeout":1}),
+    );
+    assert_eq!(r["status"], "dead", "{r}");
+    assert_eq!(r["code"], 200, "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("timed out after 1 s"), "{r}");
+}
+
+#[test]
+fn a_proxy_from_the_environment_is_still_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = Odd::start();
+    let sink = common::Sink::start();
+    let s = Server::builder(dir.path())
+        .env("http_proxy", &proxy.url(""))
+        .env("NO_PROXY", "")
+        .env("no_proxy", "")
+        .start();
+    let t =
+        json!({"id":"via-proxy","method":"GET","name":sink.url("/direct"),"max_retry":0,"wait":20});
+    let (code, r) = s.submit(&t);
+    assert_eq!(code, 200, "{r}");
+    let log = proxy.log();
+    assert!(
+        log[0].ends_with(&format!("CONNECT 127.0.0.1:{}", sink.port)),
+        "the request went to the proxy: {log:?} {r}"
+    );
+}
