@@ -490,14 +490,19 @@ fn replay(
             pending.apply(op, &|_| None);
         }
     }
-    let [first, second] = ios;
-    let journals = (
-        Journal::new(first, last + 1),
-        Journal::new(second, last + 1),
-    );
     checkpoint(db, &pending, last).map_err(unavailable)?;
     if n > 0 {
         log::info!("store: {n} journal records applied to {FILE}");
+    }
+    // Everything read is in the redb file now: the files are zeroed and preallocated.
+    let [first, second] = ios;
+    let mut journals = (
+        Journal::new(first, last + 1),
+        Journal::new(second, last + 1),
+    );
+    for (name, j) in [(JOURNAL, &mut journals.0), (JOURNAL2, &mut journals.1)] {
+        j.prepare()
+            .map_err(|e| unavailable(format!("cannot prepare {name}: {e}")))?;
     }
     Ok(journals)
 }
@@ -2534,8 +2539,11 @@ mod tests {
         s.insert(&[task("a", State::Delayed, 1)]).expect("insert");
         assert_eq!(s.name(), "embedded");
         let size = |f: &str| std::fs::metadata(dir.path().join(f)).expect("file").len();
-        assert!(size(FILE) > 0 && size(JOURNAL) > 0);
-        assert_eq!(s.data_bytes(), Some(size(FILE) + size(JOURNAL)));
+        assert!(size(FILE) > 0 && size(JOURNAL) > 0 && size(JOURNAL2) > 0);
+        assert_eq!(
+            s.data_bytes(),
+            Some(size(FILE) + size(JOURNAL) + size(JOURNAL2))
+        );
         s.close();
     }
 
@@ -2673,5 +2681,99 @@ mod tests {
             "deleted in the file too"
         );
         s.close();
+    }
+
+    /// A journal file is reused after a checkpoint: its new records overwrite the older ones
+    /// from its start, and where fewer new records were written the older ones stay behind
+    /// them, whole, with valid CRCs. After a crash at that moment the reopen applies the new
+    /// records only: tasks deleted since come back from none of the older ones.
+    #[test]
+    fn older_records_left_in_a_reused_file_are_not_replayed_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
+        let b = s.backend();
+        // First cycle, into poulpe.journal: ten tasks, a record each.
+        for i in 0..10 {
+            s.insert(&[task(&format!("old-{i}"), State::Delayed, i)])
+                .expect("insert");
+        }
+        b.settle().expect("checkpoint");
+        // Second cycle, into poulpe.journal2: all of them deleted.
+        b.write((0..10).map(|i| Op::DelTask(format!("old-{i}"))).collect())
+            .expect("write");
+        b.settle().expect("checkpoint");
+        // Third, into poulpe.journal again from its start: two new tasks.
+        for i in 0..2 {
+            s.insert(&[task(&format!("new-{i}"), State::Delayed, i)])
+                .expect("insert");
+        }
+        // A crash now: the files as they are (every acknowledged record is synced).
+        let crashed = tempfile::tempdir().expect("tempdir");
+        for f in [FILE, JOURNAL, JOURNAL2] {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).expect("copy");
+        }
+        s.close();
+        let mut f = FileJournal::open(&crashed.path().join(JOURNAL)).expect("open");
+        let r = Journal::read(&mut f, 0).expect("read");
+        assert_eq!(r.records.len(), 2, "the new records");
+        assert!(r.dropped > 0, "older records are left behind them");
+        let bytes = f.read_all().expect("read");
+        assert!(
+            bytes.windows(5).any(|w| w == b"old-9"),
+            "the last older record is still whole in the file"
+        );
+        let again = open(crashed.path(), CHECKPOINT_EVERY).expect("reopen");
+        let mut ids: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["new-0", "new-1"]);
+        again.close();
+    }
+
+    /// The records behind one that is lost in the middle of a file (torn, or damaged on disk)
+    /// are not applied; nor later, once new records are written: the open zeros the files, so
+    /// that a new record cannot happen to end where one of them starts and be followed by it.
+    #[test]
+    fn records_behind_a_lost_one_never_come_back_after_new_writes() {
+        let (a, b) = (MemJournal::default(), MemJournal::default());
+        let mut ja = Journal::new(Box::new(a.clone()), 1);
+        ja.append(&[&meta_op("k", "1")]).expect("append");
+        let lost_at = ja.len() as usize;
+        ja.append(&[&meta_op("k", "lost")]).expect("append");
+        let behind_at = ja.len() as usize;
+        ja.append(&[&meta_op("k", "behind")]).expect("append");
+        a.bytes.lock()[lost_at + 20] ^= 0x01;
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(unavailable)
+            .and_then(create_tables)
+            .expect("db");
+        let meta = |db: &Database| -> Option<String> {
+            let txn = db.begin_read().expect("read");
+            let t = txn.open_table(META).expect("meta");
+            let v = t.get("k").expect("get");
+            v.map(|g| String::from_utf8_lossy(g.value()).into_owned())
+        };
+        let (mut j, _) = replay(&db, [Box::new(a.clone()), Box::new(b.clone())]).expect("replay");
+        assert_eq!(
+            meta(&db).as_deref(),
+            Some("1"),
+            "nothing after the lost record"
+        );
+        // Record 2 again, as long as records 1 and 2 were: it ends where record 3 starts.
+        let head = 26; // length, CRC, sequence number, op tag, key length, "k", value length
+        let value = "n".repeat(behind_at - head);
+        j.append(&[&meta_op("k", &value)]).expect("append");
+        assert_eq!(j.len() as usize, behind_at);
+        replay(&db, [Box::new(a), Box::new(b)]).expect("replay");
+        assert_eq!(
+            meta(&db),
+            Some(value),
+            "the record behind the lost one was applied"
+        );
     }
 }
