@@ -9,7 +9,8 @@
 //! redb file in one durable transaction with the sequence number of the last journal record
 //! it holds, and goes on appending to the other journal file meanwhile: acknowledgements never
 //! wait for a checkpoint. At open, the records of both files after that number are applied
-//! again (a torn last record is dropped).
+//! again (a torn last record is dropped), then both files are zeroed and preallocated; after
+//! that they are written in place, never truncated (see `journal`).
 //!
 //! After an I/O error (a full disk, a failing device) the writer takes the store down —
 //! writes, claims and releases of due tasks fail with `Unavailable`, `healthy()` is false —
@@ -451,8 +452,8 @@ fn migrate(db: &Database) -> Result<(), redb::Error> {
 }
 
 /// Applies the records of both journal files that the redb file does not hold yet, in
-/// sequence, writes them into it and empties the journals; returns them, ready for the next
-/// record (the first one is written first).
+/// sequence, writes them into it, then zeros and preallocates both files (`Journal::prepare`);
+/// returns them, ready for the next record (the first one is written first).
 fn replay(
     db: &Database,
     mut ios: [Box<dyn JournalIo>; 2],
