@@ -1104,4 +1104,41 @@ pub mod tests {
         assert_eq!(mem.bytes.lock().len(), 2 << 20, "cut back to keep");
         assert!(mem.bytes.lock().iter().all(|&b| b == 0));
     }
+
+    /// A disk without room for the preallocation: `prepare` zeros what the file holds, takes
+    /// what room there is and succeeds; the file grows later as records come.
+    #[test]
+    fn prepare_takes_what_room_there_is() {
+        struct Room(MemJournal, usize);
+        impl JournalIo for Room {
+            fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+                if offset as usize + buf.len() > self.1 {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                self.0.write_at(offset, buf)
+            }
+            fn sync(&mut self) -> io::Result<()> {
+                self.0.sync()
+            }
+            fn size(&mut self) -> io::Result<u64> {
+                self.0.size()
+            }
+            fn read_all(&mut self) -> io::Result<Vec<u8>> {
+                self.0.read_all()
+            }
+            fn set_len(&mut self, len: u64) -> io::Result<()> {
+                self.0.set_len(len)
+            }
+        }
+        let mem = MemJournal::default();
+        *mem.bytes.lock() = vec![1; 100];
+        let mut j = Journal::new(Box::new(Room(mem.clone(), 3 << 20)), 1);
+        j.prepare().expect("prepare");
+        let len = mem.bytes.lock().len() as u64;
+        assert!((100..PREALLOC).contains(&len), "{len} bytes");
+        assert_eq!(j.allocated, len);
+        assert!(mem.bytes.lock().iter().all(|&b| b == 0));
+        let ops = sample(1);
+        j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+    }
 }
