@@ -918,11 +918,11 @@ impl Writer {
         let Ok(db) = self.shared.current() else {
             return;
         };
-        let (pending, seq) = {
+        let (pending, seq, switched) = {
             let mut o = self.shared.overlay.write();
             match &o.flushing {
                 // Its records are still in the spare file: the files stay as they are.
-                Some(f) => (f.clone(), self.flushing_seq),
+                Some(f) => (f.clone(), self.flushing_seq, false),
                 None if o.current.is_empty() => return,
                 None => {
                     let f = Arc::new(std::mem::take(&mut o.current));
@@ -930,11 +930,14 @@ impl Writer {
                     let seq = self.journal.last_seq();
                     self.flushing_seq = seq;
                     std::mem::swap(&mut self.journal, &mut self.spare);
-                    self.journal.restart(seq + 1);
-                    (f, seq)
+                    (f, seq, true)
                 }
             }
         };
+        // Outside the overlay's lock: cutting back a file a burst made long takes a moment.
+        if switched {
+            self.journal.restart(seq + 1);
+        }
         self.mailbox
             .post(|m| m.job = Some(Job { db, pending, seq }));
         self.in_flight = true;
