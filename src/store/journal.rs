@@ -220,7 +220,7 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.zero(self.len, end);
+                let _ = self.unwrite();
                 Err(e)
             }
         }
@@ -231,8 +231,7 @@ impl Journal {
     /// write is zeroed, not just its first head: a group split into several records leaves
     /// whole ones behind it, and a new record could end just where one of them starts.
     pub fn cut_to_good(&mut self) -> io::Result<()> {
-        let end = self.tried.max(self.len + HEAD as u64);
-        self.zero(self.len, end)?;
+        let end = self.unwrite()?;
         self.allocated = self.allocated.max(end);
         self.io.sync()?;
         self.tried = self.len;
@@ -283,6 +282,15 @@ impl Journal {
         self.len = 0;
         self.tried = 0;
         Ok(())
+    }
+
+    /// Zeros the refused write after the synced records: as much of it as the file holds (on a
+    /// full disk, a big refused write may have reached only part of it, and zeros past the
+    /// file's end would need room), and at least a head. Returns where the zeros end.
+    fn unwrite(&mut self) -> io::Result<u64> {
+        let end = self.tried.min(self.io.size()?).max(self.len + HEAD as u64);
+        self.zero(self.len, end)?;
+        Ok(end)
     }
 
     /// Writes zeros over `from..to`, a step at a time.
@@ -1105,31 +1113,33 @@ pub mod tests {
         assert!(mem.bytes.lock().iter().all(|&b| b == 0));
     }
 
+    /// A disk with room for this many bytes of the file: writes past them fail (ENOSPC).
+    struct Room(MemJournal, usize);
+    impl JournalIo for Room {
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            if offset as usize + buf.len() > self.1 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.0.write_at(offset, buf)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.0.sync()
+        }
+        fn size(&mut self) -> io::Result<u64> {
+            self.0.size()
+        }
+        fn read_all(&mut self) -> io::Result<Vec<u8>> {
+            self.0.read_all()
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+
     /// A disk without room for the preallocation: `prepare` zeros what the file holds, takes
     /// what room there is and succeeds; the file grows later as records come.
     #[test]
     fn prepare_takes_what_room_there_is() {
-        struct Room(MemJournal, usize);
-        impl JournalIo for Room {
-            fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-                if offset as usize + buf.len() > self.1 {
-                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-                }
-                self.0.write_at(offset, buf)
-            }
-            fn sync(&mut self) -> io::Result<()> {
-                self.0.sync()
-            }
-            fn size(&mut self) -> io::Result<u64> {
-                self.0.size()
-            }
-            fn read_all(&mut self) -> io::Result<Vec<u8>> {
-                self.0.read_all()
-            }
-            fn set_len(&mut self, len: u64) -> io::Result<()> {
-                self.0.set_len(len)
-            }
-        }
         let mem = MemJournal::default();
         *mem.bytes.lock() = vec![1; 100];
         let mut j = Journal::new(Box::new(Room(mem.clone(), 3 << 20)), 1);
@@ -1140,5 +1150,24 @@ pub mod tests {
         assert!(mem.bytes.lock().iter().all(|&b| b == 0));
         let ops = sample(1);
         j.append(&ops.iter().collect::<Vec<_>>()).expect("append");
+    }
+
+    /// A full disk refuses a write bigger than the room left: `cut_to_good` then zeros what
+    /// the file holds of it, and needs no room (zeros past the file's end would), so that the
+    /// store can heal as soon as the disk takes its probe again.
+    #[test]
+    fn cut_to_good_after_a_big_refused_write_needs_no_room() {
+        let mem = MemJournal::default();
+        *mem.bytes.lock() = vec![0; 4096];
+        let mut j = Journal::new(Box::new(Room(mem.clone(), 4096)), 1);
+        let small = [Op::DelTask("kept".into())];
+        j.append(&small.iter().collect::<Vec<_>>()).expect("append");
+        let big = [Op::PutTask("big".into(), vec![7; 64 << 10])];
+        assert!(j.append(&big.iter().collect::<Vec<_>>()).is_err());
+        j.cut_to_good().expect("cut_to_good");
+        let mut m = mem.clone();
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 1);
+        j.append(&small.iter().collect::<Vec<_>>()).expect("append");
     }
 }
