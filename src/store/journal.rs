@@ -22,7 +22,7 @@
 //! - a file that a burst made longer than `KEEP` is cut back to `PREALLOC` when it is started
 //!   again, so that the disk use stays bounded.
 //!
-//! Zeroing at open and zeroing a refused write whole (`cut_to_good`) make sure that no record
+//! Zeroing at open and zeroing all of a refused write (`cut_to_good`) make sure that no record
 //! newer than the last one applied is ever left in a file (after a torn record, or after a
 //! refused group of several records): a new record could otherwise happen to end just where such
 //! a record starts, and it would follow in sequence.
