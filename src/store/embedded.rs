@@ -2782,4 +2782,39 @@ mod tests {
             "the record behind the lost one was applied"
         );
     }
+
+    /// Over many checkpoints the journal files keep the length they were preallocated to at
+    /// open: each is written again in place from its start, never truncated nor grown, so a
+    /// commit's `fdatasync` never has a new length to commit. Both files are used in turn.
+    #[test]
+    fn the_journal_files_keep_their_preallocated_length_over_many_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
+        let b = s.backend();
+        let size = |f: &str| std::fs::metadata(dir.path().join(f)).expect("file").len();
+        let at_open = (size(JOURNAL), size(JOURNAL2));
+        assert!(at_open.0 > 0 && at_open.0 == at_open.1, "{at_open:?}");
+        let mut used = std::collections::HashSet::new();
+        for cycle in 0..40 {
+            for i in 0..20 {
+                b.write(vec![meta_op(&format!("k{i}"), &format!("{cycle}"))])
+                    .expect("write");
+            }
+            for f in [JOURNAL, JOURNAL2] {
+                let bytes = std::fs::read(dir.path().join(f)).expect("read");
+                if bytes.windows(3).any(|w| w == b"k19") {
+                    used.insert(f);
+                }
+            }
+            b.settle().expect("checkpoint");
+            assert_eq!(
+                (size(JOURNAL), size(JOURNAL2)),
+                at_open,
+                "cycle {cycle}: a file's length changed"
+            );
+        }
+        assert_eq!(used.len(), 2, "both files were written");
+        assert_eq!(s.get_meta("k19").expect("meta"), Some("39".into()));
+        s.close();
+    }
 }
