@@ -9,7 +9,8 @@
 //! redb file in one durable transaction with the sequence number of the last journal record
 //! it holds, and goes on appending to the other journal file meanwhile: acknowledgements never
 //! wait for a checkpoint. At open, the records of both files after that number are applied
-//! again (a torn last record is dropped).
+//! again (a torn last record is dropped), then both files are zeroed and preallocated; after
+//! that they are written in place, never truncated (see `journal`).
 //!
 //! After an I/O error (a full disk, a failing device) the writer takes the store down —
 //! writes, claims and releases of due tasks fail with `Unavailable`, `healthy()` is false —
@@ -451,8 +452,8 @@ fn migrate(db: &Database) -> Result<(), redb::Error> {
 }
 
 /// Applies the records of both journal files that the redb file does not hold yet, in
-/// sequence, writes them into it and empties the journals; returns them, ready for the next
-/// record (the first one is written first).
+/// sequence, writes them into it, then zeros and preallocates both files (`Journal::prepare`);
+/// returns them, ready for the next record (the first one is written first).
 fn replay(
     db: &Database,
     mut ios: [Box<dyn JournalIo>; 2],
@@ -490,14 +491,19 @@ fn replay(
             pending.apply(op, &|_| None);
         }
     }
-    let [first, second] = ios;
-    let journals = (
-        Journal::new(first, last + 1),
-        Journal::new(second, last + 1),
-    );
     checkpoint(db, &pending, last).map_err(unavailable)?;
     if n > 0 {
         log::info!("store: {n} journal records applied to {FILE}");
+    }
+    // Everything read is in the redb file now: the files are zeroed and preallocated.
+    let [first, second] = ios;
+    let mut journals = (
+        Journal::new(first, last + 1),
+        Journal::new(second, last + 1),
+    );
+    for (name, j) in [(JOURNAL, &mut journals.0), (JOURNAL2, &mut journals.1)] {
+        j.prepare()
+            .map_err(|e| unavailable(format!("cannot prepare {name}: {e}")))?;
     }
     Ok(journals)
 }
@@ -912,11 +918,11 @@ impl Writer {
         let Ok(db) = self.shared.current() else {
             return;
         };
-        let (pending, seq) = {
+        let (pending, seq, switched) = {
             let mut o = self.shared.overlay.write();
             match &o.flushing {
                 // Its records are still in the spare file: the files stay as they are.
-                Some(f) => (f.clone(), self.flushing_seq),
+                Some(f) => (f.clone(), self.flushing_seq, false),
                 None if o.current.is_empty() => return,
                 None => {
                     let f = Arc::new(std::mem::take(&mut o.current));
@@ -924,11 +930,14 @@ impl Writer {
                     let seq = self.journal.last_seq();
                     self.flushing_seq = seq;
                     std::mem::swap(&mut self.journal, &mut self.spare);
-                    self.journal.restart(seq + 1);
-                    (f, seq)
+                    (f, seq, true)
                 }
             }
         };
+        // Outside the overlay's lock: cutting back a file a burst made long takes a moment.
+        if switched {
+            self.journal.restart(seq + 1);
+        }
         self.mailbox
             .post(|m| m.job = Some(Job { db, pending, seq }));
         self.in_flight = true;
@@ -2534,8 +2543,11 @@ mod tests {
         s.insert(&[task("a", State::Delayed, 1)]).expect("insert");
         assert_eq!(s.name(), "embedded");
         let size = |f: &str| std::fs::metadata(dir.path().join(f)).expect("file").len();
-        assert!(size(FILE) > 0 && size(JOURNAL) > 0);
-        assert_eq!(s.data_bytes(), Some(size(FILE) + size(JOURNAL)));
+        assert!(size(FILE) > 0 && size(JOURNAL) > 0 && size(JOURNAL2) > 0);
+        assert_eq!(
+            s.data_bytes(),
+            Some(size(FILE) + size(JOURNAL) + size(JOURNAL2))
+        );
         s.close();
     }
 
@@ -2672,6 +2684,137 @@ mod tests {
             None,
             "deleted in the file too"
         );
+        s.close();
+    }
+
+    /// A journal file is reused after a checkpoint: its new records overwrite the older ones
+    /// from its start, and where fewer new records were written the older ones stay behind
+    /// them, whole, with valid CRCs. After a crash at that moment the reopen applies the new
+    /// records only: tasks deleted since come back from none of the older ones.
+    #[test]
+    fn older_records_left_in_a_reused_file_are_not_replayed_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
+        let b = s.backend();
+        // First cycle, into poulpe.journal: ten tasks, a record each.
+        for i in 0..10 {
+            s.insert(&[task(&format!("old-{i}"), State::Delayed, i)])
+                .expect("insert");
+        }
+        b.settle().expect("checkpoint");
+        // Second cycle, into poulpe.journal2: all of them deleted.
+        b.write((0..10).map(|i| Op::DelTask(format!("old-{i}"))).collect())
+            .expect("write");
+        b.settle().expect("checkpoint");
+        // Third, into poulpe.journal again from its start: two new tasks.
+        for i in 0..2 {
+            s.insert(&[task(&format!("new-{i}"), State::Delayed, i)])
+                .expect("insert");
+        }
+        // A crash now: the files as they are (every acknowledged record is synced).
+        let crashed = tempfile::tempdir().expect("tempdir");
+        for f in [FILE, JOURNAL, JOURNAL2] {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).expect("copy");
+        }
+        s.close();
+        let bytes = std::fs::read(crashed.path().join(JOURNAL)).expect("read");
+        let again = open(crashed.path(), CHECKPOINT_EVERY).expect("reopen");
+        let mut ids: Vec<String> = again
+            .recover()
+            .expect("recover")
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["new-0", "new-1"]);
+        again.close();
+        // The reused file held the two new records, then older ones, whole.
+        assert!(
+            bytes.windows(5).any(|w| w == b"old-9"),
+            "the last older record was still whole in the file"
+        );
+        let mut m = MemJournal::default();
+        *m.bytes.lock() = bytes;
+        let r = Journal::read(&mut m, 0).expect("read");
+        assert_eq!(r.records.len(), 2, "the new records");
+        assert!(r.dropped > 0, "older records were left behind them");
+    }
+
+    /// The records behind one that is lost in the middle of a file (torn, or damaged on disk)
+    /// are not applied; nor later, once new records are written: the open zeros the files, so
+    /// that a new record cannot happen to end where one of them starts and be followed by it.
+    #[test]
+    fn records_behind_a_lost_one_never_come_back_after_new_writes() {
+        let (a, b) = (MemJournal::default(), MemJournal::default());
+        let mut ja = Journal::new(Box::new(a.clone()), 1);
+        ja.append(&[&meta_op("k", "1")]).expect("append");
+        let lost_at = ja.len() as usize;
+        ja.append(&[&meta_op("k", "lost")]).expect("append");
+        let behind_at = ja.len() as usize;
+        ja.append(&[&meta_op("k", "behind")]).expect("append");
+        a.bytes.lock()[lost_at + 20] ^= 0x01;
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(unavailable)
+            .and_then(create_tables)
+            .expect("db");
+        let meta = |db: &Database| -> Option<String> {
+            let txn = db.begin_read().expect("read");
+            let t = txn.open_table(META).expect("meta");
+            let v = t.get("k").expect("get");
+            v.map(|g| String::from_utf8_lossy(g.value()).into_owned())
+        };
+        let (mut j, _) = replay(&db, [Box::new(a.clone()), Box::new(b.clone())]).expect("replay");
+        assert_eq!(
+            meta(&db).as_deref(),
+            Some("1"),
+            "nothing after the lost record"
+        );
+        // Record 2 again, as long as records 1 and 2 were: it ends where record 3 starts.
+        let head = 26; // length, CRC, sequence number, op tag, key length, "k", value length
+        let value = "n".repeat(behind_at - head);
+        j.append(&[&meta_op("k", &value)]).expect("append");
+        assert_eq!(j.len() as usize, behind_at);
+        replay(&db, [Box::new(a), Box::new(b)]).expect("replay");
+        assert_eq!(
+            meta(&db),
+            Some(value),
+            "the record behind the lost one was applied"
+        );
+    }
+
+    /// Over many checkpoints the journal files keep the length they were preallocated to at
+    /// open: each is written again in place from its start, never truncated nor grown, so a
+    /// commit's `fdatasync` never has a new length to commit. Both files are used in turn.
+    #[test]
+    fn the_journal_files_keep_their_preallocated_length_over_many_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
+        let b = s.backend();
+        let size = |f: &str| std::fs::metadata(dir.path().join(f)).expect("file").len();
+        let at_open = (size(JOURNAL), size(JOURNAL2));
+        assert!(at_open.0 > 0 && at_open.0 == at_open.1, "{at_open:?}");
+        let mut used = std::collections::HashSet::new();
+        for cycle in 0..40 {
+            for i in 0..20 {
+                b.write(vec![meta_op(&format!("k{i}"), &format!("{cycle}"))])
+                    .expect("write");
+            }
+            for f in [JOURNAL, JOURNAL2] {
+                let bytes = std::fs::read(dir.path().join(f)).expect("read");
+                if bytes.windows(3).any(|w| w == b"k19") {
+                    used.insert(f);
+                }
+            }
+            b.settle().expect("checkpoint");
+            assert_eq!(
+                (size(JOURNAL), size(JOURNAL2)),
+                at_open,
+                "cycle {cycle}: a file's length changed"
+            );
+        }
+        assert_eq!(used.len(), 2, "both files were written");
+        assert_eq!(s.get_meta("k19").expect("meta"), Some("39".into()));
         s.close();
     }
 }
