@@ -114,6 +114,7 @@ end
     };
 }
 
+mod claims;
 mod listen;
 // After the macros: its scripts use them.
 mod nodes;
@@ -188,30 +189,39 @@ return out
 "
 );
 
-/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
-/// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
-/// cancelled here, then used again on another node) must not run the old task in its place.
-/// With `ARGV[5]` (a task with cc, on that worker) it also takes slot `ARGV[5]` for `ARGV[6]` ms,
-/// or answers 2 and changes nothing when it is held. An empty `ARGV[4]` instead frees the slot
-/// if this attempt still holds it (one script less to load). Not indented, as `BEAT`.
+/// Claims for node `ARGV[2]` each ready task of the (id, running mark, cc slot, lease ms)
+/// groups after it, in order, answering one number each: 1 if it won, 0 if not. A task another
+/// node owns is not claimed (`mine`): a stale entry of this node's pool (its id cancelled here,
+/// then used again on another node) must not run the old task in its place. A group with a slot
+/// (a task with cc, on that worker) also takes that slot for the lease, or answers 2 and changes
+/// nothing when it is held. An empty running mark instead frees the slot if that attempt still
+/// holds it (one script less to load). Not indented, as `BEAT`.
 const CLAIM: &str = concat!(
     r"
-local p, me, id = ARGV[1], ARGV[2], ARGV[3]
+local p, me = ARGV[1], ARGV[2]
 ",
     lua_mine!(),
     r"
-local k = p .. 'task:' .. id
-local s, v = p .. 'slot:' .. (ARGV[5] or ''), me .. ' ' .. id
-if ARGV[4] == '' then
+local out = {}
+for i = 3, #ARGV, 4 do
+local id, w = ARGV[i], ARGV[i + 2]
+local k, s, v = p .. 'task:' .. id, p .. 'slot:' .. w, me .. ' ' .. id
+local r = 0
+if ARGV[i + 1] == '' then
 if redis.call('GET', s) == v then redis.call('DEL', s) end
-return 0
-end
-if mine(k) ~= 'ready' then return 0 end
-if ARGV[5] and not redis.call('SET', s, v, 'NX', 'PX', ARGV[6]) then return 2 end
-redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
+elseif mine(k) == 'ready' then
+if w ~= '' and not redis.call('SET', s, v, 'NX', 'PX', ARGV[i + 3]) then
+r = 2
+else
+redis.call('HSET', k, 'state', 'running', 'data', ARGV[i + 1], 'node', me)
 redis.call('SADD', p .. 'owned:' .. me, id)
 redis.call('HSET', p .. 'running', id, me)
-return 1
+r = 1
+end
+end
+out[#out + 1] = r
+end
+return out
 "
 );
 
@@ -501,6 +511,8 @@ pub(crate) struct RedisStore {
     /// Set by `close`: the health thread ends.
     closed: Arc<AtomicBool>,
     scripts: Scripts,
+    /// The workers' claims waiting to be sent together.
+    claims: claims::Claims,
 }
 
 #[derive(Clone)]
@@ -672,6 +684,7 @@ impl RedisStore {
             up,
             closed,
             scripts,
+            claims: claims::Claims::default(),
         })
     }
 
@@ -714,20 +727,33 @@ impl RedisStore {
         })
     }
 
-    /// Runs `CLAIM`, taking cc slot `slot` too when given (with a lease of `--node_ttl`); not
-    /// `claim`: frees that slot if `task`'s attempt still holds it.
+    /// Runs `CLAIM` for `task`, with the claims of other workers waiting at the same moment
+    /// (`claims::Claims`), taking cc slot `slot` too when given (with a lease of
+    /// `--node_ttl`); not `claim`: frees that slot if `task`'s attempt still holds it.
     fn claim_call(&self, task: &Task, slot: Option<usize>, claim: bool) -> Result<i64, StoreError> {
         let data = if claim {
             super::running_json(task)?
         } else {
             Vec::new()
         };
-        let mut call = self.scripts.claim.arg(&self.prefix);
-        call.arg(&self.node).arg(&task.id).arg(data.as_slice());
-        if let Some(w) = slot {
-            call.arg(w).arg(self.node_ttl * 1000);
-        }
-        self.with(|c| call.invoke(c))
+        let ask = claims::Ask {
+            id: task.id.clone(),
+            data,
+            slot,
+        };
+        self.claims.claim(ask, |asks| {
+            let mut call = self.scripts.claim.arg(&self.prefix);
+            call.arg(&self.node);
+            let lease = self.node_ttl * 1000;
+            for a in asks {
+                call.arg(&a.id).arg(a.data.as_slice());
+                match a.slot {
+                    Some(w) => call.arg(w).arg(lease),
+                    None => call.arg("").arg(""),
+                };
+            }
+            self.with(|c| call.invoke(c))
+        })
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
