@@ -28,6 +28,13 @@ fi
 command -v file >/dev/null || { need_root apt-get update -qq; need_root apt-get install -y -qq file; }
 
 export CC_x86_64_unknown_linux_musl=musl-gcc
+# Linked by the lld that ships with the Rust toolchain (rustup puts it under the sysroot as
+# `gcc-ld/ld.lld`), folding functions whose machine code is identical (`--icf=all`): about 40 KB
+# less in the build without Kafka, measured in BENCHMARKS.md. Added to the musl target's
+# rustflags of .cargo/config.toml (cargo joins the two lists).
+GCC_LD="$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld"
+[ -x "$GCC_LD/ld.lld" ] || { echo "error: no $GCC_LD/ld.lld: install Rust with rustup" >&2; exit 1; }
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=-fuse-ld=lld -C link-arg=-B$GCC_LD -C link-arg=-Wl,--icf=all"
 cargo build --release --locked --target "$TARGET" --bin poulpe --no-default-features
 cp "$BIN" "$LITE"
 cargo build --release --locked --target "$TARGET" --bin poulpe
