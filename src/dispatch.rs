@@ -8,7 +8,9 @@
 use crate::task::Task;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// One worker's share of the pool state.
@@ -39,6 +41,11 @@ pub(crate) struct Load {
 pub(crate) struct Pool {
     state: Mutex<State>,
     wake: Vec<Condvar>,
+    /// The thread that takes other nodes' tasks (`node-steal`), unparked by the next worker
+    /// that runs out of work while `idle_wanted` is set (it sets it only when it waits for one:
+    /// a node alone never wakes it).
+    idle_thread: OnceLock<Thread>,
+    idle_wanted: AtomicBool,
 }
 
 fn allowed(task: &Task, worker: usize) -> bool {
@@ -59,6 +66,8 @@ impl Pool {
                 paused: false,
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
+            idle_thread: OnceLock::new(),
+            idle_wanted: AtomicBool::new(false),
         }
     }
 
@@ -114,7 +123,16 @@ impl Pool {
                 Some(t) => {
                     self.wake[w].wait_until(&mut st, t);
                 }
-                None => self.wake[w].wait(&mut st),
+                None => {
+                    if self.idle_wanted.load(Ordering::Relaxed)
+                        && self.idle_wanted.swap(false, Ordering::Relaxed)
+                    {
+                        if let Some(t) = self.idle_thread.get() {
+                            t.unpark();
+                        }
+                    }
+                    self.wake[w].wait(&mut st);
+                }
             }
         }
     }
@@ -153,6 +171,23 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Asks for the calling thread (always the same one) to be unparked by the next worker that
+    /// runs out of work.
+    pub(crate) fn wake_on_idle(&self) {
+        let _ = self.idle_thread.set(std::thread::current());
+        self.idle_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Workers that could start a task now, when no task waits in any queue (0 otherwise, and
+    /// while paused or stopping): how many tasks this node may take from the other nodes.
+    pub(crate) fn idle(&self) -> usize {
+        let st = self.state.lock();
+        if st.paused || st.stopping || st.slots.iter().any(|s| !s.queue.is_empty()) {
+            return 0;
+        }
+        st.slots.iter().filter(|s| s.running.is_none()).count()
     }
 
     /// Worker `w` finished its attempt.

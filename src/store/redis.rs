@@ -16,6 +16,9 @@
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
 //!   found. Only the owner takes a task due or claims it: another node's entry for its id is
 //!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
+//! - `<p>ready:<node>` sorted set (score = due µs, or acceptance µs): the ready tasks without cc
+//!   that node owns and queues in memory, for the idle nodes to take ([`steal`]); an id leaves
+//!   it when claimed, cancelled, taken by another node or recovered
 //! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
 //!   ms of Redis's own `TIME`, so that nodes' clocks need not agree; 0 once the node stopped)
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
@@ -78,12 +81,13 @@ macro_rules! lua_prelude {
             r"
 local function take(id, out)
   local k = p .. 'task:' .. id
-  local s = redis.call('HGET', k, 'state')
+  local v = redis.call('HMGET', k, 'state', 'due', 'node')
+  local s, due = v[1], v[2]
   if not s then
     redis.call('SREM', p .. 'live', id)
     return
   end
-  local due = redis.call('HGET', k, 'due')
+  if v[3] then redis.call('ZREM', p .. 'ready:' .. v[3], id) end
   if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
   redis.call('HSET', k, 'node', me)
   redis.call('HDEL', p .. 'running', id)
@@ -117,8 +121,9 @@ end
 mod listen;
 // After the macros: its scripts use them.
 mod nodes;
+mod steal;
 
-const INSERT: &str = r"
+const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
 local i = 4
@@ -147,6 +152,8 @@ for g = 1, ngroups do
       redis.call('ZREM', p .. 'results', id)
       if state == 'delayed' or state == 'retry_wait' then
         redis.call('ZADD', p .. 'due', due, id)
+      elseif not string.find(data, '"cc":', 1, true) then
+        redis.call('ZADD', p .. 'ready:' .. me, due, id)
       end
     end
     out[g] = ''
@@ -154,7 +161,7 @@ for g = 1, ngroups do
   i = start + n * 5
 end
 return out
-";
+"#;
 
 /// Moves each id of the (id, due µs) pairs after the prefix, this node and the `again` flag
 /// from waiting (delayed or retry_wait; with `again` = '1' also ready) to ready, owned by this
@@ -167,7 +174,7 @@ local p, me = ARGV[1], ARGV[2]
 local again = ARGV[3] == '1'
 ",
     lua_mine!(),
-    r"
+    r#"
 local out = {}
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
@@ -179,13 +186,17 @@ for i = 4, #ARGV, 2 do
     redis.call('HSET', k, 'state', 'ready', 'node', me)
     redis.call('SADD', p .. 'owned:' .. me, id)
     redis.call('ZREM', p .. 'due', id)
-    out[n] = redis.call('HGET', k, 'data')
+    local d = redis.call('HGET', k, 'data')
+    if not string.find(d, '"cc":', 1, true) then
+      redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
+    end
+    out[n] = d
   else
     out[n] = false
   end
 end
 return out
-"
+"#
 );
 
 /// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
@@ -210,6 +221,7 @@ if mine(k) ~= 'ready' then return 0 end
 if ARGV[5] and not redis.call('SET', s, v, 'NX', 'PX', ARGV[6]) then return 2 end
 redis.call('HSET', k, 'state', 'running', 'data', ARGV[4], 'node', me)
 redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('ZREM', p .. 'ready:' .. me, id)
 redis.call('HSET', p .. 'running', id, me)
 return 1
 "
@@ -225,7 +237,10 @@ local s = redis.call('HGET', k, 'state')
 if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
   if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
   local o = redis.call('HGET', k, 'node')
-  if o then redis.call('SREM', p .. 'owned:' .. o, id) end
+  if o then
+    redis.call('SREM', p .. 'owned:' .. o, id)
+    redis.call('ZREM', p .. 'ready:' .. o, id)
+  end
   redis.call('DEL', k)
   redis.call('SREM', p .. 'live', id)
   redis.call('ZREM', p .. 'due', id)
@@ -244,7 +259,7 @@ return 'unknown'
 /// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`), owned by node
 /// `ARGV[6]`, in place of its result, if that result is still `ARGV[3]` and no task has taken
 /// the id since (else 'changed').
-const REVIVE: &str = r"
+const REVIVE: &str = r#"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
 if redis.call('EXISTS', k) == 1 or redis.call('GET', p .. 'result:' .. id) ~= ARGV[3] then
@@ -255,8 +270,11 @@ redis.call('ZREM', p .. 'results', id)
 redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5], 'node', ARGV[6])
 redis.call('SADD', p .. 'live', id)
 redis.call('SADD', p .. 'owned:' .. ARGV[6], id)
+if not string.find(ARGV[5], '"cc":', 1, true) then
+  redis.call('ZADD', p .. 'ready:' .. ARGV[6], ARGV[4], id)
+end
 return 'ok'
-";
+"#;
 
 /// A page of unfinished tasks in state `ARGV[2]` by `SSCAN` of the live set, from scan cursor
 /// `ARGV[3]`, past id `ARGV[4]` in that batch ('' from its start), examining at most `ARGV[5]`
@@ -400,7 +418,10 @@ if dead ~= '' then
     if not o or o == dead then take(id, out) end
   end
   local left = redis.call('SCARD', set)
-  if left == 0 then redis.call('HDEL', p .. 'nodes', dead) end
+  if left == 0 then
+    redis.call('HDEL', p .. 'nodes', dead)
+    redis.call('DEL', p .. 'ready:' .. dead)
+  end
   out[1] = tostring(left)
   return out
 end
@@ -515,6 +536,7 @@ struct Scripts {
     recover: Script,
     trim_results: Script,
     beat: Script,
+    steal: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -628,6 +650,7 @@ impl RedisStore {
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
             beat: Script::new(nodes::BEAT),
+            steal: Script::new(steal::STEAL),
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
