@@ -349,6 +349,41 @@ mod tests {
         assert!(worker.join().is_ok(), "the paused worker saw the stop");
     }
 
+    /// `idle` counts the workers that could start a task only while nothing is queued and the
+    /// pool is neither paused nor stopping; a thread that asked `wake_on_idle` is unparked by
+    /// the next worker that runs out of work, once.
+    #[test]
+    fn idle_workers_are_counted_only_with_nothing_queued_and_the_asker_is_woken() {
+        let p = Arc::new(Pool::new(2));
+        assert_eq!(p.idle(), 2);
+        p.dispatch(t("a", &[]));
+        assert_eq!(p.idle(), 0, "a task is queued");
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("a".into()));
+        assert_eq!(p.idle(), 1, "worker 0 runs, worker 1 idles");
+        p.set_paused(true);
+        assert_eq!(p.idle(), 0, "paused");
+        p.set_paused(false);
+        p.wake_on_idle();
+        let worker = {
+            let p = p.clone();
+            std::thread::spawn(move || while p.next(1).is_some() {})
+        };
+        // Worker 1 finds nothing and waits: it unparks this thread and clears the request.
+        for _ in 0..100 {
+            if !p.idle_wanted.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+        assert!(
+            !p.idle_wanted.load(Ordering::Relaxed),
+            "the idle worker woke the asker"
+        );
+        p.stop();
+        assert_eq!(p.idle(), 0, "stopping");
+        assert!(worker.join().is_ok());
+    }
+
     /// A cc task whose slot another node holds goes back first in its worker's queue: that
     /// worker runs a task without cc meanwhile, another worker of its cc takes it at once, and
     /// its own worker takes it again once the wait has passed, before later cc tasks.
