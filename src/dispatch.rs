@@ -8,8 +8,7 @@
 use crate::task::Task;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,9 @@ struct State {
     stopping: bool,
     /// Workers take no task while set (`POST /pause`); queues still fill.
     paused: bool,
+    /// The thread that takes other nodes' tasks (`node-steal`) while it waits for a worker to
+    /// run out of work: the next one that does unparks it (a node alone never sets it).
+    idle_waiter: Option<Thread>,
 }
 
 /// Per-worker load, for `/sys_info`.
@@ -41,11 +43,6 @@ pub(crate) struct Load {
 pub(crate) struct Pool {
     state: Mutex<State>,
     wake: Vec<Condvar>,
-    /// The thread that takes other nodes' tasks (`node-steal`), unparked by the next worker
-    /// that runs out of work while `idle_wanted` is set (it sets it only when it waits for one:
-    /// a node alone never wakes it).
-    idle_thread: OnceLock<Thread>,
-    idle_wanted: AtomicBool,
 }
 
 fn allowed(task: &Task, worker: usize) -> bool {
@@ -64,10 +61,9 @@ impl Pool {
                 slots: (0..workers).map(|_| Slot::default()).collect(),
                 stopping: false,
                 paused: false,
+                idle_waiter: None,
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
-            idle_thread: OnceLock::new(),
-            idle_wanted: AtomicBool::new(false),
         }
     }
 
@@ -124,12 +120,8 @@ impl Pool {
                     self.wake[w].wait_until(&mut st, t);
                 }
                 None => {
-                    if self.idle_wanted.load(Ordering::Relaxed)
-                        && self.idle_wanted.swap(false, Ordering::Relaxed)
-                    {
-                        if let Some(t) = self.idle_thread.get() {
-                            t.unpark();
-                        }
+                    if let Some(t) = st.idle_waiter.take() {
+                        t.unpark();
                     }
                     self.wake[w].wait(&mut st);
                 }
@@ -173,21 +165,21 @@ impl Pool {
         None
     }
 
-    /// Asks for the calling thread (always the same one) to be unparked by the next worker that
-    /// runs out of work.
-    pub(crate) fn wake_on_idle(&self) {
-        let _ = self.idle_thread.set(std::thread::current());
-        self.idle_wanted.store(true, Ordering::Relaxed);
-    }
-
-    /// Workers that could start a task now, when no task waits in any queue (0 otherwise, and
-    /// while paused or stopping): how many tasks this node may take from the other nodes.
+    /// Workers that could start a task now, when no task waits in any queue: how many tasks
+    /// this node may take from the other nodes. When none (something is queued, every worker
+    /// runs, or the pool is paused or stopping), the calling thread is unparked by the next
+    /// worker that runs out of work.
     pub(crate) fn idle(&self) -> usize {
-        let st = self.state.lock();
-        if st.paused || st.stopping || st.slots.iter().any(|s| !s.queue.is_empty()) {
-            return 0;
+        let mut st = self.state.lock();
+        let n = if st.paused || st.stopping || st.slots.iter().any(|s| !s.queue.is_empty()) {
+            0
+        } else {
+            st.slots.iter().filter(|s| s.running.is_none()).count()
+        };
+        if n == 0 {
+            st.idle_waiter = Some(std::thread::current());
         }
-        st.slots.iter().filter(|s| s.running.is_none()).count()
+        n
     }
 
     /// Worker `w` finished its attempt.
@@ -350,12 +342,16 @@ mod tests {
     }
 
     /// `idle` counts the workers that could start a task only while nothing is queued and the
-    /// pool is neither paused nor stopping; a thread that asked `wake_on_idle` is unparked by
-    /// the next worker that runs out of work, once.
+    /// pool is neither paused nor stopping; a thread that found none is unparked by the next
+    /// worker that runs out of work, once.
     #[test]
     fn idle_workers_are_counted_only_with_nothing_queued_and_the_asker_is_woken() {
         let p = Arc::new(Pool::new(2));
         assert_eq!(p.idle(), 2);
+        assert!(
+            p.state.lock().idle_waiter.is_none(),
+            "found some: no wake-up"
+        );
         p.dispatch(t("a", &[]));
         assert_eq!(p.idle(), 0, "a task is queued");
         assert_eq!(p.next(0).map(|t| t.id.clone()), Some("a".into()));
@@ -363,20 +359,23 @@ mod tests {
         p.set_paused(true);
         assert_eq!(p.idle(), 0, "paused");
         p.set_paused(false);
-        p.wake_on_idle();
+        assert!(
+            p.state.lock().idle_waiter.is_some(),
+            "found none: woken later"
+        );
         let worker = {
             let p = p.clone();
             std::thread::spawn(move || while p.next(1).is_some() {})
         };
-        // Worker 1 finds nothing and waits: it unparks this thread and clears the request.
+        // Worker 1 finds nothing and waits: it unparks this thread, once.
         for _ in 0..100 {
-            if !p.idle_wanted.load(Ordering::Relaxed) {
+            if p.state.lock().idle_waiter.is_none() {
                 break;
             }
             std::thread::park_timeout(Duration::from_millis(100));
         }
         assert!(
-            !p.idle_wanted.load(Ordering::Relaxed),
+            p.state.lock().idle_waiter.is_none(),
             "the idle worker woke the asker"
         );
         p.stop();

@@ -51,8 +51,7 @@ impl Steal {
                 park_timeout(MOST);
                 continue;
             }
-            // Asked before looking, so that a worker running out of work meanwhile wakes it.
-            self.pool.wake_on_idle();
+            // None: the next worker that runs out of work wakes this thread.
             let idle = self.pool.idle();
             if idle == 0 {
                 wait = FIRST;

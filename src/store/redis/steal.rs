@@ -43,8 +43,8 @@ return out
 );
 
 impl RedisStore {
-    /// Runs `STEAL` for at most `n` tasks; a task whose data cannot be read is logged and left
-    /// to this node's next start (it is this node's now, ready in the store).
+    /// Runs `STEAL` for at most `n` tasks. Were a task's data unreadable (`Corrupt`), the
+    /// tasks taken stay this node's, ready in the store, for its next start.
     pub(super) fn steal_call(&self, n: usize) -> Result<Vec<Task>, StoreError> {
         let data: Vec<String> = self.with(|c| {
             self.scripts
@@ -54,14 +54,7 @@ impl RedisStore {
                 .arg(n)
                 .invoke(c)
         })?;
-        let mut tasks = Vec::with_capacity(data.len());
-        for d in &data {
-            match ready_task(d) {
-                Ok(t) => tasks.push(t),
-                Err(e) => log::error!("node {}: a task taken from another node: {e}", self.node),
-            }
-        }
-        Ok(tasks)
+        data.iter().map(|d| ready_task(d)).collect()
     }
 }
 
