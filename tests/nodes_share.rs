@@ -235,9 +235,10 @@ fn a_node_killed_while_running_tasks_it_took_loses_none() {
     }
 }
 
-/// Lines of `redis-cli MONITOR` output that are calls of the script taking other nodes' tasks:
-/// `EVALSHA <sha> 0 poulpe: <node> <n>`, the only script called with those three arguments.
-fn steal_calls(monitor: &str) -> usize {
+/// Lines of `redis-cli MONITOR` output that are calls of the script taking other nodes' tasks
+/// by node `node` (any when empty): `EVALSHA <sha> 0 poulpe: <node> <n>`, the only script
+/// called with those three arguments.
+fn steal_calls(monitor: &str, node: &str) -> usize {
     monitor
         .lines()
         .filter(|l| {
@@ -252,6 +253,7 @@ fn steal_calls(monitor: &str) -> usize {
             args.len() == 5
                 && args[1] == "0"
                 && args[2] == "poulpe:"
+                && (node.is_empty() || args[3] == node)
                 && !args[4].is_empty()
                 && args[4].bytes().all(|b| b.is_ascii_digit())
         })
@@ -297,12 +299,40 @@ fn a_node_alone_on_its_prefix_never_asks_for_other_nodes_tasks() {
     });
     assert!(alone.contains("EVALSHA"), "MONITOR saw the node's calls");
     assert_eq!(
-        steal_calls(&alone),
+        steal_calls(&alone, ""),
         0,
         "a alone asked for other nodes' tasks"
     );
     let b = node(dir.path(), &redis, "b", "2");
     all_listed(&[&a, &b], 2);
     let two = monitor(&redis, || std::thread::sleep(Duration::from_secs(3)));
-    assert!(steal_calls(&two) > 0, "two idle nodes ask for work");
+    assert!(steal_calls(&two, "") > 0, "two idle nodes ask for work");
+}
+
+/// A paused node takes nothing: while idle node b is paused, node a's tasks all run on a and b
+/// never asks for them (what it took would wait in its paused queue until a took it back);
+/// once b resumes it takes a share again.
+#[test]
+fn a_paused_node_takes_no_other_nodes_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a", "1");
+    let b = node(dir.path(), &redis, "b", "2");
+    all_listed(&[&a, &b], 2);
+    let (code, r) = common::post_json(&b.url("/pause"), &json!({}));
+    assert_eq!(code, 200, "{r}");
+    let seen = monitor(&redis, || {
+        let ids = submit_all(&a, &slow(&sink, "p-", 6, 500, 0));
+        for id in &ids {
+            assert_eq!(ran_on(&a, id), "a", "{id} ran on the paused node");
+        }
+    });
+    assert!(seen.contains("EVALSHA"), "MONITOR saw the nodes' calls");
+    assert_eq!(steal_calls(&seen, "b"), 0, "paused b asked for a's tasks");
+    let (code, r) = common::post_json(&b.url("/resume"), &json!({}));
+    assert_eq!(code, 200, "{r}");
+    let ids = submit_all(&a, &slow(&sink, "q-", 8, 500, 0));
+    let on_b = ids.iter().filter(|id| ran_on(&a, id) == "b").count();
+    assert!(on_b > 0, "b, resumed, took none");
 }
