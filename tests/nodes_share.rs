@@ -2,8 +2,8 @@
 //! `appendonly yes`): an idle node takes the ready tasks a busy node queues, each task running
 //! once and none early; a `wait` on the busy node is answered for tasks the idle one ran; a task
 //! queued on a node is cancelled from another and never runs; a node killed with `kill -9`
-//! while it runs tasks it took loses none of them; a node alone on its prefix never asks for
-//! other nodes' tasks. Node ids and ttls are given as `POULPE_NODE_ID` and `POULPE_NODE_TTL`.
+//! while it runs tasks it took loses none of them, and one stopped with SIGTERM finishes them;
+//! a node alone on its prefix, or paused, never asks for other nodes' tasks. Node ids and ttls are given as `POULPE_NODE_ID` and `POULPE_NODE_TTL`.
 
 mod common;
 use common::{eventually, free_port, hits::hits_by_id, redis::RedisServer, Server, Sink};
@@ -335,4 +335,39 @@ fn a_paused_node_takes_no_other_nodes_tasks() {
     let ids = submit_all(&a, &slow(&sink, "q-", 8, 500, 0));
     let on_b = ids.iter().filter(|id| ran_on(&a, id) == "b").count();
     assert!(on_b > 0, "b, resumed, took none");
+}
+
+/// Node b, running tasks it took from node a, is stopped with SIGTERM: it exits cleanly once
+/// its attempts have finished, recording them, and every task runs exactly once, the rest
+/// on a.
+#[test]
+fn a_node_stopped_while_running_tasks_it_took_finishes_them_and_each_runs_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a", "1");
+    let mut b = node(dir.path(), &redis, "b", "2");
+    all_listed(&[&a, &b], 2);
+    let ids = submit_all(&a, &slow(&sink, "t-", 8, 1000, 0));
+    eventually(Duration::from_secs(15), "b running a's tasks", || {
+        let (_, info) = b.get("/sys_info");
+        let busy = info["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["task"].is_string()));
+        busy.then_some(())
+    });
+    assert!(b.term().success(), "{}", b.log_text());
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    common::hits::wait_all_hit(&sink, &want, Duration::from_secs(60), "after SIGTERM");
+    let mut on_b = 0;
+    for id in &ids {
+        on_b += usize::from(ran_on(&a, id) == "b");
+    }
+    assert!(on_b > 0, "b finished none of the tasks it ran");
+    let seen = hits_by_id(&sink.hits());
+    let twice: Vec<&String> = ids
+        .iter()
+        .filter(|id| seen.get(*id).map_or(0, Vec::len) != 1)
+        .collect();
+    assert!(twice.is_empty(), "not run exactly once: {twice:?}");
 }
