@@ -3,7 +3,8 @@
 //! once and none early; a `wait` on the busy node is answered for tasks the idle one ran; a task
 //! queued on a node is cancelled from another and never runs; a node killed with `kill -9`
 //! while it runs tasks it took loses none of them, and one stopped with SIGTERM finishes them;
-//! a node alone on its prefix, or paused, never asks for other nodes' tasks. Node ids and ttls are given as `POULPE_NODE_ID` and `POULPE_NODE_TTL`.
+//! a node alone on its prefix, or paused, never asks for other nodes' tasks. Node ids and ttls
+//! are given as `POULPE_NODE_ID` and `POULPE_NODE_TTL`.
 
 mod common;
 use common::{eventually, free_port, hits::hits_by_id, redis::RedisServer, Server, Sink};
