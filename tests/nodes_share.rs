@@ -205,7 +205,7 @@ fn a_node_killed_while_running_tasks_it_took_loses_none() {
     let mut b = node(dir.path(), &redis, "b", "2");
     all_listed(&[&a, &b], 2);
     let ids = submit_all(&a, &slow(&sink, "k-", 6, 2000, 0));
-    // b's own workers (`working_keys` lists the whole cluster's).
+    // b's own workers (`working_keys` lists the whole cluster's), their requests at the sink.
     let running = eventually(Duration::from_secs(15), "b running a's tasks", || {
         let (_, info) = b.get("/sys_info");
         let ids: Vec<String> = info["workers"]
@@ -216,7 +216,9 @@ fn a_node_killed_while_running_tasks_it_took_loses_none() {
                     .collect()
             })
             .unwrap_or_default();
-        (!ids.is_empty()).then_some(ids)
+        // Marked running before its request is sent: wait until the sink has it.
+        let hits = hits_by_id(&sink.hits());
+        (!ids.is_empty() && ids.iter().all(|id| hits.contains_key(id))).then_some(ids)
     });
     b.kill9();
     let want: HashSet<String> = ids.iter().cloned().collect();

@@ -6,7 +6,8 @@ use super::{ready_task, RedisStore};
 use crate::store::StoreError;
 use crate::task::Task;
 
-/// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes; each
+/// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes that are
+/// 100 ms old or more by Redis's clock (a task its node is about to claim is left to it); each
 /// task still ready and owned by the node indexed becomes this node's (`node` field, owned sets,
 /// ready index) and its data is answered; every entry met is dropped from the index it was in
 /// (a stale one too). The node that queued it finds the task another node's at its claim and
@@ -15,10 +16,11 @@ pub(super) const STEAL: &str = concat!(
     lua_alive!(),
     r"
 local n = tonumber(ARGV[3])
+local old = string.format('%.0f', t[1] * 1000000 + t[2] - 100000)
 local all, c = redis.call('HGETALL', p .. 'nodes'), {}
 for i = 1, #all, 2 do
 if all[i] ~= me and alive(all[i + 1]) then
-local r = redis.call('ZRANGE', p .. 'ready:' .. all[i], 0, n - 1, 'WITHSCORES')
+local r = redis.call('ZRANGEBYSCORE', p .. 'ready:' .. all[i], '-inf', old, 'WITHSCORES', 'LIMIT', 0, n)
 for j = 1, #r, 2 do c[#c + 1] = {tonumber(r[j + 1]), all[i], r[j]} end
 end
 end
@@ -121,6 +123,12 @@ mod tests {
         assert_eq!(ids(&b.steal(1).expect("steal")), ["b-0"], "from c");
         assert_eq!(b.steal(10).expect("steal").len(), 3, "all of c's");
         assert!(b.steal(10).expect("steal").is_empty(), "a's cc task stays");
+
+        // A task queued just now is left to its node for 100 ms.
+        let mut fresh = contract::task("a-now", State::Ready, 0);
+        fresh.due_us = crate::clock::now_us();
+        a.insert(&[fresh]).expect("insert");
+        assert!(b.steal(10).expect("steal").is_empty(), "a-now is fresh");
 
         // A node that left (dead) keeps its ready tasks for adoption: none is taken.
         c.insert(&[contract::task("c-9", State::Ready, 1)])
