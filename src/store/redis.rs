@@ -72,8 +72,8 @@ end
 }
 
 /// `lua_alive`, then `take(id, out)`, which makes task `id` this node's and waiting for its due
-/// time (a running or ready one runs again: at least once), appending id, due and former state
-/// to `out` (a task that has gone leaves `live`).
+/// time (a running or ready one runs again: at least once; it leaves its former owner's ready
+/// index), appending id, due and former state to `out` (a task that has gone leaves `live`).
 macro_rules! lua_prelude {
     () => {
         concat!(
@@ -123,6 +123,9 @@ mod listen;
 mod nodes;
 mod steal;
 
+/// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
+/// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
+/// lists its ready tasks without cc in the node's ready index.
 const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
@@ -165,7 +168,8 @@ return out
 
 /// Moves each id of the (id, due µs) pairs after the prefix, this node and the `again` flag
 /// from waiting (delayed or retry_wait; with `again` = '1' also ready) to ready, owned by this
-/// node (whose pool it goes to), and answers its data, or `false` (nil in the reply) for an id
+/// node (whose pool it goes to; listed in its ready index, `<p>ready:<node>`, without cc: the
+/// field `"cc":` is in a task's JSON only when not empty), and answers its data, or `false` (nil in the reply) for an id
 /// that is not waiting, is another node's (`mine`), or waits for another due time (a stale
 /// timer entry: the id was cancelled and submitted again with another delay).
 const TAKE_DUE_MANY: &str = concat!(
@@ -199,9 +203,10 @@ return out
 "#
 );
 
-/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`); 1 if it won. A
-/// task another node owns is not claimed (`mine`): a stale entry of this node's pool (its id
-/// cancelled here, then used again on another node) must not run the old task in its place.
+/// Claims ready task `ARGV[3]` for node `ARGV[2]` (its data becomes `ARGV[4]`; it leaves the
+/// node's ready index); 1 if it won. A task another node owns is not claimed (`mine`): a stale
+/// entry of this node's pool (its id cancelled here, then used again on another node, or the
+/// task taken by an idle node) must not run the task here.
 /// With `ARGV[5]` (a task with cc, on that worker) it also takes slot `ARGV[5]` for `ARGV[6]` ms,
 /// or answers 2 and changes nothing when it is held. An empty `ARGV[4]` instead frees the slot
 /// if this attempt still holds it (one script less to load). Not indented, as `BEAT`.
