@@ -74,28 +74,29 @@ end
 /// `lua_alive`, then `take(id, out)`, which makes task `id` this node's and waiting for its due
 /// time (a running or ready one runs again: at least once; it leaves its former owner's ready
 /// index), appending id, due and former state to `out` (a task that has gone leaves `live`).
+/// Not indented, as `BEAT`.
 macro_rules! lua_prelude {
     () => {
         concat!(
             lua_alive!(),
             r"
 local function take(id, out)
-  local k = p .. 'task:' .. id
-  local v = redis.call('HMGET', k, 'state', 'due', 'node')
-  local s, due = v[1], v[2]
-  if not s then
-    redis.call('SREM', p .. 'live', id)
-    return
-  end
-  if v[3] then redis.call('ZREM', p .. 'ready:' .. v[3], id) end
-  if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
-  redis.call('HSET', k, 'node', me)
-  redis.call('HDEL', p .. 'running', id)
-  redis.call('ZADD', p .. 'due', due, id)
-  redis.call('SADD', p .. 'owned:' .. me, id)
-  out[#out + 1] = id
-  out[#out + 1] = due
-  out[#out + 1] = s
+local k = p .. 'task:' .. id
+local v = redis.call('HMGET', k, 'state', 'due', 'node')
+local s, due = v[1], v[2]
+if not s then
+redis.call('SREM', p .. 'live', id)
+return
+end
+if v[3] then redis.call('ZREM', p .. 'ready:' .. v[3], id) end
+if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
+redis.call('HSET', k, 'node', me)
+redis.call('HDEL', p .. 'running', id)
+redis.call('ZADD', p .. 'due', due, id)
+redis.call('SADD', p .. 'owned:' .. me, id)
+out[#out + 1] = id
+out[#out + 1] = due
+out[#out + 1] = s
 end
 "
         )
@@ -125,43 +126,43 @@ mod steal;
 
 /// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
 /// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
-/// lists its ready tasks without cc in the node's ready index.
+/// lists its ready tasks without cc in the node's ready index. Not indented, as `BEAT`.
 const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
 local i = 4
 local out = {}
 for g = 1, ngroups do
-  local n = tonumber(ARGV[i]); i = i + 1
-  local start = i
-  local dup = false
-  local seen = {}
-  for t = 0, n - 1 do
-    local id, once = ARGV[start + t * 5], ARGV[start + t * 5 + 4] == '1'
-    if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1
-      or (once and redis.call('EXISTS', p .. 'result:' .. id) == 1) then dup = id; break end
-    seen[id] = true
-  end
-  if dup then
-    out[g] = dup
-  else
-    for t = 0, n - 1 do
-      local b = start + t * 5
-      local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-      redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
-      redis.call('SADD', p .. 'live', id)
-      redis.call('SADD', p .. 'owned:' .. me, id)
-      redis.call('DEL', p .. 'result:' .. id)
-      redis.call('ZREM', p .. 'results', id)
-      if state == 'delayed' or state == 'retry_wait' then
-        redis.call('ZADD', p .. 'due', due, id)
-      elseif not string.find(data, '"cc":', 1, true) then
-        redis.call('ZADD', p .. 'ready:' .. me, due, id)
-      end
-    end
-    out[g] = ''
-  end
-  i = start + n * 5
+local n = tonumber(ARGV[i]); i = i + 1
+local start = i
+local dup = false
+local seen = {}
+for t = 0, n - 1 do
+local id, once = ARGV[start + t * 5], ARGV[start + t * 5 + 4] == '1'
+if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1
+or (once and redis.call('EXISTS', p .. 'result:' .. id) == 1) then dup = id; break end
+seen[id] = true
+end
+if dup then
+out[g] = dup
+else
+for t = 0, n - 1 do
+local b = start + t * 5
+local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
+redis.call('SADD', p .. 'live', id)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('DEL', p .. 'result:' .. id)
+redis.call('ZREM', p .. 'results', id)
+if state == 'delayed' or state == 'retry_wait' then
+redis.call('ZADD', p .. 'due', due, id)
+elseif not string.find(data, '"cc":', 1, true) then
+redis.call('ZADD', p .. 'ready:' .. me, due, id)
+end
+end
+out[g] = ''
+end
+i = start + n * 5
 end
 return out
 "#;
@@ -171,7 +172,7 @@ return out
 /// node (whose pool it goes to; listed in its ready index, `<p>ready:<node>`, without cc: the
 /// field `"cc":` is in a task's JSON only when not empty), and answers its data, or `false` (nil in the reply) for an id
 /// that is not waiting, is another node's (`mine`), or waits for another due time (a stale
-/// timer entry: the id was cancelled and submitted again with another delay).
+/// timer entry: the id was cancelled and submitted again with another delay). Not indented.
 const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
@@ -181,23 +182,23 @@ local again = ARGV[3] == '1'
     r#"
 local out = {}
 for i = 4, #ARGV, 2 do
-  local id = ARGV[i]
-  local k = p .. 'task:' .. id
-  local s = mine(k)
-  local n = (i - 2) / 2
-  if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
-    and redis.call('HGET', k, 'due') == ARGV[i + 1] then
-    redis.call('HSET', k, 'state', 'ready', 'node', me)
-    redis.call('SADD', p .. 'owned:' .. me, id)
-    redis.call('ZREM', p .. 'due', id)
-    local d = redis.call('HGET', k, 'data')
-    if not string.find(d, '"cc":', 1, true) then
-      redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
-    end
-    out[n] = d
-  else
-    out[n] = false
-  end
+local id = ARGV[i]
+local k = p .. 'task:' .. id
+local s = mine(k)
+local n = (i - 2) / 2
+if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
+and redis.call('HGET', k, 'due') == ARGV[i + 1] then
+redis.call('HSET', k, 'state', 'ready', 'node', me)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('ZREM', p .. 'due', id)
+local d = redis.call('HGET', k, 'data')
+if not string.find(d, '"cc":', 1, true) then
+redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
+end
+out[n] = d
+else
+out[n] = false
+end
 end
 return out
 "#
@@ -234,29 +235,30 @@ return 1
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
-/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`).
+/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`). Not
+/// indented.
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
 local s = redis.call('HGET', k, 'state')
 if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
-  if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
-  local o = redis.call('HGET', k, 'node')
-  if o then
-    redis.call('SREM', p .. 'owned:' .. o, id)
-    redis.call('ZREM', p .. 'ready:' .. o, id)
-  end
-  redis.call('DEL', k)
-  redis.call('SREM', p .. 'live', id)
-  redis.call('ZREM', p .. 'due', id)
-  redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
-  redis.call('ZADD', p .. 'results', ARGV[5], id)
-  redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
-  return 'cancelled'
+if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
+local o = redis.call('HGET', k, 'node')
+if o then
+redis.call('SREM', p .. 'owned:' .. o, id)
+redis.call('ZREM', p .. 'ready:' .. o, id)
+end
+redis.call('DEL', k)
+redis.call('SREM', p .. 'live', id)
+redis.call('ZREM', p .. 'due', id)
+redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
+redis.call('ZADD', p .. 'results', ARGV[5], id)
+redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
+return 'cancelled'
 elseif s then
-  return 'running'
+return 'running'
 elseif redis.call('EXISTS', p .. 'result:' .. id) == 1 then
-  return 'finished'
+return 'finished'
 end
 return 'unknown'
 ";
