@@ -152,6 +152,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         live: registry.as_ref().map(|_| Default::default()),
     };
     let answers = Answers::new(results.clone(), store.clone());
+    let steal_from = registry.clone();
     if let (Some(registry), Some(live)) = (registry, &nodes.live) {
         stages.push(
             crate::node::heartbeat::Heartbeat {
@@ -310,6 +311,18 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         },
         Vec::new(),
     ));
+    // Stops first: a node shutting down takes no other node's task.
+    if let (Some(registry), Some(live)) = (steal_from, &nodes.live) {
+        stages.push(
+            crate::node::steal::Steal {
+                registry,
+                pool: pool.clone(),
+                live: live.clone(),
+                own: nodes.own.clone(),
+            }
+            .start()?,
+        );
+    }
     Ok(Server {
         answers,
         sys_info: SysInfo {

@@ -9,6 +9,7 @@ use crate::task::Task;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// One worker's share of the pool state.
@@ -25,6 +26,9 @@ struct State {
     stopping: bool,
     /// Workers take no task while set (`POST /pause`); queues still fill.
     paused: bool,
+    /// The thread that takes other nodes' tasks (`node-steal`) while it waits for a worker to
+    /// run out of work: the next one that does unparks it (a node alone never sets it).
+    idle_waiter: Option<Thread>,
 }
 
 /// Per-worker load, for `/sys_info`.
@@ -57,6 +61,7 @@ impl Pool {
                 slots: (0..workers).map(|_| Slot::default()).collect(),
                 stopping: false,
                 paused: false,
+                idle_waiter: None,
             }),
             wake: (0..workers).map(|_| Condvar::new()).collect(),
         }
@@ -114,7 +119,12 @@ impl Pool {
                 Some(t) => {
                     self.wake[w].wait_until(&mut st, t);
                 }
-                None => self.wake[w].wait(&mut st),
+                None => {
+                    if let Some(t) = st.idle_waiter.take() {
+                        t.unpark();
+                    }
+                    self.wake[w].wait(&mut st);
+                }
             }
         }
     }
@@ -153,6 +163,23 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Workers that could start a task now, when no task waits in any queue: how many tasks
+    /// this node may take from the other nodes. When none (something is queued, every worker
+    /// runs, or the pool is paused or stopping), the calling thread is unparked by the next
+    /// worker that runs out of work.
+    pub(crate) fn idle(&self) -> usize {
+        let mut st = self.state.lock();
+        let n = if st.paused || st.stopping || st.slots.iter().any(|s| !s.queue.is_empty()) {
+            0
+        } else {
+            st.slots.iter().filter(|s| s.running.is_none()).count()
+        };
+        if n == 0 {
+            st.idle_waiter = Some(std::thread::current());
+        }
+        n
     }
 
     /// Worker `w` finished its attempt.
@@ -312,6 +339,48 @@ mod tests {
         p.set_paused(true);
         p.stop();
         assert!(worker.join().is_ok(), "the paused worker saw the stop");
+    }
+
+    /// `idle` counts the workers that could start a task only while nothing is queued and the
+    /// pool is neither paused nor stopping; a thread that found none is unparked by the next
+    /// worker that runs out of work, once.
+    #[test]
+    fn idle_workers_are_counted_only_with_nothing_queued_and_the_asker_is_woken() {
+        let p = Arc::new(Pool::new(2));
+        assert_eq!(p.idle(), 2);
+        assert!(
+            p.state.lock().idle_waiter.is_none(),
+            "found some: no wake-up"
+        );
+        p.dispatch(t("a", &[]));
+        assert_eq!(p.idle(), 0, "a task is queued");
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("a".into()));
+        assert_eq!(p.idle(), 1, "worker 0 runs, worker 1 idles");
+        p.set_paused(true);
+        assert_eq!(p.idle(), 0, "paused");
+        p.set_paused(false);
+        assert!(
+            p.state.lock().idle_waiter.is_some(),
+            "found none: woken later"
+        );
+        let worker = {
+            let p = p.clone();
+            std::thread::spawn(move || while p.next(1).is_some() {})
+        };
+        // Worker 1 finds nothing and waits: it unparks this thread, once.
+        for _ in 0..100 {
+            if p.state.lock().idle_waiter.is_none() {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+        assert!(
+            p.state.lock().idle_waiter.is_none(),
+            "the idle worker woke the asker"
+        );
+        p.stop();
+        assert_eq!(p.idle(), 0, "stopping");
+        assert!(worker.join().is_ok());
     }
 
     /// A cc task whose slot another node holds goes back first in its worker's queue: that

@@ -16,7 +16,7 @@
 //! | dead letters | [`deadletter`] | atomic JSON records of dead tasks |
 //! | answers | [`results`] | clients waiting for results (`Answers`: lookups and waits) |
 //! | observe | [`status`], [`metrics`] | counters and `/sys_info` (`SysInfo`); `/metrics` (Prometheus text) and its histograms |
-//! | nodes | [`node`] | this node's id, the registry of nodes sharing one Redis prefix, the heartbeat thread that adopts a dead node's tasks, the thread that hears the others' results |
+//! | nodes | [`node`] | this node's id, the registry of nodes sharing one Redis prefix, the heartbeat thread that adopts a dead node's tasks, the thread that hears the others' results, the thread that takes their ready tasks when this node idles |
 //! | wiring | [`app`] | starts the stages, hands out narrow handles, stops them in reverse (used by `main.rs` only) |
 //! | lifecycle | [`stage`] | one shape for every thread owner; critical threads end the process on panic |
 //! | hand-over | [`handoff`] | a small blocking queue between two threads (outcome writes, program starts) |

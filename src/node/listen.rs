@@ -88,6 +88,9 @@ mod tests {
         fn leave(&self, _: usize) -> Result<(), StoreError> {
             Ok(())
         }
+        fn steal(&self, _: usize) -> Result<Vec<crate::task::Task>, StoreError> {
+            Ok(Vec::new())
+        }
         fn listen(
             &self,
             stop: &AtomicBool,

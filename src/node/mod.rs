@@ -2,10 +2,12 @@
 //! registry of nodes and their heartbeats (`Registry`, kept by the Redis store), the start-up
 //! check that no live node has this id (`join`), and the list `/sys_info` shows (`Nodes`). The
 //! heartbeat thread, which also adopts the tasks of dead nodes, is in [`heartbeat`]; the thread
-//! answering this node's clients with the results other nodes record, in [`listen`].
+//! answering this node's clients with the results other nodes record, in [`listen`]; the thread
+//! taking other nodes' ready tasks while this node's workers idle, in [`steal`].
 
 pub(crate) mod heartbeat;
 pub(crate) mod listen;
+pub(crate) mod steal;
 
 use crate::clock::rfc3339_ms;
 use crate::store::{Recovered, StoreError};
@@ -174,6 +176,10 @@ pub(crate) trait Registry: Send + Sync {
 
     /// Marks this node stopped at shutdown, so that the others adopt what it leaves at once.
     fn leave(&self, workers: usize) -> Result<(), StoreError>;
+
+    /// Takes up to `n` of the oldest ready tasks queued on the other live nodes (never this
+    /// node's own), atomically making them this node's; their queues skip them at their claim.
+    fn steal(&self, n: usize) -> Result<Vec<crate::task::Task>, StoreError>;
 
     /// Listens to what the other nodes finish or cancel: calls `on("")` once subscribed (the
     /// caller then looks for what finished while nobody listened), then `on(ids)` with the

@@ -16,6 +16,9 @@
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
 //!   found. Only the owner takes a task due or claims it: another node's entry for its id is
 //!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
+//! - `<p>ready:<node>` sorted set (score = due µs, or acceptance µs): the ready tasks without cc
+//!   that node owns and queues in memory, for the idle nodes to take ([`steal`]); an id leaves
+//!   it when claimed, cancelled, taken by another node or recovered
 //! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
 //!   ms of Redis's own `TIME`, so that nodes' clocks need not agree; 0 once the node stopped)
 //! - `<p>result:<id>` result JSON, with `PEXPIRE` = `--result_ttl`; `<p>results` sorted set
@@ -69,29 +72,31 @@ end
 }
 
 /// `lua_alive`, then `take(id, out)`, which makes task `id` this node's and waiting for its due
-/// time (a running or ready one runs again: at least once), appending id, due and former state
-/// to `out` (a task that has gone leaves `live`).
+/// time (a running or ready one runs again: at least once; it leaves its former owner's ready
+/// index), appending id, due and former state to `out` (a task that has gone leaves `live`).
+/// Not indented, as `BEAT`.
 macro_rules! lua_prelude {
     () => {
         concat!(
             lua_alive!(),
             r"
 local function take(id, out)
-  local k = p .. 'task:' .. id
-  local s = redis.call('HGET', k, 'state')
-  if not s then
-    redis.call('SREM', p .. 'live', id)
-    return
-  end
-  local due = redis.call('HGET', k, 'due')
-  if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
-  redis.call('HSET', k, 'node', me)
-  redis.call('HDEL', p .. 'running', id)
-  redis.call('ZADD', p .. 'due', due, id)
-  redis.call('SADD', p .. 'owned:' .. me, id)
-  out[#out + 1] = id
-  out[#out + 1] = due
-  out[#out + 1] = s
+local k = p .. 'task:' .. id
+local v = redis.call('HMGET', k, 'state', 'due', 'node')
+local s, due = v[1], v[2]
+if not s then
+redis.call('SREM', p .. 'live', id)
+return
+end
+if v[3] then redis.call('ZREM', p .. 'ready:' .. v[3], id) end
+if s ~= 'retry_wait' then redis.call('HSET', k, 'state', 'delayed') end
+redis.call('HSET', k, 'node', me)
+redis.call('HDEL', p .. 'running', id)
+redis.call('ZADD', p .. 'due', due, id)
+redis.call('SADD', p .. 'owned:' .. me, id)
+out[#out + 1] = id
+out[#out + 1] = due
+out[#out + 1] = s
 end
 "
         )
@@ -118,84 +123,96 @@ mod claims;
 mod listen;
 // After the macros: its scripts use them.
 mod nodes;
+mod steal;
 
-const INSERT: &str = r"
+/// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
+/// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
+/// lists its ready tasks without cc in the node's ready index. Not indented, as `BEAT`.
+const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
 local i = 4
 local out = {}
 for g = 1, ngroups do
-  local n = tonumber(ARGV[i]); i = i + 1
-  local start = i
-  local dup = false
-  local seen = {}
-  for t = 0, n - 1 do
-    local id, once = ARGV[start + t * 5], ARGV[start + t * 5 + 4] == '1'
-    if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1
-      or (once and redis.call('EXISTS', p .. 'result:' .. id) == 1) then dup = id; break end
-    seen[id] = true
-  end
-  if dup then
-    out[g] = dup
-  else
-    for t = 0, n - 1 do
-      local b = start + t * 5
-      local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-      redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
-      redis.call('SADD', p .. 'live', id)
-      redis.call('SADD', p .. 'owned:' .. me, id)
-      redis.call('DEL', p .. 'result:' .. id)
-      redis.call('ZREM', p .. 'results', id)
-      if state == 'delayed' or state == 'retry_wait' then
-        redis.call('ZADD', p .. 'due', due, id)
-      end
-    end
-    out[g] = ''
-  end
-  i = start + n * 5
+local n = tonumber(ARGV[i]); i = i + 1
+local start = i
+local dup = false
+local seen = {}
+for t = 0, n - 1 do
+local id, once = ARGV[start + t * 5], ARGV[start + t * 5 + 4] == '1'
+if seen[id] or redis.call('EXISTS', p .. 'task:' .. id) == 1
+or (once and redis.call('EXISTS', p .. 'result:' .. id) == 1) then dup = id; break end
+seen[id] = true
+end
+if dup then
+out[g] = dup
+else
+for t = 0, n - 1 do
+local b = start + t * 5
+local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
+redis.call('SADD', p .. 'live', id)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('DEL', p .. 'result:' .. id)
+redis.call('ZREM', p .. 'results', id)
+if state == 'delayed' or state == 'retry_wait' then
+redis.call('ZADD', p .. 'due', due, id)
+elseif not string.find(data, '"cc":', 1, true) then
+redis.call('ZADD', p .. 'ready:' .. me, due, id)
+end
+end
+out[g] = ''
+end
+i = start + n * 5
 end
 return out
-";
+"#;
 
 /// Moves each id of the (id, due µs) pairs after the prefix, this node and the `again` flag
 /// from waiting (delayed or retry_wait; with `again` = '1' also ready) to ready, owned by this
-/// node (whose pool it goes to), and answers its data, or `false` (nil in the reply) for an id
+/// node (whose pool it goes to; listed in its ready index, `<p>ready:<node>`, without cc: the
+/// field `"cc":` is in a task's JSON only when not empty), and answers its data, or `false` (nil in the reply) for an id
 /// that is not waiting, is another node's (`mine`), or waits for another due time (a stale
-/// timer entry: the id was cancelled and submitted again with another delay).
+/// timer entry: the id was cancelled and submitted again with another delay). Not indented.
 const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
 local again = ARGV[3] == '1'
 ",
     lua_mine!(),
-    r"
+    r#"
 local out = {}
 for i = 4, #ARGV, 2 do
-  local id = ARGV[i]
-  local k = p .. 'task:' .. id
-  local s = mine(k)
-  local n = (i - 2) / 2
-  if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
-    and redis.call('HGET', k, 'due') == ARGV[i + 1] then
-    redis.call('HSET', k, 'state', 'ready', 'node', me)
-    redis.call('SADD', p .. 'owned:' .. me, id)
-    redis.call('ZREM', p .. 'due', id)
-    out[n] = redis.call('HGET', k, 'data')
-  else
-    out[n] = false
-  end
+local id = ARGV[i]
+local k = p .. 'task:' .. id
+local s = mine(k)
+local n = (i - 2) / 2
+if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
+and redis.call('HGET', k, 'due') == ARGV[i + 1] then
+redis.call('HSET', k, 'state', 'ready', 'node', me)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('ZREM', p .. 'due', id)
+local d = redis.call('HGET', k, 'data')
+if not string.find(d, '"cc":', 1, true) then
+redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
+end
+out[n] = d
+else
+out[n] = false
+end
 end
 return out
-"
+"#
 );
 
 /// Claims for node `ARGV[2]` each ready task of the (id, running mark, cc slot, lease ms)
-/// groups after it, in order, answering one number each: 1 if it won, 0 if not. A task another
-/// node owns is not claimed (`mine`): a stale entry of this node's pool (its id cancelled here,
-/// then used again on another node) must not run the old task in its place. A group with a slot
-/// (a task with cc, on that worker) also takes that slot for the lease, or answers 2 and changes
-/// nothing when it is held. An empty running mark instead frees the slot if that attempt still
-/// holds it (one script less to load). Not indented, as `BEAT`.
+/// groups after it, in order, answering one number each: 1 if it won, 0 if not. A claimed task
+/// leaves the node's ready index. A task another node owns is not claimed (`mine`): a stale
+/// entry of this node's pool (its id cancelled here, then used again on another node, or the
+/// task taken by an idle node) must not run the task here. A group with a slot (a task with cc,
+/// on that worker) also takes that slot for the lease, or answers 2 and changes nothing when it
+/// is held. An empty running mark instead frees the slot if that attempt still holds it (one
+/// script less to load). Not indented, as `BEAT`.
 const CLAIM: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
@@ -215,6 +232,7 @@ r = 2
 else
 redis.call('HSET', k, 'state', 'running', 'data', ARGV[i + 1], 'node', me)
 redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('ZREM', p .. 'ready:' .. me, id)
 redis.call('HSET', p .. 'running', id, me)
 r = 1
 end
@@ -227,26 +245,30 @@ return out
 
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
-/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`).
+/// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`). Not
+/// indented.
 const CANCEL: &str = r"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
 local s = redis.call('HGET', k, 'state')
 if s == 'delayed' or s == 'ready' or s == 'retry_wait' then
-  if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
-  local o = redis.call('HGET', k, 'node')
-  if o then redis.call('SREM', p .. 'owned:' .. o, id) end
-  redis.call('DEL', k)
-  redis.call('SREM', p .. 'live', id)
-  redis.call('ZREM', p .. 'due', id)
-  redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
-  redis.call('ZADD', p .. 'results', ARGV[5], id)
-  redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
-  return 'cancelled'
+if redis.call('HGET', k, 'data') ~= ARGV[3] then return 'changed' end
+local o = redis.call('HGET', k, 'node')
+if o then
+redis.call('SREM', p .. 'owned:' .. o, id)
+redis.call('ZREM', p .. 'ready:' .. o, id)
+end
+redis.call('DEL', k)
+redis.call('SREM', p .. 'live', id)
+redis.call('ZREM', p .. 'due', id)
+redis.call('SET', p .. 'result:' .. id, ARGV[4], 'PX', ARGV[6])
+redis.call('ZADD', p .. 'results', ARGV[5], id)
+redis.call('PUBLISH', p .. 'done', ARGV[7] .. ' ' .. id)
+return 'cancelled'
 elseif s then
-  return 'running'
+return 'running'
 elseif redis.call('EXISTS', p .. 'result:' .. id) == 1 then
-  return 'finished'
+return 'finished'
 end
 return 'unknown'
 ";
@@ -254,7 +276,7 @@ return 'unknown'
 /// Stores a dead task `ARGV[2]` again as ready (due `ARGV[4]`, data `ARGV[5]`), owned by node
 /// `ARGV[6]`, in place of its result, if that result is still `ARGV[3]` and no task has taken
 /// the id since (else 'changed').
-const REVIVE: &str = r"
+const REVIVE: &str = r#"
 local p, id = ARGV[1], ARGV[2]
 local k = p .. 'task:' .. id
 if redis.call('EXISTS', k) == 1 or redis.call('GET', p .. 'result:' .. id) ~= ARGV[3] then
@@ -265,8 +287,11 @@ redis.call('ZREM', p .. 'results', id)
 redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5], 'node', ARGV[6])
 redis.call('SADD', p .. 'live', id)
 redis.call('SADD', p .. 'owned:' .. ARGV[6], id)
+if not string.find(ARGV[5], '"cc":', 1, true) then
+  redis.call('ZADD', p .. 'ready:' .. ARGV[6], ARGV[4], id)
+end
 return 'ok'
-";
+"#;
 
 /// A page of unfinished tasks in state `ARGV[2]` by `SSCAN` of the live set, from scan cursor
 /// `ARGV[3]`, past id `ARGV[4]` in that batch ('' from its start), examining at most `ARGV[5]`
@@ -410,7 +435,10 @@ if dead ~= '' then
     if not o or o == dead then take(id, out) end
   end
   local left = redis.call('SCARD', set)
-  if left == 0 then redis.call('HDEL', p .. 'nodes', dead) end
+  if left == 0 then
+    redis.call('HDEL', p .. 'nodes', dead)
+    redis.call('DEL', p .. 'ready:' .. dead)
+  end
   out[1] = tostring(left)
   return out
 end
@@ -527,6 +555,7 @@ struct Scripts {
     recover: Script,
     trim_results: Script,
     beat: Script,
+    steal: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -640,6 +669,7 @@ impl RedisStore {
             recover: Script::new(RECOVER),
             trim_results: Script::new(TRIM_RESULTS),
             beat: Script::new(nodes::BEAT),
+            steal: Script::new(steal::STEAL),
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));

@@ -32,6 +32,7 @@ if ARGV[8] == '' or who ~= ARGV[8] then
 return {'held', string.format('%.0f', now), string.format('%.0f', e.last_seen), who}
 end
 end
+redis.call('DEL', p .. 'ready:' .. me)
 if redis.call('TYPE', p .. 'running').ok == 'set' then
 local ids = redis.call('SMEMBERS', p .. 'running')
 redis.call('DEL', p .. 'running')
@@ -139,6 +140,10 @@ impl Registry for RedisStore {
 
     fn leave(&self, workers: usize) -> Result<(), StoreError> {
         self.beat_call("leave", workers, &[], "").map(|_| ())
+    }
+
+    fn steal(&self, n: usize) -> Result<Vec<crate::task::Task>, StoreError> {
+        self.steal_call(n)
     }
 
     fn listen(

@@ -1,0 +1,141 @@
+//! Shared work between the nodes of one prefix: each node's index of the ready tasks it owns
+//! and queues in memory (`<p>ready:<node>`, kept by the scripts of [`super`]), and `STEAL`,
+//! which moves the oldest of the other live nodes' ready tasks to an idle node.
+
+use super::{ready_task, RedisStore};
+use crate::store::StoreError;
+use crate::task::Task;
+
+/// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes that are
+/// 100 ms old or more by Redis's clock (a task its node is about to claim is left to it); each
+/// task still ready and owned by the node indexed becomes this node's (`node` field, owned sets,
+/// ready index) and its data is answered; every entry met is dropped from the index it was in
+/// (a stale one too). The node that queued it finds the task another node's at its claim and
+/// skips it. Not indented, as `BEAT`.
+pub(super) const STEAL: &str = concat!(
+    lua_alive!(),
+    r"
+local n = tonumber(ARGV[3])
+local old = string.format('%.0f', t[1] * 1000000 + t[2] - 100000)
+local all, c = redis.call('HGETALL', p .. 'nodes'), {}
+for i = 1, #all, 2 do
+if all[i] ~= me and alive(all[i + 1]) then
+local r = redis.call('ZRANGEBYSCORE', p .. 'ready:' .. all[i], '-inf', old, 'WITHSCORES', 'LIMIT', 0, n)
+for j = 1, #r, 2 do c[#c + 1] = {tonumber(r[j + 1]), all[i], r[j]} end
+end
+end
+table.sort(c, function(a, b) return a[1] < b[1] end)
+local out = {}
+for _, e in ipairs(c) do
+if #out >= n then break end
+local o, id = e[2], e[3]
+local k = p .. 'task:' .. id
+local v = redis.call('HMGET', k, 'state', 'node', 'data')
+redis.call('ZREM', p .. 'ready:' .. o, id)
+if v[1] == 'ready' and v[2] == o then
+redis.call('HSET', k, 'node', me)
+redis.call('SREM', p .. 'owned:' .. o, id)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('ZADD', p .. 'ready:' .. me, e[1], id)
+out[#out + 1] = v[3]
+end
+end
+return out
+"
+);
+
+impl RedisStore {
+    /// Runs `STEAL` for at most `n` tasks. Were a task's data unreadable (`Corrupt`), the
+    /// tasks taken stay this node's, ready in the store, for its next start.
+    pub(super) fn steal_call(&self, n: usize) -> Result<Vec<Task>, StoreError> {
+        let data: Vec<String> = self.with(|c| {
+            self.scripts
+                .steal
+                .arg(&self.prefix)
+                .arg(&self.node)
+                .arg(n)
+                .invoke(c)
+        })?;
+        data.iter().map(|d| ready_task(d)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{node_store, redis_server};
+    use crate::node::{Join, Registry};
+    use crate::store::contract;
+    use crate::store::Store;
+    use crate::task::{State, Task};
+
+    fn ids(tasks: &[Task]) -> Vec<&str> {
+        tasks.iter().map(|t| t.id.as_str()).collect()
+    }
+
+    /// An idle node takes the other live nodes' oldest ready tasks without cc, never its own, a
+    /// delayed one (until the timer makes it ready), a claimed or cancelled one, or a dead
+    /// node's; the node that queued a task it took can no longer claim it, the thief can, and
+    /// a task it took may be taken from it the same way.
+    #[test]
+    fn an_idle_node_takes_the_oldest_ready_tasks_of_the_other_live_nodes() {
+        let s = redis_server();
+        let (a, b, c) = (
+            node_store(&s, "a"),
+            node_store(&s, "b"),
+            node_store(&s, "c"),
+        );
+        for st in [&a, &b, &c] {
+            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
+        }
+        let mut cc = contract::task("a-cc", State::Ready, 1);
+        cc.cc = vec![0];
+        a.insert(&[
+            contract::task("a-3", State::Ready, 30),
+            contract::task("a-1", State::Ready, 10),
+            contract::task("a-run", State::Ready, 5),
+            contract::task("a-gone", State::Ready, 6),
+            contract::task("a-later", State::Delayed, 7),
+            cc,
+        ])
+        .expect("insert");
+        c.insert(&[contract::task("c-2", State::Ready, 20)])
+            .expect("insert");
+        b.insert(&[contract::task("b-0", State::Ready, 1)])
+            .expect("insert");
+        assert!(a
+            .claim(&contract::task("a-run", State::Ready, 5))
+            .expect("claim"));
+        a.cancel("a-gone", i64::MAX / 2).expect("cancel");
+
+        let took = b.steal(2).expect("steal");
+        assert_eq!(ids(&took), ["a-1", "c-2"], "oldest first, across nodes");
+        assert!(took.iter().all(|t| t.state == State::Ready));
+        assert!(
+            !a.claim(&took[0]).expect("claim"),
+            "a's queue entry is stale"
+        );
+        assert!(b.claim(&took[0]).expect("claim"), "the thief runs it");
+
+        // a-later is taken once the timer made it ready; c-2, b's now, is taken from b.
+        assert!(a.take_due("a-later", 7).expect("take").is_some());
+        let took = c.steal(10).expect("steal");
+        assert_eq!(ids(&took), ["b-0", "a-later", "c-2", "a-3"]);
+        assert_eq!(ids(&b.steal(1).expect("steal")), ["b-0"], "from c");
+        assert_eq!(b.steal(10).expect("steal").len(), 3, "all of c's");
+        assert!(b.steal(10).expect("steal").is_empty(), "a's cc task stays");
+
+        // A task queued just now is left to its node for 100 ms.
+        let mut fresh = contract::task("a-now", State::Ready, 0);
+        fresh.due_us = crate::clock::now_us();
+        a.insert(&[fresh]).expect("insert");
+        assert!(b.steal(10).expect("steal").is_empty(), "a-now is fresh");
+
+        // A node that left (dead) keeps its ready tasks for adoption: none is taken.
+        c.insert(&[contract::task("c-9", State::Ready, 1)])
+            .expect("insert");
+        c.leave(1).expect("leave");
+        let took = a.steal(10).expect("steal");
+        assert_eq!(ids(&took), ["b-0", "a-later", "c-2", "a-3"], "b's, not c-9");
+        assert!(a.steal(10).expect("steal").is_empty());
+    }
+}
