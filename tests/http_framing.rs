@@ -8,29 +8,9 @@
 mod common;
 use common::Server;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-/// The Python that runs the test servers (`scripts/test.sh` makes it).
-fn python() -> PathBuf {
-    let p = std::env::var_os("POULPE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
-        });
-    let ok = Command::new(&p)
-        .args(["-c", "import socket, threading"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "these tests need Python 3 at {}: run scripts/test.sh, which makes it (or set \
-         POULPE_TEST_PYTHON to a python3)",
-        p.display()
-    );
-    p
-}
+use std::io::Read;
+use std::path::Path;
+use std::process::Child;
 
 /// The running odd server; killed when dropped.
 struct Odd {
@@ -40,21 +20,8 @@ struct Odd {
 
 impl Odd {
     fn start() -> Odd {
-        let mut child = Command::new(python())
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/odd_http_server.py"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the odd HTTP server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read READY");
-        let port = line
-            .trim()
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("the odd HTTP server did not start: {line:?}"));
+        let python = common::py::python("import socket, threading", "Python 3");
+        let (child, port) = common::py::start_server(&python, "odd_http_server.py", &[]);
         Odd { child, port }
     }
 

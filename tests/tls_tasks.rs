@@ -6,30 +6,8 @@
 mod common;
 use common::Server;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-/// The Python that has trustme (installed by `scripts/test.sh`).
-fn python() -> PathBuf {
-    let p = std::env::var_os("POULPE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
-        });
-    let ok = Command::new(&p)
-        .args(["-c", "import trustme"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "the HTTPS task tests need trustme in {}: run scripts/test.sh, which installs it \
-         (or set POULPE_TEST_PYTHON to a python that has it)",
-        p.display()
-    );
-    p
-}
+use std::process::Child;
 
 /// A running HTTPS server with its CA files; killed when dropped.
 struct Https {
@@ -45,23 +23,12 @@ impl Https {
     fn start(dir: &Path) -> Https {
         let tls = dir.join("tls");
         std::fs::create_dir_all(&tls).expect("tls dir");
-        let mut child = Command::new(python())
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/https_server.py"))
-            .arg("--tls-dir")
-            .arg(&tls)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the HTTPS server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read READY");
-        let port = line
-            .trim()
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("the HTTPS server did not start: {line:?}"));
+        let python = common::py::python("import trustme", "trustme");
+        let (child, port) = common::py::start_server(
+            &python,
+            "https_server.py",
+            &["--tls-dir".as_ref(), tls.as_os_str()],
+        );
         Https {
             child,
             port,

@@ -11,6 +11,8 @@
 #[allow(dead_code)]
 pub mod hits;
 #[allow(dead_code)]
+pub mod py;
+#[allow(dead_code)]
 pub mod raw;
 #[allow(dead_code)]
 pub mod redis;
