@@ -165,16 +165,27 @@ impl Pool {
         None
     }
 
-    /// Workers that could start a task now, when no task waits in any queue: how many tasks
-    /// this node may take from the other nodes. When none (something is queued, every worker
-    /// runs, or the pool is paused or stopping), the calling thread is unparked by the next
-    /// worker that runs out of work.
+    /// Workers that could start a task now and find none queued that they may run: how many
+    /// tasks this node may take from the other nodes (whose tasks have no cc, so any worker
+    /// runs them). A worker of a node whose queues hold only other workers' cc tasks counts.
+    /// When none (every worker runs or has work, or the pool is paused or stopping), the
+    /// calling thread is unparked by the next worker that runs out of work.
     pub(crate) fn idle(&self) -> usize {
         let mut st = self.state.lock();
-        let n = if st.paused || st.stopping || st.slots.iter().any(|s| !s.queue.is_empty()) {
+        let now = Instant::now();
+        let n = if st.paused || st.stopping {
             0
         } else {
-            st.slots.iter().filter(|s| s.running.is_none()).count()
+            let slots = &st.slots;
+            (0..slots.len())
+                .filter(|&w| {
+                    let held = slots[w].held_until.is_some_and(|t| now < t);
+                    slots[w].running.is_none()
+                        && !slots
+                            .iter()
+                            .any(|s| s.queue.iter().any(|t| allowed(t, w) && free(t, held)))
+                })
+                .count()
         };
         if n == 0 {
             st.idle_waiter = Some(std::thread::current());
@@ -381,6 +392,21 @@ mod tests {
         p.stop();
         assert_eq!(p.idle(), 0, "stopping");
         assert!(worker.join().is_ok());
+    }
+
+    /// Queued cc tasks of other workers do not stop a worker from counting as idle: a node
+    /// with a backlog for its worker 0 still takes other nodes' work for the others.
+    #[test]
+    fn a_worker_with_only_other_workers_cc_tasks_queued_counts_as_idle() {
+        let p = Pool::new(3);
+        p.dispatch(t("run", &[0]));
+        assert_eq!(p.next(0).map(|t| t.id.clone()), Some("run".into()));
+        p.dispatch(t("wait-0", &[0]));
+        assert_eq!(p.idle(), 2, "workers 1 and 2 may not run wait-0");
+        p.dispatch(t("wait-1", &[1]));
+        assert_eq!(p.idle(), 1, "worker 1 has wait-1");
+        p.dispatch(t("any", &[]));
+        assert_eq!(p.idle(), 0, "any worker may run any");
     }
 
     /// A cc task whose slot another node holds goes back first in its worker's queue: that
