@@ -88,7 +88,11 @@ impl Claims {
             q.waiting.drain(..n).collect()
         };
         let asks: Vec<&Ask> = batch.iter().map(|t| &t.ask).collect();
-        let answers = match call(&asks) {
+        // A panic in the call must not leave the queue led by nobody: every later claim of
+        // the node would wait for ever. It fails this batch like a Redis error.
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&asks)))
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the claim call panicked".into())));
+        let answers = match called {
             Ok(v) if v.len() == batch.len() => Ok(v),
             Ok(v) => Err(StoreError::Unavailable(format!(
                 "CLAIM answered {} results for {} claims",
@@ -190,6 +194,14 @@ mod tests {
         );
         assert!(!claims.queue.lock().busy);
         assert!(claims.queue.lock().waiting.is_empty());
+    }
+
+    #[test]
+    fn a_call_that_panics_fails_its_claims_and_the_next_claim_is_still_sent() {
+        let claims = Claims::default();
+        let r = claims.claim(ask("a"), |_| panic!("boom"));
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert_eq!(claims.claim(ask("b"), |_| Ok(vec![1])), Ok(1));
     }
 
     #[test]
