@@ -622,7 +622,7 @@ fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_it
         (nodes_of(&nodes[0]).0 == ["k1", "k3"]).then_some(())
     });
 
-    // A delayed task of k1's and a task running on k3: k2 started again takes neither.
+    // A delayed task of k1's and a task running on k3: k2 started again recovers neither.
     let late = json!({"id": "k1-late", "method": "GET", "delay": 3,
         "name": sink.url("/hit"), "params": "id=k1-late"});
     assert_eq!(nodes[0].submit(&late).0, 200);
@@ -633,9 +633,12 @@ fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_it
         hits_by_id(h).contains_key("k3-run")
     });
     let again = node_with(dir.path(), &redis, "k2", "3", &["--workers", "4"]);
-    for (s, id, on) in [(&nodes[0], "k1-late", "k1"), (&nodes[2], "k3-run", "k3")] {
+    // Either may run on another live node that took it once ready (shared work; on a loaded
+    // machine its own node may not claim it within the 100 ms it is left to it): what matters
+    // is that each runs once, and that k2's start recovered and adopted nothing (below).
+    for (s, id) in [(&nodes[0], "k1-late"), (&nodes[2], "k3-run")] {
         let (code, r) = s.get(&format!("/task_resp/{id}?timeout=20"));
-        assert_eq!((code, &r["node"]), (200, &json!(on)), "{r}");
+        assert_eq!((code, &r["status"]), (200, &json!("succeeded")), "{r}");
         assert_eq!(hits_of(&sink, id).len(), 1, "{id} ran once");
     }
     let log = again.log_text();

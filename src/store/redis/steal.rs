@@ -7,9 +7,9 @@ use crate::store::StoreError;
 use crate::task::Task;
 
 /// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes that are
-/// 100 ms old or more by Redis's clock (a task its node is about to claim is left to it); each
+/// 500 ms old or more by Redis's clock (a task its node is about to claim is left to it); each
 /// task still ready and owned by the node indexed becomes this node's (`node` field, owned sets,
-/// ready index, scored with this call's time so that it too is left to its new node for 100 ms:
+/// ready index, scored with this call's time so that it too is left to its new node for 500 ms:
 /// no task bounces between idle nodes) and its data is answered; every entry met is dropped from the index it was in
 /// (a stale one too). The node that queued it finds the task another node's at its claim and
 /// skips it. Not indented, as `BEAT`.
@@ -18,7 +18,7 @@ pub(super) const STEAL: &str = concat!(
     r"
 local n = tonumber(ARGV[3])
 local now = t[1] * 1000000 + t[2]
-local old = string.format('%.0f', now - 100000)
+local old = string.format('%.0f', now - 500000)
 now = string.format('%.0f', now)
 local all, c = redis.call('HGETALL', p .. 'nodes'), {}
 for i = 1, #all, 2 do
@@ -93,7 +93,7 @@ mod tests {
     /// An idle node takes the other live nodes' oldest ready tasks without cc, never its own, a
     /// delayed one (until the timer makes it ready), a claimed or cancelled one, or a dead
     /// node's; the node that queued a task it took can no longer claim it, the thief can, and
-    /// a task it took may be taken from it the same way, but only after 100 ms.
+    /// a task it took may be taken from it the same way, but only after 500 ms.
     #[test]
     fn an_idle_node_takes_the_oldest_ready_tasks_of_the_other_live_nodes() {
         let s = redis_server();
@@ -134,7 +134,7 @@ mod tests {
         );
         assert!(b.claim(&took[0]).expect("claim"), "the thief runs it");
 
-        // a-later is taken once the timer made it ready; c-2, b's now, is left to b for 100 ms
+        // a-later is taken once the timer made it ready; c-2, b's now, is left to b for 500 ms
         // (scored with the steal's time), then taken from it like any other.
         assert!(a.take_due("a-later", 7).expect("take").is_some());
         let took = c.steal(10).expect("steal");
@@ -144,14 +144,14 @@ mod tests {
             "not c-2, just taken by b"
         );
         assert!(b.steal(10).expect("steal").is_empty(), "c's are fresh too");
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        std::thread::sleep(std::time::Duration::from_millis(600));
         assert_eq!(
             sorted(&b.steal(10).expect("steal")),
             ["a-3", "a-later", "b-0"]
         );
         assert!(b.steal(10).expect("steal").is_empty(), "a's cc task stays");
 
-        // A task queued just now is left to its node for 100 ms.
+        // A task queued just now is left to its node for 500 ms.
         let mut fresh = contract::task("a-now", State::Ready, 0);
         fresh.due_us = crate::clock::now_us();
         a.insert(&[fresh]).expect("insert");
@@ -161,7 +161,7 @@ mod tests {
         c.insert(&[contract::task("c-9", State::Ready, 1)])
             .expect("insert");
         c.leave(1).expect("leave");
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        std::thread::sleep(std::time::Duration::from_millis(600));
         let took = a.steal(10).expect("steal");
         assert_eq!(
             sorted(&took),
