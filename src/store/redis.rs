@@ -38,8 +38,10 @@ use super::{Cancel, Change, Claim, Due, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
 use redis::{Client, Connection, Script};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -128,6 +130,9 @@ mod steal;
 /// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
 /// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
 /// lists its ready tasks without cc in the node's ready index. Not indented, as `BEAT`.
+/// Most claims whose answer was lost that are remembered (for their retries) at once.
+const MAX_UNCERTAIN: usize = 10_000;
+
 const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
@@ -205,8 +210,10 @@ return out
 "#
 );
 
-/// Claims for node `ARGV[2]` each ready task of the (id, running mark, cc slot, lease ms)
-/// groups after it, in order, answering one number each: 1 if it won, 0 if not. A claimed task
+/// Claims for node `ARGV[2]` each ready task of the (id, running mark, cc slot, lease ms, claim
+/// token) groups after it, in order, answering one number each: 1 if it won, 0 if not. A task
+/// this very claim (same token, kept in the task's `claim` field) already made running also
+/// answers 1: the answer of that call was lost (a timeout), and its worker asks again. A claimed task
 /// leaves the node's ready index. A task another node owns is not claimed (`mine`): a stale
 /// entry of this node's pool (its id cancelled here, then used again on another node, or the
 /// task taken by an idle node) must not run the task here. A group with a slot (a task with cc,
@@ -220,17 +227,20 @@ local p, me = ARGV[1], ARGV[2]
     lua_mine!(),
     r"
 local out = {}
-for i = 3, #ARGV, 4 do
-local id, w = ARGV[i], ARGV[i + 2]
+for i = 3, #ARGV, 5 do
+local id, w, tok = ARGV[i], ARGV[i + 2], ARGV[i + 4]
 local k, s, v = p .. 'task:' .. id, p .. 'slot:' .. w, me .. ' ' .. id
 local r = 0
+local st = ARGV[i + 1] ~= '' and mine(k)
 if ARGV[i + 1] == '' then
 if redis.call('GET', s) == v then redis.call('DEL', s) end
-elseif mine(k) == 'ready' then
+elseif st == 'running' and redis.call('HGET', k, 'claim') == tok then
+r = 1
+elseif st == 'ready' then
 if w ~= '' and not redis.call('SET', s, v, 'NX', 'PX', ARGV[i + 3]) then
 r = 2
 else
-redis.call('HSET', k, 'state', 'running', 'data', ARGV[i + 1], 'node', me)
+redis.call('HSET', k, 'state', 'running', 'data', ARGV[i + 1], 'node', me, 'claim', tok)
 redis.call('SADD', p .. 'owned:' .. me, id)
 redis.call('ZREM', p .. 'ready:' .. me, id)
 redis.call('HSET', p .. 'running', id, me)
@@ -541,6 +551,11 @@ pub(crate) struct RedisStore {
     scripts: Scripts,
     /// The workers' claims waiting to be sent together.
     claims: claims::Claims,
+    /// The next claim's token (`CLAIM`), unique for this process (it starts at the clock).
+    tokens: AtomicU64,
+    /// Tokens of claims whose answer did not come (id → token): the claim's retry sends the
+    /// same one, and wins if the lost call did.
+    uncertain: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone)]
@@ -715,6 +730,8 @@ impl RedisStore {
             closed,
             scripts,
             claims: claims::Claims::default(),
+            tokens: AtomicU64::new(crate::clock::now_us()),
+            uncertain: Mutex::new(HashMap::new()),
         })
     }
 
@@ -766,24 +783,42 @@ impl RedisStore {
         } else {
             Vec::new()
         };
+        let token = match claim {
+            true => self.uncertain.lock().remove(&task.id),
+            false => Some(0),
+        }
+        .unwrap_or_else(|| self.tokens.fetch_add(1, Ordering::Relaxed));
         let ask = claims::Ask {
             id: task.id.clone(),
             data,
             slot,
+            token,
         };
-        self.claims.claim(ask, |asks| {
-            let mut call = self.scripts.claim.arg(&self.prefix);
-            call.arg(&self.node);
-            let lease = self.node_ttl * 1000;
-            for a in asks {
-                call.arg(&a.id).arg(a.data.as_slice());
-                match a.slot {
-                    Some(w) => call.arg(w).arg(lease),
-                    None => call.arg("").arg(""),
-                };
+        let r = self.claims.claim(ask, |asks| self.run_claims(asks));
+        if claim && r.is_err() {
+            let mut u = self.uncertain.lock();
+            if u.len() >= MAX_UNCERTAIN {
+                u.clear();
             }
-            self.with(|c| call.invoke(c))
-        })
+            u.insert(task.id.clone(), token);
+        }
+        r
+    }
+
+    /// One `CLAIM` call for `asks`.
+    fn run_claims(&self, asks: &[&claims::Ask]) -> Result<Vec<i64>, StoreError> {
+        let mut call = self.scripts.claim.arg(&self.prefix);
+        call.arg(&self.node);
+        let lease = self.node_ttl * 1000;
+        for a in asks {
+            call.arg(&a.id).arg(a.data.as_slice());
+            match a.slot {
+                Some(w) => call.arg(w).arg(lease),
+                None => call.arg("").arg(""),
+            };
+            call.arg(a.token);
+        }
+        self.with(|c| call.invoke(c))
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -1620,6 +1655,33 @@ mod tests {
             .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
             .and_then(|l| l.split(',').next()?.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// A claim whose answer was lost (Redis ran it, the reply timed out) is won by its retry,
+    /// which sends the same token; another claim of the task, with another token, loses. A
+    /// worker whose claim failed is given its task again after a second: without this, the
+    /// retry found the task running and dropped it, and it waited for the node's restart.
+    #[test]
+    fn a_claim_retried_after_a_lost_answer_wins_and_no_other_does() {
+        let s = redis_server();
+        let st = node_store(&s, "a");
+        let t = contract::task("t", State::Ready, 1);
+        st.insert(std::slice::from_ref(&t)).expect("insert");
+        let ask = |token: u64| claims::Ask {
+            id: t.id.clone(),
+            data: crate::store::running_json(&t).expect("mark"),
+            slot: None,
+            token,
+        };
+        let run = |token: u64| st.run_claims(&[&ask(token)]).expect("claim");
+        assert_eq!(run(7), [1], "the lost call: it made the task running");
+        assert_eq!(run(7), [1], "its retry, same token: won");
+        assert_eq!(run(8), [0], "another claim: lost");
+        // Through the store: a token remembered for `t` is the one its next claim sends.
+        st.uncertain.lock().insert("t".into(), 7);
+        assert!(st.claim(&t).expect("claim"), "the retry of claim 7 wins");
+        assert!(st.uncertain.lock().is_empty(), "used once");
+        assert!(!st.claim(&t).expect("claim"), "a new claim loses");
     }
 
     /// A pooled connection taken again and again is not checked with a PING each time (that

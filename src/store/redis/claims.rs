@@ -18,6 +18,8 @@ pub(super) struct Ask {
     pub(super) data: Vec<u8>,
     /// The cc slot (worker) to take or free, if the task has cc.
     pub(super) slot: Option<usize>,
+    /// This claim's token: the same on a retry after a lost answer.
+    pub(super) token: u64,
 }
 
 /// Where a waiting claim stands.
@@ -137,6 +139,7 @@ mod tests {
             id: id.into(),
             data: b"x".to_vec(),
             slot: None,
+            token: 0,
         }
     }
 
