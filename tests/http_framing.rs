@@ -232,6 +232,39 @@ fn a_redirect_is_followed_without_sending_the_first_request_twice() {
 }
 
 #[test]
+fn a_relative_redirect_is_resolved_without_sending_the_first_request_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = poulpe(dir.path());
+    for (id, path, want, next) in [
+        ("rel", "/redirect-rel", "hello chunks", "GET /chunked"),
+        (
+            "query",
+            "/redirect-query",
+            "query x=1",
+            "GET /redirect-query",
+        ),
+        ("up", "/dir/up", "hello chunks", "GET /chunked"),
+    ] {
+        let odd = Odd::start();
+        let r = run(
+            &s,
+            json!({"id":id,"method":"POST","name":odd.url(path),"params":{"k":1}}),
+        );
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["output"], want, "{id}: {r}");
+        let log = odd.log();
+        let first = format!("POST {path}");
+        assert_eq!(
+            log.iter()
+                .map(|l| l.split_once(' ').map_or("", |(_, r)| r))
+                .collect::<Vec<_>>(),
+            [first.as_str(), next, "GET /_log"],
+            "{id}: the first request was sent once: {log:?}"
+        );
+    }
+}
+
+#[test]
 fn the_time_limit_holds_inside_the_body() {
     let dir = tempfile::tempdir().expect("tempdir");
     let odd = Odd::start();

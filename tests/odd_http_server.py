@@ -10,6 +10,9 @@ Listens on 127.0.0.1 on a free port and prints `READY <port>`. Each request is l
 - /interim: 100 and 103 interim answers before the final one,
 - /malformed: a status line without a code,
 - /redirect: 302 to /chunked,
+- /redirect-rel: 302 to `chunked` (relative to the current path),
+- /dir/up: 302 to `../chunked`,
+- /redirect-query: 302 to `?x=1`; with a query, answers `query <query>`,
 - /slow-body: half a body, then silence for 5 s,
 - /drop-second: answered on a fresh connection; the second request on one is met with a close,
 - /then-close: answered with a length, then the connection is closed.
@@ -89,6 +92,15 @@ def talk(conn, number):
             return
         elif path == "/redirect":
             conn.sendall(answer(b"", "302 Found", "Location: /chunked\r\n"))
+        elif path == "/redirect-rel":
+            conn.sendall(answer(b"", "302 Found", "Location: chunked\r\n"))
+        elif path == "/dir/up":
+            conn.sendall(answer(b"", "303 See Other", "Location: ../chunked\r\n"))
+        elif path == "/redirect-query":
+            if query:
+                conn.sendall(answer(f"query {query}".encode()))
+            else:
+                conn.sendall(answer(b"", "302 Found", "Location: ?x=1\r\n"))
         elif path == "/slow-body":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
             time.sleep(5)
