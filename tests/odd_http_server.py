@@ -13,6 +13,7 @@ Listens on 127.0.0.1 on a free port and prints `READY <port>`. Each request is l
 - /redirect-rel: 302 to `chunked` (relative to the current path),
 - /dir/up: 302 to `../chunked`,
 - /redirect-query: 302 to `?x=1`; with a query, answers `query <query>`,
+- /slow-read: the request body read 8 KiB every 20 ms (a small receive buffer), then `read`,
 - /slow-body: half a body, then silence for 5 s,
 - /drop-second: answered on a fresh connection; the second request on one is met with a close,
 - /then-close: answered with a length, then the connection is closed.
@@ -57,6 +58,21 @@ def talk(conn, number):
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
                 length = int(value.strip())
+        if target == "/slow-read":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            got = len(buf)
+            while got < length:
+                data = conn.recv(8192)
+                if not data:
+                    conn.close()
+                    return
+                got += len(data)
+                time.sleep(0.02)
+            buf = b""
+            length = 0
+            LOG.append(f"{number} {method} {target}")
+            conn.sendall(answer(b"read"))
+            continue
         while len(buf) < length:
             buf += conn.recv(65536)
         buf = buf[length:]

@@ -296,10 +296,7 @@ fn send(
     deadline: Instant,
 ) -> Result<Head, H1Error> {
     inb.clear();
-    let left = left(deadline).ok_or(H1Error::Timeout)?;
-    let stream = &conn.stream;
-    keep_within(&mut conn.write, Some(left), |t| stream.set_write_timeout(t))?;
-    if let Err(e) = (&conn.stream).write_all(request) {
+    if let Err(e) = write_within(conn, request, deadline) {
         return Err(if h1::reset(&e) {
             H1Error::Closed
         } else {
@@ -307,6 +304,23 @@ fn send(
         });
     }
     inb.read_head(&mut Timed { conn, deadline })
+}
+
+/// Writes all of `buf` before `deadline`: each write may block only for the time left (one
+/// timeout set for the whole would let each partial write start it anew).
+fn write_within(conn: &mut Conn, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = left(deadline).ok_or(ErrorKind::TimedOut)?;
+        let stream = &conn.stream;
+        keep_within(&mut conn.write, Some(left), |t| stream.set_write_timeout(t))?;
+        match (&conn.stream).write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Plain {
