@@ -15,7 +15,7 @@ use super::{answered, RunResult, TimedOut, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::cell::RefCell;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use ureq::unversioned::resolver::Resolver;
 use ureq::unversioned::transport::NextTimeout;
@@ -440,30 +440,40 @@ impl Plain {
                 ureq::Error::Timeout(_) => H1Error::Timeout,
                 e => H1Error::Resolve(e),
             })?;
-        let mut last = None;
-        for addr in addrs.iter() {
-            let wait = left(deadline).ok_or(H1Error::Timeout)?.min(CONNECT_TIMEOUT);
-            match TcpStream::connect_timeout(addr, wait) {
-                Ok(stream) => {
-                    stream.set_nodelay(true).map_err(H1Error::from)?;
-                    return Ok(Conn {
-                        stream,
-                        host: target.host.into(),
-                        port: target.port,
-                        read: None,
-                        write: None,
-                        since: Instant::now(),
-                    });
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
-                    return Err(H1Error::Timeout)
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
-        Err(H1Error::Io(e))
+        let stream = connect_any(&addrs, deadline, CONNECT_TIMEOUT)?;
+        stream.set_nodelay(true).map_err(H1Error::from)?;
+        Ok(Conn {
+            stream,
+            host: target.host.into(),
+            port: target.port,
+            read: None,
+            write: None,
+            since: Instant::now(),
+        })
     }
+}
+
+/// A connection to the first of `addrs` that answers, each given at most `max` of the time
+/// left: one that fails, timing out included, leaves the next to try while time is left. The
+/// error is the attempt's timeout once its deadline has passed, else the last address's.
+fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    max: Duration,
+) -> Result<TcpStream, H1Error> {
+    let mut last = None;
+    for addr in addrs {
+        let wait = left(deadline).ok_or(H1Error::Timeout)?.min(max);
+        match TcpStream::connect_timeout(addr, wait) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    if left(deadline).is_none() {
+        return Err(H1Error::Timeout);
+    }
+    let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
+    Err(H1Error::Io(e))
 }
 
 #[cfg(test)]
@@ -526,6 +536,35 @@ mod tests {
             String::from_utf8(out.clone()).expect("text"),
             format!("POST /?z HTTP/1.1\r\nhost: h\r\naccept: text/plain\r\ncontent-type: application/json\r\ncontent-length: 2\r\n{ua}\r\n{{}}")
         );
+    }
+
+    #[test]
+    fn a_connect_that_times_out_moves_on_to_the_next_address() {
+        use std::os::fd::AsRawFd;
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // A listener whose accept queue is full: SYNs to it are dropped, connecting times out.
+        let full = bind();
+        // SAFETY: listen(2) on a socket this test owns.
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let full = full.local_addr().expect("addr");
+        let short = Duration::from_millis(300);
+        let _queued: Vec<_> = (0..3)
+            .filter_map(|_| TcpStream::connect_timeout(&full, short).ok())
+            .collect();
+        let good = bind();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addrs = [full, good.local_addr().expect("addr")];
+        assert!(connect_any(&addrs, deadline, short).is_ok());
+        // The connect's own timeout is reported as such, not as the attempt's.
+        assert!(matches!(
+            connect_any(&addrs[..1], deadline, short),
+            Err(H1Error::Io(e)) if e.kind() == ErrorKind::TimedOut
+        ));
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(
+            connect_any(&addrs, soon, short),
+            Err(H1Error::Timeout)
+        ));
     }
 
     #[test]
