@@ -1,7 +1,8 @@
 //! Plain `http://` tasks against a server whose every byte is the test's
 //! (`tests/odd_http_server.py`): the response framings RFC 9112 allows (chunked with extensions
 //! and trailers, close-delimited, interim 1xx answers, `Connection: close`), a body beyond the
-//! output limit, a malformed answer, a redirect, a timeout inside the body, and a kept-alive
+//! output limit, a malformed answer, redirects (relative ones too), a timeout inside the body
+//! and one while a request body is taken slowly, and a kept-alive
 //! connection the server drops when it is used again. With a proxy in the environment, the
 //! request goes to the proxy (through ureq) as before.
 
@@ -53,7 +54,12 @@ impl Drop for Odd {
 /// poulpe with one worker (so a second task reuses the first one's connection), no proxy from
 /// the environment (so the plain client is the one tested).
 fn poulpe(dir: &Path) -> Server {
-    let mut b = Server::builder(dir).args(&["--workers", "1"]);
+    poulpe_with(dir, &[])
+}
+
+/// [`poulpe`] with more arguments.
+fn poulpe_with(dir: &Path, args: &[&str]) -> Server {
+    let mut b = Server::builder(dir).args(&["--workers", "1"]).args(args);
     for v in [
         "ALL_PROXY",
         "all_proxy",
@@ -232,6 +238,39 @@ fn a_redirect_is_followed_without_sending_the_first_request_twice() {
 }
 
 #[test]
+fn a_relative_redirect_is_resolved_without_sending_the_first_request_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = poulpe(dir.path());
+    for (id, path, want, next) in [
+        ("rel", "/redirect-rel", "hello chunks", "GET /chunked"),
+        (
+            "query",
+            "/redirect-query",
+            "query x=1",
+            "GET /redirect-query",
+        ),
+        ("up", "/dir/up", "hello chunks", "GET /chunked"),
+    ] {
+        let odd = Odd::start();
+        let r = run(
+            &s,
+            json!({"id":id,"method":"POST","name":odd.url(path),"params":{"k":1}}),
+        );
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        assert_eq!(r["output"], want, "{id}: {r}");
+        let log = odd.log();
+        let first = format!("POST {path}");
+        assert_eq!(
+            log.iter()
+                .map(|l| l.split_once(' ').map_or("", |(_, r)| r))
+                .collect::<Vec<_>>(),
+            [first.as_str(), next, "GET /_log"],
+            "{id}: the first request was sent once: {log:?}"
+        );
+    }
+}
+
+#[test]
 fn the_time_limit_holds_inside_the_body() {
     let dir = tempfile::tempdir().expect("tempdir");
     let odd = Odd::start();
@@ -244,6 +283,29 @@ fn the_time_limit_holds_inside_the_body() {
     assert_eq!(r["code"], 200, "{r}");
     let reason = r["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("timed out after 1 s"), "{r}");
+}
+
+#[test]
+fn the_time_limit_holds_while_the_request_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = Odd::start();
+    let s = poulpe_with(dir.path(), &["--max_body", "16000000"]);
+    // More than the sockets' buffers hold, taken slowly: each send makes some progress.
+    let pad = "a".repeat(8_000_000);
+    let started = std::time::Instant::now();
+    let r = run(
+        &s,
+        json!({"id":"slow-read","method":"POST","name":odd.url("/slow-read"),
+               "params":{"pad":pad},"timeout":1}),
+    );
+    let took = started.elapsed();
+    assert_eq!(r["status"], "dead", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("timed out after 1 s"), "{r}");
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "took {took:?}: {r}"
+    );
 }
 
 #[test]

@@ -10,6 +10,10 @@ Listens on 127.0.0.1 on a free port and prints `READY <port>`. Each request is l
 - /interim: 100 and 103 interim answers before the final one,
 - /malformed: a status line without a code,
 - /redirect: 302 to /chunked,
+- /redirect-rel: 302 to `chunked` (relative to the current path),
+- /dir/up: 302 to `../chunked`,
+- /redirect-query: 302 to `?x=1`; with a query, answers `query <query>`,
+- /slow-read: the request body read 8 KiB every 20 ms (a small receive buffer), then `read`,
 - /slow-body: half a body, then silence for 5 s,
 - /drop-second: answered on a fresh connection; the second request on one is met with a close,
 - /then-close: answered with a length, then the connection is closed.
@@ -54,6 +58,21 @@ def talk(conn, number):
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
                 length = int(value.strip())
+        if target == "/slow-read":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            got = len(buf)
+            while got < length:
+                data = conn.recv(8192)
+                if not data:
+                    conn.close()
+                    return
+                got += len(data)
+                time.sleep(0.02)
+            buf = b""
+            length = 0
+            LOG.append(f"{number} {method} {target}")
+            conn.sendall(answer(b"read"))
+            continue
         while len(buf) < length:
             buf += conn.recv(65536)
         buf = buf[length:]
@@ -89,6 +108,15 @@ def talk(conn, number):
             return
         elif path == "/redirect":
             conn.sendall(answer(b"", "302 Found", "Location: /chunked\r\n"))
+        elif path == "/redirect-rel":
+            conn.sendall(answer(b"", "302 Found", "Location: chunked\r\n"))
+        elif path == "/dir/up":
+            conn.sendall(answer(b"", "303 See Other", "Location: ../chunked\r\n"))
+        elif path == "/redirect-query":
+            if query:
+                conn.sendall(answer(f"query {query}".encode()))
+            else:
+                conn.sendall(answer(b"", "302 Found", "Location: ?x=1\r\n"))
         elif path == "/slow-body":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
             time.sleep(5)

@@ -68,7 +68,8 @@ pub(crate) struct Head {
     /// The connection can carry another request once the body is read (HTTP/1.1 without
     /// `Connection: close`).
     pub(crate) keep: bool,
-    /// The `Location` of a 3xx (other than 304).
+    /// The `Location` of a redirect ureq would follow (301, 302, 303, 307, 308); other 3xx
+    /// answers are final, as they are through ureq.
     pub(crate) location: Option<String>,
 }
 
@@ -325,7 +326,9 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, H1Error> {
             {
                 keep = false;
             }
-        } else if h.name.eq_ignore_ascii_case("location") && (300..400).contains(&status) {
+        } else if h.name.eq_ignore_ascii_case("location")
+            && matches!(status, 301 | 302 | 303 | 307 | 308)
+        {
             location = Some(String::from_utf8_lossy(value).into_owned());
         }
     }
@@ -346,7 +349,7 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, H1Error> {
         status,
         framing,
         keep,
-        location: location.filter(|_| status != 304),
+        location,
     })
 }
 
@@ -431,6 +434,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(h.location.as_deref(), Some("/next"));
+    }
+
+    #[test]
+    fn only_the_redirects_ureq_follows_keep_their_location() {
+        for status in [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 201] {
+            let wire =
+                format!("HTTP/1.1 {status} X\r\nLocation: /next\r\nContent-Length: 0\r\n\r\n");
+            let (h, _, _) = read(wire.as_bytes(), 1000, 100).unwrap();
+            let follow = matches!(status, 301 | 302 | 303 | 307 | 308);
+            assert_eq!(h.location.is_some(), follow, "{status}");
+        }
     }
 
     #[test]

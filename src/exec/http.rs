@@ -96,17 +96,14 @@ impl HttpExec {
         let plain = plain.and_then(|t| Plain.attempt(self.agent.config(), &t, task, timeout));
         match plain {
             Some(Outcome::Done(r)) => r,
-            Some(Outcome::Redirect {
-                url: Some(url),
-                deadline,
-            }) => {
+            Some(Outcome::Redirect { url, deadline }) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return TimedOut(timeout).into();
                 }
                 self.get(task, url, timeout, left, true)
             }
-            Some(Outcome::Redirect { url: None, .. }) | None => self.through_ureq(task, timeout),
+            None => self.through_ureq(task, timeout),
         }
     }
 

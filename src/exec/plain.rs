@@ -5,7 +5,8 @@
 //! keeps its worker's idle connections (at most [`MAX_IDLE`], keyed by host and port, none
 //! older than [`MAX_IDLE_AGE`]); the output `Vec` is the one allocation per attempt. The
 //! caller ([`super::http`]) sends through ureq whatever this one does not take: https, a
-//! proxy from the environment, URLs it does not parse plainly, and the redirects it is given.
+//! proxy from the environment, URLs it does not parse plainly, and the redirects it gets (the
+//! first request is never sent again).
 
 use super::h1::{self, Framing, H1Error, Head, Inbuf};
 use super::resolve::CachingResolver;
@@ -14,7 +15,7 @@ use super::{answered, RunResult, TimedOut, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::cell::RefCell;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use ureq::unversioned::resolver::Resolver;
 use ureq::unversioned::transport::NextTimeout;
@@ -90,31 +91,81 @@ impl<'a> Target<'a> {
         })
     }
 
-    /// The URL a redirect's `Location` names: absolute, scheme-relative or root-relative
-    /// (`None` for a path relative to the current one: ureq then makes the attempt anew).
-    pub(crate) fn join(&self, location: &str) -> Option<String> {
+    /// The URL a redirect's `Location` names, resolved against this target as RFC 3986 §5.2
+    /// says: absolute or scheme-relative as it is, else a path (root-relative, or merged with
+    /// the current path's directory, dot segments removed) or a query on this authority.
+    pub(crate) fn join(&self, location: &str) -> String {
         let scheme = location.split_once("://").map(|(s, _)| s);
         if scheme.is_some_and(|s| !s.is_empty() && !s.contains(['/', '?'])) {
-            return Some(location.to_string());
+            return location.to_string();
         }
-        let mut url = String::from("http:");
-        if !location.starts_with("//") {
-            location.strip_prefix('/')?;
-            url.push_str("//");
-            url.push_str(self.authority);
+        if location.starts_with("//") {
+            return format!("http:{location}");
         }
-        url.push_str(location);
-        Some(url)
+        // A fragment is not sent; the base's query is kept only by an empty reference.
+        let location = location.split('#').next().unwrap_or_default();
+        let (base, base_query) = match self.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.path, None),
+        };
+        let (path, query) = match location.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None if location.is_empty() => ("", base_query),
+            None => (location, None),
+        };
+        let merged;
+        let path = if path.starts_with('/') {
+            path
+        } else if path.is_empty() {
+            base
+        } else {
+            let dir = base.rfind('/').map_or("/", |i| &base[..=i]);
+            merged = format!("{dir}{path}");
+            &merged
+        };
+        let mut url = format!("http://{}", self.authority);
+        remove_dot_segments(&mut url, path);
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    }
+}
+
+/// Appends `path` to `out` without its `.` and `..` segments (RFC 3986 §5.2.4); an empty
+/// path is `/`.
+fn remove_dot_segments(out: &mut String, path: &str) {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
+    while let Some(seg) = segments.next() {
+        match seg {
+            "." => {}
+            ".." => {
+                kept.pop();
+            }
+            s => kept.push(s),
+        }
+        if matches!(seg, "." | "..") && segments.peek().is_none() {
+            kept.push("");
+        }
+    }
+    for seg in kept.iter() {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if kept.is_empty() {
+        out.push('/');
     }
 }
 
 /// How a plain attempt ended.
 pub(crate) enum Outcome {
     Done(RunResult),
-    /// A redirect to follow (through ureq) to this URL, within `deadline`.
-    /// (`url` none: a Location relative to the current path; ureq makes the attempt anew.)
+    /// A redirect to follow (through ureq, as ureq would follow it) to this URL, within
+    /// `deadline`.
     Redirect {
-        url: Option<String>,
+        url: String,
         deadline: Instant,
     },
 }
@@ -245,10 +296,7 @@ fn send(
     deadline: Instant,
 ) -> Result<Head, H1Error> {
     inb.clear();
-    let left = left(deadline).ok_or(H1Error::Timeout)?;
-    let stream = &conn.stream;
-    keep_within(&mut conn.write, Some(left), |t| stream.set_write_timeout(t))?;
-    if let Err(e) = (&conn.stream).write_all(request) {
+    if let Err(e) = write_within(conn, request, deadline) {
         return Err(if h1::reset(&e) {
             H1Error::Closed
         } else {
@@ -256,6 +304,23 @@ fn send(
         });
     }
     inb.read_head(&mut Timed { conn, deadline })
+}
+
+/// Writes all of `buf` before `deadline`: each write may block only for the time left (one
+/// timeout set for the whole would let each partial write start it anew).
+fn write_within(conn: &mut Conn, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = left(deadline).ok_or(ErrorKind::TimedOut)?;
+        let stream = &conn.stream;
+        keep_within(&mut conn.write, Some(left), |t| stream.set_write_timeout(t))?;
+        match (&conn.stream).write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Plain {
@@ -375,30 +440,40 @@ impl Plain {
                 ureq::Error::Timeout(_) => H1Error::Timeout,
                 e => H1Error::Resolve(e),
             })?;
-        let mut last = None;
-        for addr in addrs.iter() {
-            let wait = left(deadline).ok_or(H1Error::Timeout)?.min(CONNECT_TIMEOUT);
-            match TcpStream::connect_timeout(addr, wait) {
-                Ok(stream) => {
-                    stream.set_nodelay(true).map_err(H1Error::from)?;
-                    return Ok(Conn {
-                        stream,
-                        host: target.host.into(),
-                        port: target.port,
-                        read: None,
-                        write: None,
-                        since: Instant::now(),
-                    });
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
-                    return Err(H1Error::Timeout)
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
-        Err(H1Error::Io(e))
+        let stream = connect_any(&addrs, deadline, CONNECT_TIMEOUT)?;
+        stream.set_nodelay(true).map_err(H1Error::from)?;
+        Ok(Conn {
+            stream,
+            host: target.host.into(),
+            port: target.port,
+            read: None,
+            write: None,
+            since: Instant::now(),
+        })
     }
+}
+
+/// A connection to the first of `addrs` that answers, each given at most `max` of the time
+/// left: one that fails, timing out included, leaves the next to try while time is left. The
+/// error is the attempt's timeout once its deadline has passed, else the last address's.
+fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    max: Duration,
+) -> Result<TcpStream, H1Error> {
+    let mut last = None;
+    for addr in addrs {
+        let wait = left(deadline).ok_or(H1Error::Timeout)?.min(max);
+        match TcpStream::connect_timeout(addr, wait) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    if left(deadline).is_none() {
+        return Err(H1Error::Timeout);
+    }
+    let e = last.unwrap_or_else(|| ErrorKind::ConnectionRefused.into());
+    Err(H1Error::Io(e))
 }
 
 #[cfg(test)]
@@ -464,16 +539,63 @@ mod tests {
     }
 
     #[test]
+    fn a_connect_that_times_out_moves_on_to_the_next_address() {
+        use std::os::fd::AsRawFd;
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // A listener whose accept queue is full: SYNs to it are dropped, connecting times out.
+        let full = bind();
+        // SAFETY: listen(2) on a socket this test owns.
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let full = full.local_addr().expect("addr");
+        let short = Duration::from_millis(300);
+        let _queued: Vec<_> = (0..3)
+            .filter_map(|_| TcpStream::connect_timeout(&full, short).ok())
+            .collect();
+        let good = bind();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addrs = [full, good.local_addr().expect("addr")];
+        assert!(connect_any(&addrs, deadline, short).is_ok());
+        // The connect's own timeout is reported as such, not as the attempt's.
+        assert!(matches!(
+            connect_any(&addrs[..1], deadline, short),
+            Err(H1Error::Io(e)) if e.kind() == ErrorKind::TimedOut
+        ));
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(
+            connect_any(&addrs, soon, short),
+            Err(H1Error::Timeout)
+        ));
+    }
+
+    #[test]
     fn locations_resolve_against_the_target() {
         let t = task(Method::Get, "http://h:81/a/b?q=1", "", "");
         let t = Target::of(&t).expect("plain");
-        assert_eq!(t.join("https://o/x").as_deref(), Some("https://o/x"));
-        assert_eq!(t.join("//o/x").as_deref(), Some("http://o/x"));
-        assert_eq!(t.join("/x?y").as_deref(), Some("http://h:81/x?y"));
-        assert_eq!(t.join("c"), None);
-        assert_eq!(
-            t.join("/x?back=http://o/").as_deref(),
-            Some("http://h:81/x?back=http://o/")
-        );
+        for (location, want) in [
+            ("https://o/x", "https://o/x"),
+            ("//o/x", "http://o/x"),
+            ("/x?y", "http://h:81/x?y"),
+            ("/x?back=http://o/", "http://h:81/x?back=http://o/"),
+            // RFC 3986 §5.4's examples, for a base of /a/b?q=1.
+            ("c", "http://h:81/a/c"),
+            ("./c", "http://h:81/a/c"),
+            ("c/", "http://h:81/a/c/"),
+            ("?y", "http://h:81/a/b?y"),
+            ("c?y#f", "http://h:81/a/c?y"),
+            ("", "http://h:81/a/b?q=1"),
+            ("#f", "http://h:81/a/b?q=1"),
+            (".", "http://h:81/a/"),
+            ("..", "http://h:81/"),
+            ("../c", "http://h:81/c"),
+            ("../../../c", "http://h:81/c"),
+            ("/./c/../d/.", "http://h:81/d/"),
+            ("c//d/../e", "http://h:81/a/c//e"),
+        ] {
+            assert_eq!(t.join(location), want, "{location}");
+        }
+        let bare = task(Method::Get, "http://h", "", "");
+        let bare = Target::of(&bare).expect("plain");
+        assert_eq!(bare.join("c"), "http://h/c");
+        assert_eq!(bare.join("?y"), "http://h/?y");
     }
 }
