@@ -38,6 +38,33 @@ fn all_listed(nodes: &[&Server], n: usize) {
     }
 }
 
+/// Two nodes `a` and `b` (with `wa` and `wb` workers) on a fresh Redis, both listed, and a
+/// sink: how most tests here start. Bind every field: a field left in the pattern's `..`
+/// would be dropped (its server stopped) at once.
+struct Pair {
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+    sink: Sink,
+    a: Server,
+    b: Server,
+}
+
+fn pair(wa: &str, wb: &str) -> Pair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = redis(dir.path());
+    let sink = Sink::start();
+    let a = node(dir.path(), &redis, "a", wa);
+    let b = node(dir.path(), &redis, "b", wb);
+    all_listed(&[&a, &b], 2);
+    Pair {
+        dir,
+        redis,
+        sink,
+        a,
+        b,
+    }
+}
+
 /// GETs of the sink's `/slow` taking `ms` each, ids `<prefix><i>`, with `delay`.
 fn slow(sink: &Sink, prefix: &str, n: usize, ms: u64, delay: u64) -> Vec<Value> {
     (0..n)
@@ -85,12 +112,13 @@ fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
 /// delayed one before its due time.
 #[test]
 fn an_idle_node_runs_a_share_of_a_busy_nodes_tasks_each_once_none_early() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "2");
-    let b = node(dir.path(), &redis, "b", "2");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis: _redis,
+        sink,
+        a,
+        b: _b,
+    } = pair("2", "2");
     let mut ids = submit_all(&a, &slow(&sink, "s-", 200, 100, 0));
     let before_us = common::now_us();
     let later = submit_all(&a, &slow(&sink, "d-", 10, 100, 2));
@@ -119,12 +147,13 @@ fn an_idle_node_runs_a_share_of_a_busy_nodes_tasks_each_once_none_early() {
 /// answered with every result, some of them from tasks node b took and ran.
 #[test]
 fn a_wait_on_the_busy_node_is_answered_for_tasks_the_idle_node_ran() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "1");
-    let b = node(dir.path(), &redis, "b", "2");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis: _redis,
+        sink,
+        a,
+        b: _b,
+    } = pair("1", "2");
     let mut tasks = slow(&sink, "w-", 8, 500, 0);
     for t in &mut tasks {
         t["wait"] = json!(60);
@@ -153,12 +182,13 @@ fn a_wait_on_the_busy_node_is_answered_for_tasks_the_idle_node_ran() {
 /// it never runs, on a or b, once both workers are free.
 #[test]
 fn a_task_queued_on_one_node_is_cancelled_from_another_and_never_runs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "1");
-    let b = node(dir.path(), &redis, "b", "1");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis,
+        sink,
+        a,
+        b,
+    } = pair("1", "1");
     assert_eq!(a.submit(&json!(slow(&sink, "busy-a", 1, 3000, 0))).0, 200);
     assert_eq!(b.submit(&json!(slow(&sink, "busy-b", 1, 3000, 0))).0, 200);
     sink.wait_until(Duration::from_secs(10), "both workers busy", |h| {
@@ -198,12 +228,13 @@ fn a_task_queued_on_one_node_is_cancelled_from_another_and_never_runs() {
 /// as a dead node's tasks.
 #[test]
 fn a_node_killed_while_running_tasks_it_took_loses_none() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "1");
-    let mut b = node(dir.path(), &redis, "b", "2");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis: _redis,
+        sink,
+        a,
+        mut b,
+    } = pair("1", "2");
     let ids = submit_all(&a, &slow(&sink, "k-", 6, 2000, 0));
     // b's own workers (`working_keys` lists the whole cluster's), their requests at the sink.
     let running = eventually(Duration::from_secs(15), "b running a's tasks", || {
@@ -317,12 +348,13 @@ fn a_node_alone_on_its_prefix_never_asks_for_other_nodes_tasks() {
 /// once b resumes it takes a share again.
 #[test]
 fn a_paused_node_takes_no_other_nodes_tasks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "1");
-    let b = node(dir.path(), &redis, "b", "2");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis,
+        sink,
+        a,
+        b,
+    } = pair("1", "2");
     let (code, r) = common::post_json(&b.url("/pause"), &json!({}));
     assert_eq!(code, 200, "{r}");
     let seen = monitor(&redis, || {
@@ -345,12 +377,13 @@ fn a_paused_node_takes_no_other_nodes_tasks() {
 /// on a.
 #[test]
 fn a_node_stopped_while_running_tasks_it_took_finishes_them_and_each_runs_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = redis(dir.path());
-    let sink = Sink::start();
-    let a = node(dir.path(), &redis, "a", "1");
-    let mut b = node(dir.path(), &redis, "b", "2");
-    all_listed(&[&a, &b], 2);
+    let Pair {
+        dir: _dir,
+        redis: _redis,
+        sink,
+        a,
+        mut b,
+    } = pair("1", "2");
     let ids = submit_all(&a, &slow(&sink, "t-", 8, 1000, 0));
     eventually(Duration::from_secs(15), "b running a's tasks", || {
         let (_, info) = b.get("/sys_info");
