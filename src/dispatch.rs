@@ -102,16 +102,10 @@ impl Pool {
                 self.wake[w].wait(&mut st);
                 continue;
             }
-            let slot = &mut st.slots[w];
-            let until = slot.held_until.filter(|&t| Instant::now() < t);
-            slot.held_until = until;
-            let held = until.is_some();
-            let own = &mut slot.queue;
-            let mine = own
-                .iter()
-                .position(|t| free(t, held))
-                .and_then(|i| own.remove(i));
-            if let Some(t) = mine.or_else(|| Self::steal(&mut st, w, held)) {
+            let until = st.slots[w].held_until.filter(|&t| Instant::now() < t);
+            st.slots[w].held_until = until;
+            let found = Self::find(&st, w, until.is_some());
+            if let Some(t) = found.and_then(|(o, i)| st.slots[o].queue.remove(i)) {
                 st.slots[w].running = Some(Arc::from(t.id.as_str()));
                 return Some(t);
             }
@@ -149,20 +143,22 @@ impl Pool {
         }
     }
 
-    /// Takes the oldest task worker `w` may run from the busiest other queue (only one without
-    /// cc while its slot is `held`).
-    fn steal(st: &mut State, w: usize, held: bool) -> Option<Arc<Task>> {
+    /// Where the task worker `w` takes next is (queue, position): the first of its own queue
+    /// it may start, else the oldest it may run in the busiest other queue; only tasks without
+    /// cc while its slot is `held`.
+    fn find(st: &State, w: usize, held: bool) -> Option<(usize, usize)> {
+        if let Some(i) = st.slots[w].queue.iter().position(|t| free(t, held)) {
+            return Some((w, i));
+        }
         let mut order: Vec<usize> = (0..st.slots.len()).filter(|&o| o != w).collect();
         // Busiest first; equal ones by number (an unstable sort of unique keys: the binary
         // keeps one sort of these fewer).
         order.sort_unstable_by_key(|&o| (std::cmp::Reverse(st.slots[o].queue.len()), o));
-        for o in order {
-            let q = &mut st.slots[o].queue;
-            if let Some(pos) = q.iter().position(|t| allowed(t, w) && free(t, held)) {
-                return q.remove(pos);
-            }
-        }
-        None
+        order.into_iter().find_map(|o| {
+            let q = &st.slots[o].queue;
+            let pos = q.iter().position(|t| allowed(t, w) && free(t, held))?;
+            Some((o, pos))
+        })
     }
 
     /// Workers that could start a task now and find none queued that they may run: how many
@@ -176,14 +172,10 @@ impl Pool {
         let n = if st.paused || st.stopping {
             0
         } else {
-            let slots = &st.slots;
-            (0..slots.len())
+            (0..st.slots.len())
                 .filter(|&w| {
-                    let held = slots[w].held_until.is_some_and(|t| now < t);
-                    slots[w].running.is_none()
-                        && !slots
-                            .iter()
-                            .any(|s| s.queue.iter().any(|t| allowed(t, w) && free(t, held)))
+                    let held = st.slots[w].held_until.is_some_and(|t| now < t);
+                    st.slots[w].running.is_none() && Self::find(&st, w, held).is_none()
                 })
                 .count()
         };
