@@ -203,12 +203,17 @@ impl Journal {
         } else {
             self.allocated
         };
-        let res = self.io.write_at(self.len, &self.buf).and_then(|()| {
-            if end > self.allocated {
-                self.io.write_at(end, &vec![0; (grow_to - end) as usize])?;
-            }
-            self.io.sync()
-        });
+        let res = self
+            .io
+            .write_at(self.len, &self.buf)
+            .and_then(|()| {
+                if end > self.allocated {
+                    self.zero(end, grow_to)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.io.sync());
         match res {
             Ok(()) => {
                 self.allocated = self.allocated.max(grow_to);
