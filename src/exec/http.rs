@@ -2,13 +2,13 @@
 //! configured), the rest (https, proxies, odd URLs, redirects) through one shared ureq agent
 //! (keep-alive, rustls).
 
-use super::plain::{Outcome, Plain, Target};
+use super::plain::{left, Outcome, Plain, Target};
 use super::{answered, RunResult, TimedOut, MAX_OUTPUT};
 use crate::task::{Method, Task};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
 use ureq::Agent;
 
@@ -96,13 +96,10 @@ impl HttpExec {
         let plain = plain.and_then(|t| Plain.attempt(self.agent.config(), &t, task, timeout));
         match plain {
             Some(Outcome::Done(r)) => r,
-            Some(Outcome::Redirect { url, deadline }) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return TimedOut(timeout).into();
-                }
-                self.get(task, url, timeout, left, true)
-            }
+            Some(Outcome::Redirect { url, deadline }) => match left(deadline) {
+                Some(left) => self.get(task, url, timeout, left, true),
+                None => TimedOut(timeout).into(),
+            },
             None => self.through_ureq(task, timeout),
         }
     }

@@ -192,7 +192,7 @@ impl Read for Timed<'_> {
 }
 
 /// The time left before `deadline`, none once it has passed.
-fn left(deadline: Instant) -> Option<Duration> {
+pub(crate) fn left(deadline: Instant) -> Option<Duration> {
     Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
 }
 
