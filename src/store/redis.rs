@@ -783,11 +783,13 @@ impl RedisStore {
         } else {
             Vec::new()
         };
-        let token = match claim {
-            true => self.uncertain.lock().remove(&task.id),
-            false => Some(0),
-        }
-        .unwrap_or_else(|| self.tokens.fetch_add(1, Ordering::Relaxed));
+        // A claim's retry after a lost answer sends the same token again; a free has none.
+        let token = if claim {
+            let again = self.uncertain.lock().remove(&task.id);
+            again.unwrap_or_else(|| self.tokens.fetch_add(1, Ordering::Relaxed))
+        } else {
+            0
+        };
         let ask = claims::Ask {
             id: task.id.clone(),
             data,
