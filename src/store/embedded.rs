@@ -22,6 +22,7 @@ use super::journal::{FileJournal, Journal, JournalIo};
 use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
+use commit::{Ack, Batch, Commits, Reply};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
@@ -34,6 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+mod commit;
 
 /// Page cache of the embedded database.
 const CACHE_BYTES: usize = 48 * 1024 * 1024;
@@ -86,11 +89,15 @@ const PROBE_BYTES: usize = 256 * 1024;
 /// Opens the database (at start, and again after an I/O error) and makes sure its tables exist.
 type OpenFn = dyn Fn() -> Result<Database, StoreError> + Send + Sync;
 
-/// The redb file, the journal and their writer thread.
+/// The redb file, the journal, the callers' commit queue and the writer thread.
 pub struct EmbeddedBackend {
     shared: Arc<Shared>,
-    tx: Sender<Batch>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    commits: Arc<Commits>,
+    /// The journal and the checkpoint state: taken by the caller whose turn it is to commit,
+    /// and by the writer thread.
+    writer: Arc<Mutex<Writer>>,
+    tx: Sender<Signal>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// What the callers and the writer thread share.
@@ -233,68 +240,17 @@ fn broken(e: &redb::Error) -> bool {
     )
 }
 
-/// What one caller hands the writer.
-struct Batch {
-    ops: Vec<Op>,
-    /// Told when the ops are durable (or, with `checkpoint`, once they are in the redb file).
-    done: Option<Reply>,
-    /// Write everything pending into the redb file before answering.
-    checkpoint: bool,
-    /// Ends the writer after everything queued before it.
-    close: bool,
-}
-
-impl Batch {
-    fn signal(checkpoint: bool, close: bool, done: Option<Reply>) -> Batch {
-        Batch {
-            ops: Vec::new(),
-            done,
-            checkpoint,
-            close,
-        }
-    }
-}
-
-/// Where the writer puts one caller's commit outcome. The caller sleeps on a condvar: a
-/// channel's receive spins and yields first, which on two cores takes time from the writer.
-#[derive(Default)]
-struct Ack {
-    slot: Mutex<Option<Result<(), StoreError>>>,
-    ready: Condvar,
-}
-
-impl Ack {
-    fn wait(&self) -> Result<(), StoreError> {
-        let mut slot = self.slot.lock();
-        loop {
-            if let Some(r) = slot.take() {
-                return r;
-            }
-            self.ready.wait(&mut slot);
-        }
-    }
-}
-
-/// The writer's side of an `Ack`; dropped unanswered (the writer stopped), it answers
-/// `Unavailable`, so no caller waits forever.
-struct Reply(Option<Arc<Ack>>);
-
-impl Reply {
-    fn send(mut self, r: Result<(), StoreError>) {
-        if let Some(ack) = self.0.take() {
-            *ack.slot.lock() = Some(r);
-            ack.ready.notify_one();
-        }
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        if let Some(ack) = self.0.take() {
-            *ack.slot.lock() = Some(Err(unavailable("the writer thread has stopped")));
-            ack.ready.notify_one();
-        }
-    }
+/// What the writer thread is asked (commits are made by the callers, see `commit`).
+enum Signal {
+    /// Look again at what is due: a commit started the first pending write or a checkpoint,
+    /// or the store went down.
+    Wake,
+    /// Answer once everything written so far is in the redb file.
+    Flush(Reply),
+    /// The turn to commit: batches are queued and none of their callers waits for them yet.
+    Lead,
+    /// The store is closed: end.
+    Stop,
 }
 
 /// The embedded store.
@@ -534,9 +490,8 @@ fn start(
     let thread_box = mailbox.clone();
     crate::stage::spawn_critical("store-ckpt", move || checkpointer(&thread_box))
         .map_err(unavailable)?;
-    let writer_shared = shared.clone();
-    let mut w = Writer {
-        shared: writer_shared,
+    let writer = Arc::new(Mutex::new(Writer {
+        shared: shared.clone(),
         journal,
         spare,
         mailbox,
@@ -550,14 +505,23 @@ fn start(
         started: 0,
         written: 0,
         flushes: Vec::new(),
-    };
-    // Its death would leave every write waiting: a panic there ends the process.
-    let handle =
-        crate::stage::spawn_critical("store-writer", move || w.run(&rx)).map_err(unavailable)?;
+        wake: false,
+    }));
+    let lead = tx.clone();
+    let commits = Arc::new(Commits::new(move || {
+        let _ = lead.send(Signal::Lead);
+    }));
+    let (w, c) = (writer.clone(), commits.clone());
+    // Its death would leave started writes uncommitted, failed checkpoints untried and a down
+    // store down: a panic there ends the process.
+    let handle = crate::stage::spawn_critical("store-writer", move || keep(&w, &c, &rx))
+        .map_err(unavailable)?;
     Ok(LocalStore::new(EmbeddedBackend {
         shared,
+        commits,
+        writer,
         tx,
-        writer: Mutex::new(Some(handle)),
+        thread: Mutex::new(Some(handle)),
     }))
 }
 
@@ -704,8 +668,9 @@ fn checkpointer(mailbox: &Mailbox) {
     }
 }
 
-/// The writer thread: group commits into the journal, hands checkpoints to the checkpoint
-/// thread, and heals after an I/O error.
+/// The journal and the checkpoint state. Commits are made by the caller whose turn it is
+/// (`round`); the writer thread starts checkpoints that are due while no write comes, collects
+/// their answers, answers flushes and heals after an I/O error (`tick`).
 struct Writer {
     shared: Arc<Shared>,
     /// The journal file new records go to.
@@ -734,90 +699,87 @@ struct Writer {
     /// them: everything written before the flush is in the redb file once it is. The writer
     /// goes on journaling meanwhile.
     flushes: Vec<(u64, Reply)>,
+    /// What the writer thread waits for has changed (a first pending write, a checkpoint
+    /// out, the store down): the caller that committed wakes it.
+    wake: bool,
+}
+
+/// The writer thread: sleeps until something is due (`Writer::wake_at`) or it is signalled.
+fn keep(writer: &Mutex<Writer>, commits: &Commits, rx: &Receiver<Signal>) {
+    loop {
+        let wake_at = {
+            let mut w = writer.lock();
+            w.tick();
+            w.wake = false;
+            w.wake_at()
+        };
+        let got = match wake_at {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+        };
+        match got {
+            Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(Signal::Flush(done)) => writer.lock().flush_after(done),
+            Ok(Signal::Lead) => commits.lead_all(&|round| writer.lock().round(round)),
+            Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let mut w = writer.lock();
+    for (_, done) in w.flushes.drain(..) {
+        done.send(Err(unavailable("the store is closed")));
+    }
+    // The checkpoint thread ends with the writer.
+    w.mailbox.post(|m| m.stop = true);
 }
 
 impl Writer {
-    fn run(&mut self, rx: &Receiver<Batch>) {
-        self.work(rx);
-        // The checkpoint thread ends with the writer.
-        self.mailbox.post(|m| m.stop = true);
-    }
-
-    fn work(&mut self, rx: &Receiver<Batch>) {
-        loop {
-            self.collect_checkpoint(false);
-            self.push_flushes();
-            if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
-                // A read found the file broken.
-                self.reopen_at = Some(Instant::now());
-                self.collect_checkpoint(true);
-                self.shared.close_db();
-            }
-            self.heal();
-            let Some(first) = self.next(rx) else {
-                return;
-            };
-            let mut batches = gather(first, rx);
-            let res = self.commit(&mut batches);
-            let mut closing = false;
-            for b in batches {
-                closing |= b.close;
-                match b.done {
-                    Some(done) if b.checkpoint => self.flush_after(done),
-                    Some(done) => done.send(res.clone()),
-                    None => {}
-                }
-            }
-            if closing {
-                let r = self.checkpoint_now();
-                for (_, done) in self.flushes.drain(..) {
-                    done.send(r.clone());
-                }
-            } else {
-                if self.in_flight && self.overfull() {
-                    // Writes come faster than checkpoints go: the writer waits for the one out
-                    // (and so do the writes queued behind it), so that memory and the journal
-                    // files hold at most about two checkpoints' worth.
-                    self.collect_checkpoint(true);
-                }
-                if self.due() {
-                    self.start_checkpoint();
-                }
-            }
-            if closing {
-                return;
-            }
+    /// Commits one round of the callers' batches (see `commit`) and answers each; then
+    /// waits for the checkpoint out if writes come faster than checkpoints go, and starts the
+    /// next one when it is due.
+    fn round(&mut self, mut batches: Vec<Batch>) {
+        self.collect_checkpoint(false);
+        self.push_flushes();
+        let res = self.commit(&mut batches);
+        for b in batches {
+            b.done.send(res.clone());
+        }
+        if self.in_flight && self.overfull() {
+            // Writes come faster than checkpoints go: the committing caller waits for the one
+            // out (and so do the writes queued behind it), so that memory and the journal
+            // files hold at most about two checkpoints' worth.
+            self.collect_checkpoint(true);
+        }
+        if self.due() {
+            self.start_checkpoint();
         }
     }
 
-    /// The next batch; on the way, a checkpoint when one is due and nothing arrives.
-    fn next(&mut self, rx: &Receiver<Batch>) -> Option<Batch> {
-        loop {
-            let wake = match self.reopen_at {
-                Some(at) => Some(at),
-                None if self.in_flight => Some(Instant::now() + CHECKPOINT_POLL),
-                None if self.nothing_pending() => None,
-                None => Some(self.pending_since + self.checkpoint_every),
-            };
-            let got = match wake {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
-            };
-            match got {
-                Ok(b) => return Some(b),
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.reopen_at.is_some() {
-                        self.heal();
-                    } else {
-                        self.collect_checkpoint(false);
-                        self.push_flushes();
-                        if self.due() {
-                            self.start_checkpoint();
-                        }
-                    }
-                }
-            }
+    /// The writer thread's turn: collects a finished checkpoint, starts one that flushes
+    /// wait for or that is due, and takes the store down (a read found the file broken) or
+    /// brings it back up.
+    fn tick(&mut self) {
+        self.collect_checkpoint(false);
+        self.push_flushes();
+        if self.reopen_at.is_none() && !self.shared.up.load(Ordering::Acquire) {
+            // A read found the file broken.
+            self.reopen_at = Some(Instant::now());
+            self.collect_checkpoint(true);
+            self.shared.close_db();
+        }
+        self.heal();
+        if self.due() {
+            self.start_checkpoint();
+        }
+    }
+
+    /// When the writer thread has something to do next without being signalled: a reopen
+    /// to try, a checkpoint out to collect, or the pending writes' checkpoint.
+    fn wake_at(&self) -> Option<Instant> {
+        match self.reopen_at {
+            Some(at) => Some(at),
+            None if self.in_flight => Some(Instant::now() + CHECKPOINT_POLL),
+            None if self.nothing_pending() => None,
+            None => Some(self.pending_since + self.checkpoint_every),
         }
     }
 
@@ -887,6 +849,7 @@ impl Writer {
         let mut o = self.shared.overlay.write();
         if o.current.is_empty() {
             self.pending_since = Instant::now();
+            self.wake = true;
         }
         let Overlay { current, flushing } = &mut *o;
         for op in ops {
@@ -941,6 +904,7 @@ impl Writer {
         self.mailbox
             .post(|m| m.job = Some(Job { db, pending, seq }));
         self.in_flight = true;
+        self.wake = true;
         self.started += 1;
     }
 
@@ -1079,6 +1043,7 @@ impl Writer {
     fn go_down(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.shared.mark_down(what, e);
         self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+        self.wake = true;
         // The checkpoint thread lets go of the file first (a reopen needs it free); what it
         // could not write stays in memory and is written after the reopen.
         self.collect_checkpoint(true);
@@ -1131,24 +1096,6 @@ fn a_checkpoints_worth(p: &Pending) -> bool {
     p.ops() >= CHECKPOINT_OPS || p.bytes() >= CHECKPOINT_BYTES
 }
 
-/// Takes `first` and whatever else is waiting, up to `MAX_BATCH` ops or a closing batch.
-fn gather(first: Batch, rx: &Receiver<Batch>) -> Vec<Batch> {
-    let mut closing = first.close;
-    let mut n = first.ops.len();
-    let mut batches = vec![first];
-    while n < MAX_BATCH && !closing {
-        match rx.try_recv() {
-            Ok(b) => {
-                n += b.ops.len();
-                closing = b.close;
-                batches.push(b);
-            }
-            Err(_) => break,
-        }
-    }
-    batches
-}
-
 impl EmbeddedBackend {
     /// Runs one read on the open database; an I/O error takes the store down and wakes the
     /// writer, which reopens it.
@@ -1176,7 +1123,7 @@ impl EmbeddedBackend {
                 };
                 if first {
                     // Wake the writer (it may be waiting for work) so that it reopens the file.
-                    let _ = self.tx.send(Batch::signal(false, false, None));
+                    let _ = self.tx.send(Signal::Wake);
                 }
                 Err(self.shared.down_error())
             }
@@ -1184,22 +1131,33 @@ impl EmbeddedBackend {
         }
     }
 
-    /// Hands `batch` to the writer and waits for its answer.
-    fn send_and_wait(&self, batch: Batch) -> Result<(), StoreError> {
-        self.send(batch)?.wait()
-    }
-
-    /// Hands `batch` to the writer; the `Ack` gets its answer.
-    fn send(&self, mut batch: Batch) -> Result<Arc<Ack>, StoreError> {
+    /// Queues `ops` for the next commit (refused while the store is down); `started`: the
+    /// caller waits for them later, or on another thread.
+    fn queue(&self, ops: Vec<Op>, started: bool) -> Result<Arc<Ack>, StoreError> {
         if !self.healthy() {
             return Err(self.shared.down_error());
         }
-        let ack = Arc::new(Ack::default());
-        batch.done = Some(Reply(Some(ack.clone())));
-        self.tx
-            .send(batch)
-            .map_err(|_| unavailable("the writer thread has stopped"))?;
-        Ok(ack)
+        if started {
+            self.commits.push_started(ops)
+        } else {
+            self.commits.push(ops)
+        }
+    }
+
+    /// Waits for the answer to a queued batch, committing the queue when it is this caller's
+    /// turn.
+    fn finish(&self, ack: &Ack) -> Result<(), StoreError> {
+        self.commits.wait(ack, &|round| self.round(round))
+    }
+
+    /// One commit round, on the caller's thread; the writer thread is woken only when what it
+    /// waits for has changed.
+    fn round(&self, batches: Vec<Batch>) {
+        let mut w = self.writer.lock();
+        w.round(batches);
+        if std::mem::take(&mut w.wake) {
+            let _ = self.tx.send(Signal::Wake);
+        }
     }
 
     /// Waits until everything written so far is in the redb file (before reads that scan it).
@@ -1207,7 +1165,25 @@ impl EmbeddedBackend {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(unavailable("the store is closed"));
         }
-        self.send_and_wait(Batch::signal(true, false, None))
+        let ack = Arc::new(Ack::default());
+        self.tx
+            .send(Signal::Flush(Reply(Some(ack.clone()))))
+            .map_err(|_| unavailable("the writer thread has stopped"))?;
+        match ack.wait() {
+            commit::Answer::Done(r) => r,
+            // Only commits hand out turns.
+            commit::Answer::Lead | commit::Answer::Waiting => {
+                Err(unavailable("the flush got no answer"))
+            }
+        }
+    }
+}
+
+impl Drop for EmbeddedBackend {
+    /// Ends the writer thread also when the store is dropped without `close` (the commit
+    /// queue's own sender would keep its channel open): it lets go of the files.
+    fn drop(&mut self) {
+        let _ = self.tx.send(Signal::Stop);
     }
 }
 
@@ -1221,22 +1197,17 @@ impl Backend for EmbeddedBackend {
     }
 
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        self.send_and_wait(Batch {
-            ops,
-            done: None,
-            checkpoint: false,
-            close: false,
-        })
+        let ack = self.queue(ops, false)?;
+        self.finish(&ack)
     }
 
+    /// Committed by a caller that waits meanwhile, or by the writer thread.
     fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
-        let sent = self.send(Batch {
-            ops,
-            done: None,
-            checkpoint: false,
-            close: false,
-        });
-        Box::new(move || sent?.wait())
+        let queued = self.queue(ops, true);
+        Box::new(move || {
+            let ack = queued?;
+            self.finish(&ack)
+        })
     }
 
     fn write_later(&self, ops: Vec<Op>) {
@@ -1245,9 +1216,20 @@ impl Backend for EmbeddedBackend {
 
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        let _ = self.tx.send(Batch::signal(true, true, None));
-        if let Some(w) = self.writer.lock().take() {
-            let _ = w.join();
+        // Every batch queued before the last one is committed once it is answered.
+        if let Ok(ack) = self.commits.push_last() {
+            let _ = self.finish(&ack);
+        }
+        {
+            let mut w = self.writer.lock();
+            let r = w.checkpoint_now();
+            for (_, done) in w.flushes.drain(..) {
+                done.send(r.clone());
+            }
+        }
+        let _ = self.tx.send(Signal::Stop);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
         }
         // The last reference: redb marks the file cleanly closed, so the next open needs no
         // repair scan.
@@ -2243,55 +2225,6 @@ mod tests {
         s.close();
     }
 
-    /// The writer folds what is waiting into one journal record: up to 4096 ops (a batch is
-    /// never cut), and never past a closing batch.
-    #[test]
-    fn gather_takes_what_waits_up_to_max_batch_ops_or_a_close() {
-        let one = |close: bool| Batch {
-            ops: vec![meta_op("k", "v")],
-            done: None,
-            checkpoint: false,
-            close,
-        };
-        let (tx, rx) = unbounded();
-        for _ in 0..MAX_BATCH + 10 {
-            tx.send(one(false)).expect("send");
-        }
-        let first = rx.recv().expect("recv");
-        assert_eq!(gather(first, &rx).len(), MAX_BATCH, "stops at 4096 ops");
-        let first = rx.recv().expect("recv");
-        assert_eq!(gather(first, &rx).len(), 10, "the rest");
-        tx.send(one(false)).expect("send");
-        tx.send(one(true)).expect("send");
-        tx.send(one(false)).expect("send");
-        let first = rx.recv().expect("recv");
-        let got = gather(first, &rx);
-        assert_eq!(got.len(), 2, "up to the closing batch");
-        assert!(got[1].close);
-        assert_eq!(rx.len(), 1, "the batch after the close is left");
-        assert_eq!(
-            gather(Batch::signal(false, true, None), &rx).len(),
-            1,
-            "a closing batch first takes nothing more"
-        );
-        assert_eq!(rx.len(), 1);
-    }
-
-    /// A reply the writer drops unanswered (it stopped) answers `Unavailable`: no caller waits
-    /// for ever.
-    #[test]
-    fn a_reply_dropped_unanswered_answers_unavailable() {
-        let ack = Arc::new(Ack::default());
-        drop(Reply(Some(ack.clone())));
-        assert_eq!(
-            ack.slot.lock().take(),
-            Some(Err(unavailable("the writer thread has stopped")))
-        );
-        let ack = Arc::new(Ack::default());
-        Reply(Some(ack.clone())).send(Ok(()));
-        assert_eq!(ack.wait(), Ok(()));
-    }
-
     /// A checkpoint the redb file refuses (its sync fails; the journal is fine) takes the
     /// store down: the file is closed, reopened once it takes writes again, and the reopen's
     /// checkpoint writes what was pending. A file left open after the error would refuse every
@@ -2338,7 +2271,7 @@ mod tests {
         let s = flaky_store(&disk);
         let writer = s
             .backend()
-            .writer
+            .thread
             .lock()
             .as_ref()
             .expect("writer")
@@ -2366,10 +2299,7 @@ mod tests {
         };
         attempts(1);
         // What a write that passed the health check just before the store went down does.
-        s.backend()
-            .tx
-            .send(Batch::signal(false, false, None))
-            .expect("send");
+        s.backend().tx.send(Signal::Wake).expect("send");
         // Four: the third's log line is written before the fourth attempt.
         let at = attempts(4);
         assert!(
@@ -2513,12 +2443,12 @@ mod tests {
         assert_eq!(b.results_len().expect("count"), 1);
         disk.gate.close();
         let ack = Arc::new(Ack::default());
-        b.tx.send(Batch::signal(true, false, Some(Reply(Some(ack.clone())))))
+        b.tx.send(Signal::Flush(Reply(Some(ack.clone()))))
             .expect("send");
         wait_until_a_checkpoint_is_held(&disk);
         assert!(b.shared.overlay.read().flushing.is_some());
         assert!(
-            ack.slot.lock().is_none(),
+            *ack.slot.lock() == commit::Answer::Waiting,
             "the flush was answered before the file held its writes"
         );
         assert_eq!(b.results_len().expect("count"), 1, "counted once");
@@ -2527,7 +2457,7 @@ mod tests {
             Some(i64::MAX)
         );
         disk.gate.open();
-        assert_eq!(ack.wait(), Ok(()));
+        assert_eq!(ack.wait(), commit::Answer::Done(Ok(())));
         assert!(b.shared.overlay.read().flushing.is_none());
         assert_eq!(b.results_len().expect("count"), 1, "now from the file");
         s.close();
@@ -2554,7 +2484,7 @@ mod tests {
     /// CPU time the store's writer thread has used so far.
     fn writer_cpu(s: &EmbeddedStore) -> Duration {
         use std::os::unix::thread::JoinHandleExt;
-        let writer = s.backend().writer.lock();
+        let writer = s.backend().thread.lock();
         let thread = writer.as_ref().expect("writer running").as_pthread_t();
         let mut clock: libc::clockid_t = 0;
         let mut ts = libc::timespec {

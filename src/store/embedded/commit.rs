@@ -1,0 +1,407 @@
+//! Group commit on the callers' own threads: each caller queues its ops, and the one whose turn
+//! it is commits every queued batch (one journal append, one `fdatasync`), answers the others
+//! and hands the turn to the oldest caller still waiting. A caller sleeps only while another
+//! caller's commit holds its ops, and no thread of the store wakes up for a commit: with one
+//! writer thread, every commit cost two more context switches (waking it, and it waking the
+//! caller). A write that is only started (`write_start`: its caller waits later, or on another
+//! thread) never gets the turn, which would hold every later commit until it is waited for:
+//! when nobody waiting can take the turn, the writer thread takes it.
+
+use super::super::local::Op;
+use super::super::StoreError;
+use super::{unavailable, MAX_BATCH};
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// One caller's ops, and where its answer goes.
+pub(super) struct Batch {
+    pub(super) ops: Vec<Op>,
+    pub(super) done: Reply,
+    /// Its caller is waiting for it now, so it can take the turn.
+    waiting: bool,
+}
+
+/// The commit queue.
+pub(super) struct Commits {
+    queue: Mutex<Queue>,
+    /// Gives the turn to the writer thread (which then calls `lead_all`).
+    elsewhere: Box<dyn Fn() + Send + Sync>,
+}
+
+#[derive(Default)]
+struct Queue {
+    batches: VecDeque<Batch>,
+    /// A caller has the turn: it commits what is queued, or it is told to and will.
+    turn_taken: bool,
+    /// The store is closing: no more batches.
+    closed: bool,
+}
+
+/// What a caller waiting on its [`Ack`] is told.
+#[derive(Debug, PartialEq)]
+pub(super) enum Answer {
+    Waiting,
+    /// Its turn: it commits the queue.
+    Lead,
+    /// Its batch was committed (or refused).
+    Done(Result<(), StoreError>),
+}
+
+/// Where one caller sleeps until its answer. A mutex and a condvar: a channel's receive spins
+/// and yields first, which on two cores takes time from the committing thread.
+pub(super) struct Ack {
+    pub(super) slot: Mutex<Answer>,
+    ready: Condvar,
+}
+
+impl Default for Ack {
+    fn default() -> Ack {
+        Ack {
+            slot: Mutex::new(Answer::Waiting),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl Ack {
+    /// Sleeps until there is an answer, and takes it.
+    pub(super) fn wait(&self) -> Answer {
+        let mut slot = self.slot.lock();
+        loop {
+            match std::mem::replace(&mut *slot, Answer::Waiting) {
+                Answer::Waiting => self.ready.wait(&mut slot),
+                other => return other,
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        matches!(*self.slot.lock(), Answer::Done(_))
+    }
+
+    fn tell(&self, a: Answer) {
+        *self.slot.lock() = a;
+        self.ready.notify_one();
+    }
+}
+
+/// The committing side of an `Ack`; dropped unanswered (the store stopped), it answers
+/// `Unavailable`, so no caller waits forever.
+pub(super) struct Reply(pub(super) Option<Arc<Ack>>);
+
+impl Reply {
+    pub(super) fn send(mut self, r: Result<(), StoreError>) {
+        if let Some(ack) = self.0.take() {
+            ack.tell(Answer::Done(r));
+        }
+    }
+
+    fn lead(&self) {
+        if let Some(ack) = &self.0 {
+            ack.tell(Answer::Lead);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(ack) = self.0.take() {
+            ack.tell(Answer::Done(Err(unavailable("the writer thread has stopped"))));
+        }
+    }
+}
+
+impl Commits {
+    /// An empty queue; `elsewhere` gives the turn to the writer thread.
+    pub(super) fn new(elsewhere: impl Fn() + Send + Sync + 'static) -> Commits {
+        Commits {
+            queue: Mutex::default(),
+            elsewhere: Box::new(elsewhere),
+        }
+    }
+
+    /// Queues `ops` for a caller that waits for them now: it passes the `Ack` to
+    /// [`Commits::wait`] at once (it may have the turn).
+    pub(super) fn push(&self, ops: Vec<Op>) -> Result<Arc<Ack>, StoreError> {
+        self.push_with(ops, true, false)
+    }
+
+    /// Queues `ops` for a caller that waits for them later, or on another thread.
+    pub(super) fn push_started(&self, ops: Vec<Op>) -> Result<Arc<Ack>, StoreError> {
+        self.push_with(ops, false, false)
+    }
+
+    /// Queues the last batch, waited for at once: every later push is refused. Once it is
+    /// answered, every batch queued before it has been committed.
+    pub(super) fn push_last(&self) -> Result<Arc<Ack>, StoreError> {
+        self.push_with(Vec::new(), true, true)
+    }
+
+    fn push_with(&self, ops: Vec<Op>, waiting: bool, last: bool) -> Result<Arc<Ack>, StoreError> {
+        let ack = Arc::new(Ack::default());
+        let elsewhere = {
+            let mut q = self.queue.lock();
+            if q.closed {
+                return Err(unavailable("the store is closed"));
+            }
+            q.closed = last;
+            let free = !q.turn_taken;
+            q.turn_taken = true;
+            if free && waiting {
+                *ack.slot.lock() = Answer::Lead;
+            }
+            q.batches.push_back(Batch {
+                ops,
+                done: Reply(Some(ack.clone())),
+                waiting,
+            });
+            free && !waiting
+        };
+        if elsewhere {
+            (self.elsewhere)();
+        }
+        Ok(ack)
+    }
+
+    /// The writer thread's turn: commits rounds until the queue is empty.
+    pub(super) fn lead_all(&self, commit: &(dyn Fn(Vec<Batch>) + Sync)) {
+        loop {
+            let round = {
+                let mut q = self.queue.lock();
+                let round = take_round(&mut q.batches);
+                if round.is_empty() {
+                    q.turn_taken = false;
+                    return;
+                }
+                round
+            };
+            commit(round);
+        }
+    }
+
+    /// Waits for the answer to the batch `ack` was given for; when the turn comes to this
+    /// caller, commits the queue in rounds with `commit` (which answers every batch of a
+    /// round) until its own batch is in one, then hands the turn to the oldest batch left.
+    /// A panic inside `commit` ends the process, as in any thread the store cannot lose.
+    pub(super) fn wait(
+        &self,
+        ack: &Ack,
+        commit: &(dyn Fn(Vec<Batch>) + Sync),
+    ) -> Result<(), StoreError> {
+        loop {
+            match ack.wait() {
+                Answer::Done(r) => return r,
+                Answer::Lead => self.lead(ack, commit),
+                Answer::Waiting => {}
+            }
+        }
+    }
+
+    fn lead(&self, own: &Ack, commit: &(dyn Fn(Vec<Batch>) + Sync)) {
+        loop {
+            let round = take_round(&mut self.queue.lock().batches);
+            crate::stage::critical("store commit", Box::new(|| commit(round)));
+            if own.done() {
+                return self.hand_on();
+            }
+        }
+    }
+
+    /// Gives the turn to the oldest batch whose caller is waiting, else to the writer thread
+    /// when batches are left, else frees it.
+    fn hand_on(&self) {
+        let elsewhere = {
+            let mut q = self.queue.lock();
+            match q.batches.iter().find(|b| b.waiting) {
+                Some(next) => {
+                    next.done.lead();
+                    false
+                }
+                None if q.batches.is_empty() => {
+                    q.turn_taken = false;
+                    false
+                }
+                None => true,
+            }
+        };
+        if elsewhere {
+            (self.elsewhere)();
+        }
+    }
+}
+
+/// The oldest batches, up to `MAX_BATCH` ops (at least one batch).
+fn take_round(queue: &mut VecDeque<Batch>) -> Vec<Batch> {
+    let mut n = 0;
+    let mut round = Vec::new();
+    while let Some(b) = queue.front() {
+        if !round.is_empty() && n + b.ops.len() > MAX_BATCH {
+            break;
+        }
+        n += b.ops.len();
+        round.extend(queue.pop_front());
+    }
+    round
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn op() -> Op {
+        Op::PutMeta("k".into(), "v".into())
+    }
+
+    fn batch(n: usize) -> Batch {
+        Batch {
+            ops: (0..n).map(|_| op()).collect(),
+            done: Reply(None),
+            waiting: true,
+        }
+    }
+
+    #[test]
+    fn a_round_takes_the_oldest_batches_up_to_max_batch_ops() {
+        let mut q: VecDeque<Batch> = (0..MAX_BATCH + 10).map(|_| batch(1)).collect();
+        assert_eq!(take_round(&mut q).len(), MAX_BATCH, "stops at 4096 ops");
+        assert_eq!(take_round(&mut q).len(), 10, "the rest");
+        let mut q: VecDeque<Batch> = [batch(MAX_BATCH + 5), batch(1)].into_iter().collect();
+        assert_eq!(take_round(&mut q).len(), 1, "a batch over the limit goes alone");
+        assert_eq!(take_round(&mut q).len(), 1);
+        assert!(take_round(&mut q).is_empty());
+    }
+
+    /// A reply dropped unanswered answers `Unavailable`: no caller waits for ever.
+    #[test]
+    fn a_reply_dropped_unanswered_answers_unavailable() {
+        let ack = Arc::new(Ack::default());
+        drop(Reply(Some(ack.clone())));
+        assert_eq!(
+            ack.wait(),
+            Answer::Done(Err(unavailable("the writer thread has stopped")))
+        );
+        let ack = Arc::new(Ack::default());
+        Reply(Some(ack.clone())).send(Ok(()));
+        assert_eq!(ack.wait(), Answer::Done(Ok(())));
+    }
+
+    /// The first caller commits at once on its own thread; those that queue meanwhile are
+    /// committed by one of them, in fewer rounds than callers, each getting its own answer;
+    /// then the turn is free again.
+    #[test]
+    fn callers_commit_each_others_batches_in_rounds_on_their_own_threads() {
+        let commits = Commits::new(|| panic!("no caller took the turn"));
+        let rounds = AtomicUsize::new(0);
+        let committed = AtomicUsize::new(0);
+        let threads = Mutex::new(std::collections::HashSet::new());
+        let commit = |round: Vec<Batch>| {
+            threads.lock().insert(std::thread::current().id());
+            rounds.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(2));
+            for b in round {
+                committed.fetch_add(b.ops.len(), Ordering::Relaxed);
+                let fail = b.ops.len() == 3;
+                b.done.send(if fail {
+                    Err(unavailable("three"))
+                } else {
+                    Ok(())
+                });
+            }
+        };
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (commits, commit) = (&commits, &commit);
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let n = 1 + (t + i) % 4;
+                        let ack = commits.push((0..n).map(|_| op()).collect()).expect("push");
+                        let r = commits.wait(&ack, commit);
+                        assert_eq!(r.is_err(), n == 3, "batch of {n} answered {r:?}");
+                    }
+                });
+            }
+        });
+        let r = rounds.load(Ordering::Relaxed);
+        assert_eq!(committed.load(Ordering::Relaxed), 8 * 50 * 10 / 4);
+        assert!(r < 400, "{r} rounds for 400 batches");
+        assert!(threads.lock().len() > 1, "only one thread committed");
+        assert!(!commits.queue.lock().turn_taken, "the turn is left taken");
+        let ack = commits.push(vec![op()]).expect("push");
+        assert_eq!(*ack.slot.lock(), Answer::Lead, "the next caller commits at once");
+    }
+
+    /// After the last batch no push is taken, and the last batch is answered after every
+    /// batch queued before it.
+    #[test]
+    fn nothing_is_queued_after_the_last_batch() {
+        let commits = Commits::new(|| panic!("no caller took the turn"));
+        let first = commits.push(vec![op()]).expect("push");
+        let last = commits.push_last().expect("last");
+        assert_eq!(
+            commits.push(vec![op()]).err(),
+            Some(unavailable("the store is closed"))
+        );
+        let order = Mutex::new(Vec::new());
+        let commit = |round: Vec<Batch>| {
+            for b in round {
+                order.lock().push(b.ops.len());
+                b.done.send(Ok(()));
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| commits.wait(&last, &commit).expect("last"));
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(order.lock().is_empty(), "committed before the first caller's turn");
+            commits.wait(&first, &commit).expect("first");
+        });
+        assert_eq!(*order.lock(), vec![1, 0]);
+    }
+
+    /// A started write never takes the turn (its caller may queue a write of its own before
+    /// waiting for it): the writer thread is asked to commit it, and a caller waiting behind
+    /// it is given the turn over it.
+    #[test]
+    fn a_started_write_leaves_the_turn_to_a_waiting_caller_or_the_writer_thread() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        let commits = Commits::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        });
+        let commit = |round: Vec<Batch>| {
+            for b in round {
+                b.done.send(Ok(()));
+            }
+        };
+        let started = commits.push_started(vec![op()]).expect("started");
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "the writer thread is asked");
+        assert_eq!(*started.slot.lock(), Answer::Waiting);
+        // Before the writer thread comes, a caller queues: the writer thread commits both.
+        let own = commits.push(vec![op()]).expect("push");
+        assert_eq!(*own.slot.lock(), Answer::Waiting, "the turn is the writer thread's");
+        commits.lead_all(&commit);
+        assert_eq!(commits.wait(&started, &commit), Ok(()));
+        assert_eq!(commits.wait(&own, &commit), Ok(()));
+        assert!(!commits.queue.lock().turn_taken);
+
+        // A started write queued while a caller has the turn goes in that caller's round.
+        let own = commits.push(vec![op()]).expect("push");
+        assert_eq!(*own.slot.lock(), Answer::Lead);
+        let later = commits.push_started(vec![op()]).expect("started");
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "the turn was taken");
+        assert_eq!(commits.wait(&own, &commit), Ok(()));
+        assert_eq!(commits.wait(&later, &commit), Ok(()));
+        assert!(!commits.queue.lock().turn_taken);
+        // One left over after the caller's own round: the writer thread is asked.
+        let own = commits.push(vec![op(); MAX_BATCH]).expect("push");
+        let late = commits.push_started(vec![op()]).expect("started");
+        assert_eq!(commits.wait(&own, &commit), Ok(()), "a round of its own");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "the started write left over");
+        assert!(commits.queue.lock().turn_taken);
+        commits.lead_all(&commit);
+        assert_eq!(commits.wait(&late, &commit), Ok(()));
+        assert!(!commits.queue.lock().turn_taken);
+    }
+}
