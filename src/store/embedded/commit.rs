@@ -107,7 +107,9 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(ack) = self.0.take() {
-            ack.tell(Answer::Done(Err(unavailable("the writer thread has stopped"))));
+            ack.tell(Answer::Done(Err(unavailable(
+                "the writer thread has stopped",
+            ))));
         }
     }
 }
@@ -269,7 +271,11 @@ mod tests {
         assert_eq!(take_round(&mut q).len(), MAX_BATCH, "stops at 4096 ops");
         assert_eq!(take_round(&mut q).len(), 10, "the rest");
         let mut q: VecDeque<Batch> = [batch(MAX_BATCH + 5), batch(1)].into_iter().collect();
-        assert_eq!(take_round(&mut q).len(), 1, "a batch over the limit goes alone");
+        assert_eq!(
+            take_round(&mut q).len(),
+            1,
+            "a batch over the limit goes alone"
+        );
         assert_eq!(take_round(&mut q).len(), 1);
         assert!(take_round(&mut q).is_empty());
     }
@@ -330,7 +336,11 @@ mod tests {
         assert!(threads.lock().len() > 1, "only one thread committed");
         assert!(!commits.queue.lock().turn_taken, "the turn is left taken");
         let ack = commits.push(vec![op()]).expect("push");
-        assert_eq!(*ack.slot.lock(), Answer::Lead, "the next caller commits at once");
+        assert_eq!(
+            *ack.slot.lock(),
+            Answer::Lead,
+            "the next caller commits at once"
+        );
     }
 
     /// After the last batch no push is taken, and the last batch is answered after every
@@ -354,7 +364,10 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| commits.wait(&last, &commit).expect("last"));
             std::thread::sleep(Duration::from_millis(20));
-            assert!(order.lock().is_empty(), "committed before the first caller's turn");
+            assert!(
+                order.lock().is_empty(),
+                "committed before the first caller's turn"
+            );
             commits.wait(&first, &commit).expect("first");
         });
         assert_eq!(*order.lock(), vec![1, 0]);
@@ -376,11 +389,19 @@ mod tests {
             }
         };
         let started = commits.push_started(vec![op()]).expect("started");
-        assert_eq!(asked.load(Ordering::SeqCst), 1, "the writer thread is asked");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "the writer thread is asked"
+        );
         assert_eq!(*started.slot.lock(), Answer::Waiting);
         // Before the writer thread comes, a caller queues: the writer thread commits both.
         let own = commits.push(vec![op()]).expect("push");
-        assert_eq!(*own.slot.lock(), Answer::Waiting, "the turn is the writer thread's");
+        assert_eq!(
+            *own.slot.lock(),
+            Answer::Waiting,
+            "the turn is the writer thread's"
+        );
         commits.lead_all(&commit);
         assert_eq!(commits.wait(&started, &commit), Ok(()));
         assert_eq!(commits.wait(&own, &commit), Ok(()));
@@ -398,7 +419,11 @@ mod tests {
         let own = commits.push(vec![op(); MAX_BATCH]).expect("push");
         let late = commits.push_started(vec![op()]).expect("started");
         assert_eq!(commits.wait(&own, &commit), Ok(()), "a round of its own");
-        assert_eq!(asked.load(Ordering::SeqCst), 2, "the started write left over");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            2,
+            "the started write left over"
+        );
         assert!(commits.queue.lock().turn_taken);
         commits.lead_all(&commit);
         assert_eq!(commits.wait(&late, &commit), Ok(()));
