@@ -1,6 +1,7 @@
 //! The embedded store: a write-ahead journal (`poulpe.journal`, `poulpe.journal2`) in front of
-//! one redb file (`poulpe.redb`) under `--data`, written by one group-commit thread and one
-//! checkpoint thread.
+//! one redb file (`poulpe.redb`) under `--data`. Group commits are made on the callers' own
+//! threads (`commit`); a writer thread starts the checkpoints due while no write comes, and a
+//! checkpoint thread writes them.
 //!
 //! Every durable write is one append and one `fdatasync` of the journal, folding every write
 //! waiting at that moment. What the journal holds and the redb file does not yet is kept in
@@ -92,7 +93,7 @@ type OpenFn = dyn Fn() -> Result<Database, StoreError> + Send + Sync;
 /// The redb file, the journal, the callers' commit queue and the writer thread.
 pub struct EmbeddedBackend {
     shared: Arc<Shared>,
-    commits: Arc<Commits>,
+    commits: Commits,
     /// The journal and the checkpoint state: taken by the caller whose turn it is to commit,
     /// and by the writer thread.
     writer: Arc<Mutex<Writer>>,
@@ -247,8 +248,6 @@ enum Signal {
     Wake,
     /// Answer once everything written so far is in the redb file.
     Flush(Reply),
-    /// The turn to commit: batches are queued and none of their callers waits for them yet.
-    Lead,
     /// The store is closed: end.
     Stop,
 }
@@ -507,18 +506,14 @@ fn start(
         flushes: Vec::new(),
         wake: false,
     }));
-    let lead = tx.clone();
-    let commits = Arc::new(Commits::new(move || {
-        let _ = lead.send(Signal::Lead);
-    }));
-    let (w, c) = (writer.clone(), commits.clone());
-    // Its death would leave started writes uncommitted, failed checkpoints untried and a down
-    // store down: a panic there ends the process.
-    let handle = crate::stage::spawn_critical("store-writer", move || keep(&w, &c, &rx))
-        .map_err(unavailable)?;
+    let w = writer.clone();
+    // Its death would leave failed checkpoints untried and a down store down: a panic there
+    // ends the process.
+    let handle =
+        crate::stage::spawn_critical("store-writer", move || keep(&w, &rx)).map_err(unavailable)?;
     Ok(LocalStore::new(EmbeddedBackend {
         shared,
-        commits,
+        commits: Commits::default(),
         writer,
         tx,
         thread: Mutex::new(Some(handle)),
@@ -705,7 +700,7 @@ struct Writer {
 }
 
 /// The writer thread: sleeps until something is due (`Writer::wake_at`) or it is signalled.
-fn keep(writer: &Mutex<Writer>, commits: &Commits, rx: &Receiver<Signal>) {
+fn keep(writer: &Mutex<Writer>, rx: &Receiver<Signal>) {
     loop {
         let wake_at = {
             let mut w = writer.lock();
@@ -720,7 +715,6 @@ fn keep(writer: &Mutex<Writer>, commits: &Commits, rx: &Receiver<Signal>) {
         match got {
             Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
             Ok(Signal::Flush(done)) => writer.lock().flush_after(done),
-            Ok(Signal::Lead) => commits.lead_all(&|round| writer.lock().round(round)),
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -1131,16 +1125,12 @@ impl EmbeddedBackend {
         }
     }
 
-    /// Queues `ops` for the next commit (refused while the store is down); `started`: the
-    /// caller waits for them later, or on another thread.
-    fn queue(&self, ops: Vec<Op>, started: bool) -> Result<Arc<Ack>, StoreError> {
-        if !self.healthy() {
-            return Err(self.shared.down_error());
-        }
-        if started {
-            self.commits.push_started(ops)
+    /// Refuses writes while the store is down.
+    fn check_up(&self) -> Result<(), StoreError> {
+        if self.healthy() {
+            Ok(())
         } else {
-            self.commits.push(ops)
+            Err(self.shared.down_error())
         }
     }
 
@@ -1165,7 +1155,7 @@ impl EmbeddedBackend {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(unavailable("the store is closed"));
         }
-        let ack = Arc::new(Ack::default());
+        let ack = Arc::new(Ack::waited());
         self.tx
             .send(Signal::Flush(Reply(Some(ack.clone()))))
             .map_err(|_| unavailable("the writer thread has stopped"))?;
@@ -1176,6 +1166,35 @@ impl EmbeddedBackend {
                 Err(unavailable("the flush got no answer"))
             }
         }
+    }
+}
+
+/// A write queued by `write_start`: waited for when its closure is called, or when the closure
+/// is dropped uncalled (else its batch would wait for another caller's round).
+struct Started<'a> {
+    backend: &'a EmbeddedBackend,
+    ack: Option<Arc<Ack>>,
+}
+
+impl Started<'_> {
+    fn wait(&mut self) -> Result<(), StoreError> {
+        match self.ack.take() {
+            Some(ack) => self
+                .backend
+                .commits
+                .wait_started(&ack, &|round| self.backend.round(round)),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self) -> Result<(), StoreError> {
+        self.wait()
+    }
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        let _ = self.wait();
     }
 }
 
@@ -1197,17 +1216,21 @@ impl Backend for EmbeddedBackend {
     }
 
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        let ack = self.queue(ops, false)?;
+        self.check_up()?;
+        let ack = self.commits.push(ops)?;
         self.finish(&ack)
     }
 
-    /// Committed by a caller that waits meanwhile, or by the writer thread.
+    /// Committed with the next round another caller makes, or by the closure's caller.
     fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
-        let queued = self.queue(ops, true);
-        Box::new(move || {
-            let ack = queued?;
-            self.finish(&ack)
-        })
+        let started = self
+            .check_up()
+            .and_then(|()| self.commits.push_started(ops))
+            .map(|ack| Started {
+                backend: self,
+                ack: Some(ack),
+            });
+        Box::new(move || started?.finish())
     }
 
     fn write_later(&self, ops: Vec<Op>) {
@@ -2442,7 +2465,7 @@ mod tests {
         .expect("write");
         assert_eq!(b.results_len().expect("count"), 1);
         disk.gate.close();
-        let ack = Arc::new(Ack::default());
+        let ack = Arc::new(Ack::waited());
         b.tx.send(Signal::Flush(Reply(Some(ack.clone()))))
             .expect("send");
         wait_until_a_checkpoint_is_held(&disk);

@@ -1,32 +1,30 @@
 //! Group commit on the callers' own threads: each caller queues its ops, and the one whose turn
 //! it is commits every queued batch (one journal append, one `fdatasync`), answers the others
 //! and hands the turn to the oldest caller still waiting. A caller sleeps only while another
-//! caller's commit holds its ops, and no thread of the store wakes up for a commit: with one
-//! writer thread, every commit cost two more context switches (waking it, and it waking the
-//! caller). A write that is only started (`write_start`: its caller waits later, or on another
-//! thread) never gets the turn, which would hold every later commit until it is waited for:
-//! when nobody waiting can take the turn, the writer thread takes it.
+//! caller's commit holds its ops, and no thread wakes up only to commit: with one writer
+//! thread, every commit cost two more context switches (waking it, and it waking the caller).
+//! A write that is only started (`push_started`: its caller waits later, or on another thread)
+//! takes the turn only once its caller waits for it: holding the turn before would hold every
+//! later commit until then.
 
 use super::super::local::Op;
 use super::super::StoreError;
 use super::{unavailable, MAX_BATCH};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One caller's ops, and where its answer goes.
 pub(super) struct Batch {
     pub(super) ops: Vec<Op>,
     pub(super) done: Reply,
-    /// Its caller is waiting for it now, so it can take the turn.
-    waiting: bool,
 }
 
 /// The commit queue.
+#[derive(Default)]
 pub(super) struct Commits {
     queue: Mutex<Queue>,
-    /// Gives the turn to the writer thread (which then calls `lead_all`).
-    elsewhere: Box<dyn Fn() + Send + Sync>,
 }
 
 #[derive(Default)]
@@ -53,18 +51,24 @@ pub(super) enum Answer {
 pub(super) struct Ack {
     pub(super) slot: Mutex<Answer>,
     ready: Condvar,
-}
-
-impl Default for Ack {
-    fn default() -> Ack {
-        Ack {
-            slot: Mutex::new(Answer::Waiting),
-            ready: Condvar::new(),
-        }
-    }
+    /// Its caller waits for it (so it can be given the turn); set under the queue's lock.
+    waiting: AtomicBool,
 }
 
 impl Ack {
+    fn new(waiting: bool) -> Ack {
+        Ack {
+            slot: Mutex::new(Answer::Waiting),
+            ready: Condvar::new(),
+            waiting: AtomicBool::new(waiting),
+        }
+    }
+
+    /// An answer slot of a caller that waits for it now.
+    pub(super) fn waited() -> Ack {
+        Ack::new(true)
+    }
+
     /// Sleeps until there is an answer, and takes it.
     pub(super) fn wait(&self) -> Answer {
         let mut slot = self.slot.lock();
@@ -97,6 +101,12 @@ impl Reply {
         }
     }
 
+    fn waiting(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|a| a.waiting.load(Ordering::Relaxed))
+    }
+
     fn lead(&self) {
         if let Some(ack) = &self.0 {
             ack.tell(Answer::Lead);
@@ -115,21 +125,14 @@ impl Drop for Reply {
 }
 
 impl Commits {
-    /// An empty queue; `elsewhere` gives the turn to the writer thread.
-    pub(super) fn new(elsewhere: impl Fn() + Send + Sync + 'static) -> Commits {
-        Commits {
-            queue: Mutex::default(),
-            elsewhere: Box::new(elsewhere),
-        }
-    }
-
     /// Queues `ops` for a caller that waits for them now: it passes the `Ack` to
     /// [`Commits::wait`] at once (it may have the turn).
     pub(super) fn push(&self, ops: Vec<Op>) -> Result<Arc<Ack>, StoreError> {
         self.push_with(ops, true, false)
     }
 
-    /// Queues `ops` for a caller that waits for them later, or on another thread.
+    /// Queues `ops` for a caller that waits for them later, or on another thread, with
+    /// [`Commits::wait_started`]; until then they go with the next round another caller makes.
     pub(super) fn push_started(&self, ops: Vec<Op>) -> Result<Arc<Ack>, StoreError> {
         self.push_with(ops, false, false)
     }
@@ -141,51 +144,46 @@ impl Commits {
     }
 
     fn push_with(&self, ops: Vec<Op>, waiting: bool, last: bool) -> Result<Arc<Ack>, StoreError> {
-        let ack = Arc::new(Ack::default());
-        let elsewhere = {
-            let mut q = self.queue.lock();
-            if q.closed {
-                return Err(unavailable("the store is closed"));
-            }
-            q.closed = last;
-            let free = !q.turn_taken;
-            q.turn_taken = true;
-            if free && waiting {
-                *ack.slot.lock() = Answer::Lead;
-            }
-            q.batches.push_back(Batch {
-                ops,
-                done: Reply(Some(ack.clone())),
-                waiting,
-            });
-            free && !waiting
-        };
-        if elsewhere {
-            (self.elsewhere)();
+        let ack = Arc::new(Ack::new(waiting));
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(unavailable("the store is closed"));
         }
+        q.closed = last;
+        if waiting && !q.turn_taken {
+            q.turn_taken = true;
+            *ack.slot.lock() = Answer::Lead;
+        }
+        q.batches.push_back(Batch {
+            ops,
+            done: Reply(Some(ack.clone())),
+        });
         Ok(ack)
     }
 
-    /// The writer thread's turn: commits rounds until the queue is empty.
-    pub(super) fn lead_all(&self, commit: &(dyn Fn(Vec<Batch>) + Sync)) {
-        loop {
-            let round = {
-                let mut q = self.queue.lock();
-                let round = take_round(&mut q.batches);
-                if round.is_empty() {
-                    q.turn_taken = false;
-                    return;
-                }
-                round
-            };
-            commit(round);
+    /// Waits for a batch queued with `push_started`: from now on it can be given the turn,
+    /// and it takes the turn at once when nobody has it and its batch is still queued.
+    pub(super) fn wait_started(
+        &self,
+        ack: &Ack,
+        commit: &(dyn Fn(Vec<Batch>) + Sync),
+    ) -> Result<(), StoreError> {
+        {
+            let mut q = self.queue.lock();
+            ack.waiting.store(true, Ordering::Relaxed);
+            // A batch is answered before the turn that took it is handed on.
+            if !q.turn_taken && !ack.done() {
+                q.turn_taken = true;
+                ack.tell(Answer::Lead);
+            }
         }
+        self.wait(ack, commit)
     }
 
     /// Waits for the answer to the batch `ack` was given for; when the turn comes to this
     /// caller, commits the queue in rounds with `commit` (which answers every batch of a
-    /// round) until its own batch is in one, then hands the turn to the oldest batch left.
-    /// A panic inside `commit` ends the process, as in any thread the store cannot lose.
+    /// round) until its own batch is in one, then hands the turn on. A panic inside `commit`
+    /// ends the process, as in any thread the store cannot lose.
     pub(super) fn wait(
         &self,
         ack: &Ack,
@@ -210,25 +208,13 @@ impl Commits {
         }
     }
 
-    /// Gives the turn to the oldest batch whose caller is waiting, else to the writer thread
-    /// when batches are left, else frees it.
+    /// Gives the turn to the oldest batch whose caller waits, else frees it (started batches
+    /// left take it when their callers wait, or go with another caller's round).
     fn hand_on(&self) {
-        let elsewhere = {
-            let mut q = self.queue.lock();
-            match q.batches.iter().find(|b| b.waiting) {
-                Some(next) => {
-                    next.done.lead();
-                    false
-                }
-                None if q.batches.is_empty() => {
-                    q.turn_taken = false;
-                    false
-                }
-                None => true,
-            }
-        };
-        if elsewhere {
-            (self.elsewhere)();
+        let mut q = self.queue.lock();
+        match q.batches.iter().find(|b| b.done.waiting()) {
+            Some(next) => next.done.lead(),
+            None => q.turn_taken = false,
         }
     }
 }
@@ -261,7 +247,6 @@ mod tests {
         Batch {
             ops: (0..n).map(|_| op()).collect(),
             done: Reply(None),
-            waiting: true,
         }
     }
 
@@ -283,13 +268,13 @@ mod tests {
     /// A reply dropped unanswered answers `Unavailable`: no caller waits for ever.
     #[test]
     fn a_reply_dropped_unanswered_answers_unavailable() {
-        let ack = Arc::new(Ack::default());
+        let ack = Arc::new(Ack::waited());
         drop(Reply(Some(ack.clone())));
         assert_eq!(
             ack.wait(),
             Answer::Done(Err(unavailable("the writer thread has stopped")))
         );
-        let ack = Arc::new(Ack::default());
+        let ack = Arc::new(Ack::waited());
         Reply(Some(ack.clone())).send(Ok(()));
         assert_eq!(ack.wait(), Answer::Done(Ok(())));
     }
@@ -299,7 +284,7 @@ mod tests {
     /// then the turn is free again.
     #[test]
     fn callers_commit_each_others_batches_in_rounds_on_their_own_threads() {
-        let commits = Commits::new(|| panic!("no caller took the turn"));
+        let commits = Commits::default();
         let rounds = AtomicUsize::new(0);
         let committed = AtomicUsize::new(0);
         let threads = Mutex::new(std::collections::HashSet::new());
@@ -347,7 +332,7 @@ mod tests {
     /// batch queued before it.
     #[test]
     fn nothing_is_queued_after_the_last_batch() {
-        let commits = Commits::new(|| panic!("no caller took the turn"));
+        let commits = Commits::default();
         let first = commits.push(vec![op()]).expect("push");
         let last = commits.push_last().expect("last");
         assert_eq!(
@@ -373,60 +358,48 @@ mod tests {
         assert_eq!(*order.lock(), vec![1, 0]);
     }
 
-    /// A started write never takes the turn (its caller may queue a write of its own before
-    /// waiting for it): the writer thread is asked to commit it, and a caller waiting behind
-    /// it is given the turn over it.
+    /// A started write takes the turn only once its caller waits (its caller may queue a
+    /// write of its own before): until then it goes with another caller's round, and a caller
+    /// that waits is given the turn over it.
     #[test]
-    fn a_started_write_leaves_the_turn_to_a_waiting_caller_or_the_writer_thread() {
-        let asked = Arc::new(AtomicUsize::new(0));
-        let a = asked.clone();
-        let commits = Commits::new(move || {
-            a.fetch_add(1, Ordering::SeqCst);
-        });
+    fn a_started_write_takes_the_turn_only_once_its_caller_waits() {
+        let commits = Commits::default();
+        let rounds = Mutex::new(Vec::new());
         let commit = |round: Vec<Batch>| {
+            rounds.lock().push(round.len());
             for b in round {
                 b.done.send(Ok(()));
             }
         };
+        // Its caller queues a write of its own before waiting: that one commits both.
         let started = commits.push_started(vec![op()]).expect("started");
-        assert_eq!(
-            asked.load(Ordering::SeqCst),
-            1,
-            "the writer thread is asked"
-        );
         assert_eq!(*started.slot.lock(), Answer::Waiting);
-        // Before the writer thread comes, a caller queues: the writer thread commits both.
         let own = commits.push(vec![op()]).expect("push");
         assert_eq!(
             *own.slot.lock(),
-            Answer::Waiting,
-            "the turn is the writer thread's"
+            Answer::Lead,
+            "the started write left the turn"
         );
-        commits.lead_all(&commit);
-        assert_eq!(commits.wait(&started, &commit), Ok(()));
         assert_eq!(commits.wait(&own, &commit), Ok(()));
+        assert_eq!(commits.wait_started(&started, &commit), Ok(()));
+        assert_eq!(*rounds.lock(), vec![2]);
         assert!(!commits.queue.lock().turn_taken);
 
-        // A started write queued while a caller has the turn goes in that caller's round.
-        let own = commits.push(vec![op()]).expect("push");
-        assert_eq!(*own.slot.lock(), Answer::Lead);
-        let later = commits.push_started(vec![op()]).expect("started");
-        assert_eq!(asked.load(Ordering::SeqCst), 1, "the turn was taken");
-        assert_eq!(commits.wait(&own, &commit), Ok(()));
-        assert_eq!(commits.wait(&later, &commit), Ok(()));
+        // Alone, it commits itself once waited for.
+        let started = commits.push_started(vec![op()]).expect("started");
         assert!(!commits.queue.lock().turn_taken);
-        // One left over after the caller's own round: the writer thread is asked.
+        assert_eq!(commits.wait_started(&started, &commit), Ok(()));
+        assert_eq!(*rounds.lock(), vec![2, 1]);
+
+        // Left after a caller's round (a round of its own is full), it does not get the turn
+        // before its caller waits.
         let own = commits.push(vec![op(); MAX_BATCH]).expect("push");
         let late = commits.push_started(vec![op()]).expect("started");
-        assert_eq!(commits.wait(&own, &commit), Ok(()), "a round of its own");
-        assert_eq!(
-            asked.load(Ordering::SeqCst),
-            2,
-            "the started write left over"
-        );
-        assert!(commits.queue.lock().turn_taken);
-        commits.lead_all(&commit);
-        assert_eq!(commits.wait(&late, &commit), Ok(()));
+        assert_eq!(commits.wait(&own, &commit), Ok(()));
+        assert!(!commits.queue.lock().turn_taken, "the turn is free");
+        assert_eq!(*late.slot.lock(), Answer::Waiting);
+        assert_eq!(commits.wait_started(&late, &commit), Ok(()));
+        assert_eq!(*rounds.lock(), vec![2, 1, 1, 1]);
         assert!(!commits.queue.lock().turn_taken);
     }
 }
