@@ -161,28 +161,28 @@ impl Pool {
         })
     }
 
-    /// Workers that could start a task now and find none queued that they may run: how many
-    /// tasks this node may take from the other nodes (whose tasks have no cc, so any worker
-    /// runs them). A worker of a node whose queues hold only other workers' cc tasks counts.
-    /// When none (every worker runs or has work, or the pool is paused or stopping), the
-    /// calling thread is unparked by the next worker that runs out of work.
-    pub(crate) fn idle(&self) -> usize {
+    /// The workers that could start a task now and find none queued that they may run: what
+    /// this node may take from the other nodes (a task without cc for any of them, one with cc
+    /// for one of them it names). A worker of a node whose queues hold only other workers' cc
+    /// tasks counts. When none (every worker runs or has work, or the pool is paused or
+    /// stopping), the calling thread is unparked by the next worker that runs out of work.
+    pub(crate) fn idle(&self) -> Vec<usize> {
         let mut st = self.state.lock();
         let now = Instant::now();
-        let n = if st.paused || st.stopping {
-            0
+        let idle: Vec<usize> = if st.paused || st.stopping {
+            Vec::new()
         } else {
             (0..st.slots.len())
                 .filter(|&w| {
                     let held = st.slots[w].held_until.is_some_and(|t| now < t);
                     st.slots[w].running.is_none() && Self::find(&st, w, held).is_none()
                 })
-                .count()
+                .collect()
         };
-        if n == 0 {
+        if idle.is_empty() {
             st.idle_waiter = Some(std::thread::current());
         }
-        n
+        idle
     }
 
     /// Worker `w` finished its attempt.
@@ -350,17 +350,17 @@ mod tests {
     #[test]
     fn idle_workers_are_counted_only_with_nothing_queued_and_the_asker_is_woken() {
         let p = Arc::new(Pool::new(2));
-        assert_eq!(p.idle(), 2);
+        assert_eq!(p.idle().len(), 2);
         assert!(
             p.state.lock().idle_waiter.is_none(),
             "found some: no wake-up"
         );
         p.dispatch(t("a", &[]));
-        assert_eq!(p.idle(), 0, "a task is queued");
+        assert_eq!(p.idle().len(), 0, "a task is queued");
         assert_eq!(p.next(0).map(|t| t.id.clone()), Some("a".into()));
-        assert_eq!(p.idle(), 1, "worker 0 runs, worker 1 idles");
+        assert_eq!(p.idle().len(), 1, "worker 0 runs, worker 1 idles");
         p.set_paused(true);
-        assert_eq!(p.idle(), 0, "paused");
+        assert_eq!(p.idle().len(), 0, "paused");
         p.set_paused(false);
         assert!(
             p.state.lock().idle_waiter.is_some(),
@@ -382,7 +382,7 @@ mod tests {
             "the idle worker woke the asker"
         );
         p.stop();
-        assert_eq!(p.idle(), 0, "stopping");
+        assert_eq!(p.idle().len(), 0, "stopping");
         assert!(worker.join().is_ok());
     }
 
@@ -394,11 +394,11 @@ mod tests {
         p.dispatch(t("run", &[0]));
         assert_eq!(p.next(0).map(|t| t.id.clone()), Some("run".into()));
         p.dispatch(t("wait-0", &[0]));
-        assert_eq!(p.idle(), 2, "workers 1 and 2 may not run wait-0");
+        assert_eq!(p.idle().len(), 2, "workers 1 and 2 may not run wait-0");
         p.dispatch(t("wait-1", &[1]));
-        assert_eq!(p.idle(), 1, "worker 1 has wait-1");
+        assert_eq!(p.idle().len(), 1, "worker 1 has wait-1");
         p.dispatch(t("any", &[]));
-        assert_eq!(p.idle(), 0, "any worker may run any");
+        assert_eq!(p.idle().len(), 0, "any worker may run any");
     }
 
     /// A cc task whose slot another node holds goes back first in its worker's queue: that

@@ -3,7 +3,8 @@
 //! once and none early; a `wait` on the busy node is answered for tasks the idle one ran; a task
 //! queued on a node is cancelled from another and never runs; a node killed with `kill -9`
 //! while it runs tasks it took loses none of them, and one stopped with SIGTERM finishes them;
-//! a node alone on its prefix, or paused, never asks for other nodes' tasks. Node ids and ttls
+//! a node alone on its prefix, or paused, never asks for other nodes' tasks; tasks with cc go
+//! to an idle node's worker they name, one at a time. Node ids and ttls
 //! are given as `POULPE_NODE_ID` and `POULPE_NODE_TTL`.
 
 mod common;
@@ -177,6 +178,56 @@ fn a_wait_on_the_busy_node_is_answered_for_tasks_the_idle_node_ran() {
     );
 }
 
+/// Node a's two workers run slow tasks; three quick tasks with cc "1" queue behind its worker
+/// number 1. Node b's worker 1 is idle: b takes them and runs them one at a time (they share
+/// the cluster's slot 1), long before a's worker 1 is free.
+#[test]
+fn tasks_with_cc_queued_on_a_busy_node_run_on_an_idle_nodes_worker_they_name() {
+    let Pair {
+        dir: _dir,
+        redis: _redis,
+        sink,
+        a,
+        b: _b,
+    } = pair("2", "2");
+    let busy = submit_all(&a, &slow(&sink, "busy-", 2, 6000, 0));
+    let want: HashSet<String> = busy.iter().cloned().collect();
+    common::hits::wait_all_hit(&sink, &want, Duration::from_secs(10), "both slow tasks");
+    let mut quick = slow(&sink, "cc-", 3, 300, 0);
+    for t in &mut quick {
+        t["cc"] = json!("1");
+    }
+    let ids = submit_all(&a, &quick);
+    let started = common::now_us();
+    let mut nodes = Vec::new();
+    for id in &ids {
+        nodes.push(ran_on(&a, id));
+    }
+    let finished_in = Duration::from_micros(common::now_us().saturating_sub(started));
+    assert_eq!(nodes, ["b", "b", "b"], "where {ids:?} ran");
+    assert!(
+        finished_in < Duration::from_secs(5),
+        "the cc tasks finished {finished_in:?} after their submit: they waited for a's worker"
+    );
+    let seen = hits_by_id(&sink.hits());
+    let mut at: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let hits = seen.get(id).cloned().unwrap_or_default();
+            assert_eq!(hits.len(), 1, "{id} ran {} times", hits.len());
+            hits[0]
+        })
+        .collect();
+    at.sort_unstable();
+    for w in at.windows(2) {
+        assert!(
+            w[1] - w[0] >= 300_000,
+            "two tasks sharing cc slot 1 overlapped: started {} µs apart",
+            w[1] - w[0]
+        );
+    }
+}
+
 /// A task queued on node a behind its busy worker, in a's index of ready tasks (node b's one
 /// worker is busy too, so b takes nothing), is cancelled from b: 200, it leaves the index, and
 /// it never runs, on a or b, once both workers are free.
@@ -270,8 +321,11 @@ fn a_node_killed_while_running_tasks_it_took_loses_none() {
 }
 
 /// Lines of `redis-cli MONITOR` output that are calls of the script taking other nodes' tasks
-/// by node `node` (any when empty): `EVALSHA <sha> 0 poulpe: <node> <n>`, the only script
-/// called with those three arguments.
+/// by node `node` (any node of these tests, whose ids are letters, when empty): `EVALSHA <sha> 0
+/// poulpe: <node> <n> <worker>...`, with at least one idle worker's number. No other script is
+/// called with a node and then two or more numbers alone (`TAKE_DUE_MANY` has a flag, then ids
+/// and due times in pairs, and the ids in these tests are not numbers; the expiry script has
+/// no node).
 fn steal_calls(monitor: &str, node: &str) -> usize {
     monitor
         .lines()
@@ -284,12 +338,14 @@ fn steal_calls(monitor: &str, node: &str) -> usize {
                 .trim_end_matches('"')
                 .split("\" \"")
                 .collect();
-            args.len() == 5
+            args.len() >= 6
                 && args[1] == "0"
                 && args[2] == "poulpe:"
                 && (node.is_empty() || args[3] == node)
-                && !args[4].is_empty()
-                && args[4].bytes().all(|b| b.is_ascii_digit())
+                && !args[3].bytes().all(|b| b.is_ascii_digit())
+                && args[4..]
+                    .iter()
+                    .all(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
         })
         .count()
 }

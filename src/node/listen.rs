@@ -88,7 +88,7 @@ mod tests {
         fn leave(&self, _: usize) -> Result<(), StoreError> {
             Ok(())
         }
-        fn steal(&self, _: usize) -> Result<Vec<crate::task::Task>, StoreError> {
+        fn steal(&self, _: usize, _: &[usize]) -> Result<Vec<crate::task::Task>, StoreError> {
             Ok(Vec::new())
         }
         fn listen(

@@ -178,8 +178,10 @@ pub(crate) trait Registry: Send + Sync {
     fn leave(&self, workers: usize) -> Result<(), StoreError>;
 
     /// Takes up to `n` of the oldest ready tasks queued on the other live nodes (never this
-    /// node's own), atomically making them this node's; their queues skip them at their claim.
-    fn steal(&self, n: usize) -> Result<Vec<crate::task::Task>, StoreError>;
+    /// node's own) that this node can run (without cc, or with cc naming one of its `idle`
+    /// workers whose slot is free), atomically making them this node's; their queues skip
+    /// them at their claim.
+    fn steal(&self, n: usize, idle: &[usize]) -> Result<Vec<crate::task::Task>, StoreError>;
 
     /// Listens to what the other nodes finish or cancel: calls `on("")` once subscribed (the
     /// caller then looks for what finished while nobody listened), then `on(ids)` with the

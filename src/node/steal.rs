@@ -53,12 +53,12 @@ impl Steal {
             }
             // None: the next worker that runs out of work wakes this thread.
             let idle = self.pool.idle();
-            if idle == 0 {
+            if idle.is_empty() {
                 wait = FIRST;
                 park_timeout(MOST);
                 continue;
             }
-            match self.registry.steal(idle.min(BATCH)) {
+            match self.registry.steal(idle.len().min(BATCH), &idle) {
                 Ok(tasks) => {
                     if !up {
                         log::info!("node {}: taking other nodes' tasks again", self.own);

@@ -16,7 +16,7 @@
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
 //!   found. Only the owner takes a task due or claims it: another node's entry for its id is
 //!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
-//! - `<p>ready:<node>` sorted set (score = due µs, or acceptance µs): the ready tasks without cc
+//! - `<p>ready:<node>` sorted set (score = due µs, or acceptance µs): the ready tasks
 //!   that node owns and queues in memory, for the idle nodes to take ([`steal`]); an id leaves
 //!   it when claimed, cancelled, taken by another node or recovered
 //! - `<p>nodes` hash: node id -> `{"workers","running","last_seen","ttl"}` (`last_seen` in unix
@@ -129,7 +129,7 @@ mod steal;
 
 /// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
 /// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
-/// lists its ready tasks without cc in the node's ready index. Not indented, as `BEAT`.
+/// lists its ready tasks in the node's ready index. Not indented, as `BEAT`.
 /// Most claims whose answer was lost that are remembered (for their retries) at once.
 const MAX_UNCERTAIN: usize = 10_000;
 
@@ -162,7 +162,7 @@ redis.call('DEL', p .. 'result:' .. id)
 redis.call('ZREM', p .. 'results', id)
 if state == 'delayed' or state == 'retry_wait' then
 redis.call('ZADD', p .. 'due', due, id)
-elseif not string.find(data, '"cc":', 1, true) then
+else
 redis.call('ZADD', p .. 'ready:' .. me, due, id)
 end
 end
@@ -175,8 +175,7 @@ return out
 
 /// Moves each id of the (id, due µs) pairs after the prefix, this node and the `again` flag
 /// from waiting (delayed or retry_wait; with `again` = '1' also ready) to ready, owned by this
-/// node (whose pool it goes to; listed in its ready index, `<p>ready:<node>`, without cc: the
-/// field `"cc":` is in a task's JSON only when not empty), and answers its data, or `false` (nil in the reply) for an id
+/// node (whose pool it goes to; listed in its ready index, `<p>ready:<node>`), and answers its data, or `false` (nil in the reply) for an id
 /// that is not waiting, is another node's (`mine`), or waits for another due time (a stale
 /// timer entry: the id was cancelled and submitted again with another delay). Not indented.
 const TAKE_DUE_MANY: &str = concat!(
@@ -197,11 +196,8 @@ and redis.call('HGET', k, 'due') == ARGV[i + 1] then
 redis.call('HSET', k, 'state', 'ready', 'node', me)
 redis.call('SADD', p .. 'owned:' .. me, id)
 redis.call('ZREM', p .. 'due', id)
-local d = redis.call('HGET', k, 'data')
-if not string.find(d, '"cc":', 1, true) then
 redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
-end
-out[n] = d
+out[n] = redis.call('HGET', k, 'data')
 else
 out[n] = false
 end
@@ -297,9 +293,7 @@ redis.call('ZREM', p .. 'results', id)
 redis.call('HSET', k, 'state', 'ready', 'due', ARGV[4], 'data', ARGV[5], 'node', ARGV[6])
 redis.call('SADD', p .. 'live', id)
 redis.call('SADD', p .. 'owned:' .. ARGV[6], id)
-if not string.find(ARGV[5], '"cc":', 1, true) then
-  redis.call('ZADD', p .. 'ready:' .. ARGV[6], ARGV[4], id)
-end
+redis.call('ZADD', p .. 'ready:' .. ARGV[6], ARGV[4], id)
 return 'ok'
 "#;
 

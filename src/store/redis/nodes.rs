@@ -142,8 +142,8 @@ impl Registry for RedisStore {
         self.beat_call("leave", workers, &[], "").map(|_| ())
     }
 
-    fn steal(&self, n: usize) -> Result<Vec<crate::task::Task>, StoreError> {
-        self.steal_call(n)
+    fn steal(&self, n: usize, idle: &[usize]) -> Result<Vec<crate::task::Task>, StoreError> {
+        self.steal_call(n, idle)
     }
 
     fn listen(

@@ -7,23 +7,41 @@ use crate::store::StoreError;
 use crate::task::Task;
 
 /// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes that are
-/// 500 ms old or more by Redis's clock (a task its node is about to claim is left to it); each
-/// task still ready and owned by the node indexed becomes this node's (`node` field, owned sets,
-/// ready index, scored with this call's time so that it too is left to its new node for 500 ms:
-/// no task bounces between idle nodes) and its data is answered; every entry met is dropped from the index it was in
-/// (a stale one too). The node that queued it finds the task another node's at its claim and
-/// skips it. Not indented, as `BEAT`.
+/// 500 ms old or more by Redis's clock (a task its node is about to claim is left to it) and
+/// that this node can run: a task without cc, or one whose cc names a worker of this node that
+/// is idle (`ARGV[4]`...) and whose slot (`<p>slot:<w>`) no attempt holds. Each task still ready
+/// and owned by the node indexed becomes this node's (`node` field, owned sets, ready index,
+/// scored with this call's time so that it too is left to its new node for 500 ms: no task
+/// bounces between idle nodes) and its data is answered; every other entry met is dropped from
+/// the index it was in (a stale one), except a task with cc this node cannot run now, which
+/// stays for its node or another. The node that queued a task taken finds it another node's at
+/// its claim and skips it. Not indented, as `BEAT`.
 pub(super) const STEAL: &str = concat!(
     lua_alive!(),
-    r"
+    r#"
 local n = tonumber(ARGV[3])
+local free = {}
+for i = 4, #ARGV do
+if redis.call('EXISTS', p .. 'slot:' .. ARGV[i]) == 0 then free[tonumber(ARGV[i])] = true end
+end
+local function runs(data)
+if not string.find(data, '"cc":', 1, true) then return true end
+local ok, task = pcall(cjson.decode, data)
+if not ok then return false end
+if task.cc == nil then return true end
+if type(task.cc) ~= 'table' then return false end
+for _, w in ipairs(task.cc) do
+if free[w] then return true end
+end
+return false
+end
 local now = t[1] * 1000000 + t[2]
 local old = string.format('%.0f', now - 500000)
 now = string.format('%.0f', now)
 local all, c = redis.call('HGETALL', p .. 'nodes'), {}
 for i = 1, #all, 2 do
 if all[i] ~= me and alive(all[i + 1]) then
-local r = redis.call('ZRANGEBYSCORE', p .. 'ready:' .. all[i], '-inf', old, 'WITHSCORES', 'LIMIT', 0, n)
+local r = redis.call('ZRANGEBYSCORE', p .. 'ready:' .. all[i], '-inf', old, 'WITHSCORES', 'LIMIT', 0, n * 4)
 for j = 1, #r, 2 do c[#c + 1] = {tonumber(r[j + 1]), all[i], r[j]} end
 end
 end
@@ -34,8 +52,10 @@ if #out >= n then break end
 local o, id = e[2], e[3]
 local k = p .. 'task:' .. id
 local v = redis.call('HMGET', k, 'state', 'node', 'data')
+if v[1] ~= 'ready' or v[2] ~= o then
 redis.call('ZREM', p .. 'ready:' .. o, id)
-if v[1] == 'ready' and v[2] == o then
+elseif runs(v[3]) then
+redis.call('ZREM', p .. 'ready:' .. o, id)
 redis.call('HSET', k, 'node', me)
 redis.call('SREM', p .. 'owned:' .. o, id)
 redis.call('SADD', p .. 'owned:' .. me, id)
@@ -44,21 +64,22 @@ out[#out + 1] = v[3]
 end
 end
 return out
-"
+"#
 );
 
 impl RedisStore {
-    /// Runs `STEAL` for at most `n` tasks. A task whose data this node cannot read (written by
-    /// a newer release) is logged and left out: it stays this node's, ready in the store, for
-    /// its next start or another node's steal; the others run.
-    pub(super) fn steal_call(&self, n: usize) -> Result<Vec<Task>, StoreError> {
+    /// Runs `STEAL` for at most `n` tasks, with cc ones only for this node's `idle` workers. A
+    /// task whose data this node cannot read (written by a newer release) is logged and left
+    /// out: it stays this node's, ready in the store, for its next start or another node's
+    /// steal; the others run.
+    pub(super) fn steal_call(&self, n: usize, idle: &[usize]) -> Result<Vec<Task>, StoreError> {
         let data: Vec<String> = self.with(|c| {
-            self.scripts
-                .steal
-                .arg(&self.prefix)
-                .arg(&self.node)
-                .arg(n)
-                .invoke(c)
+            let mut inv = self.scripts.steal.prepare_invoke();
+            inv.arg(&self.prefix).arg(&self.node).arg(n);
+            for w in idle {
+                inv.arg(*w);
+            }
+            inv.invoke(c)
         })?;
         let mut tasks = Vec::with_capacity(data.len());
         for d in &data {
@@ -90,7 +111,8 @@ mod tests {
         v
     }
 
-    /// An idle node takes the other live nodes' oldest ready tasks without cc, never its own, a
+    /// An idle node takes the other live nodes' oldest ready tasks (here without cc: it names
+    /// no idle worker), never its own, a
     /// delayed one (until the timer makes it ready), a claimed or cancelled one, or a dead
     /// node's; the node that queued a task it took can no longer claim it, the thief can, and
     /// a task it took may be taken from it the same way, but only after 500 ms.
@@ -125,7 +147,7 @@ mod tests {
             .expect("claim"));
         a.cancel("a-gone", i64::MAX / 2).expect("cancel");
 
-        let took = b.steal(2).expect("steal");
+        let took = b.steal(2, &[]).expect("steal");
         assert_eq!(ids(&took), ["a-1", "c-2"], "oldest first, across nodes");
         assert!(took.iter().all(|t| t.state == State::Ready));
         assert!(
@@ -137,37 +159,99 @@ mod tests {
         // a-later is taken once the timer made it ready; c-2, b's now, is left to b for 500 ms
         // (scored with the steal's time), then taken from it like any other.
         assert!(a.take_due("a-later", 7).expect("take").is_some());
-        let took = c.steal(10).expect("steal");
+        let took = c.steal(10, &[]).expect("steal");
         assert_eq!(
             ids(&took),
             ["b-0", "a-later", "a-3"],
             "not c-2, just taken by b"
         );
-        assert!(b.steal(10).expect("steal").is_empty(), "c's are fresh too");
+        assert!(
+            b.steal(10, &[]).expect("steal").is_empty(),
+            "c's are fresh too"
+        );
         std::thread::sleep(std::time::Duration::from_millis(600));
         assert_eq!(
-            sorted(&b.steal(10).expect("steal")),
+            sorted(&b.steal(10, &[]).expect("steal")),
             ["a-3", "a-later", "b-0"]
         );
-        assert!(b.steal(10).expect("steal").is_empty(), "a's cc task stays");
+        assert!(
+            b.steal(10, &[]).expect("steal").is_empty(),
+            "a's cc task stays"
+        );
 
         // A task queued just now is left to its node for 500 ms.
         let mut fresh = contract::task("a-now", State::Ready, 0);
         fresh.due_us = crate::clock::now_us();
         a.insert(&[fresh]).expect("insert");
-        assert!(b.steal(10).expect("steal").is_empty(), "a-now is fresh");
+        assert!(
+            b.steal(10, &[]).expect("steal").is_empty(),
+            "a-now is fresh"
+        );
 
         // A node that left (dead) keeps its ready tasks for adoption: none is taken.
         c.insert(&[contract::task("c-9", State::Ready, 1)])
             .expect("insert");
         c.leave(1).expect("leave");
         std::thread::sleep(std::time::Duration::from_millis(600));
-        let took = a.steal(10).expect("steal");
+        let took = a.steal(10, &[]).expect("steal");
         assert_eq!(
             sorted(&took),
             ["a-3", "a-later", "b-0", "c-2"],
             "b's, not c-9"
         );
-        assert!(a.steal(10).expect("steal").is_empty());
+        assert!(a.steal(10, &[]).expect("steal").is_empty());
+    }
+
+    /// A task with cc is taken only by a node with an idle worker that its cc names and whose
+    /// slot no attempt holds; one it cannot run now stays in its node's index, for later or
+    /// another node. A `"cc":` key elsewhere in the task (a mail's parameters) is no cc.
+    #[test]
+    fn a_task_with_cc_is_taken_only_for_an_idle_worker_it_names_whose_slot_is_free() {
+        use crate::store::Claim;
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        for st in [&a, &b] {
+            assert_eq!(st.join(2, "").expect("join"), Join::Joined);
+        }
+        let with_cc = |id: &str, due: u64, cc: usize| {
+            let mut t = contract::task(id, State::Ready, due);
+            t.cc = vec![cc];
+            t
+        };
+        let hold = with_cc("hold", 1, 0);
+        let mut mail = contract::task("mail", State::Ready, 4);
+        mail.params = r#"{"cc":"x@example.com"}"#.into();
+        a.insert(&[
+            hold.clone(),
+            with_cc("cc-1", 2, 1),
+            with_cc("cc-0", 3, 0),
+            mail,
+        ])
+        .expect("insert");
+        assert_eq!(a.claim_on(&hold, 0).expect("claim"), Claim::Won);
+        std::thread::sleep(std::time::Duration::from_millis(600));
+
+        assert_eq!(
+            ids(&b.steal(10, &[0]).expect("steal")),
+            ["mail"],
+            "cc-1 names worker 1, and cc-0's slot is held"
+        );
+        let took = b.steal(10, &[1]).expect("steal");
+        assert_eq!(ids(&took), ["cc-1"]);
+        assert_eq!(b.claim_on(&took[0], 1).expect("claim"), Claim::Won);
+        a.release(&hold, 0);
+        let took = b.steal(10, &[0]).expect("steal");
+        assert_eq!(
+            ids(&took),
+            ["cc-0"],
+            "left in a's index until its slot was free"
+        );
+        assert_eq!(
+            a.claim_on(&with_cc("cc-0", 3, 0), 0).expect("claim"),
+            Claim::Lost,
+            "a's queue entry is stale"
+        );
+        assert_eq!(b.claim_on(&took[0], 0).expect("claim"), Claim::Won);
+        assert!(b.steal(10, &[0, 1]).expect("steal").is_empty());
     }
 }
