@@ -125,7 +125,6 @@ mod claims;
 mod listen;
 // After the macros: its scripts use them.
 mod nodes;
-mod record;
 mod steal;
 
 /// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
@@ -566,7 +565,6 @@ struct Scripts {
     trim_results: Script,
     beat: Script,
     steal: Script,
-    record: Script,
 }
 
 fn down(e: impl std::fmt::Display) -> StoreError {
@@ -616,6 +614,20 @@ pub fn redacted(url: &str) -> String {
 }
 
 impl RedisStore {
+    /// Adds to `pipe` the write of `t`'s record: state, due time and data.
+    fn put_task(&self, pipe: &mut redis::Pipeline, t: &Task) -> Result<(), StoreError> {
+        pipe.hset_multiple(
+            self.key("task", &t.id),
+            &[
+                ("state", state_name(t.state).to_string()),
+                ("due", t.due_us.to_string()),
+                ("data", encode(t)?),
+            ],
+        )
+        .ignore();
+        Ok(())
+    }
+
     /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
     /// threads; `node` and `node_ttl` name this node among those sharing the prefix.
     pub(crate) fn open(
@@ -667,7 +679,6 @@ impl RedisStore {
             trim_results: Script::new(TRIM_RESULTS),
             beat: Script::new(nodes::BEAT),
             steal: Script::new(steal::STEAL),
-            record: Script::new(record::RECORD),
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
@@ -995,7 +1006,61 @@ impl Store for RedisStore {
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
-        self.record_call(changes)
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let now = crate::clock::now_ms();
+        // `<node> <id>...` of the final results, published with them (ids hold no space).
+        let mut done = String::new();
+        for ch in changes {
+            match ch {
+                Change::Retry(t) => {
+                    self.put_task(&mut pipe, t)?;
+                    pipe.hdel(format!("{}running", self.prefix), &t.id).ignore();
+                    pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
+                        .ignore();
+                }
+                Change::Finish {
+                    result,
+                    expires_ms,
+                    task,
+                } => {
+                    let id = &result.id;
+                    pipe.del(self.key("task", id)).ignore();
+                    pipe.srem(format!("{}live", self.prefix), id).ignore();
+                    pipe.hdel(format!("{}running", self.prefix), id).ignore();
+                    pipe.srem(self.key("owned", &self.node), id).ignore();
+                    pipe.zrem(format!("{}due", self.prefix), id).ignore();
+                    let ttl = (expires_ms - now).max(1) as u64;
+                    let record = list::encode_record(result, task.as_ref())?;
+                    pipe.pset_ex(self.key("result", id), record, ttl).ignore();
+                    pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
+                        .ignore();
+                    if done.is_empty() {
+                        done.push_str(&self.node);
+                    }
+                    done.push(' ');
+                    done.push_str(id);
+                }
+                Change::Insert(t) => {
+                    self.put_task(&mut pipe, t)?;
+                    pipe.hset(self.key("task", &t.id), "node", &self.node)
+                        .ignore();
+                    pipe.sadd(self.key("owned", &self.node), &t.id).ignore();
+                    pipe.sadd(format!("{}live", self.prefix), &t.id).ignore();
+                    if matches!(t.state, State::Delayed | State::RetryWait) {
+                        pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
+                            .ignore();
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            pipe.publish(format!("{}done", self.prefix), done).ignore();
+        }
+        let t0 = std::time::Instant::now();
+        let res = self.with(|c| pipe.query::<()>(c));
+        crate::metrics::STORE_COMMIT.since(t0);
+        res
     }
 
     fn cancel(&self, id: &str, expires_ms: i64) -> Result<Cancel, StoreError> {
