@@ -37,7 +37,6 @@ use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
 use super::{Cancel, Change, Claim, Due, Recovered, Store, StoreError, Summary};
 use crate::task::TaskResult;
 use crate::task::{State, Task};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
 use redis::{Client, Connection, Script};
 use std::collections::HashMap;
@@ -48,6 +47,8 @@ use std::time::{Duration, Instant};
 
 /// Most submits folded into one insert call.
 const MAX_GROUPS: usize = 512;
+/// Most claims folded into one `CLAIM` call.
+const MAX_CLAIMS: usize = 64;
 /// Reads of a task's record before a cancel gives up (each is stale only if an attempt ran
 /// in between).
 const CANCEL_TRIES: usize = 5;
@@ -121,7 +122,7 @@ end
     };
 }
 
-mod claims;
+mod fold;
 mod listen;
 // After the macros: its scripts use them.
 mod nodes;
@@ -521,11 +522,20 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
-/// One submit's tasks waiting for the insert thread.
-struct Group {
-    /// Id, state, due time, task JSON, and whether a stored result refuses it (a cron firing).
-    tasks: Vec<(String, &'static str, u64, String, bool)>,
-    done: Sender<Result<(), StoreError>>,
+/// One submit's tasks for `INSERT`: id, state, due time, task JSON, and whether a stored
+/// result refuses it (a cron firing).
+type Group = Vec<(String, &'static str, u64, String, bool)>;
+
+/// One claim or free for `CLAIM`: the script's arguments for it.
+struct Ask {
+    /// The task's id.
+    id: String,
+    /// The running mark to store; empty to free the slot instead.
+    data: Vec<u8>,
+    /// The cc slot (worker) to take or free, if the task has cc.
+    slot: Option<usize>,
+    /// This claim's token: the same on a retry after a lost answer.
+    token: u64,
 }
 
 /// The Redis store.
@@ -538,13 +548,14 @@ pub(crate) struct RedisStore {
     node: String,
     /// Seconds without a heartbeat after which this node is dead (`--node_ttl`).
     node_ttl: u64,
-    inserts: Sender<Group>,
+    /// The submits' inserts waiting to be sent together (the duplicate id answered, or "").
+    inserts: fold::Fold<Group, String>,
     up: Arc<AtomicBool>,
     /// Set by `close`: the health thread ends.
     closed: Arc<AtomicBool>,
     scripts: Scripts,
     /// The workers' claims waiting to be sent together.
-    claims: claims::Claims,
+    claims: fold::Fold<Ask, i64>,
     /// The next claim's token (`CLAIM`), unique for this process (it starts at the clock).
     tokens: AtomicU64,
     /// Tokens of claims whose answer did not come (id → token): the claim's retry sends the
@@ -682,20 +693,6 @@ impl RedisStore {
         };
         let up = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = unbounded();
-        {
-            let (pool, prefix, script, up) = (
-                pool.clone(),
-                prefix.to_string(),
-                scripts.insert.clone(),
-                up.clone(),
-            );
-            let node = node.to_string();
-            crate::stage::spawn_critical("redis-insert", move || {
-                insert_loop(&pool, [&prefix, &node], &script, &up, &rx)
-            })
-            .map_err(down)?;
-        }
         {
             let (pool, up, closed) = (pool.clone(), up.clone(), closed.clone());
             thread::Builder::new()
@@ -719,11 +716,11 @@ impl RedisStore {
             prefix: prefix.to_string(),
             node: node.to_string(),
             node_ttl,
-            inserts: tx,
+            inserts: fold::Fold::new("INSERT", MAX_GROUPS),
             up,
             closed,
             scripts,
-            claims: claims::Claims::default(),
+            claims: fold::Fold::new("CLAIM", MAX_CLAIMS),
             tokens: AtomicU64::new(crate::clock::now_us()),
             uncertain: Mutex::new(HashMap::new()),
         })
@@ -769,7 +766,7 @@ impl RedisStore {
     }
 
     /// Runs `CLAIM` for `task`, with the claims of other workers waiting at the same moment
-    /// (`claims::Claims`), taking cc slot `slot` too when given (with a lease of
+    /// (`fold::Fold`), taking cc slot `slot` too when given (with a lease of
     /// `--node_ttl`); not `claim`: frees that slot if `task`'s attempt still holds it.
     fn claim_call(&self, task: &Task, slot: Option<usize>, claim: bool) -> Result<i64, StoreError> {
         let data = if claim {
@@ -784,13 +781,13 @@ impl RedisStore {
         } else {
             0
         };
-        let ask = claims::Ask {
+        let ask = Ask {
             id: task.id.clone(),
             data,
             slot,
             token,
         };
-        let r = self.claims.claim(ask, |asks| self.run_claims(asks));
+        let r = self.claims.ask(ask, |asks| self.run_claims(asks));
         if claim && r.is_err() {
             let mut u = self.uncertain.lock();
             if u.len() >= MAX_UNCERTAIN {
@@ -802,7 +799,7 @@ impl RedisStore {
     }
 
     /// One `CLAIM` call for `asks`.
-    fn run_claims(&self, asks: &[&claims::Ask]) -> Result<Vec<i64>, StoreError> {
+    fn run_claims(&self, asks: &[&Ask]) -> Result<Vec<i64>, StoreError> {
         let mut call = self.scripts.claim.arg(&self.prefix);
         call.arg(&self.node);
         let lease = self.node_ttl * 1000;
@@ -817,6 +814,23 @@ impl RedisStore {
         self.with(|c| call.invoke(c))
     }
 
+    /// One `INSERT` call for the submits `groups`: per group, "" or the duplicate id.
+    fn run_inserts(&self, groups: &[&Group]) -> Result<Vec<String>, StoreError> {
+        let mut inv = self.scripts.insert.prepare_invoke();
+        inv.arg(&self.prefix).arg(&self.node).arg(groups.len());
+        for g in groups {
+            inv.arg(g.len());
+            for (id, state, due, data, once) in g.iter() {
+                inv.arg(id)
+                    .arg(*state)
+                    .arg(*due)
+                    .arg(data)
+                    .arg(if *once { "1" } else { "0" });
+            }
+        }
+        self.with(|c| inv.invoke(c))
+    }
+
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}{kind}:{id}", self.prefix)
     }
@@ -829,65 +843,6 @@ fn note_health(up: &AtomicBool, ok: bool) {
             log::info!("store: Redis is reachable again");
         } else {
             log::error!("store: Redis is unreachable");
-        }
-    }
-}
-
-/// Folds waiting submits into one Lua call; each submit gets its own answer.
-fn insert_loop(
-    pool: &r2d2::Pool<Manager>,
-    [prefix, node]: [&str; 2],
-    script: &Script,
-    up: &AtomicBool,
-    rx: &Receiver<Group>,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut groups = vec![first];
-        while groups.len() < MAX_GROUPS {
-            match rx.try_recv() {
-                Ok(g) => groups.push(g),
-                Err(_) => break,
-            }
-        }
-        let mut inv = script.prepare_invoke();
-        inv.arg(prefix).arg(node).arg(groups.len());
-        for g in &groups {
-            inv.arg(g.tasks.len());
-            for (id, state, due, data, once) in &g.tasks {
-                inv.arg(id)
-                    .arg(*state)
-                    .arg(*due)
-                    .arg(data)
-                    .arg(if *once { "1" } else { "0" });
-            }
-        }
-        let res: Result<Vec<String>, StoreError> = pool.get().map_err(down).and_then(|mut c| {
-            inv.invoke::<Vec<String>>(&mut c.conn).map_err(|e| {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    up.store(false, Ordering::Relaxed);
-                }
-                down(e)
-            })
-        });
-        match res {
-            Ok(answers) => {
-                for (g, a) in groups
-                    .into_iter()
-                    .zip(answers.into_iter().chain(std::iter::repeat(String::new())))
-                {
-                    let r = if a.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(StoreError::Duplicate(a))
-                    };
-                    let _ = g.done.send(r);
-                }
-            }
-            Err(e) => {
-                for g in groups {
-                    let _ = g.done.send(Err(e.clone()));
-                }
-            }
         }
     }
 }
@@ -938,15 +893,12 @@ impl Store for RedisStore {
             ));
         }
         let t0 = std::time::Instant::now();
-        let (done, wait) = bounded(1);
-        self.inserts
-            .send(Group { tasks: items, done })
-            .map_err(|_| down("the insert thread has stopped"))?;
-        let res = wait
-            .recv()
-            .map_err(|_| down("the insert thread has stopped"))?;
+        let dup = self.inserts.ask(items, |groups| self.run_inserts(groups));
         crate::metrics::STORE_COMMIT.since(t0);
-        res
+        match dup? {
+            id if id.is_empty() => Ok(()),
+            id => Err(StoreError::Duplicate(id)),
+        }
     }
 
     fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>> {
@@ -1605,7 +1557,7 @@ mod tests {
         st.insert(&[contract::task("h", State::Ready, 0)])
             .expect("insert");
         signal(&s, libc::SIGSTOP);
-        let (tx, rx) = bounded(1);
+        let (tx, rx) = crossbeam_channel::bounded(1);
         let st2 = st.clone();
         thread::spawn(move || {
             let _ = tx.send(st2.status("h"));
@@ -1663,7 +1615,7 @@ mod tests {
         let st = node_store(&s, "a");
         let t = contract::task("t", State::Ready, 1);
         st.insert(std::slice::from_ref(&t)).expect("insert");
-        let ask = |token: u64| claims::Ask {
+        let ask = |token: u64| Ask {
             id: t.id.clone(),
             data: crate::store::running_json(&t).expect("mark"),
             slot: None,
