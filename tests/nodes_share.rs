@@ -183,25 +183,21 @@ fn a_wait_on_the_busy_node_is_answered_for_tasks_the_idle_node_ran() {
 /// the cluster's slot 1), long before a's worker 1 is free.
 #[test]
 fn tasks_with_cc_queued_on_a_busy_node_run_on_an_idle_nodes_worker_they_name() {
-    let Pair {
-        dir: _dir,
-        redis: _redis,
-        sink,
-        a,
-        b: _b,
-    } = pair("2", "2");
-    let busy = submit_all(&a, &slow(&sink, "busy-", 2, 6000, 0));
+    // Held whole: every server stays up until the end.
+    let p = pair("2", "2");
+    let (a, sink) = (&p.a, &p.sink);
+    let busy = submit_all(a, &slow(sink, "busy-", 2, 6000, 0));
     let want: HashSet<String> = busy.iter().cloned().collect();
-    common::hits::wait_all_hit(&sink, &want, Duration::from_secs(10), "both slow tasks");
-    let mut quick = slow(&sink, "cc-", 3, 300, 0);
+    common::hits::wait_all_hit(sink, &want, Duration::from_secs(10), "both slow tasks");
+    let mut quick = slow(sink, "cc-", 3, 300, 0);
     for t in &mut quick {
         t["cc"] = json!("1");
     }
-    let ids = submit_all(&a, &quick);
+    let ids = submit_all(a, &quick);
     let started = common::now_us();
     let mut nodes = Vec::new();
     for id in &ids {
-        nodes.push(ran_on(&a, id));
+        nodes.push(ran_on(a, id));
     }
     let finished_in = Duration::from_micros(common::now_us().saturating_sub(started));
     assert_eq!(nodes, ["b", "b", "b"], "where {ids:?} ran");
