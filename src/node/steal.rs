@@ -69,6 +69,10 @@ impl Steal {
                         wait = MOST.min(wait * 2);
                     } else {
                         wait = FIRST;
+                        // Tasks with cc first: each goes to the idle worker it was taken for
+                        // before a task without cc can be routed there.
+                        let mut tasks = tasks;
+                        tasks.sort_by_key(|t| t.cc.is_empty());
                         for t in tasks {
                             self.pool.dispatch(Arc::new(t));
                         }

@@ -719,6 +719,9 @@ fn keep(writer: &Mutex<Writer>, rx: &Receiver<Signal>) {
         }
     }
     let mut w = writer.lock();
+    // A checkpoint a late flush started: collected, so that the checkpoint thread lets go of
+    // the file before `close` closes it.
+    w.collect_checkpoint(true);
     for (_, done) in w.flushes.drain(..) {
         done.send(Err(unavailable("the store is closed")));
     }
@@ -1195,14 +1198,6 @@ impl Started<'_> {
 impl Drop for Started<'_> {
     fn drop(&mut self) {
         let _ = self.wait();
-    }
-}
-
-impl Drop for EmbeddedBackend {
-    /// Ends the writer thread also when the store is dropped without `close` (the commit
-    /// queue's own sender would keep its channel open): it lets go of the files.
-    fn drop(&mut self) {
-        let _ = self.tx.send(Signal::Stop);
     }
 }
 

@@ -128,12 +128,12 @@ mod listen;
 mod nodes;
 mod steal;
 
-/// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
-/// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
-/// lists its ready tasks in the node's ready index. Not indented, as `BEAT`.
 /// Most claims whose answer was lost that are remembered (for their retries) at once.
 const MAX_UNCERTAIN: usize = 10_000;
 
+/// Stores each submit's tasks (groups of id, state, due µs, data and whether a stored result
+/// refuses the id) for node `ARGV[2]`, all of a group or none (the duplicate id answered), and
+/// lists its ready tasks in the node's ready index. Not indented, as `BEAT`.
 const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])

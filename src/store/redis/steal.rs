@@ -9,58 +9,88 @@ use crate::task::Task;
 /// Takes up to `ARGV[3]` of the oldest entries of the other live nodes' ready indexes that are
 /// 500 ms old or more by Redis's clock (a task its node is about to claim is left to it) and
 /// that this node can run: a task without cc, or one whose cc names a worker of this node that
-/// is idle (`ARGV[4]`...) and whose slot (`<p>slot:<w>`) no attempt holds. Each task still ready
-/// and owned by the node indexed becomes this node's (`node` field, owned sets, ready index,
-/// scored with this call's time so that it too is left to its new node for 500 ms: no task
-/// bounces between idle nodes) and its data is answered; every other entry met is dropped from
-/// the index it was in (a stale one), except a task with cc this node cannot run now, which
-/// stays for its node or another. The node that queued a task taken finds it another node's at
-/// its claim and skips it. Not indented, as `BEAT`.
+/// is idle (`ARGV[4]`...) and whose slot (`<p>slot:<w>`) no attempt holds; each such worker is
+/// given one task of its cc at most. Each task taken becomes this node's (`node` field, owned
+/// sets, ready index, scored with this call's time so that it too is left to its new node for
+/// 500 ms: no task bounces between idle nodes) and its data is answered. It looks at up to
+/// `LOOK` entries of each node's index, oldest first: an entry whose task is no longer ready
+/// and that node's is dropped (stale), one with cc that this node cannot run now is passed
+/// over and stays (so tasks queued behind a backlog of cc tasks are still found). The node
+/// that queued a task taken finds it another node's at its claim and skips it. Not indented,
+/// as `BEAT`.
 pub(super) const STEAL: &str = concat!(
     lua_alive!(),
     r#"
 local n = tonumber(ARGV[3])
+local LOOK, PAGE = 256, 64
 local free = {}
 for i = 4, #ARGV do
 if redis.call('EXISTS', p .. 'slot:' .. ARGV[i]) == 0 then free[tonumber(ARGV[i])] = true end
 end
-local function runs(data)
-if not string.find(data, '"cc":', 1, true) then return true end
+-- The task's cc list, {} without cc, or nil when this node cannot run it now.
+local function cc_of(data)
+if not data then return nil end
+if not string.find(data, '"cc":', 1, true) then return {} end
 local ok, task = pcall(cjson.decode, data)
-if not ok then return false end
-if task.cc == nil then return true end
-if type(task.cc) ~= 'table' then return false end
+if not ok then return nil end
+if task.cc == nil then return {} end
+if type(task.cc) ~= 'table' then return nil end
 for _, w in ipairs(task.cc) do
-if free[w] then return true end
+if free[w] then return task.cc end
 end
-return false
+return nil
 end
 local now = t[1] * 1000000 + t[2]
 local old = string.format('%.0f', now - 500000)
 now = string.format('%.0f', now)
 local all, c = redis.call('HGETALL', p .. 'nodes'), {}
 for i = 1, #all, 2 do
-if all[i] ~= me and alive(all[i + 1]) then
-local r = redis.call('ZRANGEBYSCORE', p .. 'ready:' .. all[i], '-inf', old, 'WITHSCORES', 'LIMIT', 0, n * 4)
-for j = 1, #r, 2 do c[#c + 1] = {tonumber(r[j + 1]), all[i], r[j]} end
+local o = all[i]
+if o ~= me and alive(all[i + 1]) then
+local z, got, kept, seen = p .. 'ready:' .. o, 0, 0, 0
+while got < n and seen < LOOK do
+local r = redis.call('ZRANGEBYSCORE', z, '-inf', old, 'WITHSCORES', 'LIMIT', kept, PAGE)
+if #r == 0 then break end
+for j = 1, #r, 2 do
+local id = r[j]
+local v = redis.call('HMGET', p .. 'task:' .. id, 'state', 'node', 'data')
+seen = seen + 1
+if v[1] ~= 'ready' or v[2] ~= o then
+redis.call('ZREM', z, id)
+else
+kept = kept + 1
+local cc = cc_of(v[3])
+if cc then
+c[#c + 1] = {tonumber(r[j + 1]), o, id, v[3], cc}
+got = got + 1
+end
+end
+end
+if #r < 2 * PAGE then break end
+end
 end
 end
 table.sort(c, function(a, b) return a[1] < b[1] end)
 local out = {}
 for _, e in ipairs(c) do
 if #out >= n then break end
-local o, id = e[2], e[3]
+local o, id, cc = e[2], e[3], e[5]
+local ok = #cc == 0
+for _, w in ipairs(cc) do
+if free[w] then
+free[w] = nil
+ok = true
+break
+end
+end
+if ok then
 local k = p .. 'task:' .. id
-local v = redis.call('HMGET', k, 'state', 'node', 'data')
-if v[1] ~= 'ready' or v[2] ~= o then
-redis.call('ZREM', p .. 'ready:' .. o, id)
-elseif runs(v[3]) then
 redis.call('ZREM', p .. 'ready:' .. o, id)
 redis.call('HSET', k, 'node', me)
 redis.call('SREM', p .. 'owned:' .. o, id)
 redis.call('SADD', p .. 'owned:' .. me, id)
 redis.call('ZADD', p .. 'ready:' .. me, now, id)
-out[#out + 1] = v[3]
+out[#out + 1] = e[4]
 end
 end
 return out
@@ -253,5 +283,57 @@ mod tests {
         );
         assert_eq!(b.claim_on(&took[0], 0).expect("claim"), Claim::Won);
         assert!(b.steal(10, &[0, 1]).expect("steal").is_empty());
+    }
+
+    /// Tasks with cc that no idle worker here can run, at the head of a node's index, do not
+    /// hide the tasks queued behind them; and one call gives each idle worker one task of its
+    /// cc at most (a second would wait here behind the first while another worker idles).
+    #[test]
+    fn cc_tasks_this_node_cannot_run_are_passed_over_and_each_idle_worker_gets_one() {
+        use crate::store::Claim;
+        let s = redis_server();
+        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
+        for st in [&a, &b] {
+            assert_eq!(st.join(2, "").expect("join"), Join::Joined);
+        }
+        let on = |id: &str, due: u64, w: usize| {
+            let mut t = contract::task(id, State::Ready, due);
+            t.cc = vec![w];
+            t
+        };
+        let mut tasks: Vec<Task> = (0..300).map(|i| on(&format!("cc-{i}"), 1 + i, 0)).collect();
+        tasks.push(contract::task("plain", State::Ready, 1000));
+        a.insert(&tasks).expect("insert");
+        assert_eq!(
+            a.claim_on(&tasks[0], 0).expect("claim"),
+            Claim::Won,
+            "slot 0 held"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert_eq!(
+            ids(&b.steal(1, &[0]).expect("steal")),
+            Vec::<&str>::new(),
+            "slot 0 is held: nothing of 256 looked at runs here, plain is beyond them"
+        );
+        a.release(&tasks[0], 0);
+        a.cancel("cc-0", i64::MAX / 2).expect("cancel");
+        let took = b.steal(2, &[0, 1]).expect("steal");
+        assert_eq!(
+            ids(&took),
+            ["cc-1"],
+            "one for worker 0, none of its cc for worker 1"
+        );
+
+        let c = node_store(&s, "c");
+        assert_eq!(c.join(2, "").expect("join"), Join::Joined);
+        c.insert(&[on("c-cc", 1, 0), contract::task("c-plain", State::Ready, 2)])
+            .expect("insert");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let took = b.steal(2, &[1]).expect("steal");
+        assert!(
+            ids(&took).contains(&"c-plain"),
+            "the plain task behind a cc one is found: {:?}",
+            ids(&took)
+        );
     }
 }
