@@ -326,14 +326,16 @@ mod tests {
 
         let c = node_store(&s, "c");
         assert_eq!(c.join(2, "").expect("join"), Join::Joined);
-        c.insert(&[on("c-cc", 1, 0), contract::task("c-plain", State::Ready, 2)])
-            .expect("insert");
+        let mut tasks: Vec<Task> = (0..10)
+            .map(|i| on(&format!("c-cc-{i}"), 1 + i, 0))
+            .collect();
+        tasks.push(contract::task("c-plain", State::Ready, 20));
+        c.insert(&tasks).expect("insert");
         std::thread::sleep(std::time::Duration::from_millis(600));
-        let took = b.steal(2, &[1]).expect("steal");
-        assert!(
-            ids(&took).contains(&"c-plain"),
-            "the plain task behind a cc one is found: {:?}",
-            ids(&took)
+        assert_eq!(
+            ids(&b.steal(1, &[1]).expect("steal")),
+            ["c-plain"],
+            "the plain task behind ten cc ones (for worker 0, busy here) is found"
         );
     }
 }
