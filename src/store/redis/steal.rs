@@ -134,6 +134,20 @@ mod tests {
         tasks.iter().map(|t| t.id.as_str()).collect()
     }
 
+    /// Node `id` on `s`, joined with two workers.
+    fn joined(s: &super::super::tests::Server, id: &str) -> super::super::RedisStore {
+        let st = node_store(s, id);
+        assert_eq!(st.join(2, "").expect("join"), Join::Joined);
+        st
+    }
+
+    /// A ready task due at `due` µs with cc worker `w`.
+    fn on(id: &str, due: u64, w: usize) -> Task {
+        let mut t = contract::task(id, State::Ready, due);
+        t.cc = vec![w];
+        t
+    }
+
     /// The ids in order of name (tasks taken at one moment share their score).
     fn sorted(tasks: &[Task]) -> Vec<&str> {
         let mut v = ids(tasks);
@@ -239,25 +253,12 @@ mod tests {
     fn a_task_with_cc_is_taken_only_for_an_idle_worker_it_names_whose_slot_is_free() {
         use crate::store::Claim;
         let s = redis_server();
-        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
-        for st in [&a, &b] {
-            assert_eq!(st.join(2, "").expect("join"), Join::Joined);
-        }
-        let with_cc = |id: &str, due: u64, cc: usize| {
-            let mut t = contract::task(id, State::Ready, due);
-            t.cc = vec![cc];
-            t
-        };
-        let hold = with_cc("hold", 1, 0);
+        let (a, b) = (joined(&s, "a"), joined(&s, "b"));
+        let hold = on("hold", 1, 0);
         let mut mail = contract::task("mail", State::Ready, 4);
         mail.params = r#"{"cc":"x@example.com"}"#.into();
-        a.insert(&[
-            hold.clone(),
-            with_cc("cc-1", 2, 1),
-            with_cc("cc-0", 3, 0),
-            mail,
-        ])
-        .expect("insert");
+        a.insert(&[hold.clone(), on("cc-1", 2, 1), on("cc-0", 3, 0), mail])
+            .expect("insert");
         assert_eq!(a.claim_on(&hold, 0).expect("claim"), Claim::Won);
         std::thread::sleep(std::time::Duration::from_millis(600));
 
@@ -277,7 +278,7 @@ mod tests {
             "left in a's index until its slot was free"
         );
         assert_eq!(
-            a.claim_on(&with_cc("cc-0", 3, 0), 0).expect("claim"),
+            a.claim_on(&on("cc-0", 3, 0), 0).expect("claim"),
             Claim::Lost,
             "a's queue entry is stale"
         );
@@ -292,15 +293,7 @@ mod tests {
     fn cc_tasks_this_node_cannot_run_are_passed_over_and_each_idle_worker_gets_one() {
         use crate::store::Claim;
         let s = redis_server();
-        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
-        for st in [&a, &b] {
-            assert_eq!(st.join(2, "").expect("join"), Join::Joined);
-        }
-        let on = |id: &str, due: u64, w: usize| {
-            let mut t = contract::task(id, State::Ready, due);
-            t.cc = vec![w];
-            t
-        };
+        let (a, b) = (joined(&s, "a"), joined(&s, "b"));
         let mut tasks: Vec<Task> = (0..300).map(|i| on(&format!("cc-{i}"), 1 + i, 0)).collect();
         tasks.push(contract::task("plain", State::Ready, 1000));
         a.insert(&tasks).expect("insert");
@@ -324,8 +317,7 @@ mod tests {
             "one for worker 0, none of its cc for worker 1"
         );
 
-        let c = node_store(&s, "c");
-        assert_eq!(c.join(2, "").expect("join"), Join::Joined);
+        let c = joined(&s, "c");
         let mut tasks: Vec<Task> = (0..10)
             .map(|i| on(&format!("c-cc-{i}"), 1 + i, 0))
             .collect();
