@@ -1318,6 +1318,14 @@ mod tests {
         RedisStore::open(&url(s.1), "t:", node, 3, Duration::from_secs(10)).expect("connect")
     }
 
+    /// `node_store`, joined with `workers` workers.
+    pub(super) fn joined(s: &Server, node: &str, workers: usize) -> RedisStore {
+        use crate::node::{Join, Registry};
+        let st = node_store(s, node);
+        assert_eq!(st.join(workers, "").expect("join"), Join::Joined);
+        st
+    }
+
     fn url(port: u16) -> String {
         format!("redis://127.0.0.1:{port}/0")
     }

@@ -157,7 +157,7 @@ impl Registry for RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{node_store, redis_server};
+    use super::super::tests::{joined, node_store, redis_server};
     use crate::node::{Join, Registry};
     use crate::store::contract;
     use crate::store::{Claim, Store};
@@ -193,14 +193,7 @@ mod tests {
     #[test]
     fn a_live_nodes_tasks_are_never_recovered_and_a_dead_nodes_are_adopted_once() {
         let s = redis_server();
-        let (a, b, c) = (
-            node_store(&s, "a"),
-            node_store(&s, "b"),
-            node_store(&s, "c"),
-        );
-        for st in [&a, &b, &c] {
-            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
-        }
+        let (a, b, c) = (joined(&s, "a", 1), joined(&s, "b", 1), joined(&s, "c", 1));
         a.insert(&[
             contract::task("a-wait", State::Delayed, 99),
             contract::task("a-run", State::Ready, 1),
@@ -288,10 +281,7 @@ mod tests {
     #[test]
     fn a_cc_slot_is_held_across_nodes_while_its_attempt_runs() {
         let s = redis_server();
-        let (a, b) = (node_store(&s, "a"), node_store(&s, "b"));
-        for st in [&a, &b] {
-            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
-        }
+        let (a, b) = (joined(&s, "a", 1), joined(&s, "b", 1));
         let cc = |id: &str| Task {
             cc: vec![0],
             ..contract::task(id, State::Ready, 1)

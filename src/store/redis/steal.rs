@@ -124,21 +124,14 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{node_store, redis_server};
-    use crate::node::{Join, Registry};
+    use super::super::tests::{joined, redis_server};
+    use crate::node::Registry;
     use crate::store::contract;
     use crate::store::Store;
     use crate::task::{State, Task};
 
     fn ids(tasks: &[Task]) -> Vec<&str> {
         tasks.iter().map(|t| t.id.as_str()).collect()
-    }
-
-    /// Node `id` on `s`, joined with two workers.
-    fn joined(s: &super::super::tests::Server, id: &str) -> super::super::RedisStore {
-        let st = node_store(s, id);
-        assert_eq!(st.join(2, "").expect("join"), Join::Joined);
-        st
     }
 
     /// A ready task due at `due` µs with cc worker `w`.
@@ -163,14 +156,7 @@ mod tests {
     #[test]
     fn an_idle_node_takes_the_oldest_ready_tasks_of_the_other_live_nodes() {
         let s = redis_server();
-        let (a, b, c) = (
-            node_store(&s, "a"),
-            node_store(&s, "b"),
-            node_store(&s, "c"),
-        );
-        for st in [&a, &b, &c] {
-            assert_eq!(st.join(1, "").expect("join"), Join::Joined);
-        }
+        let (a, b, c) = (joined(&s, "a", 1), joined(&s, "b", 1), joined(&s, "c", 1));
         let mut cc = contract::task("a-cc", State::Ready, 1);
         cc.cc = vec![0];
         a.insert(&[
@@ -253,7 +239,7 @@ mod tests {
     fn a_task_with_cc_is_taken_only_for_an_idle_worker_it_names_whose_slot_is_free() {
         use crate::store::Claim;
         let s = redis_server();
-        let (a, b) = (joined(&s, "a"), joined(&s, "b"));
+        let (a, b) = (joined(&s, "a", 2), joined(&s, "b", 2));
         let hold = on("hold", 1, 0);
         let mut mail = contract::task("mail", State::Ready, 4);
         mail.params = r#"{"cc":"x@example.com"}"#.into();
@@ -293,7 +279,7 @@ mod tests {
     fn cc_tasks_this_node_cannot_run_are_passed_over_and_each_idle_worker_gets_one() {
         use crate::store::Claim;
         let s = redis_server();
-        let (a, b) = (joined(&s, "a"), joined(&s, "b"));
+        let (a, b) = (joined(&s, "a", 2), joined(&s, "b", 2));
         let mut tasks: Vec<Task> = (0..300).map(|i| on(&format!("cc-{i}"), 1 + i, 0)).collect();
         tasks.push(contract::task("plain", State::Ready, 1000));
         a.insert(&tasks).expect("insert");
@@ -317,7 +303,7 @@ mod tests {
             "one for worker 0, none of its cc for worker 1"
         );
 
-        let c = joined(&s, "c");
+        let c = joined(&s, "c", 2);
         let mut tasks: Vec<Task> = (0..10)
             .map(|i| on(&format!("c-cc-{i}"), 1 + i, 0))
             .collect();
