@@ -493,18 +493,6 @@ fn a_task_another_node_owns_is_cancelled_from_any_node_and_never_runs() {
     );
 }
 
-/// Submits `tasks` to `s` in arrays of 100, each acknowledged; their ids.
-fn submit_all(s: &Server, tasks: &[Value]) -> Vec<String> {
-    for chunk in tasks.chunks(100) {
-        let (code, r) = s.submit(&json!(chunk));
-        assert_eq!(code, 200, "{r}");
-    }
-    tasks
-        .iter()
-        .filter_map(|t| t["id"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// `n` GETs of the sink's `path` with ids `<prefix><i>` (and `extra` in their params), as
 /// submitted with `delay`.
 fn gets(sink: &Sink, prefix: &str, n: usize, path: &str, extra: &str, delay: u64) -> Vec<Value> {
@@ -538,15 +526,16 @@ fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_it
     // Delayed ids, each with the earliest time it may start.
     let mut due: Vec<(String, u64)> = Vec::new();
     for (s, id) in nodes.iter().zip(ids) {
-        acked.extend(submit_all(
-            s,
-            &gets(&sink, &format!("{id}-now-"), 500, "/hit", "", 0),
-        ));
+        acked.extend(s.submit_all(&gets(&sink, &format!("{id}-now-"), 500, "/hit", "", 0)));
         let before_us = common::now_us();
-        let delayed = submit_all(
-            s,
-            &gets(&sink, &format!("{id}-later-"), 300, "/hit", "", DELAY_S),
-        );
+        let delayed = s.submit_all(&gets(
+            &sink,
+            &format!("{id}-later-"),
+            300,
+            "/hit",
+            "",
+            DELAY_S,
+        ));
         due.extend(
             delayed
                 .iter()
@@ -567,10 +556,10 @@ fn a_node_killed_with_thousands_of_tasks_in_flight_loses_none_and_reruns_only_it
     );
     let mut k2 = gets(&sink, "k2-slow-", WORKERS, "/slow", "ms=3000&", 0);
     k2.extend(gets(&sink, "k2-queued-", 200, "/hit", "", 0));
-    acked.extend(submit_all(&nodes[1], &k2));
+    acked.extend(nodes[1].submit_all(&k2));
     for i in [0, 2] {
         let more = gets(&sink, &format!("{}-more-", ids[i]), 300, "/hit", "", 0);
-        acked.extend(submit_all(&nodes[i], &more));
+        acked.extend(nodes[i].submit_all(&more));
     }
     let slow: HashSet<String> = (0..WORKERS).map(|i| format!("k2-slow-{i}")).collect();
     sink.wait_until(Duration::from_secs(10), "k2's slow tasks running", |h| {

@@ -77,35 +77,12 @@ fn slow(sink: &Sink, prefix: &str, n: usize, ms: u64, delay: u64) -> Vec<Value> 
         .collect()
 }
 
-/// Submits `tasks` to `s` in arrays of 100, each acknowledged; their ids.
-fn submit_all(s: &Server, tasks: &[Value]) -> Vec<String> {
-    for chunk in tasks.chunks(100) {
-        let (code, r) = s.submit(&json!(chunk));
-        assert_eq!(code, 200, "{r}");
-    }
-    tasks
-        .iter()
-        .filter_map(|t| t["id"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// The node that ran task `id`, from its result (long-polled on `s`).
 fn ran_on(s: &Server, id: &str) -> String {
     let (code, r) = s.get(&format!("/task_resp/{id}?timeout=60"));
     assert_eq!(code, 200, "{id}: {r}");
     assert_eq!(r["status"], json!("succeeded"), "{id}: {r}");
     r["node"].as_str().unwrap_or_default().to_string()
-}
-
-/// `redis-cli` against the test's server.
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli (installed with redis-server by scripts/test.sh)");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Node a gets 200 tasks of 100 ms and 10 delayed ones, node b none (two workers each): b runs
@@ -120,9 +97,9 @@ fn an_idle_node_runs_a_share_of_a_busy_nodes_tasks_each_once_none_early() {
         a,
         b: _b,
     } = pair("2", "2");
-    let mut ids = submit_all(&a, &slow(&sink, "s-", 200, 100, 0));
+    let mut ids = a.submit_all(&slow(&sink, "s-", 200, 100, 0));
     let before_us = common::now_us();
-    let later = submit_all(&a, &slow(&sink, "d-", 10, 100, 2));
+    let later = a.submit_all(&slow(&sink, "d-", 10, 100, 2));
     ids.extend(later.iter().cloned());
     let want: HashSet<String> = ids.iter().cloned().collect();
     common::hits::wait_all_hit(&sink, &want, Duration::from_secs(90), "all tasks");
@@ -186,14 +163,14 @@ fn tasks_with_cc_queued_on_a_busy_node_run_on_an_idle_nodes_worker_they_name() {
     // Held whole: every server stays up until the end.
     let p = pair("2", "2");
     let (a, sink) = (&p.a, &p.sink);
-    let busy = submit_all(a, &slow(sink, "busy-", 2, 6000, 0));
+    let busy = a.submit_all(&slow(sink, "busy-", 2, 6000, 0));
     let want: HashSet<String> = busy.iter().cloned().collect();
     common::hits::wait_all_hit(sink, &want, Duration::from_secs(10), "both slow tasks");
     let mut quick = slow(sink, "cc-", 3, 300, 0);
     for t in &mut quick {
         t["cc"] = json!("1");
     }
-    let ids = submit_all(a, &quick);
+    let ids = a.submit_all(&quick);
     let started = common::now_us();
     let mut nodes = Vec::new();
     for id in &ids {
@@ -246,14 +223,14 @@ fn a_task_queued_on_one_node_is_cancelled_from_another_and_never_runs() {
         "params": "id=held"});
     assert_eq!(a.submit(&held).0, 200);
     assert_ne!(
-        redis_cli(&redis, &["ZSCORE", "poulpe:ready:a", "held"]),
+        redis.cli(&["ZSCORE", "poulpe:ready:a", "held"]).trim(),
         "",
         "held is in a's index of ready tasks"
     );
     let (code, r) = common::request("DELETE", &b.url("/task/held"), &[]);
     assert_eq!(code, 200, "{r}");
     assert_eq!(
-        redis_cli(&redis, &["ZSCORE", "poulpe:ready:a", "held"]),
+        redis.cli(&["ZSCORE", "poulpe:ready:a", "held"]).trim(),
         "",
         "held has left a's index"
     );
@@ -282,7 +259,7 @@ fn a_node_killed_while_running_tasks_it_took_loses_none() {
         a,
         mut b,
     } = pair("1", "2");
-    let ids = submit_all(&a, &slow(&sink, "k-", 6, 2000, 0));
+    let ids = a.submit_all(&slow(&sink, "k-", 6, 2000, 0));
     // b's own workers (`working_keys` lists the whole cluster's), their requests at the sink.
     let running = eventually(Duration::from_secs(15), "b running a's tasks", || {
         let (_, info) = b.get("/sys_info");
@@ -377,7 +354,7 @@ fn a_node_alone_on_its_prefix_never_asks_for_other_nodes_tasks() {
     let a = node(dir.path(), &redis, "a", "2");
     all_listed(&[&a], 1);
     let alone = monitor(&redis, || {
-        let ids = submit_all(&a, &slow(&sink, "x-", 20, 50, 0));
+        let ids = a.submit_all(&slow(&sink, "x-", 20, 50, 0));
         for id in &ids {
             ran_on(&a, id);
         }
@@ -410,7 +387,7 @@ fn a_paused_node_takes_no_other_nodes_tasks() {
     let (code, r) = common::post_json(&b.url("/pause"), &json!({}));
     assert_eq!(code, 200, "{r}");
     let seen = monitor(&redis, || {
-        let ids = submit_all(&a, &slow(&sink, "p-", 6, 500, 0));
+        let ids = a.submit_all(&slow(&sink, "p-", 6, 500, 0));
         for id in &ids {
             assert_eq!(ran_on(&a, id), "a", "{id} ran on the paused node");
         }
@@ -419,7 +396,7 @@ fn a_paused_node_takes_no_other_nodes_tasks() {
     assert_eq!(steal_calls(&seen, "b"), 0, "paused b asked for a's tasks");
     let (code, r) = common::post_json(&b.url("/resume"), &json!({}));
     assert_eq!(code, 200, "{r}");
-    let ids = submit_all(&a, &slow(&sink, "q-", 8, 500, 0));
+    let ids = a.submit_all(&slow(&sink, "q-", 8, 500, 0));
     let on_b = ids.iter().filter(|id| ran_on(&a, id) == "b").count();
     assert!(on_b > 0, "b, resumed, took none");
 }
@@ -436,7 +413,7 @@ fn a_node_stopped_while_running_tasks_it_took_finishes_them_and_each_runs_once()
         a,
         mut b,
     } = pair("1", "2");
-    let ids = submit_all(&a, &slow(&sink, "t-", 8, 1000, 0));
+    let ids = a.submit_all(&slow(&sink, "t-", 8, 1000, 0));
     eventually(Duration::from_secs(15), "b running a's tasks", || {
         let (_, info) = b.get("/sys_info");
         let busy = info["workers"]

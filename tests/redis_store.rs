@@ -25,17 +25,6 @@ fn get_task(sink: &Sink, id: &str) -> Value {
     json!({"id": id, "method": "GET", "name": sink.url("/hit"), "params": format!("id={id}")})
 }
 
-/// `redis-cli` against the test's server, for looking at keys as an operator would.
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli (installed with redis-server by scripts/test.sh)");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn core_scenarios_run_on_redis() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -297,7 +286,7 @@ fn keys_live_under_the_prefix_and_results_expire() {
     t["delay"] = json!(3600);
     assert_eq!(s.submit(&t).0, 200);
 
-    let keys = redis_cli(&redis, &["--scan"]);
+    let keys = redis.cli(&["--scan"]);
     let keys: Vec<&str> = keys.lines().collect();
     assert!(!keys.is_empty());
     for k in &keys {
@@ -310,7 +299,7 @@ fn keys_live_under_the_prefix_and_results_expire() {
     let with_ttl: Vec<i64> = keys
         .iter()
         .filter(|k| k.contains("p-1"))
-        .filter_map(|k| redis_cli(&redis, &["PTTL", k]).trim().parse().ok())
+        .filter_map(|k| redis.cli(&["PTTL", k]).trim().parse().ok())
         .filter(|&ms: &i64| ms > 0)
         .collect();
     assert!(
@@ -322,7 +311,7 @@ fn keys_live_under_the_prefix_and_results_expire() {
     let p2: Vec<&&str> = keys.iter().filter(|k| k.contains("p-2")).collect();
     assert!(!p2.is_empty(), "{keys:?}");
     for k in p2 {
-        assert_eq!(redis_cli(&redis, &["PTTL", k]).trim(), "-1", "{k}");
+        assert_eq!(redis.cli(&["PTTL", k]).trim(), "-1", "{k}");
     }
 }
 

@@ -218,6 +218,19 @@ impl Server {
     pub fn get(&self, path: &str) -> (u16, Value) {
         get(&self.url(path))
     }
+
+    /// Submits `tasks` in arrays of 100, each acknowledged; their ids.
+    #[allow(dead_code)]
+    pub fn submit_all(&self, tasks: &[Value]) -> Vec<String> {
+        for chunk in tasks.chunks(100) {
+            let (code, r) = self.submit(&serde_json::json!(chunk));
+            assert_eq!(code, 200, "{r}");
+        }
+        tasks
+            .iter()
+            .filter_map(|t| t["id"].as_str().map(str::to_string))
+            .collect()
+    }
 }
 
 impl Drop for Server {
