@@ -138,7 +138,7 @@ impl std::error::Error for RequestError {}
 
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     Length(usize),
     Chunked,
 }
@@ -184,11 +184,26 @@ impl Conn {
         }
     }
 
-    /// Serves requests until the connection ends (or is handed over by an upgrade). `on_upgrade`
-    /// runs before the handover: the connection no longer counts as an HTTP one.
-    pub(crate) fn serve(mut self, handler: &dyn Handler, on_upgrade: impl FnOnce()) {
+    /// Takes over a connection from the loop thread (see [`super::reactor`]) with the bytes it
+    /// read but did not use: the socket goes back to blocking reads with timeouts.
+    pub(crate) fn resume(stream: TcpStream, limits: Limits, buf: Vec<u8>) -> Conn {
+        let _ = stream.set_nonblocking(false);
+        let mut conn = Conn::new(stream, limits);
+        conn.buf = buf;
+        conn
+    }
+
+    /// Serves requests until the connection ends (or is handed over by an upgrade), starting
+    /// with `first` when given (a request the loop thread read, or why it could not read one).
+    /// `on_upgrade` runs before the handover: the connection no longer counts as an HTTP one.
+    pub(crate) fn serve(
+        mut self,
+        handler: &dyn Handler,
+        on_upgrade: impl FnOnce(),
+        mut first: Option<Result<Request, RequestError>>,
+    ) {
         loop {
-            let req = match self.read_request() {
+            let req = match first.take().unwrap_or_else(|| self.read_request()) {
                 Ok(r) => r,
                 Err(e) => {
                     if let Some(code) = e.status() {
@@ -320,59 +335,10 @@ impl Conn {
 
     /// Parses the head if it is all here; checks the size limits either way.
     fn parse_head(&mut self) -> Result<Option<Request>, RequestError> {
-        let data = &self.buf[self.pos..];
-        // Empty lines before a request line are ignored (RFC 9112 §2.2), as httparse does.
-        let lead = data
-            .iter()
-            .take_while(|b| matches!(b, b'\r' | b'\n'))
-            .count();
-        let line_len = data[lead..].iter().position(|&b| b == b'\n');
-        match line_len {
-            Some(n) if n > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
-            None if data.len() - lead > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
-            _ => {}
-        }
-        let line_end = lead + line_len.map_or(data.len() - lead, |n| n + 1);
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut fields);
-        let used = match parsed.parse(data) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                if data.len() - line_end > MAX_HEADER_BYTES + 4 {
-                    return Err(RequestError::HeadersTooLarge);
-                }
-                return Ok(None);
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooManyHeaders),
-            Err(httparse::Error::Version) => return Err(RequestError::Version),
-            Err(e) => return Err(RequestError::Malformed(e.to_string())),
+        let Some((req, used)) = parse_head(&self.buf[self.pos..])? else {
+            return Ok(None);
         };
-        if used - line_end > MAX_HEADER_BYTES + 2 {
-            return Err(RequestError::HeadersTooLarge);
-        }
-        let mut req = Request::new(
-            parsed.method.unwrap_or_default().to_string(),
-            parsed.path.unwrap_or_default().to_string(),
-            parsed.version.unwrap_or(1),
-            parsed
-                .headers
-                .iter()
-                .map(|h| h.name.len() + h.value.len())
-                .sum(),
-        );
-        for h in parsed.headers.iter() {
-            req.push_header(h.name, &String::from_utf8_lossy(h.value));
-        }
         self.consume(used);
-        if req.version == 1
-            && req
-                .headers()
-                .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
-                .count()
-                != 1
-        {
-            return Err(RequestError::Host);
-        }
         Ok(Some(req))
     }
 
@@ -497,8 +463,65 @@ impl Conn {
     }
 }
 
+/// Parses a request head at the start of `data` if it is all there, with the bytes it takes;
+/// checks the size limits either way, and that an HTTP/1.1 request has one `Host`.
+pub(crate) fn parse_head(data: &[u8]) -> Result<Option<(Request, usize)>, RequestError> {
+    // Empty lines before a request line are ignored (RFC 9112 §2.2), as httparse does.
+    let lead = data
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let line_len = data[lead..].iter().position(|&b| b == b'\n');
+    match line_len {
+        Some(n) if n > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
+        None if data.len() - lead > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
+        _ => {}
+    }
+    let line_end = lead + line_len.map_or(data.len() - lead, |n| n + 1);
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let used = match parsed.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if data.len() - line_end > MAX_HEADER_BYTES + 4 {
+                return Err(RequestError::HeadersTooLarge);
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooManyHeaders),
+        Err(httparse::Error::Version) => return Err(RequestError::Version),
+        Err(e) => return Err(RequestError::Malformed(e.to_string())),
+    };
+    if used - line_end > MAX_HEADER_BYTES + 2 {
+        return Err(RequestError::HeadersTooLarge);
+    }
+    let mut req = Request::new(
+        parsed.method.unwrap_or_default().to_string(),
+        parsed.path.unwrap_or_default().to_string(),
+        parsed.version.unwrap_or(1),
+        parsed
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum(),
+    );
+    for h in parsed.headers.iter() {
+        req.push_header(h.name, &String::from_utf8_lossy(h.value));
+    }
+    if req.version == 1
+        && req
+            .headers()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+            .count()
+            != 1
+    {
+        return Err(RequestError::Host);
+    }
+    Ok(Some((req, used)))
+}
+
 /// How the body is delimited (RFC 9112 §6.3), refusing every ambiguous case.
-fn framing(req: &Request) -> Result<Option<Framing>, RequestError> {
+pub(crate) fn framing(req: &Request) -> Result<Option<Framing>, RequestError> {
     let mut length: Option<usize> = None;
     let mut codings: Vec<String> = Vec::new();
     for (k, v) in req.headers() {

@@ -2,21 +2,26 @@
 //! and deadlines, and writes answers. It knows nothing of tasks: a [`Handler`] turns each
 //! [`Request`] into a [`Reply`].
 //!
-//! One thread serves one connection, from its first byte to its close, and reads the next
-//! request only once the previous answer is written. A request that waits for a result (a
-//! `wait` submit, a long poll) blocks its own connection's thread and nothing else: the threads
-//! that finish tasks only hand the answer over a channel, and no other client shares the
-//! connection. A client that stops reading is dropped after `idle`; a client that sends its
-//! request head slower than [`HEAD_DEADLINE`] gets 408.
+//! One loop thread watches every keep-alive connection (epoll): each wake-up it reads what
+//! arrived, takes at most one whole request per connection, and gives them to the handler
+//! together ([`Handler::handle_quick`]), so that the submits of many clients are made durable
+//! in one write and no thread waits per connection. A request that may wait (a `wait` submit,
+//! a long poll, a WebSocket upgrade) or that is unusual (chunked, `Expect`, malformed) goes
+//! with its connection to a thread of its own, which serves it from then on and reads the
+//! next request only once the previous answer is written: a wait blocks its own connection
+//! and nothing else. A client that stops reading is dropped after `idle`; a client that sends
+//! its request head slower than [`HEAD_DEADLINE`] gets 408.
 //!
 //! | file | owns |
 //! |---|---|
 //! | [`server`] | listening socket, accept loop, connection cap and its 503s, thread reuse |
-//! | [`conn`] | one connection: request heads and bodies off the wire, answers onto it |
+//! | [`reactor`] | the loop thread: keep-alive connections, quick requests in batches |
+//! | [`conn`] | one connection on its own thread: requests off the wire, answers onto it |
 //! | [`message`] | the [`Request`], [`Response`] and [`Reply`] types |
 
 pub(crate) mod conn;
 pub(crate) mod message;
+pub(crate) mod reactor;
 pub(crate) mod server;
 
 pub(crate) use message::{percent_decode, query_param};
@@ -47,10 +52,28 @@ pub struct Limits {
     pub max_conns: usize,
 }
 
-/// Turns requests into answers. Called on the connection's own thread, so it may block (a
-/// durable submit, a wait for a result) without stalling any other client.
+/// What the loop thread does with a request it read.
+pub enum Quick {
+    /// Answered at once.
+    Answered(Response),
+    /// It may wait (for a result, a long poll, a WebSocket): it goes with its connection to a
+    /// thread of its own, which serves that connection from then on.
+    Slow(Request),
+}
+
+/// Turns requests into answers.
 pub trait Handler: Send + Sync + 'static {
+    /// Called on a connection's own thread, so it may block (a wait for a result) without
+    /// stalling any other client.
     fn handle(&self, req: Request) -> Reply;
+
+    /// Called on the loop thread with the requests of one wake-up (at most one per
+    /// connection): answers those that need no wait but a durable write, all together (one
+    /// write for all), and gives the others back as [`Quick::Slow`]. One answer per request,
+    /// in order. By default every request is slow.
+    fn handle_quick(&self, reqs: Vec<Request>) -> Vec<Quick> {
+        reqs.into_iter().map(Quick::Slow).collect()
+    }
 }
 
 impl<F> Handler for F

@@ -1,8 +1,11 @@
-//! The listening socket: accepts connections, gives each a thread (reusing idle ones), caps
-//! how many are served at once and answers the surplus with 503 on a thread of its own.
+//! The listening socket: accepts connections and gives them to the loop thread
+//! ([`super::reactor`]), caps how many are served at once and answers the surplus with 503 on a
+//! thread of its own; gives the connections that leave the loop a thread each (reusing idle
+//! ones).
 
-use super::conn::Conn;
-use super::{Handler, Limits};
+use super::conn::{Conn, RequestError};
+use super::reactor::{self, Inbox};
+use super::{Handler, Limits, Request};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use std::io::{ErrorKind, Read, Write};
@@ -60,14 +63,19 @@ fn no_delay(listener: &TcpListener) {
     }
 }
 
-/// An accepted connection with its place among the `max_conns` served ones.
-struct Job {
-    stream: TcpStream,
-    slot: Slot,
+/// An accepted connection with its place among the `max_conns` served ones, and what the loop
+/// thread read of it when it hands it to a thread.
+pub(super) struct Job {
+    pub(super) stream: TcpStream,
+    pub(super) slot: Slot,
+    /// Bytes read and not used yet.
+    pub(super) buf: Vec<u8>,
+    /// The request to serve first (or why none could be read).
+    pub(super) first: Option<Result<Request, RequestError>>,
 }
 
 /// One of the `max_conns` places; given back when dropped.
-struct Slot(Arc<AtomicUsize>);
+pub(super) struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -81,7 +89,15 @@ struct Shared {
     limits: Limits,
     /// Idle connection threads wait here; a send succeeds only when one is waiting.
     idle_rx: Receiver<Job>,
-    refuse: Sender<TcpStream>,
+    refuse: Sender<Closing>,
+}
+
+/// A connection for the closing thread.
+enum Closing {
+    /// Over `--max_conns`: answered 503, then closed.
+    Refused(TcpStream),
+    /// Its last answer written: closed.
+    Answered(TcpStream),
 }
 
 impl Listening {
@@ -90,24 +106,35 @@ impl Listening {
         self.listener.local_addr()
     }
 
-    /// Starts the accept thread and the refusal thread; connections are served by `handler`.
+    /// Starts the accept thread, the loop thread and the closing thread; connections are
+    /// served by `handler`.
     pub fn serve(&self, limits: Limits, handler: Arc<dyn Handler>) -> std::io::Result<()> {
         let (idle_tx, idle_rx) = bounded::<Job>(0);
-        let (refuse_tx, refuse_rx) = bounded::<TcpStream>(REFUSE_BACKLOG);
+        let (refuse_tx, refuse_rx) = bounded::<Closing>(REFUSE_BACKLOG);
         thread::Builder::new()
-            .name("http-refuse".into())
+            .name("http-close".into())
             .spawn(move || refuse_loop(refuse_rx))?;
         let shared = Arc::new(Shared {
-            handler,
+            handler: handler.clone(),
             limits,
             idle_rx,
-            refuse: refuse_tx,
+            refuse: refuse_tx.clone(),
         });
+        let (shared2, idle_tx2) = (shared.clone(), idle_tx.clone());
+        let inbox = reactor::start(
+            handler,
+            limits,
+            self.stop.clone(),
+            Box::new(move |job| to_thread(&shared2, &idle_tx2, job)),
+            Box::new(move |stream| {
+                let _ = refuse_tx.try_send(Closing::Answered(stream));
+            }),
+        )?;
         let listener = self.listener.clone();
         let stop = self.stop.clone();
         thread::Builder::new()
             .name("http-accept".into())
-            .spawn(move || accept_loop(&listener, &stop, &shared, &idle_tx))?;
+            .spawn(move || accept_loop(&listener, &stop, &shared, &idle_tx, &inbox))?;
         Ok(())
     }
 
@@ -126,6 +153,7 @@ fn accept_loop(
     stop: &AtomicBool,
     shared: &Arc<Shared>,
     idle_tx: &Sender<Job>,
+    inbox: &Inbox,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
     let mut refusals_logged: Option<Instant> = None;
@@ -155,17 +183,26 @@ fn accept_loop(
                 );
                 refusals_logged = Some(Instant::now());
             }
-            let _ = shared.refuse.try_send(stream);
+            let _ = shared.refuse.try_send(Closing::Refused(stream));
             continue;
         }
         let job = Job {
             stream,
             slot: Slot(live.clone()),
+            buf: Vec::new(),
+            first: None,
         };
-        match idle_tx.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => spawn(shared, job),
+        if let Some(job) = inbox.add(job) {
+            to_thread(shared, idle_tx, job);
         }
+    }
+}
+
+/// Gives `job` to an idle connection thread, or to a new one.
+fn to_thread(shared: &Arc<Shared>, idle_tx: &Sender<Job>, job: Job) {
+    match idle_tx.try_send(job) {
+        Ok(()) => {}
+        Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => spawn(shared, job),
     }
 }
 
@@ -176,9 +213,18 @@ fn spawn(shared: &Arc<Shared>, job: Job) {
     let started = thread::Builder::new().name("http".into()).spawn(move || {
         let mut next = cell2.lock().take();
         while let Some(job) = next {
-            let Job { stream, slot } = job;
+            let Job {
+                stream,
+                slot,
+                buf,
+                first,
+            } = job;
             let mut slot = Some(slot);
-            Conn::new(stream, shared2.limits).serve(shared2.handler.as_ref(), || drop(slot.take()));
+            Conn::resume(stream, shared2.limits, buf).serve(
+                shared2.handler.as_ref(),
+                || drop(slot.take()),
+                first,
+            );
             drop(slot);
             next = shared2.idle_rx.recv_timeout(THREAD_IDLE).ok();
         }
@@ -186,7 +232,7 @@ fn spawn(shared: &Arc<Shared>, job: Job) {
     if let Err(e) = started {
         log::error!("http: cannot start a connection thread: {e}");
         if let Some(job) = cell.lock().take() {
-            let _ = shared.refuse.try_send(job.stream);
+            let _ = shared.refuse.try_send(Closing::Refused(job.stream));
         }
     }
 }
@@ -198,10 +244,10 @@ fn out_of_resources(e: &std::io::Error) -> bool {
     ) || e.kind() == ErrorKind::OutOfMemory
 }
 
-/// Answers refused connections with 503, several at a time: each gets the answer at once, its
-/// writing side is closed, and it is read (and dropped) until the client closes or a second
-/// passes, so that the close does not reset the connection before the answer is read.
-fn refuse_loop(rx: Receiver<TcpStream>) {
+/// Closes connections, several at a time: a refused one gets its 503 at once; each has its
+/// writing side closed and is read (and dropped) until the client closes or a second passes,
+/// so that the close does not reset the connection before the answer is read.
+fn refuse_loop(rx: Receiver<Closing>) {
     let mut lingering: Vec<(TcpStream, Instant)> = Vec::new();
     let mut scratch = [0u8; 4096];
     let refusal = super::Response::fail(503, "too many open connections (--max_conns)")
@@ -213,10 +259,19 @@ fn refuse_loop(rx: Receiver<TcpStream>) {
             rx.recv_timeout(Duration::from_millis(50))
         };
         match next {
-            Ok(mut s) => {
-                let _ = s.set_nonblocking(true);
-                crate::metrics::answered(503);
-                let _ = s.write(&refusal);
+            Ok(closing) => {
+                let s = match closing {
+                    Closing::Refused(mut s) => {
+                        let _ = s.set_nonblocking(true);
+                        crate::metrics::answered(503);
+                        let _ = s.write(&refusal);
+                        s
+                    }
+                    Closing::Answered(s) => {
+                        let _ = s.set_nonblocking(true);
+                        s
+                    }
+                };
                 let _ = s.shutdown(Shutdown::Write);
                 if lingering.len() < REFUSE_BACKLOG {
                     lingering.push((s, Instant::now() + REFUSE_LINGER));

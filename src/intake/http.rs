@@ -7,7 +7,7 @@ use super::assets;
 use super::browse;
 use super::ws::WebSockets;
 use super::{same_secret, Origin, SubmitError, Submitter};
-use crate::http::{percent_decode, query_param, Handler, Limits, Reply, Request, Response};
+use crate::http::{percent_decode, query_param, Handler, Limits, Quick, Reply, Request, Response};
 use crate::results::{Answers, Found, TaskResult, WAIT_SLACK};
 use crate::status::SysInfo;
 use crate::store::{Cancel, Revive};
@@ -44,6 +44,73 @@ impl Handler for Api {
     fn handle(&self, req: Request) -> Reply {
         self.route(req)
     }
+
+    /// Submits that do not wait are made durable together (one write for all); `/health` is
+    /// answered at once; everything else may wait, and goes to a thread.
+    fn handle_quick(&self, reqs: Vec<Request>) -> Vec<Quick> {
+        let mut out: Vec<Option<Quick>> = Vec::with_capacity(reqs.len());
+        // Where each submit's answer goes, its tasks, and whether they came as an array.
+        let mut submits: Vec<(usize, Vec<Value>, bool)> = Vec::new();
+        for req in reqs {
+            match self.sort(req) {
+                Sorted::Now(r) => out.push(Some(Quick::Answered(r))),
+                Sorted::Slow(r) => out.push(Some(Quick::Slow(r))),
+                Sorted::Submit(values, is_array) => {
+                    submits.push((out.len(), values, is_array));
+                    out.push(None);
+                }
+            }
+        }
+        if !submits.is_empty() {
+            let each: Vec<&[Value]> = submits.iter().map(|(_, v, _)| v.as_slice()).collect();
+            let results = self.submitter.submit_many(&each, Origin::Http, |_| {});
+            for ((at, _, is_array), r) in submits.iter().zip(results) {
+                out[*at] = Some(Quick::Answered(match r {
+                    Ok(acc) => accepted(&acc.ids, *is_array),
+                    Err(e) => refusal(e),
+                }));
+            }
+        }
+        out.into_iter()
+            .map(|q| {
+                q.unwrap_or_else(|| Quick::Answered(Response::fail(500, "submit not answered")))
+            })
+            .collect()
+    }
+}
+
+/// What the loop thread does with one request.
+enum Sorted {
+    /// Answered already.
+    Now(Response),
+    /// It may wait: to a thread.
+    Slow(Request),
+    /// A submit that does not wait: its tasks, and whether they came as an array.
+    Submit(Vec<Value>, bool),
+}
+
+/// The tasks of a submit's body, and whether they came as an array; or the 400 it gets.
+fn submission(body: &[u8]) -> Result<(Vec<Value>, bool), Response> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Array(items)) => Ok((items, true)),
+        Ok(other) => Ok((vec![other], false)),
+        Err(e) => Err(Response::fail(400, format!("body is not valid JSON: {e}"))),
+    }
+}
+
+/// The answer to a refused submit.
+fn refusal(e: SubmitError) -> Response {
+    let code = match e {
+        SubmitError::Invalid { .. } | SubmitError::Empty => 400,
+        SubmitError::Duplicate(_) => 409,
+        SubmitError::Unavailable(_) | SubmitError::ShuttingDown => 503,
+    };
+    Response::fail(code, e)
+}
+
+/// The 401 of a request without the right `--token`.
+fn unauthorized() -> Response {
+    Response::fail(401, "missing or wrong bearer token").with_header("WWW-Authenticate", "Bearer")
 }
 
 fn reply(code: u16, body: &Value) -> Reply {
@@ -57,7 +124,7 @@ fn json_text(body: String) -> Reply {
 
 /// The 200 of a submit that does not wait, `{"id":…,"reason":"","result":"OK"}` (`"ids":[…]`
 /// for an array), written straight into the answer's bytes: no `Value` built and dropped.
-fn accepted(ids: &[String], is_array: bool) -> Reply {
+fn accepted(ids: &[String], is_array: bool) -> Response {
     let mut out = Vec::with_capacity(40 + ids.iter().map(|id| id.len() + 3).sum::<usize>());
     // Strings written into a `Vec` cannot fail.
     let _ = if is_array {
@@ -68,7 +135,7 @@ fn accepted(ids: &[String], is_array: bool) -> Reply {
         serde_json::to_writer(&mut out, &ids.first())
     };
     out.extend_from_slice(b",\"reason\":\"\",\"result\":\"OK\"}");
-    Response::json_bytes(200, out).into()
+    Response::json_bytes(200, out)
 }
 
 fn fail(code: u16, reason: impl std::fmt::Display) -> Reply {
@@ -134,9 +201,7 @@ impl Api {
                 .into();
         }
         if !authorized(self.token.as_deref(), &req) {
-            return Response::fail(401, "missing or wrong bearer token")
-                .with_header("WWW-Authenticate", "Bearer")
-                .into();
+            return unauthorized().into();
         }
         match (req.method.as_str(), path) {
             ("POST", "/task_in_queue") => self.post_task(&req.body),
@@ -196,14 +261,33 @@ impl Api {
         }
     }
 
+    /// Sorts a request for the loop thread (see `handle_quick`).
+    fn sort(&self, req: Request) -> Sorted {
+        let path = req.path();
+        if path == "/health" && matches!(req.method.as_str(), "GET" | "HEAD") {
+            return match self.route(req) {
+                Reply::Answer(r) => Sorted::Now(r),
+                Reply::Upgrade(..) => Sorted::Now(Response::fail(500, "/health upgraded")),
+            };
+        }
+        if path != "/task_in_queue" || req.method != "POST" {
+            return Sorted::Slow(req);
+        }
+        if !authorized(self.token.as_deref(), &req) {
+            return Sorted::Now(unauthorized());
+        }
+        match submission(&req.body) {
+            Err(r) => Sorted::Now(r),
+            // One that asks to wait for results waits on a thread.
+            Ok((values, _)) if values.iter().any(|v| v.get("wait").is_some()) => Sorted::Slow(req),
+            Ok((values, is_array)) => Sorted::Submit(values, is_array),
+        }
+    }
+
     fn post_task(&self, body: &[u8]) -> Reply {
-        let parsed: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) => return fail(400, format!("body is not valid JSON: {e}")),
-        };
-        let (values, is_array) = match parsed {
-            Value::Array(items) => (items, true),
-            other => (vec![other], false),
+        let (values, is_array) = match submission(body) {
+            Ok(s) => s,
+            Err(r) => return r.into(),
         };
         // Registered once the tasks are durable and before any can finish: no result slips by.
         let mut waiting = None;
@@ -215,17 +299,10 @@ impl Api {
         });
         let acc = match result {
             Ok(acc) => acc,
-            Err(e) => {
-                let code = match e {
-                    SubmitError::Invalid { .. } | SubmitError::Empty => 400,
-                    SubmitError::Duplicate(_) => 409,
-                    SubmitError::Unavailable(_) | SubmitError::ShuttingDown => 503,
-                };
-                return fail(code, e);
-            }
+            Err(e) => return refusal(e).into(),
         };
         let Some((rx, wait)) = waiting else {
-            return accepted(&acc.ids, is_array);
+            return accepted(&acc.ids, is_array).into();
         };
         let got: Vec<Option<TaskResult>> = rx
             .recv_timeout(wait + WAIT_SLACK)
@@ -389,9 +466,12 @@ mod tests {
         let one = json!({"result": "OK", "reason": "", "id": ids[0]}).to_string();
         let all = json!({"result": "OK", "reason": "", "ids": ids}).to_string();
         assert_eq!(
-            body(accepted(&ids[..1], false)),
+            body(accepted(&ids[..1], false).into()),
             (200, "application/json", one)
         );
-        assert_eq!(body(accepted(&ids, true)), (200, "application/json", all));
+        assert_eq!(
+            body(accepted(&ids, true).into()),
+            (200, "application/json", all)
+        );
     }
 }

@@ -172,43 +172,106 @@ impl Submitter {
         origin: Origin,
         on_durable: impl FnOnce(&Accepted),
     ) -> Result<Accepted, SubmitError> {
-        let g = &*self.0;
         if !self.accepting() {
             return Err(SubmitError::ShuttingDown);
         }
+        let (tasks, wait) = self.validate(values, origin, now_us())?;
+        self.0.store.insert(&tasks).map_err(refused)?;
+        let accepted = Accepted {
+            ids: tasks.iter().map(|t| t.id.clone()).collect(),
+            wait,
+        };
+        self.0.status.accepted(origin, &tasks);
+        on_durable(&accepted);
+        self.0.release(tasks);
+        Ok(accepted)
+    }
+
+    /// `submit` for several submissions at once, each all or none on its own terms as if
+    /// submitted one after the other, stored in as few durable writes as the store can (the
+    /// HTTP loop thread's requests of one wake-up, a WebSocket frame's tasks). `on_durable`
+    /// gets every accepted id before any task is handed on. One answer per submission, in
+    /// order.
+    pub(crate) fn submit_many(
+        &self,
+        submissions: &[&[Value]],
+        origin: Origin,
+        on_durable: impl FnOnce(&[String]),
+    ) -> Vec<Result<Accepted, SubmitError>> {
+        if !self.accepting() {
+            return submissions
+                .iter()
+                .map(|_| Err(SubmitError::ShuttingDown))
+                .collect();
+        }
+        let now = now_us();
+        let mut answers: Vec<Result<Accepted, SubmitError>> = Vec::with_capacity(submissions.len());
+        let mut valid: Vec<(usize, Vec<Task>)> = Vec::with_capacity(submissions.len());
+        for values in submissions {
+            match self.validate(values, origin, now) {
+                Ok((tasks, wait)) => {
+                    valid.push((answers.len(), tasks));
+                    answers.push(Ok(Accepted {
+                        ids: Vec::new(),
+                        wait,
+                    }));
+                }
+                Err(e) => answers.push(Err(e)),
+            }
+        }
+        let batches: Vec<&[Task]> = valid.iter().map(|(_, t)| t.as_slice()).collect();
+        let stored = self.0.store.insert_many(&batches);
+        let mut durable: Vec<Task> = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
+        for ((at, tasks), r) in valid.into_iter().zip(stored) {
+            match r {
+                Ok(()) => {
+                    let mine: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+                    ids.extend_from_slice(&mine);
+                    if let Ok(acc) = &mut answers[at] {
+                        acc.ids = mine;
+                    }
+                    self.0.status.accepted(origin, &tasks);
+                    durable.extend(tasks);
+                }
+                Err(e) => answers[at] = Err(refused(e)),
+            }
+        }
+        if !durable.is_empty() {
+            on_durable(&ids);
+            self.0.release(durable);
+        }
+        answers
+    }
+
+    /// Parses and checks every value as a task from `origin` (all or nothing); gives the tasks
+    /// and the longest `wait` asked for.
+    fn validate(
+        &self,
+        values: &[Value],
+        origin: Origin,
+        now: u64,
+    ) -> Result<(Vec<Task>, u64), SubmitError> {
         if values.is_empty() {
             return Err(SubmitError::Empty);
         }
-        let now = now_us();
         let array = values.len() > 1;
         let mut tasks: Vec<Task> = Vec::with_capacity(values.len());
         let mut wait = 0;
         for (i, v) in values.iter().enumerate() {
-            let s = parse_task(v, &g.limits, origin == Origin::Cron, now).map_err(|error| {
-                SubmitError::Invalid {
-                    index: array.then_some(i),
-                    error,
-                }
-            })?;
+            let s =
+                parse_task(v, &self.0.limits, origin == Origin::Cron, now).map_err(|error| {
+                    SubmitError::Invalid {
+                        index: array.then_some(i),
+                        error,
+                    }
+                })?;
             wait = wait.max(s.wait);
             let mut task = s.task;
             task.kafka = origin == Origin::Kafka;
             tasks.push(task);
         }
-        g.store.insert(&tasks).map_err(|e| match e {
-            StoreError::Duplicate(id) => SubmitError::Duplicate(id),
-            StoreError::Unavailable(why) | StoreError::Corrupt(why) => {
-                SubmitError::Unavailable(why)
-            }
-        })?;
-        let accepted = Accepted {
-            ids: tasks.iter().map(|t| t.id.clone()).collect(),
-            wait,
-        };
-        g.status.accepted(origin, &tasks);
-        on_durable(&accepted);
-        g.release(tasks);
-        Ok(accepted)
+        Ok((tasks, wait))
     }
 
     /// Submits each task on its own terms, in one durable write: every valid task whose id is
@@ -221,67 +284,11 @@ impl Submitter {
         origin: Origin,
         on_durable: impl FnOnce(&[String]),
     ) -> Vec<Result<String, SubmitError>> {
-        let g = &*self.0;
-        if !self.accepting() {
-            return values
-                .iter()
-                .map(|_| Err(SubmitError::ShuttingDown))
-                .collect();
-        }
-        let now = now_us();
-        let mut answers: Vec<Result<String, SubmitError>> = Vec::with_capacity(values.len());
-        // The valid tasks and where their answers go.
-        let mut batch: Vec<(usize, Task)> = Vec::with_capacity(values.len());
-        for (i, v) in values.iter().enumerate() {
-            match parse_task(v, &g.limits, origin == Origin::Cron, now) {
-                Ok(s) => {
-                    let mut task = s.task;
-                    task.kafka = origin == Origin::Kafka;
-                    answers.push(Ok(task.id.clone()));
-                    batch.push((i, task));
-                }
-                Err(error) => answers.push(Err(SubmitError::Invalid { index: None, error })),
-            }
-        }
-        let mut tasks: Vec<Task> = Vec::with_capacity(batch.len());
-        let mut slots: Vec<usize> = Vec::with_capacity(batch.len());
-        for (i, t) in batch {
-            slots.push(i);
-            tasks.push(t);
-        }
-        // A duplicate refuses the whole write: set aside the last task with that id (the
-        // repeat, when a frame names an id twice) and write the rest again.
-        while !tasks.is_empty() {
-            match g.store.insert(&tasks) {
-                Ok(()) => break,
-                Err(StoreError::Duplicate(id)) => {
-                    let Some(k) = tasks.iter().rposition(|t| t.id == id) else {
-                        // Not one of ours: accept nothing rather than guess.
-                        for k in slots.drain(..) {
-                            answers[k] = Err(SubmitError::Duplicate(id.clone()));
-                        }
-                        tasks.clear();
-                        break;
-                    };
-                    tasks.remove(k);
-                    answers[slots.remove(k)] = Err(SubmitError::Duplicate(id));
-                }
-                Err(StoreError::Unavailable(why) | StoreError::Corrupt(why)) => {
-                    for k in slots.drain(..) {
-                        answers[k] = Err(SubmitError::Unavailable(why.clone()));
-                    }
-                    tasks.clear();
-                }
-            }
-        }
-        if tasks.is_empty() {
-            return answers;
-        }
-        g.status.accepted(origin, &tasks);
-        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-        on_durable(&ids);
-        g.release(tasks);
-        answers
+        let each: Vec<&[Value]> = values.iter().map(std::slice::from_ref).collect();
+        self.submit_many(&each, origin, on_durable)
+            .into_iter()
+            .map(|r| r.map(|acc| acc.ids.into_iter().next().unwrap_or_default()))
+            .collect()
     }
 
     /// Cancels a task that has not started: out of the store (its `cancelled` result in),
@@ -398,6 +405,14 @@ impl Submitter {
         }
         self.0.pool.set_paused(paused);
         Ok(())
+    }
+}
+
+/// Why the store refused a submission, as the submitter says it.
+fn refused(e: StoreError) -> SubmitError {
+    match e {
+        StoreError::Duplicate(id) => SubmitError::Duplicate(id),
+        StoreError::Unavailable(why) | StoreError::Corrupt(why) => SubmitError::Unavailable(why),
     }
 }
 

@@ -1404,6 +1404,8 @@ mod tests {
         crate::store::contract::browse(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
         crate::store::contract::cc_claims(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::store::contract::insert_many(&open(dir.path(), CHECKPOINT_EVERY).expect("open"));
     }
 
     #[test]

@@ -263,20 +263,13 @@ impl<B: Backend> LocalStore<B> {
     }
 }
 
-impl<B: Backend> Store for LocalStore<B> {
-    fn name(&self) -> &'static str {
-        self.backend.name()
-    }
-
-    fn close(&self) {
-        self.backend.close();
-    }
-
-    fn healthy(&self) -> bool {
-        self.backend.healthy()
-    }
-
-    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
+impl<B: Backend> LocalStore<B> {
+    /// Checks and reserves the ids of `tasks` and starts their write; the closure waits for it
+    /// to be durable and then settles the live index (or lets the reservations go).
+    fn start_insert<'a>(
+        &'a self,
+        tasks: &'a [Task],
+    ) -> Result<impl FnOnce() -> Result<(), StoreError> + 'a, StoreError> {
         for t in tasks.iter().filter(|t| t.trusted) {
             if self.backend.result(&t.id)?.is_some() {
                 return Err(StoreError::Duplicate(t.id.clone()));
@@ -300,7 +293,8 @@ impl<B: Backend> Store for LocalStore<B> {
                 }
             }
         }
-        match self.backend.write(ops) {
+        let written = self.backend.write_start(ops);
+        Ok(move || match written() {
             Ok(()) => {
                 self.live.commit(&ids);
                 Ok(())
@@ -309,7 +303,35 @@ impl<B: Backend> Store for LocalStore<B> {
                 self.live.release(&ids);
                 Err(e)
             }
-        }
+        })
+    }
+}
+
+impl<B: Backend> Store for LocalStore<B> {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    fn close(&self) {
+        self.backend.close();
+    }
+
+    fn healthy(&self) -> bool {
+        self.backend.healthy()
+    }
+
+    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
+        self.start_insert(tasks)?()
+    }
+
+    /// Every batch's write is queued before the first is waited for: the first wait commits
+    /// them all in one durable write (the embedded store's group commit).
+    fn insert_many(&self, batches: &[&[Task]]) -> Vec<Result<(), StoreError>> {
+        let started: Vec<_> = batches.iter().map(|b| self.start_insert(b)).collect();
+        started
+            .into_iter()
+            .map(|s| s.and_then(|finish| finish()))
+            .collect()
     }
 
     fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>> {

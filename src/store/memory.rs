@@ -299,5 +299,6 @@ pub(crate) mod tests {
         super::super::contract::summary_counts(&super::open());
         super::super::contract::browse(&super::open());
         super::super::contract::cc_claims(&super::open());
+        super::super::contract::insert_many(&super::open());
     }
 }

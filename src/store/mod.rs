@@ -182,6 +182,14 @@ pub(crate) trait Store: Send + Sync {
     /// are one step there).
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError>;
 
+    /// `insert` for several submissions at once, each all or none on its own terms, in as few
+    /// durable writes as the store can: the HTTP loop thread submits every request one wake-up
+    /// read this way. One answer per batch, in order; a batch repeating an id of an earlier one
+    /// is the duplicate, as if they had come one after the other. By default one `insert` each.
+    fn insert_many(&self, batches: &[&[Task]]) -> Vec<Result<(), StoreError>> {
+        batches.iter().map(|b| self.insert(b)).collect()
+    }
+
     /// Moves a waiting task (delayed or retry-waiting) due at `due_us` to ready and returns it,
     /// or `None` when it is no longer waiting (cancelled, or claimed elsewhere) or waits for
     /// another time: `take_due_many` for one id. The server always asks for several (the
@@ -720,6 +728,38 @@ pub(crate) mod contract {
         assert_eq!(store.status("w1").expect("status"), None);
         assert_eq!(store.result("w1").expect("result"), Some(result("w1")));
     }
+    /// Several submissions in one `insert_many`, each all or none on its own: a batch that
+    /// repeats an id of a stored task, of an earlier batch or of itself is refused alone, and
+    /// the ids of a refused batch are free for a later one.
+    pub(crate) fn insert_many(store: &dyn Store) {
+        store
+            .insert(&[task("m-old", State::Ready, 0)])
+            .expect("insert");
+        let batches: [&[Task]; 6] = [
+            &[task("m1", State::Ready, 0), task("m2", State::Delayed, 9)],
+            &[task("m3", State::Ready, 0), task("m-old", State::Ready, 0)],
+            &[task("m4", State::Ready, 0)],
+            &[task("m5", State::Ready, 0), task("m1", State::Ready, 0)],
+            &[task("m6", State::Ready, 0), task("m6", State::Ready, 0)],
+            &[task("m3", State::Ready, 0)],
+        ];
+        let dup = |id: &str| Err(StoreError::Duplicate(id.to_string()));
+        assert_eq!(
+            store.insert_many(&batches),
+            vec![Ok(()), dup("m-old"), Ok(()), dup("m1"), dup("m6"), Ok(())]
+        );
+        for (id, want) in [
+            ("m1", Some(State::Ready)),
+            ("m2", Some(State::Delayed)),
+            ("m3", Some(State::Ready)),
+            ("m4", Some(State::Ready)),
+            ("m5", None),
+            ("m6", None),
+        ] {
+            assert_eq!(store.status(id).expect("status"), want, "{id}");
+        }
+    }
+
     /// One node's claims of tasks sharing a cc worker, one after the other on that worker (as
     /// its workers make them: each attempt released when it ends): each wins once, and a task
     /// without cc is claimed as by `claim`.

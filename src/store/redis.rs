@@ -867,6 +867,31 @@ fn ready_task(data: &str) -> Result<Task, StoreError> {
     Ok(t)
 }
 
+/// What `INSERT` needs of each task of one submission.
+fn group(tasks: &[Task]) -> Result<Group, StoreError> {
+    tasks
+        .iter()
+        .map(|t| {
+            Ok((
+                t.id.clone(),
+                state_name(t.state),
+                t.due_us,
+                encode(t)?,
+                t.trusted,
+            ))
+        })
+        .collect()
+}
+
+/// `INSERT`'s answer for one submission: "" when inserted, else the id already taken.
+fn duplicate(id: String) -> Result<(), StoreError> {
+    if id.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Duplicate(id))
+    }
+}
+
 /// A stored JSON record (task or result); unreadable is `Corrupt`.
 fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
     serde_json::from_slice(s.as_bytes()).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -882,23 +907,53 @@ impl Store for RedisStore {
     }
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
-        let mut items = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            items.push((
-                t.id.clone(),
-                state_name(t.state),
-                t.due_us,
-                encode(t)?,
-                t.trusted,
-            ));
-        }
+        let items = group(tasks)?;
         let t0 = std::time::Instant::now();
         let dup = self.inserts.ask(items, |groups| self.run_inserts(groups));
         crate::metrics::STORE_COMMIT.since(t0);
-        match dup? {
-            id if id.is_empty() => Ok(()),
-            id => Err(StoreError::Duplicate(id)),
+        duplicate(dup?)
+    }
+
+    /// The batches go in `INSERT` calls of their own, at most `MAX_GROUPS` each, without
+    /// waiting for the other threads' inserts: they are already many.
+    fn insert_many(&self, batches: &[&[Task]]) -> Vec<Result<(), StoreError>> {
+        let mut answers: Vec<Result<(), StoreError>> = Vec::with_capacity(batches.len());
+        let mut groups: Vec<Group> = Vec::with_capacity(batches.len());
+        // Where each group's answer goes.
+        let mut places: Vec<usize> = Vec::with_capacity(batches.len());
+        for b in batches {
+            match group(b) {
+                Ok(g) => {
+                    places.push(answers.len());
+                    groups.push(g);
+                    answers.push(Ok(()));
+                }
+                Err(e) => answers.push(Err(e)),
+            }
         }
+        let t0 = std::time::Instant::now();
+        for (chunk, places) in groups.chunks(MAX_GROUPS).zip(places.chunks(MAX_GROUPS)) {
+            let refs: Vec<&Group> = chunk.iter().collect();
+            let called = self.run_inserts(&refs).and_then(|dups| {
+                if dups.len() == refs.len() {
+                    Ok(dups)
+                } else {
+                    Err(StoreError::Unavailable(format!(
+                        "INSERT answered {} results for {} submissions",
+                        dups.len(),
+                        refs.len()
+                    )))
+                }
+            });
+            for (k, &at) in places.iter().enumerate() {
+                answers[at] = match &called {
+                    Ok(dups) => duplicate(dups[k].clone()),
+                    Err(e) => Err(e.clone()),
+                };
+            }
+        }
+        crate::metrics::STORE_COMMIT.since(t0);
+        answers
     }
 
     fn take_due_many(&self, due: &[Due], again: bool) -> Vec<Result<Option<Task>, StoreError>> {
@@ -1406,6 +1461,8 @@ mod tests {
         contract::browse(&store(&s));
         let s = redis_server();
         contract::cc_claims(&store(&s));
+        let s = redis_server();
+        contract::insert_many(&store(&s));
     }
 
     #[test]

@@ -1,0 +1,547 @@
+//! The loop thread: every connection that is not on a thread of its own waits here, in one
+//! epoll set. Each wake-up reads what arrived, takes at most one whole request per connection,
+//! has the handler answer the quick ones together ([`Handler::handle_quick`]: their submits
+//! are made durable in one write), and writes the answers without blocking. A request that may
+//! wait, or one the loop does not read itself (chunked, `Expect`, malformed, late), goes with
+//! its connection and its unread bytes to a thread ([`super::conn`]), which serves that
+//! connection from then on.
+
+use super::conn::{framing, parse_head, Framing, RequestError};
+use super::message::{Request, Response};
+use super::server::Job;
+use super::{Handler, Limits, Quick, HEAD_DEADLINE, MAX_HEADER_BYTES, MAX_REQUEST_LINE};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often deadlines are checked, at least.
+const TICK: Duration = Duration::from_millis(250);
+/// Most events taken per wake-up.
+const EVENTS: usize = 256;
+/// Bytes asked of a socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What the loop is interested in for a connection.
+const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+const WRITE: u32 = libc::EPOLLOUT as u32;
+
+/// Where a connection goes when it leaves the loop for a thread of its own.
+pub(super) type Hand = Box<dyn Fn(Job) + Send>;
+/// Where a connection goes to be closed after its last answer (read and dropped for a while,
+/// so that the close does not reset it before the client has read the answer).
+pub(super) type Linger = Box<dyn Fn(TcpStream) + Send>;
+
+/// The accept thread's side: hands new connections to the loop.
+pub(super) struct Inbox {
+    ep: Arc<OwnedFd>,
+    arrivals: Arc<Mutex<Arrivals>>,
+}
+
+struct Arrivals {
+    jobs: Vec<Job>,
+    /// The loop has ended: connections go to threads.
+    closed: bool,
+}
+
+impl Inbox {
+    /// Gives `job` to the loop; gives it back when the loop cannot take it.
+    pub(super) fn add(&self, job: Job) -> Option<Job> {
+        let mut a = self.arrivals.lock();
+        if a.closed || job.stream.set_nonblocking(true).is_err() {
+            return Some(job);
+        }
+        let fd = job.stream.as_raw_fd();
+        if ctl(&self.ep, libc::EPOLL_CTL_ADD, fd, READ).is_err() {
+            let _ = job.stream.set_nonblocking(false);
+            return Some(job);
+        }
+        a.jobs.push(job);
+        None
+    }
+}
+
+/// Starts the loop thread; `hand` takes the connections that leave it for a thread, `linger`
+/// those closed after their last answer. The loop ends once `stop` is set and no connection
+/// is left in it.
+pub(super) fn start(
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    stop: Arc<AtomicBool>,
+    hand: Hand,
+    linger: Linger,
+) -> std::io::Result<Inbox> {
+    // SAFETY: epoll_create1 with a valid flag; the descriptor is owned from here on.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let ep = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    let arrivals = Arc::new(Mutex::new(Arrivals {
+        jobs: Vec::new(),
+        closed: false,
+    }));
+    let mut lp = Loop {
+        ep: ep.clone(),
+        arrivals: arrivals.clone(),
+        conns: HashMap::new(),
+        handler,
+        limits,
+        stop,
+        hand,
+        linger,
+        scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+    };
+    std::thread::Builder::new()
+        .name("http-loop".into())
+        .spawn(move || lp.run())?;
+    Ok(Inbox { ep, arrivals })
+}
+
+fn ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
+    // SAFETY: epoll_ctl on the loop's epoll descriptor with a valid event structure.
+    let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// One connection in the loop.
+struct Entry {
+    job: Job,
+    /// Where the unused bytes of `job.buf` begin.
+    pos: usize,
+    /// Answer bytes not written yet, from `out_pos`.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// When the head now arriving began (its first byte here).
+    head_since: Option<Instant>,
+    /// When the head of the request whose body is arriving was complete.
+    body_since: Option<Instant>,
+    /// When bytes last came in or went out.
+    active: Instant,
+    /// Close once the answer is written.
+    close_after: bool,
+    /// The client will send nothing more.
+    eof: bool,
+    /// What the epoll set watches for it now.
+    interest: u32,
+}
+
+impl Entry {
+    fn buffered(&self) -> usize {
+        self.job.buf.len() - self.pos
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos >= self.job.buf.len() {
+            self.job.buf.clear();
+            self.pos = 0;
+        }
+    }
+}
+
+/// What the buffered bytes of a connection hold.
+enum Parsed {
+    /// Not a whole request yet.
+    Partial,
+    Whole(Request),
+    /// A request the loop does not read itself: its thread will, from the same bytes.
+    Unusual,
+    Fail(RequestError),
+}
+
+/// How an answer is written, from its request.
+#[derive(Clone, Copy)]
+struct Manner {
+    head_only: bool,
+    keep: bool,
+    v10: bool,
+}
+
+struct Loop {
+    ep: Arc<OwnedFd>,
+    arrivals: Arc<Mutex<Arrivals>>,
+    conns: HashMap<RawFd, Entry>,
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    stop: Arc<AtomicBool>,
+    hand: Hand,
+    linger: Linger,
+    scratch: Box<[u8]>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        // Connections that answered a request and hold more bytes: looked at again at once.
+        let mut again: Vec<RawFd> = Vec::new();
+        let mut touched: Vec<RawFd> = Vec::new();
+        let mut last_tick = Instant::now();
+        loop {
+            let timeout = if again.is_empty() {
+                TICK.as_millis() as libc::c_int
+            } else {
+                0
+            };
+            // SAFETY: `events` holds EVENTS entries for the kernel to fill.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.ep.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    EVENTS as libc::c_int,
+                    timeout,
+                )
+            };
+            self.take_arrivals();
+            let now = Instant::now();
+            touched.clear();
+            touched.append(&mut again);
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    log::error!("http: epoll_wait: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            for ev in events.iter().take(n.max(0) as usize) {
+                let (flags, fd) = (ev.events, ev.u64 as RawFd);
+                if !self.conns.contains_key(&fd) {
+                    continue;
+                }
+                if flags & WRITE != 0 {
+                    self.flush(fd, now);
+                }
+                if flags & !WRITE != 0 {
+                    self.read_in(fd, now);
+                }
+                touched.push(fd);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            self.serve_round(&touched, &mut again, now);
+            if now.duration_since(last_tick) >= TICK {
+                last_tick = now;
+                self.expire(now);
+                if self.stop.load(Ordering::Acquire) && self.conns.is_empty() && self.end() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends the loop unless a connection has just arrived: later ones go to threads.
+    fn end(&self) -> bool {
+        let mut a = self.arrivals.lock();
+        if a.jobs.is_empty() {
+            a.closed = true;
+        }
+        a.closed
+    }
+
+    fn take_arrivals(&mut self) {
+        let jobs = std::mem::take(&mut self.arrivals.lock().jobs);
+        let now = Instant::now();
+        for job in jobs {
+            let fd = job.stream.as_raw_fd();
+            self.conns.insert(
+                fd,
+                Entry {
+                    job,
+                    pos: 0,
+                    out: Vec::new(),
+                    out_pos: 0,
+                    head_since: None,
+                    body_since: None,
+                    active: now,
+                    close_after: false,
+                    eof: false,
+                    interest: READ,
+                },
+            );
+        }
+    }
+
+    /// One request from each connection in `touched`, the quick ones answered together.
+    fn serve_round(&mut self, touched: &[RawFd], again: &mut Vec<RawFd>, now: Instant) {
+        let mut fds: Vec<(RawFd, Manner)> = Vec::new();
+        let mut reqs: Vec<Request> = Vec::new();
+        for &fd in touched {
+            let Some(e) = self.conns.get_mut(&fd) else {
+                continue;
+            };
+            if e.out_pos < e.out.len() {
+                continue;
+            }
+            if e.buffered() == 0 {
+                if e.eof {
+                    self.close(fd);
+                } else {
+                    self.watch(fd);
+                }
+                continue;
+            }
+            match parse(e, &self.limits, now) {
+                Parsed::Partial => {
+                    if e.eof {
+                        self.close(fd);
+                    } else {
+                        self.watch(fd);
+                    }
+                }
+                Parsed::Whole(req) => {
+                    let keep = req.keep_alive();
+                    fds.push((
+                        fd,
+                        Manner {
+                            head_only: req.method == "HEAD",
+                            keep,
+                            v10: req.version == 0,
+                        },
+                    ));
+                    reqs.push(req);
+                }
+                Parsed::Unusual => self.hand_off(fd, None),
+                Parsed::Fail(e) => self.hand_off(fd, Some(Err(e))),
+            }
+        }
+        if reqs.is_empty() {
+            return;
+        }
+        let answers = self.handler.handle_quick(reqs);
+        if answers.len() != fds.len() {
+            log::error!(
+                "http: {} answers for {} requests; their connections are closed",
+                answers.len(),
+                fds.len()
+            );
+            for (fd, _) in fds {
+                self.close(fd);
+            }
+            return;
+        }
+        for ((fd, manner), quick) in fds.into_iter().zip(answers) {
+            match quick {
+                Quick::Answered(resp) => {
+                    self.answer(fd, manner, &resp, now);
+                    if let Some(e) = self.conns.get(&fd) {
+                        if e.out_pos == e.out.len() && e.buffered() > 0 {
+                            again.push(fd);
+                        }
+                    }
+                }
+                Quick::Slow(req) => self.hand_off(fd, Some(Ok(req))),
+            }
+        }
+    }
+
+    /// Reads what the socket holds (up to a whole request's worth beyond what is buffered).
+    fn read_in(&mut self, fd: RawFd, now: Instant) {
+        let cap = self.cap();
+        let Some(e) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        let mut broken = false;
+        while !e.eof && e.buffered() < cap {
+            match e.job.stream.read(&mut self.scratch) {
+                Ok(0) => e.eof = true,
+                Ok(n) => {
+                    if e.pos > 0 && e.pos >= e.job.buf.len() / 2 {
+                        e.job.buf.drain(..e.pos);
+                        e.pos = 0;
+                    }
+                    if e.buffered() == 0 && e.head_since.is_none() {
+                        e.head_since = Some(now);
+                    }
+                    e.job
+                        .buf
+                        .extend_from_slice(self.scratch.get(..n).unwrap_or_default());
+                    e.active = now;
+                    if n < self.scratch.len() {
+                        break;
+                    }
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        if broken {
+            self.close(fd);
+        }
+    }
+
+    /// Most bytes buffered for a connection: its next request, whole, fits.
+    fn cap(&self) -> usize {
+        self.limits.max_body + MAX_REQUEST_LINE + MAX_HEADER_BYTES + 1024
+    }
+
+    /// Queues the answer and writes what the socket takes.
+    fn answer(&mut self, fd: RawFd, m: Manner, resp: &Response, now: Instant) {
+        let Some(e) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        crate::metrics::answered(resp.code);
+        let close = !m.keep || resp.close;
+        let bytes = resp.encode(m.head_only, close, m.v10 && !close);
+        if e.out_pos == e.out.len() {
+            e.out = bytes;
+            e.out_pos = 0;
+        } else {
+            e.out.extend_from_slice(&bytes);
+        }
+        e.close_after |= close;
+        e.active = now;
+        self.flush(fd, now);
+    }
+
+    /// Writes pending answer bytes; once all are written, closes the connection if its last
+    /// answer said so, or watches it for the next request.
+    fn flush(&mut self, fd: RawFd, now: Instant) {
+        let Some(e) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        while e.out_pos < e.out.len() {
+            match e.job.stream.write(&e.out[e.out_pos..]) {
+                Ok(0) => return self.close(fd),
+                Ok(n) => {
+                    e.out_pos += n;
+                    e.active = now;
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.close(fd),
+            }
+        }
+        if e.out_pos == e.out.len() {
+            e.out.clear();
+            e.out_pos = 0;
+            if e.close_after {
+                if let Some(e) = self.remove(fd) {
+                    (self.linger)(e.job.stream);
+                }
+                return;
+            }
+        }
+        self.watch(fd);
+    }
+
+    /// Sets what the epoll set watches for `fd` from its state: writing while an answer is
+    /// pending, reading while a request may come and there is room for it.
+    fn watch(&mut self, fd: RawFd) {
+        let cap = self.cap();
+        let Some(e) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        let want = if e.out_pos < e.out.len() {
+            WRITE
+        } else if e.eof || e.buffered() >= cap {
+            0
+        } else {
+            READ
+        };
+        if want != e.interest {
+            if ctl(&self.ep, libc::EPOLL_CTL_MOD, fd, want).is_err() {
+                return self.close(fd);
+            }
+            e.interest = want;
+        }
+    }
+
+    /// Out of the loop and of the epoll set.
+    fn remove(&mut self, fd: RawFd) -> Option<Entry> {
+        let e = self.conns.remove(&fd)?;
+        let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, fd, 0);
+        Some(e)
+    }
+
+    fn close(&mut self, fd: RawFd) {
+        drop(self.remove(fd));
+    }
+
+    /// Gives the connection, its unread bytes and what to do first to a thread of its own.
+    fn hand_off(&mut self, fd: RawFd, first: Option<Result<Request, RequestError>>) {
+        let Some(mut e) = self.remove(fd) else {
+            return;
+        };
+        let rest = e.job.buf.split_off(e.pos);
+        e.job.buf = rest;
+        e.job.first = first;
+        (self.hand)(e.job);
+    }
+
+    /// Closes connections idle too long, and hands those late with a request to a thread
+    /// that answers 408.
+    fn expire(&mut self, now: Instant) {
+        let idle = self.limits.idle;
+        let mut late: Vec<(RawFd, Option<RequestError>)> = Vec::new();
+        for (&fd, e) in &self.conns {
+            if e.out_pos < e.out.len() || e.buffered() == 0 {
+                if now.duration_since(e.active) >= idle {
+                    late.push((fd, None));
+                }
+            } else if let Some(t) = e.body_since {
+                if now.duration_since(t) >= idle {
+                    late.push((fd, Some(RequestError::BodyTimeout)));
+                }
+            } else if let Some(t) = e.head_since {
+                if now.duration_since(t) >= HEAD_DEADLINE {
+                    late.push((fd, Some(RequestError::HeadTimeout)));
+                }
+            }
+        }
+        for (fd, why) in late {
+            match why {
+                None => self.close(fd),
+                Some(e) => self.hand_off(fd, Some(Err(e))),
+            }
+        }
+    }
+}
+
+/// Takes the next request off the connection's buffer if it is whole and plain: a body
+/// delimited by `Content-Length` (or none), no `Expect`.
+fn parse(e: &mut Entry, limits: &Limits, now: Instant) -> Parsed {
+    let data = &e.job.buf[e.pos..];
+    let (mut req, used) = match parse_head(data) {
+        Err(err) => return Parsed::Fail(err),
+        Ok(None) => return Parsed::Partial,
+        Ok(Some(head)) => head,
+    };
+    let len = match framing(&req) {
+        Err(err) => return Parsed::Fail(err),
+        Ok(Some(Framing::Chunked)) => return Parsed::Unusual,
+        Ok(_) if req.header("expect").is_some() => return Parsed::Unusual,
+        Ok(None) => 0,
+        Ok(Some(Framing::Length(n))) if n > limits.max_body => {
+            return Parsed::Fail(RequestError::TooLarge(limits.max_body))
+        }
+        Ok(Some(Framing::Length(n))) => n,
+    };
+    if data.len() - used < len {
+        e.body_since.get_or_insert(now);
+        return Parsed::Partial;
+    }
+    if len > 0 {
+        req.body = data[used..used + len].to_vec();
+    }
+    e.consume(used + len);
+    e.body_since = None;
+    e.head_since = (e.buffered() > 0).then_some(now);
+    Parsed::Whole(req)
+}
