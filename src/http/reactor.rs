@@ -545,3 +545,196 @@ fn parse(e: &mut Entry, limits: &Limits, now: Instant) -> Parsed {
     e.head_since = (e.buffered() > 0).then_some(now);
     Parsed::Whole(req)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{listen, Reply};
+    use super::*;
+    use crossbeam_channel::{bounded, Receiver, Sender};
+    use std::net::SocketAddr;
+
+    /// Answers `/slow` on a thread once the test lets it go, everything else on the loop
+    /// thread with its path and body; notes the size of every batch the loop hands it, and can
+    /// hold the first batch until the test lets it go.
+    struct Echo {
+        batches: Mutex<Vec<usize>>,
+        hold_first: Mutex<Option<Receiver<()>>>,
+        slow_gate: Receiver<()>,
+    }
+
+    fn echo(r: &Request) -> Response {
+        Response::text(
+            200,
+            format!("{} {}", r.path(), String::from_utf8_lossy(&r.body)),
+        )
+    }
+
+    impl Handler for Echo {
+        fn handle(&self, req: Request) -> Reply {
+            if req.path() == "/slow" {
+                let _ = self.slow_gate.recv_timeout(Duration::from_secs(10));
+            }
+            echo(&req).into()
+        }
+
+        fn handle_quick(&self, reqs: Vec<Request>) -> Vec<Quick> {
+            self.batches.lock().push(reqs.len());
+            if let Some(hold) = self.hold_first.lock().take() {
+                let _ = hold.recv_timeout(Duration::from_secs(10));
+            }
+            reqs.into_iter()
+                .map(|r| {
+                    if r.path() == "/slow" {
+                        Quick::Slow(r)
+                    } else {
+                        Quick::Answered(echo(&r))
+                    }
+                })
+                .collect()
+        }
+    }
+
+    struct Served {
+        addr: SocketAddr,
+        handler: Arc<Echo>,
+        hold: Sender<()>,
+        slow: Sender<()>,
+    }
+
+    fn served(hold_first: bool) -> Served {
+        let (hold, hold_rx) = bounded(1);
+        let (slow, slow_rx) = bounded(8);
+        let handler = Arc::new(Echo {
+            batches: Mutex::new(Vec::new()),
+            hold_first: Mutex::new(hold_first.then_some(hold_rx)),
+            slow_gate: slow_rx,
+        });
+        let l = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let limits = Limits {
+            max_body: 1024,
+            idle: Duration::from_secs(5),
+            max_conns: 64,
+        };
+        l.serve(limits, handler.clone()).expect("serve");
+        let addr = l.local_addr().expect("addr");
+        // The listener lives as long as the test process: its accept thread holds it.
+        std::mem::forget(l);
+        Served {
+            addr,
+            handler,
+            hold,
+            slow,
+        }
+    }
+
+    fn post(path: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    }
+
+    /// Reads `n` answers and gives their bodies.
+    fn answers(s: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut bodies = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while bodies.len() < n {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                if buf.len() >= end + 4 + len {
+                    bodies.push(String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into());
+                    buf.drain(..end + 4 + len);
+                    continue;
+                }
+            }
+            let k = s.read(&mut chunk).expect("read an answer");
+            assert!(k > 0, "closed after {} answers: {bodies:?}", bodies.len());
+            buf.extend_from_slice(&chunk[..k]);
+        }
+        bodies
+    }
+
+    #[test]
+    fn requests_of_several_connections_are_handed_over_together_one_per_connection() {
+        let s = served(true);
+        let mut conns: Vec<TcpStream> = (0..4).map(|_| connect(s.addr)).collect();
+        // The first request holds the loop in the handler while the others arrive.
+        conns[0]
+            .write_all(post("/a", "c0-0").as_bytes())
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, c) in conns.iter_mut().enumerate().skip(1) {
+            let pipelined: String = (0..3).map(|j| post("/a", &format!("c{i}-{j}"))).collect();
+            c.write_all(pipelined.as_bytes()).expect("write");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        s.hold.send(()).expect("let the first batch go");
+        assert_eq!(answers(&mut conns[0], 1), vec!["/a c0-0"]);
+        for (i, c) in conns.iter_mut().enumerate().skip(1) {
+            let want: Vec<String> = (0..3).map(|j| format!("/a c{i}-{j}")).collect();
+            assert_eq!(answers(c, 3), want, "in order on connection {i}");
+        }
+        let batches = s.handler.batches.lock().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 10, "{batches:?}");
+        assert_eq!(batches[0], 1, "{batches:?}");
+        assert_eq!(
+            batches[1], 3,
+            "the three waiting connections at once: {batches:?}"
+        );
+        assert!(
+            batches.iter().all(|&n| n <= 3),
+            "one request per connection per batch: {batches:?}"
+        );
+    }
+
+    #[test]
+    fn a_slow_request_takes_its_connection_to_a_thread_and_stalls_no_one() {
+        let s = served(false);
+        let (mut a, mut b) = (connect(s.addr), connect(s.addr));
+        let slow_then_quick = post("/slow", "1") + &post("/a", "after");
+        a.write_all(slow_then_quick.as_bytes()).expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+        b.write_all(post("/a", "b").as_bytes()).expect("write");
+        assert_eq!(
+            answers(&mut b, 1),
+            vec!["/a b"],
+            "answered while /slow waits"
+        );
+        s.slow.send(()).expect("let /slow go");
+        assert_eq!(answers(&mut a, 2), vec!["/slow 1", "/a after"]);
+        b.write_all(post("/a", "again").as_bytes()).expect("write");
+        assert_eq!(answers(&mut b, 1), vec!["/a again"]);
+    }
+
+    #[test]
+    fn a_request_in_pieces_is_answered_once_whole_and_a_half_closed_client_gets_its_answer() {
+        let s = served(false);
+        let mut c = connect(s.addr);
+        let whole = post("/a", "0123456789");
+        for piece in [&whole[..7], &whole[7..30], &whole[30..whole.len() - 4]] {
+            c.write_all(piece.as_bytes()).expect("write");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        c.write_all(whole[whole.len() - 4..].as_bytes())
+            .expect("write");
+        c.write_all(post("/a", "last").as_bytes()).expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("half close");
+        assert_eq!(answers(&mut c, 2), vec!["/a 0123456789", "/a last"]);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("read to the close");
+        assert!(rest.is_empty(), "nothing after the answers");
+    }
+}

@@ -1,7 +1,9 @@
 //! The HTTP adapter: routes requests, calls `submit` or reads results, and answers in JSON.
-//! It runs on the connection's own thread (see [`crate::http`]): a request that waits for a
-//! result (`wait` submits, long polls) registers with the results registry and blocks its own
-//! connection only; the thread that finishes the task just hands the result over.
+//! Submits that do not wait are answered on the transport's loop thread, all of one wake-up in
+//! one durable write (`handle_quick`); every other request runs on its connection's own thread
+//! (see [`crate::http`]): a request that waits for a result (`wait` submits, long polls)
+//! registers with the results registry and blocks its own connection only; the thread that
+//! finishes the task just hands the result over.
 
 use super::assets;
 use super::browse;
