@@ -11,7 +11,6 @@ use super::message::{Request, Response};
 use super::server::Job;
 use super::{Handler, Limits, Quick, HEAD_DEADLINE, MAX_HEADER_BYTES, MAX_REQUEST_LINE};
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -89,7 +88,7 @@ pub(super) fn start(
     let mut lp = Loop {
         ep: ep.clone(),
         arrivals: arrivals.clone(),
-        conns: HashMap::new(),
+        conns: Conns::default(),
         handler,
         limits,
         stop,
@@ -153,6 +152,52 @@ impl Entry {
     }
 }
 
+/// The connections in the loop, by descriptor (descriptors are small numbers, reused).
+#[derive(Default)]
+struct Conns {
+    slots: Vec<Option<Entry>>,
+    len: usize,
+}
+
+impl Conns {
+    fn get(&self, fd: RawFd) -> Option<&Entry> {
+        self.slots.get(usize::try_from(fd).ok()?)?.as_ref()
+    }
+
+    fn get_mut(&mut self, fd: RawFd) -> Option<&mut Entry> {
+        self.slots.get_mut(usize::try_from(fd).ok()?)?.as_mut()
+    }
+
+    fn insert(&mut self, fd: RawFd, e: Entry) {
+        let Ok(i) = usize::try_from(fd) else {
+            return;
+        };
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if self.slots[i].replace(e).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, fd: RawFd) -> Option<Entry> {
+        let e = self.slots.get_mut(usize::try_from(fd).ok()?)?.take()?;
+        self.len -= 1;
+        Some(e)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (RawFd, &Entry)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i as RawFd, e.as_ref()?)))
+    }
+}
+
 /// What the buffered bytes of a connection hold.
 enum Parsed {
     /// Not a whole request yet.
@@ -174,7 +219,7 @@ struct Manner {
 struct Loop {
     ep: Arc<OwnedFd>,
     arrivals: Arc<Mutex<Arrivals>>,
-    conns: HashMap<RawFd, Entry>,
+    conns: Conns,
     handler: Arc<dyn Handler>,
     limits: Limits,
     stop: Arc<AtomicBool>,
@@ -209,6 +254,8 @@ impl Loop {
             let now = Instant::now();
             touched.clear();
             touched.append(&mut again);
+            // epoll names a connection once per wake-up; only those looked at again may repeat.
+            let repeats = touched.len();
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != ErrorKind::Interrupted {
@@ -218,7 +265,7 @@ impl Loop {
             }
             for ev in events.iter().take(n.max(0) as usize) {
                 let (flags, fd) = (ev.events, ev.u64 as RawFd);
-                if !self.conns.contains_key(&fd) {
+                if self.conns.get(fd).is_none() {
                     continue;
                 }
                 if flags & WRITE != 0 {
@@ -227,10 +274,10 @@ impl Loop {
                 if flags & !WRITE != 0 {
                     self.read_in(fd, now);
                 }
-                touched.push(fd);
+                if !touched[..repeats].contains(&fd) {
+                    touched.push(fd);
+                }
             }
-            touched.sort_unstable();
-            touched.dedup();
             self.serve_round(&touched, &mut again, now);
             if now.duration_since(last_tick) >= TICK {
                 last_tick = now;
@@ -279,7 +326,7 @@ impl Loop {
         let mut fds: Vec<(RawFd, Manner)> = Vec::new();
         let mut reqs: Vec<Request> = Vec::new();
         for &fd in touched {
-            let Some(e) = self.conns.get_mut(&fd) else {
+            let Some(e) = self.conns.get_mut(fd) else {
                 continue;
             };
             if e.out_pos < e.out.len() {
@@ -336,7 +383,7 @@ impl Loop {
             match quick {
                 Quick::Answered(resp) => {
                     self.answer(fd, manner, &resp, now);
-                    if let Some(e) = self.conns.get(&fd) {
+                    if let Some(e) = self.conns.get(fd) {
                         if e.out_pos == e.out.len() && e.buffered() > 0 {
                             again.push(fd);
                         }
@@ -350,7 +397,7 @@ impl Loop {
     /// Reads what the socket holds (up to a whole request's worth beyond what is buffered).
     fn read_in(&mut self, fd: RawFd, now: Instant) {
         let cap = self.cap();
-        let Some(e) = self.conns.get_mut(&fd) else {
+        let Some(e) = self.conns.get_mut(fd) else {
             return;
         };
         let mut broken = false;
@@ -393,7 +440,7 @@ impl Loop {
 
     /// Queues the answer and writes what the socket takes.
     fn answer(&mut self, fd: RawFd, m: Manner, resp: &Response, now: Instant) {
-        let Some(e) = self.conns.get_mut(&fd) else {
+        let Some(e) = self.conns.get_mut(fd) else {
             return;
         };
         crate::metrics::answered(resp.code);
@@ -413,7 +460,7 @@ impl Loop {
     /// Writes pending answer bytes; once all are written, closes the connection if its last
     /// answer said so, or watches it for the next request.
     fn flush(&mut self, fd: RawFd, now: Instant) {
-        let Some(e) = self.conns.get_mut(&fd) else {
+        let Some(e) = self.conns.get_mut(fd) else {
             return;
         };
         while e.out_pos < e.out.len() {
@@ -445,7 +492,7 @@ impl Loop {
     /// pending, reading while a request may come and there is room for it.
     fn watch(&mut self, fd: RawFd) {
         let cap = self.cap();
-        let Some(e) = self.conns.get_mut(&fd) else {
+        let Some(e) = self.conns.get_mut(fd) else {
             return;
         };
         let want = if e.out_pos < e.out.len() {
@@ -465,7 +512,7 @@ impl Loop {
 
     /// Out of the loop and of the epoll set.
     fn remove(&mut self, fd: RawFd) -> Option<Entry> {
-        let e = self.conns.remove(&fd)?;
+        let e = self.conns.remove(fd)?;
         let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, fd, 0);
         Some(e)
     }
@@ -490,7 +537,7 @@ impl Loop {
     fn expire(&mut self, now: Instant) {
         let idle = self.limits.idle;
         let mut late: Vec<(RawFd, Option<RequestError>)> = Vec::new();
-        for (&fd, e) in &self.conns {
+        for (fd, e) in self.conns.iter() {
             if e.out_pos < e.out.len() || e.buffered() == 0 {
                 if now.duration_since(e.active) >= idle {
                     late.push((fd, None));
@@ -728,7 +775,7 @@ mod tests {
             c.write_all(piece.as_bytes()).expect("write");
             std::thread::sleep(Duration::from_millis(30));
         }
-        c.write_all(whole[whole.len() - 4..].as_bytes())
+        c.write_all(&whole.as_bytes()[whole.len() - 4..])
             .expect("write");
         c.write_all(post("/a", "last").as_bytes()).expect("write");
         c.shutdown(std::net::Shutdown::Write).expect("half close");

@@ -172,31 +172,26 @@ impl Submitter {
         origin: Origin,
         on_durable: impl FnOnce(&Accepted),
     ) -> Result<Accepted, SubmitError> {
-        if !self.accepting() {
-            return Err(SubmitError::ShuttingDown);
-        }
-        let (tasks, wait) = self.validate(values, origin, now_us())?;
-        self.0.store.insert(&tasks).map_err(refused)?;
-        let accepted = Accepted {
-            ids: tasks.iter().map(|t| t.id.clone()).collect(),
-            wait,
-        };
-        self.0.status.accepted(origin, &tasks);
-        on_durable(&accepted);
-        self.0.release(tasks);
-        Ok(accepted)
+        let mut on_durable = Some(on_durable);
+        self.submit_many(&[values], origin, &mut |answers| {
+            if let (Some(Ok(acc)), Some(f)) = (answers.first(), on_durable.take()) {
+                f(acc);
+            }
+        })
+        .pop()
+        .unwrap_or(Err(SubmitError::Empty))
     }
 
     /// `submit` for several submissions at once, each all or none on its own terms as if
     /// submitted one after the other, stored in as few durable writes as the store can (the
     /// HTTP loop thread's requests of one wake-up, a WebSocket frame's tasks). `on_durable`
-    /// gets every accepted id before any task is handed on. One answer per submission, in
-    /// order.
+    /// gets the answers, once some are accepted and before any task is handed on. One answer
+    /// per submission, in order.
     pub(crate) fn submit_many(
         &self,
         submissions: &[&[Value]],
         origin: Origin,
-        on_durable: impl FnOnce(&[String]),
+        on_durable: &mut dyn FnMut(&[Result<Accepted, SubmitError>]),
     ) -> Vec<Result<Accepted, SubmitError>> {
         if !self.accepting() {
             return submissions
@@ -222,14 +217,11 @@ impl Submitter {
         let batches: Vec<&[Task]> = valid.iter().map(|(_, t)| t.as_slice()).collect();
         let stored = self.0.store.insert_many(&batches);
         let mut durable: Vec<Task> = Vec::new();
-        let mut ids: Vec<String> = Vec::new();
         for ((at, tasks), r) in valid.into_iter().zip(stored) {
             match r {
                 Ok(()) => {
-                    let mine: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-                    ids.extend_from_slice(&mine);
                     if let Ok(acc) = &mut answers[at] {
-                        acc.ids = mine;
+                        acc.ids = tasks.iter().map(|t| t.id.clone()).collect();
                     }
                     self.0.status.accepted(origin, &tasks);
                     durable.extend(tasks);
@@ -238,7 +230,7 @@ impl Submitter {
             }
         }
         if !durable.is_empty() {
-            on_durable(&ids);
+            on_durable(&answers);
             self.0.release(durable);
         }
         answers
@@ -285,10 +277,20 @@ impl Submitter {
         on_durable: impl FnOnce(&[String]),
     ) -> Vec<Result<String, SubmitError>> {
         let each: Vec<&[Value]> = values.iter().map(std::slice::from_ref).collect();
-        self.submit_many(&each, origin, on_durable)
-            .into_iter()
-            .map(|r| r.map(|acc| acc.ids.into_iter().next().unwrap_or_default()))
-            .collect()
+        let mut on_durable = Some(on_durable);
+        self.submit_many(&each, origin, &mut |answers| {
+            let ids: Vec<String> = answers
+                .iter()
+                .flatten()
+                .flat_map(|acc| acc.ids.iter().cloned())
+                .collect();
+            if let Some(f) = on_durable.take() {
+                f(&ids);
+            }
+        })
+        .into_iter()
+        .map(|r| r.map(|acc| acc.ids.into_iter().next().unwrap_or_default()))
+        .collect()
     }
 
     /// Cancels a task that has not started: out of the store (its `cancelled` result in),

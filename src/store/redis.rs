@@ -1,6 +1,6 @@
 //! The Redis store (`--redis URL`): tasks, due times, running marks and results in Redis under a
-//! key prefix, reached through an r2d2 pool of synchronous connections. Inserts from concurrent
-//! submits are folded into one Lua call per round trip; claims are atomic Lua scripts that say
+//! key prefix, reached through an r2d2 pool of synchronous connections. The submissions given
+//! together (`insert_many`) go in one Lua call per round trip; claims are atomic Lua scripts that say
 //! whether the caller won. Several nodes (`--node_id`) may share a prefix: each unfinished task
 //! has an owner node, and the registry of nodes with their heartbeats is in [`nodes`].
 //!
@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Most submits folded into one insert call.
+/// Most submissions in one `INSERT` call.
 const MAX_GROUPS: usize = 512;
 /// Most claims folded into one `CLAIM` call.
 const MAX_CLAIMS: usize = 64;
@@ -548,8 +548,6 @@ pub(crate) struct RedisStore {
     node: String,
     /// Seconds without a heartbeat after which this node is dead (`--node_ttl`).
     node_ttl: u64,
-    /// The submits' inserts waiting to be sent together (the duplicate id answered, or "").
-    inserts: fold::Fold<Group, String>,
     up: Arc<AtomicBool>,
     /// Set by `close`: the health thread ends.
     closed: Arc<AtomicBool>,
@@ -716,7 +714,6 @@ impl RedisStore {
             prefix: prefix.to_string(),
             node: node.to_string(),
             node_ttl,
-            inserts: fold::Fold::new("INSERT", MAX_GROUPS),
             up,
             closed,
             scripts,
@@ -907,15 +904,15 @@ impl Store for RedisStore {
     }
 
     fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
-        let items = group(tasks)?;
-        let t0 = std::time::Instant::now();
-        let dup = self.inserts.ask(items, |groups| self.run_inserts(groups));
-        crate::metrics::STORE_COMMIT.since(t0);
-        duplicate(dup?)
+        self.insert_many(&[tasks])
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("INSERT not answered".into())))
     }
 
-    /// The batches go in `INSERT` calls of their own, at most `MAX_GROUPS` each, without
-    /// waiting for the other threads' inserts: they are already many.
+    /// The batches go in `INSERT` calls of their own, at most `MAX_GROUPS` each. The HTTP
+    /// loop thread gives the submits of many clients at once, and a WebSocket frame's tasks
+    /// come together: folding the inserts of several threads into one call, as the claims are,
+    /// no longer paid for its code.
     fn insert_many(&self, batches: &[&[Task]]) -> Vec<Result<(), StoreError>> {
         let mut answers: Vec<Result<(), StoreError>> = Vec::with_capacity(batches.len());
         let mut groups: Vec<Group> = Vec::with_capacity(batches.len());

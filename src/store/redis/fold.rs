@@ -2,8 +2,8 @@
 //! the asking threads themselves: the first to ask leads and sends everything waiting at that
 //! moment in one call; those that ask meanwhile wait, and the first of them leads the next call.
 //! No thread of its own and no wait for company: a lone ask goes at once. The workers' claims
-//! (`CLAIM`) and the submits' inserts (`INSERT`) go this way: with a thread of its own, each call
-//! cost two more context switches and the wait for that thread to be scheduled.
+//! (`CLAIM`) go this way: with a thread of its own, each call cost two more context switches and
+//! the wait for that thread to be scheduled.
 
 use super::super::StoreError;
 use parking_lot::{Condvar, Mutex};
