@@ -77,6 +77,9 @@ pub(crate) enum Origin {
     Kafka,
 }
 
+/// One submission's answer.
+pub(crate) type Answer = Result<Accepted, SubmitError>;
+
 /// What was accepted: the ids in submission order and the longest `wait` asked for.
 #[derive(Debug, Clone)]
 pub(crate) struct Accepted {
@@ -191,8 +194,8 @@ impl Submitter {
         &self,
         submissions: &[&[Value]],
         origin: Origin,
-        on_durable: &mut dyn FnMut(&[Result<Accepted, SubmitError>]),
-    ) -> Vec<Result<Accepted, SubmitError>> {
+        on_durable: &mut dyn FnMut(&[Answer]),
+    ) -> Vec<Answer> {
         if !self.accepting() {
             return submissions
                 .iter()
