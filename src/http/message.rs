@@ -192,8 +192,21 @@ impl Response {
     /// adds `Connection: close`, `keep_alive_10` adds `Connection: keep-alive` (HTTP/1.0).
     pub(crate) fn encode(&self, head_only: bool, close: bool, keep_alive_10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.body.len());
+        self.encode_into(&mut out, head_only, close, keep_alive_10);
+        out
+    }
+
+    /// `encode` onto the end of `out` (the loop thread keeps one buffer per connection).
+    pub(crate) fn encode_into(
+        &self,
+        out: &mut Vec<u8>,
+        head_only: bool,
+        close: bool,
+        keep_alive_10: bool,
+    ) {
+        out.reserve(160 + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
-        push_number(&mut out, self.code.into());
+        push_number(out, self.code.into());
         out.push(b' ');
         out.extend_from_slice(reason(self.code).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -215,7 +228,7 @@ impl Response {
         }
         if self.code != 101 && self.code != 204 && self.code != 304 {
             out.extend_from_slice(b"Content-Length: ");
-            push_number(&mut out, self.body.len());
+            push_number(out, self.body.len());
             out.extend_from_slice(b"\r\n");
         }
         if close {
@@ -227,7 +240,6 @@ impl Response {
         if !head_only {
             out.extend_from_slice(&self.body);
         }
-        out
     }
 }
 

@@ -445,13 +445,7 @@ impl Loop {
         };
         crate::metrics::answered(resp.code);
         let close = !m.keep || resp.close;
-        let bytes = resp.encode(m.head_only, close, m.v10 && !close);
-        if e.out_pos == e.out.len() {
-            e.out = bytes;
-            e.out_pos = 0;
-        } else {
-            e.out.extend_from_slice(&bytes);
-        }
+        resp.encode_into(&mut e.out, m.head_only, close, m.v10 && !close);
         e.close_after |= close;
         e.active = now;
         self.flush(fd, now);

@@ -622,6 +622,10 @@ struct Mailbox {
 struct Mail {
     job: Option<Job>,
     done: Option<Done>,
+    /// The writes of the last checkpoint, now in the redb file: freed on the checkpoint
+    /// thread, not on the committing caller's (thousands of entries; freeing them there took
+    /// most of the allocator's `munmap` calls under load).
+    garbage: Option<Arc<Pending>>,
     /// The writer has ended: so does the checkpoint thread.
     stop: bool,
 }
@@ -637,17 +641,22 @@ impl Mailbox {
 /// database before answering (a reopen after an I/O error needs the file free).
 fn checkpointer(mailbox: &Mailbox) {
     loop {
-        let job = {
+        let (job, garbage) = {
             let mut m = mailbox.mail.lock();
             loop {
-                if let Some(job) = m.job.take() {
-                    break job;
+                let garbage = m.garbage.take();
+                if m.job.is_some() || garbage.is_some() {
+                    break (m.job.take(), garbage);
                 }
                 if m.stop {
                     return;
                 }
                 mailbox.changed.wait(&mut m);
             }
+        };
+        drop(garbage);
+        let Some(job) = job else {
+            continue;
         };
         let t0 = Instant::now();
         let res = checkpoint(&job.db, &job.pending, job.seq);
@@ -993,7 +1002,10 @@ impl Writer {
             done.took.as_micros()
         );
         let Err(e) = done.res else {
-            self.shared.overlay.write().flushing = None;
+            let written = self.shared.overlay.write().flushing.take();
+            if written.is_some() {
+                self.mailbox.post(|m| m.garbage = written);
+            }
             self.answer_flushes(&Ok(()));
             return Some(Ok(()));
         };
