@@ -473,6 +473,8 @@ pub(crate) fn parse_head(data: &[u8]) -> Result<Option<(Request, usize)>, Reques
         .count();
     let line_len = data[lead..].iter().position(|&b| b == b'\n');
     match line_len {
+        // Empty lines count as the request line's: a client cannot fill the buffer with them.
+        _ if lead > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
         Some(n) if n > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
         None if data.len() - lead > MAX_REQUEST_LINE => return Err(RequestError::LineTooLong),
         _ => {}
@@ -598,6 +600,16 @@ mod tests {
             ("GET", "/x", "a=1")
         );
         client.join().expect("client");
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_count_as_its_line() {
+        let lines = vec![b'\n'; MAX_REQUEST_LINE + 1];
+        assert_eq!(
+            parse_head(&lines).map(|h| h.is_some()),
+            Err(RequestError::LineTooLong)
+        );
+        assert_eq!(parse_head(&lines[1..]).map(|h| h.is_some()), Ok(false));
     }
 
     #[test]

@@ -28,6 +28,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// What the loop is interested in for a connection.
 const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 const WRITE: u32 = libc::EPOLLOUT as u32;
+/// The peer is gone or the socket broke.
+const HANGUP: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
 
 /// Where a connection goes when it leaves the loop for a thread of its own.
 pub(super) type Hand = Box<dyn Fn(Job) + Send>;
@@ -228,6 +230,22 @@ struct Loop {
     scratch: Box<[u8]>,
 }
 
+/// A loop that ends (stopped, or a panic of its own code) lets later connections go to
+/// threads, and the ones just handed to it.
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let jobs = {
+            let mut a = self.arrivals.lock();
+            a.closed = true;
+            std::mem::take(&mut a.jobs)
+        };
+        for job in jobs {
+            let _ = job.stream.set_nonblocking(false);
+            (self.hand)(job);
+        }
+    }
+}
+
 impl Loop {
     fn run(&mut self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
@@ -271,6 +289,12 @@ impl Loop {
                 if flags & WRITE != 0 {
                     self.flush(fd, now);
                 }
+                if flags & HANGUP != 0 {
+                    // Nothing more will come (reported even while reads are not watched).
+                    if let Some(e) = self.conns.get_mut(fd) {
+                        e.eof = true;
+                    }
+                }
                 if flags & !WRITE != 0 {
                     self.read_in(fd, now);
                 }
@@ -282,20 +306,12 @@ impl Loop {
             if now.duration_since(last_tick) >= TICK {
                 last_tick = now;
                 self.expire(now);
-                if self.stop.load(Ordering::Acquire) && self.conns.is_empty() && self.end() {
+                // Connections handed over meanwhile go to threads (`Drop`).
+                if self.stop.load(Ordering::Acquire) && self.conns.is_empty() {
                     return;
                 }
             }
         }
-    }
-
-    /// Ends the loop unless a connection has just arrived: later ones go to threads.
-    fn end(&self) -> bool {
-        let mut a = self.arrivals.lock();
-        if a.jobs.is_empty() {
-            a.closed = true;
-        }
-        a.closed
     }
 
     fn take_arrivals(&mut self) {
@@ -367,7 +383,16 @@ impl Loop {
         if reqs.is_empty() {
             return;
         }
-        let answers = self.handler.handle_quick(reqs);
+        // A panic in the handler costs this round's connections, not the loop.
+        let handler = &self.handler;
+        let answers =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle_quick(reqs)))
+                .unwrap_or_else(|_| {
+                    log::error!(
+                        "http: the handler panicked; closing the connections of its requests"
+                    );
+                    Vec::new()
+                });
         if answers.len() != fds.len() {
             log::error!(
                 "http: {} answers for {} requests; their connections are closed",
@@ -477,6 +502,10 @@ impl Loop {
                     (self.linger)(e.job.stream);
                 }
                 return;
+            }
+            if e.eof && e.buffered() == 0 {
+                // The client sends nothing more and has all its answers.
+                return self.close(fd);
             }
         }
         self.watch(fd);
@@ -620,6 +649,7 @@ mod tests {
 
         fn handle_quick(&self, reqs: Vec<Request>) -> Vec<Quick> {
             self.batches.lock().push(reqs.len());
+            assert!(reqs.iter().all(|r| r.path() != "/panic"), "asked to panic");
             if let Some(hold) = self.hold_first.lock().take() {
                 let _ = hold.recv_timeout(Duration::from_secs(10));
             }
@@ -653,7 +683,7 @@ mod tests {
         let l = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
         let limits = Limits {
             max_body: 1024,
-            idle: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
             max_conns: 64,
         };
         l.serve(limits, handler.clone()).expect("serve");
@@ -742,6 +772,19 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_of_the_handler_closes_its_connections_and_the_loop_goes_on() {
+        let s = served(false);
+        let mut a = connect(s.addr);
+        a.write_all(post("/panic", "").as_bytes()).expect("write");
+        let mut rest = Vec::new();
+        a.read_to_end(&mut rest).expect("read to the close");
+        assert!(rest.is_empty(), "closed without an answer");
+        let mut b = connect(s.addr);
+        b.write_all(post("/a", "after").as_bytes()).expect("write");
+        assert_eq!(answers(&mut b, 1), vec!["/a after"]);
+    }
+
+    #[test]
     fn a_slow_request_takes_its_connection_to_a_thread_and_stalls_no_one() {
         let s = served(false);
         let (mut a, mut b) = (connect(s.addr), connect(s.addr));
@@ -774,8 +817,15 @@ mod tests {
         c.write_all(post("/a", "last").as_bytes()).expect("write");
         c.shutdown(std::net::Shutdown::Write).expect("half close");
         assert_eq!(answers(&mut c, 2), vec!["/a 0123456789", "/a last"]);
+        let asked = Instant::now();
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).expect("read to the close");
         assert!(rest.is_empty(), "nothing after the answers");
+        // Closed once answered, not when the connection's idle time (30 s) runs out.
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "closed after {:?}",
+            asked.elapsed()
+        );
     }
 }

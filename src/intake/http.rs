@@ -49,8 +49,9 @@ impl Handler for Api {
         self.route(req)
     }
 
-    /// Submits that do not wait are made durable together (one write for all); `/health` is
-    /// answered at once; everything else may wait, and goes to a thread.
+    /// Submits that do not wait are made durable together (one write for all); everything
+    /// else may wait (`/health` too, for a durable write of the same round), and goes to a
+    /// thread.
     fn handle_quick(&self, reqs: Vec<Request>) -> Vec<Quick> {
         let mut out: Vec<Option<Quick>> = Vec::with_capacity(reqs.len());
         // Where each submit's answer goes, its tasks, and whether they came as an array.
@@ -267,14 +268,7 @@ impl Api {
 
     /// Sorts a request for the loop thread (see `handle_quick`).
     fn sort(&self, req: Request) -> Sorted {
-        let path = req.path();
-        if path == "/health" && matches!(req.method.as_str(), "GET" | "HEAD") {
-            return match self.route(req) {
-                Reply::Answer(r) => Sorted::Now(r),
-                Reply::Upgrade(..) => Sorted::Now(Response::fail(500, "/health upgraded")),
-            };
-        }
-        if path != "/task_in_queue" || req.method != "POST" {
+        if req.path() != "/task_in_queue" || req.method != "POST" {
             return Sorted::Slow(req);
         }
         if !authorized(self.token.as_deref(), &req) {

@@ -185,7 +185,8 @@ pub(crate) trait Store: Send + Sync {
     /// `insert` for several submissions at once, each all or none on its own terms, in as few
     /// durable writes as the store can: the HTTP loop thread submits every request one wake-up
     /// read this way. One answer per batch, in order; a batch repeating an id of an earlier one
-    /// is the duplicate, as if they had come one after the other. By default one `insert` each.
+    /// is the duplicate, as if they had come one after the other (also when the earlier one's
+    /// write then fails: the ids are taken before the writes). By default one `insert` each.
     fn insert_many(&self, batches: &[&[Task]]) -> Vec<Result<(), StoreError>> {
         batches.iter().map(|b| self.insert(b)).collect()
     }
