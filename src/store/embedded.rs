@@ -1189,6 +1189,7 @@ impl EmbeddedBackend {
 struct Started<'a> {
     backend: &'a EmbeddedBackend,
     ack: Option<Arc<Ack>>,
+    patience: Duration,
 }
 
 impl Started<'_> {
@@ -1197,7 +1198,7 @@ impl Started<'_> {
             Some(ack) => self
                 .backend
                 .commits
-                .wait_started(&ack, &|round| self.backend.round(round)),
+                .wait_started(&ack, self.patience, &|round| self.backend.round(round)),
             None => Ok(()),
         }
     }
@@ -1229,13 +1230,18 @@ impl Backend for EmbeddedBackend {
     }
 
     /// Committed with the next round another caller makes, or by the closure's caller.
-    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+    fn write_start(
+        &self,
+        ops: Vec<Op>,
+        patience: Duration,
+    ) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
         let started = self
             .check_up()
             .and_then(|()| self.commits.push_started(ops))
             .map(|ack| Started {
                 backend: self,
                 ack: Some(ack),
+                patience,
             });
         Box::new(move || started?.finish())
     }

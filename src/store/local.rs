@@ -8,6 +8,7 @@ use crate::task::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One write, applied with others in one transaction.
 #[derive(Debug, Clone)]
@@ -47,13 +48,24 @@ pub(crate) fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
 const LIST_CHUNK: usize = 500;
 
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
+/// How long the outcome stage's write waits for another caller's commit (the HTTP loop's
+/// submits, under load) to take it before committing it itself: one `fdatasync` fewer per
+/// outcome batch, at most this much later in quiet times.
+const OUTCOME_PATIENCE: Duration = Duration::from_millis(1);
+
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Applies `ops` in one transaction and returns once it is durable.
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
-    /// Starts `write`: the returned closure waits for it to be durable. By default the write
-    /// is made at once.
-    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+    /// Starts `write`: the returned closure waits for it to be durable, first letting another
+    /// caller's commit take it for up to `patience` (writes whose latency matters less than the
+    /// commits they save). By default the write is made at once.
+    fn write_start(
+        &self,
+        ops: Vec<Op>,
+        patience: Duration,
+    ) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+        let _ = patience;
         let r = self.write(ops);
         Box::new(move || r)
     }
@@ -293,7 +305,7 @@ impl<B: Backend> LocalStore<B> {
                 }
             }
         }
-        let written = self.backend.write_start(ops);
+        let written = self.backend.write_start(ops, Duration::ZERO);
         Ok(move || match written() {
             Ok(()) => {
                 self.live.commit(&ids);
@@ -376,7 +388,7 @@ impl<B: Backend> Store for LocalStore<B> {
                 return Recording::done(Err(e));
             }
         };
-        let written = self.backend.write_start(ops);
+        let written = self.backend.write_start(ops, OUTCOME_PATIENCE);
         // The live index changes once the write is durable (or lets the reservations go).
         Recording::waiting(move |changes: &[Change]| {
             let reserved = ids(&born(changes));

@@ -14,6 +14,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One caller's ops, and where its answer goes.
 pub(super) struct Batch {
@@ -161,13 +162,27 @@ impl Commits {
         Ok(ack)
     }
 
-    /// Waits for a batch queued with `push_started`: from now on it can be given the turn,
-    /// and it takes the turn at once when nobody has it and its batch is still queued.
+    /// Waits for a batch queued with `push_started`: first, for up to `patience`, only for
+    /// another caller's round to take it; from then on it can be given the turn, and it takes
+    /// the turn at once when nobody has it and its batch is still queued.
     pub(super) fn wait_started(
         &self,
         ack: &Ack,
+        patience: Duration,
         commit: &(dyn Fn(Vec<Batch>) + Sync),
     ) -> Result<(), StoreError> {
+        if !patience.is_zero() {
+            let until = Instant::now() + patience;
+            let mut slot = ack.slot.lock();
+            while matches!(*slot, Answer::Waiting) {
+                if ack.ready.wait_until(&mut slot, until).timed_out() {
+                    break;
+                }
+            }
+            if let Answer::Done(r) = std::mem::replace(&mut *slot, Answer::Waiting) {
+                return r;
+            }
+        }
         {
             let mut q = self.queue.lock();
             ack.waiting.store(true, Ordering::Relaxed);
@@ -362,6 +377,39 @@ mod tests {
     /// write of its own before): until then it goes with another caller's round, and a caller
     /// that waits is given the turn over it.
     #[test]
+    fn a_patient_started_write_goes_with_another_callers_round_or_commits_after_its_patience() {
+        let commits = Commits::default();
+        let rounds = Mutex::new(Vec::new());
+        let commit = |round: Vec<Batch>| {
+            rounds.lock().push(round.len());
+            for b in round {
+                b.done.send(Ok(()));
+            }
+        };
+        let started = commits.push_started(vec![op()]).expect("started");
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                let own = commits.push(vec![op()]).expect("push");
+                assert_eq!(commits.wait(&own, &commit), Ok(()));
+            });
+            assert_eq!(
+                commits.wait_started(&started, Duration::from_secs(10), &commit),
+                Ok(())
+            );
+        });
+        assert_eq!(*rounds.lock(), vec![2], "one round took both");
+        // Alone, it commits itself once its patience is over.
+        let started = commits.push_started(vec![op()]).expect("started");
+        assert_eq!(
+            commits.wait_started(&started, Duration::from_millis(20), &commit),
+            Ok(())
+        );
+        assert_eq!(*rounds.lock(), vec![2, 1]);
+        assert!(!commits.queue.lock().turn_taken);
+    }
+
+    #[test]
     fn a_started_write_takes_the_turn_only_once_its_caller_waits() {
         let commits = Commits::default();
         let rounds = Mutex::new(Vec::new());
@@ -381,14 +429,20 @@ mod tests {
             "the started write left the turn"
         );
         assert_eq!(commits.wait(&own, &commit), Ok(()));
-        assert_eq!(commits.wait_started(&started, &commit), Ok(()));
+        assert_eq!(
+            commits.wait_started(&started, Duration::ZERO, &commit),
+            Ok(())
+        );
         assert_eq!(*rounds.lock(), vec![2]);
         assert!(!commits.queue.lock().turn_taken);
 
         // Alone, it commits itself once waited for.
         let started = commits.push_started(vec![op()]).expect("started");
         assert!(!commits.queue.lock().turn_taken);
-        assert_eq!(commits.wait_started(&started, &commit), Ok(()));
+        assert_eq!(
+            commits.wait_started(&started, Duration::ZERO, &commit),
+            Ok(())
+        );
         assert_eq!(*rounds.lock(), vec![2, 1]);
 
         // Left after a caller's round (a round of its own is full), it does not get the turn
@@ -398,7 +452,7 @@ mod tests {
         assert_eq!(commits.wait(&own, &commit), Ok(()));
         assert!(!commits.queue.lock().turn_taken, "the turn is free");
         assert_eq!(*late.slot.lock(), Answer::Waiting);
-        assert_eq!(commits.wait_started(&late, &commit), Ok(()));
+        assert_eq!(commits.wait_started(&late, Duration::ZERO, &commit), Ok(()));
         assert_eq!(*rounds.lock(), vec![2, 1, 1, 1]);
         assert!(!commits.queue.lock().turn_taken);
     }
