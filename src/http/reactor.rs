@@ -289,14 +289,14 @@ impl Loop {
                 if flags & WRITE != 0 {
                     self.flush(fd, now);
                 }
+                if flags & !WRITE != 0 {
+                    self.read_in(fd, now);
+                }
                 if flags & HANGUP != 0 {
                     // Nothing more will come (reported even while reads are not watched).
                     if let Some(e) = self.conns.get_mut(fd) {
                         e.eof = true;
                     }
-                }
-                if flags & !WRITE != 0 {
-                    self.read_in(fd, now);
                 }
                 if !touched[..repeats].contains(&fd) {
                     touched.push(fd);
