@@ -373,19 +373,23 @@ mod tests {
         assert_eq!(*order.lock(), vec![1, 0]);
     }
 
-    /// A started write takes the turn only once its caller waits (its caller may queue a
-    /// write of its own before): until then it goes with another caller's round, and a caller
-    /// that waits is given the turn over it.
-    #[test]
-    fn a_patient_started_write_goes_with_another_callers_round_or_commits_after_its_patience() {
-        let commits = Commits::default();
-        let rounds = Mutex::new(Vec::new());
-        let commit = |round: Vec<Batch>| {
+    /// Answers every batch of a round with `Ok` and notes the round's size in `rounds`.
+    fn counted(rounds: &Mutex<Vec<usize>>) -> impl Fn(Vec<Batch>) + Sync + '_ {
+        move |round: Vec<Batch>| {
             rounds.lock().push(round.len());
             for b in round {
                 b.done.send(Ok(()));
             }
-        };
+        }
+    }
+
+    /// A started write that waits with patience goes with another caller's round when one
+    /// comes in time, else commits itself once its patience is over.
+    #[test]
+    fn a_patient_started_write_goes_with_another_callers_round_or_commits_after_its_patience() {
+        let commits = Commits::default();
+        let rounds = Mutex::new(Vec::new());
+        let commit = counted(&rounds);
         let started = commits.push_started(vec![op()]).expect("started");
         std::thread::scope(|scope| {
             scope.spawn(|| {
@@ -409,16 +413,14 @@ mod tests {
         assert!(!commits.queue.lock().turn_taken);
     }
 
+    /// A started write takes the turn only once its caller waits (its caller may queue a
+    /// write of its own before): until then it goes with another caller's round, and a caller
+    /// that waits is given the turn over it.
     #[test]
     fn a_started_write_takes_the_turn_only_once_its_caller_waits() {
         let commits = Commits::default();
         let rounds = Mutex::new(Vec::new());
-        let commit = |round: Vec<Batch>| {
-            rounds.lock().push(round.len());
-            for b in round {
-                b.done.send(Ok(()));
-            }
-        };
+        let commit = counted(&rounds);
         // Its caller queues a write of its own before waiting: that one commits both.
         let started = commits.push_started(vec![op()]).expect("started");
         assert_eq!(*started.slot.lock(), Answer::Waiting);
