@@ -635,8 +635,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "fails-record"
         }
-        fn insert(&self, t: &[Task]) -> Result<(), crate::store::StoreError> {
-            self.inner.insert(t)
+        fn insert_many(&self, b: &[&[Task]]) -> Vec<Result<(), crate::store::StoreError>> {
+            self.inner.insert_many(b)
         }
         fn take_due_many(
             &self,

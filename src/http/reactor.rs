@@ -57,8 +57,8 @@ impl Inbox {
             return Some(job);
         }
         let fd = job.stream.as_raw_fd();
+        // A job given back goes to a thread, whose `Conn::resume` makes its reads blocking.
         if ctl(&self.ep, libc::EPOLL_CTL_ADD, fd, READ).is_err() {
-            let _ = job.stream.set_nonblocking(false);
             return Some(job);
         }
         a.jobs.push(job);
@@ -240,7 +240,6 @@ impl Drop for Loop {
             std::mem::take(&mut a.jobs)
         };
         for job in jobs {
-            let _ = job.stream.set_nonblocking(false);
             (self.hand)(job);
         }
     }
@@ -549,8 +548,7 @@ impl Loop {
         let Some(mut e) = self.remove(fd) else {
             return;
         };
-        let rest = e.job.buf.split_off(e.pos);
-        e.job.buf = rest;
+        e.job.buf.drain(..e.pos);
         e.job.first = first;
         (self.hand)(e.job);
     }

@@ -203,7 +203,7 @@ impl Submitter {
                 .collect();
         }
         let now = now_us();
-        let mut answers: Vec<Result<Accepted, SubmitError>> = Vec::with_capacity(submissions.len());
+        let mut answers: Vec<Answer> = Vec::with_capacity(submissions.len());
         let mut valid: Vec<(usize, Vec<Task>)> = Vec::with_capacity(submissions.len());
         for values in submissions {
             match self.validate(values, origin, now) {

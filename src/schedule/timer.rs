@@ -234,8 +234,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "lossy"
         }
-        fn insert(&self, t: &[crate::task::Task]) -> Result<(), StoreError> {
-            self.inner.insert(t)
+        fn insert_many(&self, b: &[&[crate::task::Task]]) -> Vec<Result<(), StoreError>> {
+            self.inner.insert_many(b)
         }
         fn take_due_many(
             &self,

@@ -1189,8 +1189,12 @@ impl EmbeddedBackend {
 struct Started<'a> {
     backend: &'a EmbeddedBackend,
     ack: Option<Arc<Ack>>,
-    patience: Duration,
 }
+
+/// How long a started write (the outcome stage's) waits for another caller's commit (the HTTP
+/// loop's submits, under load) to take it before committing it itself: one `fdatasync` fewer
+/// per outcome batch, at most this much later in quiet times.
+const OUTCOME_PATIENCE: Duration = Duration::from_millis(1);
 
 impl Started<'_> {
     fn wait(&mut self) -> Result<(), StoreError> {
@@ -1198,7 +1202,7 @@ impl Started<'_> {
             Some(ack) => self
                 .backend
                 .commits
-                .wait_started(&ack, self.patience, &|round| self.backend.round(round)),
+                .wait_started(&ack, OUTCOME_PATIENCE, &|round| self.backend.round(round)),
             None => Ok(()),
         }
     }
@@ -1230,18 +1234,13 @@ impl Backend for EmbeddedBackend {
     }
 
     /// Committed with the next round another caller makes, or by the closure's caller.
-    fn write_start(
-        &self,
-        ops: Vec<Op>,
-        patience: Duration,
-    ) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
+    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
         let started = self
             .check_up()
             .and_then(|()| self.commits.push_started(ops))
             .map(|ack| Started {
                 backend: self,
                 ack: Some(ack),
-                patience,
             });
         Box::new(move || started?.finish())
     }

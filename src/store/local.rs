@@ -8,7 +8,6 @@ use crate::task::TaskResult;
 use crate::task::{State, Task};
 use serde::Deserialize;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// One write, applied with others in one transaction.
 #[derive(Debug, Clone)]
@@ -48,24 +47,14 @@ pub(crate) fn split_expiry_key(k: &str) -> Option<(i64, &str)> {
 const LIST_CHUNK: usize = 500;
 
 /// Byte-level tables: tasks, results (with expiry) and an expiry index.
-/// How long the outcome stage's write waits for another caller's commit (the HTTP loop's
-/// submits, under load) to take it before committing it itself: one `fdatasync` fewer per
-/// outcome batch, at most this much later in quiet times.
-const OUTCOME_PATIENCE: Duration = Duration::from_millis(1);
-
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Applies `ops` in one transaction and returns once it is durable.
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
-    /// Starts `write`: the returned closure waits for it to be durable, first letting another
-    /// caller's commit take it for up to `patience` (writes whose latency matters less than the
-    /// commits they save). By default the write is made at once.
-    fn write_start(
-        &self,
-        ops: Vec<Op>,
-        patience: Duration,
-    ) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
-        let _ = patience;
+    /// Starts `write` (the outcome stage's writes, whose latency matters less than the commits
+    /// they save): the returned closure waits for it to be durable, and may first wait a little
+    /// for another caller's commit to take it. By default the write is made at once.
+    fn write_start(&self, ops: Vec<Op>) -> Box<dyn FnOnce() -> Result<(), StoreError> + Send + '_> {
         let r = self.write(ops);
         Box::new(move || r)
     }
@@ -151,6 +140,39 @@ fn now_ms() -> i64 {
 }
 
 impl<B: Backend> LocalStore<B> {
+    /// Checks and reserves the ids of `tasks` and adds their ops to `ops`; gives the ids.
+    fn reserve_insert<'a>(
+        &self,
+        tasks: &'a [Task],
+        ops: &mut Vec<Op>,
+    ) -> Result<Vec<&'a str>, StoreError> {
+        for t in tasks.iter().filter(|t| t.trusted) {
+            if self.backend.result(&t.id)?.is_some() {
+                return Err(StoreError::Duplicate(t.id.clone()));
+            }
+        }
+        let items: Vec<(&str, State)> = tasks.iter().map(|t| (t.id.as_str(), t.state)).collect();
+        self.live
+            .reserve(&items)
+            .map_err(|dup| StoreError::Duplicate(dup.0))?;
+        let ids: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
+        let at = ops.len();
+        for t in tasks {
+            match encode(t) {
+                Ok(bytes) => {
+                    ops.push(Op::DelResult(t.id.clone()));
+                    ops.push(Op::InsertTask(t.id.clone(), bytes));
+                }
+                Err(e) => {
+                    ops.truncate(at);
+                    self.live.release(&ids);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Deletes the results of these expiry entries (each only if it still has that expiry).
     fn expire(&self, entries: Vec<(String, i64)>) -> Result<usize, StoreError> {
         let n = entries.len();
@@ -275,41 +297,6 @@ impl<B: Backend> LocalStore<B> {
     }
 }
 
-impl<B: Backend> LocalStore<B> {
-    /// Checks and reserves the ids of `tasks` and adds their ops to `ops`; gives the ids.
-    fn reserve_insert<'a>(
-        &self,
-        tasks: &'a [Task],
-        ops: &mut Vec<Op>,
-    ) -> Result<Vec<&'a str>, StoreError> {
-        for t in tasks.iter().filter(|t| t.trusted) {
-            if self.backend.result(&t.id)?.is_some() {
-                return Err(StoreError::Duplicate(t.id.clone()));
-            }
-        }
-        let items: Vec<(&str, State)> = tasks.iter().map(|t| (t.id.as_str(), t.state)).collect();
-        self.live
-            .reserve(&items)
-            .map_err(|dup| StoreError::Duplicate(dup.0))?;
-        let ids: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
-        let at = ops.len();
-        for t in tasks {
-            match encode(t) {
-                Ok(bytes) => {
-                    ops.push(Op::DelResult(t.id.clone()));
-                    ops.push(Op::InsertTask(t.id.clone(), bytes));
-                }
-                Err(e) => {
-                    ops.truncate(at);
-                    self.live.release(&ids);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(ids)
-    }
-}
-
 impl<B: Backend> Store for LocalStore<B> {
     fn name(&self) -> &'static str {
         self.backend.name()
@@ -321,12 +308,6 @@ impl<B: Backend> Store for LocalStore<B> {
 
     fn healthy(&self) -> bool {
         self.backend.healthy()
-    }
-
-    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
-        self.insert_many(&[tasks])
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Unavailable("insert not answered".into())))
     }
 
     /// The batches whose ids are free go in one write (one batch of the group commit: one
@@ -400,7 +381,7 @@ impl<B: Backend> Store for LocalStore<B> {
                 return Recording::done(Err(e));
             }
         };
-        let written = self.backend.write_start(ops, OUTCOME_PATIENCE);
+        let written = self.backend.write_start(ops);
         // The live index changes once the write is durable (or lets the reservations go).
         Recording::waiting(move |changes: &[Change]| {
             let reserved = ids(&born(changes));

@@ -903,12 +903,6 @@ impl Store for RedisStore {
         "redis"
     }
 
-    fn insert(&self, tasks: &[Task]) -> Result<(), StoreError> {
-        self.insert_many(&[tasks])
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Unavailable("INSERT not answered".into())))
-    }
-
     /// The batches go in `INSERT` calls of their own, at most `MAX_GROUPS` each. The HTTP
     /// loop thread gives the submits of many clients at once, and a WebSocket frame's tasks
     /// come together: folding the inserts of several threads into one call, as the claims are,
