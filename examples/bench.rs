@@ -6,7 +6,12 @@
 //! and make the exit code 1; a bad command line exits 2):
 //!
 //! - `port`: prints a free TCP port on 127.0.0.1.
-//! - `fsync --dir D [--n 200]`: 4 KiB write + fdatasync, appending and overwriting; µs.
+//! - `fsync --dir D [--n 200]`: 4 KiB write + fdatasync, appending and overwriting, and one
+//!   direct synchronous write (`O_DIRECT | O_DSYNC`, as the journal writes); µs per write and
+//!   the CPU µs it cost.
+//! - `exchange [-n 40000] [-c 1]`: the machine's price of one keep-alive HTTP exchange over
+//!   loopback TCP, the one every task here makes to its sink: `c` client threads, each with a
+//!   sink thread of its own; exchanges/s and CPU µs per exchange on each side.
 //! - `immediate --server HOST:PORT [-n 20000] [-c 8] [--batch 1] [--timeout 120] [--rate R]`:
 //!   starts a sink, submits `n` GET tasks to it over `c` connections (`batch` > 1: JSON arrays;
 //!   `rate` > 0: paced at R tasks/s in all), waits for every one to arrive; submits/s,
@@ -997,7 +1002,8 @@ fn fsync(o: &Opts) -> Result<bool, String> {
     let dir: String = o.get("--dir", ".".to_string())?;
     let n: usize = o.get("--n", 200)?;
     let path = std::path::Path::new(&dir).join(format!(".fsync-probe-{}", std::process::id()));
-    let res = (|| -> io::Result<(Vec<u64>, Vec<u64>)> {
+    type Series = (Vec<u64>, u64);
+    let res = (|| -> io::Result<(Series, Series, Option<Series>)> {
         let block = [0x5au8; 4096];
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -1005,30 +1011,146 @@ fn fsync(o: &Opts) -> Result<bool, String> {
             .read(true)
             .write(true)
             .open(&path)?;
-        let mut append = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
+        let timed = |step: &mut dyn FnMut() -> io::Result<()>| -> io::Result<Series> {
+            let mut us = Vec::with_capacity(n);
+            let cpu = thread_cpu_us();
+            for _ in 0..n {
+                let t = Instant::now();
+                step()?;
+                us.push(t.elapsed().as_micros() as u64);
+            }
+            us.sort_unstable();
+            Ok((us, (thread_cpu_us() - cpu) / n.max(1) as u64))
+        };
+        let append = timed(&mut || {
             f.write_all(&block)?;
-            f.sync_data()?;
-            append.push(t.elapsed().as_micros() as u64);
-        }
-        let mut overwrite = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
+            f.sync_data()
+        })?;
+        let overwrite = timed(&mut || {
             f.write_all_at(&block, 0)?;
-            f.sync_data()?;
-            overwrite.push(t.elapsed().as_micros() as u64);
-        }
-        Ok((append, overwrite))
+            f.sync_data()
+        })?;
+        // The same overwrite as one direct, synchronous write (the journal's way), where the
+        // filesystem takes O_DIRECT: from 4 KiB-aligned memory.
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(&path)
+        {
+            Ok(d) => {
+                let mut mem = vec![0x5au8; 8192];
+                let pad = mem.as_ptr().align_offset(4096).min(4096);
+                let aligned = &mut mem[pad..pad + 4096];
+                Some(timed(&mut || d.write_all_at(aligned, 0))?)
+            }
+            Err(_) => None,
+        };
+        Ok((append, overwrite, direct))
     })();
     let _ = std::fs::remove_file(&path);
-    let (mut append, mut overwrite) = res.map_err(|e| format!("fsync probe in {dir}: {e}"))?;
-    append.sort_unstable();
-    overwrite.sort_unstable();
-    println!("fsync_append_p50_us {}", quantile(&append, 0.5));
-    println!("fsync_append_p99_us {}", quantile(&append, 0.99));
-    println!("fsync_overwrite_p50_us {}", quantile(&overwrite, 0.5));
-    println!("fsync_overwrite_p99_us {}", quantile(&overwrite, 0.99));
+    let (append, overwrite, direct) = res.map_err(|e| format!("fsync probe in {dir}: {e}"))?;
+    let series = [
+        ("append", Some(append)),
+        ("overwrite", Some(overwrite)),
+        ("direct", direct),
+    ];
+    for (name, s) in series {
+        match s {
+            Some((us, cpu)) => {
+                println!("fsync_{name}_p50_us {}", quantile(&us, 0.5));
+                println!("fsync_{name}_p99_us {}", quantile(&us, 0.99));
+                println!("fsync_{name}_cpu_us {cpu}");
+            }
+            None => println!("fsync_{name}_p50_us refused"),
+        }
+    }
+    Ok(true)
+}
+
+/// CPU time (user + system) of the calling thread so far, µs.
+fn thread_cpu_us() -> u64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; zeroed is a valid rusage if it fails.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// The machine's price of the exchange every task of these benchmarks makes: `c` client
+/// threads send `n` keep-alive HTTP requests in all over loopback TCP, each to a sink thread of
+/// its own, and wait for each answer; CPU per exchange on each side. With one pair each side
+/// sleeps while the other works; with as many pairs as cores they rarely do.
+fn exchange(o: &Opts) -> Result<bool, String> {
+    let n: usize = o.get("-n", 40_000)?;
+    let c: usize = o.get("-c", 1)?.max(1);
+    let per = n / c;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| format!("addr: {e}"))?;
+    let sinks = thread::spawn(move || {
+        let mut handles = Vec::new();
+        for _ in 0..c {
+            let Ok((mut s, _)) = listener.accept() else {
+                break;
+            };
+            handles.push(thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let cpu = thread_cpu_us();
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 || s.write_all(SINK_REPLY).is_err() {
+                        break;
+                    }
+                }
+                thread_cpu_us() - cpu
+            }));
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0))
+            .sum::<u64>()
+    });
+    let request =
+        format!("GET /task?i=12345&due=0 HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: poulpe\r\n\r\n");
+    let start = Instant::now();
+    let clients: Vec<_> = (0..c)
+        .map(|_| {
+            let request = request.clone();
+            thread::spawn(move || -> io::Result<u64> {
+                let mut s = TcpStream::connect(addr)?;
+                s.set_nodelay(true)?;
+                let cpu = thread_cpu_us();
+                let mut buf = [0u8; 4096];
+                for _ in 0..per {
+                    s.write_all(request.as_bytes())?;
+                    let mut got = 0;
+                    while got < SINK_REPLY.len() {
+                        match s.read(&mut buf)? {
+                            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                            k => got += k,
+                        }
+                    }
+                }
+                Ok(thread_cpu_us() - cpu)
+            })
+        })
+        .collect();
+    let mut client_cpu = 0;
+    for h in clients {
+        client_cpu += h
+            .join()
+            .map_err(|_| "a client thread panicked".to_string())?
+            .map_err(|e| format!("exchange: {e}"))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let sink_cpu = sinks.join().map_err(|_| "the sink panicked".to_string())?;
+    let done = (per * c) as f64;
+    println!("exchanges_per_s {:.0}", done / secs);
+    println!("client_cpu_us_per_exchange {:.1}", client_cpu as f64 / done);
+    println!("sink_cpu_us_per_exchange {:.1}", sink_cpu as f64 / done);
     Ok(true)
 }
 
@@ -1036,7 +1158,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: bench port|fsync|immediate|delayed|ws|kafka|fill|ready [options] (see the source)"
+            "usage: bench port|fsync|exchange|immediate|delayed|ws|kafka|fill|ready [options] (see the source)"
         );
         return ExitCode::from(2);
     };
@@ -1044,6 +1166,7 @@ fn main() -> ExitCode {
     let allowed: &[&str] = match cmd.as_str() {
         "port" => &[],
         "fsync" => &["--dir", "--n"],
+        "exchange" => &["-n", "-c"],
         "immediate" => &[
             "--server",
             "-n",
@@ -1087,6 +1210,7 @@ fn main() -> ExitCode {
             })
             .map_err(|e| format!("port: {e}")),
         "fsync" => fsync(&o),
+        "exchange" => exchange(&o),
         "immediate" => run_to_sink(&o, false, Via::Http),
         "delayed" => run_to_sink(&o, true, Via::Http),
         "ws" => run_to_sink(&o, false, Via::Ws),

@@ -19,7 +19,8 @@
 //! that the disk takes writes again, reopens it, cuts the journal back to its last good record
 //! and writes a checkpoint: nothing acknowledged is lost, nothing refused comes back.
 
-use super::journal::{FileJournal, Journal, JournalIo};
+use super::journal::{Journal, JournalIo};
+use super::journal_file::FileJournal;
 use super::local::{expiry_key, split_expiry_key, Backend, LocalStore, Op};
 use super::pending::{Pending, Sink};
 use super::StoreError;
@@ -2656,21 +2657,22 @@ mod tests {
 
     /// A journal file is reused after a checkpoint: its new records overwrite the older ones
     /// from its start, and where fewer new records were written the older ones stay behind
-    /// them, whole, with valid CRCs. After a crash at that moment the reopen applies the new
+    /// them, whole, with valid CRCs (past the block of the last new record: a direct write
+    /// zeros the rest of its last block). After a crash at that moment the reopen applies the new
     /// records only: tasks deleted since come back from none of the older ones.
     #[test]
     fn older_records_left_in_a_reused_file_are_not_replayed_after_a_crash() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path(), Duration::from_secs(3600)).expect("open");
         let b = s.backend();
-        // First cycle, into poulpe.journal: ten tasks, a record each.
-        for i in 0..10 {
+        // First cycle, into poulpe.journal: sixty tasks, a record each (several blocks).
+        for i in 0..60 {
             s.insert(&[task(&format!("old-{i}"), State::Delayed, i)])
                 .expect("insert");
         }
         b.settle().expect("checkpoint");
         // Second cycle, into poulpe.journal2: all of them deleted.
-        b.write((0..10).map(|i| Op::DelTask(format!("old-{i}"))).collect())
+        b.write((0..60).map(|i| Op::DelTask(format!("old-{i}"))).collect())
             .expect("write");
         b.settle().expect("checkpoint");
         // Third, into poulpe.journal again from its start: two new tasks.
@@ -2697,7 +2699,7 @@ mod tests {
         again.close();
         // The reused file held the two new records, then older ones, whole.
         assert!(
-            bytes.windows(5).any(|w| w == b"old-9"),
+            bytes.windows(6).any(|w| w == b"old-59"),
             "the last older record was still whole in the file"
         );
         let mut m = MemJournal::default();

@@ -5,6 +5,7 @@
 
 pub(crate) mod embedded;
 pub(crate) mod journal;
+pub(crate) mod journal_file;
 pub(crate) mod list;
 pub(crate) mod live;
 pub(crate) mod local;
