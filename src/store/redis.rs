@@ -250,6 +250,47 @@ return out
 "
 );
 
+/// Writes a batch of outcomes for node `ARGV[2]`, all or none, in one call (a pipeline of
+/// single commands costs the outcome thread a reply to parse per command). After the prefix
+/// and the node come groups of five: `f`, id, result record, its ttl ms and its expiry (unix
+/// ms) for a finished task (the task goes, its result is kept); `r`, id, state, due µs and data
+/// for a retry (waiting for its due time again); `i` and the same for a new task (a callback).
+/// The finished ids are published on `<p>done` as `<node> <id>...`, for the other nodes'
+/// waits. Not indented, as `BEAT`.
+const RECORD: &str = r"
+local p, me = ARGV[1], ARGV[2]
+local done = {}
+for i = 3, #ARGV, 5 do
+local kind, id = ARGV[i], ARGV[i + 1]
+local k = p .. 'task:' .. id
+if kind == 'f' then
+redis.call('DEL', k)
+redis.call('SREM', p .. 'live', id)
+redis.call('HDEL', p .. 'running', id)
+redis.call('SREM', p .. 'owned:' .. me, id)
+redis.call('ZREM', p .. 'due', id)
+redis.call('SET', p .. 'result:' .. id, ARGV[i + 2], 'PX', ARGV[i + 3])
+redis.call('ZADD', p .. 'results', ARGV[i + 4], id)
+done[#done + 1] = id
+elseif kind == 'r' then
+redis.call('HSET', k, 'state', ARGV[i + 2], 'due', ARGV[i + 3], 'data', ARGV[i + 4])
+redis.call('HDEL', p .. 'running', id)
+redis.call('ZADD', p .. 'due', ARGV[i + 3], id)
+else
+redis.call('HSET', k, 'state', ARGV[i + 2], 'due', ARGV[i + 3], 'data', ARGV[i + 4], 'node', me)
+redis.call('SADD', p .. 'owned:' .. me, id)
+redis.call('SADD', p .. 'live', id)
+if ARGV[i + 2] == 'delayed' or ARGV[i + 2] == 'retry_wait' then
+redis.call('ZADD', p .. 'due', ARGV[i + 3], id)
+end
+end
+end
+if #done > 0 then
+redis.call('PUBLISH', p .. 'done', me .. ' ' .. table.concat(done, ' '))
+end
+return #done
+";
+
 /// Cancels a task that has not started, if its record is still `ARGV[3]` (the one its result
 /// `ARGV[4]` was made from; else 'changed'), storing that result until `ARGV[5]` (unix ms,
 /// `ARGV[6]` ms from now), and tells the other nodes (`<p>done`, from node `ARGV[7]`). Not
@@ -564,6 +605,7 @@ pub(crate) struct RedisStore {
 #[derive(Clone)]
 struct Scripts {
     insert: Script,
+    record: Script,
     take_due_many: Script,
     claim: Script,
     cancel: Script,
@@ -623,20 +665,6 @@ pub fn redacted(url: &str) -> String {
 }
 
 impl RedisStore {
-    /// Adds to `pipe` the write of `t`'s record: state, due time and data.
-    fn put_task(&self, pipe: &mut redis::Pipeline, t: &Task) -> Result<(), StoreError> {
-        pipe.hset_multiple(
-            self.key("task", &t.id),
-            &[
-                ("state", state_name(t.state).to_string()),
-                ("due", t.due_us.to_string()),
-                ("data", encode(t)?),
-            ],
-        )
-        .ignore();
-        Ok(())
-    }
-
     /// Connects (waiting up to `wait` for Redis to come up) and starts the insert and health
     /// threads; `node` and `node_ttl` name this node among those sharing the prefix.
     pub(crate) fn open(
@@ -678,6 +706,7 @@ impl RedisStore {
         }
         let scripts = Scripts {
             insert: Script::new(INSERT),
+            record: Script::new(RECORD),
             take_due_many: Script::new(TAKE_DUE_MANY),
             claim: Script::new(CLAIM),
             cancel: Script::new(CANCEL),
@@ -1004,59 +1033,40 @@ impl Store for RedisStore {
     }
 
     fn record(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut inv = self.scripts.record.prepare_invoke();
+        inv.arg(&self.prefix).arg(&self.node);
         let now = crate::clock::now_ms();
-        // `<node> <id>...` of the final results, published with them (ids hold no space).
-        let mut done = String::new();
         for ch in changes {
             match ch {
-                Change::Retry(t) => {
-                    self.put_task(&mut pipe, t)?;
-                    pipe.hdel(format!("{}running", self.prefix), &t.id).ignore();
-                    pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
-                        .ignore();
+                Change::Retry(t) | Change::Insert(t) => {
+                    let kind = if matches!(ch, Change::Retry(_)) {
+                        "r"
+                    } else {
+                        "i"
+                    };
+                    inv.arg(kind)
+                        .arg(&t.id)
+                        .arg(state_name(t.state))
+                        .arg(t.due_us)
+                        .arg(encode(t)?);
                 }
                 Change::Finish {
                     result,
                     expires_ms,
                     task,
                 } => {
-                    let id = &result.id;
-                    pipe.del(self.key("task", id)).ignore();
-                    pipe.srem(format!("{}live", self.prefix), id).ignore();
-                    pipe.hdel(format!("{}running", self.prefix), id).ignore();
-                    pipe.srem(self.key("owned", &self.node), id).ignore();
-                    pipe.zrem(format!("{}due", self.prefix), id).ignore();
-                    let ttl = (expires_ms - now).max(1) as u64;
+                    let ttl = (expires_ms - now).max(1);
                     let record = list::encode_record(result, task.as_ref())?;
-                    pipe.pset_ex(self.key("result", id), record, ttl).ignore();
-                    pipe.zadd(format!("{}results", self.prefix), id, *expires_ms)
-                        .ignore();
-                    if done.is_empty() {
-                        done.push_str(&self.node);
-                    }
-                    done.push(' ');
-                    done.push_str(id);
-                }
-                Change::Insert(t) => {
-                    self.put_task(&mut pipe, t)?;
-                    pipe.hset(self.key("task", &t.id), "node", &self.node)
-                        .ignore();
-                    pipe.sadd(self.key("owned", &self.node), &t.id).ignore();
-                    pipe.sadd(format!("{}live", self.prefix), &t.id).ignore();
-                    if matches!(t.state, State::Delayed | State::RetryWait) {
-                        pipe.zadd(format!("{}due", self.prefix), &t.id, t.due_us)
-                            .ignore();
-                    }
+                    inv.arg("f")
+                        .arg(&result.id)
+                        .arg(record)
+                        .arg(ttl)
+                        .arg(*expires_ms);
                 }
             }
         }
-        if !done.is_empty() {
-            pipe.publish(format!("{}done", self.prefix), done).ignore();
-        }
         let t0 = std::time::Instant::now();
-        let res = self.with(|c| pipe.query::<()>(c));
+        let res = self.with(|c| inv.invoke::<i64>(c)).map(drop);
         crate::metrics::STORE_COMMIT.since(t0);
         res
     }
