@@ -3,7 +3,7 @@
 //! threads (`commit`); a writer thread starts the checkpoints due while no write comes, and a
 //! checkpoint thread writes them.
 //!
-//! Every durable write is one append and one `fdatasync` of the journal, folding every write
+//! Every durable write is one synchronous append to the journal, folding every write
 //! waiting at that moment. What the journal holds and the redb file does not yet is kept in
 //! memory (`Pending`) and read first. Every `--checkpoint_ms` (or sooner when much is
 //! pending) the writer hands that state to the checkpoint thread, which writes it into the

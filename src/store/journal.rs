@@ -1,5 +1,6 @@
-//! The embedded store's write-ahead journal: every durable write is one append and one
-//! `fdatasync` of `poulpe.journal`, instead of a copy-on-write transaction of the redb file.
+//! The embedded store's write-ahead journal: every durable write is one synchronous append to
+//! `poulpe.journal` (one direct write, or a write and an `fdatasync`: `journal_file`), instead of
+//! a copy-on-write transaction of the redb file.
 //!
 //! A record is `[length u32][crc32 u32][seq u64][ops]` (little-endian; the CRC covers the
 //! sequence number and the ops). Sequence numbers follow each other without gaps; the last one
@@ -771,6 +772,7 @@ pub mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sizes = [1, 700, 4000, 4096, 9000, 3, 12_000, 50, 4080, 1];
         let mut files = Vec::new();
+        let mut ends = Vec::new();
         for direct in [true, false] {
             let path = dir.path().join(format!("j{direct}"));
             let mut f = FileJournal::open(&path).expect("open");
@@ -787,21 +789,23 @@ pub mod tests {
             j.prepare().expect("prepare");
             let allocated = j.allocated;
             let op = |i: usize, n: usize| Op::PutTask(format!("t{i}"), vec![i as u8; n]);
-            for round in 0..2 {
-                for (i, &n) in sizes.iter().enumerate() {
-                    j.append(&[&op(round * 100 + i, n)]).expect("append");
-                }
-                if round == 0 {
-                    j.restart(j.last_seq() + 1);
-                }
+            // The first round ends with a longer record, so that older bytes follow the second
+            // round's records.
+            for (i, &n) in sizes.iter().chain([&30_000]).enumerate() {
+                j.append(&[&op(i, n)]).expect("append");
+            }
+            j.restart(j.last_seq() + 1);
+            for (i, &n) in sizes.iter().enumerate() {
+                j.append(&[&op(100 + i, n)]).expect("append");
             }
             assert_eq!(
                 j.allocated, allocated,
                 "no write went past the preallocation"
             );
+            ends.push(j.len() as usize);
             drop(j);
             let mut f = FileJournal::open(&path).expect("open again");
-            let r = Journal::read(&mut f, sizes.len() as u64).expect("read");
+            let r = Journal::read(&mut f, sizes.len() as u64 + 1).expect("read");
             let want: Vec<Op> = (0..sizes.len()).map(|i| op(100 + i, sizes[i])).collect();
             let got: Vec<Op> = r.records.iter().flat_map(|(_, o)| o.clone()).collect();
             assert!(
@@ -810,15 +814,26 @@ pub mod tests {
                 r.records.len()
             );
             let seqs: Vec<u64> = r.records.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, (11..=20).collect::<Vec<_>>(), "direct {direct}");
+            assert_eq!(seqs, (12..=21).collect::<Vec<_>>(), "direct {direct}");
             files.push(f.read_all().expect("bytes"));
         }
-        let len: usize = sizes.iter().map(|n| n + 16 + 64).sum::<usize>();
-        let upto = files[1].iter().rposition(|&b| b != 0).unwrap_or(0).min(len);
+        let end = ends[0];
+        assert_eq!(ends, [end, end]);
         assert_eq!(
-            files[0][..upto],
-            files[1][..upto],
+            files[0][..end],
+            files[1][..end],
             "both ways wrote the same records"
+        );
+        // Only a direct write zeros the rest of its last block: proof that the records went
+        // the direct way (none was refused and written buffered instead).
+        let block_end = end.div_ceil(4096) * 4096;
+        assert!(
+            files[0][end..block_end].iter().all(|&b| b == 0),
+            "direct: zeros after the last record"
+        );
+        assert!(
+            files[1][end..block_end].iter().any(|&b| b != 0),
+            "buffered: the older records' bytes after the last record"
         );
     }
 

@@ -23,6 +23,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 /// in use (4 KiB sectors), so that it also suits 512-byte ones.
 const BLOCK: usize = 4096;
 
+/// Records longer than this are written the buffered way: a direct write copies the record
+/// into aligned memory first, which for a big group would double what it holds.
+const MOST_DIRECT: usize = 1 << 20;
+
 /// The journal in a file.
 pub struct FileJournal {
     file: File,
@@ -52,6 +56,7 @@ impl FileJournal {
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)
+            .map_err(|e| log::info!("store: {}: no direct writes ({e})", path.display()))
             .ok();
         let len = file.metadata()?.len();
         Ok(FileJournal {
@@ -86,7 +91,7 @@ impl FileJournal {
         let start = offset - offset % BLOCK as u64;
         let before = (offset - start) as usize;
         let len = (before + buf.len()).div_ceil(BLOCK) * BLOCK;
-        if start + len as u64 > self.len {
+        if buf.len() > MOST_DIRECT || start + len as u64 > self.len {
             return Ok(false);
         }
         if self.scratch.len() < len + BLOCK {
@@ -107,7 +112,8 @@ impl FileJournal {
             Ok(_) => return Ok(false),
             // Refused by the filesystem (alignment, or no direct I/O after all): buffered from
             // now on.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                log::info!("store: the journal is written the buffered way ({e})");
                 self.direct = None;
                 return Ok(false);
             }
@@ -118,7 +124,7 @@ impl FileJournal {
         self.tail_at = start + last as u64;
         self.tail.clear();
         self.tail.extend_from_slice(&out[last..end]);
-        if self.scratch.len() > 1 << 20 {
+        if self.scratch.len() > 256 << 10 {
             self.scratch = Vec::new();
         }
         Ok(true)

@@ -11,8 +11,8 @@
 //! - `<p>live` set of unfinished ids; `<p>due` sorted set (score = due µs) of waiting ids;
 //!   `<p>running` hash: id with an attempt running -> the node running it (a set before nodes:
 //!   turned into a hash with unknown owners when a node joins)
-//! - `<p>owned:<node>` set: the unfinished ids owned by that node, kept by the same scripts and
-//!   pipelines that change the `node` field, so that a dead node's tasks are found without a scan.
+//! - `<p>owned:<node>` set: the unfinished ids owned by that node, kept by the same scripts that
+//!   change the `node` field, so that a dead node's tasks are found without a scan.
 //!   An id whose task has gone (finished by another node after an adoption) is dropped when
 //!   found. Only the owner takes a task due or claims it: another node's entry for its id is
 //!   stale (the id cancelled and used again elsewhere, or the task adopted meanwhile).
@@ -30,7 +30,7 @@
 //!   never run at once on two nodes
 //!
 //! Channel: `<p>done` gets `<node> <id> <id>...` for the final results a node records or the
-//! tasks it cancels, published in the same `MULTI` or script that stores them (no round trip of
+//! tasks it cancels, published in the same script that stores them (no round trip of
 //! its own), so that the other nodes answer their clients waiting for those ids ([`listen`]).
 
 use super::list::{self, Cursor, ListQuery, Listed, Page, Record, Revive};
@@ -106,8 +106,9 @@ end
     };
 }
 
-/// `mine(k)`: the state of task key `k` when it is this node's (`me`) or has no owner (a task of
-/// a release before nodes), else `false`: a task another node owns is in that node's pool or
+/// `mine(k)`: the state of task key `k` and its owner when it is this node's (`me`) or has no
+/// owner (a task of a release before nodes: then it is not yet in this node's `owned` set),
+/// else `false`: a task another node owns is in that node's pool or
 /// timer, and an entry here for its id is stale (the task was cancelled and its id used again
 /// on another node, or it was adopted while this node was cut off from Redis).
 macro_rules! lua_mine {
@@ -115,7 +116,7 @@ macro_rules! lua_mine {
         r"
 local function mine(k)
   local v = redis.call('HMGET', k, 'state', 'node')
-  if v[2] == me or not v[2] then return v[1] end
+  if v[2] == me or not v[2] then return v[1], v[2] end
   return false
 end
 "
@@ -137,6 +138,8 @@ const MAX_UNCERTAIN: usize = 10_000;
 const INSERT: &str = r#"
 local p, me = ARGV[1], ARGV[2]
 local ngroups = tonumber(ARGV[3])
+local live, owned, results = p .. 'live', p .. 'owned:' .. me, p .. 'results'
+local due_set, ready = p .. 'due', p .. 'ready:' .. me
 local i = 4
 local out = {}
 for g = 1, ngroups do
@@ -157,14 +160,13 @@ for t = 0, n - 1 do
 local b = start + t * 5
 local id, state, due, data = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
 redis.call('HSET', p .. 'task:' .. id, 'state', state, 'due', due, 'data', data, 'node', me)
-redis.call('SADD', p .. 'live', id)
-redis.call('SADD', p .. 'owned:' .. me, id)
-redis.call('DEL', p .. 'result:' .. id)
-redis.call('ZREM', p .. 'results', id)
+redis.call('SADD', live, id)
+redis.call('SADD', owned, id)
+if redis.call('DEL', p .. 'result:' .. id) == 1 then redis.call('ZREM', results, id) end
 if state == 'delayed' or state == 'retry_wait' then
-redis.call('ZADD', p .. 'due', due, id)
+redis.call('ZADD', due_set, due, id)
 else
-redis.call('ZADD', p .. 'ready:' .. me, due, id)
+redis.call('ZADD', ready, due, id)
 end
 end
 out[g] = ''
@@ -183,6 +185,7 @@ const TAKE_DUE_MANY: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
 local again = ARGV[3] == '1'
+local owned, due, ready = p .. 'owned:' .. me, p .. 'due', p .. 'ready:' .. me
 ",
     lua_mine!(),
     r#"
@@ -190,14 +193,14 @@ local out = {}
 for i = 4, #ARGV, 2 do
 local id = ARGV[i]
 local k = p .. 'task:' .. id
-local s = mine(k)
+local s, o = mine(k)
 local n = (i - 2) / 2
 if (s == 'delayed' or s == 'retry_wait' or (again and s == 'ready'))
 and redis.call('HGET', k, 'due') == ARGV[i + 1] then
 redis.call('HSET', k, 'state', 'ready', 'node', me)
-redis.call('SADD', p .. 'owned:' .. me, id)
-redis.call('ZREM', p .. 'due', id)
-redis.call('ZADD', p .. 'ready:' .. me, ARGV[i + 1], id)
+if not o then redis.call('SADD', owned, id) end
+redis.call('ZREM', due, id)
+redis.call('ZADD', ready, ARGV[i + 1], id)
 out[n] = redis.call('HGET', k, 'data')
 else
 out[n] = false
@@ -220,6 +223,7 @@ return out
 const CLAIM: &str = concat!(
     r"
 local p, me = ARGV[1], ARGV[2]
+local owned, ready, running = p .. 'owned:' .. me, p .. 'ready:' .. me, p .. 'running'
 ",
     lua_mine!(),
     r"
@@ -228,7 +232,8 @@ for i = 3, #ARGV, 5 do
 local id, w, tok = ARGV[i], ARGV[i + 2], ARGV[i + 4]
 local k, s, v = p .. 'task:' .. id, p .. 'slot:' .. w, me .. ' ' .. id
 local r = 0
-local st = ARGV[i + 1] ~= '' and mine(k)
+local st, o = false, nil
+if ARGV[i + 1] ~= '' then st, o = mine(k) end
 if ARGV[i + 1] == '' then
 if redis.call('GET', s) == v then redis.call('DEL', s) end
 elseif st == 'running' and redis.call('HGET', k, 'claim') == tok then
@@ -238,9 +243,9 @@ if w ~= '' and not redis.call('SET', s, v, 'NX', 'PX', ARGV[i + 3]) then
 r = 2
 else
 redis.call('HSET', k, 'state', 'running', 'data', ARGV[i + 1], 'node', me, 'claim', tok)
-redis.call('SADD', p .. 'owned:' .. me, id)
-redis.call('ZREM', p .. 'ready:' .. me, id)
-redis.call('HSET', p .. 'running', id, me)
+if not o then redis.call('SADD', owned, id) end
+redis.call('ZREM', ready, id)
+redis.call('HSET', running, id, me)
 r = 1
 end
 end
@@ -250,8 +255,10 @@ return out
 "
 );
 
-/// Writes a batch of outcomes for node `ARGV[2]`, all or none, in one call (a pipeline of
-/// single commands costs the outcome thread a reply to parse per command). After the prefix
+/// Writes a batch of outcomes for node `ARGV[2]` in one call, which no other client's command
+/// interleaves (a `MULTI` pipeline of single commands cost the outcome thread two replies to
+/// parse per command). Its commands cannot fail on keys of these types; were one to fail, the
+/// outcome stage writes the whole batch again, and every command here may be repeated. After the prefix
 /// and the node come groups of five: `f`, id, result record, its ttl ms and its expiry (unix
 /// ms) for a finished task (the task goes, its result is kept); `r`, id, state, due µs and data
 /// for a retry (waiting for its due time again); `i` and the same for a new task (a callback).
@@ -259,29 +266,31 @@ return out
 /// waits. Not indented, as `BEAT`.
 const RECORD: &str = r"
 local p, me = ARGV[1], ARGV[2]
+local live, running, owned = p .. 'live', p .. 'running', p .. 'owned:' .. me
+local due, results = p .. 'due', p .. 'results'
 local done = {}
 for i = 3, #ARGV, 5 do
 local kind, id = ARGV[i], ARGV[i + 1]
 local k = p .. 'task:' .. id
 if kind == 'f' then
 redis.call('DEL', k)
-redis.call('SREM', p .. 'live', id)
-redis.call('HDEL', p .. 'running', id)
-redis.call('SREM', p .. 'owned:' .. me, id)
-redis.call('ZREM', p .. 'due', id)
+redis.call('SREM', live, id)
+redis.call('HDEL', running, id)
+redis.call('SREM', owned, id)
+redis.call('ZREM', due, id)
 redis.call('SET', p .. 'result:' .. id, ARGV[i + 2], 'PX', ARGV[i + 3])
-redis.call('ZADD', p .. 'results', ARGV[i + 4], id)
+redis.call('ZADD', results, ARGV[i + 4], id)
 done[#done + 1] = id
 elseif kind == 'r' then
 redis.call('HSET', k, 'state', ARGV[i + 2], 'due', ARGV[i + 3], 'data', ARGV[i + 4])
-redis.call('HDEL', p .. 'running', id)
-redis.call('ZADD', p .. 'due', ARGV[i + 3], id)
+redis.call('HDEL', running, id)
+redis.call('ZADD', due, ARGV[i + 3], id)
 else
 redis.call('HSET', k, 'state', ARGV[i + 2], 'due', ARGV[i + 3], 'data', ARGV[i + 4], 'node', me)
-redis.call('SADD', p .. 'owned:' .. me, id)
-redis.call('SADD', p .. 'live', id)
+redis.call('SADD', owned, id)
+redis.call('SADD', live, id)
 if ARGV[i + 2] == 'delayed' or ARGV[i + 2] == 'retry_wait' then
-redis.call('ZADD', p .. 'due', ARGV[i + 3], id)
+redis.call('ZADD', due, ARGV[i + 3], id)
 end
 end
 end
@@ -1693,6 +1702,49 @@ mod tests {
         assert!(st.claim(&t).expect("claim"), "the retry of claim 7 wins");
         assert!(st.uncertain.lock().is_empty(), "used once");
         assert!(!st.claim(&t).expect("claim"), "a new claim loses");
+    }
+
+    /// A ready task of a release before nodes (no `node` field, in no `owned` set) becomes the
+    /// claiming node's: it joins that node's `owned` set, so that the node's death hands it
+    /// back. A task the node already owns is not added again (it is in its set since insert).
+    #[test]
+    fn a_claimed_task_without_an_owner_joins_the_claimers_owned_set() {
+        let s = redis_server();
+        let st = node_store(&s, "a");
+        let t = contract::task("old", State::Ready, 1);
+        st.insert(std::slice::from_ref(&t)).expect("insert");
+        let members = || -> Vec<String> {
+            st.with(|c| redis::cmd("SMEMBERS").arg(st.key("owned", "a")).query(c))
+                .expect("owned")
+        };
+        assert_eq!(members(), ["old"], "owned since insert");
+        // As a release before nodes left it: no owner, in no owned set.
+        st.with(|c| {
+            redis::pipe()
+                .cmd("HDEL")
+                .arg(st.key("task", "old"))
+                .arg("node")
+                .cmd("SREM")
+                .arg(st.key("owned", "a"))
+                .arg("old")
+                .query::<()>(c)
+        })
+        .expect("make it ownerless");
+        assert!(members().is_empty());
+        assert!(
+            st.claim(&t).expect("claim"),
+            "an ownerless ready task is claimed"
+        );
+        assert_eq!(members(), ["old"], "and becomes the claimer's");
+        let owner: Option<String> = st
+            .with(|c| {
+                redis::cmd("HGET")
+                    .arg(st.key("task", "old"))
+                    .arg("node")
+                    .query(c)
+            })
+            .expect("owner");
+        assert_eq!(owner.as_deref(), Some("a"));
     }
 
     /// A pooled connection taken again and again is not checked with a PING each time (that

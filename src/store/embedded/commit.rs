@@ -1,5 +1,5 @@
 //! Group commit on the callers' own threads: each caller queues its ops, and the one whose turn
-//! it is commits every queued batch (one journal append, one `fdatasync`), answers the others
+//! it is commits every queued batch (one synchronous journal append), answers the others
 //! and hands the turn to the oldest caller still waiting. A caller sleeps only while another
 //! caller's commit holds its ops, and no thread wakes up only to commit: with one writer
 //! thread, every commit cost two more context switches (waking it, and it waking the caller).
