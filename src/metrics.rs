@@ -38,8 +38,8 @@ pub(crate) const COMMIT_BOUNDS: Bounds = Bounds {
     ],
 };
 
-/// Time of each durable write the store makes (embedded: a group commit, journal append and
-/// `fdatasync`; Redis: an insert call or a `record` pipeline). One per process, as the store is.
+/// Time of each durable write the store makes (embedded: a group commit, its synchronous journal
+/// append; Redis: an insert call or a `RECORD` call). One per process, as the store is.
 pub(crate) static STORE_COMMIT: Histogram = Histogram::new(&COMMIT_BOUNDS);
 
 /// Time from the end of each attempt to its durable outcome (succeeded, retry armed or dead):

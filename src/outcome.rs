@@ -42,7 +42,7 @@ pub(crate) struct RetryPolicy {
 const MAX_BATCH: usize = 1024;
 
 /// How long the next batch waits for the write under way before it is written anyway: long
-/// enough for a usual group commit (so outcomes share commits), short beside an `fdatasync`
+/// enough for a usual group commit (so outcomes share commits), short beside a journal write
 /// stalled behind a checkpoint's writes (so outcomes do not wait for it to be decided).
 const STALL: Duration = Duration::from_millis(5);
 
@@ -186,7 +186,7 @@ impl OutcomeStage {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             // While a write is under way, outcomes gather for the next one (one group commit
-            // for many); only a write slow to be durable (an fdatasync behind a checkpoint)
+            // for many); only a write slow to be durable (a journal write behind a checkpoint's)
             // lets the next one start before it is.
             written.wait_finished(STALL);
             let mut batch: Vec<Outcome> = first.into_iter().collect();

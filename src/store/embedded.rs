@@ -1193,8 +1193,8 @@ struct Started<'a> {
 }
 
 /// How long a started write (the outcome stage's) waits for another caller's commit (the HTTP
-/// loop's submits, under load) to take it before committing it itself: one `fdatasync` fewer
-/// per outcome batch, at most this much later in quiet times.
+/// loop's submits, under load) to take it before committing it itself: one durable journal write
+/// fewer per outcome batch, at most this much later in quiet times.
 const OUTCOME_PATIENCE: Duration = Duration::from_millis(1);
 
 impl Started<'_> {
