@@ -81,6 +81,21 @@ impl Ack {
         }
     }
 
+    /// Sleeps until its batch is answered or `until`, and takes that answer: a batch whose
+    /// caller does not wait yet is never given the turn, so only `Done` can come.
+    fn wait_done_until(&self, until: Instant) -> Option<Result<(), StoreError>> {
+        let mut slot = self.slot.lock();
+        while matches!(*slot, Answer::Waiting) {
+            if self.ready.wait_until(&mut slot, until).timed_out() {
+                break;
+            }
+        }
+        match std::mem::replace(&mut *slot, Answer::Waiting) {
+            Answer::Done(r) => Some(r),
+            _ => None,
+        }
+    }
+
     fn done(&self) -> bool {
         matches!(*self.slot.lock(), Answer::Done(_))
     }
@@ -172,14 +187,7 @@ impl Commits {
         commit: &(dyn Fn(Vec<Batch>) + Sync),
     ) -> Result<(), StoreError> {
         if !patience.is_zero() {
-            let until = Instant::now() + patience;
-            let mut slot = ack.slot.lock();
-            while matches!(*slot, Answer::Waiting) {
-                if ack.ready.wait_until(&mut slot, until).timed_out() {
-                    break;
-                }
-            }
-            if let Answer::Done(r) = std::mem::replace(&mut *slot, Answer::Waiting) {
+            if let Some(r) = ack.wait_done_until(Instant::now() + patience) {
                 return r;
             }
         }
