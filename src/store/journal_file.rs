@@ -1,8 +1,8 @@
 //! The journal's file: records appended with one direct, synchronous write each
 //! (`O_DIRECT | O_DSYNC`) where the filesystem allows it, `pwrite` and `fdatasync` elsewhere.
 //!
-//! A direct write skips the page cache and its writeback: on ext4 here it costs about a third
-//! less CPU than `pwrite` + `fdatasync` of the same bytes, and returns sooner (see
+//! A direct write skips the page cache and its writeback: on ext4 here it costs about a quarter
+//! less CPU than `pwrite` + `fdatasync` of the same bytes, and returns a little sooner (see
 //! BENCHMARKS.md). It must start and end on a block boundary, so each record is written as the
 //! blocks it touches: the bytes of the first block before the record (the records before it,
 //! kept from the last direct write or read back), the record, and zeros to the end of its last
@@ -12,7 +12,7 @@
 //!
 //! Only writes inside the file's length take this way (the journal preallocates its files, so
 //! that is nearly all of them): a write that would make the file longer goes the buffered way,
-//! whose `fdatasync` also commits the new length.
+//! whose `fdatasync` also commits the new length; so do records over `MOST_DIRECT`.
 
 use super::journal::JournalIo;
 use std::fs::File;

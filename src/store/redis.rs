@@ -258,8 +258,8 @@ return out
 /// Writes a batch of outcomes for node `ARGV[2]` in one call, which no other client's command
 /// interleaves (a `MULTI` pipeline of single commands cost the outcome thread two replies to
 /// parse per command). Its commands cannot fail on keys of these types; were one to fail, the
-/// outcome stage writes the whole batch again, and every command here may be repeated. After the prefix
-/// and the node come groups of five: `f`, id, result record, its ttl ms and its expiry (unix
+/// outcome stage writes the whole batch again, and every command here may be repeated. After
+/// the prefix and the node come groups of five: `f`, id, result record, its ttl ms and its expiry (unix
 /// ms) for a finished task (the task goes, its result is kept); `r`, id, state, due µs and data
 /// for a retry (waiting for its due time again); `i` and the same for a new task (a callback).
 /// The finished ids are published on `<p>done` as `<node> <id>...`, for the other nodes'
@@ -1046,19 +1046,9 @@ impl Store for RedisStore {
         inv.arg(&self.prefix).arg(&self.node);
         let now = crate::clock::now_ms();
         for ch in changes {
-            match ch {
-                Change::Retry(t) | Change::Insert(t) => {
-                    let kind = if matches!(ch, Change::Retry(_)) {
-                        "r"
-                    } else {
-                        "i"
-                    };
-                    inv.arg(kind)
-                        .arg(&t.id)
-                        .arg(state_name(t.state))
-                        .arg(t.due_us)
-                        .arg(encode(t)?);
-                }
+            let (kind, t) = match ch {
+                Change::Retry(t) => ("r", t),
+                Change::Insert(t) => ("i", t),
                 Change::Finish {
                     result,
                     expires_ms,
@@ -1071,8 +1061,14 @@ impl Store for RedisStore {
                         .arg(record)
                         .arg(ttl)
                         .arg(*expires_ms);
+                    continue;
                 }
-            }
+            };
+            inv.arg(kind)
+                .arg(&t.id)
+                .arg(state_name(t.state))
+                .arg(t.due_us)
+                .arg(encode(t)?);
         }
         let t0 = std::time::Instant::now();
         let res = self.with(|c| inv.invoke::<i64>(c)).map(drop);
